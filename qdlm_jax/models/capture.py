@@ -1,0 +1,48 @@
+"""Hook points: capture (a function of) each linear layer's input during a forward pass.
+
+Every linear layer has a dotted name (`layers.3.q_proj`, `lm_head`). Passing a `Capture` to
+the model records `fn(x)` for each named layer whose name matches, where `x` is the layer's
+input `[batch, seq, in]`. Recording happens while tracing, so under `jax.jit` the captured
+values are ordinary outputs of the jitted function:
+
+    def f(model, ids):
+        cap = Capture(names=r"layers\\.0\\..*")
+        logits = model(ids, capture=cap)
+        return logits, cap.values
+
+`fn` lets calibration reduce inputs on the fly (e.g. to a Gram matrix `x^T x`) instead of
+keeping every activation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+
+
+class Capture:
+    """Collects `fn(input)` of the linear layers whose name matches `names`."""
+
+    def __init__(self, names: str | tuple[str, ...] | None = None,
+                 fn: Callable[[jax.Array], object] | None = None):
+        if isinstance(names, str):
+            pattern = re.compile(names)
+            self._wants = lambda n: pattern.fullmatch(n) is not None
+        elif names is None:
+            self._wants = lambda n: True
+        else:
+            wanted = frozenset(names)
+            self._wants = lambda n: n in wanted
+        self._fn = fn if fn is not None else (lambda x: x)
+        self.values: dict[str, object] = {}
+
+    def wants(self, name: str) -> bool:
+        return self._wants(name)
+
+    def record(self, name: str, x: jax.Array) -> None:
+        if self._wants(name):
+            if name in self.values:
+                raise ValueError(f"Capture: layer {name!r} was recorded twice in one pass")
+            self.values[name] = self._fn(x)

@@ -1,0 +1,197 @@
+"""One Flax NNX masked-diffusion transformer for both LLaDA and Dream.
+
+Block (pre-norm, Llama style), with bidirectional attention:
+
+    h = x + o_proj(Attn(attn_norm(x)))
+    y = h + down_proj(silu(gate_proj(n)) * up_proj(n)),   n = mlp_norm(h)
+
+    RMSNorm(x) = cast(x32 * rsqrt(mean(x32^2) + eps), x.dtype) * weight
+    RoPE (half-rotated): q' = q*cos + rotate_half(q)*sin, rotate_half([a, b]) = [-b, a],
+        inv_freq_j = theta^(-2j/hd), angles computed in fp32.
+    Attn: softmax(q k^T / sqrt(hd) + key_padding_bias) v, GQA by sharing each k/v head
+        across num_heads // num_kv_heads query heads; no causal mask.
+
+The model returns raw logits `[batch, seq, vocab]` for every family. Dream's right shift
+(position i predicted from output i-1) is applied by generation and scoring, not here.
+
+Every linear layer calls `project` (see `project.py`), so quantized kernels drop in there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from qdlm_jax.models.capture import Capture
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.project import project
+
+_INIT_STD = 0.02
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel[in, out] (+ bias), through `project`. `name` is the hook-point name."""
+
+    def __init__(self, in_features: int, out_features: int, *, name: str, use_bias: bool,
+                 param_dtype, rngs: nnx.Rngs):
+        self.name = name
+        init = nnx.initializers.normal(_INIT_STD)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array, capture: Capture | None = None) -> jax.Array:
+        if capture is not None:
+            capture.record(self.name, x)
+        bias = None if self.bias is None else self.bias[...]
+        return project(x, self.kernel[...], bias)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def rope_angles(positions: Int[Array, "B T"], head_dim: int, theta: float):
+    """cos, sin of shape [B, T, head_dim] in fp32 (the frequencies repeated twice)."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Float[Array, "B T N D"], cos, sin, *, full_precision: bool) -> jax.Array:
+    """Half-rotated RoPE. full_precision rotates in fp32 (LLaDA); else in x's dtype (Dream)."""
+    dtype = jnp.float32 if full_precision else x.dtype
+    xr = x.astype(dtype)
+    cos = cos[:, :, None, :].astype(dtype)
+    sin = sin[:, :, None, :].astype(dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    return (xr * cos + rotated * sin).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, index: int, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pd = c.storage_dtype
+        prefix = f"layers.{index}."
+        d, hd = c.hidden_size, c.head_dim
+
+        def linear(name, i, o, bias=False):
+            return Linear(i, o, name=prefix + name, use_bias=bias, param_dtype=pd, rngs=rngs)
+
+        self.attn_norm = RMSNorm(d, eps=c.rms_norm_eps, param_dtype=pd)
+        self.q_proj = linear("q_proj", d, c.num_heads * hd, c.qkv_bias)
+        self.k_proj = linear("k_proj", d, c.num_kv_heads * hd, c.qkv_bias)
+        self.v_proj = linear("v_proj", d, c.num_kv_heads * hd, c.qkv_bias)
+        self.o_proj = linear("o_proj", c.num_heads * hd, d)
+        self.mlp_norm = RMSNorm(d, eps=c.rms_norm_eps, param_dtype=pd)
+        self.gate_proj = linear("gate_proj", d, c.intermediate_size)
+        self.up_proj = linear("up_proj", d, c.intermediate_size)
+        self.down_proj = linear("down_proj", c.intermediate_size, d)
+
+    def attention(self, x, key_bias, cos, sin, capture):
+        c = self.config
+        b, t, _ = x.shape
+        hd, kv = c.head_dim, c.num_kv_heads
+        group = c.num_heads // kv
+        q = self.q_proj(x, capture).reshape(b, t, c.num_heads, hd)
+        k = self.k_proj(x, capture).reshape(b, t, kv, hd)
+        v = self.v_proj(x, capture).reshape(b, t, kv, hd)
+        q = apply_rope(q, cos, sin, full_precision=c.rope_full_precision)
+        k = apply_rope(k, cos, sin, full_precision=c.rope_full_precision)
+        q = q.reshape(b, t, kv, group, hd)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
+        if key_bias is not None:
+            scores = scores + key_bias[:, None, None, None, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+        out = out.astype(x.dtype).reshape(b, t, c.num_heads * hd)
+        return self.o_proj(out, capture)
+
+    def __call__(self, x, key_bias, cos, sin, capture: Capture | None = None):
+        h = x + self.attention(self.attn_norm(x), key_bias, cos, sin, capture)
+        n = self.mlp_norm(h)
+        gated = jax.nn.silu(self.gate_proj(n, capture)) * self.up_proj(n, capture)
+        return h + self.down_proj(gated, capture)
+
+
+class DLLM(nnx.Module):
+    """Masked-diffusion LM. `model(input_ids, attention_mask)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pd = c.storage_dtype
+        init = nnx.initializers.normal(_INIT_STD)
+        self.embed = nnx.Param(init(rngs.params(), (c.vocab_size, c.hidden_size), pd))
+        self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, name="lm_head", use_bias=False,
+                              param_dtype=pd, rngs=rngs)
+
+    def hidden_states(self, input_ids: Int[Array, "B T"],
+                      attention_mask: Int[Array, "B T"] | None = None, *,
+                      position_ids: Int[Array, "B T"] | None = None,
+                      capture: Capture | None = None) -> Float[Array, "B T D"]:
+        """Final-norm hidden states; `logits(h)` turns any slice of them into logits."""
+        c = self.config
+        b, t = input_ids.shape
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_angles(position_ids, c.head_dim, c.rope_theta)
+        key_bias = None
+        if attention_mask is not None:
+            # A large negative bias, not -inf: a fully padded row then gets uniform weights
+            # instead of NaN (its output is never read).
+            key_bias = jnp.where(attention_mask.astype(bool), 0.0,
+                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        for layer in self.layers:
+            x = layer(x, key_bias, cos, sin, capture)
+        return self.final_norm(x)
+
+    def logits(self, hidden: Float[Array, "B T D"], capture: Capture | None = None):
+        return self.lm_head(hidden, capture)
+
+    def __call__(self, input_ids: Int[Array, "B T"],
+                 attention_mask: Int[Array, "B T"] | None = None, *,
+                 position_ids: Int[Array, "B T"] | None = None,
+                 capture: Capture | None = None) -> Float[Array, "B T V"]:
+        h = self.hidden_states(input_ids, attention_mask, position_ids=position_ids,
+                               capture=capture)
+        return self.logits(h, capture)
+
+
+def linear_names(config: ModelConfig) -> list[str]:
+    """Hook-point names of every linear layer, in forward order."""
+    per_layer = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    names = [f"layers.{i}.{p}" for i in range(config.num_layers) for p in per_layer]
+    return names + ["lm_head"]
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> DLLM:
+    """A randomly initialised model (normal(0.02) kernels, unit norms, zero biases)."""
+    return DLLM(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> DLLM:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes without allocating weights."""
+    return nnx.eval_shape(lambda: DLLM(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(model_or_state) -> int:
+    state = model_or_state
+    if isinstance(model_or_state, nnx.Module):
+        state = nnx.state(model_or_state, nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -1,0 +1,41 @@
+"""The projection function every linear layer of the model goes through.
+
+`project(x, kernel, bias)` computes `x @ kernel + bias` with `kernel` stored as `[in, out]`.
+Keeping one entry point means a quantized kernel type only has to be taught here to run the
+whole model (forward pass, generation, scoring) from quantized params.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# Kernel types other than plain arrays register a matmul here: {type: fn(x, kernel) -> y}.
+_KERNEL_MATMULS: dict[type, Callable[[jax.Array, Any], jax.Array]] = {}
+
+
+def register_kernel_type(kernel_type: type, matmul: Callable[[jax.Array, Any], jax.Array]):
+    """Teaches `project` a new kernel type (e.g. a packed quantized weight)."""
+    _KERNEL_MATMULS[kernel_type] = matmul
+
+
+def project(x: jax.Array, kernel: Any, bias: jax.Array | None = None) -> jax.Array:
+    """y[..., out] = sum_in x[..., in] * kernel[in, out] (+ bias[out]), in x's dtype.
+
+    Float kernels are cast to the activation dtype (the compute dtype) before the dot, as a
+    mixed-precision model does; the dot accumulates in fp32.
+    """
+    matmul = _KERNEL_MATMULS.get(type(kernel))
+    if matmul is not None:
+        y = matmul(x, kernel)
+    elif isinstance(kernel, (jax.Array, jax.core.Tracer)) or hasattr(kernel, "__array__"):
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype),
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+    else:
+        raise TypeError(f"project: unsupported kernel type {type(kernel).__name__}; expected an "
+                        "array or a type registered with register_kernel_type")
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
