@@ -151,6 +151,7 @@ class ModelConfig:
                 eot_token_id=hf.get("eot_token_id"),
                 max_position_embeddings=int(hf.get("max_sequence_length", 4096)),
                 param_dtype=_hf_dtype(hf),
+                dtype=_hf_dtype(hf),
             )
         if model_type == "Dream":
             if hf.get("tie_word_embeddings", False):
@@ -175,6 +176,7 @@ class ModelConfig:
                 bos_token_id=hf.get("bos_token_id"),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 131072)),
                 param_dtype=_hf_dtype(hf),
+                dtype=_hf_dtype(hf),
             )
         raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
                           "(LLaDA) or 'Dream' (Dream)")

@@ -1,0 +1,1 @@
+"""Subcommands of `qdlm`; one module each (see qdlm_jax/cli.py)."""

@@ -1,0 +1,48 @@
+"""qdlm convert SRC DST: HF checkpoint dir -> our orbax checkpoint (or back with --to hf)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+NAME = "convert"
+HELP = "convert a HF checkpoint dir to a qdlm checkpoint (orbax), or back with --to hf"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json")
+
+
+def add_arguments(p):
+    p.add_argument("src", help="HF checkpoint directory (or a qdlm checkpoint with --to hf)")
+    p.add_argument("dst", help="output directory; written only if conversion completes")
+    p.add_argument("--to", choices=("qdlm", "hf"), default="qdlm",
+                   help="output format: qdlm (orbax, default) or hf (config.json + safetensors)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast float params (default: keep the stored dtype)")
+    p.add_argument("--max-shard-gb", type=float, default=None,
+                   help="with --to hf: split safetensors into shards of at most this size")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def run(args, overrides):
+    from qdlm_jax import checkpoint
+    from qdlm_jax.api import load_params
+    from qdlm_jax.converters.hf import save_hf
+    from qdlm_jax.models.dllm import count_params
+
+    if overrides:
+        raise ValueError(f"convert takes no --config overrides, got {overrides}")
+    src, dst = Path(args.src), Path(args.dst)
+    t0 = time.time()
+    config, params = load_params(src, dtype=args.dtype, progress=True)
+    extra = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    if args.to == "hf":
+        max_bytes = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
+        save_hf(config, params, dst, max_shard_bytes=max_bytes, extra_files=extra,
+                overwrite=args.overwrite)
+    else:
+        checkpoint.save_checkpoint(dst, config, params, extra_files=extra,
+                                   overwrite=args.overwrite)
+    n = count_params(params)
+    print(f"converted {src} -> {dst} ({args.to}): {config.family}, {n:,} params, "
+          f"{config.param_dtype}, {time.time() - t0:.1f}s")
+    return 0
