@@ -1,0 +1,74 @@
+"""`qdlm convert` / `qdlm info` on checkpoint directories made by the tests."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdlm_jax import load_model
+from qdlm_jax.cli import main
+from qdlm_jax.config_flags import ConfigOverrideError, apply_overrides
+from qdlm_jax.testing import hf_tensors, tiny_config, write_hf_checkpoint
+
+IDS = jnp.asarray(np.arange(10, dtype=np.int32).reshape(2, 5))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_convert_then_info_then_load(tmp_path, capsys, family):
+    config = tiny_config(family, param_dtype="bfloat16")
+    src = write_hf_checkpoint(tmp_path / "src", config, seed=4)
+    (src / "tokenizer.json").write_text("{}")
+    assert main(["convert", str(src), str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "q"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n = sum(int(np.prod(v.shape)) for v in hf_tensors(config).values())
+    assert info["params"] == n
+    assert info["config"]["family"] == family and info["config"]["param_dtype"] == "bfloat16"
+    assert main(["info", str(src)]) == 0
+    assert f"params: {n:,}" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(load_model(tmp_path / "q")(IDS)),
+                                  np.asarray(load_model(src)(IDS)))
+    # And back to the HF layout.
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    np.testing.assert_array_equal(np.asarray(load_model(tmp_path / "hf")(IDS)),
+                                  np.asarray(load_model(src)(IDS)))
+
+
+def test_failed_convert_writes_nothing(tmp_path, capsys):
+    config = tiny_config("llada")
+    t = hf_tensors(config)
+    t["model.transformer.ln_f.weight"] = t["model.transformer.ln_f.weight"][:10]
+    src = write_hf_checkpoint(tmp_path / "src", config, t)
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err
+    assert "model.transformer.ln_f.weight" in err and "expected [64]" in err
+    assert not (tmp_path / "dst").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temp dirs left behind
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    src = write_hf_checkpoint(tmp_path / "src", tiny_config("dream"))
+    (tmp_path / "dst").mkdir()
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_info_on_bad_path(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert "nope: no such file or directory" in capsys.readouterr().err
+
+
+def test_config_overrides_keep_types():
+    import ml_collections
+    cfg = ml_collections.ConfigDict({"gen": {"steps": 8, "temp": 0.0, "alg": "origin",
+                                             "flag": False}})
+    apply_overrides(cfg, ["--config.gen.steps=64", "--config.gen.temp=0.5",
+                          "--config.gen.flag=true", "--config.gen.alg=entropy"])
+    assert cfg.gen.steps == 64 and cfg.gen.temp == 0.5 and cfg.gen.flag is True
+    with pytest.raises(ConfigOverrideError, match="gen.stepz"):
+        apply_overrides(cfg, ["--config.gen.stepz=3"])
+    with pytest.raises(ConfigOverrideError, match="expected an integer"):
+        apply_overrides(cfg, ["--config.gen.steps=abc"])
