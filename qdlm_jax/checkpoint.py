@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qdlm_jax.converters.safetensors_io import CheckpointError
+from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.params import ParamPath, parse_path, path_str
 
@@ -34,27 +33,14 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
                     params: dict[ParamPath, jax.Array], *, extra_files: Iterable[Path] = (),
                     overwrite: bool = False) -> Path:
     """Writes the checkpoint to a temp dir beside `path`, then renames it into place."""
-    out = Path(path).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (use --overwrite / overwrite=True)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(path, overwrite=overwrite, extra_files=extra_files) as tmp:
         tree = {path_str(p): v for p, v in params.items()}
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", tree)
             ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "model": config.to_dict()},
                                                   indent=2))
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(path).absolute()
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 from qdlm_jax.converters import dream, llada
 from qdlm_jax.converters.keymap import ParamPath, TensorMapping
 from qdlm_jax.converters.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ConfigError, ModelConfig, load_hf_config
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -240,17 +239,12 @@ def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: st
 
     The directory appears only when complete (written to a temp dir, then renamed).
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass overwrite=True to replace it)")
     mappings = key_map(config)
     for m in mappings:
         if m.path not in params:
             raise CheckpointError(f"save_hf: params lack {'.'.join(map(str, m.path))} needed "
                                   f"for tensor {m.hf_name!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite, extra_files=extra_files) as tmp:
         shards: list[list[TensorMapping]] = [[]]
         size = 0
         for m in mappings:
@@ -277,15 +271,7 @@ def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: st
             (tmp / SAFE_INDEX).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).absolute()
 
 
 __all__ = ["CheckpointDir", "CheckpointError", "ConfigError", "load_hf_params", "save_hf",

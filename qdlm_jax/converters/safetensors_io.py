@@ -20,6 +20,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from qdlm_jax.errors import CheckpointError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
@@ -28,10 +30,6 @@ DTYPES = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory is missing, malformed or does not match the model."""
 
 
 class SafetensorsFile:
