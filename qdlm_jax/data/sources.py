@@ -1,0 +1,921 @@
+"""Text data sources for training, calibration and evaluation.
+
+One module answers "give me documents" for every stage of the pipeline:
+
+* **Local files** -- plain text (one document per file, or documents separated
+  by blank lines), a directory of ``*.txt`` files, or JSONL (``.jsonl`` /
+  ``.jsonl.gz``) with a named text field (default ``"text"``).
+* **Hugging Face datasets** (``wikitext2``, ``c4``, ``pile``) when the
+  ``datasets`` package is installed and the hub is reachable. ``datasets`` is
+  imported lazily and is not a dependency of this project.
+* **The offline default** ``bigbench-wikipedia`` (alias ``wikipedia``): English
+  Wikipedia articles taken from the BIG-bench task ``paragraph_segmentation``.
+  The BIG-bench 1.0.0 source distribution (~358 MB) is fetched from PyPI with
+  ``pip download`` on first use, checked against a pinned sha256, and only the
+  needed ``task.json`` members are streamed out of it.
+
+Documents are split deterministically into train / calibration / held-out
+parts by hashing each document's text (:func:`split_documents`), so the text
+used to calibrate a quantizer never overlaps the text used to measure it.
+:func:`token_windows` turns documents into fixed-length token windows.
+
+Cache layout (root: ``$QDLM_CACHE``, default ``~/.cache/qdlm``)::
+
+    <root>/bigbench-1.0.0/members.txt               names of all archive members
+    <root>/bigbench-1.0.0/tasks/<task>/task.json    extracted task files
+    <root>/bigbench-1.0.0/wikipedia_en.v1.jsonl     English docs (~9 MB)
+    <root>/bigbench-1.0.0.tar.gz                    sdist, only if kept (below)
+
+Disk use: a fetch extracts the requested task plus a small fixed set of tasks
+the project uses (:data:`BIGBENCH_PREFETCH_TASKS`, ~65 MB in total, mostly
+``paragraph_segmentation``) in a single streaming pass over the archive, so
+later tasks usually need no second download. The 358 MB archive is then
+deleted, unless ``QDLM_KEEP_ARCHIVE=1`` is set or ``keep_archive=True`` is
+passed. An archive that the user placed in the cache by hand is never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = [
+    "BIGBENCH_PREFETCH_TASKS",
+    "BIGBENCH_SDIST_FILENAME",
+    "BIGBENCH_SDIST_SHA256",
+    "DEFAULT_SOURCE",
+    "DataSourceError",
+    "DocumentSplit",
+    "HF_SOURCES",
+    "SPLIT_NAMES",
+    "SplitFractions",
+    "bigbench_archive_path",
+    "bigbench_cache_dir",
+    "bigbench_pip_command",
+    "cache_dir",
+    "download_bigbench_sdist",
+    "english_ratio",
+    "fetch_bigbench_task",
+    "fetch_bigbench_tasks",
+    "is_english",
+    "load_bigbench_wikipedia",
+    "load_documents",
+    "load_hf_documents",
+    "load_split",
+    "paragraph_segmentation_documents",
+    "read_jsonl",
+    "read_text_dir",
+    "read_text_file",
+    "sha256_file",
+    "split_documents",
+    "token_windows",
+    "verify_sha256",
+]
+
+
+class DataSourceError(RuntimeError):
+    """A data source could not be read, fetched or verified."""
+
+
+# ---------------------------------------------------------------------------
+# Cache locations
+# ---------------------------------------------------------------------------
+
+CACHE_ENV = "QDLM_CACHE"
+KEEP_ARCHIVE_ENV = "QDLM_KEEP_ARCHIVE"
+
+
+def cache_dir() -> Path:
+    """Root of the qdlm data cache: ``$QDLM_CACHE`` or ``~/.cache/qdlm``."""
+    env = os.environ.get(CACHE_ENV)
+    root = Path(env) if env else Path.home() / ".cache" / "qdlm"
+    return root.expanduser()
+
+
+# ---------------------------------------------------------------------------
+# BIG-bench sdist
+# ---------------------------------------------------------------------------
+
+BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+BIGBENCH_SDIST_FILENAME = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SDIST_SIZE = 358_249_635
+# sha256 of bigbench-1.0.0.tar.gz as served by PyPI (computed 2026-11-22).
+BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_MEMBER_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+# Content-addressed PyPI file URL (for fetching by hand).
+BIGBENCH_SDIST_URL = (
+    "https://files.pythonhosted.org/packages/95/f8/"
+    "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz"
+)
+# pip 26.3 rejects any distribution from PyPI whose metadata declares a
+# direct-URL dependency, and bigbench 1.0.0 declares `bleurt @ file://...`.
+# With pip >= 26.3 the download is therefore done by pip 26.2 run from its
+# wheel (``python pip-26.2-py3-none-any.whl/pip download ...``).
+PIP_FALLBACK_VERSION = "26.2"
+_PIP_DIRECT_URL_ERROR = "cannot declare direct URL dependencies"
+
+# Tasks extracted along with any requested task, in the same pass over the
+# archive (one download serves all of them). ~65 MB, of which 50 MB is
+# paragraph_segmentation.
+BIGBENCH_PREFETCH_TASKS: tuple[str, ...] = (
+    "paragraph_segmentation",
+    "social_iqa",
+    "strategyqa",
+    "winowhy",
+    "code_line_description",
+    "auto_debugging",
+    "gem/xsum",
+    "general_knowledge",
+    "physical_intuition",
+    "date_understanding",
+    "logical_deduction/three_objects",
+    "logical_deduction/five_objects",
+    "logical_deduction/seven_objects",
+    "elementary_math_qa/question_only",
+    *(
+        f"arithmetic/{d}_digit_{op}"
+        for d in range(1, 6)
+        for op in ("addition", "subtraction", "multiplication", "division")
+    ),
+)
+
+
+def bigbench_cache_dir() -> Path:
+    """Directory holding the extracted BIG-bench members and derived files."""
+    return cache_dir() / "bigbench-1.0.0"
+
+
+def bigbench_archive_path() -> Path:
+    """Where the BIG-bench sdist is looked for (and kept, if it is kept)."""
+    return cache_dir() / BIGBENCH_SDIST_FILENAME
+
+
+def bigbench_pip_command(dest_dir: Path | str, pip: Sequence[str] | None = None) -> list[str]:
+    """The ``pip download`` command that fetches the BIG-bench sdist into ``dest_dir``.
+
+    ``pip`` is the command prefix that runs pip (default ``python -m pip``).
+    """
+    prefix = [sys.executable, "-m", "pip"] if pip is None else list(pip)
+    return [
+        *prefix, "download",
+        "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
+        BIGBENCH_REQUIREMENT, "-d", str(dest_dir),
+    ]
+
+
+def _manual_fetch_hint() -> str:
+    root = cache_dir()
+    cmd = " ".join(bigbench_pip_command(root)).replace(sys.executable, "python", 1)
+    return (
+        f"To fetch it by hand, run:\n"
+        f"    {cmd}\n"
+        f"(pip >= 26.3 refuses this package because its metadata declares a direct-URL dependency; "
+        f"with such a pip, first run `python -m pip download --no-deps --only-binary :all: "
+        f"pip=={PIP_FALLBACK_VERSION} -d /tmp/pip-old` and use "
+        f"`python /tmp/pip-old/pip-{PIP_FALLBACK_VERSION}-py3-none-any.whl/pip` in place of `python -m pip`; "
+        f"or download {BIGBENCH_SDIST_URL} directly)\n"
+        f"so that the file is at {bigbench_archive_path()} "
+        f"(sha256 {BIGBENCH_SDIST_SHA256}, {BIGBENCH_SDIST_SIZE} bytes), then retry. "
+        f"The cache root can be changed with the {CACHE_ENV} environment variable. "
+        f"Alternatively use a local text/JSONL file as the data source."
+    )
+
+
+def sha256_file(path: Path | str, *, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path | str, expected: str) -> None:
+    """Raise :class:`DataSourceError` unless ``path`` has sha256 ``expected``."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise DataSourceError(
+            f"sha256 mismatch for {path}: expected {expected}, got {actual}. "
+            f"The file is corrupted or is not the expected release; delete it. "
+            + _manual_fetch_hint()
+        )
+
+
+def _pip_rejects_direct_url_deps() -> bool:
+    """Whether this interpreter's pip is >= 26.3 (see :data:`PIP_FALLBACK_VERSION`)."""
+    try:
+        version = importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    numbers = [int(x) for x in re.findall(r"\d+", version)[:2]]
+    return tuple(numbers) >= (26, 3)
+
+
+def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run pip; its stdout (progress) goes to the terminal, stderr is captured."""
+    try:
+        return subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, check=False)
+    except OSError as exc:
+        raise DataSourceError(f"could not run pip ({cmd[0]}): {exc}. " + _manual_fetch_hint()) from exc
+
+
+def _stderr_tail(proc: subprocess.CompletedProcess[str], n: int = 15) -> str:
+    return "\n".join((proc.stderr or "").strip().splitlines()[-n:])
+
+
+def _fallback_pip(dest_dir: Path) -> list[str]:
+    """Download the pip wheel :data:`PIP_FALLBACK_VERSION` and return a command prefix running it."""
+    wheel_dir = dest_dir / "_pip"
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+        "--no-cache-dir", f"pip=={PIP_FALLBACK_VERSION}", "-d", str(wheel_dir),
+    ]
+    print(f"[qdlm] fetching pip {PIP_FALLBACK_VERSION} to download {BIGBENCH_REQUIREMENT}", file=sys.stderr)
+    proc = _run_pip(cmd)
+    wheel = wheel_dir / f"pip-{PIP_FALLBACK_VERSION}-py3-none-any.whl"
+    if proc.returncode != 0 or not wheel.is_file():
+        raise DataSourceError(
+            f"`{' '.join(cmd)}` failed with exit code {proc.returncode}:\n{_stderr_tail(proc)}\n"
+            f"(this pip cannot download {BIGBENCH_REQUIREMENT} itself). " + _manual_fetch_hint()
+        )
+    return [sys.executable, str(wheel / "pip")]
+
+
+def download_bigbench_sdist(dest_dir: Path | str) -> Path:
+    """Download the BIG-bench sdist into ``dest_dir`` with pip and return its path.
+
+    Uses this interpreter's pip, or, if that pip is >= 26.3 (which refuses the
+    package, see :data:`PIP_FALLBACK_VERSION`), pip 26.2 run from its wheel.
+    pip's standard output (including its progress bar) goes to the terminal;
+    on failure the tail of pip's stderr is included in the raised error.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    pip: list[str] | None = _fallback_pip(dest_dir) if _pip_rejects_direct_url_deps() else None
+    cmd = bigbench_pip_command(dest_dir, pip)
+    print(f"[qdlm] downloading {BIGBENCH_REQUIREMENT} sdist (~358 MB) from PyPI:\n    {' '.join(cmd)}", file=sys.stderr)
+    proc = _run_pip(cmd)
+    if proc.returncode != 0 and pip is None and _PIP_DIRECT_URL_ERROR in (proc.stderr or ""):
+        cmd = bigbench_pip_command(dest_dir, _fallback_pip(dest_dir))
+        print(f"[qdlm] retrying with an older pip:\n    {' '.join(cmd)}", file=sys.stderr)
+        proc = _run_pip(cmd)
+    if proc.returncode != 0:
+        raise DataSourceError(
+            f"`pip download` of {BIGBENCH_REQUIREMENT} failed with exit code {proc.returncode}:\n"
+            f"{_stderr_tail(proc)}\n" + _manual_fetch_hint()
+        )
+    path = dest_dir / BIGBENCH_SDIST_FILENAME
+    if not path.is_file():
+        found = sorted(p.name for p in dest_dir.iterdir())
+        raise DataSourceError(
+            f"pip reported success but {path} does not exist (found: {found}). " + _manual_fetch_hint()
+        )
+    return path
+
+
+class _ProgressReader:
+    """File wrapper that reports bytes read to a tqdm bar."""
+
+    def __init__(self, f: BinaryIO, bar: Any) -> None:
+        self._f = f
+        self._bar = bar
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._bar.update(len(data))
+        return data
+
+
+def _member_name(task_path: str) -> str:
+    return f"{BIGBENCH_MEMBER_PREFIX}{task_path}/task.json"
+
+
+def _task_json_path(task_path: str) -> Path:
+    return bigbench_cache_dir() / "tasks" / task_path / "task.json"
+
+
+def _normalize_task_path(task_path: str) -> str:
+    norm = task_path.strip().strip("/")
+    if norm.endswith("/task.json"):
+        norm = norm[: -len("/task.json")]
+    parts = norm.split("/")
+    if not norm or any(p in ("", ".", "..") for p in parts):
+        raise DataSourceError(
+            f"invalid BIG-bench task path {task_path!r}: expected e.g. 'social_iqa' or "
+            f"'arithmetic/2_digit_addition'"
+        )
+    return norm
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_known_members() -> set[str] | None:
+    path = bigbench_cache_dir() / "members.txt"
+    if not path.is_file():
+        return None
+    return set(path.read_text(encoding="utf-8").splitlines())
+
+
+def _extract_members(archive: Path, wanted: dict[str, Path]) -> set[str]:
+    """Stream ``archive`` once; write each wanted member to its path. Returns all member names."""
+    names: set[str] = set()
+    remaining = dict(wanted)
+    total = archive.stat().st_size
+    with open(archive, "rb") as raw, tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"extracting {archive.name}", leave=False
+    ) as bar:
+        try:
+            with tarfile.open(fileobj=_ProgressReader(raw, bar), mode="r|gz") as tar:  # type: ignore[arg-type]
+                for member in tar:
+                    names.add(member.name)
+                    dest = remaining.pop(member.name, None)
+                    if dest is None or not member.isfile():
+                        continue
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    _atomic_write_bytes(dest, fobj.read())
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataSourceError(
+                f"could not read {archive} as a tar.gz archive: {exc}. " + _manual_fetch_hint()
+            ) from exc
+    _atomic_write_bytes(
+        bigbench_cache_dir() / "members.txt", ("\n".join(sorted(names)) + "\n").encode("utf-8")
+    )
+    return names
+
+
+def _unknown_task_error(task_path: str, known: set[str]) -> DataSourceError:
+    tasks = sorted(
+        n[len(BIGBENCH_MEMBER_PREFIX) : -len("/task.json")]
+        for n in known
+        if n.startswith(BIGBENCH_MEMBER_PREFIX) and n.endswith("/task.json")
+    )
+    close = difflib.get_close_matches(task_path, tasks, n=5)
+    return DataSourceError(
+        f"BIG-bench 1.0.0 has no member {_member_name(task_path)!r} "
+        f"(task {task_path!r} may not exist or may be programmatic, i.e. task.py only). "
+        f"Close matches: {close}. All members are listed in {bigbench_cache_dir() / 'members.txt'}."
+    )
+
+
+def fetch_bigbench_tasks(
+    task_paths: Sequence[str], *, keep_archive: bool | None = None, prefetch: bool = True
+) -> dict[str, Path]:
+    """Make sure the ``task.json`` of each BIG-bench task is in the cache.
+
+    ``task_paths`` are paths below ``benchmark_tasks/`` such as ``"social_iqa"``
+    or ``"arithmetic/2_digit_addition"``. Tasks already extracted are not
+    fetched again. Otherwise the sdist is taken from the cache (if the user put
+    it there) or downloaded with pip, verified against
+    :data:`BIGBENCH_SDIST_SHA256`, and streamed once to extract the missing
+    tasks plus (if ``prefetch``) :data:`BIGBENCH_PREFETCH_TASKS`.
+
+    ``keep_archive`` (default: env ``QDLM_KEEP_ARCHIVE=1``) keeps a downloaded
+    archive in the cache instead of deleting it after extraction.
+
+    Returns a mapping from normalized task path to its cached ``task.json``.
+    """
+    tasks = [_normalize_task_path(t) for t in task_paths]
+    result = {t: _task_json_path(t) for t in tasks}
+    missing = [t for t in tasks if not result[t].is_file()]
+    if not missing:
+        return result
+
+    known = _read_known_members()
+    if known is not None:
+        for t in missing:
+            if _member_name(t) not in known:
+                raise _unknown_task_error(t, known)
+
+    wanted_tasks = list(missing)
+    if prefetch:
+        for t in BIGBENCH_PREFETCH_TASKS:
+            if t not in wanted_tasks and not _task_json_path(t).is_file():
+                wanted_tasks.append(t)
+    wanted = {_member_name(t): _task_json_path(t) for t in wanted_tasks}
+
+    if keep_archive is None:
+        keep_archive = os.environ.get(KEEP_ARCHIVE_ENV, "") not in ("", "0", "false", "False")
+
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    archive = bigbench_archive_path()
+    tmp_dir: Path | None = None
+    try:
+        if archive.is_file():
+            verify_sha256(archive, BIGBENCH_SDIST_SHA256)
+            names = _extract_members(archive, wanted)
+        else:
+            tmp_dir = Path(tempfile.mkdtemp(dir=root, prefix=".bigbench-download-"))
+            downloaded = download_bigbench_sdist(tmp_dir)
+            print(f"[qdlm] verifying sha256 of {downloaded.name}", file=sys.stderr)
+            verify_sha256(downloaded, BIGBENCH_SDIST_SHA256)
+            if keep_archive:
+                os.replace(downloaded, archive)
+                downloaded = archive
+            names = _extract_members(downloaded, wanted)
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    for t in missing:
+        if not result[t].is_file():
+            raise _unknown_task_error(t, names)
+    return result
+
+
+def fetch_bigbench_task(task_path: str) -> dict[str, Any]:
+    """Return the parsed ``task.json`` of a BIG-bench task, fetching it if needed.
+
+    Example: ``fetch_bigbench_task("arithmetic/2_digit_addition")["examples"]``.
+    """
+    path = fetch_bigbench_tasks([task_path])[_normalize_task_path(task_path)]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataSourceError(
+            f"cached BIG-bench task file {path} is unreadable ({exc}); delete it and retry"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------
+# Offline default: English Wikipedia from BIG-bench paragraph_segmentation
+# ---------------------------------------------------------------------------
+
+DEFAULT_SOURCE = "bigbench-wikipedia"
+WIKIPEDIA_SOURCES = ("bigbench-wikipedia", "wikipedia")
+
+# Function words that are frequent in English and rare as standalone words in
+# the other languages of paragraph_segmentation (de, es, fr, it, nl, pl, pt,
+# ru, ...). "of", "is", "was", "in", "a", "as" are left out on purpose: they are
+# also common Dutch / Italian / Portuguese words.
+ENGLISH_STOPWORDS = frozenset(
+    {"the", "and", "to", "that", "with", "which", "from", "for", "by", "were",
+     "this", "are", "his", "her", "has", "have", "been", "it"}
+)
+# English articles score 0.14-0.36 and other languages 0-0.06 (plus a few
+# mixed documents in between); 0.10 sits in the gap.
+ENGLISH_RATIO_THRESHOLD = 0.10
+_WORD_RE = re.compile(r"[^\W\d_]+")
+_WIKIPEDIA_CACHE_NAME = "wikipedia_en.v1.jsonl"
+
+
+def english_ratio(text: str) -> float:
+    """Fraction of the words in ``text`` that are English stop words."""
+    words = _WORD_RE.findall(text.lower())
+    if not words:
+        return 0.0
+    return sum(w in ENGLISH_STOPWORDS for w in words) / len(words)
+
+
+def is_english(text: str, threshold: float = ENGLISH_RATIO_THRESHOLD) -> bool:
+    """Simple stop-word language filter (see :data:`ENGLISH_STOPWORDS`)."""
+    return english_ratio(text) > threshold
+
+
+def paragraph_segmentation_documents(task: dict[str, Any]) -> list[str]:
+    """Rebuild the documents of BIG-bench ``paragraph_segmentation``.
+
+    Each example's ``input`` holds one sentence per line and its ``target``
+    one label per sentence (1 = the sentence ends a paragraph). Sentences of a
+    paragraph are joined with spaces and paragraphs with newlines. If the
+    labels do not match the sentences, the sentences are joined with spaces.
+    """
+    try:
+        examples = task["examples"]
+    except (KeyError, TypeError) as exc:
+        raise DataSourceError("paragraph_segmentation task has no 'examples' list") from exc
+    docs: list[str] = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str):
+            raise DataSourceError(f"paragraph_segmentation example {i}: expected a dict with a string 'input'")
+        sentences = [s.strip() for s in ex["input"].split("\n")]
+        sentences = [s for s in sentences if s]
+        labels = str(ex.get("target", "")).split()
+        if len(labels) != len(sentences):
+            labels = ["0"] * len(sentences)
+        paragraphs: list[str] = []
+        current: list[str] = []
+        for sentence, label in zip(sentences, labels):
+            current.append(sentence)
+            if label == "1":
+                paragraphs.append(" ".join(current))
+                current = []
+        if current:
+            paragraphs.append(" ".join(current))
+        doc = "\n".join(paragraphs)
+        if doc:
+            docs.append(doc)
+    return docs
+
+
+def load_bigbench_wikipedia(*, refresh: bool = False) -> list[str]:
+    """English Wikipedia documents from BIG-bench ``paragraph_segmentation``.
+
+    The selected documents are cached as JSONL in :func:`bigbench_cache_dir`;
+    the first call fetches the BIG-bench sdist (see :func:`fetch_bigbench_tasks`).
+    """
+    cached = bigbench_cache_dir() / _WIKIPEDIA_CACHE_NAME
+    if cached.is_file() and not refresh:
+        return read_jsonl(cached)
+    task = fetch_bigbench_task("paragraph_segmentation")
+    seen: set[str] = set()
+    docs: list[str] = []
+    for doc in paragraph_segmentation_documents(task):
+        if doc not in seen and is_english(doc):
+            seen.add(doc)
+            docs.append(doc)
+    if not docs:
+        raise DataSourceError(
+            f"no English documents found in {_task_json_path('paragraph_segmentation')}; "
+            f"the file may be corrupted: delete it and retry"
+        )
+    payload = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    _atomic_write_bytes(cached, payload.encode("utf-8"))
+    return docs
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face datasets (optional, online)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSourceSpec:
+    """How to load one Hugging Face dataset as documents."""
+
+    path: str
+    name: str | None
+    splits: tuple[str, ...]
+    data_files: dict[str, str] | None = None
+    text_field: str = "text"
+    group_wikitext_articles: bool = False
+
+
+HF_SOURCES: dict[str, HFSourceSpec] = {
+    "wikitext2": HFSourceSpec(
+        "wikitext", "wikitext-2-raw-v1", ("train", "validation", "test"), group_wikitext_articles=True
+    ),
+    "c4": HFSourceSpec(
+        "allenai/c4", None, ("validation",),
+        data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+    ),
+    "pile": HFSourceSpec(
+        "monology/pile-uncopyrighted", None, ("test",), data_files={"test": "test.jsonl.zst"}
+    ),
+}
+
+_WIKITEXT_TITLE_RE = re.compile(r"^ = [^=].* = $")
+
+
+def _group_wikitext_articles(lines: Iterable[str]) -> list[str]:
+    """Group WikiText rows (one line each) into articles at top-level ``= Title =`` lines."""
+    docs: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        if _WIKITEXT_TITLE_RE.match(line.rstrip("\n")) and current:
+            doc = "".join(current).strip()
+            if doc:
+                docs.append(doc)
+            current = []
+        current.append(line)
+    doc = "".join(current).strip()
+    if doc:
+        docs.append(doc)
+    return docs
+
+
+def load_hf_documents(name: str) -> list[str]:
+    """Load a Hugging Face dataset listed in :data:`HF_SOURCES` as documents.
+
+    Raises :class:`DataSourceError` if ``datasets`` is not installed or the
+    hub cannot be reached.
+    """
+    if name not in HF_SOURCES:
+        raise DataSourceError(f"unknown Hugging Face source {name!r}; expected one of {sorted(HF_SOURCES)}")
+    spec = HF_SOURCES[name]
+    fallback = (
+        f"Use a local text/JSONL file as the data source, or the offline default {DEFAULT_SOURCE!r}."
+    )
+    try:
+        import datasets  # noqa: PLC0415  (optional dependency, imported lazily)
+    except ImportError as exc:
+        raise DataSourceError(
+            f"data source {name!r} needs the Hugging Face `datasets` package, which is not installed "
+            f"({exc}). Install it (pip install datasets) with hub access. " + fallback
+        ) from exc
+    docs: list[str] = []
+    for split in spec.splits:
+        try:
+            kwargs: dict[str, Any] = {"split": split}
+            if spec.data_files is not None:
+                kwargs["data_files"] = {split: spec.data_files[split]}
+            ds = datasets.load_dataset(spec.path, spec.name, **kwargs)
+            texts = ds[spec.text_field]
+        except Exception as exc:  # noqa: BLE001  (network, auth, hub and format errors)
+            raise DataSourceError(
+                f"could not load Hugging Face dataset {spec.path!r} (config {spec.name!r}, split {split!r}) "
+                f"for data source {name!r}: {type(exc).__name__}: {exc}. "
+                f"The hub may be unreachable from this machine. " + fallback
+            ) from exc
+        if spec.group_wikitext_articles:
+            docs.extend(_group_wikitext_articles(texts))
+        else:
+            docs.extend(t.strip() for t in texts if isinstance(t, str) and t.strip())
+    return docs
+
+
+# ---------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------
+
+_BLANK_LINES_RE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def _open_text(path: Path) -> Any:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_text_file(path: Path | str, *, split_blank_lines: bool = False) -> list[str]:
+    """Read a UTF-8 text file as one document, or as documents separated by blank lines."""
+    path = Path(path)
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataSourceError(f"cannot read text file {path}: {exc}") from exc
+    text = text.replace("\r\n", "\n")
+    parts = _BLANK_LINES_RE.split(text) if split_blank_lines else [text]
+    return [p.strip() for p in parts if p.strip()]
+
+
+def read_text_dir(path: Path | str, *, split_blank_lines: bool = False, pattern: str = "*.txt") -> list[str]:
+    """Read every file matching ``pattern`` under ``path`` (recursively, sorted by path)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob(pattern) if p.is_file())
+    if not files:
+        raise DataSourceError(f"no files matching {pattern!r} under directory {path}")
+    docs: list[str] = []
+    for file in files:
+        docs.extend(read_text_file(file, split_blank_lines=split_blank_lines))
+    return docs
+
+
+def read_jsonl(path: Path | str, *, text_field: str = "text") -> list[str]:
+    """Read documents from a JSONL file (optionally ``.gz``), one JSON object per line.
+
+    Blank lines are skipped. Each other line must be a JSON object whose
+    ``text_field`` is a string; otherwise the error names the file and line.
+    """
+    path = Path(path)
+    docs: list[str] = []
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataSourceError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+                if not isinstance(obj, dict):
+                    raise DataSourceError(
+                        f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                    )
+                if text_field not in obj:
+                    raise DataSourceError(
+                        f"{path}:{lineno}: missing text field {text_field!r} (keys: {sorted(obj)})"
+                    )
+                value = obj[text_field]
+                if not isinstance(value, str):
+                    raise DataSourceError(
+                        f"{path}:{lineno}: field {text_field!r} must be a string, got {type(value).__name__}"
+                    )
+                if value.strip():
+                    docs.append(value)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataSourceError(f"cannot read JSONL file {path}: {exc}") from exc
+    return docs
+
+
+def load_documents(
+    source: str | os.PathLike[str] = DEFAULT_SOURCE,
+    *,
+    text_field: str = "text",
+    split_blank_lines: bool = False,
+) -> list[str]:
+    """Load documents from a named source or a local path.
+
+    ``source`` is one of:
+
+    * ``"bigbench-wikipedia"`` / ``"wikipedia"`` -- the offline default;
+    * ``"wikitext2"``, ``"c4"``, ``"pile"`` -- Hugging Face datasets (online);
+    * a ``.jsonl`` / ``.jsonl.gz`` file (documents in field ``text_field``);
+    * a text file (one document, or blank-line separated if ``split_blank_lines``);
+    * a directory of ``*.txt`` files.
+    """
+    key = os.fspath(source)
+    if key in WIKIPEDIA_SOURCES:
+        return load_bigbench_wikipedia()
+    if key in HF_SOURCES:
+        return load_hf_documents(key)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return read_text_dir(path, split_blank_lines=split_blank_lines)
+    if path.is_file():
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            return read_jsonl(path, text_field=text_field)
+        return read_text_file(path, split_blank_lines=split_blank_lines)
+    raise DataSourceError(
+        f"unknown data source {key!r}: not an existing file or directory, and not one of the named "
+        f"sources {list(WIKIPEDIA_SOURCES) + sorted(HF_SOURCES)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Deterministic document split
+# ---------------------------------------------------------------------------
+
+SPLIT_NAMES = ("train", "calib", "heldout")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "calib": "calib",
+    "calibration": "calib",
+    "heldout": "heldout",
+    "held_out": "heldout",
+    "held-out": "heldout",
+    "eval": "heldout",
+    "test": "heldout",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFractions:
+    """Fractions of documents in the train / calibration / held-out parts (sum to 1)."""
+
+    train: float = 0.90
+    calib: float = 0.05
+    heldout: float = 0.05
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"SplitFractions.{field.name}={value!r}: expected a value in [0, 1]")
+        total = self.train + self.calib + self.heldout
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"SplitFractions must sum to 1, got train={self.train} + calib={self.calib} "
+                f"+ heldout={self.heldout} = {total}"
+            )
+
+
+class DocumentSplit(NamedTuple):
+    """Documents of the three disjoint parts, each in input order."""
+
+    train: list[str]
+    calib: list[str]
+    heldout: list[str]
+
+
+def _doc_unit_interval(doc: str, seed: int) -> float:
+    digest = hashlib.sha256(f"qdlm-split:{seed}\0".encode() + doc.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_documents(
+    docs: Iterable[str], fractions: SplitFractions = SplitFractions(), seed: int = 0
+) -> DocumentSplit:
+    """Split documents into train / calibration / held-out by a hash of their text.
+
+    The part a document lands in depends only on its text and ``seed``, not on
+    the order or number of the other documents, so identical documents always
+    land in the same part and the parts never share a document.
+    """
+    train: list[str] = []
+    calib: list[str] = []
+    heldout: list[str] = []
+    train_end = fractions.train
+    calib_end = fractions.train + fractions.calib
+    for doc in docs:
+        u = _doc_unit_interval(doc, seed)
+        if u < train_end:
+            train.append(doc)
+        elif u < calib_end:
+            calib.append(doc)
+        else:
+            heldout.append(doc)
+    return DocumentSplit(train, calib, heldout)
+
+
+def load_split(
+    source: str | os.PathLike[str],
+    split: str,
+    *,
+    fractions: SplitFractions = SplitFractions(),
+    seed: int = 0,
+    text_field: str = "text",
+    split_blank_lines: bool = False,
+) -> list[str]:
+    """Documents of one part (``"train"``, ``"calib"`` or ``"heldout"``) of a source."""
+    part = _SPLIT_ALIASES.get(split)
+    if part is None:
+        raise DataSourceError(f"unknown split {split!r}; expected one of {list(_SPLIT_ALIASES)}")
+    docs = load_documents(source, text_field=text_field, split_blank_lines=split_blank_lines)
+    return getattr(split_documents(docs, fractions, seed), part)
+
+
+# ---------------------------------------------------------------------------
+# Token windows
+# ---------------------------------------------------------------------------
+
+
+class _Encoding(Protocol):
+    ids: list[int]
+
+
+class _TokenizerLike(Protocol):
+    def encode_batch(self, inputs: list[str], add_special_tokens: bool = ...) -> list[_Encoding]: ...
+
+
+def _iter_token_ids(docs: Sequence[str], tokenizer: Any, batch_size: int) -> Iterator[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        for start in range(0, len(docs), batch_size):
+            for enc in tokenizer.encode_batch(list(docs[start : start + batch_size]), add_special_tokens=False):
+                yield list(enc.ids)
+    else:
+        for doc in docs:
+            enc = tokenizer.encode(doc)
+            yield list(getattr(enc, "ids", enc))
+
+
+def token_windows(
+    docs: Sequence[str],
+    tokenizer: _TokenizerLike | Any,
+    seq_len: int,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Tokenize documents, concatenate them and cut the stream into windows.
+
+    Each document contributes ``[bos_id] + ids + [eos_id]`` (BOS / EOS only if
+    given), documents are concatenated in order and the stream is cut into
+    consecutive windows of ``seq_len`` tokens; the incomplete tail is dropped.
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` (or anything with
+    ``encode_batch`` / ``encode`` returning ids). Returns int32 ``[n, seq_len]``.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if max_windows is not None and max_windows < 0:
+        raise ValueError(f"max_windows must be >= 0, got {max_windows}")
+    needed = None if max_windows is None else max_windows * seq_len
+    chunks: list[np.ndarray] = []
+    n_tokens = 0
+    for ids in _iter_token_ids(docs, tokenizer, batch_size):
+        if bos_id is not None:
+            ids = [bos_id, *ids]
+        if eos_id is not None:
+            ids = [*ids, eos_id]
+        chunks.append(np.asarray(ids, dtype=np.int32))
+        n_tokens += len(ids)
+        if needed is not None and n_tokens >= needed:
+            break
+    stream = np.concatenate(chunks) if chunks else np.zeros((0,), dtype=np.int32)
+    n = len(stream) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return stream[: n * seq_len].reshape(n, seq_len)
