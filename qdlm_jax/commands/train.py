@@ -1,0 +1,20 @@
+"""qdlm train --config configs/train_tiny_llada.py [--config.train.steps=...]"""
+
+from __future__ import annotations
+
+NAME = "train"
+HELP = "train a tiny dLLM with the masked-diffusion objective (resumable)"
+
+
+def add_arguments(p):
+    p.add_argument("--config", required=True, help="ml-collections config file "
+                   "(configs/train_tiny_llada.py or configs/train_tiny_dream.py)")
+
+
+def run(args, overrides):
+    from qdlm_jax.config_flags import apply_overrides, load_config_file
+    from qdlm_jax.train_job import run as run_job
+
+    cfg = apply_overrides(load_config_file(args.config), overrides)
+    run_job(cfg)
+    return 0
