@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Callable
 
 import jax
@@ -229,7 +230,7 @@ def _progress_print(step, total):
     done = width * step // total
     end = "\n" if step == total else ""
     print(f"\r  step {step:>5}/{total} [{'#' * done}{'.' * (width - done)}]", end=end,
-          flush=True)
+          file=sys.stderr, flush=True)
 
 
 def _maybe_progress(enabled: bool, g, total: int):
@@ -292,8 +293,8 @@ def _llada_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASetting
     def step(g, x):
         _maybe_progress(s.progress, g, s.steps)
         start = p + (g // spb) * lb
-        kg = jax.random.fold_in(key, g)
-        k_gumbel, k_remask = jax.random.split(kg)
+        if s.stochastic:  # (no RNG ops in the graph of a deterministic sampler)
+            k_gumbel, k_remask = jax.random.split(jax.random.fold_in(key, g))
         if cfg:
             un_x = jnp.where(is_prompt[None, :], s.mask_id, x)
             h = model.hidden_states(jnp.concatenate([x, un_x], axis=0), mask2)
@@ -443,8 +444,10 @@ def _dream_loop(state, prompt, attention_mask, key, *, graphdef, s: DreamSetting
 
     def step(i, x):
         _maybe_progress(s.progress, i, s.steps)
-        kg = jax.random.fold_in(key, i)
-        k_transfer, k_sample, k_alg = jax.random.split(kg, 3)
+        if s.stochastic:
+            k_transfer, k_sample, k_alg = jax.random.split(jax.random.fold_in(key, i), 3)
+        else:
+            k_transfer = k_sample = k_alg = None
         h = model.hidden_states(x, mask, position_ids=pos)
         if src is not None:
             h_gen = h[:, src]

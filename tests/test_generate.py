@@ -27,14 +27,14 @@ P = 5  # prompt length
 
 @pytest.fixture(scope="module")
 def llada(tmp_path_factory):
-    config = tiny_config("llada")
+    config = tiny_config("llada", num_layers=1)
     path = write_hf_checkpoint(tmp_path_factory.mktemp("llada"), config, seed=3)
     return config, load_model(path, dtype="float32"), hf_forward(reference_model(path, config))
 
 
 @pytest.fixture(scope="module")
 def dream(tmp_path_factory):
-    config = tiny_config("dream")
+    config = tiny_config("dream", num_layers=1)
     path = write_hf_checkpoint(tmp_path_factory.mktemp("dream"), config, seed=4)
     return config, load_model(path, dtype="float32"), hf_forward(reference_model(path, config))
 
@@ -73,13 +73,14 @@ LLADA_CASES = {
     # name: (settings, padded)
     "one_block": (dict(gen_length=8, steps=4, block_length=8), False),
     "blocks_padded": (dict(gen_length=12, steps=6, block_length=4), True),
-    "more_steps_than_tokens": (dict(gen_length=4, steps=6, block_length=4), False),
-    "random_remask": (dict(gen_length=8, steps=4, block_length=4, remasking="random"), True),
-    "cfg_padded": (dict(gen_length=8, steps=4, block_length=4, cfg_scale=1.5), True),
+    # 6 steps per block of 4 tokens: the schedule is 1, 1, 1, 1, 0, 0.
+    "random_remask_more_steps_than_tokens": (dict(gen_length=8, steps=12, block_length=4,
+                                                  remasking="random"), True),
+    "cfg_eos_suppression_padded": (dict(gen_length=8, steps=4, block_length=4, cfg_scale=1.5,
+                                        logits_eos_inf=True, confidence_eos_eot_inf=True),
+                                   True),
     "gumbel_cfg_padded": (dict(gen_length=8, steps=8, block_length=4, temperature=0.7,
                                cfg_scale=0.5), True),
-    "eos_suppression": (dict(gen_length=8, steps=4, block_length=4, logits_eos_inf=True,
-                             confidence_eos_eot_inf=True), True),
 }
 
 
@@ -98,7 +99,7 @@ def test_llada_matches_reference(llada, name):
     np.testing.assert_array_equal(ours[:, :P], ids)
     assert not (ours == config.mask_token_id).any()
     np.testing.assert_array_equal(ours, ref)
-    if name == "eos_suppression":
+    if settings.get("logits_eos_inf"):
         assert not (ours[:, P:] == config.eos_token_id).any()
 
 
@@ -180,7 +181,7 @@ def test_gumbel_top_k_samples_without_replacement_from_softmax():
     """alg_temp > 0: top-k of conf/alg_temp + Gumbel ~ sequential sampling without
     replacement from softmax(conf / alg_temp) (what torch.multinomial does)."""
     conf = jnp.array([0.0, -0.5, -1.0, -3.0, -jnp.inf])
-    temp, n_draws = 0.7, 20000
+    temp, n_draws = 0.7, 8000
     keys = jax.random.split(jax.random.key(0), n_draws)
 
     def draw(k):
@@ -194,7 +195,7 @@ def test_gumbel_top_k_samples_without_replacement_from_softmax():
     # P(i in the pair) = p_i + sum_{j != i} p_j p_i / (1 - p_j)
     expected = [p[i] + sum(p[j] * p[i] / (1 - p[j]) for j in range(4) if j != i)
                 for i in range(4)]
-    np.testing.assert_allclose(sel[:, :4].mean(0), expected, atol=0.015)
+    np.testing.assert_allclose(sel[:, :4].mean(0), expected, atol=0.025)
 
 
 # ---- dispatch, errors ------------------------------------------------------------------------
@@ -272,3 +273,44 @@ def test_loop_runs_from_any_params_tree(llada):
     flipped = G._llada_jit(state2, jnp.asarray(ids), None, jax.random.key(0),
                            graphdef=graphdef, s=settings)
     assert (np.asarray(base) != np.asarray(flipped)).any()
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def _word_tokenizer(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+
+
+def test_cli_generate_with_tokenizer_and_overrides(tmp_path, capsys):
+    from qdlm_jax.cli import main
+    config = tiny_config("llada", num_layers=1)
+    path = write_hf_checkpoint(tmp_path / "ckpt", config, seed=3)
+    _word_tokenizer(path / "tokenizer.json", config.vocab_size)
+    rc = main(["generate", "--model", str(path), "--prompt", "w5 w6 w7", "--prompt", "w9",
+               "--config.gen.steps=4", "--config.gen.gen_length=8",
+               "--config.gen.block_length=4", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    for stage in ("loading", "compiled in", "running", "tokens/s"):
+        assert stage in err
+    assert "--- sample 0 ---" in out and "--- sample 1 ---" in out
+    first = out.split("--- sample 1 ---")[0].split("--- sample 0 ---")[1].strip()
+    assert first.startswith("w5 w6 w7") and len(first.split()) > 3
+
+    rc = main(["generate", "--model", str(path), "--prompt", "w1", "--config.gen.steps=3",
+               "--config.gen.gen_length=8", "--config.gen.block_length=4"])
+    assert rc == 2
+    assert "steps=3 is not divisible" in capsys.readouterr().err
+
+
+def test_cli_config_file_matches_builtin_defaults():
+    from pathlib import Path
+
+    from qdlm_jax.commands.generate import default_config
+    from qdlm_jax.config_flags import load_config_file
+    root = Path(__file__).resolve().parent.parent
+    assert load_config_file(root / "configs" / "generate.py").to_dict() == \
+        default_config().to_dict()

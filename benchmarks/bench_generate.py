@@ -1,0 +1,202 @@
+"""LLaDA generation: our jitted loop vs an eager PyTorch loop, side by side, on CPU.
+
+    .venv/bin/python benchmarks/bench_generate.py            # batch 1 and 8
+    .venv/bin/python benchmarks/bench_generate.py --batch 1 --steps 32   # quicker
+
+The model has the size of the project's tiny trained LLaDA (6 layers, width 256, 4 heads,
+SwiGLU 768, vocab 4096) with random weights, written once as a hub-layout checkpoint and
+loaded by both sides: ours through `load_model`, the eager side as a transformers Llama run
+bidirectionally (tests/hf_reference.py) driving the published algorithm as stated in
+tests/reference_algorithms.py (full logits every step, as the published code does).
+
+For each batch size it reports:
+  * ours: compile time (ahead of time, separately) and run time -> tokens/s
+  * eager PyTorch: run time -> tokens/s, and the ratio
+  * whether both produced the same tokens
+  * `steps` bare forward passes of the same model in one jitted fori_loop (full logits,
+    and hidden states + LM head on the current block only, which is what the loop needs),
+    and the loop's overhead over them.
+Timings are the best of --repeats runs (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from qdlm_jax import load_model  # noqa: E402
+from qdlm_jax.generate import GenerationConfig, compile_generate  # noqa: E402
+from qdlm_jax.testing import tiny_config, write_hf_checkpoint  # noqa: E402
+from tests.hf_reference import reference_model  # noqa: E402
+from tests.reference_algorithms import hf_forward, llada_generate_ref  # noqa: E402
+
+
+def bench_config(args):
+    return tiny_config("llada", vocab_size=args.vocab, hidden_size=args.width,
+                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
+                       intermediate_size=args.ffn, mask_token_id=3, pad_token_id=0,
+                       eos_token_id=2, bos_token_id=1, eot_token_id=None,
+                       max_position_embeddings=512)
+
+
+def best_of(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "block_length",
+                                             "spb", "block_head"))
+def bare_forwards(state, x, *, graphdef, steps, prompt_len, block_length, spb, block_head):
+    """`steps` forward passes in one fori_loop; each step's input depends on the previous
+    step (one token changes) so nothing is hoisted, and every logit feeds a reduction."""
+    model = nnx.merge(graphdef, state)
+    gen = x.shape[1] - prompt_len
+
+    def body(i, carry):
+        x, acc = carry
+        if block_head:
+            h = model.hidden_states(x)
+            start = prompt_len + (i // spb) * block_length
+            logits = model.logits(jax.lax.dynamic_slice_in_dim(h, start, block_length, 1))
+        else:
+            logits = model(x)
+        acc = acc + jnp.sum(jnp.max(logits.astype(jnp.float32), axis=-1))
+        pos = prompt_len + i % gen
+        x = x.at[:, pos].set((x[:, pos] + 1) % model.config.vocab_size)
+        return x, acc
+
+    return jax.lax.fori_loop(0, steps, body, (x, jnp.float32(0.0)))[1]
+
+
+def pick_torch_threads(args, torch_model, config):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        return
+    x = torch.randint(4, config.vocab_size, (max(args.batch), args.prompt_len + args.gen_length))
+    best = None
+    for n in range(1, torch.get_num_threads() + 1):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            torch_model(input_ids=x)
+            t, _ = best_of(lambda: torch_model(input_ids=x), 3)
+        if best is None or t < best[0]:
+            best = (t, n)
+    torch.set_num_threads(best[1])
+
+
+def run_batch(args, model, torch_model, batch):
+    config = model.config
+    rng = np.random.default_rng(batch)
+    prompt = rng.integers(4, config.vocab_size, size=(batch, args.prompt_len)).astype(np.int32)
+    gen = GenerationConfig(steps=args.steps, gen_length=args.gen_length,
+                           block_length=args.block_length)
+    n_tok = batch * args.gen_length
+    print(f"\n== batch {batch}: prompt {args.prompt_len}, gen_length {args.gen_length}, "
+          f"steps {args.steps}, block_length {args.block_length} ==", flush=True)
+
+    t0 = time.perf_counter()
+    runner = compile_generate(model, prompt, config=gen)
+    compile_s = time.perf_counter() - t0
+    ours_s, ours = best_of(lambda: np.asarray(jax.block_until_ready(runner())), args.repeats)
+    print(f"ours (jitted loop):  compile {compile_s:6.2f}s   run {ours_s:7.3f}s   "
+          f"{n_tok / ours_s:8.1f} tokens/s", flush=True)
+
+    fwd = hf_forward(torch_model)
+    ref_s, ref = best_of(lambda: llada_generate_ref(
+        fwd, prompt, steps=args.steps, gen_length=args.gen_length,
+        block_length=args.block_length, mask_id=config.mask_token_id).numpy(), args.repeats)
+    print(f"eager PyTorch loop:                  run {ref_s:7.3f}s   "
+          f"{n_tok / ref_s:8.1f} tokens/s", flush=True)
+    same = float((ours == ref).mean())
+    print(f"speed-up ours / eager: {ref_s / ours_s:.2f}x   identical tokens: "
+          f"{'yes' if same == 1.0 else f'no ({same:.1%} of positions equal)'}", flush=True)
+
+    graphdef, state = nnx.split(model)
+    x = jnp.asarray(np.concatenate(
+        [prompt, np.full((batch, args.gen_length), config.mask_token_id, np.int32)], 1))
+    spb = args.steps // (args.gen_length // args.block_length)
+    results = {}
+    for name, block_head in (("full logits", False), ("hidden + block head", True)):
+        fn = functools.partial(bare_forwards, graphdef=graphdef, steps=args.steps,
+                               prompt_len=args.prompt_len, block_length=args.block_length,
+                               spb=spb, block_head=block_head)
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(state, x).compile()
+        c_s = time.perf_counter() - t0
+        bare_s, _ = best_of(lambda: jax.block_until_ready(compiled(state, x)), args.repeats)
+        results[name] = bare_s
+        print(f"{args.steps} bare forwards ({name:>19}): compile {c_s:5.2f}s   run "
+              f"{bare_s:7.3f}s   loop overhead {100 * (ours_s / bare_s - 1):+6.1f}%",
+              flush=True)
+    return dict(batch=batch, compile=compile_s, ours=ours_s, eager=ref_s, same=same,
+                **{f"bare[{k}]": v for k, v in results.items()})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: whichever of 1 .. torch's default "
+                        "runs a forward pass fastest; OpenMP spinning makes more threads "
+                        "much slower on a loaded machine)")
+    args = p.parse_args(argv)
+
+    config = bench_config(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_hf_checkpoint(Path(tmp) / "llada", config, seed=0)
+        model = load_model(path, dtype="float32")
+        torch_model = reference_model(path, config)
+    try:
+        torch_model.set_attn_implementation("sdpa")
+        attn = "sdpa"
+    except Exception:  # noqa: BLE001 - keep the eager attention if sdpa is unavailable
+        attn = "eager"
+    pick_torch_threads(args, torch_model, config)
+    print(f"model: LLaDA layout, {config.num_layers} layers, width {config.hidden_size}, "
+          f"{config.num_heads} heads, ffn {config.intermediate_size}, vocab "
+          f"{config.vocab_size}, fp32, random weights")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} "
+          f"device(s)); torch {torch.__version__} ({torch.get_num_threads()} threads, "
+          f"transformers Llama, attn={attn}); best of {args.repeats}")
+    rows = [run_batch(args, model, torch_model, b) for b in args.batch]
+    print("\nsummary (tokens/s = batch * gen_length / run time):")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'eager tok/s':>12} {'ratio':>6} "
+          f"{'compile s':>9} {'overhead vs bare(block head)':>29} {'same tokens':>12}")
+    for r in rows:
+        n_tok = r["batch"] * args.gen_length
+        ovh = 100 * (r["ours"] / r["bare[hidden + block head]"] - 1)
+        print(f"{r['batch']:>5} {n_tok / r['ours']:>11.1f} {n_tok / r['eager']:>12.1f} "
+              f"{r['eager'] / r['ours']:>5.2f}x {r['compile']:>9.2f} {ovh:>+28.1f}% "
+              f"{r['same']:>12.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Generation settings for `qdlm generate --config configs/generate.py`.
+
+Override any field on the command line, e.g. `--config.gen.steps=64`. LLaDA reads steps,
+gen_length, block_length, temperature, cfg_scale, remasking; Dream reads steps, gen_length
+(as max_new_tokens), temperature, alg, alg_temp, top_p, top_k, eps. A field of the other
+family must keep its default. See docs/generation.md.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.gen = ml_collections.ConfigDict(dict(
+        steps=128,  # denoising steps in total (LLaDA: split evenly over the blocks)
+        gen_length=128,  # tokens to generate (Dream: max_new_tokens)
+        block_length=32,  # LLaDA semi-autoregressive block; gen_length % block_length == 0
+        temperature=0.0,  # 0 = argmax; LLaDA: Gumbel-max, Dream: categorical sampling
+        cfg_scale=0.0,  # LLaDA classifier-free guidance (prompt masked in the other branch)
+        remasking="low_confidence",  # LLaDA: low_confidence | random
+        alg="entropy",  # Dream: origin | maskgit_plus | topk_margin | entropy
+        alg_temp=None,  # Dream: None/0 = top-k by confidence, > 0 = sample positions
+        top_p=None,  # Dream nucleus filtering
+        top_k=None,  # Dream top-k filtering
+        eps=1e-3,  # Dream: timesteps run from 1 to eps
+        seed=0,  # PRNG seed of the sampling key
+    ))
+    return c
