@@ -1,0 +1,1 @@
+"""Evaluation: held-out likelihood bounds, the arithmetic exact-match task, baselines."""

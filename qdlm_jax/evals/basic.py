@@ -1,0 +1,103 @@
+"""The two quality measures used by the model cards and the quantization job.
+
+- `heldout_bound`: the Monte Carlo masked-likelihood bound (nats and bits per token) on
+  held-out windows of a text source, via `likelihood.perplexity_bound`.
+- `arithmetic_accuracy`: exact match of the denoising loop's answers to held-out arithmetic
+  problems (`Question: 47+38=? Answer:` -> first integer of the generated text).
+- `unigram_entropy`: the entropy of a unigram model fitted on the train split, the
+  "knows no context" baseline a trained model must beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from qdlm_jax.data import arithmetic, sources
+from qdlm_jax.data.tokenizer import special_token_ids
+from qdlm_jax.generate import GenerationConfig, generate
+from qdlm_jax.likelihood import perplexity_bound
+
+LN2 = math.log(2.0)
+
+
+def heldout_windows(tokenizer, *, source: str = sources.DEFAULT_SOURCE, seq_len: int = 128,
+                    n_windows: int = 32, split: str = "heldout", seed: int = 0) -> np.ndarray:
+    special = special_token_ids(tokenizer)
+    docs = sources.load_split(source, split, seed=seed)
+    w = sources.token_windows(docs, tokenizer, seq_len, bos_id=special.bos, eos_id=special.eos,
+                              max_windows=n_windows)
+    if len(w) < n_windows:
+        raise ValueError(f"{source}/{split}: only {len(w)} windows of {seq_len} tokens, "
+                         f"asked for {n_windows}")
+    return w
+
+
+def heldout_bound(model, windows: np.ndarray, *, mc_num: int = 32, batch_size: int = 16,
+                  seed: int = 0) -> dict:
+    """Per-token negative ELBO on `windows` (lower is better): nats, bits, perplexity bound."""
+    r = perplexity_bound(model, windows, mc_num=mc_num, batch_size=min(batch_size, mc_num),
+                         key=jax.random.key(seed))
+    return {"nll_nats": r["nll_per_token"], "bits_per_token": r["nll_per_token"] / LN2,
+            "ppl_bound": r["ppl_bound"], "tokens": r["tokens"], "mc_num": mc_num}
+
+
+def unigram_entropy(train_windows: np.ndarray, vocab_size: int) -> dict:
+    """Entropy (nats, bits per token) of the add-one-smoothed unigram fitted on the train
+    split's tokens."""
+    counts = np.bincount(np.asarray(train_windows).ravel(), minlength=vocab_size) + 1.0
+    p = counts / counts.sum()
+    h = float(-(p * np.log(p)).sum())
+    return {"nats": h, "bits_per_token": h / LN2}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArithmeticEval:
+    n: int = 200  # held-out problems
+    digits: tuple[int, ...] = (2,)
+    ops: tuple[str, ...] = ("+",)
+    gen_length: int = 8
+    steps: int = 8
+    batch_size: int = 50
+    seed: int = 0
+
+
+def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(),
+                        *, progress: bool = True) -> dict:
+    """Exact-match accuracy on held-out problems, greedy (temperature 0) denoising."""
+    special = special_token_ids(tokenizer)
+    aspec = arithmetic.ArithmeticSpec(digits=spec.digits, ops=spec.ops)
+    problems = arithmetic.generate_problems(spec.n, seed=spec.seed, split="heldout",
+                                            spec=aspec, unique=True)
+    family = model.config.family
+    if family == "llada":
+        gen = GenerationConfig(steps=spec.steps, gen_length=spec.gen_length,
+                               block_length=spec.gen_length, remasking="low_confidence")
+    else:
+        gen = GenerationConfig(steps=spec.steps, gen_length=spec.gen_length, alg="maskgit_plus")
+    correct, examples = 0, []
+    for start in tqdm(range(0, len(problems), spec.batch_size), desc="arithmetic",
+                      disable=not progress):
+        batch = problems[start:start + spec.batch_size]
+        prompts = [[special.bos] + tokenizer.encode(arithmetic.render_prompt(p)).ids
+                   for p in batch]
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(batch), width), special.pad, np.int32)
+        mask = np.zeros((len(batch), width), np.int32)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        out = np.asarray(generate(model, ids, mask, config=gen))
+        for p, row in zip(batch, out[:, width:]):
+            text = tokenizer.decode([int(t) for t in row if t not in (special.pad,)],
+                                    skip_special_tokens=False)
+            text = text.split("<|eos|>")[0]
+            got = arithmetic.extract_answer(text)
+            correct += int(got == p.answer)
+            if len(examples) < 5:
+                examples.append({"prompt": p.prompt, "generated": text, "answer": p.answer})
+    return {"accuracy": correct / len(problems), "n": len(problems), "examples": examples}
