@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo retrain-tiny clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,16 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m qdlm_jax.demo
+
+# Retrain both bundled tiny models from scratch (fetches the offline data on first use) and
+# rewrite assets/tiny-{llada,dream}. The two runs share one tokenizer and run side by side.
+retrain-tiny: $(STAMP)
+	$(BIN)/qdlm train --config configs/train_tiny_llada.py --tokenizer-only --config.out_dir=runs
+	$(BIN)/qdlm train --config configs/train_tiny_llada.py --config.data.tokenizer=runs/tokenizer.json & \
+	$(BIN)/qdlm train --config configs/train_tiny_dream.py --config.data.tokenizer=runs/tokenizer.json & \
+	wait
+	$(BIN)/python -m qdlm_jax.model_card runs/train_tiny_llada assets/tiny-llada
+	$(BIN)/python -m qdlm_jax.model_card runs/train_tiny_dream assets/tiny-dream
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

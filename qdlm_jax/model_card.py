@@ -90,12 +90,13 @@ def card(family: str, r: dict) -> str:
         f"| 2-digit addition exact match (n={a['n']}, greedy, 8 steps) | {a['accuracy']:.1%} |",
         "",
         "## Reproduce",
+        "`make retrain-tiny` retrains both tiny models from scratch side by side and rewrites",
+        "`assets/`; for this model alone:",
         "```bash",
+        "qdlm train --config configs/train_tiny_llada.py --tokenizer-only --config.out_dir=runs",
         f"qdlm train --config configs/train_tiny_{family}.py --config.data.tokenizer=runs/tokenizer.json",
         f"python -m qdlm_jax.model_card runs/train_tiny_{family} assets/tiny-{family}",
         "```",
-        "(Without `--config.data.tokenizer` the run trains its own tokenizer first, "
-        "deterministically, on the same split.)",
         "",
     ]
     return "\n".join(lines)

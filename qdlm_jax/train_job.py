@@ -43,6 +43,7 @@ def prepare_tokenizer(cfg, out_dir: Path):
     d = cfg.data
     path = Path(d.tokenizer) if d.tokenizer else out_dir / tok_lib.TOKENIZER_FILENAME
     if not path.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
         print(f"[train] training a {d.vocab_size}-token BPE on the train split of {d.source}")
         tok = tok_lib.train_tokenizer(sources.load_split(d.source, "train", seed=d.seed),
                                       tok_lib.TokenizerSpec(vocab_size=d.vocab_size))

@@ -9,12 +9,19 @@ HELP = "train a tiny dLLM with the masked-diffusion objective (resumable)"
 def add_arguments(p):
     p.add_argument("--config", required=True, help="ml-collections config file "
                    "(configs/train_tiny_llada.py or configs/train_tiny_dream.py)")
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="only train (or find) the tokenizer: OUT_DIR/tokenizer.json")
 
 
 def run(args, overrides):
     from qdlm_jax.config_flags import apply_overrides, load_config_file
-    from qdlm_jax.train_job import run as run_job
+    from qdlm_jax.train_job import prepare_tokenizer, run as run_job
 
     cfg = apply_overrides(load_config_file(args.config), overrides)
+    if args.tokenizer_only:
+        from pathlib import Path
+        path, _ = prepare_tokenizer(cfg, Path(cfg.out_dir))
+        print(f"tokenizer: {path}")
+        return 0
     run_job(cfg)
     return 0
