@@ -201,7 +201,8 @@ def dream_generate_ref(forward, input_ids, attention_mask=None, *, max_new_token
             x0 = torch.zeros_like(x[mask_index]) + mask_id
             u = torch.rand(*x0.shape)
             if uniforms is not None:
-                u = torch.from_numpy(np.array(uniforms(i, "transfer"), np.float32))[mask_index[:, p:]]
+                u = torch.from_numpy(np.array(uniforms(i, "transfer"), np.float32))
+                u = u[mask_index[:, p:]]
             transfer = u < p_transfer
             _, x0[transfer] = dream_sample_tokens(mask_logits[transfer], temperature, top_p,
                                                   top_k)

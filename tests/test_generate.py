@@ -258,21 +258,53 @@ def test_generate_rejects_other_family_options_and_masked_prompts(llada, dream):
         G.llada_generate(lmodel, bad, gen_length=8, steps=4, block_length=8)
 
 
-def test_loop_runs_from_any_params_tree(llada):
-    """The jitted loop takes the split state as an argument: a modified params tree (here
-    scaled LM head) runs through the same compiled graph and changes the output."""
+def test_loop_runs_any_params_tree_the_model_takes(llada):
+    """A params tree with a registered quantized kernel type (int8 weights + per-channel
+    scales in every linear layer) runs through the same loop code; its greedy tokens equal
+    those of the float model with the dequantized weights."""
+    import dataclasses
+
     from flax import nnx
+
+    from qdlm_jax.models import register_kernel_type
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Int8Kernel:
+        q: jax.Array
+        scale: jax.Array
+
+        def __getitem__(self, idx):  # `kernel[...]` in Linear returns the kernel itself
+            return self
+
+        def dequant(self):
+            return self.q.astype(jnp.float32) * self.scale
+
+    register_kernel_type(Int8Kernel, lambda x, k: jnp.einsum(
+        "...i,io->...o", x, k.dequant().astype(x.dtype)))
     config, model, _ = llada
-    ids, _ = _prompts(config, False)
-    settings = G.llada_settings(model, gen_length=8, steps=4, block_length=8)
-    graphdef, state = nnx.split(model)
-    base = G._llada_jit(state, jnp.asarray(ids), None, jax.random.key(0), graphdef=graphdef,
-                        s=settings)
-    state2 = jax.tree.map(lambda x: x, state)
-    state2["lm_head"]["kernel"].value = -state2["lm_head"]["kernel"].value
-    flipped = G._llada_jit(state2, jnp.asarray(ids), None, jax.random.key(0),
-                           graphdef=graphdef, s=settings)
-    assert (np.asarray(base) != np.asarray(flipped)).any()
+    graphdef, state = nnx.split(nnx.clone(model))  # (split state shares the Variables)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    n_quant = 0
+    for path, var in leaves:
+        if "kernel" in str(path[-1]):
+            w = var.get_value()
+            scale = jnp.max(jnp.abs(w), axis=0) / 127.0
+            kernel = Int8Kernel(jnp.round(w / scale).astype(jnp.int8), scale)
+            var.set_value(kernel)
+            n_quant += 1
+    assert n_quant == 8  # 7 per layer + the LM head
+    quantized = nnx.merge(graphdef, state)
+    float_twin = nnx.merge(graphdef, jax.tree.map(
+        lambda v: v.dequant() if isinstance(v, Int8Kernel) else v, state,
+        is_leaf=lambda v: isinstance(v, Int8Kernel)))
+    ids, mask = _prompts(config, True)
+    settings = dict(gen_length=8, steps=4, block_length=4)
+    q_out = np.asarray(G.llada_generate(quantized, ids, mask, **settings))
+    f_out = np.asarray(G.llada_generate(float_twin, ids, mask, **settings))
+    np.testing.assert_array_equal(q_out, f_out)
+    assert not (q_out == config.mask_token_id).any()
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
