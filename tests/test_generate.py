@@ -300,7 +300,7 @@ def test_loop_runs_any_params_tree_the_model_takes(llada):
         lambda v: v.dequant() if isinstance(v, Int8Kernel) else v, state,
         is_leaf=lambda v: isinstance(v, Int8Kernel)))
     ids, mask = _prompts(config, True)
-    settings = dict(gen_length=8, steps=4, block_length=4)
+    settings = LLADA_CASES["blocks_padded"][0]  # the float twin reuses that compiled loop
     q_out = np.asarray(G.llada_generate(quantized, ids, mask, **settings))
     f_out = np.asarray(G.llada_generate(float_twin, ids, mask, **settings))
     np.testing.assert_array_equal(q_out, f_out)

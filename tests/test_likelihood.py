@@ -42,7 +42,7 @@ def tiny(request, models):
 
 # Per family: (batch_size, small mc_num, large mc_num). The 1/p weight (p >= eps) gives
 # Dream's estimator a heavy tail, so it gets more samples.
-MC = {"llada": (4, 8, 2048), "dream": (16, 16, 8192)}
+MC = {"llada": (4, 8, 1024), "dream": (32, 32, 4096)}
 
 
 def _estimates(model, mc_num, batch_size, cfg_scale, seeds):
