@@ -1,0 +1,271 @@
+"""`QuantizedArray`: one pytree type for a packed low-bit weight.
+
+Storage (always the paper orientation ``[out, in]``, quantized along ``in``):
+
+    packed  uint8 [out, packed_length(in, bits)]      codes, packed along `in` (packing.py)
+    scale   float [out, groups]                       one per (output channel, group)
+    zero    uint8 [out, packed_length(groups, bits)]  packed zero points; None if symmetric
+                                                      (symmetric zero is 2**(bits-1))
+    g_idx   int32 [in] or None                        group of each input column; None means
+                                                      contiguous groups (column j -> j // group_size)
+    static: bits, group_size (resolved: the input width when per channel), shape (logical),
+            orientation
+
+    w_hat[o, j] = scale[o, g(j)] * (code[o, j] - zero[o, g(j)])
+
+`orientation` says how the logical array relates to the storage: ``"in_out"`` (default) means
+the array stands for a model kernel ``[in, out]`` (what `qdlm_jax.models.dllm` stores), so
+`dequantize()` returns ``w_hat.T`` and `project(x, qarr)` computes ``x @ w_hat.T``;
+``"out_in"`` means the logical array is ``[out, in]`` itself.
+
+The matmul registered with `project` dequantizes in XLA and contracts the storage layout
+directly (``einsum("...i,oi->...o")``), so no transposed copy is materialised.
+
+qwix compatibility: `to_qwix()` / `from_qwix()` convert to and from
+``qwix._src.core.qarray.QArray`` (qvalue unpacked and signed: ``qvalue = code - 2**(bits-1)``,
+``zero_point = zero - 2**(bits-1)``, scale tiled along the logical input axis), so
+``(qvalue - zero_point) * scale`` is the same ``w_hat``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from qdlm_jax.models.project import register_kernel_type
+from qdlm_jax.quant import packing
+from qdlm_jax.quant.quantizer_core import (QuantSpec, SUPPORTED_BITS, resolve_group_size,
+                                           rtn_codes)
+
+Orientation = Literal["in_out", "out_in"]
+_ORIENTATIONS = ("in_out", "out_in")
+
+
+@flax.struct.dataclass
+class QuantizedArray:
+    """A packed quantized 2-D weight (layout in the module docstring)."""
+
+    packed: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None = None
+    g_idx: jax.Array | None = None
+    bits: int = flax.struct.field(pytree_node=False, default=4)
+    group_size: int = flax.struct.field(pytree_node=False, default=128)
+    shape: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
+    orientation: str = flax.struct.field(pytree_node=False, default="in_out")
+
+    # ----- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(cls, codes: Int[Array, "out in"], scale: Float[Array, "out groups"],
+                   zero: Float[Array, "out groups"] | None, *, bits: int,
+                   group_size: int, sym: bool, orientation: Orientation = "in_out",
+                   g_idx: Int[Array, "in"] | None = None,
+                   scale_dtype=None) -> "QuantizedArray":
+        """Pack integer codes of ``w[out, in]`` with their grid.
+
+        `zero` is ignored (may be None) when `sym`; symmetric codes must use the zero point
+        2**(bits-1) (AutoGPTQ's symmetric grid). `g_idx` (act-order GPTQ without static
+        groups) maps each input column to its group; scale/zero columns are indexed by it.
+        """
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantizedArray: bits={bits!r} is not supported; use one of "
+                             f"{SUPPORTED_BITS}")
+        if orientation not in _ORIENTATIONS:
+            raise ValueError(f"QuantizedArray: orientation={orientation!r}; use one of "
+                             f"{_ORIENTATIONS}")
+        out, n_in = codes.shape
+        gs = resolve_group_size(group_size, n_in)
+        n_groups = n_in // gs
+        if scale.shape != (out, n_groups):
+            raise ValueError(f"QuantizedArray: scale has shape {scale.shape}, expected "
+                             f"{(out, n_groups)} for codes {codes.shape} and group size {gs}")
+        scale = scale.astype(scale_dtype) if scale_dtype is not None else scale
+        zero_packed = None
+        if not sym:
+            if zero is None:
+                raise ValueError("QuantizedArray: asymmetric (sym=False) needs zero points")
+            zero_packed = packing.pack(jnp.round(zero).astype(jnp.int32), bits)
+        if g_idx is not None:
+            g_idx = jnp.asarray(g_idx, jnp.int32)
+        shape = (n_in, out) if orientation == "in_out" else (out, n_in)
+        return cls(packed=packing.pack(codes, bits), scale=scale, zero=zero_packed,
+                   g_idx=g_idx, bits=bits, group_size=gs, shape=shape,
+                   orientation=orientation)
+
+    @classmethod
+    def quantize(cls, w: Float[Array, "a b"], spec: QuantSpec, *,
+                 orientation: Orientation = "in_out", scale_dtype=None) -> "QuantizedArray":
+        """Round-to-nearest quantization of a logical 2-D array (a `[in, out]` kernel by
+        default) on the AutoGPTQ grid of `spec`."""
+        w_oi = w.T if orientation == "in_out" else w
+        spec.check_width(w_oi.shape[1])
+        codes, scale, zero = rtn_codes(w_oi, bits=spec.bits, group_size=spec.group_size,
+                                       sym=spec.sym, clip_ratio=spec.clip_ratio)
+        return cls.from_codes(codes, scale, zero, bits=spec.bits, group_size=spec.group_size,
+                              sym=spec.sym, orientation=orientation,
+                              scale_dtype=scale_dtype or w.dtype)
+
+    # ----- array-like ---------------------------------------------------------------------
+
+    @property
+    def storage_shape(self) -> tuple[int, int]:
+        """(out, in) of the stored codes."""
+        a, b = self.shape
+        return (b, a) if self.orientation == "in_out" else (a, b)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    @property
+    def sym(self) -> bool:
+        return self.zero is None
+
+    @property
+    def n_groups(self) -> int:
+        return self.storage_shape[1] // self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored (packed codes + scales + zero points + g_idx)."""
+        leaves = [self.packed, self.scale, self.zero, self.g_idx]
+        return int(sum(x.size * x.dtype.itemsize for x in leaves if x is not None))
+
+    def __getitem__(self, key):
+        # nnx.Param(value)[...] reads the whole value; that is the only indexing supported.
+        if key is Ellipsis:
+            return self
+        raise TypeError("QuantizedArray only supports [...] indexing; dequantize() first")
+
+    def codes(self) -> jax.Array:
+        """Unpacked codes, uint8 [out, in]."""
+        return packing.unpack(self.packed, self.bits, self.storage_shape[1])
+
+    def zeros(self) -> jax.Array:
+        """Zero points as floats [out, groups] (2**(bits-1) everywhere if symmetric)."""
+        if self.zero is None:
+            return jnp.full(self.scale.shape, 2.0 ** (self.bits - 1), jnp.float32)
+        return packing.unpack(self.zero, self.bits, self.scale.shape[1]).astype(jnp.float32)
+
+    def _column_params(self):
+        """Scale and zero point expanded to every stored element, [out, in] fp32."""
+        n_in = self.storage_shape[1]
+        scale, zero = self.scale.astype(jnp.float32), self.zeros()
+        if self.g_idx is not None:
+            return scale[:, self.g_idx], zero[:, self.g_idx]
+        reps = self.group_size
+        return (jnp.repeat(scale, reps, axis=1, total_repeat_length=n_in),
+                jnp.repeat(zero, reps, axis=1, total_repeat_length=n_in))
+
+    def dequantize_storage(self, dtype=None) -> jax.Array:
+        """w_hat in the storage layout [out, in]."""
+        scale, zero = self._column_params()
+        w = scale * (self.codes().astype(jnp.float32) - zero)
+        return w.astype(dtype or self.dtype)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """w_hat in the logical layout (`shape`), in `dtype` (default: the scale dtype)."""
+        w = self.dequantize_storage(dtype)
+        return w.T if self.orientation == "in_out" else w
+
+    # ----- qwix ---------------------------------------------------------------------------
+
+    def to_qwix(self):
+        """The same weight as a qwix `QArray` in the logical layout (needs `qwix`)."""
+        from qwix._src.core import qarray as qwix_qarray
+
+        if self.g_idx is not None:
+            raise ValueError("to_qwix: act-order groups (g_idx) have no qwix equivalent; "
+                             "quantize with static_groups=True or act_order=False")
+        qtype = {8: jnp.int8, 4: jnp.int4}.get(self.bits, f"int{self.bits}")
+        store = jnp.int8 if self.bits == 8 else jnp.int4
+        offset = 2 ** (self.bits - 1)
+        qvalue = (self.codes().astype(jnp.int32) - offset).astype(store)
+        scale = self.scale
+        zero_point = None
+        if self.zero is not None:
+            zero_point = (self.zeros().astype(jnp.int32) - offset).astype(store)
+        if self.orientation == "in_out":
+            qvalue, scale = qvalue.T, scale.T
+            zero_point = None if zero_point is None else zero_point.T
+        return qwix_qarray.QArray(qvalue=qvalue, scale=scale, zero_point=zero_point,
+                                  qtype=qtype)
+
+    @classmethod
+    def from_qwix(cls, qa, *, orientation: Orientation = "in_out") -> "QuantizedArray":
+        """From a qwix `QArray` holding a 2-D integer weight.
+
+        `orientation="in_out"`: `qa` is a kernel [in, out] with scale tiles along axis 0;
+        `"out_in"`: `qa` is [out, in] with scale tiles along axis 1.
+        """
+        qtype = qa.qtype
+        bits = {jnp.dtype(jnp.int8): 8, jnp.dtype(jnp.int4): 4}.get(
+            _as_dtype(qtype), None) if not isinstance(qtype, str) else None
+        if isinstance(qtype, str) and qtype in ("int2", "int3"):
+            bits = int(qtype[3:])
+        if bits is None:
+            raise ValueError(f"from_qwix: qtype {qtype!r} is not supported; expected int8, "
+                             "int4, 'int3' or 'int2'")
+        if qa.qvalue.ndim != 2:
+            raise ValueError(f"from_qwix: expected a 2-D QArray, got shape {qa.qvalue.shape}")
+        qvalue, scale, zp = qa.qvalue, qa.scale, qa.zero_point
+        if orientation == "in_out":
+            qvalue, scale = qvalue.T, scale.T
+            zp = None if zp is None else zp.T
+        out, n_in = qvalue.shape
+        if scale.shape[0] not in (1, out):
+            raise ValueError(f"from_qwix: scale {qa.scale.shape} is not per output channel "
+                             f"for a weight of {qa.qvalue.shape} ({orientation})")
+        scale = jnp.broadcast_to(scale, (out, scale.shape[1]))
+        n_groups = scale.shape[1]
+        if n_in % n_groups:
+            raise ValueError(f"from_qwix: {n_groups} scale tiles do not divide width {n_in}")
+        offset = 2 ** (bits - 1)
+        codes = qvalue.astype(jnp.int32) + offset
+        zero = None
+        if zp is not None:
+            zero = jnp.broadcast_to(zp.astype(jnp.int32) + offset, scale.shape)
+        return cls.from_codes(codes, scale, zero, bits=bits, group_size=n_in // n_groups,
+                              sym=zp is None, orientation=orientation)
+
+
+def _as_dtype(t):
+    try:
+        return jnp.dtype(t)
+    except TypeError:
+        return None
+
+
+# Module attributes and nnx.Param may hold it (like qwix's QArray).
+nnx.register_data_type(QuantizedArray)
+
+
+def quantized_matmul(x: jax.Array, w: QuantizedArray) -> jax.Array:
+    """x[..., k] @ w_logical[k, n] via dequantize-then-matmul in XLA (fp32 accumulation)."""
+    w_s = w.dequantize_storage(x.dtype)  # [out, in]
+    eq = "...i,oi->...o" if w.orientation == "in_out" else "...o,oi->...i"
+    return jnp.einsum(eq, x, w_s, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+register_kernel_type(QuantizedArray, quantized_matmul)
+
+
+def quantized_param_bytes(tree) -> int:
+    """Bytes of all QuantizedArray and array leaves of a param tree."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, QuantizedArray)):
+        total += leaf.nbytes if isinstance(leaf, QuantizedArray) else leaf.size * leaf.dtype.itemsize
+    return int(total)
+
+
+__all__ = ["QuantizedArray", "quantized_matmul", "quantized_param_bytes"]
