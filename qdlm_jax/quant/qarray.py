@@ -29,6 +29,7 @@ qwix compatibility: `to_qwix()` / `from_qwix()` convert to and from
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import flax.struct
@@ -103,13 +104,8 @@ class QuantizedArray:
                  orientation: Orientation = "in_out", scale_dtype=None) -> "QuantizedArray":
         """Round-to-nearest quantization of a logical 2-D array (a `[in, out]` kernel by
         default) on the AutoGPTQ grid of `spec`."""
-        w_oi = w.T if orientation == "in_out" else w
-        spec.check_width(w_oi.shape[1])
-        codes, scale, zero = rtn_codes(w_oi, bits=spec.bits, group_size=spec.group_size,
-                                       sym=spec.sym, clip_ratio=spec.clip_ratio)
-        return cls.from_codes(codes, scale, zero, bits=spec.bits, group_size=spec.group_size,
-                              sym=spec.sym, orientation=orientation,
-                              scale_dtype=scale_dtype or w.dtype)
+        spec.check_width(w.shape[0] if orientation == "in_out" else w.shape[1])
+        return _quantize_rtn(w, spec, orientation, jnp.dtype(scale_dtype or w.dtype))
 
     # ----- array-like ---------------------------------------------------------------------
 
@@ -168,10 +164,8 @@ class QuantizedArray:
                 jnp.repeat(zero, reps, axis=1, total_repeat_length=n_in))
 
     def dequantize_storage(self, dtype=None) -> jax.Array:
-        """w_hat in the storage layout [out, in]."""
-        scale, zero = self._column_params()
-        w = scale * (self.codes().astype(jnp.float32) - zero)
-        return w.astype(dtype or self.dtype)
+        """w_hat in the storage layout [out, in]: scale * (code - zero), fp32, cast."""
+        return _dequantize_storage(self, jnp.dtype(dtype or self.dtype))
 
     def dequantize(self, dtype=None) -> jax.Array:
         """w_hat in the logical layout (`shape`), in `dtype` (default: the scale dtype)."""
@@ -237,6 +231,22 @@ class QuantizedArray:
             zero = jnp.broadcast_to(zp.astype(jnp.int32) + offset, scale.shape)
         return cls.from_codes(codes, scale, zero, bits=bits, group_size=n_in // n_groups,
                               sym=zp is None, orientation=orientation)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_rtn(w, spec: QuantSpec, orientation: str, scale_dtype) -> QuantizedArray:
+    w_oi = w.T if orientation == "in_out" else w
+    codes, scale, zero = rtn_codes(w_oi, bits=spec.bits, group_size=spec.group_size,
+                                   sym=spec.sym, clip_ratio=spec.clip_ratio)
+    return QuantizedArray.from_codes(codes, scale, zero, bits=spec.bits,
+                                     group_size=spec.group_size, sym=spec.sym,
+                                     orientation=orientation, scale_dtype=scale_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize_storage(q: QuantizedArray, dtype) -> jax.Array:
+    scale, zero = q._column_params()
+    return (scale * (q.codes().astype(jnp.float32) - zero)).astype(dtype)
 
 
 def _as_dtype(t):

@@ -29,37 +29,38 @@ import numpy as np
 def find_params(x: np.ndarray, bits: int, sym: bool):
     """AutoGPTQ Quantizer.find_params over the rows of x [out, k] -> (scale, zero) [out]."""
     maxq = 2 ** bits - 1
-    x = x.astype(np.float32)
-    xmin = np.minimum(x.min(axis=1), np.float32(0))
-    xmax = np.maximum(x.max(axis=1), np.float32(0))
+    f = x.dtype.type
+    xmin = np.minimum(x.min(axis=1), f(0))
+    xmax = np.maximum(x.max(axis=1), f(0))
     if sym:
         xmax = np.maximum(np.abs(xmin), xmax)
         neg = xmin < 0
         xmin = np.where(neg, -xmax, xmin)
     dead = (xmin == 0) & (xmax == 0)
-    xmin = np.where(dead, np.float32(-1), xmin).astype(np.float32)
-    xmax = np.where(dead, np.float32(1), xmax).astype(np.float32)
-    scale = ((xmax - xmin) / np.float32(maxq)).astype(np.float32)
+    xmin = np.where(dead, f(-1), xmin).astype(f)
+    xmax = np.where(dead, f(1), xmax).astype(f)
+    scale = ((xmax - xmin) / f(maxq)).astype(f)
     if sym:
         zero = np.full_like(scale, (maxq + 1) / 2)
     else:
-        zero = np.round(-xmin / scale).astype(np.float32)
+        zero = np.round(-xmin / scale).astype(f)
     return scale, zero
 
 
 def quantize(w: np.ndarray, scale, zero, bits: int):
     """(code, dequantized) of a column w [out] on the grid (scale, zero) [out]."""
-    q = np.clip(np.round(w / scale) + zero, 0, 2 ** bits - 1).astype(np.float32)
-    return q, (scale * (q - zero)).astype(np.float32)
+    q = np.clip(np.round(w / scale) + zero, 0, 2 ** bits - 1).astype(w.dtype)
+    return q, (scale * (q - zero)).astype(w.dtype)
 
 
 def fasterquant(w, h, *, bits, group_size=-1, sym=True, damp=0.01, block_size=128,
-                act_order=False, static_groups=False, trace=None):
+                act_order=False, static_groups=False, trace=None, dtype=np.float32):
     """Returns (w_dequantized [out, in], codes int [out, in], scales [out, G], zeros [out, G],
     g_idx [in]). If `trace` is a dict, trace["ratio"] receives w / scale before rounding
-    ([out, in], processing order) to tell near-ties apart from real differences."""
-    W = np.array(w, dtype=np.float32)
-    H = np.array(h, dtype=np.float32)
+    ([out, in], processing order) to tell near-ties apart from real differences. `dtype`
+    float64 gives a higher-precision run of the same algorithm (to measure fp32 noise)."""
+    W = np.array(w, dtype=dtype)
+    H = np.array(h, dtype=dtype)
     out, cols = W.shape
     scale, zero = find_params(W, bits, sym)  # per-channel params, as AutoGPTQ computes first
 
@@ -84,7 +85,7 @@ def fasterquant(w, h, *, bits, group_size=-1, sym=True, damp=0.01, block_size=12
 
     Q = np.zeros_like(W)
     codes = np.zeros(W.shape, dtype=np.int64)
-    d = np.float32(damp) * np.mean(np.diag(H))
+    d = W.dtype.type(damp) * np.mean(np.diag(H))
     H[np.arange(cols), np.arange(cols)] += d
     L = np.linalg.cholesky(H)  # float32 LAPACK, like torch on CPU
     Linv = np.linalg.inv(L)
@@ -113,10 +114,10 @@ def fasterquant(w, h, *, bits, group_size=-1, sym=True, damp=0.01, block_size=12
                 trace.setdefault("ratio", np.zeros_like(W))[:, c] = col / scale
             codes[:, c] = q
             Q[:, c] = dq
-            err = ((col - dq) / dd).astype(np.float32)
-            W1[:, i:] -= np.outer(err, Hinv1[i, i:]).astype(np.float32)
+            err = (col - dq) / dd
+            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
             Err1[:, i] = err
-        W[:, i2:] -= (Err1 @ Hinv[i1:i2, i2:]).astype(np.float32)
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g = group_size if group_size != -1 else cols
     if static_groups and act_order:
