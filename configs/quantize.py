@@ -1,0 +1,25 @@
+"""The main job: `qdlm quantize --config configs/quantize.py [--config.method=gptq ...]`."""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = "assets/tiny-llada"  # HF checkpoint dir or qdlm checkpoint
+    c.out_dir = "runs/quantize"  # a run directory per (method, bits, calibration) is made here
+    c.method = "gptq"  # rtn | gptq | awq
+    c.bits = 4  # 2 | 3 | 4 | 8
+    c.group_size = 128  # 32 | 64 | 128 | -1 (per output channel)
+    c.sym = False
+    c.clip_ratio = 1.0
+    c.calibration = "clean"  # clean | masked | trajectory
+    c.calib = ml_collections.ConfigDict(dict(
+        source="bigbench-wikipedia", n_samples=32, seq_len=128, prefix_frac=0.0,
+        certainty_weights=False, unmasked_weight=0.7, trajectory_steps=16, seed=0))
+    c.gptq = ml_collections.ConfigDict(dict(damp=0.01, block_size=128, act_order=False,
+                                            static_groups=False))
+    c.awq = ml_collections.ConfigDict(dict(grid=20, clip=True, tokens=4096))
+    c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
+                                            skip_fp=False))
+    c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)
+    return c

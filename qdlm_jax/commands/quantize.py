@@ -1,0 +1,20 @@
+"""qdlm quantize --config configs/quantize.py [--config.method=gptq --config.bits=3 ...]"""
+
+from __future__ import annotations
+
+NAME = "quantize"
+HELP = "calibrate, quantize (RTN/GPTQ/AWQ), evaluate FP vs quantized, save the packed model"
+
+
+def add_arguments(p):
+    p.add_argument("--config", default="configs/quantize.py",
+                   help="ml-collections config file (default: configs/quantize.py)")
+
+
+def run(args, overrides):
+    from qdlm_jax.config_flags import apply_overrides, load_config_file
+    from qdlm_jax.quantize_job import run as run_job
+
+    cfg = apply_overrides(load_config_file(args.config), overrides)
+    run_job(cfg)
+    return 0

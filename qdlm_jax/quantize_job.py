@@ -1,0 +1,184 @@
+"""The main job: load -> calibrate -> quantize -> evaluate FP vs quantized -> save.
+
+Writes, in `out_dir/<method>-w<bits>g<group>-<calibration>/`:
+  - `model/`: orbax checkpoint of the packed model (`qdlm generate --model` loads it as is),
+  - `results.json`: the settings and every figure,
+  - `report.md`: a table of FP vs quantized quality.
+Bad config values are rejected before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+
+from qdlm_jax.calibration.feeders import CalibSpec
+from qdlm_jax.quant.layerwise import METHODS, PTQSpec
+from qdlm_jax.quant.quantizer_core import QuantSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    model: str
+    out_dir: str
+    ptq: PTQSpec
+    calib: CalibSpec
+    source: str
+    eval_windows: int
+    eval_mc_num: int
+    eval_arith_n: int
+    skip_fp: bool
+    save: bool
+
+    @property
+    def run_name(self) -> str:
+        g = self.ptq.weight.group_size
+        cal = "nocal" if self.ptq.method == "rtn" else self.calib.mode
+        return f"{self.ptq.method}-w{self.ptq.weight.bits}g{g}-{cal}"
+
+
+def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
+    """Validates the whole config up front (one clear error, before any work)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--config.method={cfg.method!r}: expected one of {METHODS}")
+    weight = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                       clip_ratio=cfg.clip_ratio)
+    ptq = PTQSpec(method=cfg.method, weight=weight, damp=cfg.gptq.damp,
+                  block_size=cfg.gptq.block_size, act_order=cfg.gptq.act_order,
+                  static_groups=cfg.gptq.static_groups, awq_grid=cfg.awq.grid,
+                  awq_clip=cfg.awq.clip, awq_tokens=cfg.awq.tokens)
+    c = cfg.calib
+    calib = CalibSpec(mode=cfg.calibration, n_samples=c.n_samples, seq_len=c.seq_len,
+                      prefix_frac=c.prefix_frac, certainty_weights=c.certainty_weights,
+                      unmasked_weight=c.unmasked_weight, trajectory_steps=c.trajectory_steps,
+                      seed=c.seed)
+    if not Path(cfg.model).exists():
+        raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
+    return JobSpec(model=cfg.model, out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
+                   eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
+                   eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save)
+
+
+def _check_widths(config, ptq: PTQSpec):
+    c = config
+    for name, width in (("hidden_size", c.hidden_size), ("o_proj input", c.num_heads * c.head_dim),
+                        ("intermediate_size", c.intermediate_size)):
+        try:
+            ptq.weight.check_width(width)
+        except ValueError:
+            raise ValueError(f"--config.group_size={ptq.weight.group_size} does not divide the "
+                             f"model's {name}={width}; use -1 or a divisor of {width}") from None
+
+
+def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
+    from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_bound
+    t0 = time.time()
+    bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
+    arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
+    return {"bits_per_token": bound["bits_per_token"], "ppl_bound": bound["ppl_bound"],
+            "arith_acc": arith["accuracy"], "arith_n": arith["n"], "eval_s": time.time() - t0}
+
+
+def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict:
+    """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once."""
+    import numpy as np
+
+    from qdlm_jax import load_model
+    from qdlm_jax.calibration.feeders import build_calibration
+    from qdlm_jax.checkpoint import save_checkpoint
+    from qdlm_jax.data import sources
+    from qdlm_jax.data.tokenizer import load_tokenizer, special_token_ids
+    from qdlm_jax.evals.basic import heldout_windows
+    from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.params import get_params
+    from qdlm_jax.quant.layerwise import quantize_model
+    from qdlm_jax.quant.qarray import quantized_param_bytes
+
+    spec = job_spec(cfg)
+    t0 = time.time()
+    model = load_model(spec.model, dtype="float32")
+    _check_widths(model.config, spec.ptq)
+    tok_path = Path(spec.model) / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path)
+    special = special_token_ids(tokenizer, source=str(tok_path))
+    seq = spec.calib.seq_len
+    windows = heldout_windows(tokenizer, source=spec.source, seq_len=seq,
+                              n_windows=spec.eval_windows)
+    run_dir = Path(spec.out_dir) / spec.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[quantize] {spec.model}: {model.config.family}, method={spec.ptq.method} "
+          f"W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size} calibration="
+          f"{spec.calib.mode} -> {run_dir}")
+
+    fp_key = (spec.model, spec.source, seq, spec.eval_windows, spec.eval_mc_num,
+              spec.eval_arith_n)
+    fp = None
+    if not spec.skip_fp:
+        if fp_cache is not None and fp_key in fp_cache:
+            fp = fp_cache[fp_key]
+        else:
+            print("[quantize] evaluating the FP model")
+            fp = evaluate(model, tokenizer, windows, spec)
+            if fp_cache is not None:
+                fp_cache[fp_key] = fp
+
+    calib = None
+    if spec.ptq.method != "rtn":
+        calib_docs = sources.load_split(spec.source, "calib", seed=0)
+        calib_windows = sources.token_windows(calib_docs, tokenizer, seq, bos_id=special.bos,
+                                              eos_id=special.eos,
+                                              max_windows=spec.calib.n_samples)
+        calib = build_calibration(model, calib_windows, spec.calib)
+    t_q = time.time()
+    qmodel, qstats = quantize_model(model, calib, spec.ptq)
+    quant_s = time.time() - t_q
+    print("[quantize] evaluating the quantized model")
+    q = evaluate(qmodel, tokenizer, windows, spec)
+
+    params = get_params(qmodel)
+    linear_q = quantized_param_bytes(params)
+    fp_linear = sum(int(np.prod(v.shape)) * 2 for p, v in get_params(model).items()
+                    if p[0] == "layers" and p[-1] == "kernel")
+    result = {
+        "model": spec.model, "family": model.config.family, "method": spec.ptq.method,
+        "bits": spec.ptq.weight.bits, "group_size": spec.ptq.weight.group_size,
+        "sym": spec.ptq.weight.sym, "calibration": spec.calib.mode if calib else "none",
+        "calib_mask_ratio_mean": None if calib is None else float(calib.mask_ratio.mean()),
+        "fp": fp, "quantized": q, "quantize_s": quant_s,
+        "linear_bytes_vs_bf16": linear_q / fp_linear if fp_linear else None,
+        "total_s": time.time() - t0, "stats": qstats,
+    }
+    if spec.save:
+        save_checkpoint(run_dir / "model", qmodel.config, params, overwrite=True,
+                        extra_files=[tok_path], meta={k: result[k] for k in (
+                            "method", "bits", "group_size", "sym", "calibration")})
+    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+    atomic_write_text(run_dir / "report.md", report([result]))
+    print(report([result]))
+    return result
+
+
+def report(results: list[dict]) -> str:
+    """Markdown table: FP baseline then one row per quantized run."""
+    lines = ["| model | method | W bits | group | calibration | bits/token (↓) | "
+             "ppl bound | 2-digit add acc | linear bytes vs bf16 | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    seen_fp = set()
+    for r in results:
+        fp = r.get("fp")
+        if fp and r["model"] not in seen_fp:
+            seen_fp.add(r["model"])
+            lines.append(f"| {Path(r['model']).name} | FP | 32 | – | – | "
+                         f"{fp['bits_per_token']:.3f} | {fp['ppl_bound']:.1f} | "
+                         f"{fp['arith_acc']:.1%} | – | – |")
+    for r in results:
+        q = r["quantized"]
+        lines.append(f"| {Path(r['model']).name} | {r['method'].upper()} | {r['bits']} | "
+                     f"{r['group_size']} | {r['calibration']} | {q['bits_per_token']:.3f} | "
+                     f"{q['ppl_bound']:.1f} | {q['arith_acc']:.1%} | "
+                     f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
+    return "\n".join(lines) + "\n"
