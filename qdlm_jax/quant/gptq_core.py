@@ -30,23 +30,44 @@ Settings, exactly as AutoGPTQ:
 * static_groups: every group's grid is computed up front from the (dead-fixed, unpermuted)
   ``W[:, k*g:(k+1)*g]``; then ``g_idx[j] = j // group_size`` even with act_order.
 
-``U`` is computed as AutoGPTQ does, ``U = cholesky(cholesky_inverse(cholesky(H)), upper)``.
+How it is computed here (same result, different bookkeeping). Write ``H = V V^T`` with
+``V`` upper triangular (``V = J chol(J H J) J``, ``J`` the reversal); then ``U = V^-1``
+(``U^T U = (V V^T)^-1``), so the inverse is never formed. With ``D = W - Q`` (original
+weight minus quantized), ``W - Q = E U`` gives ``E = D V``, and AutoGPTQ's block-start weight
+for a block ``b`` (columns ``i1:i2``) is::
 
-Implementation (all inside one `jax.jit`, nothing unrolled per column):
+    X_b = W_b - E_<i1 U[<i1, b] = W_b + A_b U_bb,   A_b = D_<i1 V[<i1, b]
 
-* the weight is processed transposed, ``Wt[in, out]``, so a column is a contiguous row;
-* columns are split into at most ``_MAX_CHUNKS`` chunks (a fixed count, so trace/compile
-  work does not grow with the width); within a chunk a `lax.fori_loop` runs over blocks and,
-  inside each block, a `fori_loop` over sub-blocks of ``_SUB`` columns and a `fori_loop` over
-  columns. Rank-1 updates stay inside the sub-block, sub-block errors go to the rest of the
-  block with one matmul, block errors go to the rest of the chunk with one matmul (as the
-  factor ``U`` is upper triangular, the already-done rows receive exact zeros, so these
-  updates need no masking), and chunk errors go to every later column with one matmul of
-  static shape. Work is ``~out*in^2*(1 + 1/_MAX_CHUNKS)`` multiply-adds, about AutoGPTQ's;
-* widths that are not a multiple of ``block_size`` are padded with dead columns
-  (zero weight, identity Hessian block) that never interact with the real ones.
+(block-triangular inverse: ``U[<i1, b] = -U[<i1,<i1] V[<i1, b] U_bb`` and
+``E_<i1 U[<i1,<i1] = D_<i1``). So the loop keeps an accumulator ``A += D_b V[b, later]``
+(plain products with ``V``), turns it into AutoGPTQ's ``X_b`` with the block's diagonal
+inverse ``U_bb = V_bb^-1`` (a 128 x 128 triangular inverse), and runs AutoGPTQ's in-block
+recursion with ``U_bb``. Group grids are then taken from exactly AutoGPTQ's ``X_b``. Work:
+one ``in^3/3`` Cholesky instead of AutoGPTQ's Cholesky + inverse + Cholesky (``4/3 in^3``),
+plus the ``out*in^2`` updates.
 
-The result equals AutoGPTQ's up to fp32 summation order (tests: >= 99.9 % identical codes).
+Implementation (one `jax.jit`; nothing is unrolled per column, block or tile, so the traced
+program has the same size for every width; tests check it):
+
+* the weight is processed transposed (``[in, out]``) so a column is a contiguous row;
+* the Cholesky is a blocked right-looking algorithm over 512 x 512 tiles in `fori_loop`s
+  with tile-dependent trip counts (`cholesky_lower`); only 128 x 128 LAPACK calls remain, as
+  large multi-threaded OpenBLAS calls slow down 10-30x when the CPU is shared;
+* the columns form ``>= 8`` equal chunks; a `fori_loop` over chunks, inside it one over
+  blocks, inside it one over sub-blocks of 16 columns, inside it one over columns. Rank-1
+  updates stay in the sub-block; sub-block errors reach the rest of the block, block errors
+  the rest of the chunk, with one product each (``U``/``V`` are triangular, so finished rows
+  receive exact zeros: no masks); chunk errors reach each later chunk with one
+  ``[C, C] x [C, out]`` product in a loop whose trip count depends on the chunk index, so the
+  total work is the triangular ``out*in^2`` (+ ``1/8`` within chunks), like AutoGPTQ's;
+* widths that are not a multiple of ``block_size`` are padded with dead columns (zero
+  weight, identity Hessian block), which never interact with the real ones;
+* divisions by a scale or by ``U_ii`` are true IEEE divisions (`exact_div`), as in torch.
+
+The result equals AutoGPTQ's up to fp32 rounding. GPTQ feeds each rounding back into the
+rest of its row, so a near-tie that rounds the other way changes the rest of that row; the
+tests accept the agreement a float64 run of the reference reaches against its fp32 run
+(usually 100 % of codes on well-conditioned Hessians).
 """
 
 from __future__ import annotations
