@@ -6,9 +6,11 @@ transposed by the driver), activations ``x[tokens, in]``.
 
 **Quantizer** (llm-awq ``pseudo_quantize_tensor``, group-wise along ``in``)::
 
-    asym:  scale = max(max_g - min_g, 1e-5) / (2^b - 1);  zero = clamp(-round(min_g/scale), 0, 2^b-1)
-           w_hat = (clamp(round(w/scale) + zero, 0, 2^b - 1) - zero) * scale
-    sym:   scale = max(|w|_g, 1e-5) / (2^(b-1) - 1);  w_hat = clamp(round(w/scale), -2^(b-1), 2^(b-1)-1) * scale
+    asym:  scale = max(max_g - min_g, 1e-5) / (2^b - 1)
+           zero  = clamp(-round(min_g / scale), 0, 2^b - 1)
+           w_hat = (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero) * scale
+    sym:   scale = max(max_g |w|, 1e-5) / (2^(b-1) - 1)
+           w_hat = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1) * scale
 
 (``grid="autogptq"`` uses `quantizer_core.rtn` instead, the grid GPTQ and `QuantizedArray`
 use; either grid packs into a `QuantizedArray` via `awq_quantize_codes`.)

@@ -7,7 +7,7 @@ Storage (always the paper orientation ``[out, in]``, quantized along ``in``):
     zero    uint8 [out, packed_length(groups, bits)]  packed zero points; None if symmetric
                                                       (symmetric zero is 2**(bits-1))
     g_idx   int32 [in] or None                        group of each input column; None means
-                                                      contiguous groups (column j -> j // group_size)
+                                                      contiguous groups (j -> j // group_size)
     static: bits, group_size (resolved: the input width when per channel), shape (logical),
             orientation
 
@@ -274,7 +274,10 @@ def quantized_param_bytes(tree) -> int:
     """Bytes of all QuantizedArray and array leaves of a param tree."""
     total = 0
     for leaf in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, QuantizedArray)):
-        total += leaf.nbytes if isinstance(leaf, QuantizedArray) else leaf.size * leaf.dtype.itemsize
+        if isinstance(leaf, QuantizedArray):
+            total += leaf.nbytes
+        else:
+            total += leaf.size * leaf.dtype.itemsize
     return int(total)
 
 

@@ -199,6 +199,6 @@ def rtn_spec(w: Float[Array, "out in"], spec: QuantSpec) -> Float[Array, "out in
                clip_ratio=spec.clip_ratio)
 
 
-__all__ = ["QuantParams", "QuantSpec", "SUPPORTED_BITS", "compute_params",
-           "dequantize_codes", "exact_div", "params_from_minmax", "quantize_codes", "quantize_dequantize",
+__all__ = ["QuantParams", "QuantSpec", "SUPPORTED_BITS", "compute_params", "dequantize_codes",
+           "exact_div", "params_from_minmax", "quantize_codes", "quantize_dequantize",
            "resolve_group_size", "rtn", "rtn_codes", "rtn_spec"]
