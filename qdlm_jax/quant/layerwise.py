@@ -18,6 +18,7 @@ calibration and DLLMQuant's certainty-guided weights when the feeder provides th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -57,6 +58,7 @@ class PTQSpec:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
 
 
+@functools.lru_cache(maxsize=64)
 def _block_fn(graphdef, names, weighted):
     """jit: (block state, x, key_bias, cos, sin, w) -> (y, {name: weighted Gram of input})."""
 
@@ -108,7 +110,22 @@ def _set_kernel(block, name, value):
     getattr(block, name).kernel.value = value
 
 
-def _quantize_gptq(block, names, gram, weight_sum, spec: PTQSpec):
+def _stage(block, name, q: QuantizedArray, pending: dict):
+    """Puts the dequantized weight in place for the rest of this block's calibration passes
+    (same math as the packed matmul, and the block's jitted forward keeps one signature);
+    the packed weight is installed by `_install` when the block is done."""
+    kernel = getattr(block, name).kernel[...]
+    _set_kernel(block, name, q.dequantize(kernel.dtype))
+    pending[name] = q
+
+
+def _install(block, pending: dict):
+    for name, q in pending.items():
+        _set_kernel(block, name, q)
+    pending.clear()
+
+
+def _quantize_gptq(block, names, gram, weight_sum, spec: PTQSpec, pending: dict):
     h = 2.0 * gram / weight_sum
     for name in names:
         kernel = getattr(block, name).kernel[...]
@@ -120,7 +137,7 @@ def _quantize_gptq(block, names, gram, weight_sum, spec: PTQSpec):
         q = QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=spec.weight.bits,
                                       group_size=spec.weight.group_size, sym=spec.weight.sym,
                                       g_idx=g_idx, scale_dtype=kernel.dtype)
-        _set_kernel(block, name, q)
+        _stage(block, name, q, pending)
 
 
 def _quantize_rtn(block, names, spec: PTQSpec):
@@ -167,24 +184,24 @@ def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
                disable=not progress)
     for i, block in enumerate(qmodel.layers):
         runner = _BlockRunner(block, key_bias, cos, sin, weights, spec.chunk)
-        y_fp = None
+        prefix = f"layers.{i}."
+        y_fp, _ = runner.run(x)
+        layer_stats, pending = {}, {}
         if spec.method == "awq":
-            y_fp, _ = runner.run(x)
-        for group in GROUPS:
-            prefix = f"layers.{i}."
-            names = tuple(prefix + g for g in group)
-            if spec.method == "gptq":
+            layer_stats["awq"] = awq_driver.quantize_block(block, runner, x, prefix, spec,
+                                                           pending, seed=i)
+            bar.update(len(GROUPS))
+        else:
+            for group in GROUPS:
+                names = tuple(prefix + g for g in group)
                 _, grams = runner.run(x, names[:1], weighted=True)
-                _quantize_gptq(block, group, grams[names[0]], weight_sum, spec)
-            else:
-                _, inputs = runner.run(x, names[:1], weighted=False)
-                awq_driver.quantize_group(block, group, inputs[names[0]], spec,
-                                          weights=weights, seed=i)
-            bar.update(1)
+                _quantize_gptq(block, group, grams[names[0]], weight_sum, spec, pending)
+                bar.update(1)
         x_next, _ = runner.run(x)
-        if y_fp is not None:
-            stats["layers"][i] = {"block_out_rel_err": float(
-                jnp.linalg.norm(x_next - y_fp) / jnp.linalg.norm(y_fp))}
+        _install(block, pending)
+        layer_stats["block_out_rel_err"] = float(jnp.linalg.norm(x_next - y_fp)
+                                                 / jnp.linalg.norm(y_fp))
+        stats["layers"][i] = layer_stats
         x = x_next
     bar.close()
     stats["time_s"] = time.time() - t0
