@@ -68,7 +68,7 @@ from flax import nnx
 
 __all__ = [
     "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",
-    "llada_generate", "dream_generate", "generate", "compile_generate",
+    "llada_generate", "dream_generate", "generate", "compile_generate", "generate_with_order",
     "llada_transfer_schedule", "dream_transfer_schedule",
 ]
 
@@ -100,6 +100,7 @@ class LLaDASettings:
     eos_id: int | None = None
     eot_id: int | None = None
     progress: bool = False  # print "step g/steps" from inside the loop (jax.debug.callback)
+    record_order: bool = False  # also return the step at which each position was decoded
 
     def __post_init__(self):
         _check_positive_int("gen_length", self.gen_length)
@@ -149,6 +150,7 @@ class DreamSettings:
     top_k: int | None = None
     eps: float = 1e-3
     progress: bool = False
+    record_order: bool = False  # also return the step at which each position was decoded
 
     def __post_init__(self):
         _check_positive_int("max_new_tokens", self.max_new_tokens)
@@ -290,7 +292,8 @@ def _llada_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASetting
     if cfg:
         mask2 = None if mask is None else jnp.concatenate([mask, mask], axis=0)
 
-    def step(g, x):
+    def step(g, carry):
+        x, order = carry if s.record_order else (carry, None)
         _maybe_progress(s.progress, g, s.steps)
         start = p + (g // spb) * lb
         if s.stochastic:  # (no RNG ops in the graph of a deterministic sampler)
@@ -329,8 +332,15 @@ def _llada_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASetting
         conf = jnp.where(masked, conf, _NEG_INF)
         sel = _top_k_select(conf, sched[g % spb], k_max) & masked
         x_blk = jnp.where(sel, x0, x_blk)
-        return jax.lax.dynamic_update_slice_in_dim(x, x_blk, start, axis=1)
+        x = jax.lax.dynamic_update_slice_in_dim(x, x_blk, start, axis=1)
+        if not s.record_order:
+            return x
+        o_blk = jax.lax.dynamic_slice_in_dim(order, start, lb, axis=1)
+        o_blk = jnp.where(sel, g, o_blk)
+        return x, jax.lax.dynamic_update_slice_in_dim(order, o_blk, start, axis=1)
 
+    if s.record_order:
+        return jax.lax.fori_loop(0, s.steps, step, (x, jnp.full(x.shape, -1, jnp.int32)))
     return jax.lax.fori_loop(0, s.steps, step, x)
 
 
@@ -442,7 +452,8 @@ def _dream_loop(state, prompt, attention_mask, key, *, graphdef, s: DreamSetting
     k_max = int(ks.max())
     ks = jnp.asarray(ks)
 
-    def step(i, x):
+    def step(i, carry):
+        x, order = carry if s.record_order else (carry, None)
         _maybe_progress(s.progress, i, s.steps)
         if s.stochastic:
             k_transfer, k_sample, k_alg = jax.random.split(jax.random.fold_in(key, i), 3)
@@ -467,8 +478,13 @@ def _dream_loop(state, prompt, attention_mask, key, *, graphdef, s: DreamSetting
                 conf = conf / s.alg_temp + g
             transfer = _top_k_select(conf, ks[i], k_max) & masked
         x_gen = jnp.where(transfer, x0, x_gen)
-        return x.at[:, p:].set(x_gen)
+        x = x.at[:, p:].set(x_gen)
+        if not s.record_order:
+            return x
+        return x, order.at[:, p:].set(jnp.where(transfer, i, order[:, p:]))
 
+    if s.record_order:
+        return jax.lax.fori_loop(0, s.steps, step, (x, jnp.full(x.shape, -1, jnp.int32)))
     return jax.lax.fori_loop(0, s.steps, step, x)
 
 
@@ -558,8 +574,15 @@ def _check_unused(config: GenerationConfig, names, family):
                              f"{family} model")
 
 
-def settings_for(model, config: GenerationConfig, *, progress: bool = False):
+def settings_for(model, config: GenerationConfig, *, progress: bool = False,
+                 record_order: bool = False):
     """The static LLaDASettings / DreamSettings of `config` for this model's family."""
+    settings = _settings_for(model, config, progress=progress)
+    return dataclasses.replace(settings, record_order=record_order) if record_order \
+        else settings
+
+
+def _settings_for(model, config: GenerationConfig, *, progress: bool = False):
     family = model.config.family
     if family == "llada":
         _check_unused(config, _DREAM_ONLY, family)
@@ -616,3 +639,17 @@ def compile_generate(model, input_ids, attention_mask=None, *,
     compiled = fn.lower(*args, **static).compile()
     return lambda: compiled(*args)
 
+
+def generate_with_order(model, input_ids, attention_mask=None, *,
+                        config: GenerationConfig | None = None, key=None, **kwargs):
+    """`generate` that also returns when each position was decoded: (tokens, order), both
+    `[batch, prompt_len + gen_length]` int32; order[b, j] = the 0-based step at which
+    position j was committed, -1 on the prompt. The state after k steps is `tokens` with
+    every position of order >= k set to the mask token. Without `config`, LLaDA's
+    block_length defaults to gen_length (one block). Same tokens as `generate`."""
+    if config is None and "block_length" not in kwargs:
+        kwargs["block_length"] = None
+    config, key = _resolve(model, config, kwargs, key)
+    settings = settings_for(model, config, record_order=True)
+    fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
+    return fn(*args, **static)

@@ -198,6 +198,25 @@ def test_gumbel_top_k_samples_without_replacement_from_softmax():
     np.testing.assert_allclose(sel[:, :4].mean(0), expected, atol=0.025)
 
 
+def test_generate_with_order_records_the_decoding_step(llada, dream):
+    """Same tokens as `generate`; order = the step each position was committed at (-1 on
+    the prompt), with the scheduled number of positions per step."""
+    for (config, model, _), kw in ((llada, dict(gen_length=12, steps=6, block_length=4)),
+                                   (dream, dict(gen_length=8, steps=4, alg="maskgit_plus"))):
+        ids, mask = _prompts(config, True, seed=0 if config.family == "llada" else 1)
+        tokens, order = map(np.asarray, G.generate_with_order(model, ids, mask, **kw))
+        np.testing.assert_array_equal(tokens, G.generate(model, ids, mask, **kw))
+        assert (order[:, :P] == -1).all()
+        gen_order = order[:, P:]
+        assert gen_order.min() >= 0 and gen_order.max() < kw["steps"]
+        counts = np.stack([(gen_order == k).sum(1) for k in range(kw["steps"])], 1)
+        if config.family == "llada":
+            expected = np.tile(G.llada_transfer_schedule(4, 2), 3)
+        else:
+            expected = G.dream_transfer_schedule(8, 4, 1e-3)
+        np.testing.assert_array_equal(counts, np.broadcast_to(expected, counts.shape))
+
+
 # ---- dispatch, errors ------------------------------------------------------------------------
 
 def test_generate_dispatches_by_family(llada, dream):
