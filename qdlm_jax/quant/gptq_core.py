@@ -300,30 +300,19 @@ def gptq(w: Float[Array, "out in"], h: Float[Array, "in in"], *, bits: int, grou
     _check(w.shape, h.shape, bits, group_size, block_size, act_order, static_groups, damp)
     kw = dict(bits=bits, group_size=group_size, sym=sym, damp=float(damp),
               block_size=block_size, act_order=act_order, static_groups=static_groups)
-    if isinstance(w, jax.core.Tracer) or isinstance(h, jax.core.Tracer):
-        return _gptq_jit(w, h, **kw)  # inside someone's jit: inline
-    w, h = jnp.asarray(w), jnp.asarray(h)
-    key = (w.shape, w.dtype, h.shape, h.dtype, tuple(sorted(kw.items())))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        out, n_in = w.shape
-        # Tiny layers are compile-bound: XLA's backend optimisation level 0 halves compile
-        # time there. Not for real layers: it doubles run time (1024^2: 0.24 -> 0.48 s),
-        # and a driver compiles once per shape but runs every layer.
-        small = out * n_in * n_in <= _SMALL_LAYER_MACS
-        options = {"xla_backend_optimization_level": 0} if small else None
-        compiled = _gptq_jit.lower(w, h, **kw).compile(compiler_options=options)
-        _COMPILED[key] = compiled
-    return compiled(w, h)
+    out, n_in = w.shape
+    # Tiny layers are compile-bound: XLA's backend optimisation level 0 halves compile time
+    # there. Not for real layers: it doubles run time (1024^2: 0.24 -> 0.48 s), and a driver
+    # compiles once per shape but runs every layer. (Inside an outer jit both inline.)
+    small = out * n_in * n_in <= _SMALL_LAYER_MACS
+    return (_gptq_jit_small if small else _gptq_jit)(w, h, **kw)
 
 
 _SMALL_LAYER_MACS = 2 ** 26  # out * in^2, e.g. 64 x 1024 or 1024 x 256
-_COMPILED: dict = {}  # AOT executables by (shapes, dtypes, settings)
+_STATIC = ("bits", "group_size", "sym", "damp", "block_size", "act_order", "static_groups")
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "damp", "block_size",
-                                             "act_order", "static_groups"))
-def _gptq_jit(w, h, *, bits, group_size, sym, damp, block_size, act_order, static_groups):
+def _gptq_impl(w, h, *, bits, group_size, sym, damp, block_size, act_order, static_groups):
     out, n_in = w.shape
     maxq = 2 ** bits - 1
     gs = resolve_group_size(group_size, n_in)
@@ -482,6 +471,11 @@ def _gptq_jit(w, h, *, bits, group_size, sym, damp, block_size, act_order, stati
     col_zero = zeros[:, g_idx]
     w_hat = col_scale * (codes - col_zero)
     return GPTQResult(w_hat, codes.astype(jnp.int32), scales, zeros, g_idx)
+
+
+_gptq_jit = jax.jit(_gptq_impl, static_argnames=_STATIC)
+_gptq_jit_small = jax.jit(_gptq_impl, static_argnames=_STATIC,
+                          compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _units_per_chunk(n_units: int) -> int:
