@@ -23,7 +23,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/python -m qdlm_jax.demo
+	$(BIN)/python -m qdlm_jax.demo $(ARGS)
 
 # Retrain both bundled tiny models from scratch (fetches the offline data on first use) and
 # rewrite assets/tiny-{llada,dream}. The two runs share one tokenizer and run side by side.

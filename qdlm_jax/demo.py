@@ -1,54 +1,49 @@
-"""`make demo`: the main job on the bundled default model.
+"""`make demo`: the main job on the bundled tiny LLaDA.
 
-Uses the shipped tiny LLaDA (`assets/tiny-llada`) when present; otherwise builds a tiny
-random-weight checkpoint in the LLaDA hub layout. It then converts it with `qdlm convert`,
-prints `qdlm info`, and checks that the converted model gives the same logits as the source.
+Runs `qdlm quantize` (configs/quantize.py) for RTN, GPTQ and AWQ at W4 and W3 (group 128),
+evaluating the FP model once, and prints one table: held-out masked-likelihood bound,
+2-digit addition exact match and the bytes of the packed linear weights. Results go to
+`runs/demo/` (one run directory per cell, plus `report.md` and `results.json` for all).
+Override any config field as with `qdlm quantize`, e.g.
+`python -m qdlm_jax.demo --config.calibration=masked`.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
-
-from qdlm_jax import load_model
-from qdlm_jax.cli import main as qdlm
-from qdlm_jax.testing import tiny_config, write_hf_checkpoint
+from qdlm_jax.config_flags import apply_overrides, load_config_file, split_config_args
+from qdlm_jax.fsutil import atomic_write_text
+from qdlm_jax.quantize_job import report, run as run_job
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "assets" / "tiny-llada"
+METHODS = ("rtn", "gptq", "awq")
+BITS = (4, 3)
 
 
-def run(out_dir: Path = ROOT / "runs" / "demo") -> int:
+def main(argv=None) -> int:
+    _, overrides = split_config_args(list(sys.argv[1:] if argv is None else argv))
     t0 = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (BUNDLED / "config.json").is_file():
-        src = BUNDLED
-        print(f"[demo] default model: {src}")
-    else:
-        src = out_dir / "tiny-llada-hf"
-        if src.exists():
-            shutil.rmtree(src)
-        write_hf_checkpoint(src, tiny_config("llada", num_layers=2), seed=0)
-        print(f"[demo] built a tiny random LLaDA-layout checkpoint: {src}")
-    dst = out_dir / "tiny-llada-qdlm"
-    print(f"[demo] $ qdlm convert {src} {dst}")
-    if qdlm(["convert", str(src), str(dst), "--overwrite"]) != 0:
-        return 1
-    print(f"[demo] $ qdlm info {dst}")
-    if qdlm(["info", str(dst)]) != 0:
-        return 1
-    ids = jnp.asarray(np.arange(16, dtype=np.int32).reshape(2, 8))
-    a, b = load_model(src)(ids), load_model(dst)(ids)
-    diff = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-    print(f"[demo] logits of source vs converted checkpoint: max |diff| = {diff:g}")
-    print(f"[demo] done in {time.time() - t0:.1f}s")
-    return 0 if diff == 0.0 else 1
+    fp_cache: dict = {}
+    results = []
+    out_dir = ROOT / "runs" / "demo"
+    for method in METHODS:
+        for bits in BITS:
+            cfg = apply_overrides(load_config_file(ROOT / "configs" / "quantize.py"),
+                                  [f"--config.model={ROOT / 'assets' / 'tiny-llada'}",
+                                   f"--config.out_dir={out_dir}", f"--config.method={method}",
+                                   f"--config.bits={bits}", *overrides])
+            results.append(run_job(cfg, fp_cache=fp_cache))
+    table = report(results)
+    atomic_write_text(out_dir / "report.md", table)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str))
+    print("\n" + table)
+    print(f"[demo] {len(results)} runs in {time.time() - t0:.0f}s; report: {out_dir / 'report.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

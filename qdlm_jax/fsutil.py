@@ -26,6 +26,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
         yield tmp
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

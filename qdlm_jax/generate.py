@@ -300,10 +300,10 @@ def _llada_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASetting
             k_gumbel, k_remask = jax.random.split(jax.random.fold_in(key, g))
         if cfg:
             un_x = jnp.where(is_prompt[None, :], s.mask_id, x)
-            h = model.hidden_states(jnp.concatenate([x, un_x], axis=0), mask2)
+            h_blk = model.hidden_states(jnp.concatenate([x, un_x], axis=0), mask2,
+                                        query_window=(start, lb))
         else:
-            h = model.hidden_states(x, mask)
-        h_blk = jax.lax.dynamic_slice_in_dim(h, start, lb, axis=1)
+            h_blk = model.hidden_states(x, mask, query_window=(start, lb))
         logits = model.logits(h_blk).astype(jnp.float32)  # [B(*2), lb, V]
         if cfg:
             cond, un = logits[:b], logits[b:]
@@ -459,11 +459,12 @@ def _dream_loop(state, prompt, attention_mask, key, *, graphdef, s: DreamSetting
             k_transfer, k_sample, k_alg = jax.random.split(jax.random.fold_in(key, i), 3)
         else:
             k_transfer = k_sample = k_alg = None
-        h = model.hidden_states(x, mask, position_ids=pos)
-        if src is not None:
-            h_gen = h[:, src]
+        if src is not None and p >= 1:  # shifted: outputs p-1 .. p+n-2 score the span
+            h_gen = model.hidden_states(x, mask, position_ids=pos, query_window=(p - 1, n))
         else:
-            h_gen = jnp.concatenate([h[:, :1], h[:, : n - 1]], axis=1)
+            h = model.hidden_states(x, mask, position_ids=pos)
+            h_gen = h[:, src] if src is not None else jnp.concatenate(
+                [h[:, :1], h[:, : n - 1]], axis=1)
         logits = model.logits(h_gen).astype(jnp.float32)  # [B, n, V]
         x_gen = x[:, p:]
         masked = x_gen == s.mask_id

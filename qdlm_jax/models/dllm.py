@@ -99,28 +99,40 @@ class Block(nnx.Module):
         self.up_proj = linear("up_proj", d, c.intermediate_size)
         self.down_proj = linear("down_proj", c.intermediate_size, d)
 
-    def attention(self, x, key_bias, cos, sin, capture):
+    def attention(self, x, key_bias, cos, sin, capture, query_window=None):
         c = self.config
         b, t, _ = x.shape
         hd, kv = c.head_dim, c.num_kv_heads
         group = c.num_heads // kv
-        q = self.q_proj(x, capture).reshape(b, t, c.num_heads, hd)
+        xq, cos_q, sin_q, tq = x, cos, sin, t
+        if query_window is not None:  # queries only for positions [start, start + n)
+            start, tq = query_window
+            xq, cos_q, sin_q = (jax.lax.dynamic_slice_in_dim(a, start, tq, axis=1)
+                                for a in (x, cos, sin))
+        q = self.q_proj(xq, capture).reshape(b, tq, c.num_heads, hd)
         k = self.k_proj(x, capture).reshape(b, t, kv, hd)
         v = self.v_proj(x, capture).reshape(b, t, kv, hd)
-        q = apply_rope(q, cos, sin, full_precision=c.rope_full_precision)
+        q = apply_rope(q, cos_q, sin_q, full_precision=c.rope_full_precision)
         k = apply_rope(k, cos, sin, full_precision=c.rope_full_precision)
-        q = q.reshape(b, t, kv, group, hd)
+        q = q.reshape(b, tq, kv, group, hd)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
         if key_bias is not None:
             scores = scores + key_bias[:, None, None, None, :]
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
-        out = out.astype(x.dtype).reshape(b, t, c.num_heads * hd)
+        out = out.astype(x.dtype).reshape(b, tq, c.num_heads * hd)
         return self.o_proj(out, capture)
 
-    def __call__(self, x, key_bias, cos, sin, capture: Capture | None = None):
-        h = x + self.attention(self.attn_norm(x), key_bias, cos, sin, capture)
+    def __call__(self, x, key_bias, cos, sin, capture: Capture | None = None,
+                 query_window: tuple | None = None):
+        """`query_window=(start, n)` (start may be traced, n static) computes the outputs of
+        positions start..start+n-1 only; keys and values still come from every position."""
+        residual = x
+        if query_window is not None:
+            residual = jax.lax.dynamic_slice_in_dim(x, query_window[0], query_window[1], 1)
+        h = residual + self.attention(self.attn_norm(x), key_bias, cos, sin, capture,
+                                      query_window)
         n = self.mlp_norm(h)
         gated = jax.nn.silu(self.gate_proj(n, capture)) * self.up_proj(n, capture)
         return h + self.down_proj(gated, capture)
@@ -143,8 +155,14 @@ class DLLM(nnx.Module):
     def hidden_states(self, input_ids: Int[Array, "B T"],
                       attention_mask: Int[Array, "B T"] | None = None, *,
                       position_ids: Int[Array, "B T"] | None = None,
-                      capture: Capture | None = None) -> Float[Array, "B T D"]:
-        """Final-norm hidden states; `logits(h)` turns any slice of them into logits."""
+                      capture: Capture | None = None,
+                      query_window: tuple | None = None) -> Float[Array, "B T D"]:
+        """Final-norm hidden states; `logits(h)` turns any slice of them into logits.
+
+        `query_window=(start, n)`: return only positions start..start+n-1 ([B, n, D]) and skip
+        the last layer's query, MLP and norm work elsewhere (a sampler that reads one block's
+        logits needs nothing more). `start` may be traced; `n` must be static.
+        """
         c = self.config
         b, t = input_ids.shape
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
@@ -157,8 +175,10 @@ class DLLM(nnx.Module):
             # instead of NaN (its output is never read).
             key_bias = jnp.where(attention_mask.astype(bool), 0.0,
                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        for layer in self.layers:
-            x = layer(x, key_bias, cos, sin, capture)
+        n_layers = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_bias, cos, sin, capture,
+                      query_window if i == n_layers - 1 else None)
         return self.final_norm(x)
 
     def logits(self, hidden: Float[Array, "B T D"], capture: Capture | None = None):

@@ -105,3 +105,19 @@ def test_capture_records_every_linear_input_under_jit(tiny):
 def test_real_configs_have_published_param_counts(make, expected):
     n = count_params(abstract_model(make()))
     assert abs(n - expected) / expected < 0.005, n
+
+
+def test_query_window_equals_slice_of_full_pass(tiny):
+    config, path = tiny
+    model = load_model(path)
+    ids = jnp.asarray(_ids(config, 2, 12))
+    mask = jnp.asarray(np.array([[0, 0] + [1] * 10, [1] * 12]))
+    full = model.hidden_states(ids, mask)
+
+    @jax.jit
+    def window(start):
+        return model.hidden_states(ids, mask, query_window=(start, 4))
+
+    for start in (0, 5, 8):
+        np.testing.assert_allclose(np.asarray(window(start)),
+                                   np.asarray(full[:, start:start + 4]), rtol=1e-5, atol=1e-5)
