@@ -96,7 +96,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.params import get_params
     from qdlm_jax.quant.layerwise import quantize_model
-    from qdlm_jax.quant.qarray import quantized_param_bytes
+    from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 
     spec = job_spec(cfg)
     t0 = time.time()
@@ -140,9 +140,9 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     q = evaluate(qmodel, tokenizer, windows, spec)
 
     params = get_params(qmodel)
-    linear_q = quantized_param_bytes(params)
-    fp_linear = sum(int(np.prod(v.shape)) * 2 for p, v in get_params(model).items()
-                    if p[0] == "layers" and p[-1] == "kernel")
+    packed = {p: v for p, v in params.items() if isinstance(v, QuantizedArray)}
+    linear_q = quantized_param_bytes(packed)
+    fp_linear = sum(int(np.prod(get_params(model)[p].shape)) * 2 for p in packed)  # as bf16
     result = {
         "model": spec.model, "family": model.config.family, "method": spec.ptq.method,
         "bits": spec.ptq.weight.bits, "group_size": spec.ptq.weight.group_size,
