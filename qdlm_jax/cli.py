@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from qdlm_jax.models.config import ConfigError
     try:
         return int(runners[args.command](args, overrides) or 0)
-    except (CheckpointError, ConfigError, ConfigOverrideError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ConfigOverrideError, FileNotFoundError,
+            ValueError) as e:  # bad input users can fix: one line, exit 2
         print(f"qdlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

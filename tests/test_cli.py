@@ -72,3 +72,14 @@ def test_config_overrides_keep_types():
         apply_overrides(cfg, ["--config.gen.stepz=3"])
     with pytest.raises(ConfigOverrideError, match="expected an integer"):
         apply_overrides(cfg, ["--config.gen.steps=abc"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.bits=5", "QuantSpec.bits=5 is not supported"),
+    ("--config.method=smoothquant", "--config.method='smoothquant'"),
+    ("--config.calibration=noisy", "calibration='noisy'"),
+])
+def test_quantize_rejects_bad_config_before_work(capsys, override, message):
+    assert main(["quantize", "--config", "configs/quantize.py", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
