@@ -60,8 +60,7 @@ def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
         decay_steps=spec.steps, end_value=spec.lr * spec.final_lr_frac)
 
     def decay_mask(params):  # no weight decay on norms and biases
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim >= 2, params)
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
 
     return optax.chain(optax.clip_by_global_norm(spec.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=spec.b2,
