@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdlm_jax.train_core import shift_logits
+
 Mode = Literal["clean", "masked", "trajectory"]
 MODES = ("clean", "masked", "trajectory")
 TMAS_QUOTA = (0.3, 0.2, 0.2, 0.3)
@@ -127,7 +129,7 @@ def model_confidence(model, ids: np.ndarray, batch_size: int = 16) -> np.ndarray
     def conf(x):
         logits = model(x).astype(jnp.float32)
         if model.config.shift_logits:
-            logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+            logits = shift_logits(logits)
         return jnp.exp(jnp.max(jax.nn.log_softmax(logits, -1), -1))
 
     return np.concatenate([np.asarray(conf(jnp.asarray(ids[i:i + batch_size])))

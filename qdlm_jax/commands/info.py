@@ -36,7 +36,7 @@ def run(args, overrides):
         kind = f"Hugging Face ({len(ckpt.files)} weight file(s))"
         n_params = sum(int(np.prod(expected_shape(config, m.path))) for m in key_map(config))
         n_bytes = sum(int(np.prod(ckpt.shape(k))) * ckpt.files[ckpt.where[k]].dtype(k).itemsize
-                      if hasattr(ckpt.files[ckpt.where[k]], "dtype") else 0 for k in ckpt.keys())
+                      for k in ckpt.keys())
     info = {"path": str(path), "format": kind, "params": n_params, "bytes": n_bytes,
             "config": config.to_dict()}
     if args.json:

@@ -81,6 +81,9 @@ class _TorchBinFile:
     def shape(self, name):
         return tuple(self._sd[name].shape)
 
+    def dtype(self, name) -> np.dtype:
+        return self.get(name).dtype
+
     def get(self, name):
         import torch
         t = self._sd[name]

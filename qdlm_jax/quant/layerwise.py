@@ -34,6 +34,7 @@ from qdlm_jax.params import get_params, model_from_params
 from qdlm_jax.quant.gptq_core import gptq
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
+from qdlm_jax.quant.rtn import rtn_quantize_params
 
 METHODS = ("rtn", "gptq", "awq")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
@@ -140,12 +141,6 @@ def _quantize_gptq(block, names, gram, weight_sum, spec: PTQSpec, pending: dict)
         _stage(block, name, q, pending)
 
 
-def _quantize_rtn(block, names, spec: PTQSpec):
-    for name in names:
-        kernel = getattr(block, name).kernel[...]
-        _set_kernel(block, name, QuantizedArray.quantize(kernel, spec.weight))
-
-
 def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
                    progress: bool = True) -> tuple[DLLM, dict]:
     """Returns (quantized model, stats). The input model is not modified.
@@ -155,15 +150,13 @@ def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
     """
     t0 = time.time()
     config = model.config
-    qmodel = model_from_params(config, dict(get_params(model)))  # a copy we may mutate
     stats = {"method": spec.method, "bits": spec.weight.bits,
              "group_size": spec.weight.group_size, "sym": spec.weight.sym, "layers": {}}
     if spec.method == "rtn":
-        for i, block in enumerate(tqdm(qmodel.layers, desc="rtn", disable=not progress)):
-            for group in GROUPS:
-                _quantize_rtn(block, group, spec)
+        qmodel = model_from_params(config, rtn_quantize_params(get_params(model), spec.weight))
         stats["time_s"] = time.time() - t0
         return qmodel, stats
+    qmodel = model_from_params(config, dict(get_params(model)))  # a copy we may mutate
     if calib is None:
         raise ValueError(f"method={spec.method!r} needs calibration data")
     from qdlm_jax.quant import awq as awq_driver  # noqa: PLC0415 (optional dependency cycle)

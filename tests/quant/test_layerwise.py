@@ -75,11 +75,12 @@ def test_sharded_gptq_equals_single_device(tmp_path):
     results = []
     for mesh in (None, make_mesh(model=8)):
         model = load_model(path, mesh=mesh)
+        if mesh is not None:  # the second run really starts from params split over 8 devices
+            assert len(model.layers[0].q_proj.kernel[...].sharding.device_set) == 8
         calib = build_calibration(model, windows, CalibSpec(n_samples=8, seq_len=32))
         q, _ = quantize_model(model, calib, spec, progress=False)
         results.append(q)
     single, sharded = results
-    assert len(sharded.layers[0].q_proj.kernel[...].scale.sharding.device_set) >= 1
     for name in ("q_proj", "o_proj", "gate_proj", "down_proj"):
         a = getattr(single.layers[0], name).kernel[...]
         b = getattr(sharded.layers[0], name).kernel[...]
