@@ -70,17 +70,17 @@ def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
 def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
     shift = config.shift_logits
 
-    def loss_fn(params, tokens, key):
+    def loss_fn(params, tokens, maskable, key):
         model = nnx.merge(graphdef, params)
         noisy, masked, p_mask = mask_tokens(key, tokens, config.mask_token_id, eps=spec.eps,
-                                            keep_first=shift)
+                                            keep_first=shift, loss_mask=maskable)
         return diffusion_loss(model(noisy), tokens, masked, p_mask, shift=shift)
 
     @jax.jit
-    def step(state, tokens):
+    def step(state, tokens, maskable):
         key, sub = jax.random.split(state["key"])
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens,
-                                                                         sub)
+                                                                         maskable, sub)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -92,7 +92,9 @@ def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
 
 def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], out_dir: Path,
           *, on_checkpoint: Callable[[int, DLLM], None] | None = None) -> tuple[DLLM, list]:
-    """Trains `model` for `spec.steps`; `batches(step)` returns int32 tokens [B, seq_len].
+    """Trains `model` for `spec.steps`; `batches(step)` returns int32 tokens [B, seq_len],
+    or a pair (tokens, maskable) where maskable [B, seq_len] is 1 on the positions the noise
+    may mask (0 keeps a position always visible, e.g. the prompt of an instruction row).
 
     Checkpoints go to `out_dir/ckpt`; the log (one JSON line per logged step) to
     `out_dir/log.jsonl`. Returns the trained model and the log records.
@@ -125,11 +127,15 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
     bar = tqdm(total=spec.steps, initial=start, desc=f"train {config.family}", unit="step")
     t_last, n_last = time.time(), start
     for step in range(start, spec.steps):
-        tokens = jnp.asarray(batches(step), jnp.int32)
-        if tokens.shape != (spec.batch_size, spec.seq_len):
-            raise ValueError(f"batches({step}) returned shape {tokens.shape}, expected "
-                             f"{(spec.batch_size, spec.seq_len)}")
-        state, metrics = step_fn(state, tokens)
+        batch = batches(step)
+        tokens, maskable = batch if isinstance(batch, tuple) else (batch, None)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        maskable = (jnp.ones_like(tokens, jnp.bool_) if maskable is None
+                    else jnp.asarray(maskable, jnp.bool_))
+        if tokens.shape != (spec.batch_size, spec.seq_len) or maskable.shape != tokens.shape:
+            raise ValueError(f"batches({step}) returned shapes {tokens.shape} / "
+                             f"{maskable.shape}, expected {(spec.batch_size, spec.seq_len)}")
+        state, metrics = step_fn(state, tokens, maskable)
         done = step + 1
         if done % spec.log_every == 0 or done == spec.steps:
             m = {k: float(v) for k, v in metrics.items()}

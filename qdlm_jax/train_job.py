@@ -51,14 +51,15 @@ def prepare_tokenizer(cfg, out_dir: Path):
     return path, tok_lib.load_tokenizer(path)
 
 
-def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int) -> np.ndarray:
-    """Rows of packed problems: [BOS] Question: a+b=? Answer: c [EOS] Question: ..."""
+def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int):
+    """Rows of packed problems, [BOS] Question: a+b=? Answer: [c EOS EOS ...] [BOS] ...,
+    with the mask that lets the noise touch the answer fields only (`arithmetic.sft_rows`)."""
     spec = arithmetic.ArithmeticSpec(digits=tuple(d.arith_digits))
     problems = arithmetic.generate_problems(d.arith_problems, seed=seed, split="train",
                                             spec=spec)
-    lines = arithmetic.render_training_lines(problems)
-    return sources.token_windows(lines, tokenizer, d.seq_len, bos_id=special.bos,
-                                 eos_id=special.eos, max_windows=n_rows)
+    return arithmetic.sft_rows(problems, tokenizer, seq_len=d.seq_len,
+                               answer_len=d.arith_answer_len, bos_id=special.bos,
+                               eos_id=special.eos, max_rows=n_rows)
 
 
 def run(cfg: ml_collections.ConfigDict) -> Path:
@@ -81,16 +82,20 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
         np.save(cache, wiki)
     n_arith = int(round(spec.batch_size * d.arith_frac))
     n_wiki = spec.batch_size - n_arith
-    arith = arithmetic_rows(tokenizer, special, d, max(n_arith * spec.steps, 1), d.seed)
+    arith, arith_maskable = arithmetic_rows(tokenizer, special, d, max(n_arith * spec.steps, 1),
+                                            d.seed)
     print(f"[train] {config.family}: {wiki.shape[0]} wiki rows, {arith.shape[0]} arithmetic "
           f"rows of {d.seq_len} tokens; per step {n_wiki} wiki + {n_arith} arithmetic")
 
     def batches(step: int) -> np.ndarray:
         rng = np.random.default_rng([d.seed, step])
         rows = [wiki[rng.integers(0, len(wiki), n_wiki)]]
+        maskable = [np.ones_like(rows[0], bool)]
         if n_arith:
-            rows.append(arith[rng.integers(0, len(arith), n_arith)])
-        return np.concatenate(rows)
+            pick = rng.integers(0, len(arith), n_arith)
+            rows.append(arith[pick])
+            maskable.append(arith_maskable[pick])
+        return np.concatenate(rows), np.concatenate(maskable)
 
     hf_dir = out_dir / "hf"
 

@@ -67,3 +67,21 @@ def test_short_training_run_loss_falls(tmp_path):
     # Resuming a finished run does no more steps and keeps the log.
     _, again = train(init_model(config), spec, batches, tmp_path)
     assert [r["step"] for r in again] == [r["step"] for r in records]
+
+
+def test_maskable_keeps_positions_visible(tmp_path):
+    """With batches returning (tokens, maskable), positions with maskable=0 are never noised,
+    so a run whose maskable is all 0 except one column trains on that column alone: its masked
+    fraction is at most 1/T."""
+    config = tiny_config("llada", vocab_size=48, mask_token_id=47, num_layers=1)
+    spec = TrainSpec(steps=10, batch_size=8, seq_len=24, lr=3e-3, warmup_steps=2,
+                     ckpt_every=10, log_every=5)
+    maskable = np.zeros((8, 24), bool)
+    maskable[:, 5] = True
+
+    def batches(step):
+        return np.full((8, 24), 7, np.int32), maskable
+
+    _, records = train(init_model(config), spec, batches, tmp_path)
+    assert all(r["mask_frac"] <= 1 / 24 + 1e-6 for r in records)
+    assert any(r["mask_frac"] > 0 for r in records)

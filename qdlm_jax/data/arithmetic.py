@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 __all__ = [
     "OPS",
     "ArithmeticProblem",
@@ -32,6 +34,7 @@ __all__ = [
     "render_prompt",
     "render_text",
     "render_training_lines",
+    "sft_rows",
 ]
 
 OPS = ("+", "-")
@@ -198,3 +201,39 @@ def extract_answer(text: str, prompt: str | None = None) -> int | None:
         rest = rest.split(_ANSWER_MARK, 1)[1]
     match = _INT_RE.search(rest)
     return int(match.group()) if match else None
+
+
+def sft_rows(problems: Sequence[ArithmeticProblem], tokenizer, *, seq_len: int,
+             answer_len: int, bos_id: int, eos_id: int,
+             max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Instruction-style training rows, the layout of the denoising loop's exact-match task.
+
+    Each problem is ``[BOS] prompt`` followed by an answer field of ``answer_len`` tokens (the
+    answer's tokens, then EOS padding, as in LLaDA's SFT data); problems are concatenated and
+    cut into rows of ``seq_len``. Returns int32 tokens ``[n, seq_len]`` and a bool ``maskable``
+    of the same shape that is True on answer fields only, so the prompt stays visible and the
+    loss falls on the answer, exactly what generation with ``gen_length=answer_len`` asks for.
+    A problem whose answer does not fit in ``answer_len`` tokens raises ``ValueError``.
+    """
+    if answer_len < 2:
+        raise ValueError(f"answer_len={answer_len}: expected >= 2 (answer tokens plus EOS)")
+    ids: list[int] = []
+    flags: list[bool] = []
+    needed = None if max_rows is None else max_rows * seq_len
+    for p in problems:
+        prompt = tokenizer.encode(render_prompt(p)).ids
+        answer = tokenizer.encode(render_answer(p)).ids
+        if len(answer) >= answer_len:
+            raise ValueError(f"answer {render_answer(p)!r} takes {len(answer)} tokens: "
+                             f"expected < answer_len={answer_len}")
+        field = answer + [eos_id] * (answer_len - len(answer))
+        ids += [bos_id, *prompt, *field]
+        flags += [False] * (1 + len(prompt)) + [True] * answer_len
+        if needed is not None and len(ids) >= needed:
+            break
+    n = len(ids) // seq_len
+    if max_rows is not None:
+        n = min(n, max_rows)
+    tokens = np.asarray(ids[:n * seq_len], np.int32).reshape(n, seq_len)
+    maskable = np.asarray(flags[:n * seq_len], bool).reshape(n, seq_len)
+    return tokens, maskable

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+
+from qdlm_jax.data import arithmetic
 
 from qdlm_jax.data.arithmetic import (
     ArithmeticProblem,
@@ -97,3 +100,31 @@ def test_spec_validation() -> None:
         ArithmeticSpec(heldout_fraction=0.0)
     with pytest.raises(ValueError, match="op"):
         ArithmeticProblem(1, "/", 2)
+
+
+def test_sft_rows_layout() -> None:
+    """Each problem is [BOS] prompt + an answer field of answer_len tokens (answer, EOS pad);
+    only the field is maskable, and decoding the field gives the answer."""
+    from qdlm_jax.data import tokenizer as tok_lib
+
+    tok = tok_lib.train_tokenizer(["Question: 12+30=? Answer: 42 and more text 0123456789"] * 20,
+                                  tok_lib.TokenizerSpec(vocab_size=300))
+    sp = tok_lib.special_token_ids(tok)
+    problems = arithmetic.generate_problems(40, seed=1)
+    tokens, maskable = arithmetic.sft_rows(problems, tok, seq_len=32, answer_len=6,
+                                           bos_id=sp.bos, eos_id=sp.eos, max_rows=4)
+    assert tokens.shape == maskable.shape == (4, 32)
+    flat, fmask = tokens.reshape(-1), maskable.reshape(-1)
+    starts = np.flatnonzero(flat == sp.bos)
+    for p, s, e in zip(problems, starts[:-1], starts[1:]):
+        unit, umask = flat[s:e], fmask[s:e]
+        n_prompt = 1 + len(tok.encode(arithmetic.render_prompt(p)).ids)
+        assert not umask[:n_prompt].any() and umask[n_prompt:].all()
+        assert len(unit) == n_prompt + 6
+        field = unit[n_prompt:].tolist()
+        answer = field[:field.index(sp.eos)]
+        assert tok.decode(answer) == arithmetic.render_answer(p)
+        assert all(t == sp.eos for t in field[len(answer):])
+    with pytest.raises(ValueError, match="answer_len"):
+        arithmetic.sft_rows(problems, tok, seq_len=32, answer_len=2, bos_id=sp.bos,
+                            eos_id=sp.eos)
