@@ -83,19 +83,52 @@ def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
             "arith_acc": arith["accuracy"], "arith_n": arith["n"], "eval_s": time.time() - t0}
 
 
+def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
+    """The job's calibration + layer-wise quantization (shared with `qdlm study`):
+    returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
+    from qdlm_jax.calibration.feeders import build_calibration
+    from qdlm_jax.data import sources
+    from qdlm_jax.data.tokenizer import special_token_ids
+    from qdlm_jax.quant.layerwise import quantize_model
+
+    calib = None
+    if spec.ptq.method != "rtn":
+        special = special_token_ids(tokenizer)
+        calib_docs = sources.load_split(spec.source, "calib", seed=0)
+        calib_windows = sources.token_windows(calib_docs, tokenizer, spec.calib.seq_len,
+                                              bos_id=special.bos, eos_id=special.eos,
+                                              max_windows=spec.calib.n_samples)
+        calib = build_calibration(model, calib_windows, spec.calib)
+    t_q = time.time()
+    qmodel, qstats = quantize_model(model, calib, spec.ptq)
+    return qmodel, qstats, calib, time.time() - t_q
+
+
+def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
+    """(quantized model, stats) for a `configs/quantize.py`-style config, without the job's
+    evaluation or saving; `model` (the fp model of cfg.model) skips loading it again."""
+    from qdlm_jax import load_model
+    from qdlm_jax.data.tokenizer import load_tokenizer
+
+    spec = job_spec(cfg)
+    if model is None:
+        model = load_model(spec.model, dtype="float32")
+    _check_widths(model.config, spec.ptq)
+    tokenizer = load_tokenizer(Path(spec.model) / "tokenizer.json")
+    qmodel, qstats, _, _ = calibrate_and_quantize(model, tokenizer, spec)
+    return qmodel, qstats
+
+
 def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict:
     """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once."""
     import numpy as np
 
     from qdlm_jax import load_model
-    from qdlm_jax.calibration.feeders import build_calibration
     from qdlm_jax.checkpoint import save_checkpoint
-    from qdlm_jax.data import sources
-    from qdlm_jax.data.tokenizer import load_tokenizer, special_token_ids
+    from qdlm_jax.data.tokenizer import load_tokenizer
     from qdlm_jax.evals.basic import heldout_windows
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.params import get_params
-    from qdlm_jax.quant.layerwise import quantize_model
     from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 
     spec = job_spec(cfg)
@@ -104,7 +137,6 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     _check_widths(model.config, spec.ptq)
     tok_path = Path(spec.model) / "tokenizer.json"
     tokenizer = load_tokenizer(tok_path)
-    special = special_token_ids(tokenizer, source=str(tok_path))
     seq = spec.calib.seq_len
     windows = heldout_windows(tokenizer, source=spec.source, seq_len=seq,
                               n_windows=spec.eval_windows)
@@ -126,16 +158,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
             if fp_cache is not None:
                 fp_cache[fp_key] = fp
 
-    calib = None
-    if spec.ptq.method != "rtn":
-        calib_docs = sources.load_split(spec.source, "calib", seed=0)
-        calib_windows = sources.token_windows(calib_docs, tokenizer, seq, bos_id=special.bos,
-                                              eos_id=special.eos,
-                                              max_windows=spec.calib.n_samples)
-        calib = build_calibration(model, calib_windows, spec.calib)
-    t_q = time.time()
-    qmodel, qstats = quantize_model(model, calib, spec.ptq)
-    quant_s = time.time() - t_q
+    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
     print("[quantize] evaluating the quantized model")
     q = evaluate(qmodel, tokenizer, windows, spec)
 

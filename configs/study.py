@@ -1,0 +1,43 @@
+"""The study: `qdlm study --config configs/study.py [--config.bits=4,3 ...]`.
+
+Defaults: both bundled tiny models, RTN / GPTQ / AWQ at W8 / W4 / W3 plus fp, one or two
+tasks per family at sizes that suit a 2-core CPU (QDLM's full settings are the task specs'
+own defaults: see qdlm_jax/evals/tasks.py and docs/evaluation.md). Quick run:
+
+    qdlm study --config configs/study.py --config.models=assets/tiny-llada \\
+        --config.methods=rtn --config.bits=8,4 --config.out_dir=runs/study-smoke
+"""
+
+import ml_collections
+
+N_ITEMS = 8  # items per task (small, for 2 CPU cores)
+MC = dict(limit=N_ITEMS, mc_num=16, batch_size=16)
+SHORT_GEN = dict(steps=32, gen_length=32, block_length=32)
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.models = ("assets/tiny-llada", "assets/tiny-dream")
+    c.methods = ("rtn", "gptq", "awq")  # any method `qdlm quantize` knows, passed through
+    c.bits = (8, 4, 3)
+    c.include_fp = True
+    c.out_dir = "runs/study"
+    c.dtype = "float32"
+    c.progress = True
+    # The main job's config; `quantize` overrides apply to every method, `method_overrides`
+    # to one method, e.g. {"smoothquant": {"act_bits": 8}}.
+    c.quantize_config = "configs/quantize.py"
+    c.quantize = ml_collections.ConfigDict(dict(
+        group_size=128, calibration="clean", calib=dict(n_samples=16, seq_len=128)))
+    c.method_overrides = ml_collections.ConfigDict()
+    # Tasks: built-in names (qdlm_jax/evals/tasks.py BUILTIN) or mappings with `base`/`type`.
+    # A plain list (not a tuple) so that ml_collections keeps the dicts as they are.
+    c.tasks = [
+        {"base": "wikipedia_bound", "n_windows": 4, "mc_num": 16, "batch_size": 16},
+        {"base": "social_iqa", **MC},
+        {"base": "strategyqa", **MC},
+        {"base": "arithmetic", "limit": 2 * N_ITEMS},
+        {"base": "gsm_symbolic", "limit": N_ITEMS, "num_fewshot": 1, "gen": SHORT_GEN},
+        {"base": "humaneval", "limit": N_ITEMS, "gen": SHORT_GEN, "timeout_s": 5.0},
+    ]
+    return c

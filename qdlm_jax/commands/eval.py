@@ -1,0 +1,110 @@
+"""qdlm eval --model PATH --tasks social_iqa,arithmetic [--task-file tasks.json] ...
+
+Evaluates one model (HF dir, qdlm checkpoint or packed quantized checkpoint) on built-in
+tasks, tasks from a JSON task file, and/or lm-evaluation-harness tasks (`--lm-eval-tasks`,
+needs the `eval` extra). Writes `<out>/results.json` and prints one line per task.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+NAME = "eval"
+HELP = "evaluate one model on a list of tasks (LM bound, multiple choice, math, code, lm-eval)"
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="checkpoint directory (fp or quantized)")
+    p.add_argument("--tasks", default="",
+                   help="comma-separated built-in task names (see docs/evaluation.md)")
+    p.add_argument("--task-file", action="append", default=[],
+                   help="JSON file with one task object or a list of them (repeatable)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task (overrides each task's limit / n_windows)")
+    p.add_argument("--lm-eval-tasks", default="",
+                   help="comma-separated lm-evaluation-harness task names")
+    p.add_argument("--lm-eval-include", default=None,
+                   help="directory of extra lm-eval task YAMLs (e.g. local-JSON tasks)")
+    p.add_argument("--lm-eval-args", default="",
+                   help="extra qdlm-jax model args, e.g. mc_num=32,gen_length=64")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--out", default=None,
+                   help="output dir (default: runs/eval/<model name>)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _limited(spec, limit):
+    import dataclasses
+
+    from qdlm_jax.evals.tasks import LMTask
+    if limit is None:
+        return spec
+    if isinstance(spec, LMTask):
+        return dataclasses.replace(spec, n_windows=limit)
+    return dataclasses.replace(spec, limit=limit)
+
+
+def run(args, overrides):
+    if overrides:
+        from qdlm_jax.config_flags import ConfigOverrideError
+        raise ConfigOverrideError(f"{overrides[0]}: qdlm eval takes no --config overrides; "
+                                  "use --task-file for task settings")
+    from qdlm_jax.data.sources import DataSourceError
+    from qdlm_jax.evals.backends import load_text_model
+    from qdlm_jax.evals.tasks import load_task_file, resolve_task, run_task
+    from qdlm_jax.fsutil import atomic_write_text
+
+    specs = [resolve_task(t.strip(), "--tasks") for t in args.tasks.split(",") if t.strip()]
+    for f in args.task_file:
+        specs += load_task_file(f)
+    lm_tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+    if not specs and not lm_tasks:
+        raise ValueError("no tasks: give --tasks, --task-file or --lm-eval-tasks")
+    specs = [_limited(s, args.limit) for s in specs]
+    tm = load_text_model(args.model, dtype=args.dtype)
+    out = Path(args.out or Path("runs/eval") / Path(args.model).name)
+    results = {"model": args.model, "tasks": {}}
+    for spec in specs:
+        t0 = time.time()
+        try:
+            r = run_task(tm, spec, progress=not args.no_progress)
+        except DataSourceError as e:
+            raise ValueError(f"task {spec.name}: {str(e).splitlines()[0]}") from None
+        results["tasks"][spec.name] = r
+        print(f"{spec.name:24s} {r['metric']:>15s} = {r['value']:.4f}  (n={r['n']}, "
+              f"{time.time() - t0:.1f}s)", flush=True)
+    if lm_tasks:
+        results["lm_eval"] = _run_lm_eval(tm, lm_tasks, args)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    print(f"results: {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def _run_lm_eval(tm, tasks, args):
+    import os
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ValueError(f"--lm-eval-tasks needs lm-eval ({e}); install the `eval` extra: "
+                         "pip install -e '.[eval]'") from None
+    from lm_eval.utils import simple_parse_args_string
+
+    from qdlm_jax.evals.lm_eval_adapter import QDLMJaxLM
+    kw = simple_parse_args_string(args.lm_eval_args) if args.lm_eval_args else {}
+    lm = QDLMJaxLM(model=tm.model, tokenizer=tm.tokenizer, progress=not args.no_progress,
+                   **kw)
+    manager = TaskManager(include_path=args.lm_eval_include) if args.lm_eval_include \
+        else TaskManager()
+    r = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                limit=args.limit, log_samples=False)
+    if r is None:
+        raise ValueError(f"lm-eval returned no results for {tasks}")
+    for name, metrics in r["results"].items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        print(f"{name:24s} (lm-eval) {shown}", flush=True)
+    return r["results"]

@@ -1,0 +1,28 @@
+"""qdlm study --config configs/study.py [--config.bits=8,4 --config.methods=rtn ...]"""
+
+from __future__ import annotations
+
+NAME = "study"
+HELP = ("the sweep bits x method x task x model (resumable; results.jsonl, table.md and "
+        "plots in the run dir)")
+
+
+def add_arguments(p):
+    p.add_argument("--config", default="configs/study.py",
+                   help="ml-collections config file (default: configs/study.py)")
+
+
+def run(args, overrides):
+    from qdlm_jax.config_flags import apply_overrides, load_config_file
+    from qdlm_jax.data.sources import DataSourceError
+    from qdlm_jax.study import run_study, study_spec
+
+    cfg = apply_overrides(load_config_file(args.config), overrides)
+    try:
+        result = run_study(study_spec(cfg))
+    except DataSourceError as e:  # missing / unreadable data: a user-fixable input error
+        raise ValueError(str(e).splitlines()[0]) from None
+    print(result["table"])
+    for p in result["plots"]:
+        print(f"plot: {p}")
+    return 0

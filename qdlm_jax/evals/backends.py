@@ -1,0 +1,159 @@
+"""Text-level access to a model for the task families: log-likelihood and generation.
+
+Every task family talks to a model through two plain callables, so tests can swap in a stub
+whose preferences are known:
+
+- `LoglikFn(context: str, continuation: str, key) -> float`: an estimate of
+  log p(continuation | context). `TextModel.loglik` is the masked-diffusion Monte Carlo
+  bound of `likelihood.log_likelihood` (LLaDA: stratified 1/t weighting; Dream: p_mask
+  weighting with right-shifted logits), with prompt = [BOS] + tokens(context) and
+  answer = tokens(continuation) (+ [EOS] for Dream, as Dream's evaluation does).
+- `GenerateFn(prompts: list[str]) -> list[str]`: the completion of each prompt (text after
+  the prompt, cut at EOS and at the task's stop strings). `TextModel.generate` runs the
+  family's jitted denoising loop (`generate.generate`) on left-padded batches.
+
+`context_key(seed, context)` is the Monte Carlo key of a context: every continuation scored
+against the same context (the options of one multiple-choice item) gets the same noise
+draws, and the key does not depend on the order in which items are scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from qdlm_jax.generate import _DREAM_ONLY, _LLADA_ONLY, GenerationConfig, generate
+from qdlm_jax.likelihood import log_likelihood
+
+LoglikFn = Callable[[str, str, jax.Array], float]
+GenerateFn = Callable[[Sequence[str]], list[str]]
+
+
+def context_key(seed: int, context: str) -> jax.Array:
+    """`fold_in(key(seed), crc32(context))`: the same draws for every option of a context."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(context.encode("utf-8")))
+
+
+def for_family(gen: GenerationConfig, family: str) -> GenerationConfig:
+    """`gen` with the other family's fields reset to their defaults (a task's settings carry
+    both LLaDA fields, e.g. block_length, and Dream fields, e.g. alg)."""
+    other = _DREAM_ONLY if family == "llada" else _LLADA_ONLY
+    default = GenerationConfig()
+    return dataclasses.replace(gen, **{n: getattr(default, n) for n in other})
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (all of it if none occurs)."""
+    cut = len(text)
+    for s in stops:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, W], attention_mask [B, W]) with each row right-aligned (left padding)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextModel:
+    """A loaded model (fp or quantized) plus its `tokenizers.Tokenizer`."""
+
+    model: object
+    tokenizer: object
+
+    @property
+    def family(self) -> str:
+        return self.model.config.family
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def prompt_ids(self, context: str) -> list[int]:
+        bos = self.model.config.bos_token_id
+        return ([bos] if bos is not None else []) + self.encode(context)
+
+    def answer_ids(self, continuation: str) -> list[int]:
+        ids = self.encode(continuation)
+        eos = self.model.config.eos_token_id
+        if self.family == "dream" and eos is not None:
+            ids.append(eos)
+        return ids
+
+    def loglik(self, context: str, continuation: str, key: jax.Array, *, mc_num: int = 128,
+               batch_size: int = 32, cfg_scale: float = 0.0) -> float:
+        """Monte Carlo lower bound on log p(continuation | context) (see module docstring)."""
+        answer = self.answer_ids(continuation)
+        if not answer:
+            raise ValueError(f"continuation {continuation!r} has no tokens to score")
+        ll = log_likelihood(self.model, np.asarray(self.prompt_ids(context), np.int32),
+                            np.asarray(answer, np.int32), mc_num=mc_num,
+                            batch_size=min(batch_size, mc_num), cfg_scale=cfg_scale, key=key)
+        return float(ll)
+
+    def loglik_fn(self, *, mc_num: int, batch_size: int, cfg_scale: float = 0.0) -> LoglikFn:
+        return lambda c, x, key: self.loglik(c, x, key, mc_num=mc_num, batch_size=batch_size,
+                                             cfg_scale=cfg_scale)
+
+    def decode_completion(self, row: Sequence[int]) -> str:
+        """Text of generated ids up to the first EOS / EOT."""
+        c = self.model.config
+        stops = {t for t in (c.eos_token_id, c.eot_token_id) if t is not None}
+        ids = [int(t) for t in row]
+        cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+    def generate(self, prompts: Sequence[str], gen: GenerationConfig, *,
+                 stops: Sequence[str] = (), batch_size: int = 8, progress: bool = True,
+                 desc: str = "generate") -> list[str]:
+        """Completions of `prompts` (batches of `batch_size`, left-padded). Batch j uses
+        key `fold_in(key(gen.seed), j)` (irrelevant for the greedy defaults)."""
+        gen = for_family(gen, self.family)
+        c = self.model.config
+        pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
+        out: list[str] = []
+        starts = range(0, len(prompts), batch_size)
+        for j, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
+            rows = [self.prompt_ids(p) for p in prompts[start:start + batch_size]]
+            ids, mask = left_pad(rows, pad)
+            key = jax.random.fold_in(jax.random.key(gen.seed), j)
+            tokens = np.asarray(generate(self.model, ids, None if mask.all() else mask,
+                                         config=gen, key=key))
+            for row in tokens[:, ids.shape[1]:]:
+                out.append(cut_at_stops(self.decode_completion(row), stops))
+        return out
+
+    def generate_fn(self, gen: GenerationConfig, *, stops: Sequence[str] = (),
+                    batch_size: int = 8, progress: bool = True,
+                    desc: str = "generate") -> GenerateFn:
+        return lambda prompts: self.generate(prompts, gen, stops=stops, batch_size=batch_size,
+                                             progress=progress, desc=desc)
+
+
+def load_text_model(path, *, dtype: str | None = "float32") -> TextModel:
+    """`load_model(path)` (HF dir, qdlm checkpoint or packed quantized checkpoint) plus the
+    `tokenizer.json` beside it."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from qdlm_jax import load_model
+    tok_path = Path(path) / "tokenizer.json"
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path}: no tokenizer.json beside the model; the text "
+                                "tasks need one")
+    return TextModel(load_model(path, dtype=dtype), Tokenizer.from_file(str(tok_path)))

@@ -1,0 +1,271 @@
+"""Task definitions: frozen specs for the four families, built-in tasks, loading from config.
+
+A task is one of
+
+- `LMTask` (category `language_modeling`): masked-likelihood bound on held-out text
+  (metric `bits_per_token`, lower is better; `evals/lm.py`);
+- `MCTask` (category `multiple_choice`): accuracy of the highest Monte Carlo likelihood
+  option (metric `acc`; `evals/multiple_choice.py`);
+- `MathTask` (category `math`): few-shot generation + answer extraction, exact match
+  (metric `exact_match`; `evals/math_gen.py`);
+- `CodeTask` (category `code`): HumanEval-format generation run in the sandbox, pass@1
+  (metric `pass@1`; `evals/code_gen.py`).
+
+Generation settings are a `generate.GenerationConfig` per task holding both families'
+fields (LLaDA: steps, gen_length, block_length, remasking; Dream: steps, gen_length as
+max_new_tokens, alg, ...); each model reads its own family's fields. Defaults are QDLM's
+evaluation settings (gsm8k: gen_length 256, steps 256, block_length 32, low-confidence
+remasking, greedy; humaneval: 512 / 512 / 32; Dream: alg `entropy`, greedy; Monte Carlo
+likelihood: mc_num 128).
+
+From config (`task_from_mapping`, `load_task_file`): a mapping with `type` (`lm`,
+`multiple_choice`, `math`, `code`) and the spec's fields; `gen` is a mapping of
+GenerationConfig fields applied over the type's defaults; `base` names a built-in task
+whose fields are the defaults. A JSON task file holds one such object or a list of them.
+Unknown keys or types raise ValueError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping, Union
+
+from qdlm_jax.generate import GenerationConfig
+
+CATEGORIES = ("language_modeling", "multiple_choice", "math", "code")
+
+QDLM_GSM8K_GEN = GenerationConfig(steps=256, gen_length=256, block_length=32,
+                                  remasking="low_confidence", alg="entropy")
+QDLM_HUMANEVAL_GEN = GenerationConfig(steps=512, gen_length=512, block_length=32,
+                                      remasking="low_confidence", alg="entropy")
+# The project's arithmetic task as the model cards measure it (evals/basic.py).
+ARITHMETIC_GEN = GenerationConfig(steps=8, gen_length=8, block_length=8,
+                                  remasking="low_confidence", alg="maskgit_plus")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMTask:
+    name: str
+    category: str = "language_modeling"
+    source: str = "bigbench-wikipedia"  # a data.sources name or a local text/JSONL path
+    split: str = "heldout"
+    seq_len: int = 128
+    n_windows: int = 16
+    mc_num: int = 128
+    batch_size: int = 32  # Monte Carlo samples per forward pass
+    seed: int = 0
+    type: str = dataclasses.field(default="lm", init=False)
+    metric = "bits_per_token"
+    higher_is_better = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MCTask:
+    name: str
+    path: str  # bigbench:<task> | BIG-bench task.json | lm-eval-style .jsonl
+    category: str = "multiple_choice"
+    format: str = "auto"  # auto | jsonl | bigbench
+    limit: int | None = None  # first `limit` items after the few-shot ones
+    num_fewshot: int = 0
+    mc_num: int = 128
+    batch_size: int = 32
+    cfg_scale: float = 0.0
+    seed: int = 0
+    type: str = dataclasses.field(default="multiple_choice", init=False)
+    metric = "acc"
+    higher_is_better = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MathTask:
+    name: str
+    source: str  # arithmetic | gsm_symbolic | GSM8K-format .jsonl
+    category: str = "math"
+    limit: int | None = None
+    num_fewshot: int = 4
+    gen: GenerationConfig = QDLM_GSM8K_GEN
+    stops: tuple[str, ...] = ("Question:", "\n\n")
+    extract: str = "last"  # last | first number when there is no `#### N`
+    batch_size: int = 8
+    seed: int = 0
+    digits: tuple[int, ...] = (2,)  # arithmetic source only
+    ops: tuple[str, ...] = ("+",)  # arithmetic source only
+    type: str = dataclasses.field(default="math", init=False)
+    metric = "exact_match"
+    higher_is_better = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CodeTask:
+    name: str
+    source: str = "humaneval"  # humaneval | HumanEval-format .jsonl[.gz]
+    category: str = "code"
+    limit: int | None = None
+    gen: GenerationConfig = QDLM_HUMANEVAL_GEN
+    stops: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n@", "\n```")
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    workers: int = 2  # sandbox processes at a time
+    batch_size: int = 4
+    type: str = dataclasses.field(default="code", init=False)
+    metric = "pass@1"
+    higher_is_better = True
+
+
+TaskSpec = Union[LMTask, MCTask, MathTask, CodeTask]
+TYPES: dict[str, type] = {"lm": LMTask, "multiple_choice": MCTask, "math": MathTask,
+                          "code": CodeTask}
+
+BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
+    LMTask(name="wikipedia_bound"),
+    MCTask(name="social_iqa", path="bigbench:social_iqa"),
+    MCTask(name="strategyqa", path="bigbench:strategyqa"),
+    MCTask(name="bigbench_arithmetic", path="bigbench:arithmetic/2_digit_addition"),
+    MathTask(name="arithmetic", source="arithmetic", num_fewshot=0, gen=ARITHMETIC_GEN,
+             batch_size=50, extract="first"),
+    MathTask(name="gsm_symbolic", source="gsm_symbolic"),
+    CodeTask(name="humaneval", source="humaneval"),
+)}
+
+
+def _coerce(key: str, value, where: str):
+    """Config values -> field types (lists -> tuples; `gen` must be a mapping)."""
+    if key == "gen" and not isinstance(value, (Mapping, GenerationConfig)):
+        raise ValueError(f"{where}: gen={value!r}: expected a mapping of generation settings")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _merge_gen(gen0: GenerationConfig, overrides: Mapping) -> GenerationConfig:
+    GenerationConfig.from_mapping(overrides)  # validates the keys
+    return dataclasses.replace(gen0, **dict(overrides))
+
+
+def task_from_mapping(d: Mapping, where: str = "task") -> TaskSpec:
+    """A spec from a config mapping (see the module docstring)."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    base = None
+    if "base" in d:
+        name = d.pop("base")
+        if name not in BUILTIN:
+            raise ValueError(f"{where}: base={name!r}: unknown task; built-in tasks: "
+                             f"{sorted(BUILTIN)}")
+        base = BUILTIN[name]
+    kind = d.pop("type", base.type if base is not None else None)
+    if kind not in TYPES:
+        raise ValueError(f"{where}: type={kind!r}: expected one of {sorted(TYPES)}")
+    cls = TYPES[kind]
+    if base is not None and not isinstance(base, cls):
+        raise ValueError(f"{where}: base={base.name!r} is a {base.type} task, not {kind}")
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} for a {kind} task; known: "
+                         f"{sorted(fields)}")
+    values = {k: _coerce(k, v, where) for k, v in d.items()}
+    if isinstance(values.get("gen"), Mapping):
+        gen0 = base.gen if base is not None else next(
+            f.default for f in dataclasses.fields(cls) if f.name == "gen")
+        try:
+            values["gen"] = _merge_gen(gen0, values["gen"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: gen: {e}") from None
+    if "category" in values and values["category"] not in CATEGORIES:
+        raise ValueError(f"{where}: category={values['category']!r}: expected one of "
+                         f"{CATEGORIES}")
+    try:
+        if base is not None:
+            return dataclasses.replace(base, **values)
+        return cls(**values)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def resolve_task(item, where: str = "tasks") -> TaskSpec:
+    """A built-in task name, a spec, or a config mapping -> spec."""
+    if isinstance(item, (LMTask, MCTask, MathTask, CodeTask)):
+        return item
+    if isinstance(item, str):
+        if item in BUILTIN:
+            return BUILTIN[item]
+        if item.endswith(".json") and Path(item).is_file():
+            specs = load_task_file(item)
+            if len(specs) != 1:
+                raise ValueError(f"{item}: holds {len(specs)} tasks; expected one here")
+            return specs[0]
+        raise ValueError(f"{where}: unknown task {item!r}; built-in tasks: {sorted(BUILTIN)} "
+                         "(or a task JSON file)")
+    if isinstance(item, Mapping) or hasattr(item, "to_dict"):
+        return task_from_mapping(item, where)
+    raise ValueError(f"{where}: {item!r}: expected a task name, a mapping or a task spec")
+
+
+def load_task_file(path) -> list[TaskSpec]:
+    """Specs from a JSON file holding one task object or a list of them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    items = data if isinstance(data, list) else [data]
+    return [task_from_mapping(d, f"{path}[{i}]") if isinstance(d, Mapping)
+            else resolve_task(d, f"{path}[{i}]") for i, d in enumerate(items)]
+
+
+def spec_dict(spec: TaskSpec) -> dict:
+    """JSON-able fields of a spec (GenerationConfig expanded)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def spec_hash(spec: TaskSpec) -> str:
+    """First 10 hex digits of sha256 of the spec's canonical JSON (keys a study's cells)."""
+    text = json.dumps(spec_dict(spec), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
+    """Evaluates `tm` (a `backends.TextModel`) on one task. Returns a dict with `task`,
+    `type`, `category`, `metric`, `value` (the metric), `higher_is_better`, `n`, `time_s`,
+    the family's other figures and a few `examples`."""
+    if isinstance(spec, LMTask):
+        from qdlm_jax.evals import lm
+        w = lm.windows_for(tm.tokenizer, tm.model.config, source=spec.source, split=spec.split,
+                           seq_len=spec.seq_len, n_windows=spec.n_windows, seed=spec.seed)
+        r = lm.score_windows(tm.model, w, mc_num=spec.mc_num, batch_size=spec.batch_size,
+                             seed=spec.seed)
+    elif isinstance(spec, MCTask):
+        from qdlm_jax.evals import multiple_choice as mc
+        items = mc.read_items(spec.path, spec.format)
+        preamble, items = mc.fewshot_split(items, spec.num_fewshot)
+        if spec.limit is not None:
+            items = items[:spec.limit]
+        r = mc.score_items(items, tm.loglik_fn(mc_num=spec.mc_num, batch_size=spec.batch_size,
+                                               cfg_scale=spec.cfg_scale),
+                           seed=spec.seed, preamble=preamble, progress=progress,
+                           desc=spec.name)
+    elif isinstance(spec, MathTask):
+        from qdlm_jax.evals import math_gen
+        shots, items = math_gen.load_problems(spec.source, limit=spec.limit,
+                                              num_fewshot=spec.num_fewshot, seed=spec.seed,
+                                              digits=spec.digits, ops=spec.ops)
+        gen_fn = tm.generate_fn(spec.gen, stops=spec.stops, batch_size=spec.batch_size,
+                                progress=progress, desc=spec.name)
+        r = math_gen.score_problems(shots, items, gen_fn, extract=spec.extract)
+    elif isinstance(spec, CodeTask):
+        from qdlm_jax.evals import code_gen
+        from qdlm_jax.evals.sandbox import SandboxLimits
+        problems = code_gen.load_problems(spec.source, spec.limit)
+        gen_fn = tm.generate_fn(spec.gen, stops=spec.stops, batch_size=spec.batch_size,
+                                progress=progress, desc=spec.name)
+        r = code_gen.score_problems(problems, gen_fn, SandboxLimits(spec.timeout_s,
+                                                                    spec.memory_mb),
+                                    workers=spec.workers)
+    else:
+        raise ValueError(f"{spec!r}: not a task spec")
+    return {"task": spec.name, "type": spec.type, "category": spec.category,
+            "metric": spec.metric, "value": r[spec.metric],
+            "higher_is_better": spec.higher_is_better, **r}
