@@ -1,0 +1,89 @@
+"""Task specs from config, hashing, and the LM task on the tiny models."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from qdlm_jax.evals import tasks
+from qdlm_jax.generate import GenerationConfig
+
+
+def test_builtin_defaults_are_qdlm_settings():
+    gsm = tasks.BUILTIN["gsm_symbolic"]
+    assert (gsm.gen.gen_length, gsm.gen.steps, gsm.gen.block_length, gsm.num_fewshot) == \
+        (256, 256, 32, 4)
+    he = tasks.BUILTIN["humaneval"]
+    assert (he.gen.gen_length, he.gen.steps, he.gen.block_length) == (512, 512, 32)
+    assert tasks.BUILTIN["social_iqa"].mc_num == 128
+    assert {t.category for t in tasks.BUILTIN.values()} == set(tasks.CATEGORIES)
+
+
+def test_from_mapping_with_base_and_gen_overrides():
+    spec = tasks.task_from_mapping({"base": "gsm_symbolic", "limit": 5,
+                                    "gen": {"gen_length": 64, "steps": 32},
+                                    "stops": ["Q:"]})
+    assert spec.name == "gsm_symbolic" and spec.limit == 5 and spec.stops == ("Q:",)
+    assert (spec.gen.gen_length, spec.gen.steps, spec.gen.block_length) == (64, 32, 32)
+    mc = tasks.task_from_mapping({"type": "multiple_choice", "name": "mine",
+                                  "path": "x.jsonl"})
+    assert isinstance(mc, tasks.MCTask) and mc.mc_num == 128
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"type": "essay", "name": "x"}, "type='essay': expected one of"),
+    ({"base": "nope"}, "base='nope': unknown task"),
+    ({"base": "social_iqa", "n_windows": 3}, r"unknown keys \['n_windows'\]"),
+    ({"base": "arithmetic", "gen": {"stepz": 3}}, r"gen: generation config: unknown keys"),
+    ({"base": "arithmetic", "gen": 3}, "gen=3: expected a mapping"),
+    ({"type": "math", "name": "m"}, "missing 1 required keyword-only argument: 'source'"),
+    ({"base": "social_iqa", "category": "vibes"}, "category='vibes'"),
+])
+def test_bad_mappings(d, message):
+    with pytest.raises(ValueError, match=message):
+        tasks.task_from_mapping(d)
+
+
+def test_task_file(tmp_path):
+    p = tmp_path / "tasks.json"
+    p.write_text(json.dumps([{"base": "arithmetic", "limit": 3}, "social_iqa",
+                             {"type": "code", "name": "he", "limit": 1}]))
+    specs = tasks.load_task_file(p)
+    assert [s.name for s in specs] == ["arithmetic", "social_iqa", "he"]
+    p.write_text("[{")
+    with pytest.raises(ValueError, match="tasks.json: not valid JSON"):
+        tasks.load_task_file(p)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.resolve_task("nope")
+
+
+def test_spec_hash_tracks_settings():
+    a = tasks.BUILTIN["arithmetic"]
+    assert tasks.spec_hash(a) == tasks.spec_hash(dataclasses.replace(a))
+    assert tasks.spec_hash(a) != tasks.spec_hash(dataclasses.replace(a, limit=7))
+    assert tasks.spec_hash(a) != tasks.spec_hash(
+        dataclasses.replace(a, gen=dataclasses.replace(a.gen, steps=4)))
+
+
+def test_for_family_drops_the_other_familys_fields():
+    from qdlm_jax.evals.backends import for_family
+    g = GenerationConfig(steps=8, gen_length=8, block_length=8, alg="maskgit_plus")
+    assert for_family(g, "llada").alg == GenerationConfig().alg
+    assert for_family(g, "dream").block_length == GenerationConfig().block_length
+
+
+def test_lm_task_on_local_text(tmp_path, tiny_llada, tiny_dream):
+    docs = [f"The river number {i} flows past the old mill and the town of the valley."
+            for i in range(400)]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = tasks.LMTask(name="lm", source=str(src), seq_len=32, n_windows=2, mc_num=4,
+                        batch_size=4)
+    for tm in (tiny_llada, tiny_dream):
+        r = tasks.run_task(tm, spec, progress=False)
+        assert r["metric"] == "bits_per_token" and not r["higher_is_better"]
+        assert np.isfinite(r["value"]) and r["value"] > 0 and r["n"] == 2
+    with pytest.raises(ValueError, match=r"only \d+ windows of 32 tokens, asked for "
+                                         "n_windows=5000"):
+        tasks.run_task(tiny_llada, dataclasses.replace(spec, n_windows=5000))
