@@ -315,7 +315,7 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     for model, method, bits in _row_order(records):
         cells = [_fmt(by.get((model, method, bits, t.name))) for t in tasks]
         lines.append(f"| {model} | {'FP' if method == FP else method.upper()} | "
-                     f"{16 if method == FP else bits} | " + " | ".join(cells) + " |")
+                     f"{'–' if method == FP else bits} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

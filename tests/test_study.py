@@ -62,7 +62,7 @@ def test_full_run_table_and_plots(tmp_path):
                                         " Math ", " Code "]
     assert "**wikipedia_bound** (bits/tok ↓)" in table[2]
     rows = [row.split("|")[2:4] for row in table[3:]]
-    assert rows == [[" FP ", " 16 "], [" RTN ", " 8 "], [" RTN ", " 4 "], [" GPTQ ", " 8 "],
+    assert rows == [[" FP ", " – "], [" RTN ", " 8 "], [" RTN ", " 4 "], [" GPTQ ", " 8 "],
                     [" GPTQ ", " 4 "]]
     assert table[3].split("|")[4:6] == [" 6.000 ", " 80.0 "]
     assert (Path(spec.out_dir) / "table.md").read_text() == r["table"]

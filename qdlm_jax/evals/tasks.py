@@ -46,6 +46,23 @@ ARITHMETIC_GEN = GenerationConfig(steps=8, gen_length=8, block_length=8,
                                   remasking="low_confidence", alg="maskgit_plus")
 
 
+def _check(spec, positive=(), optional_positive=(), choices=None):
+    """Up-front field checks: one ValueError naming the task, field and value."""
+    for name in positive + optional_positive:
+        v = getattr(spec, name)
+        if v is None and name in optional_positive:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"task {spec.name!r}: {name}={v!r}: expected a positive integer")
+    for name, allowed in (choices or {}).items():
+        if getattr(spec, name) not in allowed:
+            raise ValueError(f"task {spec.name!r}: {name}={getattr(spec, name)!r}: expected "
+                             f"one of {allowed}")
+    if hasattr(spec, "mc_num") and spec.mc_num % spec.batch_size:
+        raise ValueError(f"task {spec.name!r}: mc_num={spec.mc_num} is not divisible by "
+                         f"batch_size={spec.batch_size}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LMTask:
     name: str
@@ -60,6 +77,9 @@ class LMTask:
     type: str = dataclasses.field(default="lm", init=False)
     metric = "bits_per_token"
     higher_is_better = False
+
+    def __post_init__(self):
+        _check(self, ("seq_len", "n_windows", "mc_num", "batch_size"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +97,10 @@ class MCTask:
     type: str = dataclasses.field(default="multiple_choice", init=False)
     metric = "acc"
     higher_is_better = True
+
+    def __post_init__(self):
+        _check(self, ("mc_num", "batch_size"), ("limit",),
+               {"format": ("auto", "jsonl", "bigbench")})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +121,9 @@ class MathTask:
     metric = "exact_match"
     higher_is_better = True
 
+    def __post_init__(self):
+        _check(self, ("batch_size",), ("limit",), {"extract": ("last", "first")})
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CodeTask:
@@ -113,6 +140,9 @@ class CodeTask:
     type: str = dataclasses.field(default="code", init=False)
     metric = "pass@1"
     higher_is_better = True
+
+    def __post_init__(self):
+        _check(self, ("batch_size", "workers", "memory_mb"), ("limit",))
 
 
 TaskSpec = Union[LMTask, MCTask, MathTask, CodeTask]
@@ -179,7 +209,7 @@ def task_from_mapping(d: Mapping, where: str = "task") -> TaskSpec:
         if base is not None:
             return dataclasses.replace(base, **values)
         return cls(**values)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 

@@ -39,6 +39,9 @@ def test_from_mapping_with_base_and_gen_overrides():
     ({"base": "arithmetic", "gen": 3}, "gen=3: expected a mapping"),
     ({"type": "math", "name": "m"}, "missing 1 required keyword-only argument: 'source'"),
     ({"base": "social_iqa", "category": "vibes"}, "category='vibes'"),
+    ({"base": "social_iqa", "mc_num": 10, "batch_size": 4}, "mc_num=10 is not divisible"),
+    ({"base": "arithmetic", "limit": 0}, "task 'arithmetic': limit=0: expected a positive"),
+    ({"base": "arithmetic", "extract": "all"}, "extract='all': expected one of"),
 ])
 def test_bad_mappings(d, message):
     with pytest.raises(ValueError, match=message):
