@@ -261,10 +261,12 @@ nnx.register_data_type(QuantizedArray)
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedArray) -> jax.Array:
-    """x[..., k] @ w_logical[k, n] via dequantize-then-matmul in XLA (fp32 accumulation)."""
-    w_s = w.dequantize_storage(x.dtype)  # [out, in]
-    eq = "...i,oi->...o" if w.orientation == "in_out" else "...o,oi->...i"
-    return jnp.einsum(eq, x, w_s, preferred_element_type=jnp.float32).astype(x.dtype)
+    """x[..., k] @ w_logical[k, n], routed through `qdlm_jax.kernels.qmatmul`: XLA
+    dequantize-then-matmul (fp32 accumulation) unless a Pallas implementation is selected
+    (`qdlm_jax.kernels.use_implementation`; "auto" picks by platform)."""
+    from qdlm_jax.kernels import qmatmul  # kernels import this module
+
+    return qmatmul(x, w)
 
 
 register_kernel_type(QuantizedArray, quantized_matmul)

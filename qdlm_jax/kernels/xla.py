@@ -1,0 +1,84 @@
+"""The XLA implementation of `qmatmul`: unpack, dequantize, dot. Runs on every backend and
+takes every QuantizedArray; it defines the semantics the Pallas kernels are tested against.
+
+Weight-only (act_bits None), any bits / groups / g_idx / orientation:
+
+    y = x @ w_hat_logical        w_hat = (scale * (code - zero)) cast to x.dtype,
+                                 dot accumulated in float32, result cast to x.dtype
+
+Activation-quantized (act_bits 8 or 4; orientation "in_out", contiguous groups):
+
+    x_q, s_x = quantize_activations(x, act_bits)          (common.py: per token, symmetric)
+    acc_g[m, n] = sum_{k in group g} x_q[m, k] * (code[n, k] - zero[n, g])    (int32, exact)
+    y[m, n] = (sum_g acc_g[m, n] * scale[n, g]) * s_x[m]                      (float32)
+
+With one group per channel (group_size == K) that is ``y = (acc * s_w) * s_x``, the order
+the kernels use, so integer-accumulating kernels match it bit for bit. It equals the
+fake-quant formula ``(x_q * s_x) @ w_hat.T`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+from qdlm_jax.kernels.common import Support, check_operands, quantize_activations
+from qdlm_jax.quant.qarray import QuantizedArray
+
+
+def supports(x, w, act_bits=None) -> Support:
+    """XLA takes every QuantizedArray, except act_bits with g_idx or "out_in" weights."""
+    if act_bits is not None and w.orientation != "in_out":
+        return Support(False, "act_bits needs an 'in_out' weight (scales along the "
+                              "contraction axis)")
+    if act_bits is not None and w.g_idx is not None:
+        return Support(False, "act_bits with an act-order group map (g_idx)")
+    return Support(True)
+
+
+def weight_only_matmul(x: Float[Array, "... k"], w: QuantizedArray) -> Float[Array, "... n"]:
+    """x[..., k] @ w_logical[k, n] via dequantize-then-matmul (fp32 accumulation).
+
+    Contracts the storage layout directly (``einsum("...i,oi->...o")`` for "in_out"), so no
+    transposed copy of the weight is materialised.
+    """
+    w_s = w.dequantize_storage(x.dtype)  # [out, in]
+    eq = "...i,oi->...o" if w.orientation == "in_out" else "...o,oi->...i"
+    return jnp.einsum(eq, x, w_s, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def act_quant_matmul(x: Float[Array, "... k"], w: QuantizedArray, act_bits: int
+                     ) -> Float[Array, "... n"]:
+    """Integer matmul of per-token quantized activations with the codes (module docstring)."""
+    ok, reason = supports(x, w, act_bits)
+    if not ok:
+        raise ValueError(f"qmatmul(act_bits={act_bits}): {reason} is not supported")
+    k, n = w.shape
+    x_q, s_x = quantize_activations(x.reshape(-1, k), act_bits)
+    rows, n_groups, gs = x_q.shape[0], w.n_groups, w.group_size
+    zero = jnp.round(w.zeros()).astype(jnp.int32)  # [n, groups]
+    w_int = (w.codes().astype(jnp.int32).reshape(n, n_groups, gs) - zero[:, :, None])
+    x_g = x_q.reshape(rows, n_groups, gs).transpose(1, 0, 2)  # [groups, rows, gs]
+    w_g = w_int.astype(jnp.int32).transpose(1, 0, 2)  # [groups, n, gs]
+    s_w = w.scale.astype(jnp.float32).T  # [groups, n]
+
+    def add_group(acc, group):
+        xq_g, wq_g, s_g = group
+        acc_g = lax.dot_general(xq_g, wq_g, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+        return acc + acc_g.astype(jnp.float32) * s_g[None, :], None
+
+    acc, _ = lax.scan(add_group, jnp.zeros((rows, n), jnp.float32), (x_g, w_g, s_w))
+    y = acc * s_x
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def qmatmul(x: Float[Array, "... k"], w: QuantizedArray, *, act_bits: int | None = None
+            ) -> Float[Array, "... n"]:
+    """The XLA implementation (module docstring)."""
+    check_operands(x, w, act_bits)
+    if act_bits is None:
+        return weight_only_matmul(x, w)
+    return act_quant_matmul(x, w, act_bits)
+
