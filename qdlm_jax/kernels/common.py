@@ -74,7 +74,7 @@ def quantize_activations(x: Float[Array, "*rows k"], bits: int
     qmax = 2 ** (bits - 1) - 1
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-    s_x = jnp.where(amax > 0, amax / qmax, 1.0)
+    s_x = jnp.where(amax > 0, exact_div(amax, jnp.full_like(amax, qmax)), 1.0)
     x_q = jnp.clip(jnp.round(exact_div(xf, s_x)), -qmax, qmax).astype(jnp.int8)
     return x_q, s_x
 

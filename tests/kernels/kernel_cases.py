@@ -1,0 +1,122 @@
+"""Cases shared by the TPU and GPU kernel tests: interpret-mode comparisons, the real layer
+shapes for lowering checks, and abstract (ShapeDtypeStruct-only) weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdlm_jax.kernels import xla
+from qdlm_jax.quant import packing
+from qdlm_jax.quant.qarray import QuantizedArray
+from tests.kernels import numpy_qmatmul as ref
+
+# (K, N) of every quantized linear: q/k/v/o, gate/up, down.
+LLADA_8B = ((4096, 4096), (4096, 12288), (12288, 4096))
+DREAM_7B = ((3584, 3584), (3584, 512), (3584, 18944), (18944, 3584))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    lead: tuple  # x.shape[:-1]
+    k: int
+    n: int
+    bits: int
+    group_size: int  # -1: per channel
+    sym: bool
+    act_bits: int | None = None
+    dtype: str = "float32"
+    scale_dtype: str = "float32"
+
+
+# Small and non-multiple shapes for the fast suite: M, N and K that need padding, several
+# groups per K block and several K steps per group, leading dims, bf16, int paths.
+FAST_CASES = (
+    Case("w4a16_asym_g128_edges", (5,), 512, 200, 4, 128, False),
+    Case("w8a16_sym_g128_bf16_lead", (3, 2), 384, 128, 8, 128, True, dtype="bfloat16"),
+    Case("w4a16_asym_channel_bf16_scale", (9,), 256, 136, 4, -1, False,
+         scale_dtype="bfloat16"),
+    Case("w8a8_channel_bf16", (17,), 256, 128, 8, -1, True, act_bits=8, dtype="bfloat16"),
+    Case("w4a4_channel_kpad", (3,), 768, 130, 4, -1, True, act_bits=4),
+)
+
+
+def make_operands(case: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = ref.random_weight(rng, case.k, case.n, bits=case.bits, group_size=case.group_size,
+                          sym=case.sym, scale_dtype=jnp.dtype(case.scale_dtype))
+    x = jnp.asarray(rng.standard_normal((*case.lead, case.k)), jnp.dtype(case.dtype))
+    return x, w
+
+
+def check_against_xla_and_numpy(kernel_fn, case: Case, *, numpy_rows: int | None = None):
+    """kernel_fn(x, w, act_bits) vs the XLA path (exact for integer accumulation, within
+    float / bf16 rounding otherwise) and vs the NumPy statement (on `numpy_rows` rows)."""
+    x, w = make_operands(case)
+    y = kernel_fn(x, w, case.act_bits)
+    y_xla = jax.jit(xla.qmatmul, static_argnames="act_bits")(x, w, act_bits=case.act_bits)
+    assert y.shape == (*case.lead, case.n) and y.dtype == x.dtype
+    y = np.asarray(y.astype(jnp.float32)).reshape(-1, case.n)
+    y_xla = np.asarray(y_xla.astype(jnp.float32)).reshape(-1, case.n)
+    x2 = x.reshape(-1, case.k)
+    rows = slice(0, numpy_rows)
+    if case.act_bits is not None:
+        np.testing.assert_array_equal(y, y_xla)
+        expect = ref.act_quant(x2[rows], w, case.act_bits)
+        expect = np.asarray(jnp.asarray(expect).astype(x.dtype).astype(jnp.float32))
+        np.testing.assert_array_equal(y[rows], expect)
+        return
+    scale = np.abs(y_xla).max()
+    eps = 2.0 ** -7 if case.dtype == "bfloat16" else 1e-5  # bf16: one rounding of the output
+    np.testing.assert_allclose(y, y_xla, rtol=eps, atol=eps * scale)
+    expect = ref.weight_only(x2[rows], w)
+    # bf16 also rounds w_hat to bf16 before the dot, as the XLA path does.
+    tol = 2.0 ** -6 if case.dtype == "bfloat16" else 2e-5
+    np.testing.assert_allclose(y[rows], expect, rtol=tol, atol=tol * scale)
+
+
+def abstract_weight(k: int, n: int, *, bits: int = 4, group_size: int = 128,
+                    sym: bool = False, orientation: str = "in_out", g_idx: bool = False,
+                    scale_dtype=jnp.bfloat16) -> QuantizedArray:
+    """A QuantizedArray made of ShapeDtypeStructs only (logical [k, n] for "in_out")."""
+    n_out, n_in = (n, k) if orientation == "in_out" else (k, n)
+    gs = n_in if group_size == -1 else group_size
+    groups = n_in // gs
+    sds = jax.ShapeDtypeStruct
+    return QuantizedArray(
+        packed=sds((n_out, packing.packed_length(n_in, bits)), jnp.uint8),
+        scale=sds((n_out, groups), scale_dtype),
+        zero=None if sym else sds((n_out, packing.packed_length(groups, bits)), jnp.uint8),
+        g_idx=sds((n_in,), jnp.int32) if g_idx else None,
+        bits=bits, group_size=gs, shape=(k, n), orientation=orientation)
+
+
+# One lowering per (layer shape, config): decode (16 tokens) W4A16 asym g128 and prefill
+# (256 / 2048 tokens) W8A8, plus W8A16 and W4A4 once per model.
+def export_cases():
+    cases = []
+    for model, shapes in (("llada8b", LLADA_8B), ("dream7b", DREAM_7B)):
+        for k, n in shapes:
+            cases.append((f"{model}_{k}x{n}_w4a16_m16", 16, k, n, 4, 128, False, None))
+            cases.append((f"{model}_{k}x{n}_w8a8_m256", 256, k, n, 8, -1, True, 8))
+        k, n = shapes[1]
+        cases.append((f"{model}_{k}x{n}_w8a16_m1", 1, k, n, 8, 128, True, None))
+        cases.append((f"{model}_{k}x{n}_w4a4_m2048", 2048, k, n, 4, -1, True, 4))
+    return cases
+
+
+def export_kernel(qmatmul_fn, platform: str, case, **export_kwargs):
+    """jax.export of qmatmul_fn for one platform on ShapeDtypeStruct inputs; the module text."""
+    _, m, k, n, bits, group_size, sym, act_bits = case
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    w = abstract_weight(k, n, bits=bits, group_size=group_size, sym=sym)
+    fn = jax.jit(lambda x, w: qmatmul_fn(x, w, act_bits=act_bits))
+    exported = jax.export.export(fn, platforms=[platform], **export_kwargs)(x, w)
+    assert exported.platforms == (platform,)
+    assert exported.out_avals[0].shape == (m, n)
+    assert exported.mlir_module_serialized  # StableHLO bytecode (the artifact a runtime loads)
+    return exported.mlir_module()

@@ -1,0 +1,79 @@
+"""Pallas GPU (Triton) kernels: interpret mode on CPU vs the XLA path and NumPy, capability
+rules on ShapeDtypeStructs, and lowering (jax.export for "cuda") at the real layer shapes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from qdlm_jax.kernels import pallas_gpu
+from tests.kernels import kernel_cases as kc
+
+# Explicit blocks exercise several K steps per group, split-K (fp32 and int32 partials)
+# and K padding.
+BLOCKS = {"w4a16_asym_g128_edges": pallas_gpu.Blocks(16, 64, 64, 2),
+          "w4a4_channel_kpad": pallas_gpu.Blocks(16, 32, 128, 4)}
+# Triton's custom call has no export compatibility guarantee: the check must be waived.
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _interpret(blocks):
+    @functools.partial(jax.jit, static_argnames="act_bits")
+    def run(x, w, act_bits):
+        return pallas_gpu.qmatmul(x, w, act_bits=act_bits, interpret=True, blocks=blocks)
+    return lambda x, w, act_bits: run(x, w, act_bits=act_bits)
+
+
+@pytest.mark.parametrize("case", kc.FAST_CASES, ids=lambda c: c.name)
+def test_interpret_matches_xla_and_numpy(case):
+    kc.check_against_xla_and_numpy(_interpret(BLOCKS.get(case.name)), case)
+
+
+def test_supports_on_shape_dtype_structs():
+    x = jax.ShapeDtypeStruct((16, 3584), jnp.bfloat16)
+    w = kc.abstract_weight(3584, 18944)
+    assert pallas_gpu.supports(x, w)
+    assert pallas_gpu.supports(jax.ShapeDtypeStruct((16, 3584), jnp.float16), w)
+    assert pallas_gpu.supports(x, kc.abstract_weight(3584, 18944, group_size=64, sym=True))
+    assert pallas_gpu.supports(x, kc.abstract_weight(3584, 512, bits=8, group_size=-1,
+                                                     sym=True), act_bits=8)
+    refused = {
+        "orientation": (x, kc.abstract_weight(3584, 512, orientation="out_in"), None),
+        "g_idx": (x, kc.abstract_weight(3584, 512, g_idx=True), None),
+        "2-bit": (x, kc.abstract_weight(3584, 512, bits=2), None),
+        "group_size=16": (jax.ShapeDtypeStruct((16, 256), jnp.bfloat16),
+                          kc.abstract_weight(256, 512, group_size=16), None),
+        "int8": (jax.ShapeDtypeStruct((16, 3584), jnp.int8), w, None),
+        "per-channel": (x, w, 4),
+        "sym=False": (x, kc.abstract_weight(3584, 512, bits=4, group_size=-1), 4),
+    }
+    for needle, (xs, ws, act_bits) in refused.items():
+        ok, reason = pallas_gpu.supports(xs, ws, act_bits)
+        assert not ok and needle in reason, (needle, reason)
+
+
+def test_blocks_for_decode_split_k_and_prefill():
+    b = pallas_gpu.choose_blocks(1, 4096, 4096, group_size=128, n_groups=32)
+    assert b == pallas_gpu.Blocks(bm=16, bn=64, bk=128, split=4)  # 64 tiles -> 256 programs
+    b = pallas_gpu.choose_blocks(16, 512, 3584, group_size=128, n_groups=28)
+    assert b.split == 4 and (3584 // 128) % b.split == 0  # 8 tiles, 28 K steps
+    b = pallas_gpu.choose_blocks(2048, 12288, 4096, group_size=128, n_groups=32)
+    assert b == pallas_gpu.Blocks(bm=128, bn=128, bk=128, split=1)
+    assert pallas_gpu.choose_blocks(16, 64, 64, group_size=48, n_groups=2) is None
+
+
+def test_bad_blocks_raise():
+    x, w = kc.make_operands(kc.FAST_CASES[0])
+    with pytest.raises(ValueError, match="powers of two"):
+        pallas_gpu.qmatmul(x, w, interpret=True, blocks=pallas_gpu.Blocks(16, 48, 64, 1))
+    with pytest.raises(ValueError, match="bk=256 must divide group_size=128"):
+        pallas_gpu.qmatmul(x, w, interpret=True, blocks=pallas_gpu.Blocks(16, 64, 256, 1))
+
+
+def test_exports_for_cuda_at_llada_and_dream_layer_shapes():
+    waive = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    for case in kc.export_cases():
+        text = kc.export_kernel(pallas_gpu.qmatmul, "cuda", case, disabled_checks=waive)
+        assert text.count(TRITON_CALL) == 1, case[0]
