@@ -82,8 +82,10 @@ def supports(x, w, act_bits=None) -> Support:
     """Whether these kernels take the call (else `qmatmul` falls back to XLA).
 
     Rules: QuantizedArray "in_out" without g_idx; 4- or 8-bit codes; x bf16 or f32;
-    group_size == K, or a multiple of 128 up to 1024; with act_bits, per-channel
-    symmetric weights. Shapes need not divide the blocks (M, N, K are padded).
+    group_size == K, or a multiple of 128 that a K block (1024/512/256 codes, also 128 for
+    8 bits) either holds at most 8 times or divides (e.g. 128, 256, 512, 1024, 2048; not
+    384 for 4 bits); with act_bits, per-channel symmetric weights. Shapes need not divide
+    the blocks (M, N, K are padded).
     """
     basic = common.basic_support(x, w, act_bits, dtypes=DTYPES)
     if not basic:

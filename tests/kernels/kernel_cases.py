@@ -4,6 +4,7 @@ shapes for lowering checks, and abstract (ShapeDtypeStruct-only) weights."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,30 +54,51 @@ def make_operands(case: Case, seed: int = 0):
     return x, w
 
 
-def check_against_xla_and_numpy(kernel_fn, case: Case, *, numpy_rows: int | None = None):
-    """kernel_fn(x, w, act_bits) vs the XLA path (exact for integer accumulation, within
-    float / bf16 rounding otherwise) and vs the NumPy statement (on `numpy_rows` rows)."""
+def interpreted(kernel_module, blocks=None):
+    """fn(x, w, act_bits): the module's qmatmul in interpret mode, jitted (so each case
+    compiles once instead of dispatching every op eagerly)."""
+    @functools.partial(jax.jit, static_argnames="act_bits")
+    def run(x, w, act_bits):
+        return kernel_module.qmatmul(x, w, act_bits=act_bits, interpret=True, blocks=blocks)
+    return lambda x, w, act_bits: run(x, w, act_bits=act_bits)
+
+
+def first_columns(w: QuantizedArray, n: int) -> QuantizedArray:
+    """The weight restricted to its first `n` output columns (an "in_out" weight)."""
+    return w.replace(packed=w.packed[:n], scale=w.scale[:n],
+                     zero=None if w.zero is None else w.zero[:n], shape=(w.shape[0], n))
+
+
+def check_against_xla_and_numpy(kernel_fns, case: Case, *, numpy_rows: int | None = None,
+                                numpy_cols: int | None = None):
+    """Each kernel_fn(x, w, act_bits) vs the XLA path (exact for integer accumulation,
+    within float / bf16 rounding otherwise), and the XLA path vs the NumPy statement (on
+    the first `numpy_rows` x `numpy_cols` outputs: a row's result only needs its row)."""
     x, w = make_operands(case)
-    y = kernel_fn(x, w, case.act_bits)
     y_xla = jax.jit(xla.qmatmul, static_argnames="act_bits")(x, w, act_bits=case.act_bits)
-    assert y.shape == (*case.lead, case.n) and y.dtype == x.dtype
-    y = np.asarray(y.astype(jnp.float32)).reshape(-1, case.n)
     y_xla = np.asarray(y_xla.astype(jnp.float32)).reshape(-1, case.n)
-    x2 = x.reshape(-1, case.k)
-    rows = slice(0, numpy_rows)
-    if case.act_bits is not None:
-        np.testing.assert_array_equal(y, y_xla)
-        expect = ref.act_quant(x2[rows], w, case.act_bits)
-        expect = np.asarray(jnp.asarray(expect).astype(x.dtype).astype(jnp.float32))
-        np.testing.assert_array_equal(y[rows], expect)
-        return
     scale = np.abs(y_xla).max()
     eps = 2.0 ** -7 if case.dtype == "bfloat16" else 1e-5  # bf16: one rounding of the output
-    np.testing.assert_allclose(y, y_xla, rtol=eps, atol=eps * scale)
-    expect = ref.weight_only(x2[rows], w)
-    # bf16 also rounds w_hat to bf16 before the dot, as the XLA path does.
-    tol = 2.0 ** -6 if case.dtype == "bfloat16" else 2e-5
-    np.testing.assert_allclose(y[rows], expect, rtol=tol, atol=tol * scale)
+    for kernel_fn in kernel_fns:
+        y = kernel_fn(x, w, case.act_bits)
+        assert y.shape == (*case.lead, case.n) and y.dtype == x.dtype
+        y = np.asarray(y.astype(jnp.float32)).reshape(-1, case.n)
+        if case.act_bits is not None:
+            np.testing.assert_array_equal(y, y_xla)
+        else:
+            np.testing.assert_allclose(y, y_xla, rtol=eps, atol=eps * scale)
+    x2 = x.reshape(-1, case.k)[:numpy_rows]
+    cols = slice(0, numpy_cols)
+    w_sub = w if numpy_cols is None else first_columns(w, numpy_cols)
+    if case.act_bits is not None:
+        expect = ref.act_quant(x2, w_sub, case.act_bits)
+        expect = np.asarray(jnp.asarray(expect).astype(x.dtype).astype(jnp.float32))
+        np.testing.assert_array_equal(y_xla[:numpy_rows, cols], expect)
+    else:
+        # bf16 also rounds w_hat to bf16 before the dot, as every path does.
+        tol = 2.0 ** -6 if case.dtype == "bfloat16" else 2e-5
+        np.testing.assert_allclose(y_xla[:numpy_rows, cols], ref.weight_only(x2, w_sub),
+                                   rtol=tol, atol=tol * scale)
 
 
 def abstract_weight(k: int, n: int, *, bits: int = 4, group_size: int = 128,

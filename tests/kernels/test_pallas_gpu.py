@@ -1,8 +1,6 @@
 """Pallas GPU (Triton) kernels: interpret mode on CPU vs the XLA path and NumPy, capability
 rules on ShapeDtypeStructs, and lowering (jax.export for "cuda") at the real layer shapes."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,16 +17,9 @@ BLOCKS = {"w4a16_asym_g128_edges": pallas_gpu.Blocks(16, 64, 64, 2),
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def _interpret(blocks):
-    @functools.partial(jax.jit, static_argnames="act_bits")
-    def run(x, w, act_bits):
-        return pallas_gpu.qmatmul(x, w, act_bits=act_bits, interpret=True, blocks=blocks)
-    return lambda x, w, act_bits: run(x, w, act_bits=act_bits)
-
-
 @pytest.mark.parametrize("case", kc.FAST_CASES, ids=lambda c: c.name)
 def test_interpret_matches_xla_and_numpy(case):
-    kc.check_against_xla_and_numpy(_interpret(BLOCKS.get(case.name)), case)
+    kc.check_against_xla_and_numpy([kc.interpreted(pallas_gpu, BLOCKS.get(case.name))], case)
 
 
 def test_supports_on_shape_dtype_structs():
