@@ -12,10 +12,12 @@ mid-write) is dropped, lines are deduplicated by cell key (the last wins), and c
 already present are skipped; a (model, method, bits) whose cells are all done is not
 quantized again. The cell key is
 
-    model | method | w<bits> | <hash of the quantize config> | task | <hash of the task spec>
+    model | method | w<bits> | <hash of the study's quantize settings> | task | <task spec hash>
 
-so changing a task's or the quantizer's settings makes new cells instead of reusing old
-ones.
+so changing a task's settings or the study's quantizer settings (`quantize`,
+`method_overrides`) makes new cells instead of reusing old ones. Defaults inside
+configs/quantize.py are not part of the key (a new key added there with a default must not
+throw away hours of finished cells); every line records the full resolved config.
 
 Outputs in `out_dir`: `results.jsonl`, `table.md` (rows model x method x bits with the fp
 row first; columns the tasks grouped by category, as in the QDLM paper's tables) and
@@ -39,7 +41,6 @@ from qdlm_jax.evals.tasks import CATEGORIES, TaskSpec, resolve_task, spec_dict, 
 FP = "fp"
 RESULTS = "results.jsonl"
 # Keys of the quantize config that do not change the quantized model.
-_QUANT_KEYS_IGNORED = ("model", "out_dir", "eval", "save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,7 @@ def quantize_config(spec: StudySpec, model: str, v: Variant):
     """The main job's config for one quantized variant."""
     from qdlm_jax.config_flags import apply_overrides, load_config_file
     cfg = load_config_file(spec.quantize_config)
-    flat = {"model": model, "method": v.method, "bits": v.bits, **spec.quantize,
-            **spec.method_overrides.get(v.method, {})}
+    flat = {"model": model, **quant_overrides(spec, v)}
     apply_overrides(cfg, [f"--config.{k}={_override_text(val)}" for k, val in
                           _flatten(flat).items()])
     return cfg
@@ -130,13 +130,21 @@ def _override_text(v) -> str:
     return str(v)
 
 
+def quant_overrides(spec: StudySpec, v: Variant) -> dict:
+    """What the study sets on the main job's config for one variant."""
+    return {"method": v.method, "bits": v.bits, **spec.quantize,
+            **spec.method_overrides.get(v.method, {})}
+
+
 def quant_hash(spec: StudySpec, model: str, v: Variant) -> str:
+    """Hash of the study's settings of a variant (config file name + its overrides). The
+    defaults inside the config file are not hashed, so a key added to configs/quantize.py
+    with a default does not invalidate finished cells; each line records the full resolved
+    config (`quantize_config`). Use a new out_dir after changing a default on purpose."""
     if v.method == FP:
         return "-"
-    cfg = quantize_config(spec, model, v).to_dict()
-    for k in _QUANT_KEYS_IGNORED:
-        cfg.pop(k, None)
-    text = json.dumps(cfg, sort_keys=True, default=str)
+    text = json.dumps({"config": Path(spec.quantize_config).name,
+                       **quant_overrides(spec, v)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -225,6 +233,7 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 fp_tm = make_variant(spec, model, Variant(FP), None)
             t0 = time.time()
             tm = fp_tm if v.method == FP else make_variant(spec, model, v, fp_tm)
+            qcfg = None if v.method == FP else quantize_config(spec, model, v).to_dict()
             make_s = time.time() - t0
             _log(f"{Path(model).name} {v.label}: {len(todo)} tasks to run "
                  f"(quantized in {make_s:.1f}s)" if v.method != FP else
@@ -238,7 +247,7 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                        "metric": r["metric"], "value": r["value"],
                        "higher_is_better": r["higher_is_better"], "n": r.get("n"),
                        "eval_s": time.time() - t1, "quantize_s": make_s,
-                       "task_spec": spec_dict(task), "result": r}
+                       "task_spec": spec_dict(task), "quantize_config": qcfg, "result": r}
                 append_line(path, rec)
                 done[rec["key"]] = rec
                 ran += 1

@@ -130,6 +130,16 @@ def test_quantize_config_passes_methods_and_overrides_through(tmp_path):
     h = {study.quant_hash(spec, spec.models[0], study.Variant(m, b))
          for m in ("rtn", "gptq") for b in (8, 4)}
     assert len(h) == 4
+    # A key added to the config file with a default does not change the cell keys.
+    extra = tmp_path / "quantize.py"
+    extra.write_text((ROOT / "configs" / "quantize.py").read_text().replace(
+        "    return c", "    c.new_knob = 1\n    return c"))
+    spec2 = make_spec(tmp_path, quantize_config=str(extra), quantize=spec.quantize,
+                      method_overrides=spec.method_overrides)
+    v = study.Variant("rtn", 4)
+    assert study.quant_hash(spec2, spec2.models[0], v) == study.quant_hash(spec, spec.models[0],
+                                                                           v)
+    assert study.quantize_config(spec2, spec2.models[0], v).new_knob == 1
 
 
 def config(**kw):

@@ -96,13 +96,15 @@ def test_fewshot_preamble():
         mc.fewshot_split(items, 4)
 
 
-def test_tiny_model_end_to_end(tmp_path, tiny_llada):
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_tiny_model_end_to_end(tmp_path, request, family):
+    tm = request.getfixturevalue(f"tiny_{family}")
     # Options of equal token length share one compiled Monte Carlo loop.
     rows = [{"query": "Question: 12+34=? Answer:", "choices": ["46", "47"], "gold": 0},
             {"query": "Question: 21+13=? Answer:", "choices": ["35", "34"], "gold": 1}]
     spec = MCTask(name="tiny", path=str(write_jsonl(tmp_path / "t.jsonl", rows)), mc_num=8,
                   batch_size=8)
-    r = run_task(tiny_llada, spec, progress=False)
+    r = run_task(tm, spec, progress=False)
     assert r["metric"] == "acc" and r["n"] == 2 and r["value"] in (0.0, 0.5, 1.0)
     assert all(np.isfinite(e["loglik"]).all() for e in r["examples"])
-    assert r == run_task(tiny_llada, spec, progress=False) | {"time_s": r["time_s"]}
+    assert r == run_task(tm, spec, progress=False) | {"time_s": r["time_s"]}  # seeded
