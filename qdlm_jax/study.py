@@ -354,6 +354,7 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
             return scale * float(np.mean(vals)) if len(vals) == len(ctasks) else None
 
         fp = mean_of(FP, None)
+        shown = [fp] if fp is not None else []
         if fp is not None:
             ax.axhline(fp, color="black", linestyle="--", linewidth=1.2, label="fp")
         all_bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
@@ -362,6 +363,12 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
             pts = [(b, y) for b, y in pts if y is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m.upper())
+                shown += [p[1] for p in pts]
+        if pct and shown:  # a percentage axis: at least 10 points tall, inside [0, 100]
+            mid = (min(shown) + max(shown)) / 2
+            half = max(5.0, (max(shown) - min(shown)) / 2 + 2.0)
+            lo = min(max(0.0, mid - half), 100.0 - 2 * half)
+            ax.set_ylim(max(0.0, lo), min(100.0, max(0.0, lo) + 2 * half))
         ax.set_xticks(all_bits or [4])
         if all_bits:
             ax.set_xlim(max(all_bits) + 0.5, min(all_bits) - 0.5)  # fewer bits to the right
