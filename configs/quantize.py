@@ -7,11 +7,21 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.model = "assets/tiny-llada"  # HF checkpoint dir or qdlm checkpoint
     c.out_dir = "runs/quantize"  # a run directory per (method, bits, calibration) is made here
-    c.method = "gptq"  # rtn | gptq | awq
+    c.method = "gptq"  # rtn | gptq | awq | smoothquant | quarot | duquant
     c.bits = 4  # 2 | 3 | 4 | 8
     c.group_size = 128  # 32 | 64 | 128 | -1 (per output channel)
     c.sym = False
     c.clip_ratio = 1.0
+    # Activation bits of every linear input: 16 = float (weight-only PTQ); 8 or 4 with
+    # smoothquant | quarot | duquant, or with rtn / gptq as the untransformed baseline.
+    c.act_bits = 16
+    c.act = ml_collections.ConfigDict(dict(granularity="per_token", sym=True, clip_ratio=1.0))
+    c.wa = ml_collections.ConfigDict(dict(
+        alpha=0.5,  # smoothing migration strength (smoothquant, duquant)
+        weight_quantizer="rtn",  # rtn | gptq: how smoothquant/quarot/duquant round weights
+        block=128, rotation_steps=256,  # duquant
+        online_heads=True,  # quarot: Hadamard across heads before o_proj
+        quantize_lm_head=False, seed=0))
     c.calibration = "clean"  # clean | masked | trajectory
     c.calib = ml_collections.ConfigDict(dict(
         source="bigbench-wikipedia", n_samples=32, seq_len=128, prefix_frac=0.0,

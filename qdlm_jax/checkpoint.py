@@ -5,12 +5,17 @@ Layout of a checkpoint directory:
                         "quantized": {param name: static QuantizedArray fields}, "meta": {...}}
     params/            orbax StandardCheckpointer tree {"layers.0.q_proj.kernel": array, ...};
                        a quantized kernel is a sub-tree {"packed", "scale"[, "zero", "g_idx"]}
-                       of real packed integers (a W4 checkpoint stores half a byte a weight)
+                       of real packed integers (a W4 checkpoint stores half a byte a weight);
+                       an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
+                       (array or packed sub-tree)[, "r1", "perm", "r2", "act_range"]} whose
+                       static fields ("kind": "act_kernel", transform kind, ActSpec) are in
+                       "quantized"
     tokenizer.json     (copied from the source when there is one)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -36,19 +41,62 @@ _QLEAVES = ("packed", "scale", "zero", "g_idx")
 _QSTATIC = ("bits", "group_size", "shape", "orientation")
 
 
+def _split_qarray(v):
+    return ({f: getattr(v, f) for f in _QLEAVES if getattr(v, f) is not None},
+            {f: (list(getattr(v, f)) if f == "shape" else getattr(v, f)) for f in _QSTATIC})
+
+
 def _split_quantized(params):
-    """({name: array or dict of QuantizedArray leaves}, {name: static fields})."""
-    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415 (import cycle)
+    """({name: array or dict of quantized leaves}, {name: static fields})."""
+    from qdlm_jax.quant.act_kernel import ActKernel  # noqa: PLC0415 (import cycle)
+    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
     tree, quantized = {}, {}
     for p, v in params.items():
         k = path_str(p)
         if isinstance(v, QuantizedArray):
-            tree[k] = {f: getattr(v, f) for f in _QLEAVES if getattr(v, f) is not None}
-            quantized[k] = {f: (list(getattr(v, f)) if f == "shape" else getattr(v, f))
-                            for f in _QSTATIC}
+            tree[k], quantized[k] = _split_qarray(v)
+        elif isinstance(v, ActKernel):
+            sub, static = {}, {"kind": "act_kernel", "weight": None, "transform": None,
+                               "act": None}
+            if isinstance(v.weight, QuantizedArray):
+                sub["weight"], static["weight"] = _split_qarray(v.weight)
+            else:
+                sub["weight"] = v.weight
+            if v.transform is not None:
+                t = v.transform
+                static["transform"] = {"kind": t.kind, "n_heads": t.n_heads}
+                sub.update({f: getattr(t, f) for f in ("r1", "perm", "r2")
+                            if getattr(t, f) is not None})
+            if v.act is not None:
+                static["act"] = dataclasses.asdict(v.act)
+            if v.act_range is not None:
+                sub["act_range"] = v.act_range
+            tree[k], quantized[k] = sub, static
         else:
             tree[k] = v
     return tree, quantized
+
+
+def _join_quantized(v: dict, static: dict):
+    """Inverse of `_split_quantized` for one entry."""
+    from qdlm_jax.quant.act_core import ActSpec  # noqa: PLC0415 (import cycle)
+    from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform  # noqa: PLC0415
+    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
+
+    def qarray(leaves, fields):
+        fields = dict(fields)
+        fields["shape"] = tuple(fields["shape"])
+        return QuantizedArray(**dict(leaves), **fields)
+
+    if static.get("kind") != "act_kernel":
+        return qarray(v, static)
+    weight = v["weight"] if static["weight"] is None else qarray(v["weight"], static["weight"])
+    transform = None
+    if static["transform"] is not None:
+        transform = OnlineTransform(**{f: v[f] for f in ("r1", "perm", "r2") if f in v},
+                                    **static["transform"])
+    act = None if static["act"] is None else ActSpec(**static["act"])
+    return ActKernel(weight=weight, transform=transform, act_range=v.get("act_range"), act=act)
 
 
 def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
@@ -65,6 +113,13 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
             {"format": FORMAT, "model": config.to_dict(), "quantized": quantized,
              "meta": meta or {}}, indent=2))
     return Path(path).absolute()
+
+
+def _as_dict(tree):
+    """Nested mappings (orbax metadata or restored trees) as plain dicts."""
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        return {k: _as_dict(v) for k, v in dict(tree).items()}
+    return tree
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -104,17 +159,15 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
         for k, m in dict(tree_meta).items():
             p = parse_path(k)
             if k in quantized:  # packed leaves stay whole on one device for now
-                target[k] = {f: leaf(p, mm, False) for f, mm in dict(m).items()}
+                target[k] = jax.tree.map(lambda mm: leaf(p, mm, False), _as_dict(m),
+                                         is_leaf=lambda x: hasattr(x, "shape"))
             else:
                 target[k] = leaf(p, m, True)
         tree = ckptr.restore(path / "params", target)
     params = {}
     for k, v in tree.items():
         if k in quantized:
-            from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
-            static = dict(quantized[k])
-            static["shape"] = tuple(static["shape"])
-            params[parse_path(k)] = QuantizedArray(**dict(v), **static)
+            params[parse_path(k)] = _join_quantized(_as_dict(v), quantized[k])
         else:
             params[parse_path(k)] = v
     if dtype is not None:

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.config import ModelConfig
-from qdlm_jax.models.project import project
+from qdlm_jax.models.project import prepare_input, project
 
 _INIT_STD = 0.02
 
@@ -42,10 +42,13 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array, capture: Capture | None = None) -> jax.Array:
+        # A kernel with an input stage (online rotation, activation quantization) transforms
+        # x first; hook points record what the weight multiplies.
+        x, kernel = prepare_input(x, self.kernel[...])
         if capture is not None:
             capture.record(self.name, x)
         bias = None if self.bias is None else self.bias[...]
-        return project(x, self.kernel[...], bias)
+        return project(x, kernel, bias)
 
 
 class RMSNorm(nnx.Module):

@@ -14,11 +14,29 @@ import jax.numpy as jnp
 
 # Kernel types other than plain arrays register a matmul here: {type: fn(x, kernel) -> y}.
 _KERNEL_MATMULS: dict[type, Callable[[jax.Array, Any], jax.Array]] = {}
+# ... and optionally an input stage: {type: fn(x, kernel) -> (x', inner kernel)}.
+_INPUT_STAGES: dict[type, Callable[[jax.Array, Any], tuple[jax.Array, Any]]] = {}
 
 
-def register_kernel_type(kernel_type: type, matmul: Callable[[jax.Array, Any], jax.Array]):
-    """Teaches `project` a new kernel type (e.g. a packed quantized weight)."""
+def register_kernel_type(kernel_type: type, matmul: Callable[[jax.Array, Any], jax.Array],
+                         input_stage: Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+                         | None = None):
+    """Teaches `project` a new kernel type (e.g. a packed quantized weight).
+
+    `input_stage(x, kernel) -> (x', inner)` is for kernels that transform their input first
+    (an online rotation, activation quantization): `prepare_input` applies it, so a linear
+    layer can record the input its weight really sees, then `project(x', inner)`.
+    """
     _KERNEL_MATMULS[kernel_type] = matmul
+    if input_stage is not None:
+        _INPUT_STAGES[kernel_type] = input_stage
+
+
+def prepare_input(x: jax.Array, kernel: Any) -> tuple[jax.Array, Any]:
+    """(input after the kernel's input stage, kernel that multiplies it); identity for plain
+    arrays and kernel types without an input stage."""
+    stage = _INPUT_STAGES.get(type(kernel))
+    return (x, kernel) if stage is None else stage(x, kernel)
 
 
 def project(x: jax.Array, kernel: Any, bias: jax.Array | None = None) -> jax.Array:

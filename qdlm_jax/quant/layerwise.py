@@ -31,6 +31,7 @@ from qdlm_jax.calibration.feeders import CalibBatch
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.dllm import DLLM, rope_angles
 from qdlm_jax.params import get_params, model_from_params
+from qdlm_jax.quant.act_kernel import inner_weight, with_weight
 from qdlm_jax.quant.gptq_core import gptq
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
@@ -59,18 +60,29 @@ class PTQSpec:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
 
 
-@functools.lru_cache(maxsize=64)
-def _block_fn(graphdef, names, weighted):
-    """jit: (block state, x, key_bias, cos, sin, w) -> (y, {name: weighted Gram of input})."""
+# What a block run records at each requested hook point, per chunk, and how chunks combine.
+CAPTURE_MODES = ("gram", "raw", "absmax", "minmax")
 
-    def gram(x, w):
-        x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
-        return jnp.einsum("ti,tj->ij", x * w.reshape(-1, 1), x)
+
+@functools.lru_cache(maxsize=64)
+def _block_fn(graphdef, names, mode):
+    """jit: (block state, x, key_bias, cos, sin, w) -> (y, {name: statistic of its input}):
+    gram = token-weighted x^T x, raw = the input itself, absmax = per-channel max |x|,
+    minmax = per-channel (min, max)."""
+
+    def stat(v, w):
+        v = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+        if mode == "gram":
+            return jnp.einsum("ti,tj->ij", v * w.reshape(-1, 1), v)
+        if mode == "absmax":
+            return jnp.max(jnp.abs(v), axis=0)
+        return jnp.stack([jnp.min(v, axis=0), jnp.max(v, axis=0)])
 
     @jax.jit
     def run(state, x, key_bias, cos, sin, w):
         block = nnx.merge(graphdef, state)
-        cap = Capture(names=names, fn=(lambda v: gram(v, w)) if weighted else (lambda v: v))
+        fn = (lambda v: v) if mode == "raw" else (lambda v: stat(v, w))
+        cap = Capture(names=names, fn=fn)
         y = block(x, key_bias, cos, sin, cap)
         return y, cap.values
 
@@ -88,9 +100,12 @@ class _BlockRunner:
         self.block, self.key_bias, self.cos, self.sin = block, key_bias, cos, sin
         self.weights, self.chunk = weights, chunk
 
-    def run(self, x, names=(), weighted=True):
+    def run(self, x, names=(), weighted=True, mode=None):
+        """(block output, {name: statistic}); `mode` one of CAPTURE_MODES (default: "gram"
+        if `weighted` else "raw")."""
+        mode = mode or ("gram" if weighted else "raw")
         graphdef, state = nnx.split(self.block)
-        fn = _block_fn(graphdef, tuple(names), weighted)
+        fn = _block_fn(graphdef, tuple(names), mode)
         ys, caps = [], []
         for a, b in _chunks(x.shape[0], self.chunk):
             kb = None if self.key_bias is None else self.key_bias[a:b]
@@ -100,23 +115,35 @@ class _BlockRunner:
         y = jnp.concatenate(ys)
         if not names:
             return y, {}
-        if weighted:
+        if mode == "gram":
             total = {n: sum(c[n] for c in caps) for n in names}
-        else:
+        elif mode == "raw":
             total = {n: jnp.concatenate([c[n] for c in caps]) for n in names}
+        elif mode == "absmax":
+            total = {n: functools.reduce(jnp.maximum, [c[n] for c in caps]) for n in names}
+        else:
+            total = {n: jnp.stack([jnp.min(jnp.stack([c[n][0] for c in caps]), axis=0),
+                                   jnp.max(jnp.stack([c[n][1] for c in caps]), axis=0)])
+                     for n in names}
         return y, total
 
 
+def _weight(block, name):
+    """The weight a block linear multiplies ([in, out]; inside an `ActKernel` if wrapped)."""
+    return inner_weight(getattr(block, name).kernel[...])
+
+
 def _set_kernel(block, name, value):
-    getattr(block, name).kernel.value = value
+    """Sets a linear's weight, keeping an `ActKernel`'s input stage around it."""
+    lin = getattr(block, name)
+    lin.kernel.value = with_weight(lin.kernel[...], value)
 
 
 def _stage(block, name, q: QuantizedArray, pending: dict):
     """Puts the dequantized weight in place for the rest of this block's calibration passes
     (same math as the packed matmul, and the block's jitted forward keeps one signature);
     the packed weight is installed by `_install` when the block is done."""
-    kernel = getattr(block, name).kernel[...]
-    _set_kernel(block, name, q.dequantize(kernel.dtype))
+    _set_kernel(block, name, q.dequantize(_weight(block, name).dtype))
     pending[name] = q
 
 
@@ -129,7 +156,7 @@ def _install(block, pending: dict):
 def _quantize_gptq(block, names, gram, weight_sum, spec: PTQSpec, pending: dict):
     h = 2.0 * gram / weight_sum
     for name in names:
-        kernel = getattr(block, name).kernel[...]
+        kernel = _weight(block, name)
         w = kernel.T.astype(jnp.float32)  # [out, in]
         r = gptq(w, h, bits=spec.weight.bits, group_size=spec.weight.group_size,
                  sym=spec.weight.sym, damp=spec.damp, block_size=spec.block_size,

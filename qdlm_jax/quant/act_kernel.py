@@ -1,0 +1,134 @@
+"""`ActKernel`: a linear kernel whose input is transformed online and quantized.
+
+    y = Q_a(T(x)) @ W        T: online transform (or identity), Q_a: activation fake
+                             quantization (`act_core`, or identity), W: float [in, out] or a
+                             packed `QuantizedArray`
+
+Online transforms (`OnlineTransform.kind`), all orthogonal so that pairing T with W' = T^T W
+leaves the float layer unchanged:
+
+    hadamard        x @ H_n / sqrt(n) on the whole input (QuaRot's down-projection input)
+    hadamard_heads  x @ (H_h / sqrt(h) (x) I_d) for an input of h heads of width d: mixes the
+                    heads (QuaRot's attention output, whose per-head part is folded offline)
+    duquant         x @ R1 @ P @ R2: block-diagonal rotations R1, R2 (blocks of size b, stored
+                    [n / b, b, b]) around a channel permutation P (stored as indices `perm`,
+                    (x @ P)[..., j] = x[..., perm[j]])
+
+The model's `Linear` calls `prepare_input`, which runs T and Q_a, records the result at the
+hook point and multiplies it by W through `project`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qdlm_jax.models.project import project, register_kernel_type
+from qdlm_jax.quant import act_core, hadamard_core
+
+KINDS = ("hadamard", "hadamard_heads", "duquant")
+
+
+@flax.struct.dataclass
+class OnlineTransform:
+    r1: jax.Array | None = None  # duquant [n/b, b, b]
+    perm: jax.Array | None = None  # duquant [n] int32
+    r2: jax.Array | None = None  # duquant [n/b, b, b]
+    kind: str = flax.struct.field(pytree_node=False, default="hadamard")
+    n_heads: int = flax.struct.field(pytree_node=False, default=1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return apply_transform(self, x)
+
+    def pair_weight(self, w: jax.Array) -> jax.Array:
+        """T^T W = (W^T T)^T for a kernel W [in, out]: the weight that, fed T(x), gives x @ W."""
+        return apply_transform(self, w.T).T
+
+
+def _block_rotate(x, r, transpose=False):
+    nb, b, _ = r.shape
+    y = x.astype(jnp.float32).reshape(*x.shape[:-1], nb, b)
+    eq = "...bi,bji->...bj" if transpose else "...bi,bij->...bj"
+    return jnp.einsum(eq, y, r.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
+
+
+def apply_transform(t: OnlineTransform, x: jax.Array, *, transpose: bool = False) -> jax.Array:
+    """x @ T (or x @ T^T) on the last axis, in fp32, cast back to x.dtype."""
+    if t.kind == "hadamard":
+        return (hadamard_core.rotate_transpose(x) if transpose
+                else hadamard_core.hadamard_transform(x))
+    if t.kind == "hadamard_heads":
+        h = t.n_heads
+        y = x.reshape(*x.shape[:-1], h, x.shape[-1] // h)
+        y = jnp.swapaxes(y, -1, -2)
+        y = hadamard_core.rotate_transpose(y) if transpose else hadamard_core.hadamard_transform(y)
+        return jnp.swapaxes(y, -1, -2).reshape(x.shape)
+    if t.kind == "duquant":
+        if transpose:  # (R1 P R2)^T = R2^T P^T R1^T
+            y = _block_rotate(x, t.r2, transpose=True)
+            y = jnp.zeros_like(y).at[..., t.perm].set(y)
+            return _block_rotate(y, t.r1, transpose=True)
+        y = _block_rotate(x, t.r1)
+        y = jnp.take(y, t.perm, axis=-1)
+        return _block_rotate(y, t.r2)
+    raise ValueError(f"OnlineTransform.kind={t.kind!r}: expected one of {KINDS}")
+
+
+@flax.struct.dataclass
+class ActKernel:
+    """A kernel [in, out] (float or `QuantizedArray`) with an input stage T then Q_a."""
+
+    weight: Any
+    transform: OnlineTransform | None = None
+    act_range: jax.Array | None = None  # [2] = (lo, hi) for per-tensor static quantization
+    act: act_core.ActSpec | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def shape(self):
+        return self.weight.shape
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    def __getitem__(self, key):
+        if key is Ellipsis:  # nnx.Param(value)[...] reads the whole value
+            return self
+        raise TypeError("ActKernel only supports [...] indexing")
+
+    def replace_weight(self, weight) -> "ActKernel":
+        return self.replace(weight=weight)
+
+
+def input_stage(x: jax.Array, k: ActKernel) -> tuple[jax.Array, Any]:
+    if k.transform is not None:
+        x = k.transform(x)
+    static = None if k.act_range is None else (k.act_range[0], k.act_range[1])
+    return act_core.fake_quant(x, k.act, static_range=static), k.weight
+
+
+def act_matmul(x: jax.Array, k: ActKernel) -> jax.Array:
+    x, w = input_stage(x, k)
+    return project(x, w)
+
+
+nnx.register_data_type(ActKernel)
+register_kernel_type(ActKernel, act_matmul, input_stage)
+
+
+def inner_weight(kernel):
+    """The weight a kernel multiplies (the kernel itself unless it is an `ActKernel`)."""
+    return kernel.weight if isinstance(kernel, ActKernel) else kernel
+
+
+def with_weight(kernel, weight):
+    """`kernel` with its weight replaced (keeps an `ActKernel`'s input stage)."""
+    return kernel.replace_weight(weight) if isinstance(kernel, ActKernel) else weight

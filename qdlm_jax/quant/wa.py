@@ -1,0 +1,229 @@
+"""Weight-activation PTQ, block by block: RTN baseline, SmoothQuant, QuaRot, DuQuant.
+
+    quarot:  params <- quarot.rotate(params)   (norms folded, residual stream rotated,
+                                                online Hadamards on o_proj / down_proj inputs)
+    x_0 = embed(calibration ids)
+    for block i:
+        smoothquant / duquant, group by group (q,k,v) -> (o) -> (gate,up) -> (down):
+            m = per-channel max |input| on x_i;  s = smooth_scales(m, W, alpha)
+            fold 1/s into the producer (RMSNorm weight or the producing linear's outputs;
+            o_proj is skipped with GQA, where no exact fold exists), W <- W * s
+            duquant: T = R1 P R2 from m / s (duquant_core); W <- T^T W, T applied online
+        weights: RTN on the configured grid, or GPTQ on Hessians of the inputs the weights
+                 really see (after the online transforms, activations in float)
+        activations: every linear's input quantized per token (dynamic) or per tensor (static
+                 range calibrated here), after its online transform
+        x_{i+1} = quantized block_i(x_i)
+
+The attention products (Q K^T, P V) stay in floating point, so queries, keys and values are
+never quantized; the LM head stays in floating point unless `quantize_lm_head`. With
+`weight=None` and `act=None` only the transforms are applied: the float model computes the
+same function (the invariance the tests check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from qdlm_jax.calibration.feeders import CalibBatch
+from qdlm_jax.models.dllm import DLLM, rope_angles
+from qdlm_jax.params import get_params, model_from_params
+from qdlm_jax.quant import awq_core, duquant_core, quarot, smoothquant_core
+from qdlm_jax.quant.act_core import ActSpec
+from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform, inner_weight
+from qdlm_jax.quant.awq import _PRODUCERS as _AWQ_PRODUCERS
+from qdlm_jax.quant.layerwise import (GROUPS, PTQSpec, _BlockRunner, _install,
+                                      _quantize_gptq, _set_kernel, _stage, _weight)
+from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.quantizer_core import QuantSpec
+
+WA_METHODS = ("rtn", "smoothquant", "quarot", "duquant")
+WEIGHT_QUANTIZERS = ("rtn", "gptq")
+# group -> (producer of its input, kind): the same folding points as AWQ's
+PRODUCERS = _AWQ_PRODUCERS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WASpec:
+    method: str  # rtn | smoothquant | quarot | duquant
+    weight: QuantSpec | None  # None: weights stay in float
+    act: ActSpec | None  # None: activations stay in float
+    weight_quantizer: str = "rtn"  # rtn | gptq
+    alpha: float = 0.5  # smoothing migration strength (smoothquant, duquant)
+    block: int = 128  # duquant rotation block
+    rotation_steps: int = 256  # duquant greedy steps per block
+    online_heads: bool = True  # quarot: mix heads online before o_proj
+    quantize_lm_head: bool = False
+    seed: int = 0  # quarot signs, duquant rotations
+    damp: float = 0.01  # GPTQ
+    block_size: int = 128  # GPTQ
+    chunk: int = 8  # calibration sequences per forward chunk
+
+    def __post_init__(self):
+        if self.method not in WA_METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {WA_METHODS}")
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"weight_quantizer={self.weight_quantizer!r}: expected one of "
+                             f"{WEIGHT_QUANTIZERS}")
+        if self.block <= 0 or self.block & (self.block - 1):
+            raise ValueError(f"DuQuant block={self.block}: expected a power of two")
+
+    def gptq_spec(self) -> PTQSpec:
+        return PTQSpec(method="gptq", weight=self.weight, damp=self.damp,
+                       block_size=self.block_size, chunk=self.chunk)
+
+
+def _foldable(block, group, producer, kind) -> bool:
+    if kind == "norm":
+        return True
+    return _weight(block, producer).shape[1] == _weight(block, group[0]).shape[0]
+
+
+def _fold_smoothing(block, group, producer, kind, s):
+    """x / s folded into the producer, W * s into the group's weights (exact)."""
+    nxt = [_weight(block, n) for n in group]
+    if kind == "norm":
+        norm = getattr(block, producer)
+        new_prev, new_next, _ = awq_core.fold_scales(norm.scale[...], nxt, s, layout="in_out")
+        norm.scale.value = new_prev
+    else:
+        lin = getattr(block, producer)
+        bias = None if lin.bias is None else lin.bias[...]
+        new_prev, new_next, new_bias = awq_core.fold_scales(_weight(block, producer), nxt, s,
+                                                            prev_bias=bias, layout="in_out")
+        _set_kernel(block, producer, new_prev)
+        if bias is not None:
+            lin.bias.value = new_bias
+    for n, w in zip(group, new_next):
+        _set_kernel(block, n, w)
+
+
+def _wrap_transform(block, name, t: OnlineTransform):
+    w = _weight(block, name)
+    getattr(block, name).kernel.value = ActKernel(weight=t.pair_weight(w).astype(w.dtype),
+                                                  transform=t)
+
+
+def _transform_block(block, runner, x, prefix, spec: WASpec, seed: int) -> dict:
+    """Smoothing (and DuQuant's rotations) for every group of one block. The folds and
+    rotations are exact, so each group's input statistics are those of the float block and
+    one capture run serves all four groups."""
+    info = {}
+    names = tuple(prefix + g[0] for g in GROUPS)
+    _, cap = runner.run(x, names, mode="absmax")
+    for group in GROUPS:
+        producer, kind = PRODUCERS[group]
+        m = cap[prefix + group[0]]
+        entry = {"act_absmax": float(jnp.max(m))}
+        if _foldable(block, group, producer, kind):
+            s = smoothquant_core.smooth_scales(m, [_weight(block, n).T for n in group],
+                                               alpha=spec.alpha)
+            _fold_smoothing(block, group, producer, kind, s)
+            m = m / s
+            entry["smoothed_absmax"] = float(jnp.max(m))
+        else:
+            entry["note"] = "no exact smoothing fold (GQA v -> o): not smoothed"
+        if spec.method == "duquant":
+            r1, perm, r2 = duquant_core.dual_transform(np.asarray(m), block=spec.block,
+                                                       steps=spec.rotation_steps, seed=seed)
+            t = OnlineTransform(kind="duquant", r1=jnp.asarray(r1), perm=jnp.asarray(perm),
+                                r2=jnp.asarray(r2))
+            for n in group:
+                _wrap_transform(block, n, t)
+        info[group[0]] = entry
+    return info
+
+
+def _quantize_weights(block, runner, x, prefix, spec: WASpec, weight_sum, pending):
+    ws = spec.weight
+    for group in GROUPS:
+        if spec.weight_quantizer == "gptq":
+            names = tuple(prefix + g for g in group)
+            _, grams = runner.run(x, names[:1], mode="gram")
+            _quantize_gptq(block, group, grams[names[0]], weight_sum, spec.gptq_spec(), pending)
+        else:
+            for name in group:
+                w = _weight(block, name)
+                _stage(block, name, QuantizedArray.quantize(w, ws, scale_dtype=w.dtype), pending)
+
+
+def _add_act_quant(block, runner, x, prefix, act: ActSpec):
+    names = [n for g in GROUPS for n in g]
+    ranges = {}
+    if act.granularity == "per_tensor":
+        _, cap = runner.run(x, tuple(prefix + n for n in names), mode="minmax")
+        ranges = {n: jnp.stack([jnp.min(cap[prefix + n][0]), jnp.max(cap[prefix + n][1])])
+                  for n in names}
+    for n in names:
+        lin = getattr(block, n)
+        k = lin.kernel[...]
+        base = k if isinstance(k, ActKernel) else ActKernel(weight=k)
+        lin.kernel.value = base.replace(act=act, act_range=ranges.get(n))
+
+
+def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
+                      progress: bool = True) -> tuple[DLLM, dict]:
+    """Returns (transformed and quantized model, stats). The input model is not modified."""
+    t0 = time.time()
+    config = model.config
+    stats = {"method": spec.method, "weight_bits": spec.weight and spec.weight.bits,
+             "act_bits": spec.act and spec.act.bits, "layers": {}}
+    params = dict(get_params(model))
+    if spec.method == "quarot":
+        params, stats["quarot"] = quarot.rotate(params, config, seed=spec.seed,
+                                                online_heads=spec.online_heads)
+    qmodel = model_from_params(config, params)
+    needs_calib = (spec.method in ("smoothquant", "duquant") or spec.weight_quantizer == "gptq"
+                   or (spec.act is not None and spec.act.granularity == "per_tensor"))
+    if needs_calib and calib is None:
+        raise ValueError(f"method={spec.method!r} with these settings needs calibration data")
+    if calib is None:  # RTN weights / dynamic activations only: one dummy row drives the loop
+        one = np.ones((1, 8), np.int32)
+        calib = CalibBatch(ids=one * config.mask_token_id, attention_mask=one,
+                           is_masked=one.astype(bool), token_weights=one.astype(np.float32),
+                           mask_ratio=np.ones((1,), np.float32))
+
+    ids = jnp.asarray(calib.ids)
+    n, t = ids.shape
+    mask = jnp.asarray(calib.attention_mask)
+    key_bias = None if bool(jnp.all(mask == 1)) else jnp.where(
+        mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    cos, sin = rope_angles(pos, config.head_dim, config.rope_theta)
+    weights = jnp.asarray(calib.token_weights, jnp.float32)
+    weight_sum = float(weights.sum())
+    x = jnp.take(qmodel.embed[...], ids, axis=0).astype(config.compute_dtype)
+
+    label = f"{spec.method} W{spec.weight.bits if spec.weight else 16}A" \
+            f"{spec.act.bits if spec.act else 16}"
+    for i, block in enumerate(tqdm(qmodel.layers, desc=label, disable=not progress)):
+        runner = _BlockRunner(block, key_bias, cos, sin, weights, spec.chunk)
+        prefix = f"layers.{i}."
+        layer_stats, pending = {}, {}
+        if spec.method in ("smoothquant", "duquant"):
+            layer_stats["transform"] = _transform_block(block, runner, x, prefix, spec,
+                                                        seed=spec.seed + 1000 * i)
+        if spec.weight is not None:
+            _quantize_weights(block, runner, x, prefix, spec, weight_sum, pending)
+            _install(block, pending)
+        if spec.act is not None:
+            _add_act_quant(block, runner, x, prefix, spec.act)
+        x, _ = runner.run(x)
+        stats["layers"][i] = layer_stats
+    if spec.quantize_lm_head and (spec.weight is not None or spec.act is not None):
+        head = qmodel.lm_head
+        w = inner_weight(head.kernel[...])
+        if spec.weight is not None:
+            w = QuantizedArray.quantize(w, spec.weight, scale_dtype=w.dtype)
+        if spec.act is not None and spec.act.granularity == "per_tensor":
+            raise ValueError("quantize_lm_head with per_tensor activations is not supported; "
+                             "use per_token")
+        head.kernel.value = ActKernel(weight=w, act=spec.act)
+    stats["time_s"] = time.time() - t0
+    return qmodel, stats
