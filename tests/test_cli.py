@@ -76,7 +76,9 @@ def test_config_overrides_keep_types():
 
 @pytest.mark.parametrize("override,message", [
     ("--config.bits=5", "QuantSpec.bits=5 is not supported"),
-    ("--config.method=smoothquant", "--config.method='smoothquant'"),
+    ("--config.method=sparsegpt", "--config.method='sparsegpt'"),
+    ("--config.method=smoothquant", "needs --config.act_bits=8 or 4"),
+    ("--config.act_bits=6", "--config.act_bits=6"),
     ("--config.calibration=noisy", "calibration='noisy'"),
 ])
 def test_quantize_rejects_bad_config_before_work(capsys, override, message):

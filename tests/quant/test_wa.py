@@ -3,6 +3,7 @@ smoothing and plain RTN at W4A4 on a model with outlier channels, quantized mode
 load, and sharded params give the single-device result."""
 
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -20,6 +21,11 @@ from qdlm_jax.sharding import make_mesh
 from qdlm_jax.testing import tiny_config, write_hf_checkpoint
 
 
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
 def _calib(model, n=8, t=32, seed=0):
     windows = np.random.default_rng(seed).integers(4, model.config.vocab_size - 4, (n, t))
     return windows, build_calibration(model, windows, CalibSpec(n_samples=n, seq_len=t))
@@ -32,11 +38,11 @@ def test_transforms_leave_the_float_model_unchanged(family):
     model = load_model(f"assets/tiny-{family}", dtype="float32")
     windows, calib = _calib(model)
     ids = jnp.asarray(windows[:2])
-    ref = np.asarray(model(ids))
+    ref = np.asarray(_forward(model, ids))
     for method in ("smoothquant", "quarot", "duquant"):
         t, _ = quantize_model_wa(model, calib, WASpec(method=method, weight=None, act=None,
                                                       rotation_steps=16), progress=False)
-        out = np.asarray(t(ids))
+        out = np.asarray(_forward(t, ids))
         assert np.max(np.abs(out - ref)) < 1e-4 * max(1.0, np.abs(ref).max() / 10), method
         kinds = {type(getattr(t.layers[0], n).kernel[...]).__name__
                  for n in ("q_proj", "down_proj")}
@@ -57,13 +63,13 @@ def test_rotations_beat_smoothing_and_rtn_at_w4a4():
     model = _outlier_model()
     windows, calib = _calib(model, n=16)
     ids = jnp.asarray(windows)
-    ref = model(ids)
+    ref = _forward(model, ids)
     w4, a4 = QuantSpec(bits=4, group_size=-1, sym=True), ActSpec(bits=4)
     err = {}
     for method in ("rtn", "smoothquant", "quarot", "duquant"):
         q, _ = quantize_model_wa(model, calib, WASpec(method=method, weight=w4, act=a4,
                                                       rotation_steps=32), progress=False)
-        err[method] = float(jnp.linalg.norm(q(ids) - ref) / jnp.linalg.norm(ref))
+        err[method] = float(jnp.linalg.norm(_forward(q, ids) - ref) / jnp.linalg.norm(ref))
     assert err["quarot"] < min(err["rtn"], err["smoothquant"]), err
     assert err["duquant"] < min(err["rtn"], err["smoothquant"]), err
 
@@ -83,7 +89,8 @@ def test_quantized_model_round_trips_through_a_checkpoint(tmp_path):
         config, params = load_checkpoint(path)
         loaded = model_from_params(config, params)
         ids = jnp.asarray(np.arange(24, dtype=np.int32)[None] + 4)
-        np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(q(ids)))
+        np.testing.assert_array_equal(np.asarray(_forward(loaded, ids)),
+                                      np.asarray(_forward(q, ids)))
 
 
 def test_sharded_equals_single_device(tmp_path):
@@ -100,10 +107,10 @@ def test_sharded_equals_single_device(tmp_path):
         spec = WASpec(method="duquant", weight=QuantSpec(bits=4, group_size=64),
                       act=ActSpec(bits=8), weight_quantizer="gptq", rotation_steps=8)
         q, _ = quantize_model_wa(model, calib, spec, progress=False)
-        outs.append(np.asarray(q(jnp.asarray(windows[:2]))))
+        outs.append(np.asarray(_forward(q, jnp.asarray(windows[:2]))))
         quarot, _ = quantize_model_wa(model, None, WASpec(
             method="quarot", weight=QuantSpec(bits=4, group_size=64), act=ActSpec(bits=4)),
             progress=False)
-        outs.append(np.asarray(quarot(jnp.asarray(windows[:2]))))
+        outs.append(np.asarray(_forward(quarot, jnp.asarray(windows[:2]))))
     np.testing.assert_allclose(outs[0], outs[2], atol=2e-3)
     np.testing.assert_allclose(outs[1], outs[3], atol=2e-3)
