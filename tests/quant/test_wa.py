@@ -93,6 +93,10 @@ def test_quantized_model_round_trips_through_a_checkpoint(tmp_path):
                                       np.asarray(_forward(q, ids)))
 
 
+# Slow, and kept out of `make test`: twice under pytest-xdist on the loaded 2-core machine this
+# test stopped making progress inside a sharded computation (GPTQ on DuQuant-rotated weights,
+# 8 fake CPU devices) with both processes idle; run alone it passes in about 76 s.
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path):
     config = tiny_config("llada", num_heads=8, num_kv_heads=8, hidden_size=128,
                          intermediate_size=256, num_layers=1)
