@@ -59,7 +59,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,7 @@ from flax import nnx
 __all__ = [
     "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",
     "llada_generate", "dream_generate", "generate", "compile_generate", "generate_with_order",
-    "llada_transfer_schedule", "dream_transfer_schedule",
+    "llada_transfer_schedule", "dream_transfer_schedule", "left_pad",
 ]
 
 REMASKING = ("low_confidence", "random")
@@ -654,3 +654,14 @@ def generate_with_order(model, input_ids, attention_mask=None, *,
     settings = settings_for(model, config, record_order=True)
     fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
     return fn(*args, **static)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, W], attention_mask [B, W]) with each row right-aligned (left padding)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask

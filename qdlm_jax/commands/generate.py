@@ -67,17 +67,6 @@ def _encode(prompts, tokenizer, bos, model_path):
     return rows
 
 
-def _left_pad(rows, pad_id):
-    import numpy as np
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, (None if mask.all() else mask)
-
-
 def run(args, overrides):
     from qdlm_jax.config_flags import ConfigOverrideError, apply_overrides, load_config_file
 
@@ -91,7 +80,7 @@ def run(args, overrides):
     import numpy as np
 
     from qdlm_jax import load_model
-    from qdlm_jax.generate import GenerationConfig, compile_generate
+    from qdlm_jax.generate import GenerationConfig, compile_generate, left_pad
 
     try:
         gen = GenerationConfig.from_mapping(config.gen.to_dict())
@@ -114,7 +103,8 @@ def run(args, overrides):
     bos = None if args.no_bos else c.bos_token_id
     rows = _encode(args.prompt, tokenizer, bos, args.model)
     pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
-    ids, mask = _left_pad(rows, pad)
+    ids, mask = left_pad(rows, pad)
+    mask = None if mask.all() else mask
     key = jax.random.key(gen.seed)
 
     t0 = time.time()

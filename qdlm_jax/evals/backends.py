@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdlm_jax.generate import _DREAM_ONLY, _LLADA_ONLY, GenerationConfig, generate
+from qdlm_jax.generate import _DREAM_ONLY, _LLADA_ONLY, GenerationConfig, generate, left_pad
 from qdlm_jax.likelihood import log_likelihood
 
 LoglikFn = Callable[[str, str, jax.Array], float]
@@ -56,17 +56,6 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, W], attention_mask [B, W]) with each row right-aligned (left padding)."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdlm_jax.quant import awq_core
+from qdlm_jax.quant.act_kernel import inner_weight
+from qdlm_jax.quant.layerwise import GROUPS, _set_kernel, _stage
 from qdlm_jax.quant.qarray import QuantizedArray
 
 _search_scales = jax.jit(awq_core.search_scales,
@@ -51,8 +53,20 @@ def _kernel(block, name):
     return getattr(block, name).kernel[...]
 
 
+def _foldable(block, group, producer, kind) -> bool:
+    """Whether x / s has an exact fold into the producer (not v -> o under GQA, where one v
+    channel feeds several o inputs)."""
+    if kind == "norm":
+        return True
+    return (inner_weight(_kernel(block, producer)).shape[1]
+            == inner_weight(_kernel(block, group[0])).shape[0])
+
+
 def _fold(block, group, producer, kind, s):
-    nxt = [_kernel(block, n) for n in group]  # [in, out] kernels
+    """x / s folded into the producer (norm weight, or a linear's output channels and bias),
+    W * s into the group's weights: the float block is unchanged. Shared with SmoothQuant and
+    DuQuant (`wa.py`), whose kernels may already carry an input stage (`ActKernel`)."""
+    nxt = [inner_weight(_kernel(block, n)) for n in group]  # [in, out] kernels
     if kind == "norm":
         norm = getattr(block, producer)
         prev, new_next, _ = awq_core.fold_scales(norm.scale[...], nxt, s, layout="in_out")
@@ -60,13 +74,13 @@ def _fold(block, group, producer, kind, s):
     else:
         lin = getattr(block, producer)
         bias = None if lin.bias is None else lin.bias[...]
-        prev, new_next, new_bias = awq_core.fold_scales(lin.kernel[...], nxt, s,
+        prev, new_next, new_bias = awq_core.fold_scales(inner_weight(lin.kernel[...]), nxt, s,
                                                         prev_bias=bias, layout="in_out")
-        lin.kernel.value = prev
+        _set_kernel(block, producer, prev)
         if bias is not None:
             lin.bias.value = new_bias
     for n, w in zip(group, new_next):
-        getattr(block, n).kernel.value = w
+        _set_kernel(block, n, w)
 
 
 def quantize_block(block, runner, x, prefix: str, spec, pending: dict, *,
@@ -74,16 +88,11 @@ def quantize_block(block, runner, x, prefix: str, spec, pending: dict, *,
     """AWQ on one block in place (see module doc). Quantized weights are staged into
     `pending` (dequantized copies stay in the block until the caller installs them).
     Returns per-group search results."""
-    from qdlm_jax.quant.layerwise import GROUPS, _stage  # noqa: PLC0415 (cycle)
     ws = spec.weight
     info = {}
     for group in GROUPS:
         producer, kind = _PRODUCERS[group]
-        foldable = True
-        if kind == "linear":
-            out_prev = _kernel(block, producer).shape[1]
-            foldable = out_prev == _kernel(block, group[0]).shape[0]
-        if not foldable:
+        if not _foldable(block, group, producer, kind):
             info[group[0]] = {"ratio": None, "note": "no exact fold (GQA): scales skipped"}
             continue
         _, cap = runner.run(x, (prefix + group[0],), weighted=False)

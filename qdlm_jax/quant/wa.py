@@ -34,12 +34,14 @@ from tqdm.auto import tqdm
 from qdlm_jax.calibration.feeders import CalibBatch
 from qdlm_jax.models.dllm import DLLM, rope_angles
 from qdlm_jax.params import get_params, model_from_params
-from qdlm_jax.quant import awq_core, duquant_core, quarot, smoothquant_core
+from qdlm_jax.quant import duquant_core, quarot, smoothquant_core
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform, inner_weight
 from qdlm_jax.quant.awq import _PRODUCERS as _AWQ_PRODUCERS
+from qdlm_jax.quant.awq import _fold as _fold_smoothing
+from qdlm_jax.quant.awq import _foldable
 from qdlm_jax.quant.layerwise import (GROUPS, PTQSpec, _BlockRunner, _install,
-                                      _quantize_gptq, _set_kernel, _stage, _weight)
+                                      _quantize_gptq, _stage, _weight)
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 
@@ -77,31 +79,6 @@ class WASpec:
     def gptq_spec(self) -> PTQSpec:
         return PTQSpec(method="gptq", weight=self.weight, damp=self.damp,
                        block_size=self.block_size, chunk=self.chunk)
-
-
-def _foldable(block, group, producer, kind) -> bool:
-    if kind == "norm":
-        return True
-    return _weight(block, producer).shape[1] == _weight(block, group[0]).shape[0]
-
-
-def _fold_smoothing(block, group, producer, kind, s):
-    """x / s folded into the producer, W * s into the group's weights (exact)."""
-    nxt = [_weight(block, n) for n in group]
-    if kind == "norm":
-        norm = getattr(block, producer)
-        new_prev, new_next, _ = awq_core.fold_scales(norm.scale[...], nxt, s, layout="in_out")
-        norm.scale.value = new_prev
-    else:
-        lin = getattr(block, producer)
-        bias = None if lin.bias is None else lin.bias[...]
-        new_prev, new_next, new_bias = awq_core.fold_scales(_weight(block, producer), nxt, s,
-                                                            prev_bias=bias, layout="in_out")
-        _set_kernel(block, producer, new_prev)
-        if bias is not None:
-            lin.bias.value = new_bias
-    for n, w in zip(group, new_next):
-        _set_kernel(block, n, w)
 
 
 def _wrap_transform(block, name, t: OnlineTransform):
