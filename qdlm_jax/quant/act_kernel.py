@@ -49,29 +49,24 @@ class OnlineTransform:
         return apply_transform(self, w.T).T
 
 
-def _block_rotate(x, r, transpose=False):
+def _block_rotate(x, r):
     nb, b, _ = r.shape
     y = x.astype(jnp.float32).reshape(*x.shape[:-1], nb, b)
-    eq = "...bi,bji->...bj" if transpose else "...bi,bij->...bj"
-    return jnp.einsum(eq, y, r.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
+    return jnp.einsum("...bi,bij->...bj", y, r.astype(jnp.float32)).reshape(x.shape).astype(
+        x.dtype)
 
 
-def apply_transform(t: OnlineTransform, x: jax.Array, *, transpose: bool = False) -> jax.Array:
-    """x @ T (or x @ T^T) on the last axis, in fp32, cast back to x.dtype."""
+def apply_transform(t: OnlineTransform, x: jax.Array) -> jax.Array:
+    """x @ T on the last axis, in fp32, cast back to x.dtype (weights pair with it through
+    `OnlineTransform.pair_weight`, so T^T is never applied to activations)."""
     if t.kind == "hadamard":
-        return (hadamard_core.rotate_transpose(x) if transpose
-                else hadamard_core.hadamard_transform(x))
+        return hadamard_core.hadamard_transform(x)
     if t.kind == "hadamard_heads":
         h = t.n_heads
         y = x.reshape(*x.shape[:-1], h, x.shape[-1] // h)
-        y = jnp.swapaxes(y, -1, -2)
-        y = hadamard_core.rotate_transpose(y) if transpose else hadamard_core.hadamard_transform(y)
+        y = hadamard_core.hadamard_transform(jnp.swapaxes(y, -1, -2))
         return jnp.swapaxes(y, -1, -2).reshape(x.shape)
     if t.kind == "duquant":
-        if transpose:  # (R1 P R2)^T = R2^T P^T R1^T
-            y = _block_rotate(x, t.r2, transpose=True)
-            y = jnp.zeros_like(y).at[..., t.perm].set(y)
-            return _block_rotate(y, t.r1, transpose=True)
         y = _block_rotate(x, t.r1)
         y = jnp.take(y, t.perm, axis=-1)
         return _block_rotate(y, t.r2)

@@ -55,3 +55,16 @@ def test_zigzag_spreads_the_largest_channels_over_blocks():
     blocks = perm.reshape(4, 4)
     assert [int(np.isin(b, [0, 1, 2, 3]).sum()) for b in blocks] == [1, 1, 1, 1]
     assert blocks[0, 0] == 0 and blocks[3, 0] == 3  # ranks 0..3 dealt to blocks 0..3
+
+
+def test_online_transform_applies_the_dense_dual_transform():
+    """The model's online DuQuant stage computes x @ (R1 P R2), the matrix the core chose."""
+    from qdlm_jax.quant.act_kernel import OnlineTransform, apply_transform
+
+    x = _planted(n=256, tokens=16)
+    r1, perm, r2 = duquant_core.dual_transform(np.abs(x).max(axis=0), block=64, steps=16)
+    t = OnlineTransform(kind="duquant", r1=jnp.asarray(r1), perm=jnp.asarray(perm),
+                        r2=jnp.asarray(r2))
+    ours = np.asarray(apply_transform(t, jnp.asarray(x, jnp.float32)))
+    dense = x @ duquant_core.dense_transform(r1, perm, r2)
+    np.testing.assert_allclose(ours, dense, rtol=1e-4, atol=1e-3)
