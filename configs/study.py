@@ -1,6 +1,8 @@
 """The study: `qdlm study --config configs/study.py [--config.bits=4,3 ...]`.
 
-Defaults: both bundled tiny models, RTN / GPTQ / AWQ at W8 / W4 / W3 plus fp, one or two
+Defaults: both bundled tiny models, RTN / GPTQ / AWQ at W8 / W4 / W3 (group 128), the
+weight-activation methods (RTN, SmoothQuant, QuaRot, DuQuant) at W8A8 / W4A4 (per-channel
+weights, per-token activations), plus fp, one or two
 tasks per family at sizes that suit a 2-core CPU (QDLM's full settings are the task specs'
 own defaults: see qdlm_jax/evals/tasks.py and docs/evaluation.md). Quick run:
 
@@ -30,6 +32,11 @@ def get_config():
     c.quantize = ml_collections.ConfigDict(dict(
         group_size=128, calibration="clean", calib=dict(n_samples=16, seq_len=128)))
     c.method_overrides = ml_collections.ConfigDict()
+    # Weight-activation variants: each method at W<b>A<b> for b in wa_bits (empty: none),
+    # with `wa_quantize` on top of `quantize` (QDLM's W8A8/W4A4 use per-channel weights).
+    c.wa_methods = ("rtn", "smoothquant", "quarot", "duquant")
+    c.wa_bits = (8, 4)
+    c.wa_quantize = ml_collections.ConfigDict(dict(group_size=-1))
     # Tasks: built-in names (qdlm_jax/evals/tasks.py BUILTIN) or mappings with `base`/`type`.
     # A plain list (not a tuple) so that ml_collections keeps the dicts as they are.
     c.tasks = [

@@ -1,7 +1,8 @@
 """The four-dimension study: bits x method x task category x model (`qdlm study`).
 
-Cells: for each model, the fp model and every (method, bits) quantization of it, each on
-every task. A quantized model is made by the main job's own path
+Cells: for each model, the fp model, every weight-only (method, bits) quantization of it
+and every weight-activation (wa_method, WxAx) quantization (activations at the weight
+bit width, `act_bits = bits`), each on every task. A quantized model is made by the main job's own path
 (`quantize_job.quantize_from_config` on `configs/quantize.py`'s config with `model`,
 `method`, `bits` and the study's `quantize` overrides set), so any method the job knows
 works here by name. Method names are passed through untouched.
@@ -12,7 +13,7 @@ mid-write) is dropped, lines are deduplicated by cell key (the last wins), and c
 already present are skipped; a (model, method, bits) whose cells are all done is not
 quantized again. The cell key is
 
-    model | method | w<bits> | <hash of the study's quantize settings> | task | <task spec hash>
+    model | method | w<bits>[a<act_bits>] | <hash of the study's quantize settings> | task | <task spec hash>
 
 so changing a task's settings or the study's quantizer settings (`quantize`,
 `method_overrides`) makes new cells instead of reusing old ones. Defaults inside
@@ -45,14 +46,20 @@ RESULTS = "results.jsonl"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """fp, or one quantization (method, bits) of a model."""
+    """fp, or one quantization (method, weight bits[, activation bits]) of a model."""
 
     method: str
     bits: int | None = None
+    act_bits: int | None = None  # None: weight-only (activations stay in float)
+
+    @property
+    def bits_text(self) -> str:
+        return "-" if self.bits is None else (
+            f"w{self.bits}" if self.act_bits is None else f"w{self.bits}a{self.act_bits}")
 
     @property
     def label(self) -> str:
-        return FP if self.method == FP else f"{self.method}-w{self.bits}"
+        return FP if self.method == FP else f"{self.method}-{self.bits_text}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,13 +73,17 @@ class StudySpec:
     quantize_config: str = "configs/quantize.py"
     quantize: dict = dataclasses.field(default_factory=dict)  # overrides for every method
     method_overrides: dict = dataclasses.field(default_factory=dict)  # {method: overrides}
+    wa_methods: tuple[str, ...] = ()  # weight-activation methods, run at W<b>A<b>
+    wa_bits: tuple[int, ...] = ()
+    wa_quantize: dict = dataclasses.field(default_factory=dict)  # overrides for WA variants
     dtype: str = "float32"
     progress: bool = True
 
     @property
     def variants(self) -> list[Variant]:
         v = [Variant(FP)] if self.include_fp else []
-        return v + [Variant(m, b) for m in self.methods for b in self.bits]
+        v += [Variant(m, b) for m in self.methods for b in self.bits]
+        return v + [Variant(m, b, b) for m in self.wa_methods for b in self.wa_bits]
 
 
 def study_spec(cfg) -> StudySpec:
@@ -90,12 +101,19 @@ def study_spec(cfg) -> StudySpec:
     if len(set(names)) != len(names):
         raise ValueError(f"--config.tasks: duplicate task names {names}")
     bits = tuple(int(b) for b in cfg.bits)
+    wa_bits = tuple(int(b) for b in cfg.get("wa_bits", ()))
+    wa_methods = tuple(cfg.get("wa_methods", ()))
+    if wa_methods and not wa_bits:
+        raise ValueError(f"--config.wa_methods={','.join(wa_methods)}: expected "
+                         "--config.wa_bits too (e.g. 8,4 for W8A8 and W4A4)")
     to_dict = (lambda x: x.to_dict() if hasattr(x, "to_dict") else dict(x))
     spec = StudySpec(models=models, methods=tuple(cfg.methods), bits=bits, tasks=tasks,
                      include_fp=bool(cfg.include_fp), out_dir=str(cfg.out_dir),
                      quantize_config=str(cfg.quantize_config),
                      quantize=to_dict(cfg.quantize), method_overrides={
                          k: to_dict(v) for k, v in to_dict(cfg.method_overrides).items()},
+                     wa_methods=wa_methods, wa_bits=wa_bits,
+                     wa_quantize=to_dict(cfg.get("wa_quantize", {})),
                      dtype=str(cfg.dtype), progress=bool(cfg.get("progress", True)))
     for v in spec.variants:  # the job validates method / bits / overrides up front
         if v.method != FP:
@@ -131,9 +149,12 @@ def _override_text(v) -> str:
 
 
 def quant_overrides(spec: StudySpec, v: Variant) -> dict:
-    """What the study sets on the main job's config for one variant."""
-    return {"method": v.method, "bits": v.bits, **spec.quantize,
-            **spec.method_overrides.get(v.method, {})}
+    """What the study sets on the main job's config for one variant (a weight-activation
+    variant adds `act_bits` and the study's `wa_quantize` overrides)."""
+    out = {"method": v.method, "bits": v.bits, **spec.quantize}
+    if v.act_bits is not None:
+        out.update({"act_bits": v.act_bits, **spec.wa_quantize})
+    return {**out, **spec.method_overrides.get(v.method, {})}
 
 
 def quant_hash(spec: StudySpec, model: str, v: Variant) -> str:
@@ -149,8 +170,7 @@ def quant_hash(spec: StudySpec, model: str, v: Variant) -> str:
 
 
 def cell_key(model: str, v: Variant, qhash: str, task: TaskSpec) -> str:
-    bits = "-" if v.bits is None else f"w{v.bits}"
-    return f"{model}|{v.method}|{bits}|{qhash}|{task.name}|{spec_hash(task)}"
+    return f"{model}|{v.method}|{v.bits_text}|{qhash}|{task.name}|{spec_hash(task)}"
 
 
 # ---- results.jsonl -----------------------------------------------------------------------
@@ -243,6 +263,7 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 r = evaluate(tm, task)
                 rec = {"key": cell_key(model, v, qhash, task), "model": model,
                        "model_name": Path(model).name, "method": v.method, "bits": v.bits,
+                       "act_bits": v.act_bits,
                        "quant_hash": qhash, "task": task.name, "category": task.category,
                        "metric": r["metric"], "value": r["value"],
                        "higher_is_better": r["higher_is_better"], "n": r.get("n"),
@@ -293,24 +314,33 @@ def _fmt(rec: dict | None) -> str:
     return f"{100 * v:.1f}" if rec["higher_is_better"] else f"{v:.3f}"
 
 
+def _row(r: dict) -> tuple:
+    """(model, method, weight bits, activation bits or None) of a record."""
+    return (r["model_name"], r["method"], r["bits"], r.get("act_bits"))
+
+
 def _row_order(records: list[dict]) -> list[tuple]:
-    rows = []
-    for r in records:
-        row = (r["model_name"], r["method"], r["bits"])
-        if row not in rows:
-            rows.append(row)
+    """fp first, then weight-only rows, then weight-activation rows; within each, methods in
+    first-seen order and bits descending."""
+    rows = list(dict.fromkeys(_row(r) for r in records))
     models = list(dict.fromkeys(r[0] for r in rows))
     methods = list(dict.fromkeys(r[1] for r in rows if r[1] != FP))
-    return sorted(rows, key=lambda r: (models.index(r[0]), r[1] != FP,
+    return sorted(rows, key=lambda r: (models.index(r[0]), r[1] != FP, r[3] is not None,
                                        methods.index(r[1]) if r[1] != FP else -1,
                                        -(r[2] or 0)))
+
+
+def _bits_cell(bits, act_bits) -> str:
+    if bits is None:
+        return "–"
+    return str(bits) if act_bits is None else f"W{bits}A{act_bits}"
 
 
 def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     """QDLM-paper layout: a category header row, then task names; accuracies in %, the LM
     bound in bits/token (↓)."""
     tasks = _ordered_tasks(tasks)
-    by = {(r["model_name"], r["method"], r["bits"], r["task"]): r for r in records}
+    by = {(*_row(r), r["task"]): r for r in records}
     cats, prev = [], None
     for t in tasks:
         cats.append(CATEGORY_TITLES.get(t.category, t.category) if t.category != prev else "")
@@ -319,18 +349,20 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
             for t in tasks}
     lines = ["| | | | " + " | ".join(cats) + " |",
              "|---|---|---|" + "---|" * len(tasks),
-             "| **model** | **method** | **W bits** | " +
+             "| **model** | **method** | **bits** | " +
              " | ".join(f"**{t.name}** ({unit[t.name]})" for t in tasks) + " |"]
-    for model, method, bits in _row_order(records):
-        cells = [_fmt(by.get((model, method, bits, t.name))) for t in tasks]
+    for model, method, bits, act_bits in _row_order(records):
+        cells = [_fmt(by.get((model, method, bits, act_bits, t.name))) for t in tasks]
         lines.append(f"| {model} | {'FP' if method == FP else method.upper()} | "
-                     f"{'–' if method == FP else bits} | " + " | ".join(cells) + " |")
+                     f"{_bits_cell(bits, act_bits)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path: Path) -> Path:
-    """Metric against weight bits per method, one panel per category (mean over the
-    category's tasks; accuracies in %), fp as a dashed horizontal line. PNG via Agg."""
+    """Metric against bits per method, one panel per category (mean over the category's
+    tasks; accuracies in %), fp as a dashed horizontal line. Weight-only methods are solid
+    lines at their weight bits; weight-activation methods (W<b>A<b>) dotted lines at b. PNG
+    via Agg."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -342,14 +374,16 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
     cats += sorted({t.category for t in tasks} - set(cats))
     fig, axes = plt.subplots(1, max(1, len(cats)), figsize=(4.2 * max(1, len(cats)), 3.8),
                              squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in recs if r["method"] != FP))
+    series = list(dict.fromkeys((r["method"], r.get("act_bits") is not None)
+                                for r in recs if r["method"] != FP))
     for ax, cat in zip(axes[0], cats):
         ctasks = [t for t in tasks if t.category == cat]
         pct = ctasks[0].higher_is_better
         scale = 100.0 if pct else 1.0
 
-        def mean_of(method, bits):
+        def mean_of(method, bits, wa=False):
             vals = [r["value"] for r in recs if r["method"] == method and r["bits"] == bits
+                    and (r.get("act_bits") is not None) == wa
                     and r["task"] in {t.name for t in ctasks}]
             return scale * float(np.mean(vals)) if len(vals) == len(ctasks) else None
 
@@ -358,11 +392,13 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         if fp is not None:
             ax.axhline(fp, color="black", linestyle="--", linewidth=1.2, label="fp")
         all_bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
-        for m in methods:
-            pts = [(b, mean_of(m, b)) for b in all_bits]
+        for m, wa in series:
+            pts = [(b, mean_of(m, b, wa)) for b in all_bits]
             pts = [(b, y) for b, y in pts if y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m.upper())
+                ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                        marker="s" if wa else "o", linestyle=":" if wa else "-",
+                        label=f"{m.upper()} W=A" if wa else m.upper())
                 shown += [p[1] for p in pts]
         if pct and shown:  # a percentage axis: at least 10 points tall, inside [0, 100]
             mid = (min(shown) + max(shown)) / 2
@@ -372,7 +408,8 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         ax.set_xticks(all_bits or [4])
         if all_bits:
             ax.set_xlim(max(all_bits) + 0.5, min(all_bits) - 0.5)  # fewer bits to the right
-        ax.set_xlabel("weight bits")
+        ax.set_xlabel("bits (weights; W=A: weights and activations)"
+                      if any(wa for _, wa in series) else "weight bits")
         metric = ctasks[0].metric
         ylabel = f"{metric} (%)" if pct else f"{metric} (lower is better)"
         if len(ctasks) > 1:
@@ -382,7 +419,7 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
                      f"({', '.join(t.name for t in ctasks)})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{name}: quality against weight bits")
+    fig.suptitle(f"{name}: quality against bits")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")

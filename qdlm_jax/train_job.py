@@ -54,7 +54,8 @@ def prepare_tokenizer(cfg, out_dir: Path):
 def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int):
     """Rows of packed problems, [BOS] Question: a+b=? Answer: [c EOS EOS ...] [BOS] ...,
     with the mask that lets the noise touch the answer fields only (`arithmetic.sft_rows`)."""
-    spec = arithmetic.ArithmeticSpec(digits=tuple(d.arith_digits))
+    spec = arithmetic.ArithmeticSpec(digits=tuple(d.arith_digits),
+                                     ops=tuple(d.get("arith_ops", arithmetic.OPS)))
     problems = arithmetic.generate_problems(d.arith_problems, seed=seed, split="train",
                                             spec=spec)
     return arithmetic.sft_rows(problems, tokenizer, seq_len=d.seq_len,

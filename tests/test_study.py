@@ -142,6 +142,33 @@ def test_quantize_config_passes_methods_and_overrides_through(tmp_path):
     assert study.quantize_config(spec2, spec2.models[0], v).new_knob == 1
 
 
+def test_weight_activation_variants(tmp_path):
+    """W<b>A<b> variants: the job gets act_bits = bits and the WA overrides, their cells are
+    distinct from the weight-only cells of the same method, and the table labels them."""
+    spec = make_spec(tmp_path, methods=("rtn",), bits=(4,), tasks=TASKS[:2],
+                     quantize={"group_size": 128}, wa_methods=("rtn", "quarot"),
+                     wa_bits=(8, 4), wa_quantize={"group_size": -1})
+    assert [v.label for v in spec.variants] == ["fp", "rtn-w4", "rtn-w8a8", "rtn-w4a4",
+                                                "quarot-w8a8", "quarot-w4a4"]
+    wo = study.quantize_config(spec, spec.models[0], study.Variant("rtn", 4))
+    wa = study.quantize_config(spec, spec.models[0], study.Variant("quarot", 4, 4))
+    assert (wo.act_bits, wo.group_size) == (16, 128)
+    assert (wa.method, wa.bits, wa.act_bits, wa.group_size) == ("quarot", 4, 4, -1)
+    quality = {"fp": 0.8, "rtn-w4": 0.5, "rtn-w8a8": 0.79, "rtn-w4a4": 0.3,
+               "quarot-w8a8": 0.795, "quarot-w4a4": 0.6}
+    r = study.run_study(spec, make_variant=lambda sp, m, v, fp: v.label,
+                        evaluate=lambda label, t: {"metric": t.metric, "value": quality[label],
+                                                   "higher_is_better": True, "n": 1})
+    assert r["ran"] == 6 * 2
+    keys = {json.loads(x)["key"].split("|")[1:3] == ["rtn", "w4a4"] for x in lines(spec)}
+    assert True in keys
+    rows = [row.split("|")[2:5] for row in r["table"].splitlines()[3:]]
+    assert [[c.strip() for c in row] for row in rows] == [
+        ["FP", "–", "80.0"], ["RTN", "4", "50.0"], ["RTN", "W8A8", "79.0"],
+        ["RTN", "W4A4", "30.0"], ["QUAROT", "W8A8", "79.5"], ["QUAROT", "W4A4", "60.0"]]
+    assert Path(r["plots"][0]).read_bytes()[:4] == b"\x89PNG"
+
+
 def config(**kw):
     from qdlm_jax.config_flags import load_config_file
     c = load_config_file(ROOT / "configs" / "study.py")
@@ -158,7 +185,8 @@ def test_default_config_is_valid():
     assert c.models == ("assets/tiny-llada", "assets/tiny-dream")
     spec = study.study_spec(config())
     assert [v.label for v in spec.variants] == ["fp"] + [
-        f"{m}-w{b}" for m in ("rtn", "gptq", "awq") for b in (8, 4, 3)]
+        f"{m}-w{b}" for m in ("rtn", "gptq", "awq") for b in (8, 4, 3)] + [
+        f"{m}-w{b}a{b}" for m in ("rtn", "smoothquant", "quarot", "duquant") for b in (8, 4)]
     assert {t.category for t in spec.tasks} == {"language_modeling", "multiple_choice",
                                                 "math", "code"}
 
@@ -168,6 +196,8 @@ def test_default_config_is_valid():
     (dict(methods=("rtn", "magic")), "method='magic'"),
     (dict(models=("no/such/model",)), "no/such/model: no such checkpoint"),
     (dict(tasks=["arithmetic", "arithmetic"]), "duplicate task names"),
+    (dict(wa_bits=()), "expected --config.wa_bits too"),
+    (dict(wa_methods=("quarot",), wa_bits=(3,)), "act_bits"),
 ])
 def test_bad_config_is_rejected_up_front(kw, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 
@@ -128,3 +129,25 @@ def test_sft_rows_layout() -> None:
     with pytest.raises(ValueError, match="answer_len"):
         arithmetic.sft_rows(problems, tok, seq_len=32, answer_len=2, bos_id=sp.bos,
                             eos_id=sp.eos)
+
+
+def test_training_mix_follows_ops_and_digits_weights() -> None:
+    """`train_job.arithmetic_rows` draws operators and digit counts with the config's
+    repetition weights: ("+", "+", "+", "-") gives about 3/4 additions."""
+    import ml_collections
+
+    from qdlm_jax import train_job
+    from qdlm_jax.data import tokenizer as tok_lib
+
+    tok = tok_lib.train_tokenizer(["Question: 12+30=? Answer: 42 - 0123456789"] * 20,
+                                  tok_lib.TokenizerSpec(vocab_size=300))
+    sp = tok_lib.special_token_ids(tok)
+    d = ml_collections.ConfigDict(dict(arith_digits=(2,), arith_ops=("+", "+", "+", "-"),
+                                       arith_problems=2000, seq_len=64, arith_answer_len=8))
+    tokens, _ = train_job.arithmetic_rows(tok, sp, d, n_rows=200, seed=0)
+    text = tok.decode(tokens.reshape(-1).tolist(), skip_special_tokens=False)
+    ops = re.findall(r"Question: (\d+)([+-])(\d+)=", text)
+    assert len(ops) > 300
+    frac_add = np.mean([op == "+" for _, op, _ in ops])
+    assert 0.68 < frac_add < 0.82, frac_add
+    assert all(len(a) == 2 and len(b) == 2 for a, _, b in ops)
