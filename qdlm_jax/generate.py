@@ -656,9 +656,14 @@ def generate_with_order(model, input_ids, attention_mask=None, *,
     return fn(*args, **static)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, W], attention_mask [B, W]) with each row right-aligned (left padding)."""
-    width = max(len(r) for r in rows)
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, W], attention_mask [B, W]) with each row right-aligned (left padding);
+    W = `width` (at least the longest row) or the longest row."""
+    longest = max(len(r) for r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"width={width}: shorter than the longest row ({longest} tokens)")
+    width = longest if width is None else width
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):

@@ -28,8 +28,12 @@ CFG (both): the unconditional branch masks the prompt and
 `logits = un + (cfg_scale + 1) (cond - un)` (LLaDA's form; Dream's `classifier_free_guidance`
 w corresponds to cfg_scale = w - 1).
 
-API: per example. `prompt_ids` [P] and `answer_ids` [L] are 1-D (no padding); one jit per
-(P, L, settings). The Monte Carlo loop is one `lax.fori_loop` inside the jit; at iteration
+API: per example. `prompt_ids` [P] and `answer_ids` [L] are 1-D (no padding). Inside, the
+prompt is left-padded and the answer right-padded to bucketed lengths (`bucket`: at most
+four sizes per octave) with the padding excluded from attention and from the noise, so
+items of nearby lengths share one compiled program; RoPE depends on relative positions
+only, so the padded sequence scores the same as the unpadded one (to float rounding). The
+true lengths are traced values. One jit per (bucketed P, bucketed L, settings). The Monte Carlo loop is one `lax.fori_loop` inside the jit; at iteration
 j the randomness comes from `jax.random.fold_in(key, j)`; `mc_num` is a traced loop bound, so
 changing it does not recompile. The LM head runs only on the answer
 positions. `perplexity_bound` scores fixed windows with every position maskable.
@@ -82,13 +86,15 @@ class LikelihoodSettings:
         return self.mc_num // self.batch_size
 
 
-def _answer_logits(model, seq, p, n, s: LikelihoodSettings):
-    """fp32 logits scoring answer positions p..p+n-1 of `seq` [b, T] (with CFG)."""
+def _answer_logits(model, seq, p, n, s: LikelihoodSettings, valid=None):
+    """fp32 logits scoring answer positions p..p+n-1 of `seq` [b, T] (with CFG); `valid`
+    [T] marks the positions that are attended to (None: all)."""
     b = seq.shape[0]
     if s.cfg_scale > 0:
         un = seq.at[:, :p].set(s.mask_id)
         seq = jnp.concatenate([seq, un], axis=0)
-    h = model.hidden_states(seq)
+    mask = None if valid is None else jnp.broadcast_to(valid.astype(jnp.int32), seq.shape)
+    h = model.hidden_states(seq, mask)
     if s.shift_logits:
         if p >= 1:
             h = h[:, p - 1: p - 1 + n]
@@ -103,12 +109,23 @@ def _answer_logits(model, seq, p, n, s: LikelihoodSettings):
     return logits
 
 
-def _llada_masks(key, n: int, b: int):
-    """(is_mask [b, n], n_masked [b]) of LLaDA's stratified forward process."""
+def bucket(x: int) -> int:
+    """`x` rounded up to a multiple of 2^max(3, floor(log2 x) - 2): 8, 16, ..., 64, 80, 96,
+    112, 128, 160, ... (0 stays 0; at most 12.5% padding above 64)."""
+    if x <= 0:
+        return 0
+    q = 1 << max(3, x.bit_length() - 3)
+    return -(-x // q) * q
+
+
+def _llada_masks(key, n, b: int, width: int | None = None):
+    """(is_mask [b, width], n_masked [b]) of LLaDA's stratified forward process over the
+    first `n` of `width` positions (`n` may be traced; width defaults to n)."""
+    width = n if width is None else width
     k_count, k_perm = jax.random.split(key)
     k = jax.random.randint(k_count, (), 1, n + 1).astype(jnp.float32)
     # torch.linspace(k, k + (b-1) n / b, b) in float32, then torch.round (half to even).
-    end = k + jnp.float32((b - 1) * (n / b))
+    end = k + (b - 1) * (jnp.asarray(n, jnp.float32) / b)
     if b > 1:
         step = (end - k) / jnp.float32(b - 1)
         counts = k + step * jnp.arange(b, dtype=jnp.float32)
@@ -116,40 +133,48 @@ def _llada_masks(key, n: int, b: int):
         counts = k[None]
     counts = jnp.round(counts).astype(jnp.int32)
     counts = (counts - 1) % n + 1
-    u = jax.random.uniform(k_perm, (b, n))
+    u = jax.random.uniform(k_perm, (b, width))
+    u = jnp.where(jnp.arange(width) < n, u, 2.0)  # padding ranks last: never masked
     rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)  # a uniform random permutation
     return rank < counts[:, None], counts
 
 
-def _dream_masks(key, p: int, n: int, b: int, s: LikelihoodSettings):
-    """(is_mask [b, n], p_mask [b]) of Dream's forward process on the answer positions."""
+def _dream_masks(key, p, n, b: int, s: LikelihoodSettings, width: int | None = None):
+    """(is_mask [b, width], p_mask [b]) of Dream's forward process on the first `n` of
+    `width` answer positions (`p` is the true prompt length; both may be traced)."""
+    width = n if width is None else width
     k_t, k_bern = jax.random.split(key)
     u0 = jax.random.uniform(k_t, ())
     t = (u0 + jnp.arange(b, dtype=jnp.float32) / b) % 1.0
     p_mask = (1.0 - s.eps) * t + s.eps
-    is_mask = jax.random.uniform(k_bern, (b, n)) < p_mask[:, None]
+    is_mask = jax.random.uniform(k_bern, (b, width)) < p_mask[:, None]
+    is_mask = is_mask & (jnp.arange(width) < n)[None, :]
     if s.keep_first_last:
-        pos = p + jnp.arange(n)
+        pos = p + jnp.arange(width)
         is_mask = is_mask & (pos != 0)[None, :] & (pos != p + n - 1)[None, :]
     return is_mask, p_mask
 
 
-def _mc_loop(state, prompt, answer, key, iterations, *, graphdef, s: LikelihoodSettings):
+def _mc_loop(state, prompt, answer, p_true, n_true, key, iterations, *, graphdef,
+             s: LikelihoodSettings):
+    """`prompt` [P] is left-padded (its last `p_true` entries are real), `answer` [N]
+    right-padded (its first `n_true` are real)."""
     model = nnx.merge(graphdef, state)
     p, n = prompt.shape[0], answer.shape[0]
     b = s.batch_size
+    valid = jnp.concatenate([jnp.arange(p) >= p - p_true, jnp.arange(n) < n_true])
 
     def body(j, total):
         kj = jax.random.fold_in(key, j)
         if s.family == "llada":
-            is_mask, counts = _llada_masks(kj, n, b)
-            weight = jnp.float32(n) / counts.astype(jnp.float32)  # 1 / t
+            is_mask, counts = _llada_masks(kj, n_true, b, n)
+            weight = n_true.astype(jnp.float32) / counts.astype(jnp.float32)  # 1 / t
         else:
-            is_mask, p_mask = _dream_masks(kj, p, n, b, s)
+            is_mask, p_mask = _dream_masks(kj, p_true, n_true, b, s, n)
             weight = 1.0 / p_mask
         noisy = jnp.where(is_mask, s.mask_id, answer[None, :])
         seq = jnp.concatenate([jnp.broadcast_to(prompt, (b, p)), noisy], axis=1)
-        logits = _answer_logits(model, seq, p, n, s)
+        logits = _answer_logits(model, seq, p, n, s, valid)
         logp = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(logp, jnp.broadcast_to(answer, (b, n))[..., None],
                                   axis=-1)[..., 0]
@@ -182,8 +207,15 @@ def _run(model, prompt_ids, answer_ids, key, s: LikelihoodSettings):
     graphdef, state = nnx.split(model)
     # mc_num is a traced loop bound: changing it does not recompile.
     static = dataclasses.replace(s, mc_num=s.batch_size)
-    return _mc_jit(state, prompt, answer, key, jnp.int32(s.iterations), graphdef=graphdef,
-                   s=static)
+    p, n = prompt.shape[0], answer.shape[0]
+    if s.shift_logits and p == 0:  # the unconditional Dream form reads position 0 itself
+        pp, nn = 0, n
+    else:
+        pp, nn = bucket(p), bucket(n)
+    prompt = jnp.pad(prompt, (pp - p, 0))
+    answer = jnp.pad(answer, (0, nn - n))
+    return _mc_jit(state, prompt, answer, jnp.int32(p), jnp.int32(n), key,
+                   jnp.int32(s.iterations), graphdef=graphdef, s=static)
 
 
 def llada_log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128,

@@ -117,3 +117,26 @@ def test_bad_arguments(tiny):
         LK.log_likelihood(model, PROMPT, ANSWER, cfg_scale=-1.0, key=key)
     assert jnp.isfinite(LK.log_likelihood(model, PROMPT, ANSWER, mc_num=batch,
                                           batch_size=batch, key=key))
+
+
+def test_bucket_sizes():
+    assert [LK.bucket(x) for x in (0, 1, 8, 9, 17, 33, 65, 100, 129)] == \
+        [0, 8, 8, 16, 24, 40, 80, 112, 160]
+
+
+def test_padding_is_invisible(tiny):
+    """The left padding of the prompt and the right padding of the answer are excluded from
+    attention and noise: two paddings of the same item give the same estimate (same key,
+    same answer width, so the same noise draws), and padding changes nothing a model sees."""
+    from flax import nnx
+
+    model = tiny[1]
+    graphdef, state = nnx.split(model)
+    s = LK.LikelihoodSettings(family=model.config.family, mask_id=model.config.mask_token_id,
+                              mc_num=8, batch_size=8, shift_logits=model.config.shift_logits)
+    answer = jnp.pad(jnp.asarray(ANSWER), (0, 4))
+    out = [float(LK._mc_jit(state, jnp.pad(jnp.asarray(PROMPT), (extra, 0)), answer,
+                            jnp.int32(len(PROMPT)), jnp.int32(len(ANSWER)),
+                            jax.random.key(3), jnp.int32(2), graphdef=graphdef, s=s))
+           for extra in (0, 5, 13)]
+    np.testing.assert_allclose(out[1:], [out[0]] * 2, rtol=1e-5)

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.generate import _DREAM_ONLY, _LLADA_ONLY, GenerationConfig, generate, left_pad
-from qdlm_jax.likelihood import log_likelihood
+from qdlm_jax.likelihood import bucket, log_likelihood
 
 LoglikFn = Callable[[str, str, jax.Array], float]
 GenerateFn = Callable[[Sequence[str]], list[str]]
@@ -109,8 +109,10 @@ class TextModel:
     def generate(self, prompts: Sequence[str], gen: GenerationConfig, *,
                  stops: Sequence[str] = (), batch_size: int = 8, progress: bool = True,
                  desc: str = "generate") -> list[str]:
-        """Completions of `prompts` (batches of `batch_size`, left-padded). Batch j uses
-        key `fold_in(key(gen.seed), j)` (irrelevant for the greedy defaults)."""
+        """Completions of `prompts` (batches of `batch_size`, left-padded to a bucketed width
+        with the padding masked out, a short last batch filled up with copies of its first
+        row, so a task compiles a handful of programs). Batch j uses key
+        `fold_in(key(gen.seed), j)` (irrelevant for the greedy defaults)."""
         gen = for_family(gen, self.family)
         c = self.model.config
         pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
@@ -118,11 +120,13 @@ class TextModel:
         starts = range(0, len(prompts), batch_size)
         for j, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
             rows = [self.prompt_ids(p) for p in prompts[start:start + batch_size]]
-            ids, mask = left_pad(rows, pad)
+            n_real = len(rows)
+            if len(prompts) > batch_size:
+                rows += [rows[0]] * (batch_size - n_real)
+            ids, mask = left_pad(rows, pad, width=bucket(max(len(r) for r in rows)))
             key = jax.random.fold_in(jax.random.key(gen.seed), j)
-            tokens = np.asarray(generate(self.model, ids, None if mask.all() else mask,
-                                         config=gen, key=key))
-            for row in tokens[:, ids.shape[1]:]:
+            tokens = np.asarray(generate(self.model, ids, mask, config=gen, key=key))
+            for row in tokens[:n_real, ids.shape[1]:]:
                 out.append(cut_at_stops(self.decode_completion(row), stops))
         return out
 
