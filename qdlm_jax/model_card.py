@@ -46,7 +46,9 @@ def evaluate(hf_dir: Path, train_dir: Path, *, n_windows: int, mc_num: int, n_ar
             "train": summary}
 
 
-def card(family: str, r: dict) -> str:
+def card(family: str, r: dict, note: str = "") -> str:
+    """The model card; `note` (markdown) goes at the end of "Data and training", e.g. how a
+    resumed run's configuration changed along the way."""
     s = r["train"]
     c = s["config"]
     b, u, a = r["heldout_bound"], r["unigram_entropy"], r["arithmetic_2digit_add"]
@@ -75,7 +77,9 @@ def card(family: str, r: dict) -> str:
         f"tokens = {s['tokens'] / 1e6:.2f}M tokens; peak lr {c['train']['lr']}, warmup "
         f"{c['train']['warmup_steps']}, cosine decay; final training loss "
         f"{s['final_loss']:.3f} nats.",
-        f"- Training time: {hours:.2f} h on a 2-core CPU (shared with a second training run).",
+        f"- Training time: {hours:.2f} h on a 2-core CPU, shared with a second training run "
+        "(sum of logged intervals; pauses over 10 min left out).",
+        *([f"- {note}"] if note else []),
         "",
         "![loss curve](loss.png)",
         "",
@@ -109,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-windows", type=int, default=32)
     p.add_argument("--mc-num", type=int, default=32)
     p.add_argument("--n-arith", type=int, default=200)
+    p.add_argument("--note", default="", help="markdown line added to 'Data and training'")
     args = p.parse_args(argv)
     hf = args.run_dir / "hf"
     r = evaluate(hf, args.run_dir, n_windows=args.n_windows, mc_num=args.mc_num,
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         for f in ("config.json", "model.safetensors", "tokenizer.json"):
             shutil.copy2(hf / f, tmp / f)
         shutil.copy2(args.run_dir / "loss.png", tmp / "loss.png")
-        (tmp / "README.md").write_text(card(family, r))
+        (tmp / "README.md").write_text(card(family, r, args.note))
         (tmp / "eval.json").write_text(json.dumps({k: v for k, v in r.items()
                                                    if k != "train"}, indent=2))
     print(f"wrote {args.dest}")

@@ -243,8 +243,13 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     return result
 
 
+def _act_text(act_bits: int) -> str:
+    return "float" if act_bits >= 16 else str(act_bits)
+
+
 def report(results: list[dict]) -> str:
-    """Markdown table: FP baseline then one row per quantized run."""
+    """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
+    activations are not quantized, weight-only PTQ and the FP model alike)."""
     lines = ["| model | method | W bits | A bits | group | calibration | bits/token (↓) | "
              "ppl bound | 2-digit add acc | linear bytes vs bf16 | quantize s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -253,13 +258,14 @@ def report(results: list[dict]) -> str:
         fp = r.get("fp")
         if fp and r["model"] not in seen_fp:
             seen_fp.add(r["model"])
-            lines.append(f"| {Path(r['model']).name} | FP | 32 | 32 | – | – | "
+            lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
                          f"{fp['bits_per_token']:.3f} | {fp['ppl_bound']:.1f} | "
                          f"{fp['arith_acc']:.1%} | – | – |")
     for r in results:
         q = r["quantized"]
         lines.append(f"| {Path(r['model']).name} | {r['method'].upper()} | {r['bits']} | "
-                     f"{r.get('act_bits', 16)} | {r['group_size']} | {r['calibration']} | {q['bits_per_token']:.3f} | "
+                     f"{_act_text(r.get('act_bits', 16))} | {r['group_size']} | "
+                     f"{r['calibration']} | {q['bits_per_token']:.3f} | "
                      f"{q['ppl_bound']:.1f} | {q['arith_acc']:.1%} | "
                      f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -63,6 +63,16 @@ def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int):
                                eos_id=special.eos, max_rows=n_rows)
 
 
+MAX_GAP_S = 600.0
+
+
+def training_time(records: list[dict], max_gap_s: float = MAX_GAP_S) -> float:
+    """Seconds spent training: the sum of the gaps between consecutive log records, leaving
+    out gaps longer than `max_gap_s` (a kill and a later resume, or a paused process)."""
+    times = [r["time"] for r in records]
+    return float(sum(d for d in (b - a for a, b in zip(times, times[1:])) if d <= max_gap_s))
+
+
 def run(cfg: ml_collections.ConfigDict) -> Path:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +123,7 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
                "tokens": spec.steps * spec.batch_size * spec.seq_len,
                "final_loss": records[-1]["loss"] if records else None,
                "wall_time_s_this_run": time.time() - t0,
-               "train_time_s_total": (records[-1]["time"] - records[0]["time"]) if records else 0,
+               "train_time_s_total": training_time(records),
                "config": json.loads(cfg.to_json())}
     write_json(out_dir / "summary.json", summary)
     print(f"[train] done: {hf_dir} (loss curve {out_dir / 'loss.png'})")

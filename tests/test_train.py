@@ -85,3 +85,12 @@ def test_maskable_keeps_positions_visible(tmp_path):
     _, records = train(init_model(config), spec, batches, tmp_path)
     assert all(r["mask_frac"] <= 1 / 24 + 1e-6 for r in records)
     assert any(r["mask_frac"] > 0 for r in records)
+
+
+def test_training_time_leaves_out_long_pauses():
+    from qdlm_jax.train_job import training_time
+
+    records = [{"time": t} for t in (0.0, 10.0, 20.0, 5000.0, 5010.0, 5030.0)]
+    assert training_time(records) == 10 + 10 + 10 + 20
+    assert training_time(records, max_gap_s=1e9) == 5030
+    assert training_time([]) == 0.0
