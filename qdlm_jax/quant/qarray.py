@@ -284,3 +284,10 @@ def quantized_param_bytes(tree) -> int:
 
 
 __all__ = ["QuantizedArray", "quantized_matmul", "quantized_param_bytes"]
+
+
+# Define the qmatmul implementation setting (a JAX config state in the jit key) as soon as
+# quantized arrays exist: a state first defined while a model is being traced changes the
+# trace context, and every jitted function that traced before it would trace and compile a
+# second time. (At the end of the module: the kernels import this one.)
+import qdlm_jax.kernels  # noqa: E402, F401

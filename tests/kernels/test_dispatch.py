@@ -125,3 +125,27 @@ def test_environment_variable_sets_the_default():
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "('pallas_tpu', True)"
+
+
+def test_a_jitted_function_traces_once_before_and_after_the_first_quantized_matmul():
+    """A fresh process that never imported the kernels: a jitted function traced before the
+    first quantized matmul is not traced again after it (the implementation setting must
+    exist before any trace, or the trace context changes and everything recompiles)."""
+    code = """
+import jax, jax.numpy as jnp
+from qdlm_jax.quant.qarray import QuantizedArray, quantized_matmul
+from qdlm_jax.quant.quantizer_core import QuantSpec
+traces = []
+@jax.jit
+def f(x):
+    traces.append(1)
+    return x * 2
+f(jnp.ones(3))
+w = QuantizedArray.quantize(jnp.ones((64, 8)), QuantSpec(bits=4, group_size=32, sym=True))
+jax.jit(quantized_matmul)(jnp.ones((2, 64)), w)
+f(jnp.ones(3))
+print(len(traces))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "1"
