@@ -51,6 +51,7 @@ def main(argv=None) -> int:
                               [f"--config.model={ROOT / 'assets' / 'tiny-llada'}",
                                f"--config.out_dir={out_dir}", *cell, *overrides])
         results.append(run_job(cfg, fp_cache=fp_cache))
+    out_dir = Path(cfg.out_dir)  # the report goes beside the runs (--config.out_dir moves both)
     table = report(results)
     atomic_write_text(out_dir / "report.md", table)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str))

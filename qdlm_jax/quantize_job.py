@@ -216,6 +216,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
     print("[quantize] evaluating the quantized model")
     q = evaluate(qmodel, tokenizer, windows, spec)
+    from qdlm_jax.evals.basic import output_kl
+    q["kl_to_fp_bits"] = output_kl(model, qmodel, windows)["kl_bits"]
 
     params = get_params(qmodel)
     packed = {p: inner_weight(v) for p, v in params.items()
@@ -243,6 +245,10 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     return result
 
 
+def _kl_text(kl) -> str:
+    return "–" if kl is None else f"{kl:.4f}"
+
+
 def _act_text(act_bits: int) -> str:
     return "float" if act_bits >= 16 else str(act_bits)
 
@@ -251,21 +257,23 @@ def report(results: list[dict]) -> str:
     """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
     activations are not quantized, weight-only PTQ and the FP model alike)."""
     lines = ["| model | method | W bits | A bits | group | calibration | bits/token (↓) | "
-             "ppl bound | 2-digit add acc | linear bytes vs bf16 | quantize s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ppl bound | KL to FP, bits (↓) | 2-digit add acc | linear bytes vs bf16 | "
+             "quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     seen_fp = set()
     for r in results:
         fp = r.get("fp")
         if fp and r["model"] not in seen_fp:
             seen_fp.add(r["model"])
             lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
-                         f"{fp['bits_per_token']:.3f} | {fp['ppl_bound']:.1f} | "
+                         f"{fp['bits_per_token']:.3f} | {fp['ppl_bound']:.1f} | – | "
                          f"{fp['arith_acc']:.1%} | – | – |")
     for r in results:
         q = r["quantized"]
         lines.append(f"| {Path(r['model']).name} | {r['method'].upper()} | {r['bits']} | "
                      f"{_act_text(r.get('act_bits', 16))} | {r['group_size']} | "
                      f"{r['calibration']} | {q['bits_per_token']:.3f} | "
-                     f"{q['ppl_bound']:.1f} | {q['arith_acc']:.1%} | "
+                     f"{q['ppl_bound']:.1f} | {_kl_text(q.get('kl_to_fp_bits'))} | "
+                     f"{q['arith_acc']:.1%} | "
                      f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
     return "\n".join(lines) + "\n"
