@@ -418,9 +418,15 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         ax.set_title(f"{CATEGORY_TITLES.get(cat, cat)}\n"
                      f"({', '.join(t.name for t in ctasks)})", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles: dict = {}  # one legend for the figure, below the panels (none covers a line)
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center",
+                   ncol=min(len(handles), 8), fontsize=9, frameon=False)
     fig.suptitle(f"{name}: quality against bits")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
