@@ -49,7 +49,8 @@ def test_run_dir_on_a_local_source(tmp_path):
     spec = outliers.OutlierSpec(n_samples=4, seq_len=32, source=str(src), batch_size=2)
     r = outliers.run_outliers(root / "assets" / "tiny-llada", spec, tmp_path / "run")
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
-    n_layers = 6
+    n_layers = json.loads((root / "assets" / "tiny-llada" / "config.json").read_text())[
+        "n_layers"]
     names = {f"layers.{i}.{t}" for i in range(n_layers) for t in outliers.LINEAR_TYPES}
     assert set(stats["clean"]) == names | {"lm_head"} == set(stats["masked"])
     assert stats["masked_mask_ratio_mean"] > 0 == stats["clean_mask_ratio_mean"]
