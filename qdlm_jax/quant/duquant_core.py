@@ -11,8 +11,11 @@ x -> x T while the weight becomes T^T W (see `act_kernel.OnlineTransform`, kind 
 
    where E_j swaps rows 0 and j, H_b is the Sylvester Hadamard matrix and D a fresh random
    +-1 diagonal. Row j of G has every entry +-1/sqrt(b), so the outlier v_j is spread evenly
-   over the block; the step is kept only if max |v G| < max |v|, and the search stops at the
-   first step that does not lower the block's max.
+   over the block. The first step is always taken; each later step is kept only if
+   max |v G| < max |v|, and the search stops at the first one that does not lower the
+   block's max. (After smoothing, the max vector is nearly flat and no rotation lowers its
+   max, yet a block Hadamard still spreads the per-token outliers that the per-channel max
+   hides: without the first step DuQuant degenerates to SmoothQuant plus a permutation.)
 2. P, the zigzag permutation: channels sorted by |m R1| in decreasing order are dealt to the
    blocks 0, 1, ..., B-1, B-1, ..., 1, 0, 0, 1, ... so every block gets a share of the large
    channels. (x P)[..., k] = x[..., perm[k]].
@@ -33,12 +36,12 @@ def _greedy_block(v: np.ndarray, steps: int, rng: np.random.Generator) -> np.nda
     h = hadamard_core.hadamard_matrix(b).astype(np.float64) / np.sqrt(b)
     r = np.eye(b)
     cur = v.astype(np.float64)
-    for _ in range(steps):
+    for step in range(steps):
         j = int(np.argmax(np.abs(cur)))
         g = h * rng.choice([-1.0, 1.0], size=b)[None, :]
         g[[0, j]] = g[[j, 0]]
         new = cur @ g
-        if np.max(np.abs(new)) >= np.max(np.abs(cur)):
+        if step > 0 and np.max(np.abs(new)) >= np.max(np.abs(cur)):
             break
         r, cur = r @ g, new
     return r

@@ -3,6 +3,7 @@ planted outlier channels."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qdlm_jax.quant import duquant_core, smoothquant_core
 
@@ -68,3 +69,16 @@ def test_online_transform_applies_the_dense_dual_transform():
     ours = np.asarray(apply_transform(t, jnp.asarray(x, jnp.float32)))
     dense = x @ duquant_core.dense_transform(r1, perm, r2)
     np.testing.assert_allclose(ours, dense, rtol=1e-4, atol=1e-3)
+
+
+def test_flat_max_vector_still_gets_a_rotation():
+    """A flat per-channel max (as after smoothing) gives no greedy step a lower max, yet each
+    block still gets its first Hadamard rotation, so a per-token spike that the flat max
+    vector hides is spread instead of passed through (the old rule returned R = I here)."""
+    r1, _, r2 = duquant_core.dual_transform(np.ones(128), block=64, steps=8)
+    for r in (*r1, *r2):
+        np.testing.assert_allclose(r @ r.T, np.eye(64), atol=1e-6)
+        assert np.abs(r).max() < 0.5  # dense, not a (signed) permutation
+    spike = np.zeros(64)
+    spike[5] = 1.0
+    assert np.abs(spike @ r1[0]).max() < 0.5
