@@ -180,7 +180,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     from qdlm_jax import load_model
     from qdlm_jax.checkpoint import save_checkpoint
     from qdlm_jax.data.tokenizer import load_tokenizer
-    from qdlm_jax.evals.basic import heldout_windows
+    from qdlm_jax.evals.basic import heldout_windows, output_kl
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.params import get_params
     from qdlm_jax.quant.act_kernel import inner_weight
@@ -216,7 +216,6 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
     print("[quantize] evaluating the quantized model")
     q = evaluate(qmodel, tokenizer, windows, spec)
-    from qdlm_jax.evals.basic import output_kl
     q["kl_to_fp_bits"] = output_kl(model, qmodel, windows)["kl_bits"]
 
     params = get_params(qmodel)

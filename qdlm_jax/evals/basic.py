@@ -108,6 +108,18 @@ def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(
     return {"accuracy": correct / len(problems), "n": len(problems), "examples": examples}
 
 
+def _log_probs(state, x, *, graphdef):
+    from flax import nnx
+
+    logits = nnx.merge(graphdef, state)(x)
+    return jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
+
+
+# One jit for every model: the graphdef is static, so the same model (e.g. the fp reference
+# of a sweep) compiles once per batch shape, not once per call.
+_log_probs_jit = jax.jit(_log_probs, static_argnames="graphdef")
+
+
 def output_kl(reference, model, windows: np.ndarray, *, mask_ratio: float = 0.5,
               batch_size: int = 8, seed: int = 0) -> dict:
     """Mean KL(reference || model) in bits per output position (module docstring) on
@@ -124,17 +136,12 @@ def output_kl(reference, model, windows: np.ndarray, *, mask_ratio: float = 0.5,
     rng = np.random.default_rng(seed)
     noisy = np.where(rng.random(w.shape) < mask_ratio, mask_id, w).astype(np.int32)
 
-    def log_probs(m):
-        graphdef, state = nnx.split(m)
-        f = jax.jit(lambda st, x: jax.nn.log_softmax(
-            nnx.merge(graphdef, st)(x).astype(jnp.float32), axis=-1))
-        return lambda x: f(state, x)
-
-    lp_ref, lp_model = log_probs(reference), log_probs(model)
+    (g_ref, s_ref), (g_model, s_model) = nnx.split(reference), nnx.split(model)
     total = 0.0
     for i in range(0, len(noisy), batch_size):
         x = jnp.asarray(noisy[i:i + batch_size])
-        a, b = lp_ref(x), lp_model(x)
+        a = _log_probs_jit(s_ref, x, graphdef=g_ref)
+        b = _log_probs_jit(s_model, x, graphdef=g_model)
         total += float(jnp.sum(jnp.exp(a) * (a - b)))
     kl = total / (noisy.size * LN2)
     return {"kl_bits": kl, "positions": int(noisy.size), "mask_ratio": mask_ratio}
