@@ -23,7 +23,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/python -m qdlm_jax.demo $(ARGS)
+	$(BIN)/python -m qdlm_jax.jobs.demo $(ARGS)
 
 # Retrain both bundled tiny models from scratch (fetches the offline data on first use) and
 # rewrite assets/tiny-{llada,dream}. The two runs share one tokenizer and run side by side.
@@ -32,8 +32,8 @@ retrain-tiny: $(STAMP)
 	$(BIN)/qdlm train --config configs/train_tiny_llada.py --config.data.tokenizer=runs/tokenizer.json & \
 	$(BIN)/qdlm train --config configs/train_tiny_dream.py --config.data.tokenizer=runs/tokenizer.json & \
 	wait
-	$(BIN)/python -m qdlm_jax.model_card runs/train_tiny_llada assets/tiny-llada
-	$(BIN)/python -m qdlm_jax.model_card runs/train_tiny_dream assets/tiny-dream
+	$(BIN)/python converters/export_tiny.py runs/train_tiny_llada assets/tiny-llada
+	$(BIN)/python converters/export_tiny.py runs/train_tiny_dream assets/tiny-dream
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

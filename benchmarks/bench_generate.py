@@ -6,8 +6,8 @@
 The model has the size of the project's tiny trained LLaDA (6 layers, width 256, 4 heads,
 SwiGLU 768, vocab 4096) with random weights, written once as a hub-layout checkpoint and
 loaded by both sides: ours through `load_model`, the eager side as a transformers Llama run
-bidirectionally (tests/hf_reference.py) driving the published algorithm as stated in
-tests/reference_algorithms.py (full logits every step, as the published code does).
+bidirectionally (tests/references/hf_reference.py) driving the published algorithm as stated in
+tests/references/reference_algorithms.py (full logits every step, as the published code does).
 
 For each batch size it reports:
   * ours: compile time (ahead of time, separately) and run time -> tokens/s
@@ -39,10 +39,10 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from qdlm_jax import load_model  # noqa: E402
-from qdlm_jax.generate import GenerationConfig, compile_generate  # noqa: E402
-from qdlm_jax.testing import tiny_config, write_hf_checkpoint  # noqa: E402
-from tests.hf_reference import reference_model  # noqa: E402
-from tests.reference_algorithms import hf_forward, llada_generate_ref  # noqa: E402
+from qdlm_jax.inference.generate import GenerationConfig, compile_generate  # noqa: E402
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint  # noqa: E402
+from tests.references.hf_reference import reference_model  # noqa: E402
+from tests.references.reference_algorithms import hf_forward, llada_generate_ref  # noqa: E402
 
 
 def bench_config(args):

@@ -13,7 +13,8 @@ import pkgutil
 import sys
 
 from qdlm_jax import commands
-from qdlm_jax.config_flags import ConfigOverrideError, split_config_args
+from qdlm_jax.errors import UserError
+from qdlm_jax.jobs.config_flags import split_config_args
 
 
 def _subcommands():
@@ -40,13 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = split_config_args(argv)
     parser, runners = build_parser()
     args = parser.parse_args(rest)
-    from qdlm_jax.converters.safetensors_io import CheckpointError
-    from qdlm_jax.models.config import ConfigError
     try:
         return int(runners[args.command](args, overrides) or 0)
-    except (CheckpointError, ConfigError, ConfigOverrideError, FileNotFoundError,
-            ValueError) as e:  # bad input users can fix: one line, exit 2
-        print(f"qdlm {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError) as e:  # bad input users can fix: one line, exit 2
+        print(f"qdlm {args.command}: error: {str(e).splitlines()[0] if str(e) else e!r}",
+              file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,6 @@
-"""Atomic outputs: a directory or file appears at its final path only when complete."""
+"""Atomic outputs: a directory or file appears at its final path only when complete.
+
+The one place the package writes through a temp path and a rename; every layer uses it."""
 
 from __future__ import annotations
 
@@ -35,10 +37,31 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes a file through a temp file + rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temp path beside `path` (same suffix, so writers that pick a format by
+    extension still do); renames it to `path` when the block succeeds, removes it on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes a UTF-8 text file through a temp file + rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes a binary file through a temp file + rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)

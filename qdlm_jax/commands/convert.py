@@ -24,9 +24,9 @@ def add_arguments(p):
 
 
 def run(args, overrides):
-    from qdlm_jax import checkpoint
-    from qdlm_jax.api import load_params
-    from qdlm_jax.converters.hf import save_hf
+    from qdlm_jax.checkpoints import orbax_format as checkpoint
+    from qdlm_jax.checkpoints.load import load_params
+    from qdlm_jax.checkpoints.hf import save_hf
     from qdlm_jax.models.dllm import count_params
 
     if overrides:

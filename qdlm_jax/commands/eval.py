@@ -49,10 +49,10 @@ def _limited(spec, limit):
 
 def run(args, overrides):
     if overrides:
-        from qdlm_jax.config_flags import ConfigOverrideError
+        from qdlm_jax.errors import ConfigOverrideError
         raise ConfigOverrideError(f"{overrides[0]}: qdlm eval takes no --config overrides; "
                                   "use --task-file for task settings")
-    from qdlm_jax.data.sources import DataSourceError
+    from qdlm_jax.errors import DataSourceError
     from qdlm_jax.evals.backends import load_text_model
     from qdlm_jax.evals.tasks import load_task_file, resolve_task, run_task
     from qdlm_jax.fsutil import atomic_write_text

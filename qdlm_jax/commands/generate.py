@@ -39,7 +39,7 @@ def default_config():
     """The built-in `gen` config: GenerationConfig's defaults."""
     import ml_collections
 
-    from qdlm_jax.generate import GenerationConfig
+    from qdlm_jax.inference.generate import GenerationConfig
     c = ml_collections.ConfigDict()
     c.gen = ml_collections.ConfigDict(dataclasses.asdict(GenerationConfig()))
     return c
@@ -56,7 +56,7 @@ def _encode(prompts, tokenizer, bos, model_path):
             ids = tokenizer.encode(text).ids
         else:
             if not re.fullmatch(r"[\s,]*\d+([\s,]+\d+)*[\s,]*", text):
-                from qdlm_jax.config_flags import ConfigOverrideError
+                from qdlm_jax.errors import ConfigOverrideError
                 raise ConfigOverrideError(
                     f"--prompt {text!r}: {model_path} has no tokenizer.json, so prompts must "
                     "be token ids separated by spaces or commas")
@@ -68,7 +68,8 @@ def _encode(prompts, tokenizer, bos, model_path):
 
 
 def run(args, overrides):
-    from qdlm_jax.config_flags import ConfigOverrideError, apply_overrides, load_config_file
+    from qdlm_jax.errors import ConfigOverrideError
+    from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
 
     t_start = time.time()
     config = load_config_file(args.config) if args.config else default_config()
@@ -80,7 +81,7 @@ def run(args, overrides):
     import numpy as np
 
     from qdlm_jax import load_model
-    from qdlm_jax.generate import GenerationConfig, compile_generate, left_pad
+    from qdlm_jax.inference.generate import GenerationConfig, compile_generate, left_pad
 
     try:
         gen = GenerationConfig.from_mapping(config.gen.to_dict())

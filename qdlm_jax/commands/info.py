@@ -18,8 +18,8 @@ def run(args, overrides):
     import jax
     import numpy as np
 
-    from qdlm_jax import checkpoint
-    from qdlm_jax.converters.hf import CheckpointDir, check_tensors, expected_shape, key_map
+    from qdlm_jax.checkpoints import orbax_format as checkpoint
+    from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, expected_shape, key_map
 
     path = Path(args.path)
     if checkpoint.is_qdlm_checkpoint(path):

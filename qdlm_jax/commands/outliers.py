@@ -22,18 +22,14 @@ def add_arguments(p):
 
 def run(args, overrides):
     if overrides:
-        from qdlm_jax.config_flags import ConfigOverrideError
+        from qdlm_jax.errors import ConfigOverrideError
         raise ConfigOverrideError(f"{overrides[0]}: qdlm outliers takes no --config overrides")
-    from qdlm_jax.data.sources import DataSourceError
     from qdlm_jax.evals.outliers import OutlierSpec, run_outliers
 
     out = Path(args.out or Path("runs/outliers") / Path(args.model).name)
     spec = OutlierSpec(n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                        source=args.source)
-    try:
-        r = run_outliers(args.model, spec, out)
-    except DataSourceError as e:
-        raise ValueError(str(e).splitlines()[0]) from None
+    r = run_outliers(args.model, spec, out)
     print(r["markdown"])
     print(f"run dir: {out}")
     return 0

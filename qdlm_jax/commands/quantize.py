@@ -12,8 +12,8 @@ def add_arguments(p):
 
 
 def run(args, overrides):
-    from qdlm_jax.config_flags import apply_overrides, load_config_file
-    from qdlm_jax.quantize_job import run as run_job
+    from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
+    from qdlm_jax.jobs.quantize import run as run_job
 
     cfg = apply_overrides(load_config_file(args.config), overrides)
     run_job(cfg)

@@ -13,15 +13,11 @@ def add_arguments(p):
 
 
 def run(args, overrides):
-    from qdlm_jax.config_flags import apply_overrides, load_config_file
-    from qdlm_jax.data.sources import DataSourceError
-    from qdlm_jax.study import run_study, study_spec
+    from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
+    from qdlm_jax.jobs.study import run_study, study_spec
 
     cfg = apply_overrides(load_config_file(args.config), overrides)
-    try:
-        result = run_study(study_spec(cfg))
-    except DataSourceError as e:  # missing / unreadable data: a user-fixable input error
-        raise ValueError(str(e).splitlines()[0]) from None
+    result = run_study(study_spec(cfg))
     print(result["table"])
     for p in result["plots"]:
         print(f"plot: {p}")

@@ -56,6 +56,9 @@ from typing import Any, BinaryIO, NamedTuple, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from qdlm_jax.errors import DataSourceError
+from qdlm_jax.fsutil import atomic_write_bytes
+
 __all__ = [
     "BIGBENCH_PREFETCH_TASKS",
     "BIGBENCH_SDIST_FILENAME",
@@ -88,10 +91,6 @@ __all__ = [
     "token_windows",
     "verify_sha256",
 ]
-
-
-class DataSourceError(RuntimeError):
-    """A data source could not be read, fetched or verified."""
 
 
 # ---------------------------------------------------------------------------
@@ -324,18 +323,6 @@ def _normalize_task_path(task_path: str) -> str:
     return norm
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _read_known_members() -> set[str] | None:
     path = bigbench_cache_dir() / "members.txt"
@@ -361,12 +348,12 @@ def _extract_members(archive: Path, wanted: dict[str, Path]) -> set[str]:
                         continue
                     fobj = tar.extractfile(member)
                     assert fobj is not None
-                    _atomic_write_bytes(dest, fobj.read())
+                    atomic_write_bytes(dest, fobj.read())
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataSourceError(
                 f"could not read {archive} as a tar.gz archive: {exc}. " + _manual_fetch_hint()
             ) from exc
-    _atomic_write_bytes(
+    atomic_write_bytes(
         bigbench_cache_dir() / "members.txt", ("\n".join(sorted(names)) + "\n").encode("utf-8")
     )
     return names
@@ -560,7 +547,7 @@ def load_bigbench_wikipedia(*, refresh: bool = False) -> list[str]:
             f"the file may be corrupted: delete it and retry"
         )
     payload = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
-    _atomic_write_bytes(cached, payload.encode("utf-8"))
+    atomic_write_bytes(cached, payload.encode("utf-8"))
     return docs
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from qdlm_jax.fsutil import atomic_file
+
 __all__ = [
     "BOS_TOKEN",
     "DEFAULT_VOCAB_SIZE",
@@ -128,10 +130,8 @@ def _tokenizer_file(path_or_dir: str | os.PathLike[str]) -> Path:
 def save_tokenizer(tok: Tokenizer, path_or_dir: str | os.PathLike[str]) -> Path:
     """Save as ``tokenizer.json`` (``path_or_dir`` is a directory or a ``.json`` path)."""
     path = _tokenizer_file(path_or_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tok.save(str(tmp))
     return path
 
 

@@ -27,8 +27,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdlm_jax.generate import _DREAM_ONLY, _LLADA_ONLY, GenerationConfig, generate, left_pad
-from qdlm_jax.likelihood import bucket, log_likelihood
+from qdlm_jax.inference.generate import (DREAM_ONLY, LLADA_ONLY, GenerationConfig, generate,
+                                         left_pad)
+from qdlm_jax.inference.likelihood import bucket, log_likelihood
 
 LoglikFn = Callable[[str, str, jax.Array], float]
 GenerateFn = Callable[[Sequence[str]], list[str]]
@@ -42,7 +43,7 @@ def context_key(seed: int, context: str) -> jax.Array:
 def for_family(gen: GenerationConfig, family: str) -> GenerationConfig:
     """`gen` with the other family's fields reset to their defaults (a task's settings carry
     both LLaDA fields, e.g. block_length, and Dream fields, e.g. alg)."""
-    other = _DREAM_ONLY if family == "llada" else _LLADA_ONLY
+    other = DREAM_ONLY if family == "llada" else LLADA_ONLY
     default = GenerationConfig()
     return dataclasses.replace(gen, **{n: getattr(default, n) for n in other})
 

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from qdlm_jax.data import arithmetic, sources
 from qdlm_jax.data.tokenizer import special_token_ids
-from qdlm_jax.generate import GenerationConfig, generate
-from qdlm_jax.likelihood import perplexity_bound
+from qdlm_jax.inference.generate import GenerationConfig, generate
+from qdlm_jax.inference.likelihood import perplexity_bound
 
 LN2 = math.log(2.0)
 

@@ -40,7 +40,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from qdlm_jax.evals.backends import TextModel, context_key, load_text_model
-from qdlm_jax.generate import GenerationConfig
+from qdlm_jax.inference.generate import GenerationConfig
 
 
 def _as_bool(v) -> bool:

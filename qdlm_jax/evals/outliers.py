@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from qdlm_jax.fsutil import atomic_file, atomic_write_text
 from qdlm_jax.models.capture import Capture
 
 LINEAR_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -138,7 +138,7 @@ def layer_stats(model, ids: np.ndarray, attention_mask: np.ndarray, spec: Outlie
 
 def collect(model, tokenizer, spec: OutlierSpec) -> dict:
     """{"clean": {layer: stats}, "masked": {...}, "mask_ratio_mean": ...}."""
-    from qdlm_jax.calibration.feeders import CalibSpec, build_calibration
+    from qdlm_jax.quant.calibration import CalibSpec, build_calibration
     from qdlm_jax.evals.lm import windows_for
     w = windows_for(tokenizer, model.config, source=spec.source, split="calib",
                     seq_len=spec.seq_len, n_windows=spec.n_samples, seed=0)
@@ -191,10 +191,9 @@ def heatmap(result: dict, num_layers: int, title: str, path: Path) -> Path:
             fig.colorbar(im, ax=ax, label=f"{label} (log scale)")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -225,7 +224,6 @@ def run_outliers(model_path, spec: OutlierSpec, out_dir) -> dict:
     """Collects the statistics of `model_path` and writes stats.json, summary.md,
     heatmap.png to `out_dir`."""
     from qdlm_jax.evals.backends import load_text_model
-    from qdlm_jax.fsutil import atomic_write_text
     t0 = time.time()
     tm = load_text_model(model_path)
     result = collect(tm.model, tm.tokenizer, spec)

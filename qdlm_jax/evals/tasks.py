@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Mapping, Union
 
-from qdlm_jax.generate import GenerationConfig
+from qdlm_jax.inference.generate import GenerationConfig
 
 CATEGORIES = ("language_modeling", "multiple_choice", "math", "code")
 

@@ -1,15 +1,25 @@
 """Low-bit matmul kernels: one op, `qmatmul(x, w, act_bits=None, implementation=None)`,
 with an XLA path (everywhere) and Pallas kernels for TPU (Mosaic) and GPU (Triton).
 
-`qdlm_jax.quant.qarray.quantized_matmul` (what every quantized linear layer calls) routes
-through `qmatmul`, so `use_implementation("pallas_tpu", interpret=True)` switches a whole
-model. See docs/kernels.md.
+Importing this package binds the quantized types to their ops in `qdlm_jax.models.project`:
+a linear layer whose kernel is a `QuantizedArray` runs `qmatmul`, one whose kernel is an
+`ActKernel` runs its input stage and then projects with the inner weight. The quantized
+types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
+`qdlm_jax.quant` imports this package first, so any quantized model finds its op, and the
+implementation setting (a JAX config state in the jit key) exists before the first trace.
+`use_implementation("pallas_tpu", interpret=True)` switches a whole model. See docs/kernels.md.
 """
 
 from qdlm_jax.kernels.common import Support, quantize_activations
 from qdlm_jax.kernels.dispatch import (IMPLEMENTATIONS, Setting, current_setting,
                                       platform_default, qmatmul, select_implementation,
                                       set_implementation, use_implementation)
+from qdlm_jax.models.project import register_kernel_type
+from qdlm_jax.quant.act_kernel import ActKernel, act_matmul, input_stage
+from qdlm_jax.quant.qarray import QuantizedArray
+
+register_kernel_type(QuantizedArray, qmatmul)
+register_kernel_type(ActKernel, act_matmul, input_stage)
 
 __all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "platform_default",
            "qmatmul", "quantize_activations", "select_implementation", "set_implementation",

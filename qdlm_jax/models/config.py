@@ -1,27 +1,22 @@
 """Model configuration shared by the LLaDA and Dream families.
 
 One frozen dataclass describes every dLLM the project runs; the two families differ only
-in field values (see `llada_8b()` and `dream_7b()`). The HF `config.json` of either family
-is read by `ModelConfig.from_hf_dict` and written back by `to_hf_dict`.
+in field values (see `llada_8b()` and `dream_7b()`). Each hub layout's `config.json` mapping
+lives with its key map in `qdlm_jax/checkpoints/{llada,dream}.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from qdlm_jax.errors import ConfigError
+
 Family = Literal["llada", "dream"]
 FAMILIES = ("llada", "dream")
-# HF `model_type` string of each family, as found in the hub checkpoints' config.json.
-HF_MODEL_TYPE = {"llada": "llada", "dream": "Dream"}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class ConfigError(ValueError):
-    """A model config value is missing or invalid."""
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,9 +65,9 @@ class ModelConfig:
             raise ConfigError(f"mask_token_id={self.mask_token_id} is outside the vocabulary "
                               f"[0, {self.vocab_size})")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
+            if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of "
-                                  f"{sorted(_DTYPES)}")
+                                  f"{sorted(DTYPES)}")
 
     @property
     def head_dim(self) -> int:
@@ -80,11 +75,11 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @property
     def storage_dtype(self):
-        return _DTYPES[self.param_dtype]
+        return DTYPES[self.param_dtype]
 
     @property
     def shift_logits(self) -> bool:
@@ -108,149 +103,6 @@ class ModelConfig:
             return cls(**d)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
-
-    # ---- HF config.json --------------------------------------------------------------------
-    @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
-        """Reads a hub `config.json` of LLaDA (`model_type: llada`) or Dream (`Dream`)."""
-        model_type = hf.get("model_type")
-
-        def need(key):
-            if key not in hf:
-                raise ConfigError(f"{source}: missing key {key!r} required for "
-                                  f"model_type={model_type!r}")
-            return hf[key]
-
-        if model_type == "llada":
-            if hf.get("block_type", "llama") != "llama":
-                raise ConfigError(f"{source}: block_type={hf['block_type']!r} is not supported; "
-                                  "expected 'llama' (the LLaDA-8B layout)")
-            if hf.get("weight_tying", False):
-                raise ConfigError(f"{source}: weight_tying=true is not supported (LLaDA has an "
-                                  "untied LM head)")
-            if hf.get("include_bias", False) or hf.get("include_qkv_bias", False):
-                raise ConfigError(f"{source}: biases are not supported in the LLaDA layout")
-            vocab = hf.get("embedding_size") or need("vocab_size")
-            n_heads = need("n_heads")
-            return cls(
-                family="llada",
-                vocab_size=int(vocab),
-                hidden_size=int(need("d_model")),
-                num_layers=int(need("n_layers")),
-                num_heads=int(n_heads),
-                num_kv_heads=int(hf.get("n_kv_heads") or n_heads),
-                intermediate_size=int(need("mlp_hidden_size")),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                qkv_bias=False,
-                rope_full_precision=bool(hf.get("rope_full_precision", True)),
-                mask_token_id=int(hf.get("mask_token_id", 126336)),
-                pad_token_id=hf.get("pad_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-                bos_token_id=hf.get("bos_token_id"),
-                eot_token_id=hf.get("eot_token_id"),
-                max_position_embeddings=int(hf.get("max_sequence_length", 4096)),
-                param_dtype=_hf_dtype(hf),
-                dtype=_hf_dtype(hf),
-            )
-        if model_type == "Dream":
-            if hf.get("tie_word_embeddings", False):
-                raise ConfigError(f"{source}: tie_word_embeddings=true is not supported "
-                                  "(Dream has an untied LM head)")
-            n_heads = need("num_attention_heads")
-            return cls(
-                family="dream",
-                vocab_size=int(need("vocab_size")),
-                hidden_size=int(need("hidden_size")),
-                num_layers=int(need("num_hidden_layers")),
-                num_heads=int(n_heads),
-                num_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                intermediate_size=int(need("intermediate_size")),
-                rope_theta=float(hf.get("rope_theta", 1e6)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                qkv_bias=True,
-                rope_full_precision=False,
-                mask_token_id=int(hf.get("mask_token_id", 151666)),
-                pad_token_id=hf.get("pad_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-                bos_token_id=hf.get("bos_token_id"),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 131072)),
-                param_dtype=_hf_dtype(hf),
-                dtype=_hf_dtype(hf),
-            )
-        raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
-                          "(LLaDA) or 'Dream' (Dream)")
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The hub `config.json` of this model, in its family's own key names."""
-        torch_dtype = self.param_dtype
-        if self.family == "llada":
-            return {
-                "model_type": "llada",
-                "architectures": ["LLaDAModelLM"],
-                "d_model": self.hidden_size,
-                "n_layers": self.num_layers,
-                "n_heads": self.num_heads,
-                "n_kv_heads": self.num_kv_heads,
-                "mlp_hidden_size": self.intermediate_size,
-                "vocab_size": self.vocab_size,
-                "embedding_size": self.vocab_size,
-                "max_sequence_length": self.max_position_embeddings,
-                "rope": True,
-                "rope_theta": self.rope_theta,
-                "rope_full_precision": self.rope_full_precision,
-                "layer_norm_type": "rms",
-                "rms_norm_eps": self.rms_norm_eps,
-                "layer_norm_with_affine": True,
-                "bias_for_layer_norm": False,
-                "include_bias": False,
-                "include_qkv_bias": False,
-                "activation_type": "silu",
-                "block_type": "llama",
-                "weight_tying": False,
-                "mask_token_id": self.mask_token_id,
-                "pad_token_id": self.pad_token_id,
-                "eos_token_id": self.eos_token_id,
-                "bos_token_id": self.bos_token_id,
-                "eot_token_id": self.eot_token_id,
-                "torch_dtype": torch_dtype,
-            }
-        return {
-            "model_type": "Dream",
-            "architectures": ["DreamModel"],
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "intermediate_size": self.intermediate_size,
-            "vocab_size": self.vocab_size,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "tie_word_embeddings": False,
-            "use_sliding_window": False,
-            "max_position_embeddings": self.max_position_embeddings,
-            "mask_token_id": self.mask_token_id,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": self.eos_token_id,
-            "bos_token_id": self.bos_token_id,
-            "torch_dtype": torch_dtype,
-        }
-
-
-def _hf_dtype(hf: dict[str, Any]) -> str:
-    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    return dtype if dtype in _DTYPES else "float32"
-
-
-def load_hf_config(path) -> ModelConfig:
-    with open(path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_dict(hf, source=str(path))
 
 
 def llada_8b(**overrides) -> ModelConfig:

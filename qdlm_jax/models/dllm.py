@@ -196,6 +196,12 @@ class DLLM(nnx.Module):
         return self.logits(h, capture)
 
 
+def shift_logits(logits: Float[Array, "B T V"]) -> Float[Array, "B T V"]:
+    """Dream's right shift: out[:, 0] = logits[:, 0], out[:, i] = logits[:, i-1] (position i
+    is predicted from the output at i - 1; `ModelConfig.shift_logits` says which family)."""
+    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+
+
 def linear_names(config: ModelConfig) -> list[str]:
     """Hook-point names of every linear layer, in forward order."""
     per_layer = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,13 +1,13 @@
-"""Weight quantization: AutoGPTQ-grid quantizer, bit packing, `QuantizedArray`, RTN, GPTQ, AWQ.
+"""Post-training quantization: quantizer, bit packing, `QuantizedArray`, calibration, the
+weight-only (RTN, GPTQ, AWQ) and weight-activation (SmoothQuant, QuaRot, DuQuant) passes.
 
-Importing this package registers `QuantizedArray` with `qdlm_jax.models.project`, so a model
-whose linear kernels are QuantizedArrays runs from the packed params. See
-docs/quantization.md.
+The kernels package is imported first: it binds `QuantizedArray` and `ActKernel` to their
+matmuls, so a model whose linear kernels are quantized runs from the packed params.
+See docs/quantization.md.
 """
-from qdlm_jax.quant.gptq_core import (GPTQResult, HessianState, gptq, hessian_finalize,
-                                      hessian_init, hessian_merge, hessian_psum,
-                                      hessian_update)
-from qdlm_jax.quant.qarray import QuantizedArray, quantized_matmul, quantized_param_bytes
+import qdlm_jax.kernels  # noqa: F401  (binds the quantized types to their ops; see there)
+from qdlm_jax.quant.gptq_core import GPTQResult, gptq
+from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 from qdlm_jax.quant.quantizer_core import (QuantParams, QuantSpec, SUPPORTED_BITS,
                                            compute_params, dequantize_codes, quantize_codes,
                                            rtn)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qdlm_jax.models.project import project, register_kernel_type
+from qdlm_jax.models.project import project
 from qdlm_jax.quant import act_core, hadamard_core
 
 KINDS = ("hadamard", "hadamard_heads", "duquant")
@@ -116,7 +116,6 @@ def act_matmul(x: jax.Array, k: ActKernel) -> jax.Array:
 
 
 nnx.register_data_type(ActKernel)
-register_kernel_type(ActKernel, act_matmul, input_stage)
 
 
 def inner_weight(kernel):

@@ -93,47 +93,13 @@ _SUB = 16  # columns per sub-block inside a block (rank-1 updates stay this narr
 # ----------------------------------------------------------------------------------------
 
 
-class HessianState(NamedTuple):
-    """Streaming statistics of the layer inputs: ``xtx = sum x x^T`` (fp32) and the count."""
-
-    xtx: Float[Array, "in in"]
-    count: Float[Array, ""]
-
-
-def hessian_init(n_in: int) -> HessianState:
-    return HessianState(jnp.zeros((n_in, n_in), jnp.float32), jnp.zeros((), jnp.float32))
-
-
-def hessian_update(state: HessianState, x: Float[Array, "... in"],
-                   mask: Float[Array, "..."] | None = None) -> HessianState:
-    """Adds a batch of inputs ``x[..., in]`` (rows where `mask` is 0 are skipped).
-
-    ``xtx += sum_rows x^T x`` in fp32 (HIGHEST precision), ``count += number of rows``.
-    """
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    if mask is None:
-        n = jnp.float32(x2.shape[0])
-    else:
-        m = mask.reshape(-1).astype(jnp.float32)
-        x2 = x2 * m[:, None]
-        n = jnp.sum(m)
-    xtx = jnp.einsum("ni,nj->ij", x2, x2, precision=lax.Precision.HIGHEST)
-    return HessianState(state.xtx + xtx, state.count + n)
-
-
-def hessian_merge(a: HessianState, b: HessianState) -> HessianState:
-    return HessianState(a.xtx + b.xtx, a.count + b.count)
-
-
-def hessian_psum(state: HessianState, axis_name) -> HessianState:
-    """Sums the statistics over a mapped axis (e.g. data-parallel devices in shard_map)."""
-    return HessianState(lax.psum(state.xtx, axis_name), lax.psum(state.count, axis_name))
-
-
-def hessian_finalize(state: HessianState) -> Float[Array, "in in"]:
-    """``H = 2/n sum x x^T``. (AutoGPTQ divides by sequences, not tokens; GPTQ's result does
-    not depend on the scale of H.)"""
-    return 2.0 * state.xtx / jnp.maximum(state.count, 1.0)
+def hessian(gram: Float[Array, "in in"], weight_sum: float | Float[Array, ""]
+            ) -> Float[Array, "in in"]:
+    """``H = 2 / (sum_j c_j) * sum_j c_j x_j x_j^T`` from the token-weighted Gram matrix
+    ``gram = sum_j c_j x_j x_j^T`` of a layer's calibration inputs (``c = 1`` for plain
+    calibration; DLLMQuant's certainty weights otherwise). AutoGPTQ divides by sequences,
+    not tokens; GPTQ's result does not depend on the scale of H."""
+    return 2.0 * gram / jnp.maximum(jnp.asarray(weight_sum, jnp.float32), 1e-12)
 
 
 # ----------------------------------------------------------------------------------------
@@ -524,5 +490,4 @@ def _quantize_block(W1: Float[Array, "B out"], U1: Float[Array, "B B"],
     return Q1, DQ1
 
 
-__all__ = ["GPTQResult", "HessianState", "gptq", "hessian_finalize", "hessian_init",
-           "hessian_merge", "hessian_psum", "hessian_update", "upper_cholesky_of_inverse"]
+__all__ = ["GPTQResult", "gptq", "hessian", "upper_cholesky_of_inverse"]

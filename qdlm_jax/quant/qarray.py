@@ -38,7 +38,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from qdlm_jax.models.project import register_kernel_type
 from qdlm_jax.quant import packing
 from qdlm_jax.quant.quantizer_core import (QuantSpec, SUPPORTED_BITS, resolve_group_size,
                                            rtn_codes)
@@ -260,18 +259,6 @@ def _as_dtype(t):
 nnx.register_data_type(QuantizedArray)
 
 
-def quantized_matmul(x: jax.Array, w: QuantizedArray) -> jax.Array:
-    """x[..., k] @ w_logical[k, n], routed through `qdlm_jax.kernels.qmatmul`: XLA
-    dequantize-then-matmul (fp32 accumulation) unless a Pallas implementation is selected
-    (`qdlm_jax.kernels.use_implementation`; "auto" picks by platform)."""
-    from qdlm_jax.kernels import qmatmul  # kernels import this module
-
-    return qmatmul(x, w)
-
-
-register_kernel_type(QuantizedArray, quantized_matmul)
-
-
 def quantized_param_bytes(tree) -> int:
     """Bytes of all QuantizedArray and array leaves of a param tree."""
     total = 0
@@ -283,11 +270,4 @@ def quantized_param_bytes(tree) -> int:
     return int(total)
 
 
-__all__ = ["QuantizedArray", "quantized_matmul", "quantized_param_bytes"]
-
-
-# Define the qmatmul implementation setting (a JAX config state in the jit key) as soon as
-# quantized arrays exist: a state first defined while a model is being traced changes the
-# trace context, and every jitted function that traced before it would trace and compile a
-# second time. (At the end of the module: the kernels import this one.)
-import qdlm_jax.kernels  # noqa: E402, F401
+__all__ = ["QuantizedArray", "quantized_param_bytes"]

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from qdlm_jax.models.params import ParamPath
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
-
-ParamPath = tuple
 
 
 def is_linear_kernel(path: ParamPath, value) -> bool:

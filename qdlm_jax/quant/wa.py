@@ -26,29 +26,24 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdlm_jax.calibration.feeders import CalibBatch
-from qdlm_jax.models.dllm import DLLM, rope_angles
-from qdlm_jax.params import get_params, model_from_params
+from qdlm_jax.models.dllm import DLLM
+from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import duquant_core, quarot, smoothquant_core
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform, inner_weight
-from qdlm_jax.quant.awq import _PRODUCERS as _AWQ_PRODUCERS
-from qdlm_jax.quant.awq import _fold as _fold_smoothing
-from qdlm_jax.quant.awq import _foldable
-from qdlm_jax.quant.layerwise import (GROUPS, PTQSpec, _BlockRunner, _install,
-                                      _quantize_gptq, _stage, _weight)
+from qdlm_jax.quant.block import (GROUPS, PRODUCERS, BlockRunner, block_inputs, fold, foldable,
+                                  install, placeholder_calibration, quantize_gptq, stage,
+                                  weight)
+from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 
 WA_METHODS = ("rtn", "smoothquant", "quarot", "duquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
-# group -> (producer of its input, kind): the same folding points as AWQ's
-PRODUCERS = _AWQ_PRODUCERS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,13 +71,16 @@ class WASpec:
         if self.block <= 0 or self.block & (self.block - 1):
             raise ValueError(f"DuQuant block={self.block}: expected a power of two")
 
-    def gptq_spec(self) -> PTQSpec:
-        return PTQSpec(method="gptq", weight=self.weight, damp=self.damp,
-                       block_size=self.block_size, chunk=self.chunk)
+    @property
+    def needs_calibration(self) -> bool:
+        """Smoothing and DuQuant read activation ranges, GPTQ reads Hessians, static
+        activation ranges are calibrated; RTN weights with dynamic activations need nothing."""
+        return (self.method in ("smoothquant", "duquant") or self.weight_quantizer == "gptq"
+                or (self.act is not None and self.act.granularity == "per_tensor"))
 
 
 def _wrap_transform(block, name, t: OnlineTransform):
-    w = _weight(block, name)
+    w = weight(block, name)
     getattr(block, name).kernel.value = ActKernel(weight=t.pair_weight(w).astype(w.dtype),
                                                   transform=t)
 
@@ -98,10 +96,10 @@ def _transform_block(block, runner, x, prefix, spec: WASpec, seed: int) -> dict:
         producer, kind = PRODUCERS[group]
         m = cap[prefix + group[0]]
         entry = {"act_absmax": float(jnp.max(m))}
-        if _foldable(block, group, producer, kind):
-            s = smoothquant_core.smooth_scales(m, [_weight(block, n).T for n in group],
+        if foldable(block, group, producer, kind):
+            s = smoothquant_core.smooth_scales(m, [weight(block, n).T for n in group],
                                                alpha=spec.alpha)
-            _fold_smoothing(block, group, producer, kind, s)
+            fold(block, group, producer, kind, s)
             m = m / s
             entry["smoothed_absmax"] = float(jnp.max(m))
         else:
@@ -123,11 +121,12 @@ def _quantize_weights(block, runner, x, prefix, spec: WASpec, weight_sum, pendin
         if spec.weight_quantizer == "gptq":
             names = tuple(prefix + g for g in group)
             _, grams = runner.run(x, names[:1], mode="gram")
-            _quantize_gptq(block, group, grams[names[0]], weight_sum, spec.gptq_spec(), pending)
+            quantize_gptq(block, group, grams[names[0]], weight_sum, ws, pending,
+                          damp=spec.damp, block_size=spec.block_size)
         else:
             for name in group:
-                w = _weight(block, name)
-                _stage(block, name, QuantizedArray.quantize(w, ws, scale_dtype=w.dtype), pending)
+                w = weight(block, name)
+                stage(block, name, QuantizedArray.quantize(w, ws, scale_dtype=w.dtype), pending)
 
 
 def _add_act_quant(block, runner, x, prefix, act: ActSpec):
@@ -156,39 +155,23 @@ def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
         params, stats["quarot"] = quarot.rotate(params, config, seed=spec.seed,
                                                 online_heads=spec.online_heads)
     qmodel = model_from_params(config, params)
-    needs_calib = (spec.method in ("smoothquant", "duquant") or spec.weight_quantizer == "gptq"
-                   or (spec.act is not None and spec.act.granularity == "per_tensor"))
-    if needs_calib and calib is None:
+    if spec.needs_calibration and calib is None:
         raise ValueError(f"method={spec.method!r} with these settings needs calibration data")
-    if calib is None:  # RTN weights / dynamic activations only: one dummy row drives the loop
-        one = np.ones((1, 8), np.int32)
-        calib = CalibBatch(ids=one * config.mask_token_id, attention_mask=one,
-                           is_masked=one.astype(bool), token_weights=one.astype(np.float32),
-                           mask_ratio=np.ones((1,), np.float32))
-
-    ids = jnp.asarray(calib.ids)
-    n, t = ids.shape
-    mask = jnp.asarray(calib.attention_mask)
-    key_bias = None if bool(jnp.all(mask == 1)) else jnp.where(
-        mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    cos, sin = rope_angles(pos, config.head_dim, config.rope_theta)
-    weights = jnp.asarray(calib.token_weights, jnp.float32)
-    weight_sum = float(weights.sum())
-    x = jnp.take(qmodel.embed[...], ids, axis=0).astype(config.compute_dtype)
+    inputs = block_inputs(qmodel.embed[...], config, calib or placeholder_calibration(config))
+    x = inputs.x
 
     label = f"{spec.method} W{spec.weight.bits if spec.weight else 16}A" \
             f"{spec.act.bits if spec.act else 16}"
     for i, block in enumerate(tqdm(qmodel.layers, desc=label, disable=not progress)):
-        runner = _BlockRunner(block, key_bias, cos, sin, weights, spec.chunk)
+        runner = BlockRunner(block, inputs, spec.chunk)
         prefix = f"layers.{i}."
         layer_stats, pending = {}, {}
         if spec.method in ("smoothquant", "duquant"):
             layer_stats["transform"] = _transform_block(block, runner, x, prefix, spec,
                                                         seed=spec.seed + 1000 * i)
         if spec.weight is not None:
-            _quantize_weights(block, runner, x, prefix, spec, weight_sum, pending)
-            _install(block, pending)
+            _quantize_weights(block, runner, x, prefix, spec, inputs.weight_sum, pending)
+            install(block, pending)
         if spec.act is not None:
             _add_act_quant(block, runner, x, prefix, spec.act)
         x, _ = runner.run(x)

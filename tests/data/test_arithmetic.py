@@ -136,7 +136,7 @@ def test_training_mix_follows_ops_and_digits_weights() -> None:
     repetition weights: ("+", "+", "+", "-") gives about 3/4 additions."""
     import ml_collections
 
-    from qdlm_jax import train_job
+    from qdlm_jax.jobs import train as train_job
     from qdlm_jax.data import tokenizer as tok_lib
 
     tok = tok_lib.train_tokenizer(["Question: 12+30=? Answer: 42 - 0123456789"] * 20,

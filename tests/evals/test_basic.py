@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qdlm_jax.evals.basic import output_kl
-from qdlm_jax.params import get_params, model_from_params
+from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant.quantizer_core import QuantSpec, rtn_spec
 
 

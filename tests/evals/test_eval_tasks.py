@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qdlm_jax.evals import tasks
-from qdlm_jax.generate import GenerationConfig
+from qdlm_jax.inference.generate import GenerationConfig
 
 
 def test_builtin_defaults_are_qdlm_settings():
@@ -97,7 +97,7 @@ def test_batched_bucketed_generation_equals_one_by_one(family, tiny_llada, tiny_
     """TextModel.generate pads prompts to a bucketed width and fills the last batch up; the
     greedy completions equal those of each prompt generated alone without padding."""
     from qdlm_jax.evals.backends import for_family
-    from qdlm_jax.generate import generate
+    from qdlm_jax.inference.generate import generate
 
     tm = tiny_llada if family == "llada" else tiny_dream
     gen = GenerationConfig(steps=4, gen_length=8, block_length=8)

@@ -133,7 +133,8 @@ def test_a_jitted_function_traces_once_before_and_after_the_first_quantized_matm
     exist before any trace, or the trace context changes and everything recompiles)."""
     code = """
 import jax, jax.numpy as jnp
-from qdlm_jax.quant.qarray import QuantizedArray, quantized_matmul
+from qdlm_jax.models.project import project
+from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 traces = []
 @jax.jit
@@ -142,7 +143,7 @@ def f(x):
     return x * 2
 f(jnp.ones(3))
 w = QuantizedArray.quantize(jnp.ones((64, 8)), QuantSpec(bits=4, group_size=32, sym=True))
-jax.jit(quantized_matmul)(jnp.ones((2, 64)), w)
+jax.jit(project)(jnp.ones((2, 64)), w)
 f(jnp.ones(3))
 print(len(traces))
 """

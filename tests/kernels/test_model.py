@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from qdlm_jax import load_model
-from qdlm_jax.generate import GenerationConfig, generate
+from qdlm_jax.inference.generate import GenerationConfig, generate
 from qdlm_jax.kernels import select_implementation, use_implementation
-from qdlm_jax.params import get_params, model_from_params
+from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import QuantizedArray, QuantSpec, rtn_quantize_params
 
 MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-llada"

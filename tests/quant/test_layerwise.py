@@ -1,20 +1,19 @@
 """The layer-wise pipeline: AWQ folding is exact in float, GPTQ/AWQ blocks beat RTN on a
 model with real activation structure, and sharded params give the single-device result."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qdlm_jax import load_model
-from qdlm_jax.calibration.feeders import CalibSpec, build_calibration
+from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.models import init_model
-from qdlm_jax.quant import awq
-from qdlm_jax.quant.layerwise import GROUPS, PTQSpec, quantize_model
+from qdlm_jax.quant.block import GROUPS, PRODUCERS, fold
+from qdlm_jax.quant.layerwise import PTQSpec, quantize_model
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
-from qdlm_jax.sharding import make_mesh
-from qdlm_jax.testing import tiny_config, write_hf_checkpoint
+from qdlm_jax.models.sharding import make_mesh
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -26,12 +25,12 @@ def test_awq_scale_folding_leaves_the_float_model_unchanged(family):
     rng = np.random.default_rng(1)
     for block in model.layers:
         for group in GROUPS:
-            producer, kind = awq._PRODUCERS[group]
+            producer, kind = PRODUCERS[group]
             width = block.__getattribute__(group[0]).kernel[...].shape[0]
             if kind == "linear" and block.__getattribute__(producer).kernel[...].shape[1] != width:
                 continue  # GQA: v -> o has no exact fold (the driver skips it too)
             s = jnp.asarray(np.exp(rng.normal(0, 0.5, width)), jnp.float32)
-            awq._fold(block, group, producer, kind, s)
+            fold(block, group, producer, kind, s)
     after = np.asarray(model(ids))
     assert np.max(np.abs(after - before)) < 1e-4 * max(1.0, np.max(np.abs(before)))
 

@@ -1,0 +1,67 @@
+"""Convert a LLaDA / Dream checkpoint between the Hugging Face hub layout and qdlm's format.
+
+    python converters/convert.py GSAI-ML-LLaDA-8B-Instruct/ runs/llada-8b --dtype bfloat16
+    python converters/convert.py runs/llada-8b runs/llada-8b-hf --to hf --max-shard-gb 5
+    python converters/convert.py Dream-v0-Instruct-7B/ runs/dream-7b --mesh 8   # onto 8 devices
+
+SRC is a hub checkpoint directory (config.json + safetensors or pytorch_model*.bin, one file
+or shards with an index) or a qdlm checkpoint; DST appears only when the whole conversion
+succeeded. `--mesh N` places every tensor straight onto its tensor-parallel sharding over N
+devices while reading (each device receives only its slice), as a multi-device job would load
+it. The tokenizer files beside SRC are copied along. The same conversion is `qdlm convert`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--to", choices=("qdlm", "hf"), default="qdlm")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast float tensors (default: keep the stored dtype)")
+    p.add_argument("--mesh", type=int, default=None, metavar="N",
+                   help="load onto a tensor-parallel mesh of N devices")
+    p.add_argument("--max-shard-gb", type=float, default=None, help="--to hf: shard size")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    from qdlm_jax.checkpoints import orbax_format
+    from qdlm_jax.checkpoints.hf import save_hf
+    from qdlm_jax.checkpoints.load import load_params
+    from qdlm_jax.errors import CheckpointError
+    from qdlm_jax.models.dllm import count_params
+    from qdlm_jax.models.sharding import make_mesh
+
+    if args.dst.exists() and not args.overwrite:  # before reading gigabytes
+        raise SystemExit(f"{args.dst}: already exists (pass --overwrite to replace it)")
+    t0 = time.time()
+    mesh = make_mesh(model=args.mesh) if args.mesh else None
+    try:
+        config, params = load_params(args.src, dtype=args.dtype, mesh=mesh, progress=True)
+        extra = [args.src / f for f in TOKENIZER_FILES if (args.src / f).is_file()]
+        if args.to == "hf":
+            shard = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
+            save_hf(config, params, args.dst, max_shard_bytes=shard, extra_files=extra,
+                    overwrite=args.overwrite)
+        else:
+            orbax_format.save_checkpoint(args.dst, config, params, extra_files=extra,
+                                         overwrite=args.overwrite)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.src} -> {args.dst} ({args.to}): {config.family}, "
+          f"{count_params(params):,} params, {config.param_dtype}, {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

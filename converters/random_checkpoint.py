@@ -1,0 +1,110 @@
+"""Random-weight checkpoints with a real model's exact names, shapes, dtype and shard layout.
+
+    python converters/random_checkpoint.py llada-8b runs/llada-8b-random            # 32 layers
+    python converters/random_checkpoint.py dream-7b runs/dream-7b-2l --layers 2
+    python converters/random_checkpoint.py llada-tiny runs/llada-tiny               # for tests
+
+Writes config.json (the hub's own keys), `model-0000i-of-0000n.safetensors` shards of at most
+--max-shard-gb with `model.safetensors.index.json`, in bf16 (or --dtype), plus the bundled
+tokenizer (its vocabulary is smaller than the real one: real-scale runs never decode text).
+Tensors are drawn one at a time (N(0, 0.02), norms 1) and written shard by shard, so memory
+stays at one shard. Real-scale quantization and conversion runs need no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+MODELS = ("llada-8b", "dream-7b", "llada-tiny", "dream-tiny")
+_NP = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def model_config(name: str, layers: int | None, dtype: str):
+    from qdlm_jax.checkpoints.random_init import tiny_config
+    from qdlm_jax.models.config import dream_7b, llada_8b
+
+    make = {"llada-8b": llada_8b, "dream-7b": dream_7b,
+            "llada-tiny": lambda **k: tiny_config("llada", **k),
+            "dream-tiny": lambda **k: tiny_config("dream", **k)}[name]
+    over = {"param_dtype": dtype, "dtype": dtype}
+    if layers is not None:
+        over["num_layers"] = layers
+    return make(**over)
+
+
+def write(name: str, out: Path, *, layers: int | None = None, dtype: str = "bfloat16",
+          max_shard_gb: float = 5.0, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    from qdlm_jax.checkpoints.hf import config_to_hf, expected_shape, key_map
+    from qdlm_jax.checkpoints.safetensors_io import write_safetensors
+    from qdlm_jax.fsutil import atomic_dir
+
+    config = model_config(name, layers, dtype)
+    mappings = key_map(config)
+    limit = int(max_shard_gb * 2**30)
+    itemsize = np.dtype(_NP[dtype]).itemsize
+    shards, current, size = [], [], 0
+    for m in mappings:
+        shape = expected_shape(config, m.path)
+        n = int(np.prod(shape)) * itemsize
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(m)
+        size += n
+    shards.append(current)
+    rng = np.random.default_rng(seed)
+
+    def tensor(m):
+        shape = expected_shape(config, m.path)
+        if m.transpose:
+            shape = shape[::-1]  # hub Linear weights are [out, in]
+        if m.path[-1] == "scale":
+            return np.ones(shape, _NP[dtype])
+        return (0.02 * rng.standard_normal(shape, np.float32)).astype(_NP[dtype])
+
+    with atomic_dir(out) as tmp:
+        weight_map, total = {}, 0
+        for i, group in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            items = [(m.hf_name, tensor(m)) for m in group]
+            total += sum(a.nbytes for _, a in items)
+            write_safetensors(tmp / fname, items, {"format": "pt"})
+            weight_map.update({m.hf_name: fname for m in group})
+            print(f"  {fname}: {len(group)} tensors", flush=True)
+            del items
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+        tok = tokenizer or Path(__file__).resolve().parents[1] / "assets/tiny-llada/tokenizer.json"
+        if tok.is_file():
+            shutil.copy2(tok, tmp / "tokenizer.json")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=MODELS)
+    p.add_argument("out", type=Path)
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
+    p.add_argument("--dtype", choices=sorted(_NP), default="bfloat16")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.out.exists():
+        raise SystemExit(f"{args.out}: already exists")
+    write(args.model, args.out, layers=args.layers, dtype=args.dtype,
+          max_shard_gb=args.max_shard_gb, seed=args.seed, tokenizer=args.tokenizer)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Hugging Face checkpoint directory <-> our Flax params, streaming tensor by tensor.
+
+Reading: `config.json` (model_type `llada` or `Dream`) plus one of
+  - `model.safetensors`,
+  - sharded `*.safetensors` with `model.safetensors.index.json`,
+  - `pytorch_model.bin` / sharded `pytorch_model-*.bin` (+ index), read through torch.
+Each tensor is read as a memory-mapped view, transposed if it is a Linear weight, cast if a
+dtype is asked for, and placed on its sharding; the PyTorch model is never built.
+
+Writing (`save_hf`) produces the same layout back; reading what it wrote gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from qdlm_jax.checkpoints import dream, llada
+from qdlm_jax.checkpoints.keymap import ParamPath, TensorMapping
+from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from qdlm_jax.errors import CheckpointError, ConfigError
+from qdlm_jax.fsutil import atomic_dir
+from qdlm_jax.models.config import ModelConfig
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Buffers some exporters add that carry no weights of ours.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# One module per hub layout: its tensor key map and its config.json mapping.
+LAYOUTS = {"llada": llada, "dream": dream}
+
+
+def key_map(config: ModelConfig) -> list[TensorMapping]:
+    return LAYOUTS[config.family].key_map(config)
+
+
+def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
+    """Reads a hub `config.json` of LLaDA (`model_type: llada`) or Dream (`Dream`)."""
+    model_type = hf.get("model_type")
+    for layout in LAYOUTS.values():
+        if model_type == layout.MODEL_TYPE:
+            return layout.config_from_hf(hf, source=source)
+    raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
+                      "(LLaDA) or 'Dream' (Dream)")
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The hub `config.json` of `config`, in its family's own key names."""
+    return LAYOUTS[config.family].config_to_hf(config)
+
+
+def load_hf_config(path) -> ModelConfig:
+    with open(path) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return config_from_hf(hf, source=str(path))
+
+
+def expected_shape(config: ModelConfig, path: ParamPath) -> tuple[int, ...]:
+    """Shape of a param in our layout (kernels are [in, out])."""
+    c = config
+    d, hd = c.hidden_size, c.head_dim
+    if path == ("embed",):
+        return (c.vocab_size, d)
+    if path == ("lm_head", "kernel"):
+        return (d, c.vocab_size)
+    if path[-1] == "scale":
+        return (d,)
+    name, leaf = path[-2], path[-1]
+    outs = {"q_proj": c.num_heads * hd, "k_proj": c.num_kv_heads * hd,
+            "v_proj": c.num_kv_heads * hd, "o_proj": d, "gate_proj": c.intermediate_size,
+            "up_proj": c.intermediate_size, "down_proj": d}
+    ins = {"o_proj": c.num_heads * hd, "down_proj": c.intermediate_size}
+    if leaf == "bias":
+        return (outs[name],)
+    return (ins.get(name, d), outs[name])
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+class _TorchBinFile:
+    """The same interface as SafetensorsFile over a `pytorch_model*.bin` (needs torch)."""
+
+    def __init__(self, path: Path):
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{path}: reading .bin checkpoints needs PyTorch "
+                                  "(`pip install torch`), or convert it to safetensors") from None
+        self.path = path
+        try:
+            self._sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({e})") from None
+
+    def keys(self):
+        return list(self._sd)
+
+    def shape(self, name):
+        return tuple(self._sd[name].shape)
+
+    def dtype(self, name) -> np.dtype:
+        return self.get(name).dtype
+
+    def get(self, name):
+        import torch
+        t = self._sd[name]
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def close(self):
+        self._sd = None
+
+
+class CheckpointDir:
+    """The tensors of a HF checkpoint directory, looked up by name across shard files."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: expected a checkpoint directory")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.path}: missing config.json (expected a Hugging Face "
+                                  "checkpoint directory)")
+        self.config = load_hf_config(config_path)
+        self.files, self.where = self._index()
+
+    def _index(self):
+        p = self.path
+        files: dict[str, object] = {}
+        where: dict[str, str] = {}
+
+        def add(fname, reader):
+            if fname not in files:
+                files[fname] = reader(p / fname)
+            for k in files[fname].keys():
+                where.setdefault(k, fname)
+
+        for index_name, reader in ((SAFE_INDEX, SafetensorsFile), (BIN_INDEX, _TorchBinFile)):
+            if (p / index_name).is_file():
+                try:
+                    weight_map = json.loads((p / index_name).read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{p / index_name}: expected JSON with a 'weight_map' "
+                                          f"({e})") from None
+                for fname in sorted(set(weight_map.values())):
+                    if not (p / fname).is_file():
+                        raise CheckpointError(f"{p / index_name}: lists shard {fname!r}, which "
+                                              f"is missing from {p}")
+                    add(fname, reader)
+                missing = [k for k, f in weight_map.items() if where.get(k) != f]
+                if missing:
+                    raise CheckpointError(f"{p / index_name}: tensor {missing[0]!r} is not in "
+                                          f"shard {weight_map[missing[0]]!r}")
+                return files, where
+        safes = sorted(x.name for x in p.glob("*.safetensors"))
+        bins = sorted(x.name for x in p.glob("pytorch_model*.bin"))
+        if safes:
+            for f in safes:
+                add(f, SafetensorsFile)
+        elif bins:
+            for f in bins:
+                add(f, _TorchBinFile)
+        else:
+            raise CheckpointError(f"{p}: no weights found (expected model.safetensors, sharded "
+                                  f"*.safetensors with {SAFE_INDEX}, or pytorch_model*.bin)")
+        return files, where
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files[self.where[name]].shape(name)
+
+    def file_of(self, name: str) -> Path:
+        return self.path / self.where[name]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.files[self.where[name]].get(name)
+
+
+def check_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping]) -> None:
+    """Raises one CheckpointError listing every missing, unexpected or misshaped tensor."""
+    cfg = ckpt.config
+    problems = []
+    wanted = set()
+    for m in mappings:
+        wanted.add(m.hf_name)
+        want = expected_shape(cfg, m.path)
+        if m.transpose:
+            want = want[::-1]
+        if m.hf_name not in ckpt.where:
+            problems.append(f"missing tensor {m.hf_name!r} (expected shape {list(want)})")
+            continue
+        found = ckpt.shape(m.hf_name)
+        if tuple(found) != tuple(want):
+            problems.append(f"{ckpt.file_of(m.hf_name)}: tensor {m.hf_name!r} has shape "
+                            f"{list(found)}, expected {list(want)} from config.json")
+    for k in ckpt.keys():
+        if k not in wanted and not k.endswith(_IGNORED_SUFFIXES):
+            problems.append(f"{ckpt.file_of(k)}: unexpected tensor {k!r} (not part of the "
+                            f"{cfg.family} layout with {cfg.num_layers} layers)")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{ckpt.path}: checkpoint does not match config.json: "
+                              + "; ".join(problems[:5]) + more)
+
+
+def load_hf_params(path: str | os.PathLike, *, dtype: str | None = None,
+                   sharding_fn: Callable[[ParamPath, tuple], jax.sharding.Sharding] | None = None,
+                   progress: bool = False) -> tuple[ModelConfig, dict[ParamPath, jax.Array]]:
+    """Reads a HF checkpoint directory into {param path: array}, one tensor at a time.
+
+    `dtype` casts float tensors (e.g. "float32"); `sharding_fn(path, shape)` gives the
+    sharding each tensor is placed on directly (None: the default device).
+    """
+    ckpt = CheckpointDir(path)
+    config = ckpt.config
+    mappings = key_map(config)
+    check_tensors(ckpt, mappings)
+    if dtype is None:
+        # Keep the tensors as stored (bit-exact round trip); record what they are.
+        stored = np.dtype(ckpt.get(mappings[0].hf_name).dtype).name
+        dtype = stored if stored in ("float32", "bfloat16", "float16") else config.param_dtype
+        target = None
+    else:
+        target = np.dtype(jnp.dtype(dtype))
+    config = config.replace(param_dtype=dtype, dtype=dtype)
+    params = {}
+    for m in tqdm(mappings, desc=f"loading {ckpt.path.name}", disable=not progress, unit="t"):
+        arr = ckpt.get(m.hf_name)
+        if m.transpose:
+            arr = arr.T
+        if target is not None and arr.dtype != target and _is_float(arr.dtype):
+            arr = arr.astype(target)
+        arr = np.ascontiguousarray(arr)
+        if sharding_fn is not None:
+            params[m.path] = jax.device_put(arr, sharding_fn(m.path, arr.shape))
+        else:
+            params[m.path] = jnp.asarray(arr)
+        del arr
+    return config, params
+
+
+def _is_float(dt: np.dtype) -> bool:
+    return np.dtype(dt).kind == "f" or np.dtype(dt).name == "bfloat16"
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: str | os.PathLike,
+            *, max_shard_bytes: int | None = None, extra_files: Iterable[Path] = (),
+            overwrite: bool = False) -> Path:
+    """Writes `config.json` + safetensors (one file, or shards + index) in the family's names.
+
+    The directory appears only when complete (written to a temp dir, then renamed).
+    """
+    mappings = key_map(config)
+    for m in mappings:
+        if m.path not in params:
+            raise CheckpointError(f"save_hf: params lack {'.'.join(map(str, m.path))} needed "
+                                  f"for tensor {m.hf_name!r}")
+    with atomic_dir(out_dir, overwrite=overwrite, extra_files=extra_files) as tmp:
+        shards: list[list[TensorMapping]] = [[]]
+        size = 0
+        for m in mappings:
+            nbytes = int(np.prod(params[m.path].shape)) * np.dtype(params[m.path].dtype).itemsize
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(m)
+            size += nbytes
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map, total = {}, 0
+        for fname, group in zip(names, shards):
+            def tensors(group=group):
+                for m in group:
+                    arr = np.asarray(jax.device_get(params[m.path]))
+                    yield m.hf_name, (arr.T if m.transpose else arr)
+            items = list(tensors())
+            total += sum(a.nbytes for _, a in items)
+            write_safetensors(tmp / fname, items, metadata={"format": "pt"})
+            weight_map.update({m.hf_name: fname for m in group})
+            del items
+        if len(shards) > 1:
+            (tmp / SAFE_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+    return Path(out_dir).absolute()
+
+
+__all__ = ["CheckpointDir", "load_hf_params", "save_hf", "key_map", "expected_shape",
+           "config_from_hf", "config_to_hf", "load_hf_config"]

@@ -1,0 +1,178 @@
+"""Our own checkpoints: orbax-saved params plus the model config, written atomically.
+
+Layout of a checkpoint directory:
+    qdlm_config.json   {"format": 1, "model": ModelConfig fields,
+                        "quantized": {param name: static QuantizedArray fields}, "meta": {...}}
+    params/            orbax StandardCheckpointer tree {"layers.0.q_proj.kernel": array, ...};
+                       a quantized kernel is a sub-tree {"packed", "scale"[, "zero", "g_idx"]}
+                       of real packed integers (a W4 checkpoint stores half a byte a weight);
+                       an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
+                       (array or packed sub-tree)[, "r1", "perm", "r2", "act_range"]} whose
+                       static fields ("kind": "act_kernel", transform kind, ActSpec) are in
+                       "quantized"
+    tokenizer.json     (copied from the source when there is one)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import orbax.checkpoint as ocp
+
+from qdlm_jax.errors import CheckpointError
+from qdlm_jax.fsutil import atomic_dir
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.params import ParamPath, parse_path, path_str
+
+CONFIG_FILE = "qdlm_config.json"
+FORMAT = 1
+
+
+def is_qdlm_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+_QLEAVES = ("packed", "scale", "zero", "g_idx")
+_QSTATIC = ("bits", "group_size", "shape", "orientation")
+
+
+def _split_qarray(v):
+    return ({f: getattr(v, f) for f in _QLEAVES if getattr(v, f) is not None},
+            {f: (list(getattr(v, f)) if f == "shape" else getattr(v, f)) for f in _QSTATIC})
+
+
+def _split_quantized(params):
+    """({name: array or dict of quantized leaves}, {name: static fields})."""
+    from qdlm_jax.quant.act_kernel import ActKernel  # noqa: PLC0415 (import cycle)
+    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
+    tree, quantized = {}, {}
+    for p, v in params.items():
+        k = path_str(p)
+        if isinstance(v, QuantizedArray):
+            tree[k], quantized[k] = _split_qarray(v)
+        elif isinstance(v, ActKernel):
+            sub, static = {}, {"kind": "act_kernel", "weight": None, "transform": None,
+                               "act": None}
+            if isinstance(v.weight, QuantizedArray):
+                sub["weight"], static["weight"] = _split_qarray(v.weight)
+            else:
+                sub["weight"] = v.weight
+            if v.transform is not None:
+                t = v.transform
+                static["transform"] = {"kind": t.kind, "n_heads": t.n_heads}
+                sub.update({f: getattr(t, f) for f in ("r1", "perm", "r2")
+                            if getattr(t, f) is not None})
+            if v.act is not None:
+                static["act"] = dataclasses.asdict(v.act)
+            if v.act_range is not None:
+                sub["act_range"] = v.act_range
+            tree[k], quantized[k] = sub, static
+        else:
+            tree[k] = v
+    return tree, quantized
+
+
+def _join_quantized(v: dict, static: dict):
+    """Inverse of `_split_quantized` for one entry."""
+    from qdlm_jax.quant.act_core import ActSpec  # noqa: PLC0415 (import cycle)
+    from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform  # noqa: PLC0415
+    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
+
+    def qarray(leaves, fields):
+        fields = dict(fields)
+        fields["shape"] = tuple(fields["shape"])
+        return QuantizedArray(**dict(leaves), **fields)
+
+    if static.get("kind") != "act_kernel":
+        return qarray(v, static)
+    weight = v["weight"] if static["weight"] is None else qarray(v["weight"], static["weight"])
+    transform = None
+    if static["transform"] is not None:
+        transform = OnlineTransform(**{f: v[f] for f in ("r1", "perm", "r2") if f in v},
+                                    **static["transform"])
+    act = None if static["act"] is None else ActSpec(**static["act"])
+    return ActKernel(weight=weight, transform=transform, act_range=v.get("act_range"), act=act)
+
+
+def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
+                    params: dict[ParamPath, object], *, extra_files: Iterable[Path] = (),
+                    overwrite: bool = False, meta: dict | None = None) -> Path:
+    """Writes the checkpoint (float or packed quantized params) to a temp dir beside `path`,
+    then renames it into place. `meta` (JSON) records e.g. how the model was quantized."""
+    tree, quantized = _split_quantized(params)
+    with atomic_dir(path, overwrite=overwrite, extra_files=extra_files) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", tree)
+            ckptr.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(
+            {"format": FORMAT, "model": config.to_dict(), "quantized": quantized,
+             "meta": meta or {}}, indent=2))
+    return Path(path).absolute()
+
+
+def _as_dict(tree):
+    """Nested mappings (orbax metadata or restored trees) as plain dicts."""
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        return {k: _as_dict(v) for k, v in dict(tree).items()}
+    return tree
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The whole qdlm_config.json of a checkpoint."""
+    f = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: cannot read checkpoint config ({e})") from None
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    f = Path(path) / CONFIG_FILE
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: format={meta.get('format')!r}, expected {FORMAT}")
+    return ModelConfig.from_dict(meta["model"], source=str(f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
+                    sharding_fn: Callable | None = None
+                    ) -> tuple[ModelConfig, dict[ParamPath, jax.Array]]:
+    path = Path(path).absolute()
+    config = read_config(path)
+    quantized = read_meta(path).get("quantized", {})
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(p, m, shard):
+        sharding = (sharding_fn(p, tuple(m.shape)) if shard and sharding_fn is not None
+                    else single)
+        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path / "params")
+        tree_meta = getattr(meta, "item_metadata", meta)
+        target = {}
+        for k, m in dict(tree_meta).items():
+            p = parse_path(k)
+            if k in quantized:  # packed leaves stay whole on one device for now
+                target[k] = jax.tree.map(lambda mm: leaf(p, mm, False), _as_dict(m),
+                                         is_leaf=lambda x: hasattr(x, "shape"))
+            else:
+                target[k] = leaf(p, m, True)
+        tree = ckptr.restore(path / "params", target)
+    params = {}
+    for k, v in tree.items():
+        if k in quantized:
+            params[parse_path(k)] = _join_quantized(_as_dict(v), quantized[k])
+        else:
+            params[parse_path(k)] = v
+    if dtype is not None:
+        params = {p: (v.astype(dtype) if hasattr(v, "astype") and (
+            v.dtype.kind == "f" or v.dtype.name == "bfloat16") else v)
+            for p, v in params.items()}
+        config = config.replace(param_dtype=dtype, dtype=dtype)
+    return config, params

@@ -1,0 +1,205 @@
+"""Masked-diffusion generation for LLaDA and Dream, each as one jitted loop.
+
+Both samplers start from `x = [prompt | gen_length x MASK]` and, over `steps` denoising steps,
+commit predicted tokens into masked positions; a committed token is never changed again.
+The whole loop runs inside one `jax.jit` (`lax.fori_loop` over the steps), with static shapes
+and no host round trip per step. Randomness comes only from the explicit `key`.
+
+LLaDA (`llada_generate`, the published `generate.py` semantics)
+    * The generated span is split into `gen_length // block_length` blocks, filled left to
+      right (semi-autoregressive); each block gets `steps // num_blocks` steps.
+    * A block starts fully masked, so the number of tokens committed at step i of a block is
+      static: `block_length // spb`, plus one for the first `block_length % spb` steps
+      (spb = steps per block).
+    * Each step: logits = model(x). With `cfg_scale > 0` the unconditional branch is x with
+      every prompt position (padding included) set to MASK, both branches run as one batch,
+      and `logits = un + (cfg_scale + 1) * (cond - un)`. Optional: EOS logit = -inf
+      (`logits_eos_inf`).
+    * x0 = argmax(logits / T + Gumbel) (Gumbel-max sampling from softmax(logits / T)); T = 0
+      gives argmax(logits).
+    * Confidence: `low_confidence` = softmax(logits)[x0] from the noise-free logits; `random`
+      = U(0, 1). Positions outside the current block or not masked get -inf; per row, the
+      `k` most confident positions take x0 (ties: the lower position first).
+    * `confidence_eos_eot_inf`: EOS and EOT logits are set to -inf before the confidence
+      softmax (the intent of the reference's chained assignment, as bonsai implements it),
+      so a position predicting EOS/EOT is committed last.
+
+Dream (`dream_generate`, `diffusion_generate` / `_sample` semantics)
+    * Right-shifted logits: position i is predicted from the model output at i-1 (position 0
+      from its own output).
+    * With padding, positions are `cumsum(mask) - 1` (1 on padding) as in Dream.
+    * `timesteps = linspace(1, eps, steps + 1)` (float32); at step i, t = ts[i], s = ts[i+1].
+    * `sample_tokens`: logits / temperature (if > 0), then top-p, then top-k filtering, then
+      softmax; x0 ~ Categorical (T > 0) or argmax; confidence = p[x0] (`maskgit_plus`),
+      top1 - top2 (`topk_margin`) or sum p log(p + 1e-10) (`entropy`).
+    * `origin`: every masked position is committed independently with probability
+      `1 - s / t` (1 at the last step).
+    * Other algs commit `k_i = int(m_i * (1 - s / t))` positions (all remaining at the last
+      step), m_i = masked tokens per row; the top-k by confidence, or, with `alg_temp > 0`,
+      k positions sampled without replacement from softmax(confidence / alg_temp) (done by
+      Gumbel-top-k, which has the same distribution). Every row has the same m_i, so the
+      k_i schedule is computed on the host in float32 exactly as the reference does.
+
+Random numbers (documented so tests can feed a reference the same uniforms): at global step
+g (0-based), `kg = jax.random.fold_in(key, g)`;
+    LLaDA: `k_gumbel, k_remask = jax.random.split(kg)`;
+           Gumbel uniforms `uniform(k_gumbel, [B, block_length, V])` (the current block),
+           random-remasking uniforms `uniform(k_remask, [B, block_length])`.
+    Dream: `k_transfer, k_sample, k_alg = jax.random.split(kg, 3)`;
+           `origin` uniforms `uniform(k_transfer, [B, max_new_tokens])`.
+
+Work is restricted to what the algorithm reads: the LM head runs only on the positions whose
+logits can be committed (LLaDA: the current block; Dream: the generated span), through
+`model.hidden_states` + `model.logits`. The loops take the model as `nnx.split` state, so any
+params tree the model's graph accepts (e.g. quantized kernels) runs through the same code.
+"""
+
+from __future__ import annotations
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from qdlm_jax.inference.common import left_pad
+from qdlm_jax.inference.dream import (DREAM_ALGS, DreamSettings, dream_call, dream_generate,
+                                      dream_settings, dream_transfer_schedule)
+from qdlm_jax.inference.llada import (REMASKING, LLaDASettings, llada_call, llada_generate,
+                                      llada_settings, llada_transfer_schedule)
+
+__all__ = [
+    "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",
+    "llada_generate", "dream_generate", "generate", "compile_generate", "generate_with_order",
+    "llada_transfer_schedule", "dream_transfer_schedule", "left_pad", "LLADA_ONLY",
+    "DREAM_ONLY", "settings_for",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """Settings of `generate` for either family (the CLI's `gen` config section).
+
+    LLaDA reads steps, gen_length, block_length (None = gen_length), temperature, cfg_scale,
+    remasking. Dream reads steps, gen_length (as max_new_tokens), temperature, alg,
+    alg_temp, top_p, top_k, eps. A field of the other family must keep its default (or be
+    None).
+    """
+
+    steps: int = 128
+    gen_length: int = 128
+    block_length: int | None = 32
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+    seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, d) -> "GenerationConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"generation config: unknown keys {unknown}; known: "
+                             f"{sorted(known)}")
+        return cls(**dict(d))
+
+
+LLADA_ONLY = ("block_length", "cfg_scale", "remasking")
+DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
+
+
+def _check_unused(config: GenerationConfig, names, family):
+    default = GenerationConfig()
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value != getattr(default, name):
+            raise ValueError(f"{name}={getattr(config, name)!r} does not apply to a "
+                             f"{family} model")
+
+
+def settings_for(model, config: GenerationConfig, *, progress: bool = False,
+                 record_order: bool = False):
+    """The static LLaDASettings / DreamSettings of `config` for this model's family."""
+    settings = _settings_for(model, config, progress=progress)
+    return dataclasses.replace(settings, record_order=record_order) if record_order \
+        else settings
+
+
+def _settings_for(model, config: GenerationConfig, *, progress: bool = False):
+    family = model.config.family
+    if family == "llada":
+        _check_unused(config, DREAM_ONLY, family)
+        return llada_settings(model, gen_length=config.gen_length, steps=config.steps,
+                              block_length=config.block_length or config.gen_length,
+                              temperature=config.temperature, cfg_scale=config.cfg_scale,
+                              remasking=config.remasking, progress=progress)
+    if family == "dream":
+        _check_unused(config, LLADA_ONLY, family)
+        return dream_settings(model, max_new_tokens=config.gen_length, steps=config.steps,
+                              alg=config.alg, alg_temp=config.alg_temp,
+                              temperature=config.temperature, top_p=config.top_p,
+                              top_k=config.top_k, eps=config.eps, progress=progress)
+    raise ValueError(f"model family {family!r}: expected 'llada' or 'dream'")
+
+
+def _call_for(model, input_ids, attention_mask, key, settings):
+    if isinstance(settings, LLaDASettings):
+        return llada_call(model, input_ids, attention_mask, key, settings)
+    return dream_call(model, input_ids, attention_mask, key, settings)
+
+
+def _resolve(model, config, kwargs, key):
+    config = config or GenerationConfig()
+    if kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    if key is None:
+        key = jax.random.key(config.seed)
+    return config, key
+
+
+def generate(model, input_ids, attention_mask=None, *, config: GenerationConfig | None = None,
+             key=None, progress: bool = False, **kwargs) -> jax.Array:
+    """Generates with the model's family sampler: `llada_generate` or `dream_generate`.
+
+    `config` (a GenerationConfig) and/or keyword overrides of its fields set the algorithm;
+    `key` defaults to `jax.random.key(config.seed)`. Dream reads `gen_length` as
+    `max_new_tokens`. Returns `[batch, prompt_len + gen_length]`.
+    """
+    config, key = _resolve(model, config, kwargs, key)
+    settings = settings_for(model, config, progress=progress)
+    fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
+    return fn(*args, **static)
+
+
+def compile_generate(model, input_ids, attention_mask=None, *,
+                     config: GenerationConfig | None = None, key=None, progress: bool = False,
+                     **kwargs) -> Callable[[], jax.Array]:
+    """Ahead-of-time compiles `generate` for these inputs; returns a zero-argument function
+    that runs the compiled loop (to time compilation and running separately)."""
+    config, key = _resolve(model, config, kwargs, key)
+    settings = settings_for(model, config, progress=progress)
+    fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
+    compiled = fn.lower(*args, **static).compile()
+    return lambda: compiled(*args)
+
+
+def generate_with_order(model, input_ids, attention_mask=None, *,
+                        config: GenerationConfig | None = None, key=None, **kwargs):
+    """`generate` that also returns when each position was decoded: (tokens, order), both
+    `[batch, prompt_len + gen_length]` int32; order[b, j] = the 0-based step at which
+    position j was committed, -1 on the prompt. The state after k steps is `tokens` with
+    every position of order >= k set to the mask token. Without `config`, LLaDA's
+    block_length defaults to gen_length (one block). Same tokens as `generate`."""
+    if config is None and "block_length" not in kwargs:
+        kwargs["block_length"] = None
+    config, key = _resolve(model, config, kwargs, key)
+    settings = settings_for(model, config, record_order=True)
+    fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
+    return fn(*args, **static)
+

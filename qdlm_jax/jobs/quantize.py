@@ -1,0 +1,275 @@
+"""The main job: load -> calibrate -> quantize -> evaluate FP vs quantized -> save.
+
+Writes, in `out_dir/<method>-w<bits>g<group>-<calibration>/`:
+  - `model/`: orbax checkpoint of the packed model (`qdlm generate --model` loads it as is),
+  - `results.json`: the settings and every figure,
+  - `report.md`: a table of FP vs quantized quality.
+Bad config values are rejected before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+
+from qdlm_jax.quant.calibration import CalibSpec
+from qdlm_jax.quant.act_core import ActSpec
+from qdlm_jax.quant.layerwise import METHODS, PTQSpec
+from qdlm_jax.quant.quantizer_core import QuantSpec
+from qdlm_jax.quant.wa import WA_METHODS, WASpec
+
+ALL_METHODS = METHODS + tuple(m for m in WA_METHODS if m not in METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    model: str
+    out_dir: str
+    ptq: PTQSpec
+    calib: CalibSpec
+    source: str
+    eval_windows: int
+    eval_mc_num: int
+    eval_arith_n: int
+    skip_fp: bool
+    save: bool
+    wa: WASpec | None = None  # weight-activation PTQ (activations quantized) when set
+
+    @property
+    def method(self) -> str:
+        if self.wa is None:
+            return self.ptq.method
+        return self.wa.method if self.wa.method != "rtn" else self.wa.weight_quantizer
+
+    @property
+    def act_bits(self) -> int:
+        return 16 if self.wa is None else self.wa.act.bits
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.ptq if self.wa is None else self.wa).needs_calibration
+
+    @property
+    def run_name(self) -> str:
+        g = self.ptq.weight.group_size
+        cal = self.calib.mode if self.needs_calibration else "nocal"
+        a = "" if self.wa is None else f"a{self.act_bits}"
+        return f"{self.method}-w{self.ptq.weight.bits}{a}g{g}-{cal}"
+
+
+def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
+    """Validates the whole config up front (one clear error, before any work)."""
+    if cfg.method not in ALL_METHODS:
+        raise ValueError(f"--config.method={cfg.method!r}: expected one of {ALL_METHODS}")
+    weight = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                       clip_ratio=cfg.clip_ratio)
+    wa = _wa_spec(cfg, weight)
+    ptq = PTQSpec(method=cfg.method if cfg.method in METHODS else "rtn", weight=weight,
+                  damp=cfg.gptq.damp,
+                  block_size=cfg.gptq.block_size, act_order=cfg.gptq.act_order,
+                  static_groups=cfg.gptq.static_groups, awq_grid=cfg.awq.grid,
+                  awq_clip=cfg.awq.clip, awq_tokens=cfg.awq.tokens)
+    c = cfg.calib
+    calib = CalibSpec(mode=cfg.calibration, n_samples=c.n_samples, seq_len=c.seq_len,
+                      prefix_frac=c.prefix_frac, certainty_weights=c.certainty_weights,
+                      unmasked_weight=c.unmasked_weight, trajectory_steps=c.trajectory_steps,
+                      seed=c.seed)
+    if not Path(cfg.model).exists():
+        raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
+    return JobSpec(model=cfg.model, out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
+                   eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
+                   eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save,
+                   wa=wa)
+
+
+def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None:
+    """The weight-activation spec, or None for weight-only PTQ (act_bits 16 and a
+    weight-only method)."""
+    act_bits = cfg.get("act_bits", 16)
+    if act_bits not in (16, 8, 4):
+        raise ValueError(f"--config.act_bits={act_bits!r}: expected 16 (float), 8 or 4")
+    if cfg.method in METHODS and act_bits == 16:
+        return None
+    if cfg.method == "awq":
+        raise ValueError("--config.method=awq quantizes weights only; with --config.act_bits="
+                         f"{act_bits} use rtn, gptq, smoothquant, quarot or duquant")
+    a, w = cfg.act, cfg.wa
+    act = None if act_bits == 16 else ActSpec(bits=act_bits, granularity=a.granularity,
+                                              sym=a.sym, clip_ratio=a.clip_ratio)
+    if act is None:
+        raise ValueError(f"--config.method={cfg.method} needs --config.act_bits=8 or 4")
+    method = cfg.method if cfg.method in WA_METHODS and cfg.method != "rtn" else "rtn"
+    quantizer = cfg.method if cfg.method in ("rtn", "gptq") else w.weight_quantizer
+    return WASpec(method=method, weight=weight, act=act, weight_quantizer=quantizer,
+                  alpha=w.alpha, block=w.block, rotation_steps=w.rotation_steps,
+                  online_heads=w.online_heads, quantize_lm_head=w.quantize_lm_head, seed=w.seed,
+                  damp=cfg.gptq.damp, block_size=cfg.gptq.block_size)
+
+
+def _check_widths(config, ptq: PTQSpec):
+    c = config
+    for name, width in (("hidden_size", c.hidden_size), ("o_proj input", c.num_heads * c.head_dim),
+                        ("intermediate_size", c.intermediate_size)):
+        try:
+            ptq.weight.check_width(width)
+        except ValueError:
+            raise ValueError(f"--config.group_size={ptq.weight.group_size} does not divide the "
+                             f"model's {name}={width}; use -1 or a divisor of {width}") from None
+
+
+def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
+    from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_bound
+    t0 = time.time()
+    bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
+    arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
+    return {"bits_per_token": bound["bits_per_token"], "ppl_bound": bound["ppl_bound"],
+            "arith_acc": arith["accuracy"], "arith_n": arith["n"], "eval_s": time.time() - t0}
+
+
+def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
+    """The job's calibration + layer-wise quantization (shared with `qdlm study`):
+    returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
+    from qdlm_jax.quant.calibration import build_calibration
+    from qdlm_jax.data import sources
+    from qdlm_jax.data.tokenizer import special_token_ids
+    from qdlm_jax.quant.layerwise import quantize_model
+    from qdlm_jax.quant.wa import quantize_model_wa
+
+    calib = None
+    if spec.needs_calibration:
+        special = special_token_ids(tokenizer)
+        calib_docs = sources.load_split(spec.source, "calib", seed=0)
+        calib_windows = sources.token_windows(calib_docs, tokenizer, spec.calib.seq_len,
+                                              bos_id=special.bos, eos_id=special.eos,
+                                              max_windows=spec.calib.n_samples)
+        calib = build_calibration(model, calib_windows, spec.calib)
+    t_q = time.time()
+    if spec.wa is not None:
+        qmodel, qstats = quantize_model_wa(model, calib, spec.wa)
+    else:
+        qmodel, qstats = quantize_model(model, calib, spec.ptq)
+    return qmodel, qstats, calib, time.time() - t_q
+
+
+def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
+    """(quantized model, stats) for a `configs/quantize.py`-style config, without the job's
+    evaluation or saving; `model` (the fp model of cfg.model) skips loading it again."""
+    from qdlm_jax import load_model
+    from qdlm_jax.data.tokenizer import load_tokenizer
+
+    spec = job_spec(cfg)
+    if model is None:
+        model = load_model(spec.model, dtype="float32")
+    _check_widths(model.config, spec.ptq)
+    tokenizer = load_tokenizer(Path(spec.model) / "tokenizer.json")
+    qmodel, qstats, _, _ = calibrate_and_quantize(model, tokenizer, spec)
+    return qmodel, qstats
+
+
+def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict:
+    """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once."""
+    import numpy as np
+
+    from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.evals.basic import heldout_windows, output_kl
+    from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.models.params import get_params
+    from qdlm_jax.quant.act_kernel import inner_weight
+    from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
+
+    spec = job_spec(cfg)
+    t0 = time.time()
+    model = load_model(spec.model, dtype="float32")
+    _check_widths(model.config, spec.ptq)
+    tok_path = Path(spec.model) / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path)
+    seq = spec.calib.seq_len
+    windows = heldout_windows(tokenizer, source=spec.source, seq_len=seq,
+                              n_windows=spec.eval_windows)
+    run_dir = Path(spec.out_dir) / spec.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[quantize] {spec.model}: {model.config.family}, method={spec.method} "
+          f"W{spec.ptq.weight.bits}A{spec.act_bits} g{spec.ptq.weight.group_size} calibration="
+          f"{spec.calib.mode} -> {run_dir}")
+
+    fp_key = (spec.model, spec.source, seq, spec.eval_windows, spec.eval_mc_num,
+              spec.eval_arith_n)
+    fp = None
+    if not spec.skip_fp:
+        if fp_cache is not None and fp_key in fp_cache:
+            fp = fp_cache[fp_key]
+        else:
+            print("[quantize] evaluating the FP model")
+            fp = evaluate(model, tokenizer, windows, spec)
+            if fp_cache is not None:
+                fp_cache[fp_key] = fp
+
+    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
+    print("[quantize] evaluating the quantized model")
+    q = evaluate(qmodel, tokenizer, windows, spec)
+    q["kl_to_fp_bits"] = output_kl(model, qmodel, windows)["kl_bits"]
+
+    params = get_params(qmodel)
+    packed = {p: inner_weight(v) for p, v in params.items()
+              if isinstance(inner_weight(v), QuantizedArray)}
+    linear_q = quantized_param_bytes(packed)
+    fp_linear = sum(int(np.prod(get_params(model)[p].shape)) * 2 for p in packed)  # as bf16
+    result = {
+        "model": spec.model, "family": model.config.family, "method": spec.method,
+        "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
+        "group_size": spec.ptq.weight.group_size,
+        "sym": spec.ptq.weight.sym, "calibration": spec.calib.mode if calib else "none",
+        "calib_mask_ratio_mean": None if calib is None else float(calib.mask_ratio.mean()),
+        "fp": fp, "quantized": q, "quantize_s": quant_s,
+        "linear_bytes_vs_bf16": linear_q / fp_linear if fp_linear else None,
+        "total_s": time.time() - t0, "stats": qstats,
+    }
+    if spec.save:
+        save_checkpoint(run_dir / "model", qmodel.config, params, overwrite=True,
+                        extra_files=[tok_path], meta={k: result[k] for k in (
+                            "method", "bits", "act_bits", "group_size", "sym",
+                            "calibration")})
+    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+    atomic_write_text(run_dir / "report.md", report([result]))
+    print(report([result]))
+    return result
+
+
+def _kl_text(kl) -> str:
+    return "–" if kl is None else f"{kl:.4f}"
+
+
+def _act_text(act_bits: int) -> str:
+    return "float" if act_bits >= 16 else str(act_bits)
+
+
+def report(results: list[dict]) -> str:
+    """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
+    activations are not quantized, weight-only PTQ and the FP model alike)."""
+    lines = ["| model | method | W bits | A bits | group | calibration | bits/token (↓) | "
+             "ppl bound | KL to FP, bits (↓) | 2-digit add acc | linear bytes vs bf16 | "
+             "quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    seen_fp = set()
+    for r in results:
+        fp = r.get("fp")
+        if fp and r["model"] not in seen_fp:
+            seen_fp.add(r["model"])
+            lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
+                         f"{fp['bits_per_token']:.3f} | {fp['ppl_bound']:.1f} | – | "
+                         f"{fp['arith_acc']:.1%} | – | – |")
+    for r in results:
+        q = r["quantized"]
+        lines.append(f"| {Path(r['model']).name} | {r['method'].upper()} | {r['bits']} | "
+                     f"{_act_text(r.get('act_bits', 16))} | {r['group_size']} | "
+                     f"{r['calibration']} | {q['bits_per_token']:.3f} | "
+                     f"{q['ppl_bound']:.1f} | {_kl_text(q.get('kl_to_fp_bits'))} | "
+                     f"{q['arith_acc']:.1%} | "
+                     f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
+    return "\n".join(lines) + "\n"

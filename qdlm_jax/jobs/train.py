@@ -1,0 +1,130 @@
+"""The tiny-model training job behind `qdlm train --config configs/train_tiny_*.py`.
+
+1. tokenizer: reuse `data.tokenizer` or train a byte-level BPE on the train split;
+2. token rows: Wikipedia train-split windows, plus rows of packed arithmetic problems
+   (`arith_frac` of each batch), drawn deterministically from (seed, step) so a resumed run
+   sees the same stream;
+3. train (`train.py`), exporting the newest checkpoint in the family's hub layout
+   (`out_dir/hf`: config.json + bf16 model.safetensors + tokenizer.json) at every checkpoint;
+4. loss curve PNG and `summary.json` (wall time, tokens, final loss).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from qdlm_jax.checkpoints.hf import save_hf
+from qdlm_jax.data import arithmetic, sources, tokenizer as tok_lib
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.dllm import DLLM, init_model
+from qdlm_jax.models.params import get_params
+from qdlm_jax.training.trainer import TrainSpec, plot_loss, train, write_json
+
+
+def model_config(cfg: ml_collections.ConfigDict, special: tok_lib.SpecialTokenIds,
+                 vocab_size: int) -> ModelConfig:
+    m = cfg.model
+    return ModelConfig(
+        family=cfg.family, vocab_size=vocab_size, hidden_size=m.hidden_size,
+        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+        intermediate_size=m.intermediate_size, rope_theta=float(m.rope_theta),
+        rms_norm_eps=float(m.rms_norm_eps), qkv_bias=cfg.family == "dream",
+        rope_full_precision=cfg.family == "llada", mask_token_id=special.mask,
+        pad_token_id=special.pad, eos_token_id=special.eos, bos_token_id=special.bos,
+        max_position_embeddings=m.max_position_embeddings)
+
+
+def prepare_tokenizer(cfg, out_dir: Path):
+    d = cfg.data
+    path = Path(d.tokenizer) if d.tokenizer else out_dir / tok_lib.TOKENIZER_FILENAME
+    if not path.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[train] training a {d.vocab_size}-token BPE on the train split of {d.source}")
+        tok = tok_lib.train_tokenizer(sources.load_split(d.source, "train", seed=d.seed),
+                                      tok_lib.TokenizerSpec(vocab_size=d.vocab_size))
+        tok_lib.save_tokenizer(tok, path)
+    return path, tok_lib.load_tokenizer(path)
+
+
+def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int):
+    """Rows of packed problems, [BOS] Question: a+b=? Answer: [c EOS EOS ...] [BOS] ...,
+    with the mask that lets the noise touch the answer fields only (`arithmetic.sft_rows`)."""
+    spec = arithmetic.ArithmeticSpec(digits=tuple(d.arith_digits),
+                                     ops=tuple(d.get("arith_ops", arithmetic.OPS)))
+    problems = arithmetic.generate_problems(d.arith_problems, seed=seed, split="train",
+                                            spec=spec)
+    return arithmetic.sft_rows(problems, tokenizer, seq_len=d.seq_len,
+                               answer_len=d.arith_answer_len, bos_id=special.bos,
+                               eos_id=special.eos, max_rows=n_rows)
+
+
+MAX_GAP_S = 600.0
+
+
+def training_time(records: list[dict], max_gap_s: float = MAX_GAP_S) -> float:
+    """Seconds spent training: the sum of the gaps between consecutive log records, leaving
+    out gaps longer than `max_gap_s` (a kill and a later resume, or a paused process)."""
+    times = [r["time"] for r in records]
+    return float(sum(d for d in (b - a for a, b in zip(times, times[1:])) if d <= max_gap_s))
+
+
+def run(cfg: ml_collections.ConfigDict) -> Path:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    t0 = time.time()
+    tok_path, tokenizer = prepare_tokenizer(cfg, out_dir)
+    special = tok_lib.special_token_ids(tokenizer, source=str(tok_path))
+    config = model_config(cfg, special, tokenizer.get_vocab_size())
+    spec = TrainSpec(seq_len=d.seq_len, **cfg.train.to_dict())
+
+    cache = out_dir / f"wiki_train_{d.seq_len}.npy"
+    if cache.is_file():
+        wiki = np.load(cache)
+    else:
+        docs = sources.load_split(d.source, "train", seed=d.seed)
+        wiki = sources.token_windows(docs, tokenizer, d.seq_len, bos_id=special.bos,
+                                     eos_id=special.eos)
+        np.save(cache, wiki)
+    n_arith = int(round(spec.batch_size * d.arith_frac))
+    n_wiki = spec.batch_size - n_arith
+    arith, arith_maskable = arithmetic_rows(tokenizer, special, d, max(n_arith * spec.steps, 1),
+                                            d.seed)
+    print(f"[train] {config.family}: {wiki.shape[0]} wiki rows, {arith.shape[0]} arithmetic "
+          f"rows of {d.seq_len} tokens; per step {n_wiki} wiki + {n_arith} arithmetic")
+
+    def batches(step: int) -> np.ndarray:
+        rng = np.random.default_rng([d.seed, step])
+        rows = [wiki[rng.integers(0, len(wiki), n_wiki)]]
+        maskable = [np.ones_like(rows[0], bool)]
+        if n_arith:
+            pick = rng.integers(0, len(arith), n_arith)
+            rows.append(arith[pick])
+            maskable.append(arith_maskable[pick])
+        return np.concatenate(rows), np.concatenate(maskable)
+
+    hf_dir = out_dir / "hf"
+
+    def export(step: int, model: DLLM):
+        bf16 = config.replace(param_dtype="bfloat16", dtype="bfloat16")
+        params = {p: v.astype("bfloat16") for p, v in get_params(model).items()}
+        save_hf(bf16, params, hf_dir, extra_files=[tok_path], overwrite=True)
+
+    model = init_model(config, seed=spec.seed)
+    _, records = train(model, spec, batches, out_dir, on_checkpoint=export)
+    plot_loss(records, out_dir / "loss.png",
+              f"tiny {config.family}: masked-diffusion training loss")
+    summary = {"family": config.family, "steps": spec.steps,
+               "tokens": spec.steps * spec.batch_size * spec.seq_len,
+               "final_loss": records[-1]["loss"] if records else None,
+               "wall_time_s_this_run": time.time() - t0,
+               "train_time_s_total": training_time(records),
+               "config": json.loads(cfg.to_json())}
+    write_json(out_dir / "summary.json", summary)
+    print(f"[train] done: {hf_dir} (loss curve {out_dir / 'loss.png'})")
+    return hf_dir

@@ -1,0 +1,61 @@
+"""Between a model and its flat param dict {path tuple: array}.
+
+Every pass in the project works on the flat dict or on `nnx.split` state; these helpers build
+a model from params without ever allocating random weights (the graph comes from
+`nnx.eval_shape`).
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.dllm import DLLM, abstract_model
+
+ParamPath = tuple  # e.g. ("layers", 3, "q_proj", "kernel"), as in nnx.to_pure_dict
+
+
+def flatten(tree: dict, prefix: tuple = ()) -> dict[ParamPath, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: dict[ParamPath, object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def path_str(path: ParamPath) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def parse_path(s: str) -> ParamPath:
+    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
+
+
+def get_params(model: DLLM) -> dict[ParamPath, jax.Array]:
+    """Flat {path: array} of the model's params (no copy)."""
+    return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def model_from_params(config: ModelConfig, params: dict[ParamPath, object]) -> DLLM:
+    """A model holding exactly `params`; raises if a path is missing or unexpected."""
+    graphdef, state = nnx.split(abstract_model(config))
+    expected = flatten(nnx.to_pure_dict(state))
+    missing = sorted(path_str(p) for p in expected if p not in params)
+    extra = sorted(path_str(p) for p in params if p not in expected)
+    if missing or extra:
+        raise KeyError(f"model_from_params: missing params {missing[:5]}, unexpected {extra[:5]}")
+    nnx.replace_by_pure_dict(state, unflatten(params))
+    return nnx.merge(graphdef, state)

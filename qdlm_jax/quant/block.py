@@ -1,0 +1,224 @@
+"""One transformer block under PTQ: what the weight-only and weight-activation drivers share.
+
+- `block_inputs`: the calibration batch turned into the first block's input (embeddings),
+  its key-padding bias, RoPE angles and per-token Hessian weights.
+- `BlockRunner`: runs one block over the calibration set in chunks (jitted), capturing a
+  statistic of chosen linears' inputs (Gram matrix, raw inputs, absmax, min/max).
+- staging: a quantized linear's dequantized weight is put in place for the rest of the
+  block's calibration passes (`stage`); the packed weights are installed when the block is
+  done (`install`), so the block's jitted forward keeps one signature meanwhile.
+- folding: a per-channel scale s moves between a linear group's input producer (an RMSNorm
+  or the producing linear's output channels) and the group's weights, `x / s` and `W * s`,
+  leaving the float block unchanged (AWQ, SmoothQuant, DuQuant).
+- `quantize_gptq`: GPTQ on a group of linears that share one input Hessian.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qdlm_jax.models.capture import Capture
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.dllm import rope_angles
+from qdlm_jax.quant import awq_core
+from qdlm_jax.quant.act_kernel import inner_weight, with_weight
+from qdlm_jax.quant.calibration import CalibBatch
+from qdlm_jax.quant.gptq_core import gptq, hessian
+from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.quantizer_core import QuantSpec
+
+# The linears of a block in calibration order; each group shares one input.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+          ("down_proj",))
+# group -> (producer of the group's input, kind): where a per-channel input scale folds.
+PRODUCERS = {
+    ("q_proj", "k_proj", "v_proj"): ("attn_norm", "norm"),
+    ("o_proj",): ("v_proj", "linear"),
+    ("gate_proj", "up_proj"): ("mlp_norm", "norm"),
+    ("down_proj",): ("up_proj", "linear"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """The first block's calibration input and what every block's forward needs with it."""
+
+    x: jax.Array  # [N, T, D] embeddings of the calibration ids, compute dtype
+    key_bias: jax.Array | None  # [N, T] additive attention bias; None when nothing is padded
+    cos: jax.Array  # RoPE angles of positions 0..T-1
+    sin: jax.Array
+    token_weights: jax.Array  # [N, T] float32 Hessian weights (1 unless certainty-guided)
+
+    @property
+    def weight_sum(self) -> float:
+        return float(self.token_weights.sum())
+
+
+def placeholder_calibration(config: ModelConfig) -> CalibBatch:
+    """One all-mask row: drives the block loop of passes that need no calibration data."""
+    one = np.ones((1, 8), np.int32)
+    return CalibBatch(ids=one * config.mask_token_id, attention_mask=one,
+                      is_masked=one.astype(bool), token_weights=one.astype(np.float32),
+                      mask_ratio=np.ones((1,), np.float32))
+
+
+def block_inputs(embed: jax.Array, config: ModelConfig, calib: CalibBatch) -> BlockInputs:
+    """Embeds the calibration ids (`embed` [V, D]) and prepares the block forward's inputs."""
+    ids = jnp.asarray(calib.ids)
+    n, t = ids.shape
+    mask = jnp.asarray(calib.attention_mask)
+    key_bias = None if bool(jnp.all(mask == 1)) else jnp.where(
+        mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    cos, sin = rope_angles(pos, config.head_dim, config.rope_theta)
+    x = jnp.take(embed, ids, axis=0).astype(config.compute_dtype)
+    return BlockInputs(x=x, key_bias=key_bias, cos=cos, sin=sin,
+                       token_weights=jnp.asarray(calib.token_weights, jnp.float32))
+
+
+# What a block run records at each requested hook point, per chunk, and how chunks combine.
+CAPTURE_MODES = ("gram", "raw", "absmax", "minmax")
+
+
+@functools.lru_cache(maxsize=64)
+def _block_fn(graphdef, names, mode):
+    """jit: (block state, x, key_bias, cos, sin, w) -> (y, {name: statistic of its input}):
+    gram = token-weighted x^T x, raw = the input itself, absmax = per-channel max |x|,
+    minmax = per-channel (min, max)."""
+
+    def stat(v, w):
+        v = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+        if mode == "gram":
+            return jnp.einsum("ti,tj->ij", v * w.reshape(-1, 1), v)
+        if mode == "absmax":
+            return jnp.max(jnp.abs(v), axis=0)
+        return jnp.stack([jnp.min(v, axis=0), jnp.max(v, axis=0)])
+
+    @jax.jit
+    def run(state, x, key_bias, cos, sin, w):
+        block = nnx.merge(graphdef, state)
+        fn = (lambda v: v) if mode == "raw" else (lambda v: stat(v, w))
+        cap = Capture(names=names, fn=fn)
+        y = block(x, key_bias, cos, sin, cap)
+        return y, cap.values
+
+    return run
+
+
+def _chunks(n, size):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class BlockRunner:
+    """Runs one block over the calibration set in chunks, capturing a group's inputs."""
+
+    def __init__(self, block, inputs: BlockInputs, chunk: int):
+        self.block, self.key_bias, self.cos, self.sin = (block, inputs.key_bias, inputs.cos,
+                                                         inputs.sin)
+        self.weights, self.chunk = inputs.token_weights, chunk
+
+    def run(self, x, names=(), weighted=True, mode=None):
+        """(block output, {name: statistic}); `mode` one of CAPTURE_MODES (default: "gram"
+        if `weighted` else "raw")."""
+        mode = mode or ("gram" if weighted else "raw")
+        graphdef, state = nnx.split(self.block)
+        fn = _block_fn(graphdef, tuple(names), mode)
+        ys, caps = [], []
+        for a, b in _chunks(x.shape[0], self.chunk):
+            kb = None if self.key_bias is None else self.key_bias[a:b]
+            y, cap = fn(state, x[a:b], kb, self.cos[a:b], self.sin[a:b], self.weights[a:b])
+            ys.append(y)
+            caps.append(cap)
+        y = jnp.concatenate(ys)
+        if not names:
+            return y, {}
+        if mode == "gram":
+            total = {n: sum(c[n] for c in caps) for n in names}
+        elif mode == "raw":
+            total = {n: jnp.concatenate([c[n] for c in caps]) for n in names}
+        elif mode == "absmax":
+            total = {n: functools.reduce(jnp.maximum, [c[n] for c in caps]) for n in names}
+        else:
+            total = {n: jnp.stack([jnp.min(jnp.stack([c[n][0] for c in caps]), axis=0),
+                                   jnp.max(jnp.stack([c[n][1] for c in caps]), axis=0)])
+                     for n in names}
+        return y, total
+
+
+def weight(block, name):
+    """The weight a block linear multiplies ([in, out]; inside an `ActKernel` if wrapped)."""
+    return inner_weight(getattr(block, name).kernel[...])
+
+
+def set_kernel(block, name, value):
+    """Sets a linear's weight, keeping an `ActKernel`'s input stage around it."""
+    lin = getattr(block, name)
+    lin.kernel.value = with_weight(lin.kernel[...], value)
+
+
+def stage(block, name, q: QuantizedArray, pending: dict):
+    """Puts the dequantized weight in place for the rest of this block's calibration passes
+    (same math as the packed matmul, and the block's jitted forward keeps one signature);
+    the packed weight is installed by `install` when the block is done."""
+    set_kernel(block, name, q.dequantize(weight(block, name).dtype))
+    pending[name] = q
+
+
+def install(block, pending: dict):
+    for name, q in pending.items():
+        set_kernel(block, name, q)
+    pending.clear()
+
+
+def quantize_gptq(block, names, gram, weight_sum: float, weight_spec: QuantSpec, pending: dict,
+                  *, damp: float, block_size: int, act_order: bool = False,
+                  static_groups: bool = False):
+    """GPTQ on linears that share one input, from its token-weighted Gram matrix; the results
+    are staged into `pending`."""
+    h = hessian(gram, weight_sum)
+    for name in names:
+        kernel = weight(block, name)
+        w = kernel.T.astype(jnp.float32)  # [out, in]
+        r = gptq(w, h, bits=weight_spec.bits, group_size=weight_spec.group_size,
+                 sym=weight_spec.sym, damp=damp, block_size=block_size,
+                 act_order=act_order, static_groups=static_groups)
+        g_idx = r.g_idx if (act_order and not static_groups) else None
+        q = QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=weight_spec.bits,
+                                      group_size=weight_spec.group_size, sym=weight_spec.sym,
+                                      g_idx=g_idx, scale_dtype=kernel.dtype)
+        stage(block, name, q, pending)
+
+
+def foldable(block, group, producer, kind) -> bool:
+    """Whether x / s has an exact fold into the producer (not v -> o under GQA, where one v
+    channel feeds several o inputs)."""
+    if kind == "norm":
+        return True
+    return weight(block, producer).shape[1] == weight(block, group[0]).shape[0]
+
+
+def fold(block, group, producer, kind, s):
+    """x / s folded into the producer (norm weight, or a linear's output channels and bias),
+    W * s into the group's weights: the float block is unchanged. Kernels may already carry
+    an input stage (`ActKernel`), which is kept."""
+    nxt = [weight(block, n) for n in group]  # [in, out] kernels
+    if kind == "norm":
+        norm = getattr(block, producer)
+        prev, new_next, _ = awq_core.fold_scales(norm.scale[...], nxt, s, layout="in_out")
+        norm.scale.value = prev
+    else:
+        lin = getattr(block, producer)
+        bias = None if lin.bias is None else lin.bias[...]
+        prev, new_next, new_bias = awq_core.fold_scales(weight(block, producer), nxt, s,
+                                                        prev_bias=bias, layout="in_out")
+        set_kernel(block, producer, prev)
+        if bias is not None:
+            lin.bias.value = new_bias
+    for n, w in zip(group, new_next):
+        set_kernel(block, n, w)

@@ -1,0 +1,1 @@
+"""Training the tiny dLLMs: the masked-diffusion objective and the resumable trainer."""

@@ -1,0 +1,199 @@
+"""Training driver: AdamW with warmup + cosine decay, jitted step, resumable orbax checkpoints.
+
+The loss is in `train_core.py`. The train state is a plain pytree (params, optimizer state,
+step, PRNG key) saved every `ckpt_every` steps by an orbax CheckpointManager; restarting the
+same command after a kill resumes from the newest checkpoint, with the data stream advanced
+to the same step (the stream is a pure function of the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from qdlm_jax.fsutil import atomic_write_text
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.dllm import DLLM
+from qdlm_jax.models.params import flatten, model_from_params
+from qdlm_jax.training.objective import diffusion_loss, mask_tokens
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSpec:
+    steps: int  # optimizer steps
+    batch_size: int  # sequences per step
+    seq_len: int  # tokens per sequence
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 200
+    final_lr_frac: float = 0.1  # cosine decays to lr * final_lr_frac
+    weight_decay: float = 0.1
+    b2: float = 0.98
+    grad_clip: float = 1.0
+    eps: float = 1e-3  # p_mask floor of the diffusion objective
+    seed: int = 0
+    ckpt_every: int = 200
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "ckpt_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainSpec.{name}={getattr(self, name)}: expected > 0")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"TrainSpec.warmup_steps={self.warmup_steps}: expected in "
+                             f"[0, steps={self.steps})")
+
+
+def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=spec.lr, warmup_steps=spec.warmup_steps,
+        decay_steps=spec.steps, end_value=spec.lr * spec.final_lr_frac)
+
+    def decay_mask(params):  # no weight decay on norms and biases
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+    return optax.chain(optax.clip_by_global_norm(spec.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=spec.b2,
+                                   weight_decay=spec.weight_decay, mask=decay_mask))
+
+
+def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
+    shift = config.shift_logits
+
+    def loss_fn(params, tokens, maskable, key):
+        model = nnx.merge(graphdef, params)
+        noisy, masked, p_mask = mask_tokens(key, tokens, config.mask_token_id, eps=spec.eps,
+                                            keep_first=shift, loss_mask=maskable)
+        return diffusion_loss(model(noisy), tokens, masked, p_mask, shift=shift)
+
+    @jax.jit
+    def step(state, tokens, maskable):
+        key, sub = jax.random.split(state["key"])
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens,
+                                                                         maskable, sub)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                "key": key}, metrics
+
+    return step
+
+
+def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], out_dir: Path,
+          *, on_checkpoint: Callable[[int, DLLM], None] | None = None) -> tuple[DLLM, list]:
+    """Trains `model` for `spec.steps`; `batches(step)` returns int32 tokens [B, seq_len],
+    or a pair (tokens, maskable) where maskable [B, seq_len] is 1 on the positions the noise
+    may mask (0 keeps a position always visible, e.g. the prompt of an instruction row).
+
+    Checkpoints go to `out_dir/ckpt`; the log (one JSON line per logged step) to
+    `out_dir/log.jsonl`. Returns the trained model and the log records.
+    """
+    out_dir = Path(out_dir).absolute()  # orbax needs absolute paths
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(spec)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "key": jax.random.key_data(jax.random.key(spec.seed))}
+    state["key"] = jax.random.wrap_key_data(state["key"])
+
+    manager = ocp.CheckpointManager(
+        out_dir / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    log_path = out_dir / "log.jsonl"
+    records = []
+    if manager.latest_step() is not None:
+        restored = manager.restore(manager.latest_step(),
+                                   args=ocp.args.StandardRestore(_to_saveable(state)))
+        state = _from_saveable(restored)
+        if log_path.is_file():
+            records = [json.loads(line) for line in log_path.read_text().splitlines()
+                       if json.loads(line)["step"] <= int(state["step"])]
+        print(f"[train] resumed from {out_dir / 'ckpt'} at step {int(state['step'])}")
+
+    step_fn = make_train_step(graphdef, config, spec, tx)
+    start = int(state["step"])
+    tokens_per_step = spec.batch_size * spec.seq_len
+    bar = tqdm(total=spec.steps, initial=start, desc=f"train {config.family}", unit="step")
+    t_last, n_last = time.time(), start
+    for step in range(start, spec.steps):
+        batch = batches(step)
+        tokens, maskable = batch if isinstance(batch, tuple) else (batch, None)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        maskable = (jnp.ones_like(tokens, jnp.bool_) if maskable is None
+                    else jnp.asarray(maskable, jnp.bool_))
+        if tokens.shape != (spec.batch_size, spec.seq_len) or maskable.shape != tokens.shape:
+            raise ValueError(f"batches({step}) returned shapes {tokens.shape} / "
+                             f"{maskable.shape}, expected {(spec.batch_size, spec.seq_len)}")
+        state, metrics = step_fn(state, tokens, maskable)
+        done = step + 1
+        if done % spec.log_every == 0 or done == spec.steps:
+            m = {k: float(v) for k, v in metrics.items()}
+            now = time.time()
+            tok_s = (done - n_last) * tokens_per_step / max(now - t_last, 1e-9)
+            t_last, n_last = now, done
+            rec = {"step": done, **m, "tokens_per_s": tok_s, "time": now}
+            records.append(rec)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        bar.update(1)
+        if done % spec.ckpt_every == 0 or done == spec.steps:
+            manager.save(done, args=ocp.args.StandardSave(_to_saveable(state)))
+            manager.wait_until_finished()
+            if on_checkpoint is not None:
+                on_checkpoint(done, nnx.merge(graphdef, state["params"]))
+    bar.close()
+    manager.close()
+    trained = model_from_params(config, flatten(nnx.to_pure_dict(state["params"])))
+    return trained, records
+
+
+def _to_saveable(state):
+    s = dict(state)
+    s["key"] = jax.random.key_data(state["key"])
+    return s
+
+
+def _from_saveable(state):
+    s = dict(state)
+    s["key"] = jax.random.wrap_key_data(jnp.asarray(state["key"], jnp.uint32))
+    return s
+
+
+def plot_loss(records: list[dict], path: Path, title: str) -> None:
+    """Loss curve PNG (training loss and masked-token NLL against step)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, [r["loss"] for r in records], label="diffusion loss (ELBO / token)")
+    ax.plot(steps, [r["masked_nll"] for r in records], label="NLL of masked tokens",
+            alpha=0.7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
