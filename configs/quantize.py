@@ -6,7 +6,10 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.model = "assets/tiny-llada"  # HF checkpoint dir or qdlm checkpoint
-    c.out_dir = "runs/quantize"  # a run directory per (method, bits, calibration) is made here
+    # One run directory per resolved config: <model>-<method>-w<bits>g<group>-<calib>-<hash>,
+    # holding config.json, results.json, report.md and the packed model/.
+    c.out_dir = "runs/quantize"
+    c.overwrite = False  # a finished run of the same config is reused unless this is true
     c.method = "gptq"  # rtn | gptq | awq | smoothquant | quarot | duquant
     c.bits = 4  # 2 | 3 | 4 | 8
     c.group_size = 128  # 32 | 64 | 128 | -1 (per output channel)

@@ -14,7 +14,8 @@ import sys
 
 from qdlm_jax import commands
 from qdlm_jax.errors import UserError
-from qdlm_jax.jobs.config_flags import split_config_args
+from qdlm_jax.jobs.config_flags import (describe_config, split_config_args,
+                                        suggest_config_flag)
 
 
 def _subcommands():
@@ -30,22 +31,43 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
     for mod in _subcommands():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        config = getattr(mod, "DEFAULT_CONFIG", None)
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
+                           epilog=describe_config(config) if config else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         runners[mod.NAME] = mod.run
     return parser, runners
+
+
+def _unknown_args_error(parser, command: str, unknown: list[str], rest: list[str]) -> None:
+    """argparse's error for unknown arguments, with the `--config.` spelling when one fits."""
+    mod = importlib.import_module(f"qdlm_jax.commands.{command}")
+    config = getattr(mod, "DEFAULT_CONFIG", None)
+    if "--config" in rest:
+        config = rest[rest.index("--config") + 1] if rest.index("--config") + 1 < len(rest) \
+            else config
+    hint = ""
+    if config and unknown[0].startswith("--"):
+        arg = unknown[0]
+        if "=" not in arg and len(unknown) > 1 and not unknown[1].startswith("-"):
+            arg = f"{arg}={unknown[1]}"
+        hint = suggest_config_flag(arg, config)
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_config_args(argv)
     parser, runners = build_parser()
-    args = parser.parse_args(rest)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:
+        _unknown_args_error(parser, args.command, unknown, rest)
     try:
         return int(runners[args.command](args, overrides) or 0)
-    except (UserError, FileNotFoundError, ValueError) as e:  # bad input users can fix: one line, exit 2
-        print(f"qdlm {args.command}: error: {str(e).splitlines()[0] if str(e) else e!r}",
-              file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError) as e:  # user-fixable: one line, exit 2
+        message = str(e).splitlines()[0] if str(e) else repr(e)
+        print(f"qdlm {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

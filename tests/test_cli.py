@@ -76,7 +76,7 @@ def test_config_overrides_keep_types():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.bits=5", "QuantSpec.bits=5 is not supported"),
+    ("--config.bits=5", "--config.bits=5 is not supported"),
     ("--config.method=sparsegpt", "--config.method='sparsegpt'"),
     ("--config.method=smoothquant", "needs --config.act_bits=8 or 4"),
     ("--config.act_bits=6", "--config.act_bits=6"),
@@ -86,3 +86,45 @@ def test_quantize_rejects_bad_config_before_work(capsys, override, message):
     assert main(["quantize", "--config", "configs/quantize.py", override]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_convert_checks_its_destination_before_loading(tmp_path, capsys):
+    (tmp_path / "dst").mkdir()
+    # The source does not even exist: the destination check must come first.
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "dst")]) == 2
+    assert "dst: already exists" in capsys.readouterr().err
+
+
+def test_quantize_help_lists_the_config_keys_with_defaults_and_choices(capsys, monkeypatch,
+                                                                      tmp_path):
+    monkeypatch.chdir(tmp_path)  # the default config is found from any directory
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    out = capsys.readouterr().out
+    assert "--config.method='gptq'" in out and "smoothquant | quarot | duquant" in out
+    assert "--config.calib.n_samples=32" in out and "--config.overwrite=False" in out
+
+
+def test_a_config_key_given_as_a_flag_gets_a_did_you_mean(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "gptq"])
+    assert "did you mean --config.method=gptq?" in capsys.readouterr().err
+
+
+def test_data_source_errors_are_one_line_without_traceback(capsys, monkeypatch):
+    from qdlm_jax.errors import DataSourceError
+
+    def fail(*a, **k):
+        raise DataSourceError("bigbench-wikipedia: archive not reachable\nsecond line")
+
+    monkeypatch.setattr("qdlm_jax.jobs.study.run_study", fail)
+    assert main(["study"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "qdlm study: error: bigbench-wikipedia: archive not reachable"
+
+
+def test_demo_help_prints_help_and_runs_nothing(capsys):
+    from qdlm_jax.jobs import demo
+    assert demo.main(["--help"]) == 0
+    assert "make demo" in capsys.readouterr().out
+    assert (demo.ROOT / "configs" / "quantize.py").is_file()

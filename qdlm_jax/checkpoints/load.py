@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from qdlm_jax.checkpoints import orbax_format as checkpoint
-from qdlm_jax.checkpoints.hf import load_hf_params
+from qdlm_jax.checkpoints.hf import load_hf_config, load_hf_params
 from qdlm_jax.errors import CheckpointError
+from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import model_from_params
 from qdlm_jax.models.sharding import param_sharding
+from qdlm_jax.quant.act_kernel import inner_weight
 
 
 def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
@@ -36,3 +40,46 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
     `mesh` places every param straight onto its tensor-parallel sharding."""
     config, params = load_params(path, dtype=dtype, mesh=mesh, progress=progress)
     return model_from_params(config, params)
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of a checkpoint (HF dir or qdlm) without reading any weights."""
+    p = Path(path)
+    if checkpoint.is_qdlm_checkpoint(p):
+        return checkpoint.read_config(p)
+    if (p / "config.json").is_file():
+        return load_hf_config(p / "config.json")
+    raise CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging Face "
+                          f"checkpoint, or {checkpoint.CONFIG_FILE} of a `qdlm convert` output)")
+
+
+def param_summary(params: dict) -> dict:
+    """Logical parameter count, stored bytes (packed storage for quantized weights), and the
+    bytes of the same parameters in bf16."""
+    n = stored = 0
+    for v in params.values():
+        n += int(np.prod(inner_weight(v).shape))
+        stored += sum(int(x.nbytes) for x in jax.tree.leaves(v))
+    return {"params": n, "bytes": stored, "bf16_bytes": 2 * n}
+
+
+def quantization_banner(path: str | os.PathLike, params: dict | None = None) -> str | None:
+    """One line saying how a packed checkpoint was quantized and its size against bf16
+    (None for a float checkpoint)."""
+    p = Path(path)
+    if not checkpoint.is_qdlm_checkpoint(p):
+        return None
+    meta = checkpoint.read_meta(p)
+    if not meta.get("quantized"):
+        return None
+    q = meta.get("meta", {})
+    if params is None:
+        _, params = checkpoint.load_checkpoint(p)
+    s = param_summary(params)
+    act = q.get("act_bits", 16)
+    group = q.get("group_size")
+    return (f"quantized: {q.get('method', '?')} W{q.get('bits', '?')}"
+            f"{'' if act in (None, 16) else f'A{act}'} "
+            f"{'per-channel' if group == -1 else f'g{group}'}, calibration "
+            f"{q.get('calibration', '?')}; {s['bytes'] / 2**20:.1f} MiB = "
+            f"{s['bytes'] / s['bf16_bytes']:.2f}x the bf16 size ({s['bf16_bytes'] / 2**20:.1f} MiB)")

@@ -28,6 +28,9 @@ from qdlm_jax.errors import CheckpointError
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath, parse_path, path_str
+from qdlm_jax.quant.act_core import ActSpec
+from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform
+from qdlm_jax.quant.qarray import QuantizedArray
 
 CONFIG_FILE = "qdlm_config.json"
 FORMAT = 1
@@ -48,8 +51,6 @@ def _split_qarray(v):
 
 def _split_quantized(params):
     """({name: array or dict of quantized leaves}, {name: static fields})."""
-    from qdlm_jax.quant.act_kernel import ActKernel  # noqa: PLC0415 (import cycle)
-    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
     tree, quantized = {}, {}
     for p, v in params.items():
         k = path_str(p)
@@ -79,9 +80,6 @@ def _split_quantized(params):
 
 def _join_quantized(v: dict, static: dict):
     """Inverse of `_split_quantized` for one entry."""
-    from qdlm_jax.quant.act_core import ActSpec  # noqa: PLC0415 (import cycle)
-    from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform  # noqa: PLC0415
-    from qdlm_jax.quant.qarray import QuantizedArray  # noqa: PLC0415
 
     def qarray(leaves, fields):
         fields = dict(fields)

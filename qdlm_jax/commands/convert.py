@@ -27,11 +27,14 @@ def run(args, overrides):
     from qdlm_jax.checkpoints import orbax_format as checkpoint
     from qdlm_jax.checkpoints.load import load_params
     from qdlm_jax.checkpoints.hf import save_hf
+    from qdlm_jax.errors import CheckpointError
     from qdlm_jax.models.dllm import count_params
 
     if overrides:
         raise ValueError(f"convert takes no --config overrides, got {overrides}")
     src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and not args.overwrite:  # before reading a checkpoint of gigabytes
+        raise CheckpointError(f"{dst}: already exists (use --overwrite to replace it)")
     t0 = time.time()
     config, params = load_params(src, dtype=args.dtype, progress=True)
     extra = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]

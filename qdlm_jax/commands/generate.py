@@ -100,6 +100,10 @@ def run(args, overrides):
     _log(f"loaded {c.family} model ({c.num_layers} layers, width {c.hidden_size}, vocab "
          f"{c.vocab_size}, {c.dtype}) in {time.time() - t0:.1f}s; tokenizer: "
          f"{tok_path if tokenizer else 'none (token ids)'}")
+    from qdlm_jax.checkpoints.load import quantization_banner
+    banner = quantization_banner(args.model)
+    if banner:
+        _log(banner)
 
     bos = None if args.no_bos else c.bos_token_id
     rows = _encode(args.prompt, tokenizer, bos, args.model)

@@ -15,36 +15,38 @@ def add_arguments(p):
 
 
 def run(args, overrides):
-    import jax
     import numpy as np
 
     from qdlm_jax.checkpoints import orbax_format as checkpoint
     from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, expected_shape, key_map
+    from qdlm_jax.checkpoints.load import param_summary, quantization_banner
 
     path = Path(args.path)
     if checkpoint.is_qdlm_checkpoint(path):
         config = checkpoint.read_config(path)
         _, params = checkpoint.load_checkpoint(path)
         kind = "qdlm (orbax)"
-        leaves = jax.tree.leaves(params)
-        n_params = sum(int(np.prod(x.shape)) for x in leaves)
-        n_bytes = sum(int(x.nbytes) for x in leaves)
+        summary = param_summary(params)
+        n_params, n_bytes = summary["params"], summary["bytes"]
+        quantized = quantization_banner(path, params)
     else:
         ckpt = CheckpointDir(path)  # raises a clear error on a missing or bad directory
         config = ckpt.config
         check_tensors(ckpt, key_map(config))
         kind = f"Hugging Face ({len(ckpt.files)} weight file(s))"
+        quantized = None
         n_params = sum(int(np.prod(expected_shape(config, m.path))) for m in key_map(config))
         n_bytes = sum(int(np.prod(ckpt.shape(k))) * ckpt.files[ckpt.where[k]].dtype(k).itemsize
                       for k in ckpt.keys())
     info = {"path": str(path), "format": kind, "params": n_params, "bytes": n_bytes,
-            "config": config.to_dict()}
+            "quantized": quantized, "config": config.to_dict()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{path}  [{kind}]")
     print(f"  family: {config.family}   params: {n_params:,} ({n_params / 1e9:.3f} B)   "
           f"size: {n_bytes / 2**20:.1f} MiB")
+    print(f"  {quantized or 'not quantized (float weights)'}")
     for k, v in config.to_dict().items():
         print(f"  {k:>24}: {v}")
     return 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 NAME = "quantize"
-HELP = "calibrate, quantize (RTN/GPTQ/AWQ), evaluate FP vs quantized, save the packed model"
+DEFAULT_CONFIG = "configs/quantize.py"  # found under the project root from any directory
+HELP = ("calibrate, quantize (rtn | gptq | awq weight-only; smoothquant | quarot | duquant "
+        "weight-activation), evaluate FP vs quantized, save the packed model")
 
 
 def add_arguments(p):
-    p.add_argument("--config", default="configs/quantize.py",
+    p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="ml-collections config file (default: configs/quantize.py)")
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 NAME = "study"
+DEFAULT_CONFIG = "configs/study.py"  # found under the project root from any directory
 HELP = ("the sweep bits x method x task x model (resumable; results.jsonl, table.md and "
         "plots in the run dir)")
 
 
 def add_arguments(p):
-    p.add_argument("--config", default="configs/study.py",
+    p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="ml-collections config file (default: configs/study.py)")
 
 

@@ -10,7 +10,9 @@ commands before any jit.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import re
 from pathlib import Path
 
 import ml_collections
@@ -18,8 +20,22 @@ import ml_collections
 from qdlm_jax.errors import ConfigOverrideError
 
 
-def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+# The repository the package runs from (an editable install): configs/ and assets/ live here.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def project_path(path: str | Path) -> Path:
+    """`path` as given when it exists (relative to the working directory); otherwise, for a
+    relative path, the same path under the project root, so the bundled defaults
+    (`configs/quantize.py`, `assets/tiny-llada`) work from any directory."""
     path = Path(path)
+    if path.exists() or path.is_absolute() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    path = project_path(path)
     if not path.is_file():
         raise ConfigOverrideError(f"--config: {path}: no such file")
     spec = importlib.util.spec_from_file_location(f"_qdlm_config_{path.stem}", path)
@@ -94,3 +110,51 @@ def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
     overrides = [a for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     return rest, overrides
+
+
+def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    """{"calib.n_samples": 32, ...}: every leaf key of a config with its value."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe_config(path: str | Path) -> str:
+    """The `--help` text of a config file: each key with its default and the comment written
+    beside it in the file (choices, meaning), so keys are documented once, in the config."""
+    path = project_path(path)
+    try:
+        config = load_config_file(path)
+    except ConfigOverrideError as e:
+        return f"(config keys unavailable: {e})"
+    comments = {}
+    for line in path.read_text().splitlines():
+        code, _, comment = line.partition("#")
+        if comment.strip():
+            for name in re.findall(r"\b(\w+)\s*=", code):
+                comments.setdefault(name, comment.strip())
+    lines = [f"config keys of {path.name} (override with --config.KEY=VALUE):"]
+    for key, value in flatten_config(config).items():
+        note = comments.get(key.rsplit(".", 1)[-1], "")
+        lines.append(f"  --config.{key}={value!r}" + (f"   # {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def suggest_config_flag(arg: str, config_path: str | Path) -> str:
+    """For an unknown `--name[=value]` argument, the `--config.` spelling if `name` is a key."""
+    name, _, value = arg.lstrip("-").partition("=")
+    try:
+        keys = flatten_config(load_config_file(config_path))
+    except ConfigOverrideError:
+        return ""
+    matches = [k for k in keys if k == name or k.endswith("." + name)]
+    if not matches:
+        close = difflib.get_close_matches(name, list(keys), n=1)
+        matches = close
+    if not matches:
+        return ""
+    return f"; did you mean --config.{matches[0]}={value or '...'}?"

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file, split_config_args
 from qdlm_jax.fsutil import atomic_write_text
+from qdlm_jax.jobs.config_flags import (PROJECT_ROOT as ROOT, apply_overrides, load_config_file,
+                                        split_config_args)
 from qdlm_jax.jobs.quantize import report, run as run_job
 
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("rtn", "gptq", "awq")
 BITS = (4, 3)
 WA_METHODS = ("rtn", "smoothquant", "quarot", "duquant")
@@ -40,6 +40,9 @@ def cells(wa: bool) -> list[list[str]]:
 
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(__doc__)
+        return 0
     wa = "--wa" in args
     _, overrides = split_config_args([a for a in args if a != "--wa"])
     t0 = time.time()
@@ -49,7 +52,8 @@ def main(argv=None) -> int:
     for cell in cells(wa):
         cfg = apply_overrides(load_config_file(ROOT / "configs" / "quantize.py"),
                               [f"--config.model={ROOT / 'assets' / 'tiny-llada'}",
-                               f"--config.out_dir={out_dir}", *cell, *overrides])
+                               f"--config.out_dir={out_dir}", "--config.overwrite=true", *cell,
+                               *overrides])
         results.append(run_job(cfg, fp_cache=fp_cache))
     out_dir = Path(cfg.out_dir)  # the report goes beside the runs (--config.out_dir moves both)
     table = report(results)

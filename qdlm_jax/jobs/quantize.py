@@ -10,12 +10,15 @@ Bad config values are rejected before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import ml_collections
 
+from qdlm_jax.errors import ConfigOverrideError
+from qdlm_jax.jobs.config_flags import project_path
 from qdlm_jax.quant.calibration import CalibSpec
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec
@@ -38,6 +41,8 @@ class JobSpec:
     skip_fp: bool
     save: bool
     wa: WASpec | None = None  # weight-activation PTQ (activations quantized) when set
+    config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
+    overwrite: bool = False  # redo a finished run instead of reusing its results
 
     @property
     def method(self) -> str:
@@ -54,15 +59,51 @@ class JobSpec:
         return (self.ptq if self.wa is None else self.wa).needs_calibration
 
     @property
+    def config_hash(self) -> str:
+        """8 hex digits of sha256 over the resolved config (where results go excluded)."""
+        keyed = {k: v for k, v in self.config.items() if k not in ("out_dir", "overwrite")}
+        text = json.dumps(keyed, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    @property
     def run_name(self) -> str:
+        """`<model>-<method>-w<bits>[a<bits>]g<group>-<calibration>-<config hash>`: two runs
+        share a directory only when every setting is the same."""
         g = self.ptq.weight.group_size
         cal = self.calib.mode if self.needs_calibration else "nocal"
         a = "" if self.wa is None else f"a{self.act_bits}"
-        return f"{self.method}-w{self.ptq.weight.bits}{a}g{g}-{cal}"
+        return (f"{model_label(self.model)}-{self.method}-w{self.ptq.weight.bits}{a}g{g}-{cal}"
+                f"-{self.config_hash}")
+
+
+def model_label(path: str) -> str:
+    """A readable name for a checkpoint path (a packed model's `model/` dir takes its run's
+    name)."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "model" else p.name
+
+
+# Spec field -> the flag a user sets, for error messages that name the flag.
+_FLAG_NAMES = {"QuantSpec.": "--config.", "CalibSpec.mode": "--config.calibration",
+               "CalibSpec.": "--config.calib.", "ActSpec.bits": "--config.act_bits",
+               "ActSpec.": "--config.act.", "PTQSpec.": "--config."}
 
 
 def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
-    """Validates the whole config up front (one clear error, before any work)."""
+    """Validates the whole config up front (one clear error naming the flag, before any
+    work)."""
+    try:
+        return _job_spec(cfg)
+    except ValueError as e:
+        text = str(e)
+        for spec_name, flag in _FLAG_NAMES.items():
+            text = text.replace(spec_name, flag)
+        if text == str(e):
+            raise
+        raise ConfigOverrideError(text) from None
+
+
+def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
     if cfg.method not in ALL_METHODS:
         raise ValueError(f"--config.method={cfg.method!r}: expected one of {ALL_METHODS}")
     weight = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
@@ -78,12 +119,14 @@ def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                       prefix_frac=c.prefix_frac, certainty_weights=c.certainty_weights,
                       unmasked_weight=c.unmasked_weight, trajectory_steps=c.trajectory_steps,
                       seed=c.seed)
-    if not Path(cfg.model).exists():
+    model = project_path(cfg.model)
+    if not model.exists():
         raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
-    return JobSpec(model=cfg.model, out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
+    return JobSpec(model=str(model), out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
                    eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
                    eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save,
-                   wa=wa)
+                   wa=wa, config={**cfg.to_dict(), "model": str(model)},
+                   overwrite=bool(cfg.get("overwrite", False)))
 
 
 def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None:
@@ -174,7 +217,11 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once."""
     import numpy as np
 
+    import jax
+    import jax.numpy as jnp
+
     from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.load import param_summary, read_model_config
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
     from qdlm_jax.data.tokenizer import load_tokenizer
     from qdlm_jax.evals.basic import heldout_windows, output_kl
@@ -184,7 +231,13 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 
     spec = job_spec(cfg)
+    run_dir = Path(spec.out_dir) / spec.run_name
+    if (run_dir / "results.json").is_file() and not spec.overwrite:
+        print(f"[quantize] {run_dir} holds this exact config's finished run: reusing its "
+              "results (--config.overwrite=true runs it again)")
+        return json.loads((run_dir / "results.json").read_text())
     t0 = time.time()
+    source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)
     tok_path = Path(spec.model) / "tokenizer.json"
@@ -192,8 +245,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     seq = spec.calib.seq_len
     windows = heldout_windows(tokenizer, source=spec.source, seq_len=seq,
                               n_windows=spec.eval_windows)
-    run_dir = Path(spec.out_dir) / spec.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2, default=str))
     print(f"[quantize] {spec.model}: {model.config.family}, method={spec.method} "
           f"W{spec.ptq.weight.bits}A{spec.act_bits} g{spec.ptq.weight.group_size} calibration="
           f"{spec.calib.mode} -> {run_dir}")
@@ -221,7 +274,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     linear_q = quantized_param_bytes(packed)
     fp_linear = sum(int(np.prod(get_params(model)[p].shape)) * 2 for p in packed)  # as bf16
     result = {
-        "model": spec.model, "family": model.config.family, "method": spec.method,
+        "model": spec.model, "run_dir": str(run_dir), "config": spec.config, "family": model.config.family, "method": spec.method,
         "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
         "group_size": spec.ptq.weight.group_size,
         "sym": spec.ptq.weight.sym, "calibration": spec.calib.mode if calib else "none",
@@ -230,11 +283,16 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
         "linear_bytes_vs_bf16": linear_q / fp_linear if fp_linear else None,
         "total_s": time.time() - t0, "stats": qstats,
     }
-    if spec.save:
-        save_checkpoint(run_dir / "model", qmodel.config, params, overwrite=True,
-                        extra_files=[tok_path], meta={k: result[k] for k in (
-                            "method", "bits", "act_bits", "group_size", "sym",
-                            "calibration")})
+    if spec.save:  # unquantized tensors go back to the source checkpoint's dtype
+        stored = {p: v.astype(source_dtype) if isinstance(v, jax.Array)
+                  and jnp.issubdtype(v.dtype, jnp.floating) else v for p, v in params.items()}
+        save_checkpoint(run_dir / "model",
+                        qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
+                        stored, overwrite=True, extra_files=[tok_path],
+                        meta={**{k: result[k] for k in ("method", "bits", "act_bits",
+                                                        "group_size", "sym", "calibration")},
+                              "config_hash": spec.config_hash})
+        result["packed_bytes"] = param_summary(stored)["bytes"]
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(run_dir / "report.md", report([result]))
     print(report([result]))

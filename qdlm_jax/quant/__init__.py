@@ -11,4 +11,7 @@ from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 from qdlm_jax.quant.quantizer_core import (QuantParams, QuantSpec, SUPPORTED_BITS,
                                            compute_params, dequantize_codes, quantize_codes,
                                            rtn)
+from qdlm_jax.quant.calibration import CalibSpec, build_calibration
+from qdlm_jax.quant.layerwise import PTQSpec, quantize_model
 from qdlm_jax.quant.rtn import rtn_quantize_params
+from qdlm_jax.quant.wa import WASpec, quantize_model_wa

@@ -1,0 +1,58 @@
+"""The quantize job's run directories and packed output: one directory per resolved config,
+reused on a rerun, and a packed model smaller than its source."""
+
+import json
+from pathlib import Path
+
+import jax
+
+from qdlm_jax.checkpoints.load import load_params, param_summary, quantization_banner
+from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
+from qdlm_jax.jobs.quantize import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp_path, *overrides):
+    return apply_overrides(load_config_file(ROOT / "configs/quantize.py"), [
+        f"--config.out_dir={tmp_path}", "--config.method=rtn", "--config.bits=3",
+        "--config.eval.n_windows=1", "--config.eval.mc_num=8", "--config.eval.arith_n=2",
+        "--config.eval.skip_fp=true", *overrides])
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()
+               and f.name != "tokenizer.json")
+
+
+def test_run_dirs_packed_size_and_reuse(tmp_path, capsys):
+    r1 = run(_cfg(tmp_path))
+    r2 = run(_cfg(tmp_path, f"--config.model={ROOT / 'assets/tiny-dream'}"))
+    r3 = run(_cfg(tmp_path, "--config.sym=true"))
+    dirs = {Path(r["run_dir"]) for r in (r1, r2, r3)}
+    assert len(dirs) == 3  # another model or another setting never shares a directory
+    assert Path(r1["run_dir"]).name.startswith("tiny-llada-rtn-w3g128-nocal-")
+    assert Path(r2["run_dir"]).name.startswith("tiny-dream-rtn-w3g128-nocal-")
+    saved = json.loads((Path(r3["run_dir"]) / "config.json").read_text())
+    assert saved["sym"] is True and saved["bits"] == 3 and saved["model"].endswith("tiny-llada")
+
+    # The packed model keeps bf16 for every unquantized tensor and is smaller than its source.
+    model_dir = Path(r1["run_dir"]) / "model"
+    config, params = load_params(model_dir)
+    assert config.param_dtype == "bfloat16"
+    floats = [v for v in params.values() if isinstance(v, jax.Array) and v.dtype.kind in "fV"
+              or isinstance(v, jax.Array) and v.dtype.name == "bfloat16"]
+    assert floats and all(v.dtype.name == "bfloat16" for v in floats)
+    source = _dir_bytes(ROOT / "assets/tiny-llada")
+    packed = _dir_bytes(model_dir)
+    assert packed < 0.85 * source, (packed, source)
+    summary = param_summary(params)
+    assert summary["bytes"] < summary["bf16_bytes"]
+    banner = quantization_banner(model_dir)
+    assert banner.startswith("quantized: rtn W3 g128") and "x the bf16 size" in banner
+
+    # The same config again: reused, not recomputed.
+    capsys.readouterr()
+    again = run(_cfg(tmp_path))
+    assert again["run_dir"] == r1["run_dir"]
+    assert "reusing its results" in capsys.readouterr().out
