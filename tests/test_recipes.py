@@ -88,6 +88,9 @@ def test_quick_task_file_runs_through_qdlm_eval(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"arithmetic_quick", "wikipedia_bound_quick"}
     assert results["tasks"]["arithmetic_quick"]["n"] == 2
+    assert json.loads((out / "config.json").read_text())["limit"] == 2
+    again = subprocess.run(r.args, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # never silently replaced
 
 
 def test_bundled_task_file_is_the_builtin_tasks():

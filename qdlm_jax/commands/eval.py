@@ -7,6 +7,7 @@ needs the `eval` extra). Writes `<out>/results.json` and prints one line per tas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -32,7 +33,10 @@ def add_arguments(p):
                    help="extra qdlm-jax model args, e.g. mc_num=32,gen_length=64")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", default=None,
-                   help="output dir (default: runs/eval/<model name>)")
+                   help="output dir (default: runs/eval/<model name>-<hash of the model path "
+                        "and task settings>, holding config.json and results.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run with the same settings")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -54,7 +58,9 @@ def run(args, overrides):
                                   "use --task-file for task settings")
     from qdlm_jax.errors import DataSourceError
     from qdlm_jax.evals.backends import load_text_model
-    from qdlm_jax.evals.tasks import load_task_file, resolve_task, run_task
+    from qdlm_jax.errors import ConfigOverrideError
+    from qdlm_jax.evals.tasks import load_task_file, resolve_task, run_task, spec_dict
+    from qdlm_jax.jobs.quantize import model_label
     from qdlm_jax.fsutil import atomic_write_text
 
     specs = [resolve_task(t.strip(), "--tasks") for t in args.tasks.split(",") if t.strip()]
@@ -64,9 +70,17 @@ def run(args, overrides):
     if not specs and not lm_tasks:
         raise ValueError("no tasks: give --tasks, --task-file or --lm-eval-tasks")
     specs = [_limited(s, args.limit) for s in specs]
+    settings = {"model": str(Path(args.model).resolve()), "dtype": args.dtype,
+                "tasks": [spec_dict(s) for s in specs], "lm_eval_tasks": lm_tasks,
+                "lm_eval_args": args.lm_eval_args, "limit": args.limit}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(args.out or Path("runs/eval") / f"{model_label(args.model)}-{digest}")
+    if (out / "results.json").is_file() and not args.overwrite:
+        raise ConfigOverrideError(f"{out}: holds results of these settings already (pass "
+                                  "--overwrite to run again, or --out for another directory)")
     tm = load_text_model(args.model, dtype=args.dtype)
-    out = Path(args.out or Path("runs/eval") / Path(args.model).name)
-    results = {"model": args.model, "tasks": {}}
+    atomic_write_text(out / "config.json", json.dumps(settings, indent=2))
+    results = {"model": args.model, "settings": settings, "tasks": {}}
     for spec in specs:
         t0 = time.time()
         try:
