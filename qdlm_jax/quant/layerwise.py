@@ -77,8 +77,9 @@ def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
     inputs = block_inputs(qmodel.embed[...], config, calib)
     x = inputs.x
 
-    bar = tqdm(total=config.num_layers * len(GROUPS), desc=f"{spec.method} W{spec.weight.bits}",
-               disable=not progress)
+    bar = tqdm(total=config.num_layers * len(GROUPS), unit="group", disable=not progress,
+               desc=f"{spec.method} W{spec.weight.bits} ({config.num_layers} blocks x "
+                    f"{len(GROUPS)} linear groups)")
     for i, block in enumerate(qmodel.layers):
         runner = BlockRunner(block, inputs, spec.chunk)
         prefix = f"layers.{i}."

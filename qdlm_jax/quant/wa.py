@@ -162,7 +162,7 @@ def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
 
     label = f"{spec.method} W{spec.weight.bits if spec.weight else 16}A" \
             f"{spec.act.bits if spec.act else 16}"
-    for i, block in enumerate(tqdm(qmodel.layers, desc=label, disable=not progress)):
+    for i, block in enumerate(tqdm(qmodel.layers, desc=label, unit="block", disable=not progress)):
         runner = BlockRunner(block, inputs, spec.chunk)
         prefix = f"layers.{i}."
         layer_stats, pending = {}, {}
