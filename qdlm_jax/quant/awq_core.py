@@ -12,8 +12,16 @@ transposed by the driver), activations ``x[tokens, in]``.
     sym:   scale = max(max_g |w|, 1e-5) / (2^(b-1) - 1)
            w_hat = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1) * scale
 
-(``grid="autogptq"`` uses `quantizer_core.rtn` instead, the grid GPTQ and `QuantizedArray`
-use; either grid packs into a `QuantizedArray` via `awq_quantize_codes`.)
+Every division is a true IEEE division (`quantizer_core.exact_div`), as torch computes it:
+XLA would otherwise multiply by a one-ulp-off reciprocal, which moves codes and zero points
+wherever ``w / scale`` or ``min / scale`` is an exact tie (common on bf16 weights, and on
+every clipped group, whose ``min / scale`` is exactly ``-(2^b - 1) / 2``). Codes, scales and
+zero points are bit-equal to llm-awq's (tests/quant/numpy_awq.py, checked against llm-awq).
+The asymmetric grid is `quantizer_core.affine_grid`, the one AutoGPTQ's grid uses too (they
+differ only in the range: AutoGPTQ widens [min, max] to include 0 and has no 1e-5 floor), and
+codes/dequantization are `quantize_codes` / `dequantize_codes`, shared with GPTQ/RTN.
+(``grid="autogptq"`` uses `quantizer_core.rtn` instead; either grid packs into a
+`QuantizedArray` via `awq_quantize_codes`.)
 
 **Scale search** (``auto_scale._search_module_scale``): for linears ``W_1..W_k`` that read the
 same input ``x`` (q/k/v; gate/up; or one linear), with per-channel activation magnitude
@@ -33,8 +41,12 @@ Applying s*: multiply the weights' input columns by s*, divide the producer of `
 **Clip search** (``auto_clip.auto_clip_layer``): per (output channel, group), shrink the
 absolute max ``m`` to ``m (1 - i/n_grid)`` for ``i < max_shrink * n_grid``, clamp the group
 to ``[-m', m']``, quantize, and keep the ``m'`` minimising the group's share of the output
-error ``mean_t (x_g . (w_g - Q(clamp(w_g)))_)^2`` on every ``n_tokens // n_sample``-th
-token (at most ``n_sample`` tokens). Apply with `apply_clip`.
+error ``mean_t (x_g . (w_g - Q(clamp(w_g))))^2`` on every ``(n_tokens // n_sample)``-th
+token from the first (so between ``n_sample`` and ``2 n_sample - 1`` tokens; llm-awq fails
+when ``n_tokens < n_sample``, where this uses every token). Apply with `apply_clip`.
+
+The grid points ``r = i / n_grid`` and shrink factors ``1 - i / n_grid`` are rounded once from
+Python's double to fp32, as torch does with the scalar.
 """
 
 from __future__ import annotations
@@ -45,7 +57,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from qdlm_jax.quant.quantizer_core import SUPPORTED_BITS, resolve_group_size, rtn
+from qdlm_jax.quant.quantizer_core import (SUPPORTED_BITS, affine_grid, dequantize_codes,
+                                           exact_div, quantize_codes, resolve_group_size, rtn)
 
 Grid = Literal["awq", "autogptq"]
 
@@ -56,52 +69,50 @@ Grid = Literal["awq", "autogptq"]
 
 
 def awq_params(w: Float[Array, "out in"], *, bits: int, group_size: int, sym: bool):
-    """(scale, zero) [out, groups] on llm-awq's grid (zero is 0 when symmetric)."""
+    """(scale, zero) [out, groups] on llm-awq's grid, in `QuantizedArray`'s convention
+    ``w_hat = scale * (q - zero)`` (symmetric: zero = 2^(b-1), the signed code's offset).
+
+    Both divisions are true IEEE divisions (`exact_div`), as torch computes them.
+    """
     out, n_in = w.shape
     g = resolve_group_size(group_size, n_in)
     wg = w.astype(jnp.float32).reshape(out, n_in // g, g)
     if sym:
-        scale = jnp.maximum(jnp.abs(wg).max(-1), 1e-5) / (2 ** (bits - 1) - 1)
-        return scale, jnp.zeros_like(scale)
-    max_val, min_val = wg.max(-1), wg.min(-1)
-    scale = jnp.maximum(max_val - min_val, 1e-5) / (2 ** bits - 1)
-    zero = jnp.clip(-jnp.round(min_val / scale), 0, 2 ** bits - 1)
-    return scale, zero
+        half = 2 ** (bits - 1)
+        scale = exact_div(jnp.maximum(jnp.abs(wg).max(-1), jnp.float32(1e-5)),
+                          jnp.float32(half - 1))
+        return scale, jnp.full_like(scale, half)
+    maxq = 2 ** bits - 1
+    scale, zero = affine_grid(wg.min(-1), wg.max(-1), maxq=maxq, min_range=1e-5)
+    return scale, jnp.clip(zero, 0, maxq)
 
 
 def awq_quantize_codes(w: Float[Array, "out in"], *, bits: int, group_size: int, sym: bool):
     """(codes in [0, 2^b - 1], scale, zero) such that w_hat = scale * (codes - zero).
 
-    For sym the signed AWQ value v in [-2^(b-1), 2^(b-1)-1] is stored as v + 2^(b-1) with
-    zero 2^(b-1), which is exactly `QuantizedArray`'s symmetric convention.
+    The codes are `quantizer_core.quantize_codes`, the AutoGPTQ grid's quantizer:
+    ``clamp(round(w / scale) + zero, 0, maxq)``. For llm-awq's asymmetric grid that is its
+    formula; for its symmetric one, ``clamp(round(w / s), -2^(b-1), 2^(b-1) - 1) + 2^(b-1)``
+    is the same integer (adding the integer offset commutes with the clamp), so the signed
+    value is stored with zero 2^(b-1), `QuantizedArray`'s symmetric convention.
     """
-    out, n_in = w.shape
-    g = resolve_group_size(group_size, n_in)
+    resolve_group_size(group_size, w.shape[1])
     scale, zero = awq_params(w, bits=bits, group_size=group_size, sym=sym)
-    s = jnp.repeat(scale, g, axis=1, total_repeat_length=n_in)
-    w32 = w.astype(jnp.float32)
-    if sym:
-        half = 2 ** (bits - 1)
-        q = jnp.clip(jnp.round(w32 / s), -half, half - 1) + half
-        return q.astype(jnp.int32), scale, jnp.full_like(scale, half)
-    z = jnp.repeat(zero, g, axis=1, total_repeat_length=n_in)
-    q = jnp.clip(jnp.round(w32 / s) + z, 0, 2 ** bits - 1)
-    return q.astype(jnp.int32), scale, zero
+    return quantize_codes(w, scale, zero, bits=bits), scale, zero
 
 
 def pseudo_quantize(w: Float[Array, "out in"], *, bits: int, group_size: int, sym: bool,
                     grid: Grid = "awq") -> Float[Array, "out in"]:
-    """Quantize-dequantize on llm-awq's grid (or AutoGPTQ's with grid="autogptq")."""
+    """Quantize-dequantize on llm-awq's grid (or AutoGPTQ's with grid="autogptq").
+
+    Dequantization is ``scale * (q - zero)`` in fp32 (llm-awq's ``(q - zero) * scale``).
+    """
     if grid == "autogptq":
         return rtn(w, bits=bits, group_size=group_size, sym=sym)
     if grid != "awq":
         raise ValueError(f"grid={grid!r}: use 'awq' or 'autogptq'")
-    out, n_in = w.shape
-    g = resolve_group_size(group_size, n_in)
     codes, scale, zero = awq_quantize_codes(w, bits=bits, group_size=group_size, sym=sym)
-    s = jnp.repeat(scale, g, axis=1, total_repeat_length=n_in)
-    z = jnp.repeat(zero, g, axis=1, total_repeat_length=n_in)
-    return ((codes - z) * s).astype(w.dtype)
+    return dequantize_codes(codes, scale, zero, dtype=w.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,8 +127,14 @@ def activation_scale(x: Float[Array, "... in"]) -> Float[Array, "in"]:
 
 def scales_for_ratio(act_scale: Float[Array, "in"], ratio) -> Float[Array, "in"]:
     """s = max(a^r, 1e-4) / sqrt(max(s) * min(s))."""
-    s = jnp.maximum(act_scale ** ratio, 1e-4)
-    return s / jnp.sqrt(s.max() * s.min())
+    s = jnp.maximum(act_scale ** jnp.asarray(ratio, jnp.float32), jnp.float32(1e-4))
+    return exact_div(s, jnp.sqrt(s.max() * s.min()))
+
+
+def _grid_ratios(n_grid: int):
+    """r = i / n_grid, i < n_grid, rounded once from Python's double (as torch takes the
+    scalar); in-graph ``i / n_grid`` may be rewritten to ``i * (1 / n_grid)``."""
+    return jnp.asarray([i * 1 / n_grid for i in range(n_grid)], jnp.float32)
 
 
 def _stacked_linears(x, weights):
@@ -142,15 +159,18 @@ def search_scales(x: Float[Array, "tokens in"], weights: Sequence[Float[Array, "
     y_ref = f(x, weights)
     a = activation_scale(x)
 
-    def loss_for(i):
-        s = scales_for_ratio(a, i / n_grid)
-        wq = [pseudo_quantize(w * s, bits=bits, group_size=group_size, sym=sym,
-                              grid=grid) / s for w in weights]
-        return jnp.mean((y_ref - f(x, wq)) ** 2)
+    ratios = _grid_ratios(n_grid)
 
-    losses = lax.map(loss_for, jnp.arange(n_grid, dtype=jnp.float32))
+    def loss_for(r):
+        s = scales_for_ratio(a, r)
+        wq = [exact_div(pseudo_quantize(w * s, bits=bits, group_size=group_size, sym=sym,
+                                        grid=grid), s) for w in weights]
+        d = (y_ref - f(x, wq)).astype(jnp.float32)
+        return jnp.mean(d * d)
+
+    losses = lax.map(loss_for, ratios)
     best = jnp.argmin(losses)  # first minimum, like llm-awq's strict `<`
-    ratio = best.astype(jnp.float32) / n_grid
+    ratio = ratios[best]
     return scales_for_ratio(a, ratio), ratio, losses
 
 
@@ -173,16 +193,16 @@ def fold_scales(prev: Float[Array, "..."], next_weights: Sequence[Float[Array, "
     """
     s = s.astype(jnp.float32)
     if prev.ndim == 1:
-        new_prev = (prev / s).astype(prev.dtype)
+        new_prev = exact_div(prev, s).astype(prev.dtype)
     elif layout == "out_in":
-        new_prev = (prev / s[:, None]).astype(prev.dtype)
+        new_prev = exact_div(prev, s[:, None]).astype(prev.dtype)
     else:
-        new_prev = (prev / s[None, :]).astype(prev.dtype)
+        new_prev = exact_div(prev, s[None, :]).astype(prev.dtype)
     if layout == "out_in":
         new_next = [(w * s[None, :]).astype(w.dtype) for w in next_weights]
     else:
         new_next = [(w * s[:, None]).astype(w.dtype) for w in next_weights]
-    new_bias = None if prev_bias is None else (prev_bias / s).astype(prev_bias.dtype)
+    new_bias = None if prev_bias is None else exact_div(prev_bias, s).astype(prev_bias.dtype)
     return new_prev, new_next, new_bias
 
 
@@ -207,9 +227,13 @@ def search_clip(x: Float[Array, "tokens in"], w: Float[Array, "out in"], *, bits
     org_max = jnp.abs(wg).max(-1)  # [out, groups]
     y_ref = jnp.einsum("tgk,ogk->otg", xg, wg, precision=lax.Precision.HIGHEST)
 
+    n_steps = int(max_shrink * n_grid)
+    # 1 - i / n_grid rounded once from Python's double, as torch takes the scalar
+    shrink = jnp.asarray([1 - i / n_grid for i in range(n_steps)], jnp.float32)
+
     def step(i, carry):
         best_err, best_max = carry
-        max_val = org_max * (1 - i / n_grid)
+        max_val = org_max * shrink[i]
         cur = jnp.clip(wg, -max_val[..., None], max_val[..., None]).reshape(out, n_in)
         q = pseudo_quantize(cur, bits=bits, group_size=g, sym=sym, grid=grid)
         y = jnp.einsum("tgk,ogk->otg", xg, q.reshape(out, n_groups, g),
@@ -218,7 +242,6 @@ def search_clip(x: Float[Array, "tokens in"], w: Float[Array, "out in"], *, bits
         better = err < best_err
         return jnp.where(better, err, best_err), jnp.where(better, max_val, best_max)
 
-    n_steps = int(max_shrink * n_grid)
     init = (jnp.full((out, n_groups), 1e9, jnp.float32), org_max)
     _, best_max = lax.fori_loop(0, n_steps, step, init)
     return best_max

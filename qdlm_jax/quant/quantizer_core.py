@@ -120,12 +120,29 @@ def params_from_minmax(xmin: Float[Array, "..."], xmax: Float[Array, "..."], *, 
     dead = (xmin == 0) & (xmax == 0)
     xmin = jnp.where(dead, -1.0, xmin)
     xmax = jnp.where(dead, 1.0, xmax)
-    scale = exact_div(xmax - xmin, jnp.float32(maxq))
+    scale, zero = affine_grid(xmin, xmax, maxq=maxq)
     if sym:
         zero = jnp.full_like(scale, (maxq + 1) / 2)
-    else:
-        zero = jnp.round(exact_div(-xmin, scale))
     return QuantParams(scale, zero)
+
+
+def affine_grid(xmin: Float[Array, "..."], xmax: Float[Array, "..."], *, maxq: int,
+                min_range: float | None = None) -> QuantParams:
+    """The asymmetric grid AutoGPTQ and llm-awq share, with true divisions:
+
+        scale = max(xmax - xmin, min_range) / maxq        zero = round(-xmin / scale)
+
+    AutoGPTQ (`params_from_minmax`) calls it on [min(w, 0), max(w, 0)] with no floor;
+    llm-awq (`awq_core.awq_params`) on the raw [min(w), max(w)] with ``min_range=1e-5`` and
+    then clamps the zero to [0, maxq]. ``round(-a)`` equals llm-awq's ``-round(a)`` (round half
+    to even is odd-symmetric). Both divisions are `exact_div`: XLA's reciprocal rewrite is one
+    ulp off and moves codes and zero points (exact ties are common after clipping).
+    """
+    rng = xmax - xmin
+    if min_range is not None:
+        rng = jnp.maximum(rng, jnp.float32(min_range))
+    scale = exact_div(rng, jnp.float32(maxq))
+    return QuantParams(scale, jnp.round(exact_div(-xmin, scale)))
 
 
 def _grouped(w: Float[Array, "out in"], group_size: int) -> Float[Array, "out groups g"]:
@@ -199,6 +216,6 @@ def rtn_spec(w: Float[Array, "out in"], spec: QuantSpec) -> Float[Array, "out in
                clip_ratio=spec.clip_ratio)
 
 
-__all__ = ["QuantParams", "QuantSpec", "SUPPORTED_BITS", "compute_params", "dequantize_codes",
-           "exact_div", "params_from_minmax", "quantize_codes", "quantize_dequantize",
-           "resolve_group_size", "rtn", "rtn_codes", "rtn_spec"]
+__all__ = ["QuantParams", "QuantSpec", "SUPPORTED_BITS", "affine_grid", "compute_params",
+           "dequantize_codes", "exact_div", "params_from_minmax", "quantize_codes",
+           "quantize_dequantize", "resolve_group_size", "rtn", "rtn_codes", "rtn_spec"]
