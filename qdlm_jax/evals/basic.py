@@ -47,8 +47,23 @@ def heldout_bound(model, windows: np.ndarray, *, mc_num: int = 32, batch_size: i
     """Per-token negative ELBO on `windows` (lower is better): nats, bits, perplexity bound."""
     r = perplexity_bound(model, windows, mc_num=mc_num, batch_size=min(batch_size, mc_num),
                          key=jax.random.key(seed))
+    per_window = -np.asarray(r["log_likelihood"], np.float64) / (r["tokens"] / len(windows))
     return {"nll_nats": r["nll_per_token"], "bits_per_token": r["nll_per_token"] / LN2,
-            "ppl_bound": r["ppl_bound"], "tokens": r["tokens"], "mc_num": mc_num}
+            "bits_per_token_se": mean_se(per_window / LN2), "ppl_bound": r["ppl_bound"],
+            "tokens": r["tokens"], "mc_num": mc_num, "n_windows": int(len(windows)),
+            "seq_len": int(np.asarray(windows).shape[1])}
+
+
+def mean_se(values) -> float:
+    """Standard error of the mean of per-item values, std / sqrt(n) (ddof 1; 0 for n < 2).
+    Over held-out windows it covers both the windows drawn and the Monte Carlo noise."""
+    v = np.asarray(values, np.float64)
+    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent items, sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1.0 - p) / n) if n else 0.0
 
 
 def unigram_entropy(train_windows: np.ndarray, vocab_size: int) -> dict:
@@ -105,7 +120,9 @@ def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(
             correct += int(got == p.answer)
             if len(examples) < 5:
                 examples.append({"prompt": p.prompt, "generated": text, "answer": p.answer})
-    return {"accuracy": correct / len(problems), "n": len(problems), "examples": examples}
+    acc = correct / len(problems)
+    return {"accuracy": acc, "se": binomial_se(acc, len(problems)), "n": len(problems),
+            "examples": examples}
 
 
 def _log_probs(state, x, *, graphdef):
@@ -137,12 +154,13 @@ def output_kl(reference, model, windows: np.ndarray, *, mask_ratio: float = 0.5,
     noisy = np.where(rng.random(w.shape) < mask_ratio, mask_id, w).astype(np.int32)
 
     (g_ref, s_ref), (g_model, s_model) = nnx.split(reference), nnx.split(model)
-    total = 0.0
+    per_window = []
     for i in range(0, len(noisy), batch_size):
         x = jnp.asarray(noisy[i:i + batch_size])
         a = _log_probs_jit(s_ref, x, graphdef=g_ref)
         b = _log_probs_jit(s_model, x, graphdef=g_model)
-        total += float(jnp.sum(jnp.exp(a) * (a - b)))
-    kl = total / (noisy.size * LN2)
-    return {"kl_bits": kl, "positions": int(noisy.size), "mask_ratio": mask_ratio}
+        per_window += np.asarray(jnp.sum(jnp.exp(a) * (a - b), axis=(1, 2))).tolist()
+    per_window = np.asarray(per_window, np.float64) / (noisy.shape[1] * LN2)
+    return {"kl_bits": float(per_window.mean()), "kl_bits_se": mean_se(per_window),
+            "positions": int(noisy.size), "mask_ratio": mask_ratio}
 

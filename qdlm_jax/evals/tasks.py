@@ -298,4 +298,12 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
         raise ValueError(f"{spec!r}: not a task spec")
     return {"task": spec.name, "type": spec.type, "category": spec.category,
             "metric": spec.metric, "value": r[spec.metric],
-            "higher_is_better": spec.higher_is_better, **r}
+            "higher_is_better": spec.higher_is_better, "se": standard_error(spec, r), **r}
+
+
+def standard_error(spec: TaskSpec, r: dict) -> float:
+    """The metric's standard error: over windows for the LM bound, binomial for accuracies."""
+    from qdlm_jax.evals.basic import binomial_se
+    if isinstance(spec, LMTask):
+        return r["bits_per_token_se"]
+    return binomial_se(r[spec.metric], r["n"])

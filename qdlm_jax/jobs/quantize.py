@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ml_collections
 
+from qdlm_jax.data import sources
 from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.jobs.config_flags import project_path
 from qdlm_jax.quant.calibration import CalibSpec
@@ -169,15 +170,38 @@ def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
     t0 = time.time()
     bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
     arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
-    return {"bits_per_token": bound["bits_per_token"], "ppl_bound": bound["ppl_bound"],
-            "arith_acc": arith["accuracy"], "arith_n": arith["n"], "eval_s": time.time() - t0}
+    return {"bits_per_token": bound["bits_per_token"],
+            "bits_per_token_se": bound["bits_per_token_se"], "ppl_bound": bound["ppl_bound"],
+            "arith_acc": arith["accuracy"], "arith_se": arith["se"], "arith_n": arith["n"],
+            "n_windows": bound["n_windows"], "seq_len": bound["seq_len"],
+            "mc_num": spec.eval_mc_num, "eval_s": time.time() - t0}
+
+
+def _fp_cache_file(spec: JobSpec) -> Path:
+    """Where the fp model's evaluation under these settings is kept across runs: keyed by the
+    checkpoint's files (path, size, mtime) and every evaluation setting."""
+    files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in Path(spec.model).rglob("*") if f.is_file())
+    key = json.dumps({"files": files, "source": spec.source, "seq_len": spec.calib.seq_len,
+                      "windows": spec.eval_windows, "mc_num": spec.eval_mc_num,
+                      "arith_n": spec.eval_arith_n, "format": 2}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return sources.cache_dir() / "fp_eval" / f"{digest}.json"
+
+
+def unigram_reference(model_path: str) -> float | None:
+    """The unigram entropy (bits/token) a model's card recorded (`eval.json`), if any."""
+    f = Path(model_path) / "eval.json"
+    try:
+        return float(json.loads(f.read_text())["unigram_entropy"]["bits_per_token"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
     """The job's calibration + layer-wise quantization (shared with `qdlm study`):
     returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
     from qdlm_jax.quant.calibration import build_calibration
-    from qdlm_jax.data import sources
     from qdlm_jax.data.tokenizer import special_token_ids
     from qdlm_jax.quant.layerwise import quantize_model
     from qdlm_jax.quant.wa import quantize_model_wa
@@ -255,18 +279,24 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
               spec.eval_arith_n)
     fp = None
     if not spec.skip_fp:
+        cache_file = _fp_cache_file(spec)
         if fp_cache is not None and fp_key in fp_cache:
             fp = fp_cache[fp_key]
+        elif cache_file.is_file():
+            fp = json.loads(cache_file.read_text())
+            print(f"[quantize] FP model: evaluated before with these settings ({cache_file})")
         else:
             print("[quantize] evaluating the FP model")
             fp = evaluate(model, tokenizer, windows, spec)
+            atomic_write_text(cache_file, json.dumps(fp))
             if fp_cache is not None:
                 fp_cache[fp_key] = fp
 
     qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
     print("[quantize] evaluating the quantized model")
     q = evaluate(qmodel, tokenizer, windows, spec)
-    q["kl_to_fp_bits"] = output_kl(model, qmodel, windows)["kl_bits"]
+    kl = output_kl(model, qmodel, windows)
+    q["kl_to_fp_bits"], q["kl_to_fp_bits_se"] = kl["kl_bits"], kl["kl_bits_se"]
 
     params = get_params(qmodel)
     packed = {p: inner_weight(v) for p, v in params.items()
@@ -280,6 +310,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
         "sym": spec.ptq.weight.sym, "calibration": spec.calib.mode if calib else "none",
         "calib_mask_ratio_mean": None if calib is None else float(calib.mask_ratio.mean()),
         "fp": fp, "quantized": q, "quantize_s": quant_s,
+        "unigram_bits_per_token": unigram_reference(spec.model),
         "linear_bytes_vs_bf16": linear_q / fp_linear if fp_linear else None,
         "total_s": time.time() - t0, "stats": qstats,
     }
@@ -299,8 +330,16 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     return result
 
 
-def _kl_text(kl) -> str:
-    return "–" if kl is None else f"{kl:.4f}"
+def _pm(value, se, fmt: str, scale: float = 1.0) -> str:
+    """`value ± se` (the standard error), or just the value when no error was recorded."""
+    if value is None:
+        return "–"
+    text = format(scale * value, fmt)
+    return text if se is None else f"{text} ± {format(scale * se, fmt)}"
+
+
+def _kl_text(q) -> str:
+    return _pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
 
 
 def _act_text(act_bits: int) -> str:
@@ -320,14 +359,27 @@ def report(results: list[dict]) -> str:
         if fp and r["model"] not in seen_fp:
             seen_fp.add(r["model"])
             lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
-                         f"{fp['bits_per_token']:.3f} | {fp['ppl_bound']:.1f} | – | "
-                         f"{fp['arith_acc']:.1%} | – | – |")
+                         f"{_pm(fp['bits_per_token'], fp.get('bits_per_token_se'), '.3f')} | "
+                         f"{fp['ppl_bound']:.1f} | – | "
+                         f"{_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | – | – |")
     for r in results:
         q = r["quantized"]
         lines.append(f"| {Path(r['model']).name} | {r['method'].upper()} | {r['bits']} | "
                      f"{_act_text(r.get('act_bits', 16))} | {r['group_size']} | "
-                     f"{r['calibration']} | {q['bits_per_token']:.3f} | "
-                     f"{q['ppl_bound']:.1f} | {_kl_text(q.get('kl_to_fp_bits'))} | "
-                     f"{q['arith_acc']:.1%} | "
+                     f"{r['calibration']} | "
+                     f"{_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
+                     f"{q['ppl_bound']:.1f} | {_kl_text(q)} | "
+                     f"{_pm(q['arith_acc'], q.get('arith_se'), '.1f', 100)}% | "
                      f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    notes = []
+    for r in {r["model"]: r for r in results}.values():
+        q = r["quantized"]
+        ref = r.get("unigram_bits_per_token")
+        notes.append(
+            f"{Path(r['model']).name}: bits/token on {q.get('n_windows', '?')} held-out windows "
+            f"of {q.get('seq_len', '?')} tokens, {q.get('mc_num', '?')} Monte Carlo samples "
+            "each" + (f"; unigram reference {ref:.3f} bits/token" if ref else "") +
+            f"; 2-digit addition on {q['arith_n']} held-out problems (chance ≈ 0)")
+    footer = ("\n± is one standard error (over windows for the bound and KL, binomial for "
+              "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
+    return "\n".join(lines) + "\n" + footer

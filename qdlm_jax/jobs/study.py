@@ -308,8 +308,10 @@ def _ordered_tasks(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
 def _fmt(rec: dict | None) -> str:
     if rec is None:
         return "–"
-    v = rec["value"]
-    return f"{100 * v:.1f}" if rec["higher_is_better"] else f"{v:.3f}"
+    v, se = rec["value"], rec.get("se")
+    if rec["higher_is_better"]:
+        return f"{100 * v:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+    return f"{v:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def _row(r: dict) -> tuple:
@@ -356,6 +358,19 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def axis_limits(values: Sequence[float], *, percent: bool) -> tuple[float, float]:
+    """An honest y range for a panel: percentages at least 10 points tall inside [0, 100];
+    bits/token at least 0.1 bits tall, so a gap of a few thousandths of a bit (Monte Carlo
+    noise) is drawn as small as it is."""
+    mid = (min(values) + max(values)) / 2
+    if percent:
+        half = max(5.0, (max(values) - min(values)) / 2 + 2.0)
+        lo = max(0.0, min(max(0.0, mid - half), 100.0 - 2 * half))
+        return lo, min(100.0, lo + 2 * half)
+    half = max(0.05, (max(values) - min(values)) / 2 * 1.1)
+    return mid - half, mid + half
+
+
 def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path: Path) -> Path:
     """Metric against bits per method, one panel per category (mean over the category's
     tasks; accuracies in %), fp as a dashed horizontal line. Weight-only methods are solid
@@ -379,30 +394,34 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         pct = ctasks[0].higher_is_better
         scale = 100.0 if pct else 1.0
 
-        def mean_of(method, bits, wa=False):
-            vals = [r["value"] for r in recs if r["method"] == method and r["bits"] == bits
-                    and (r.get("act_bits") is not None) == wa
-                    and r["task"] in {t.name for t in ctasks}]
-            return scale * float(np.mean(vals)) if len(vals) == len(ctasks) else None
+        def mean_se_of(method, bits, wa=False):
+            """(category mean, its standard error) or (None, None)."""
+            rs = [r for r in recs if r["method"] == method and r["bits"] == bits
+                  and (r.get("act_bits") is not None) == wa
+                  and r["task"] in {t.name for t in ctasks}]
+            if len(rs) != len(ctasks):
+                return None, None
+            se = float(np.sqrt(sum((r.get("se") or 0.0) ** 2 for r in rs))) / len(rs)
+            return scale * float(np.mean([r["value"] for r in rs])), scale * se
 
-        fp = mean_of(FP, None)
+        fp, fp_se = mean_se_of(FP, None)
         shown = [fp] if fp is not None else []
         if fp is not None:
             ax.axhline(fp, color="black", linestyle="--", linewidth=1.2, label="fp")
+            if fp_se:
+                ax.axhspan(fp - fp_se, fp + fp_se, color="black", alpha=0.08)
         all_bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
         for m, wa in series:
-            pts = [(b, mean_of(m, b, wa)) for b in all_bits]
-            pts = [(b, y) for b, y in pts if y is not None]
+            pts = [(b, *mean_se_of(m, b, wa)) for b in all_bits]
+            pts = [(b, y, e) for b, y, e in pts if y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts],
-                        marker="s" if wa else "o", linestyle=":" if wa else "-",
-                        label=f"{m.upper()} W=A" if wa else m.upper())
-                shown += [p[1] for p in pts]
-        if pct and shown:  # a percentage axis: at least 10 points tall, inside [0, 100]
-            mid = (min(shown) + max(shown)) / 2
-            half = max(5.0, (max(shown) - min(shown)) / 2 + 2.0)
-            lo = min(max(0.0, mid - half), 100.0 - 2 * half)
-            ax.set_ylim(max(0.0, lo), min(100.0, max(0.0, lo) + 2 * half))
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[p[2] or 0.0 for p in pts], capsize=3,
+                            marker="s" if wa else "o", linestyle=":" if wa else "-",
+                            label=f"{m.upper()} W=A" if wa else m.upper())
+                shown += [p[1] + s * (p[2] or 0.0) for p in pts for s in (-1, 1)]
+        if shown:
+            ax.set_ylim(*axis_limits(shown, percent=pct))
         ax.set_xticks(all_bits or [4])
         if all_bits:
             ax.set_xlim(max(all_bits) + 0.5, min(all_bits) - 0.5)  # fewer bits to the right

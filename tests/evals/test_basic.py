@@ -37,8 +37,19 @@ def test_output_kl_matches_numpy_and_orders_bit_widths(family, tiny_llada, tiny_
                      model.config.mask_token_id, windows)
     a = np.asarray(jax.nn.log_softmax(np.asarray(model(noisy), np.float64), axis=-1))
     b = np.asarray(jax.nn.log_softmax(np.asarray(q2(noisy), np.float64), axis=-1))
-    ref = (np.exp(a) * (a - b)).sum(-1).mean() / np.log(2)
-    assert kl2 == pytest.approx(ref, rel=1e-3)
+    per_window = (np.exp(a) * (a - b)).sum(-1).mean(-1) / np.log(2)
+    assert kl2 == pytest.approx(per_window.mean(), rel=1e-3)
+    se = output_kl(model, q2, windows, batch_size=2)["kl_bits_se"]
+    assert se == pytest.approx(per_window.std(ddof=1) / np.sqrt(len(per_window)), rel=1e-2)
+
+
+def test_standard_errors():
+    from qdlm_jax.evals.basic import binomial_se, mean_se
+    assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert binomial_se(0.0, 10) == 0.0 and binomial_se(0.3, 0) == 0.0
+    v = np.array([1.0, 2.0, 4.0, 7.0])
+    assert mean_se(v) == pytest.approx(np.std(v, ddof=1) / 2)
+    assert mean_se([3.0]) == 0.0
 
 
 def test_output_kl_bad_input(tiny_llada):

@@ -56,3 +56,22 @@ def test_run_dirs_packed_size_and_reuse(tmp_path, capsys):
     again = run(_cfg(tmp_path))
     assert again["run_dir"] == r1["run_dir"]
     assert "reusing its results" in capsys.readouterr().out
+
+
+def test_fp_evaluation_is_cached_across_runs_and_tables_carry_errors(tmp_path, capsys,
+                                                                      monkeypatch):
+    from qdlm_jax.jobs import quantize
+    real = quantize._fp_cache_file
+    monkeypatch.setattr(quantize, "_fp_cache_file", lambda spec: tmp_path / real(spec).name)
+    first = run(_cfg(tmp_path / "a", "--config.eval.skip_fp=false"))
+    assert "evaluating the FP model" in capsys.readouterr().out
+    second = run(_cfg(tmp_path / "b", "--config.eval.skip_fp=false", "--config.sym=true"))
+    out = capsys.readouterr().out
+    assert "FP model: evaluated before" in out and second["fp"] == first["fp"]
+    fp = first["fp"]
+    assert fp["n_windows"] == 1 and fp["bits_per_token_se"] == 0.0  # one window: no spread
+    q = second["quantized"]
+    assert q["kl_to_fp_bits_se"] >= 0 and 0 <= q["arith_se"] <= 0.5
+    table = quantize.report([first, second])
+    assert " ± " in table and "one standard error" in table
+    assert "unigram reference" in table  # the bundled model's card records it

@@ -210,3 +210,19 @@ def test_real_tiny_study(tmp_path):
                  tasks=[{"base": "arithmetic", "limit": 2}])
     r = study.run_study(study.study_spec(cfg))
     assert r["ran"] == 2 and len(r["records"]) == 2
+
+
+def test_axis_limits_do_not_zoom_noise():
+    lo, hi = study.axis_limits([9.341, 9.343], percent=False)
+    assert hi - lo >= 0.1 and lo < 9.341 and hi > 9.343
+    lo, hi = study.axis_limits([8.0, 9.0], percent=False)
+    assert lo <= 8.0 and hi >= 9.0 and hi - lo < 1.2
+    lo, hi = study.axis_limits([98.0, 99.0], percent=True)
+    assert hi == 100.0 and hi - lo >= 10
+
+
+def test_table_cells_carry_standard_errors():
+    rec = {"value": 0.25, "se": 0.0433, "higher_is_better": True}
+    assert study._fmt(rec) == "25.0 ± 4.3"
+    assert study._fmt({"value": 9.3412, "se": 0.012, "higher_is_better": False}) == \
+        "9.341 ± 0.012"
