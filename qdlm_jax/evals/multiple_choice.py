@@ -28,6 +28,8 @@ Accepted files (`read_items`):
   append_choices_to_input (default true)] + example_output_prefix (default "\\nA: ").
 - `bigbench:<task>` (e.g. `bigbench:social_iqa`): that BIG-bench task from the offline
   BIG-bench sdist (`data.sources.fetch_bigbench_task`).
+- `synthetic:compare`: SYNTHETIC_N distinct held-out items of `data.synthetic`'s
+  comparison task (which of four 2-digit numbers is the largest / smallest).
 
 Few-shot: the first `num_fewshot` items are used as solved examples (prompt + gold option,
 separated by blank lines) in front of every other item and are not scored.
@@ -52,6 +54,9 @@ CONTEXT_FIELDS = ("query", "context", "ctx", "question", "input", "prompt")
 CHOICE_FIELDS = ("choices", "endings", "options")
 GOLD_FIELDS = ("gold", "label", "answer", "target")
 BIGBENCH_PREFIX = "bigbench:"
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_TASKS = ("compare",)
+SYNTHETIC_N = 400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +163,10 @@ def bigbench_items(task: dict, where: str) -> list[MCItem]:
 
 
 def read_items(path: str, fmt: str = "auto") -> list[MCItem]:
-    """Items from `bigbench:<task>`, a BIG-bench task.json or an lm-eval-style JSONL file."""
+    """Items from `bigbench:<task>`, `synthetic:compare`, a BIG-bench task.json or an
+    lm-eval-style JSONL file."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return synthetic_items(path[len(SYNTHETIC_PREFIX):])
     if path.startswith(BIGBENCH_PREFIX):
         from qdlm_jax.data.sources import fetch_bigbench_task
         name = path[len(BIGBENCH_PREFIX):]
@@ -178,6 +186,16 @@ def read_items(path: str, fmt: str = "auto") -> list[MCItem]:
     if fmt == "jsonl":
         return read_jsonl_items(p)
     raise ValueError(f"format={fmt!r}: expected 'auto', 'jsonl' or 'bigbench'")
+
+
+def synthetic_items(name: str, n: int = SYNTHETIC_N, seed: int = 0) -> list[MCItem]:
+    """Held-out items of a `data.synthetic` multiple-choice task (distinct, seeded)."""
+    if name not in SYNTHETIC_TASKS:
+        raise ValueError(f"{SYNTHETIC_PREFIX}{name}: unknown synthetic task; expected one of "
+                         f"{[SYNTHETIC_PREFIX + t for t in SYNTHETIC_TASKS]}")
+    from qdlm_jax.data import synthetic
+    return [MCItem(it.prompt, it.choices, it.gold)
+            for it in synthetic.compare_items(n, seed=seed, split="heldout", unique=True)]
 
 
 def fewshot_split(items: Sequence[MCItem], k: int) -> tuple[str, list[MCItem]]:

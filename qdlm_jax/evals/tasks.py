@@ -44,6 +44,9 @@ QDLM_HUMANEVAL_GEN = GenerationConfig(steps=512, gen_length=512, block_length=32
 # The project's arithmetic task as the model cards measure it (evals/basic.py).
 ARITHMETIC_GEN = GenerationConfig(steps=8, gen_length=8, block_length=8,
                                   remasking="low_confidence", alg="maskgit_plus")
+# The synthetic code task (`data.synthetic`): a one-line body of at most 16 tokens.
+SYNTHETIC_CODE_GEN = GenerationConfig(steps=16, gen_length=16, block_length=16,
+                                      remasking="low_confidence", alg="maskgit_plus")
 
 
 def _check(spec, positive=(), optional_positive=(), choices=None):
@@ -158,7 +161,14 @@ BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
              batch_size=50, extract="first"),
     MathTask(name="gsm_symbolic", source="gsm_symbolic"),
     CodeTask(name="humaneval", source="humaneval"),
+    # Synthetic tasks the tiny models are trained for (`data.synthetic`; held-out items).
+    MathTask(name="arithmetic_3digit", source="arithmetic", digits=(3,), num_fewshot=0,
+             gen=ARITHMETIC_GEN, batch_size=50, extract="first", limit=400),
+    CodeTask(name="synthetic_code", source="synthetic_code", gen=SYNTHETIC_CODE_GEN,
+             stops=("\n",), batch_size=50, limit=200),
+    MCTask(name="synthetic_compare", path="synthetic:compare", mc_num=32, limit=200),
 )}
+SYNTHETIC_TASKS = ("arithmetic", "arithmetic_3digit", "synthetic_code", "synthetic_compare")
 
 
 def _coerce(key: str, value, where: str):
