@@ -1,6 +1,7 @@
 """The runnable recipes in converters/ and the task files in evals/, run as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,17 @@ def test_bundled_task_file_is_the_builtin_tasks():
     from qdlm_jax.evals.tasks import BUILTIN, load_task_file
     specs = load_task_file(ROOT / "evals/tasks/bundled.json")
     assert {s.name: s for s in specs} == BUILTIN
+
+
+def test_shipped_lm_eval_example_runs_offline_and_prints_a_table(tmp_path):
+    pytest.importorskip("lm_eval")
+    r = subprocess.run([sys.executable, "-m", "qdlm_jax", "eval", "--model",
+                        "assets/tiny-llada", "--lm-eval-tasks", "qdlm_arith_mc",
+                        "--lm-eval-include", "evals/lm_eval", "--lm-eval-args",
+                        "mc_num=8,mc_batch_size=8", "--limit", "2", "--no-progress",
+                        "--out", str(tmp_path / "ev")], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1",
+                                       "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "|qdlm_arith_mc" in r.stdout.replace(" ", "") and "acc" in r.stdout
+    assert "warning" not in r.stderr.lower()

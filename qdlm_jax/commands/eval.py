@@ -118,7 +118,6 @@ def _run_lm_eval(tm, tasks, args):
                                 limit=args.limit, log_samples=False)
     if r is None:
         raise ValueError(f"lm-eval returned no results for {tasks}")
-    for name, metrics in r["results"].items():
-        shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        print(f"{name:24s} (lm-eval) {shown}", flush=True)
+    from lm_eval.utils import make_table
+    print(make_table(r), flush=True)  # task, metric, value and its standard error
     return r["results"]
