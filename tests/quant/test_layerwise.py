@@ -87,3 +87,91 @@ def test_sharded_gptq_equals_single_device(tmp_path):
         assert same > 0.999, (name, same)
         np.testing.assert_allclose(np.asarray(a.dequantize()), np.asarray(b.dequantize()),
                                    atol=1e-3)
+
+
+def _block_and_runner(family, seed=0):
+    """Layer 0 of a one-layer outlier model with its calibration inputs (8 x 32 tokens)."""
+    from qdlm_jax.quant.block import BlockRunner, block_inputs
+
+    model = _outlier_model(family)
+    windows = np.random.default_rng(seed).integers(0, 240, (8, 32))
+    calib = build_calibration(model, windows, CalibSpec(n_samples=8, seq_len=32))
+    inputs = block_inputs(model.embed[...], model.config, calib)
+    return model.layers[0], BlockRunner(model.layers[0], inputs, chunk=4), inputs.x
+
+
+@pytest.mark.parametrize("family, group, inspect", [
+    ("llada", ("q_proj", "k_proj", "v_proj"), "block"),
+    ("llada", ("gate_proj", "up_proj"), "block"),
+    ("dream", ("q_proj", "k_proj", "v_proj"), "attention"),
+    ("dream", ("gate_proj", "up_proj"), "mlp"),
+])
+def test_awq_scale_search_scores_the_module_llm_awq_inspects(family, group, inspect):
+    """LLaDA: the whole block (fed the group's captured input, as llm-awq's module2inspect=
+    module); Dream: the attention module / the MLP. Checked at ratio 0 (s = 1), where the
+    candidate is plain Q(W), against the module run eagerly with Q(W) swapped in."""
+    import jax
+    from flax import nnx
+
+    from qdlm_jax.quant import awq, awq_core
+    from qdlm_jax.quant.block import set_kernel, weight
+
+    block, runner, x = _block_and_runner(family)
+    _, cap = runner.run(x, ("layers.0." + group[0],), weighted=False)
+    xg = cap["layers.0." + group[0]]
+    kw = dict(bits=3, group_size=64, sym=False)
+    s, ratio, losses, got = awq.search_group_scales(
+        block, group, xg, key_bias=runner.key_bias, cos=runner.cos, sin=runner.sin, **kw)
+    assert got == inspect and losses.shape == (20,)
+    assert float(losses[0]) > 0 and float(losses.min()) <= float(losses[0])
+
+    def module(b):
+        if inspect == "block":
+            return b(xg, None, runner.cos, runner.sin)
+        if inspect == "attention":
+            return b.attention(xg, runner.key_bias, runner.cos, runner.sin, None)
+        return b.down_proj(jax.nn.silu(b.gate_proj(xg)) * b.up_proj(xg))
+
+    ref = module(block)
+    qblock = nnx.merge(*nnx.split(block))
+    for name in group:
+        w = weight(qblock, name)
+        set_kernel(qblock, name, awq_core.pseudo_quantize(w.T, **kw).T.astype(w.dtype))
+    loss0 = float(jnp.mean((ref - module(qblock)).astype(jnp.float32) ** 2))
+    np.testing.assert_allclose(float(losses[0]), loss0, rtol=1e-4)
+    # the stacked linear outputs alone (the old objective) give a different loss
+    stacked = awq_core.search_scales(xg, [weight(block, n).T for n in group], **kw)[2]
+    assert abs(float(stacked[0]) - loss0) > 1e-3 * loss0
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_awq_driver_clips_neither_q_nor_k_and_uses_every_token(family, monkeypatch):
+    from qdlm_jax.quant import awq
+
+    block, runner, x = _block_and_runner(family)
+    seen = []
+    search_clip = awq._search_clip
+
+    def spy(xs, w, **kw):
+        seen.append((xs.shape[0], w.shape))
+        return search_clip(xs, w, **kw)
+
+    monkeypatch.setattr(awq, "_search_clip", spy)
+    spec = PTQSpec(method="awq", weight=QuantSpec(bits=4, group_size=64), awq_tokens=64)
+    pending = {}
+    info = awq.quantize_block(block, runner, x, "layers.0.", spec, pending)
+    c = block.config
+    # v, o, gate, up, down ([out, in]): every linear but q_proj and k_proj
+    d, kv, h, f = c.hidden_size, c.num_kv_heads * c.head_dim, c.num_heads * c.head_dim, \
+        c.intermediate_size
+    assert [w for _, w in seen] == [(kv, d), (d, h), (f, d), (f, d), (d, f)]
+    # all 8 x 32 captured tokens reach the search (not awq_tokens=64); search_clip itself
+    # takes every (256 // 512 -> 1)-th of them
+    assert all(n == 256 for n, _ in seen)
+    assert set(pending) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"}
+    assert info["q_proj"]["inspected"] == ("block" if family == "llada" else "attention")
+    if family == "dream":  # GQA: no v -> o fold
+        assert info["o_proj"]["ratio"] is None
+    else:
+        assert info["o_proj"]["inspected"] == "linear"
