@@ -43,10 +43,10 @@ def heldout_windows(tokenizer, *, source: str = sources.DEFAULT_SOURCE, seq_len:
 
 
 def heldout_bound(model, windows: np.ndarray, *, mc_num: int = 32, batch_size: int = 16,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, progress: bool = True) -> dict:
     """Per-token negative ELBO on `windows` (lower is better): nats, bits, perplexity bound."""
     r = perplexity_bound(model, windows, mc_num=mc_num, batch_size=min(batch_size, mc_num),
-                         key=jax.random.key(seed))
+                         key=jax.random.key(seed), progress=progress)
     per_window = -np.asarray(r["log_likelihood"], np.float64) / (r["tokens"] / len(windows))
     return {"nll_nats": r["nll_per_token"], "bits_per_token": r["nll_per_token"] / LN2,
             "bits_per_token_se": mean_se(per_window / LN2), "ppl_bound": r["ppl_bound"],

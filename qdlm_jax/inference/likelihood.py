@@ -252,7 +252,8 @@ def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_si
                                 batch_size=batch_size, cfg_scale=cfg_scale, key=key, **kwargs)
 
 
-def perplexity_bound(model, windows, *, mc_num: int = 128, batch_size: int = 32, key) -> dict:
+def perplexity_bound(model, windows, *, mc_num: int = 128, batch_size: int = 32, key,
+                     progress: bool = False) -> dict:
     """Perplexity upper bound over fixed token windows `[num_windows, window_len]`
     ("unconditional" text).
 
@@ -265,8 +266,11 @@ def perplexity_bound(model, windows, *, mc_num: int = 128, batch_size: int = 32,
     w = np.asarray(windows)
     if w.ndim != 2 or w.shape[1] < 2:
         raise ValueError(f"windows: expected [num_windows, window_len >= 2], got {w.shape}")
+    from tqdm.auto import tqdm
+
     lls = []
-    for i in range(w.shape[0]):
+    for i in tqdm(range(w.shape[0]), desc=f"likelihood bound ({mc_num} MC samples)",
+                  unit="window", disable=not progress):
         ki = jax.random.fold_in(key, i)
         if model.config.family == "llada":
             ll = llada_log_likelihood(model, w[i, :0], w[i], mc_num=mc_num,
