@@ -212,7 +212,8 @@ def score_items(items: Sequence[MCItem], loglik: LoglikFn, *, seed: int = 0,
     t0 = time.time()
     correct = correct_norm = 0
     examples = []
-    for it in tqdm(items, desc=desc, disable=not progress, leave=False):
+    for it in tqdm(items, desc=f"{desc} (items; each option scored by Monte Carlo)",
+                   unit="item", disable=not progress):
         prompt = preamble + it.prompt
         key = context_key(seed, prompt)
         lls = np.asarray([loglik(prompt, " " + c, key) for c in it.choices], np.float64)
