@@ -88,8 +88,10 @@ def run(args, overrides):
         except DataSourceError as e:
             raise ValueError(f"task {spec.name}: {str(e).splitlines()[0]}") from None
         results["tasks"][spec.name] = r
-        print(f"{spec.name:24s} {r['metric']:>15s} = {r['value']:.4f}  (n={r['n']}, "
-              f"{time.time() - t0:.1f}s)", flush=True)
+        where = (f", {r['n_windows']} windows x {r['seq_len']} tokens, {r['mc_num']} MC samples"
+                 if "n_windows" in r else "")
+        print(f"{spec.name:24s} {r['metric']:>15s} = {r['value']:.4f} ± {r['se']:.4f}  "
+              f"(n={r['n']}{where}, {time.time() - t0:.1f}s)", flush=True)
     if lm_tasks:
         results["lm_eval"] = _run_lm_eval(tm, lm_tasks, args)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
