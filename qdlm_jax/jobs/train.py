@@ -1,9 +1,15 @@
 """The tiny-model training job behind `qdlm train --config configs/train_tiny_*.py`.
 
-1. tokenizer: reuse `data.tokenizer` or train a byte-level BPE on the train split;
-2. token rows: Wikipedia train-split windows, plus rows of packed arithmetic problems
-   (`arith_frac` of each batch), drawn deterministically from (seed, step) so a resumed run
-   sees the same stream;
+1. tokenizer: reuse `data.tokenizer` or train a byte-level BPE on the train split (plus
+   `tokenizer_task_lines` train-split lines of each synthetic task, so their prompts get
+   merged tokens);
+2. token rows, drawn deterministically from (seed, step) so a resumed run sees the same
+   stream. With `data.phases` (the data mix, a curriculum): each phase runs until its
+   `until` step with `text_rows` Wikipedia train-split windows per step (pre-training
+   objective) and `task_rows` rows of synthetic tasks (`data.synthetic`, train split;
+   LLaDA's SFT objective), the task of each row drawn with the phase's `mix` weights.
+   Without `phases`: Wikipedia windows plus rows of packed arithmetic problems
+   (`arith_frac` of each batch, the older recipe);
 3. train (`train.py`), exporting the newest checkpoint in the family's hub layout
    (`out_dir/hf`: config.json + bf16 model.safetensors + tokenizer.json) at every checkpoint;
 4. loss curve PNG and `summary.json` (wall time, tokens, final loss).
@@ -19,11 +25,11 @@ import ml_collections
 import numpy as np
 
 from qdlm_jax.checkpoints.hf import save_hf
-from qdlm_jax.data import arithmetic, sources, tokenizer as tok_lib
+from qdlm_jax.data import arithmetic, sources, synthetic, tokenizer as tok_lib
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM, init_model
 from qdlm_jax.models.params import get_params
-from qdlm_jax.training.trainer import TrainSpec, plot_loss, train, write_json
+from qdlm_jax.training.trainer import MixedBatch, TrainSpec, plot_loss, train, write_json
 
 
 def model_config(cfg: ml_collections.ConfigDict, special: tok_lib.SpecialTokenIds,
@@ -44,9 +50,13 @@ def prepare_tokenizer(cfg, out_dir: Path):
     path = Path(d.tokenizer) if d.tokenizer else out_dir / tok_lib.TOKENIZER_FILENAME
     if not path.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[train] training a {d.vocab_size}-token BPE on the train split of {d.source}")
-        tok = tok_lib.train_tokenizer(sources.load_split(d.source, "train", seed=d.seed),
-                                      tok_lib.TokenizerSpec(vocab_size=d.vocab_size))
+        n_lines = int(d.get("tokenizer_task_lines", 0))
+        print(f"[train] training a {d.vocab_size}-token BPE on the train split of {d.source}"
+              + (f" + {n_lines} train lines of each synthetic task" if n_lines else ""))
+        texts = list(sources.load_split(d.source, "train", seed=d.seed))
+        for task in synthetic.TASKS if n_lines else ():
+            texts += [p + a for p, a in synthetic.task_pairs(task, n_lines, seed=d.seed + 7)]
+        tok = tok_lib.train_tokenizer(texts, tok_lib.TokenizerSpec(vocab_size=d.vocab_size))
         tok_lib.save_tokenizer(tok, path)
     return path, tok_lib.load_tokenizer(path)
 
@@ -61,6 +71,85 @@ def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int):
     return arithmetic.sft_rows(problems, tokenizer, seq_len=d.seq_len,
                                answer_len=d.arith_answer_len, bos_id=special.bos,
                                eos_id=special.eos, max_rows=n_rows)
+
+
+def answer_len(task: str) -> int:
+    """Answer field of a task's SFT rows: the generation length its evaluation uses
+    (`evals.tasks`: arithmetic 8, synthetic code 12, 16 for 3 ops; comparisons, scored by
+    likelihood, 4: a 2-digit answer and EOS)."""
+    if task.startswith("code"):
+        return 16 if task == "code3" else 12
+    return 4 if task == "compare" else 8
+
+
+def phase_at(phases, step: int) -> tuple[int, dict]:
+    """(index, phase) of the phase that `step` falls in (the first whose `until` > step)."""
+    for i, ph in enumerate(phases):
+        if step < int(ph["until"]):
+            return i, ph
+    raise ValueError(f"step {step} is past the last phase (until={phases[-1]['until']})")
+
+
+def check_phases(phases, steps: int) -> None:
+    ends = [int(ph["until"]) for ph in phases]
+    if ends != sorted(set(ends)) or ends[-1] != steps:
+        raise ValueError(f"data.phases: `until` must increase and end at train.steps={steps}; "
+                         f"got {ends}")
+    for ph in phases:
+        unknown = set(ph["mix"]) - set(synthetic.TASKS)
+        if unknown or (ph["task_rows"] and not ph["mix"]):
+            raise ValueError(f"data.phases: mix {dict(ph['mix'])}: tasks must be among "
+                             f"{synthetic.TASKS}")
+        if ph["text_rows"] + ph["task_rows"] <= 0:
+            raise ValueError("data.phases: a phase needs text_rows + task_rows > 0")
+
+
+def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len: int,
+                  seed: int):
+    """`batches(step) -> MixedBatch` of the phased data mix (module docstring)."""
+    def batches(step: int) -> MixedBatch:
+        _, ph = phase_at(phases, step)
+        rng = np.random.default_rng([seed, step])
+        text = wiki[rng.integers(0, len(wiki), ph["text_rows"])] if ph["text_rows"] else None
+        if not ph["task_rows"]:
+            return MixedBatch(text)
+        names = sorted(ph["mix"])
+        w = np.asarray([float(ph["mix"][k]) for k in names])
+        counts = rng.multinomial(ph["task_rows"], w / w.sum())
+        parts = []
+        for i, (task, k) in enumerate(zip(names, counts)):
+            if k:
+                pairs = synthetic.task_pairs(task, int(k), seed=int(
+                    rng.integers(0, 2**31)), split="train")
+                parts.append(synthetic.sft_rows(
+                    pairs, tokenizer, seq_len=task_seq_len, answer_len=answer_len(task),
+                    bos_id=special.bos, eos_id=special.eos, pad_id=special.pad))
+        return MixedBatch(text, np.concatenate([r.tokens for r in parts]),
+                          np.concatenate([r.answer for r in parts]),
+                          np.concatenate([r.valid for r in parts]))
+    return batches
+
+
+def packed_arithmetic_batches(cfg, spec: TrainSpec, wiki, tokenizer, special):
+    """The older recipe: `arith_frac` of each batch are packed arithmetic rows."""
+    d = cfg.data
+    n_arith = int(round(spec.batch_size * d.arith_frac))
+    n_wiki = spec.batch_size - n_arith
+    arith, arith_maskable = arithmetic_rows(tokenizer, special, d, max(n_arith * spec.steps, 1),
+                                            d.seed)
+    print(f"[train] {cfg.family}: {wiki.shape[0]} wiki rows, {arith.shape[0]} arithmetic "
+          f"rows of {d.seq_len} tokens; per step {n_wiki} wiki + {n_arith} arithmetic")
+
+    def batches(step: int) -> np.ndarray:
+        rng = np.random.default_rng([d.seed, step])
+        rows = [wiki[rng.integers(0, len(wiki), n_wiki)]]
+        maskable = [np.ones_like(rows[0], bool)]
+        if n_arith:
+            pick = rng.integers(0, len(arith), n_arith)
+            rows.append(arith[pick])
+            maskable.append(arith_maskable[pick])
+        return np.concatenate(rows), np.concatenate(maskable)
+    return batches
 
 
 MAX_GAP_S = 600.0
@@ -91,22 +180,16 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
         wiki = sources.token_windows(docs, tokenizer, d.seq_len, bos_id=special.bos,
                                      eos_id=special.eos)
         np.save(cache, wiki)
-    n_arith = int(round(spec.batch_size * d.arith_frac))
-    n_wiki = spec.batch_size - n_arith
-    arith, arith_maskable = arithmetic_rows(tokenizer, special, d, max(n_arith * spec.steps, 1),
-                                            d.seed)
-    print(f"[train] {config.family}: {wiki.shape[0]} wiki rows, {arith.shape[0]} arithmetic "
-          f"rows of {d.seq_len} tokens; per step {n_wiki} wiki + {n_arith} arithmetic")
-
-    def batches(step: int) -> np.ndarray:
-        rng = np.random.default_rng([d.seed, step])
-        rows = [wiki[rng.integers(0, len(wiki), n_wiki)]]
-        maskable = [np.ones_like(rows[0], bool)]
-        if n_arith:
-            pick = rng.integers(0, len(arith), n_arith)
-            rows.append(arith[pick])
-            maskable.append(arith_maskable[pick])
-        return np.concatenate(rows), np.concatenate(maskable)
+    phases = [dict(ph) for ph in d.get("phases", None) or ()]
+    if phases:
+        check_phases(phases, spec.steps)
+        batches = mixed_batches(phases, wiki, tokenizer, special,
+                                task_seq_len=d.task_seq_len, seed=d.seed)
+        print(f"[train] {config.family}: {wiki.shape[0]} wiki rows; phases " + "; ".join(
+            f"until {ph['until']}: {ph['text_rows']} text + {ph['task_rows']} task rows "
+            f"{dict(ph['mix'])}" for ph in phases))
+    else:
+        batches = packed_arithmetic_batches(cfg, spec, wiki, tokenizer, special)
 
     hf_dir = out_dir / "hf"
 
@@ -119,8 +202,26 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
     _, records = train(model, spec, batches, out_dir, on_checkpoint=export)
     plot_loss(records, out_dir / "loss.png",
               f"tiny {config.family}: masked-diffusion training loss")
-    summary = {"family": config.family, "steps": spec.steps,
-               "tokens": spec.steps * spec.batch_size * spec.seq_len,
+    if phases:
+        per_phase, start = [], 0
+        for ph in phases:
+            end = int(ph["until"])
+            recs = [r for r in records if start < r["step"] <= end]
+            per_phase.append({
+                "steps": [start, end], "text_rows": ph["text_rows"],
+                "task_rows": ph["task_rows"], "mix": dict(ph["mix"]),
+                "text_tokens": (end - start) * ph["text_rows"] * d.seq_len,
+                "task_rows_seen": (end - start) * ph["task_rows"],
+                "train_time_s": training_time(recs),
+                "final_loss": recs[-1]["loss"] if recs else None,
+                "final_text_loss": recs[-1].get("text_loss") if recs else None,
+                "final_sft_loss": recs[-1].get("sft_loss") if recs else None})
+            start = end
+        tokens = sum(p["text_tokens"] + p["task_rows_seen"] * d.task_seq_len for p in per_phase)
+    else:
+        per_phase, tokens = None, spec.steps * spec.batch_size * spec.seq_len
+    summary = {"family": config.family, "steps": spec.steps, "tokens": tokens,
+               "phases": per_phase,
                "final_loss": records[-1]["loss"] if records else None,
                "wall_time_s_this_run": time.time() - t0,
                "train_time_s_total": training_time(records),

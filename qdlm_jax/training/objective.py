@@ -9,6 +9,13 @@ which upper-bounds the negative log-likelihood (the 1/t weight of the ELBO).
 
 Dream predicts token i from the output at position i-1 (its logits are shifted right by one),
 so its first position is never masked and the loss reads `logits[:, i-1]` for target i.
+
+Task rows (prompt, answer) use LLaDA's SFT objective (`sft_loss`): the prompt is never
+masked; the answer tokens (answer + EOS padding) are masked with p_mask as above, and
+
+    loss = (1 / B) * sum_b (1 / |answer_b|) * sum_{i in answer_b masked} CE(b, i) / p_mask[b]
+
+(the loss of a row is divided by its answer length, then rows are averaged).
 """
 
 from __future__ import annotations
@@ -53,4 +60,22 @@ def diffusion_loss(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], mas
     n_masked = jnp.maximum(masked.sum(), 1)
     metrics = {"loss": loss, "masked_nll": jnp.where(masked, nll, 0.0).sum() / n_masked,
                "mask_frac": masked.mean()}
+    return loss, metrics
+
+
+def sft_loss(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], masked, p_mask,
+             answer, *, shift: bool) -> tuple[jax.Array, dict]:
+    """LLaDA's SFT loss above: `answer` [B, T] marks each row's answer field (`masked` must
+    lie inside it, e.g. `mask_tokens(..., loss_mask=answer)`); `shift` as in
+    `diffusion_loss`."""
+    if shift:
+        logits = shift_logits(logits)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    masked = masked & answer.astype(bool)
+    per_row = jnp.where(masked, nll / p_mask[:, None], 0.0).sum(axis=1)
+    answer_len = jnp.maximum(answer.astype(jnp.float32).sum(axis=1), 1.0)
+    loss = (per_row / answer_len).mean()
+    n_masked = jnp.maximum(masked.sum(), 1)
+    metrics = {"sft_loss": loss, "sft_masked_nll": jnp.where(masked, nll, 0.0).sum() / n_masked}
     return loss, metrics

@@ -26,7 +26,29 @@ from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import flatten, model_from_params
-from qdlm_jax.training.objective import diffusion_loss, mask_tokens
+from qdlm_jax.training.objective import diffusion_loss, mask_tokens, sft_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedBatch:
+    """One step's rows of both kinds: text rows under the pre-training objective, task rows
+    (prompt never masked, answer field, right padding) under LLaDA's SFT objective. The two
+    losses are weighted by their share of the rows. `text` may be None (a task-only step);
+    `task_*` may be None (a text-only step)."""
+
+    text: np.ndarray | None  # int32 [Bt, seq_len]
+    task_tokens: np.ndarray | None = None  # int32 [Bs, Ls]
+    task_answer: np.ndarray | None = None  # bool [Bs, Ls]: the answer field (maskable)
+    task_valid: np.ndarray | None = None  # bool [Bs, Ls]: attention mask (False on padding)
+
+    def arrays(self):
+        text = None if self.text is None else jnp.asarray(self.text, jnp.int32)
+        task = None if self.task_tokens is None else (
+            jnp.asarray(self.task_tokens, jnp.int32), jnp.asarray(self.task_answer, jnp.bool_),
+            jnp.asarray(self.task_valid, jnp.bool_))
+        if text is None and task is None:
+            raise ValueError("MixedBatch: no rows")
+        return text, task
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,11 +112,53 @@ def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
     return step
 
 
+def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
+    """The step of `MixedBatch` rows (see its docstring)."""
+    shift = config.shift_logits
+
+    def loss_fn(params, text, task, key):
+        model = nnx.merge(graphdef, params)
+        k_text, k_task = jax.random.split(key)
+        n_text = 0 if text is None else text.shape[0]
+        n_task = 0 if task is None else task[0].shape[0]
+        loss, metrics = 0.0, {}
+        if text is not None:
+            noisy, masked, p_mask = mask_tokens(k_text, text, config.mask_token_id, eps=spec.eps,
+                                                keep_first=shift)
+            l_text, m = diffusion_loss(model(noisy), text, masked, p_mask, shift=shift)
+            loss += l_text * n_text / (n_text + n_task)
+            metrics.update(m, text_loss=l_text)
+        if task is not None:
+            tokens, answer, valid = task
+            noisy, masked, p_mask = mask_tokens(k_task, tokens, config.mask_token_id,
+                                                eps=spec.eps, loss_mask=answer)
+            l_task, m = sft_loss(model(noisy, valid), tokens, masked, p_mask, answer,
+                                 shift=shift)
+            loss += l_task * n_task / (n_text + n_task)
+            metrics.update(m)
+        metrics["loss"] = loss
+        return loss, metrics
+
+    @jax.jit
+    def step(state, text, task):
+        key, sub = jax.random.split(state["key"])
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], text,
+                                                                         task, sub)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                "key": key}, metrics
+
+    return step
+
+
 def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], out_dir: Path,
           *, on_checkpoint: Callable[[int, DLLM], None] | None = None) -> tuple[DLLM, list]:
     """Trains `model` for `spec.steps`; `batches(step)` returns int32 tokens [B, seq_len],
     or a pair (tokens, maskable) where maskable [B, seq_len] is 1 on the positions the noise
-    may mask (0 keeps a position always visible, e.g. the prompt of an instruction row).
+    may mask (0 keeps a position always visible, e.g. the prompt of an instruction row),
+    or a `MixedBatch` (text rows + SFT task rows; its shapes may change between phases).
 
     Checkpoints go to `out_dir/ckpt`; the log (one JSON line per logged step) to
     `out_dir/log.jsonl`. Returns the trained model and the log records.
@@ -122,20 +186,26 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
         print(f"[train] resumed from {out_dir / 'ckpt'} at step {int(state['step'])}")
 
     step_fn = make_train_step(graphdef, config, spec, tx)
+    mixed_fn = make_mixed_step(graphdef, config, spec, tx)
     start = int(state["step"])
     tokens_per_step = spec.batch_size * spec.seq_len
     bar = tqdm(total=spec.steps, initial=start, desc=f"train {config.family}", unit="step")
     t_last, n_last = time.time(), start
     for step in range(start, spec.steps):
         batch = batches(step)
-        tokens, maskable = batch if isinstance(batch, tuple) else (batch, None)
-        tokens = jnp.asarray(tokens, jnp.int32)
-        maskable = (jnp.ones_like(tokens, jnp.bool_) if maskable is None
-                    else jnp.asarray(maskable, jnp.bool_))
-        if tokens.shape != (spec.batch_size, spec.seq_len) or maskable.shape != tokens.shape:
-            raise ValueError(f"batches({step}) returned shapes {tokens.shape} / "
-                             f"{maskable.shape}, expected {(spec.batch_size, spec.seq_len)}")
-        state, metrics = step_fn(state, tokens, maskable)
+        if isinstance(batch, MixedBatch):
+            text, task = batch.arrays()
+            tokens_per_step = sum(x.size for x in (text, task and task[0]) if x is not None)
+            state, metrics = mixed_fn(state, text, task)
+        else:
+            tokens, maskable = batch if isinstance(batch, tuple) else (batch, None)
+            tokens = jnp.asarray(tokens, jnp.int32)
+            maskable = (jnp.ones_like(tokens, jnp.bool_) if maskable is None
+                        else jnp.asarray(maskable, jnp.bool_))
+            if tokens.shape != (spec.batch_size, spec.seq_len) or maskable.shape != tokens.shape:
+                raise ValueError(f"batches({step}) returned shapes {tokens.shape} / "
+                                 f"{maskable.shape}, expected {(spec.batch_size, spec.seq_len)}")
+            state, metrics = step_fn(state, tokens, maskable)
         done = step + 1
         if done % spec.log_every == 0 or done == spec.steps:
             m = {k: float(v) for k, v in metrics.items()}
@@ -179,9 +249,13 @@ def plot_loss(records: list[dict], path: Path, title: str) -> None:
 
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(steps, [r["loss"] for r in records], label="diffusion loss (ELBO / token)")
-    ax.plot(steps, [r["masked_nll"] for r in records], label="NLL of masked tokens",
-            alpha=0.7)
+    ax.plot(steps, [r["loss"] for r in records], label="training loss (row-weighted)")
+    for key, label in (("text_loss", "text rows: diffusion loss (ELBO / token)"),
+                       ("masked_nll", "text rows: NLL of masked tokens"),
+                       ("sft_loss", "task rows: SFT loss (per answer token)")):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, alpha=0.7)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats")
     ax.set_title(title)

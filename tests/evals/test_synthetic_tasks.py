@@ -25,7 +25,7 @@ def test_arithmetic_3digit_items_heldout():
 def test_synthetic_code_scoring_in_sandbox():
     problems = code_gen.load_problems("synthetic_code", limit=12)
     assert len({p.task_id for p in problems}) == 12
-    by_id = {p.task_id: p for p in S.code_problems(12, seed=0, split="heldout", n_ops=(2, 3),
+    by_id = {p.task_id: p for p in S.code_problems(12, seed=0, split="heldout", n_ops=(2,),
                                                      unique=True)}
     right = [by_id[p.task_id].completion for p in problems]
     r = code_gen.score_problems(problems, lambda prompts: right)
