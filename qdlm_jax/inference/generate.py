@@ -24,6 +24,31 @@ LLaDA (`llada_generate`, the published `generate.py` semantics)
       softmax (the intent of the reference's chained assignment, as bonsai implements it),
       so a position predicting EOS/EOT is committed last.
 
+LLaDA with Fast-dLLM decoding (`cache` != "none" or `threshold` set; NVlabs/Fast-dLLM's
+`generate` / `generate_with_prefix_cache` / `generate_with_dual_cache`)
+    * Blocks run in a `lax.fori_loop`; the steps of a block in a `lax.while_loop` that stops
+      when no row has a masked position left in the block (rows already done commit nothing:
+      per-row completion). Without a threshold, step i of a block commits the schedule's
+      count (the same tokens as the plain loop would, with a cache = the same algorithm on
+      approximate keys/values); so the number of forward passes is dynamic only under a
+      threshold.
+    * Threshold tau: each step commits the most confident masked position of the block plus
+      every masked position with confidence >= tau (at least one token per step).
+    * The block's first step is a full forward that also returns every layer's keys (after
+      RoPE) and values, `[layers, B, T, kv_heads, head_dim]`, into a buffer preallocated at
+      full length (loop state, so updated in place at each block boundary).
+      `prefix`: later steps recompute the generated span [P, T) (a static-shape window) but
+      take the keys/values of every position before the block from the cache, which is
+      Fast-dLLM's forward of x[:, block_start:] over the cached prefix (the window's part
+      before the block is recomputed and discarded: the price of one static shape).
+      `dual`: later steps compute the block only; every other position's keys/values (prompt,
+      decoded prefix and the masked suffix) come from the cache of the block's first step.
+    * Left padding: the key-padding mask applies to cached keys as to fresh ones; positions
+      are 0..T-1 as in the plain loop. CFG runs only without a cache.
+    * Forward passes: one per step (`generate_with_nfe` returns the count). Fast-dLLM's code
+      runs one extra, empty pass when a block's first step already completes the block; it
+      commits nothing and is not run here.
+
 Dream (`dream_generate`, `diffusion_generate` / `_sample` semantics)
     * Right-shifted logits: position i is predicted from the model output at i-1 (position 0
       from its own output).
@@ -56,8 +81,6 @@ params tree the model's graph accepts (e.g. quantized kernels) runs through the 
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Callable
 
@@ -66,14 +89,15 @@ import jax
 from qdlm_jax.inference.common import left_pad
 from qdlm_jax.inference.dream import (DREAM_ALGS, DreamSettings, dream_call, dream_generate,
                                       dream_settings, dream_transfer_schedule)
-from qdlm_jax.inference.llada import (REMASKING, LLaDASettings, llada_call, llada_generate,
+from qdlm_jax.inference.llada import (CACHE_MODES, REMASKING, LLaDASettings,
+                                      check_cache_threshold, llada_call, llada_generate,
                                       llada_settings, llada_transfer_schedule)
 
 __all__ = [
     "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",
     "llada_generate", "dream_generate", "generate", "compile_generate", "generate_with_order",
     "llada_transfer_schedule", "dream_transfer_schedule", "left_pad", "LLADA_ONLY",
-    "DREAM_ONLY", "settings_for",
+    "DREAM_ONLY", "settings_for", "CACHE_MODES", "generate_with_nfe",
 ]
 
 
@@ -82,7 +106,8 @@ class GenerationConfig:
     """Settings of `generate` for either family (the CLI's `gen` config section).
 
     LLaDA reads steps, gen_length, block_length (None = gen_length), temperature, cfg_scale,
-    remasking. Dream reads steps, gen_length (as max_new_tokens), temperature, alg,
+    remasking, cache ("none" | "prefix" | "dual") and threshold (None or tau in (0, 1]).
+    Dream reads steps, gen_length (as max_new_tokens), temperature, alg,
     alg_temp, top_p, top_k, eps. A field of the other family must keep its default (or be
     None).
     """
@@ -98,7 +123,12 @@ class GenerationConfig:
     top_p: float | None = None
     top_k: int | None = None
     eps: float = 1e-3
+    cache: str = "none"
+    threshold: float | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        check_cache_threshold(self.cache, self.threshold)
 
     @classmethod
     def from_mapping(cls, d) -> "GenerationConfig":
@@ -124,11 +154,16 @@ def _check_unused(config: GenerationConfig, names, family):
 
 
 def settings_for(model, config: GenerationConfig, *, progress: bool = False,
-                 record_order: bool = False):
+                 record_order: bool = False, return_nfe: bool = False):
     """The static LLaDASettings / DreamSettings of `config` for this model's family."""
     settings = _settings_for(model, config, progress=progress)
-    return dataclasses.replace(settings, record_order=record_order) if record_order \
-        else settings
+    if record_order:
+        settings = dataclasses.replace(settings, record_order=True)
+    if return_nfe:
+        if not isinstance(settings, LLaDASettings):
+            raise ValueError("return_nfe: only the LLaDA loop counts its forward passes")
+        settings = dataclasses.replace(settings, return_nfe=True)
+    return settings
 
 
 def _settings_for(model, config: GenerationConfig, *, progress: bool = False):
@@ -138,9 +173,14 @@ def _settings_for(model, config: GenerationConfig, *, progress: bool = False):
         return llada_settings(model, gen_length=config.gen_length, steps=config.steps,
                               block_length=config.block_length or config.gen_length,
                               temperature=config.temperature, cfg_scale=config.cfg_scale,
-                              remasking=config.remasking, progress=progress)
+                              remasking=config.remasking, progress=progress,
+                              cache=config.cache, threshold=config.threshold)
     if family == "dream":
         _check_unused(config, LLADA_ONLY, family)
+        if config.cache != "none" or config.threshold is not None:
+            raise ValueError(f"cache={config.cache!r}, threshold={config.threshold!r}: the KV "
+                             "cache and threshold decoding are implemented for LLaDA only "
+                             "so far; use cache='none', threshold=None with a dream model")
         return dream_settings(model, max_new_tokens=config.gen_length, steps=config.steps,
                               alg=config.alg, alg_temp=config.alg_temp,
                               temperature=config.temperature, top_p=config.top_p,
@@ -203,3 +243,13 @@ def generate_with_order(model, input_ids, attention_mask=None, *,
     fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
     return fn(*args, **static)
 
+
+
+def generate_with_nfe(model, input_ids, attention_mask=None, *,
+                      config: GenerationConfig | None = None, key=None, **kwargs):
+    """`generate` that also returns the number of forward passes the loop ran (an int32
+    scalar; `steps` without a cache or threshold). LLaDA only."""
+    config, key = _resolve(model, config, kwargs, key)
+    settings = settings_for(model, config, return_nfe=True)
+    fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
+    return fn(*args, **static)

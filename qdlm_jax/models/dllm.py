@@ -127,6 +127,69 @@ class Block(nnx.Module):
         out = out.astype(x.dtype).reshape(b, tq, c.num_heads * hd)
         return self.o_proj(out, capture)
 
+    # ---- pieces for cached decoding (the forward above is unchanged) ----------------------
+
+    def qkv(self, xn, cos, sin):
+        """q [B, T, H, hd] and k, v [B, T, KV, hd] of the normed input `xn`, RoPE applied to
+        q and k (cos/sin of xn's positions)."""
+        c = self.config
+        b, t, _ = xn.shape
+        hd, kv = c.head_dim, c.num_kv_heads
+        q = self.q_proj(xn).reshape(b, t, c.num_heads, hd)
+        k = self.k_proj(xn).reshape(b, t, kv, hd)
+        v = self.v_proj(xn).reshape(b, t, kv, hd)
+        q = apply_rope(q, cos, sin, full_precision=c.rope_full_precision)
+        k = apply_rope(k, cos, sin, full_precision=c.rope_full_precision)
+        return q, k, v
+
+    def attend(self, q, k, v, key_bias, dtype):
+        """o_proj(softmax(q k^T / sqrt(hd) + key_bias) v): q [B, Tq, H, hd] over keys and
+        values [B, S, KV, hd] (the same arithmetic as `attention`)."""
+        c = self.config
+        b, tq = q.shape[:2]
+        hd, kv = c.head_dim, c.num_kv_heads
+        q = q.reshape(b, tq, kv, c.num_heads // kv, hd)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
+        if key_bias is not None:
+            scores = scores + key_bias[:, None, None, None, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+        return self.o_proj(out.astype(dtype).reshape(b, tq, c.num_heads * hd))
+
+    def mlp_residual(self, h):
+        n = self.mlp_norm(h)
+        return h + self.down_proj(jax.nn.silu(self.gate_proj(n)) * self.up_proj(n))
+
+    def forward_with_kv(self, x, key_bias, cos, sin, query_window: tuple | None = None):
+        """The layer over every position, also returning its (post-RoPE) keys and values
+        [B, T, KV, hd]; `query_window=(start, n)` as in `__call__`."""
+        q, k, v = self.qkv(self.attn_norm(x), cos, sin)
+        residual = x
+        if query_window is not None:
+            start, n = query_window
+            q = jax.lax.dynamic_slice_in_dim(q, start, n, axis=1)
+            residual = jax.lax.dynamic_slice_in_dim(x, start, n, axis=1)
+        h = residual + self.attend(q, k, v, key_bias, x.dtype)
+        return self.mlp_residual(h), k, v
+
+    def forward_cached(self, x_win, key_bias, cos_win, sin_win, k_cache, v_cache, win_start,
+                       fresh_from):
+        """The layer for a window of positions [win_start, win_start + n) only, attending to
+        every position: keys/values of window positions >= `fresh_from` are computed from
+        `x_win`, all others are read from `k_cache`/`v_cache` [B, T, KV, hd]."""
+        n = x_win.shape[1]
+        q, k, v = self.qkv(self.attn_norm(x_win), cos_win, sin_win)
+        fresh = (win_start + jnp.arange(n) >= fresh_from)[None, :, None, None]
+        k_old = jax.lax.dynamic_slice_in_dim(k_cache, win_start, n, axis=1)
+        v_old = jax.lax.dynamic_slice_in_dim(v_cache, win_start, n, axis=1)
+        k_all = jax.lax.dynamic_update_slice_in_dim(
+            k_cache, jnp.where(fresh, k, k_old).astype(k_cache.dtype), win_start, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(
+            v_cache, jnp.where(fresh, v, v_old).astype(v_cache.dtype), win_start, axis=1)
+        h = x_win + self.attend(q, k_all, v_all, key_bias, x_win.dtype)
+        return self.mlp_residual(h)
+
     def __call__(self, x, key_bias, cos, sin, capture: Capture | None = None,
                  query_window: tuple | None = None):
         """`query_window=(start, n)` (start may be traced, n static) computes the outputs of
@@ -182,6 +245,64 @@ class DLLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, key_bias, cos, sin, capture,
                       query_window if i == n_layers - 1 else None)
+        return self.final_norm(x)
+
+    def _embed_and_mask(self, input_ids, attention_mask, position_ids):
+        c = self.config
+        b, t = input_ids.shape
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_angles(position_ids, c.head_dim, c.rope_theta)
+        key_bias = None
+        if attention_mask is not None:
+            key_bias = jnp.where(attention_mask.astype(bool), 0.0,
+                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        return x, cos, sin, key_bias
+
+    def hidden_states_with_kv(self, input_ids: Int[Array, "B T"],
+                              attention_mask: Int[Array, "B T"] | None = None, *,
+                              position_ids: Int[Array, "B T"] | None = None,
+                              query_window: tuple | None = None):
+        """`hidden_states` that also returns every layer's keys and values: (h, (K, V)) with
+        K, V `[num_layers, B, T, num_kv_heads, head_dim]` (keys after RoPE), the cache that
+        `hidden_states_cached` reads. `query_window` as in `hidden_states`."""
+        x, cos, sin, key_bias = self._embed_and_mask(input_ids, attention_mask, position_ids)
+        ks, vs = [], []
+        n_layers = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.forward_with_kv(x, key_bias, cos, sin,
+                                            query_window if i == n_layers - 1 else None)
+            ks.append(k)
+            vs.append(v)
+        return self.final_norm(x), (jnp.stack(ks), jnp.stack(vs))
+
+    def hidden_states_cached(self, window_ids: Int[Array, "B n"], window_start, kv,
+                             attention_mask: Int[Array, "B T"] | None = None, *,
+                             position_ids: Int[Array, "B T"] | None = None,
+                             fresh_from=None) -> Float[Array, "B n D"]:
+        """Final-norm hidden states of the window positions [window_start, window_start + n)
+        (`window_ids` are their tokens; `window_start` may be traced, n is static), with
+        attention over all T positions of the cache `kv` = (K, V) from
+        `hidden_states_with_kv`. In every layer, the keys/values of window positions
+        >= `fresh_from` (default: window_start, i.e. the whole window) are computed afresh;
+        every other position's come from the cache. `attention_mask` and `position_ids` are
+        the full `[B, T]` ones (positions default to 0..T-1)."""
+        k_cache, v_cache = kv
+        b, n = window_ids.shape
+        t = k_cache.shape[2]
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        pos_win = jax.lax.dynamic_slice_in_dim(position_ids, window_start, n, axis=1)
+        x, cos, sin, _ = self._embed_and_mask(window_ids, None, pos_win)
+        key_bias = None
+        if attention_mask is not None:
+            key_bias = jnp.where(attention_mask.astype(bool), 0.0,
+                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        fresh_from = window_start if fresh_from is None else fresh_from
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, key_bias, cos, sin, k_cache[i], v_cache[i],
+                                     window_start, fresh_from)
         return self.final_norm(x)
 
     def logits(self, hidden: Float[Array, "B T D"], capture: Capture | None = None):

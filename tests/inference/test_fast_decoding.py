@@ -1,0 +1,169 @@
+"""Fast-dLLM decoding (block-wise KV cache "prefix" / "dual", confidence-threshold parallel
+decoding) in the jitted LLaDA loop, token for token against a plain PyTorch statement of
+Fast-dLLM's published algorithm (tests/references/fast_dllm_reference.py) on the same tiny
+weights, at temperature 0, over several block lengths, thresholds and a left-padded batch.
+
+The tiny random models are unsure (softmax over 256 tokens: confidences ~0.004-0.05), so the
+thresholds here are small enough that some steps commit several tokens and others one.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from qdlm_jax import load_model
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
+from qdlm_jax.inference import generate as G
+from qdlm_jax.inference.llada import llada_call, llada_settings, threshold_select
+from tests.references.fast_dllm_reference import CachedLlama, fast_dllm_generate_ref
+from tests.references.hf_reference import reference_model
+
+P = 6
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    config = tiny_config("llada", num_layers=2)
+    path = write_hf_checkpoint(tmp_path_factory.mktemp("llada2"), config, seed=5)
+    return config, load_model(path, dtype="float32"), CachedLlama(reference_model(path, config),
+                                                                  config)
+
+
+def _prompts(config, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 200, size=(batch, P)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0  # row 0 left-padded by 3
+    ids[mask == 0] = config.pad_token_id
+    return ids, mask
+
+
+def _ours(model, ids, mask, **kw):
+    s = llada_settings(model, **kw)
+    import dataclasses
+    s = dataclasses.replace(s, return_nfe=True)
+    fn, args, static = llada_call(model, ids, mask, None, s)
+    x, nfe = fn(*args, **static)
+    return np.asarray(x), int(nfe)
+
+
+CASES = [
+    # (gen_length, steps, block_length, threshold)
+    (8, 8, 4, None),
+    (12, 6, 4, None),  # 2 steps per block of 4: 2 tokens a step
+    (16, 8, 8, 0.01),
+    (12, 12, 4, 0.006),
+    (8, 4, 8, 0.02),
+    (8, 8, 2, 0.008),
+]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "gen{}_steps{}_block{}_tau{}".format(*c))
+def test_llada_fast_decoding_matches_fast_dllm(llada, cache, case):
+    config, model, ref = llada
+    gen_length, steps, block_length, threshold = case
+    if cache == "none" and threshold is None:
+        pytest.skip("the plain loop (tests/inference/test_generate.py)")
+    ids, mask = _prompts(config)
+    kw = dict(gen_length=gen_length, steps=steps, block_length=block_length)
+    ours, nfe = _ours(model, ids, mask, cache=cache, threshold=threshold, **kw)
+    want, want_nfe = fast_dllm_generate_ref(ref, ids, mask, mask_id=config.mask_token_id,
+                                            cache=cache, threshold=threshold, **kw)
+    np.testing.assert_array_equal(ours[:, :P], ids)
+    assert not (ours == config.mask_token_id).any()
+    np.testing.assert_array_equal(ours, want.numpy())
+    assert nfe == want_nfe
+    if threshold is None:
+        assert nfe == steps
+    # one row alone (no padding anywhere) decodes as in the batch
+    solo, _ = _ours(model, ids[1:], None, cache=cache, threshold=threshold, **kw)
+    want_solo, _ = fast_dllm_generate_ref(ref, ids[1:], None, mask_id=config.mask_token_id,
+                                          cache=cache, threshold=threshold, **kw)
+    np.testing.assert_array_equal(solo, want_solo.numpy())
+
+
+def test_thresholds_decode_in_parallel(llada):
+    """A low threshold takes fewer forward passes than steps; tau=1 commits one per step."""
+    config, model, _ = llada
+    ids, mask = _prompts(config)
+    kw = dict(gen_length=16, steps=16, block_length=8, cache="dual")
+    _, nfe_low = _ours(model, ids, mask, threshold=0.006, **kw)
+    _, nfe_one = _ours(model, ids, mask, threshold=1.0, **kw)
+    assert nfe_low < 16
+    assert nfe_one == 16
+
+
+def test_threshold_select_rule():
+    inf = -np.inf
+    conf = jax.numpy.asarray([[0.2, 0.95, inf, 0.91], [0.3, 0.1, inf, inf],
+                              [inf, inf, inf, inf], [0.5, 0.5, inf, 0.1]])
+    sel = np.asarray(threshold_select(conf, 0.9))
+    np.testing.assert_array_equal(sel, [[0, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0],
+                                        [1, 0, 0, 0]])
+
+
+def test_generate_with_order_under_a_threshold(llada):
+    config, model, _ = llada
+    ids, mask = _prompts(config)
+    kw = dict(gen_length=8, steps=8, block_length=4, cache="prefix", threshold=0.008)
+    tokens, order = map(np.asarray, G.generate_with_order(model, ids, mask, **kw))
+    np.testing.assert_array_equal(tokens, G.generate(model, ids, mask, **kw))
+    assert (order[:, :P] == -1).all() and (order[:, P:] >= 0).all()
+    # blocks in order: every position of block 1 was decided after every one of block 0
+    assert (order[:, P:P + 4].max(1) < order[:, P + 4:].min(1)).all()
+
+
+def test_generation_config_and_errors(llada):
+    config, model, _ = llada
+    ids, mask = _prompts(config)
+    gen = G.GenerationConfig(steps=8, gen_length=8, block_length=4, cache="dual",
+                             threshold=0.01)
+    a = np.asarray(G.generate(model, ids, mask, config=gen))
+    b = np.asarray(G.llada_generate(model, ids, mask, gen_length=8, steps=8, block_length=4,
+                                    cache="dual", threshold=0.01))
+    np.testing.assert_array_equal(a, b)
+    for kw, match in ((dict(cache="full"), "cache='full'"),
+                      (dict(threshold=1.5), "threshold=1.5"),
+                      (dict(threshold=0.0), "threshold=0.0"),
+                      (dict(cache="prefix", cfg_scale=1.0), "classifier-free guidance")):
+        with pytest.raises(ValueError, match=match):
+            G.generate(model, ids, mask, gen_length=8, steps=8, block_length=4, **kw)
+
+
+def test_quantized_model_runs_with_every_cache_setting(llada):
+    """RTN W4 packed weights: keys and values come from the quantized projections."""
+    from qdlm_jax.models.params import get_params, model_from_params
+    from qdlm_jax.quant import QuantizedArray, QuantSpec, rtn_quantize_params
+    config, model, _ = llada
+    qparams = rtn_quantize_params(get_params(model), QuantSpec(bits=4, group_size=32))
+    assert any(isinstance(v, QuantizedArray) for v in qparams.values())
+    qmodel = model_from_params(config, qparams)
+    ids, mask = _prompts(config)
+    for cache in ("none", "prefix", "dual"):
+        for threshold in (None, 0.01):
+            out, nfe = _ours(qmodel, ids, mask, gen_length=8, steps=8, block_length=4,
+                             cache=cache, threshold=threshold)
+            np.testing.assert_array_equal(out[:, :P], ids)
+            assert not (out == config.mask_token_id).any()
+            assert 1 <= nfe <= 8
+
+
+def test_cli_generate_with_cache_and_threshold(tmp_path, capsys):
+    from qdlm_jax.cli import main
+    from tests.inference.test_generate import _word_tokenizer
+    config = tiny_config("llada", num_layers=1)
+    path = write_hf_checkpoint(tmp_path / "ckpt", config, seed=3)
+    _word_tokenizer(path / "tokenizer.json", config.vocab_size)
+    rc = main(["generate", "--model", str(path), "--prompt", "w5 w6 w7",
+               "--config.gen.steps=8", "--config.gen.gen_length=8",
+               "--config.gen.block_length=4", "--config.gen.cache=dual",
+               "--config.gen.threshold=0.9", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.startswith("w5 w6 w7") and len(out.split()) == 3 + 8
+    rc = main(["generate", "--model", str(path), "--prompt", "w1", "--config.gen.steps=8",
+               "--config.gen.gen_length=8", "--config.gen.cache=both"])
+    assert rc == 2
+    assert "cache='both'" in capsys.readouterr().err
