@@ -10,8 +10,8 @@ def get_config():
     # holding config.json, results.json, report.md and the packed model/.
     c.out_dir = "runs/quantize"
     c.overwrite = False  # a finished run of the same config is reused unless this is true
-    c.method = "gptq"  # rtn | gptq | awq | smoothquant | quarot | duquant
-    c.bits = 4  # 2 | 3 | 4 | 8
+    c.method = "gptq"  # rtn | gptq | awq | daq | smoothquant | quarot | duquant
+    c.bits = 4  # 2 | 3 | 4 | 8 (daq: the mean number of binary planes, 2 | 3 | 4)
     c.group_size = 128  # 32 | 64 | 128 | -1 (per output channel)
     c.sym = False
     c.clip_ratio = 1.0
@@ -32,6 +32,11 @@ def get_config():
     c.gptq = ml_collections.ConfigDict(dict(damp=0.01, block_size=128, act_order=False,
                                             static_groups=False))
     c.awq = ml_collections.ConfigDict(dict(grid=20, clip=True, tokens=4096))
+    # Quant-dLLM's DAQ + ABMP (docs/quantization.md): group_size is the ABMP/scale block;
+    # abmp_ratio: fraction of blocks given one plane more (and as many one plane fewer;
+    # published: 0.05 LLaDA, 0.10 Dream); salient: DOR weight of salient weights.
+    c.daq = ml_collections.ConfigDict(dict(abmp_ratio=0.1, iters=15, salient=2.0,
+                                           data_weight=True, compensate=True))
     c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
                                             skip_fp=False))
     c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)

@@ -6,6 +6,8 @@ Layout of a checkpoint directory:
     params/            orbax StandardCheckpointer tree {"layers.0.q_proj.kernel": array, ...};
                        a quantized kernel is a sub-tree {"packed", "scale"[, "zero", "g_idx"]}
                        of real packed integers (a W4 checkpoint stores half a byte a weight);
+                       a DAQ kernel (`BinaryPlanesArray`) is a sub-tree {"signs", "row", "col",
+                       "slot_block"} with static fields {"kind": "binary_planes", ...};
                        an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
                        (array or packed sub-tree)[, "r1", "perm", "r2", "act_range"]} whose
                        static fields ("kind": "act_kernel", transform kind, ActSpec) are in
@@ -30,6 +32,7 @@ from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath, parse_path, path_str
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 
 CONFIG_FILE = "qdlm_config.json"
@@ -42,9 +45,15 @@ def is_qdlm_checkpoint(path: str | os.PathLike) -> bool:
 
 _QLEAVES = ("packed", "scale", "zero", "g_idx")
 _QSTATIC = ("bits", "group_size", "shape", "orientation")
+_BLEAVES = ("signs", "row", "col", "slot_block")
+_BSTATIC = ("block", "shape", "orientation")
 
 
 def _split_qarray(v):
+    if isinstance(v, BinaryPlanesArray):
+        return ({f: getattr(v, f) for f in _BLEAVES},
+                {"kind": "binary_planes", "block": v.block, "shape": list(v.shape),
+                 "orientation": v.orientation})
     return ({f: getattr(v, f) for f in _QLEAVES if getattr(v, f) is not None},
             {f: (list(getattr(v, f)) if f == "shape" else getattr(v, f)) for f in _QSTATIC})
 
@@ -54,12 +63,12 @@ def _split_quantized(params):
     tree, quantized = {}, {}
     for p, v in params.items():
         k = path_str(p)
-        if isinstance(v, QuantizedArray):
+        if isinstance(v, (QuantizedArray, BinaryPlanesArray)):
             tree[k], quantized[k] = _split_qarray(v)
         elif isinstance(v, ActKernel):
             sub, static = {}, {"kind": "act_kernel", "weight": None, "transform": None,
                                "act": None}
-            if isinstance(v.weight, QuantizedArray):
+            if isinstance(v.weight, (QuantizedArray, BinaryPlanesArray)):
                 sub["weight"], static["weight"] = _split_qarray(v.weight)
             else:
                 sub["weight"] = v.weight
@@ -84,6 +93,8 @@ def _join_quantized(v: dict, static: dict):
     def qarray(leaves, fields):
         fields = dict(fields)
         fields["shape"] = tuple(fields["shape"])
+        if fields.pop("kind", None) == "binary_planes":
+            return BinaryPlanesArray(**dict(leaves), **fields)
         return QuantizedArray(**dict(leaves), **fields)
 
     if static.get("kind") != "act_kernel":

@@ -114,7 +114,10 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                   damp=cfg.gptq.damp,
                   block_size=cfg.gptq.block_size, act_order=cfg.gptq.act_order,
                   static_groups=cfg.gptq.static_groups, awq_grid=cfg.awq.grid,
-                  awq_clip=cfg.awq.clip, awq_tokens=cfg.awq.tokens)
+                  awq_clip=cfg.awq.clip, awq_tokens=cfg.awq.tokens,
+                  daq_ratio=cfg.daq.abmp_ratio, daq_iters=cfg.daq.iters,
+                  daq_salient=cfg.daq.salient, daq_data_weight=cfg.daq.data_weight,
+                  daq_compensate=cfg.daq.compensate)
     c = cfg.calib
     calib = CalibSpec(mode=cfg.calibration, n_samples=c.n_samples, seq_len=c.seq_len,
                       prefix_frac=c.prefix_frac, certainty_weights=c.certainty_weights,
@@ -138,9 +141,10 @@ def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None
         raise ValueError(f"--config.act_bits={act_bits!r}: expected 16 (float), 8 or 4")
     if cfg.method in METHODS and act_bits == 16:
         return None
-    if cfg.method == "awq":
-        raise ValueError("--config.method=awq quantizes weights only; with --config.act_bits="
-                         f"{act_bits} use rtn, gptq, smoothquant, quarot or duquant")
+    if cfg.method in ("awq", "daq"):
+        raise ValueError(f"--config.method={cfg.method} quantizes weights only; with "
+                         f"--config.act_bits={act_bits} use rtn, gptq, smoothquant, quarot or "
+                         "duquant")
     a, w = cfg.act, cfg.wa
     act = None if act_bits == 16 else ActSpec(bits=act_bits, granularity=a.granularity,
                                               sym=a.sym, clip_ratio=a.clip_ratio)
@@ -252,6 +256,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.params import get_params
     from qdlm_jax.quant.act_kernel import inner_weight
+    from qdlm_jax.quant.bqarray import BinaryPlanesArray
     from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 
     spec = job_spec(cfg)
@@ -300,7 +305,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
 
     params = get_params(qmodel)
     packed = {p: inner_weight(v) for p, v in params.items()
-              if isinstance(inner_weight(v), QuantizedArray)}
+              if isinstance(inner_weight(v), (QuantizedArray, BinaryPlanesArray))}
     linear_q = quantized_param_bytes(packed)
     fp_linear = sum(int(np.prod(get_params(model)[p].shape)) * 2 for p in packed)  # as bf16
     result = {
@@ -312,6 +317,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
         "fp": fp, "quantized": q, "quantize_s": quant_s,
         "unigram_bits_per_token": unigram_reference(spec.model),
         "linear_bytes_vs_bf16": linear_q / fp_linear if fp_linear else None,
+        "linear_bits_per_weight": 16.0 * linear_q / fp_linear if fp_linear else None,
         "total_s": time.time() - t0, "stats": qstats,
     }
     if spec.save:  # unquantized tensors go back to the source checkpoint's dtype

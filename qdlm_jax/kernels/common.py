@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int8
 
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import exact_div
 
@@ -43,8 +44,12 @@ class Support(NamedTuple):
 
 def check_operands(x, w, act_bits) -> None:
     """ValueError unless `x @ w` is well formed (any implementation's precondition)."""
-    if not isinstance(w, QuantizedArray):
-        raise ValueError(f"qmatmul: w must be a QuantizedArray, got {type(w).__name__}")
+    if not isinstance(w, (QuantizedArray, BinaryPlanesArray)):
+        raise ValueError(f"qmatmul: w must be a QuantizedArray or BinaryPlanesArray, got "
+                         f"{type(w).__name__}")
+    if isinstance(w, BinaryPlanesArray) and act_bits is not None:
+        raise ValueError("qmatmul: a BinaryPlanesArray (DAQ) weight is weight-only; "
+                         "act_bits must be None")
     if act_bits is not None and (isinstance(act_bits, bool)
                                  or act_bits not in SUPPORTED_ACT_BITS):
         raise ValueError(f"qmatmul: act_bits={act_bits!r} is not supported; use None "

@@ -1,6 +1,7 @@
 """`qmatmul`: the one public low-bit matmul, dispatching to an implementation.
 
-    y = qmatmul(x, w)                    # x[..., K] @ w (QuantizedArray, logical [K, N])
+    y = qmatmul(x, w)                    # x[..., K] @ w (QuantizedArray, logical [K, N];
+                                         # or BinaryPlanesArray: XLA path only)
     y = qmatmul(x, w, act_bits=8)        # W8A8: per-token int8 activations
     with use_implementation("pallas_tpu", interpret=True):
         y = model(ids)                   # every quantized linear runs the TPU kernel
@@ -29,6 +30,7 @@ from jax._src import config as jax_config  # config states that take part in jit
 from jaxtyping import Array, Float
 
 from qdlm_jax.kernels import common, pallas_gpu, pallas_tpu, xla
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
@@ -104,6 +106,8 @@ def select_implementation(x, w, *, act_bits: int | None = None,
     requested = _parse(implementation).name if implementation is not None \
         else current_setting().name
     name = platform_default() if requested == "auto" else requested
+    if isinstance(w, BinaryPlanesArray):
+        return "xla", "binary planes (DAQ) have an XLA implementation only"
     if name == "xla":
         return "xla", f"requested {requested!r}"
     ok, reason = _KERNELS[name].supports(x, w, act_bits)

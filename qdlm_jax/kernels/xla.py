@@ -15,6 +15,10 @@ Activation-quantized (act_bits 8 or 4; orientation "in_out", contiguous groups):
 With one group per channel (group_size == K) that is ``y = (acc * s_w) * s_x``, the order
 the kernels use, so integer-accumulating kernels match it bit for bit. It equals the
 fake-quant formula ``(x_q * s_x) @ w_hat.T`` up to float rounding.
+
+A `BinaryPlanesArray` (DAQ's sum of sign planes with row and column scales) is served here
+only (weight-only): ``y = x @ w_hat`` with ``w_hat = sum_k diag(r_k) B_k diag(c_k)`` summed
+in fp32 and cast to x.dtype, then the same fp32-accumulated dot.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from qdlm_jax.kernels.common import Support, check_operands, quantize_activations
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 
 
 def supports(x, w, act_bits=None) -> Support:
-    """XLA takes every QuantizedArray, except act_bits with g_idx or "out_in" weights."""
+    """XLA takes every QuantizedArray, except act_bits with g_idx or "out_in" weights, and
+    every BinaryPlanesArray without act_bits."""
+    if isinstance(w, BinaryPlanesArray):
+        return Support(act_bits is None, "" if act_bits is None else
+                       "a BinaryPlanesArray is weight-only")
     if act_bits is not None and w.orientation != "in_out":
         return Support(False, "act_bits needs an 'in_out' weight (scales along the "
                               "contraction axis)")
@@ -37,7 +46,7 @@ def supports(x, w, act_bits=None) -> Support:
     return Support(True)
 
 
-def weight_only_matmul(x: Float[Array, "... k"], w: QuantizedArray) -> Float[Array, "... n"]:
+def weight_only_matmul(x: Float[Array, "... k"], w: QuantizedArray | BinaryPlanesArray) -> Float[Array, "... n"]:
     """x[..., k] @ w_logical[k, n] via dequantize-then-matmul (fp32 accumulation).
 
     Contracts the storage layout directly (``einsum("...i,oi->...o")`` for "in_out"), so no

@@ -11,6 +11,7 @@
   or the producing linear's output channels) and the group's weights, `x / s` and `W * s`,
   leaving the float block unchanged (AWQ, SmoothQuant, DuQuant).
 - `quantize_gptq`: GPTQ on a group of linears that share one input Hessian.
+- `quantize_daq`: Quant-dLLM's DAQ + ABMP (binary planes) on such a group.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from flax import nnx
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import rope_angles
-from qdlm_jax.quant import awq_core
+from qdlm_jax.quant import awq_core, daq_core
 from qdlm_jax.quant.act_kernel import inner_weight, with_weight
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.gptq_core import gptq, hessian
 from qdlm_jax.quant.qarray import QuantizedArray
@@ -222,3 +224,24 @@ def fold(block, group, producer, kind, s):
             lin.bias.value = new_bias
     for n, w in zip(group, new_next):
         set_kernel(block, n, w)
+
+
+def quantize_daq(block, names, gram, weight_sum: float, pending: dict, *, bits: int,
+                 block_size: int, ratio: float, iters: int, salient: float,
+                 data_weight: bool, compensate: bool, damp: float) -> dict:
+    """DAQ + ABMP (`daq_core`) on linears that share one input, from its token-weighted Gram
+    matrix; packed `BinaryPlanesArray`s are staged into `pending`. Returns per-linear stats
+    (planes per block, bits per weight with scales, weighted objective)."""
+    h = hessian(gram, weight_sum)
+    info = {}
+    for name in names:
+        kernel = weight(block, name)
+        r = daq_core.daq_quantize(kernel.T.astype(jnp.float32), h, bits=bits,
+                                  block=block_size, ratio=ratio, iters=iters,
+                                  salient=salient, data_weight=data_weight,
+                                  compensate=compensate, damp=damp)
+        q = BinaryPlanesArray.from_planes(r.signs, r.row, r.col, r.slot_block)
+        stage(block, name, q, pending)
+        info[name] = {"planes": r.planes.tolist(), "bits_per_weight": q.bits_per_weight,
+                      "objective": r.objective}
+    return info

@@ -4,7 +4,8 @@
     for block i:
         for group in (q,k,v) -> (o) -> (gate,up) -> (down):
             inputs of the group = block_i run on x_i with the earlier groups already quantized
-            quantize the group's linears (RTN / GPTQ from a Hessian / AWQ scales + clipping)
+            quantize the group's linears (RTN / GPTQ from a Hessian / AWQ scales + clipping /
+            DAQ + ABMP binary planes from the Hessian, docs/quantization.md)
         x_{i+1} = quantized block_i(x_i)
 
 Peak memory is one block's calibration activations `[N, T, D]` (plus one group's captured
@@ -27,16 +28,17 @@ from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import awq
 from qdlm_jax.quant.block import GROUPS, BlockRunner, block_inputs, install, quantize_gptq
+from qdlm_jax.quant.block import quantize_daq
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.quantizer_core import QuantSpec
 from qdlm_jax.quant.rtn import rtn_quantize_params
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "daq")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PTQSpec:
-    method: str  # rtn | gptq | awq
+    method: str  # rtn | gptq | awq | daq
     weight: QuantSpec  # bits, group size, symmetry, clip ratio
     damp: float = 0.01  # GPTQ: dampening fraction of mean(diag H)
     block_size: int = 128  # GPTQ lazy-batch width
@@ -45,6 +47,12 @@ class PTQSpec:
     awq_grid: int = 20  # AWQ: alpha grid points in [0, 1]
     awq_clip: bool = True  # AWQ: weight clipping search after scaling
     awq_tokens: int = 4096  # AWQ: calibration tokens used in the search
+    # DAQ + ABMP (Quant-dLLM; weight.bits = mean binary planes, weight.group_size = block)
+    daq_ratio: float = 0.1  # ABMP: fraction of blocks moved up (and down) one plane
+    daq_iters: int = 15  # RSR rounds (ARB-LLM's count)
+    daq_salient: float = 2.0  # DOR: weight lambda of salient weights (not published)
+    daq_data_weight: bool = True  # Omega_ij includes diag(H)_j (the MCS statistic)
+    daq_compensate: bool = True  # BiLLM/GPTQ-style error feedback between blocks
     chunk: int = 8  # calibration sequences per forward chunk
 
     def __post_init__(self):
@@ -53,7 +61,17 @@ class PTQSpec:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.method == "daq":
+            return self.daq_data_weight or self.daq_compensate or self.daq_ratio > 0
         return self.method != "rtn"
+
+
+def daq_settings(spec: PTQSpec) -> dict:
+    w = spec.weight
+    return dict(bits=w.bits, block_size=w.group_size, ratio=spec.daq_ratio,
+                iters=spec.daq_iters, salient=spec.daq_salient,
+                data_weight=spec.daq_data_weight, compensate=spec.daq_compensate,
+                damp=spec.damp)
 
 
 def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
@@ -89,6 +107,14 @@ def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
             layer_stats["awq"] = awq.quantize_block(block, runner, x, prefix, spec, pending,
                                                     seed=i)
             bar.update(len(GROUPS))
+        elif spec.method == "daq":
+            for group in GROUPS:
+                names = tuple(prefix + g for g in group)
+                _, grams = runner.run(x, names[:1], weighted=True)
+                layer_stats.setdefault("daq", {}).update(quantize_daq(
+                    block, group, grams[names[0]], inputs.weight_sum, pending,
+                    **daq_settings(spec)))
+                bar.update(1)
         else:
             for group in GROUPS:
                 names = tuple(prefix + g for g in group)

@@ -4,6 +4,7 @@ Codes are packed along the last axis into ``uint8`` words, little-endian, first 
 lowest bits. Every width uses whole bytes, so packed rows stay byte aligned:
 
     bits  codes per unit  unit        bits / weight
+    1     8               1 byte      1   (sign bit-planes; bit j = code j)
     8     1               1 byte      8
     4     2               1 byte      4   (low nibble = first code)
     2     4               1 byte      2
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int, UInt8
 
 # bits -> (codes per unit, bytes per unit)
-_UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+_UNITS = {1: (8, 1), 2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
 
 
 def _unit(bits: int) -> tuple[int, int]:
