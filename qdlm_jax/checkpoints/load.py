@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qdlm_jax.checkpoints import orbax_format as checkpoint
+from qdlm_jax.checkpoints import gptq_format, orbax_format as checkpoint
 from qdlm_jax.checkpoints.hf import load_hf_config, load_hf_params
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.models.config import ModelConfig
@@ -28,6 +28,8 @@ def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh
     sharding_fn = param_sharding(mesh) if mesh is not None else None
     if checkpoint.is_qdlm_checkpoint(p):
         return checkpoint.load_checkpoint(p, dtype=dtype, sharding_fn=sharding_fn)
+    if gptq_format.is_gptq_checkpoint(p):
+        return gptq_format.load_gptq(p)
     if (p / "config.json").is_file():
         return load_hf_params(p, dtype=dtype, sharding_fn=sharding_fn, progress=progress)
     raise CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging Face "

@@ -1,0 +1,181 @@
+"""The Hugging Face GPTQ checkpoint layout (what transformers' GPTQ integration, GPTQModel and
+vLLM load), written from and read into packed `QuantizedArray`s.
+
+Every quantized linear `P.weight` ([out, in] in the hub layout) becomes, with
+`pack = 32 // bits` values per int32 (bits 2, 4 or 8):
+
+    P.qweight  int32 [in // pack, out]      qweight[r, o]  = sum_j code[r*pack + j, o] << (bits*j)
+    P.qzeros   int32 [groups, out // pack]  qzeros[g, c]   = sum_j ((zero[g, c*pack + j] - 1)
+                                                                   mod 2**bits) << (bits*j)
+    P.scales   fp16  [groups, out]
+    P.g_idx    int32 [in]                   group of each input channel (i // group_size, or
+                                            the act-order permutation's groups)
+
+    W[o, i] = scales[g_idx[i], o] * (code[i, o] - zero[g_idx[i], o])
+
+The zero points are stored minus one (`checkpoint_format: "gptq"`, GPTQ's v1 layout that the
+loaders expect); a zero point of 0 (a group whose minimum is >= 0, rare for weights) wraps to
+2**bits - 1, which this reader undoes but v1 kernels read as 2**bits. Everything else (the
+embedding, norms, LM head, biases) keeps the hub names and its dtype. `config.json` carries
+`quantization_config` = {quant_method: "gptq", bits, group_size (-1: per channel),
+desc_act, sym, checkpoint_format: "gptq"}. Scales are stored in fp16 as the format requires
+(a bf16 or fp32 scale is rounded once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from qdlm_jax.checkpoints.hf import CheckpointDir, config_to_hf, key_map, read_tensors
+from qdlm_jax.checkpoints.safetensors_io import write_safetensors
+from qdlm_jax.errors import CheckpointError
+from qdlm_jax.fsutil import atomic_dir
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.params import ParamPath
+from qdlm_jax.quant.act_kernel import inner_weight
+from qdlm_jax.quant.qarray import QuantizedArray
+
+GPTQ_BITS = (2, 4, 8)
+
+
+def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """int32 [rows // pack, cols]: `pack` consecutive rows per int32, row j at bits*j."""
+    pack = 32 // bits
+    v = values.astype(np.uint32).reshape(values.shape[0] // pack, pack, values.shape[1])
+    out = np.zeros((v.shape[0], v.shape[2]), np.uint32)
+    for j in range(pack):
+        out |= v[:, j, :] << np.uint32(bits * j)
+    return out.view(np.int32)
+
+
+def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `pack_rows`: int32 [r, c] -> uint8 [r * pack, c]."""
+    pack = 32 // bits
+    p = packed.view(np.uint32)
+    mask = np.uint32((1 << bits) - 1)
+    out = np.stack([(p >> np.uint32(bits * j)) & mask for j in range(pack)], axis=1)
+    return out.reshape(p.shape[0] * pack, p.shape[1]).astype(np.uint8)
+
+
+def _linear_prefix(hf_name: str) -> str:
+    return hf_name[: -len(".weight")]
+
+
+def _quantized(params: dict) -> dict[ParamPath, QuantizedArray]:
+    return {p: inner_weight(v) for p, v in params.items()
+            if isinstance(inner_weight(v), QuantizedArray)}
+
+
+def quantization_config(params: dict) -> dict:
+    """The `quantization_config` of a packed model; one bits / group / symmetry for all."""
+    qs = list(_quantized(params).values())
+    if not qs:
+        raise CheckpointError("export --format gptq: the model has no quantized linear "
+                              "(quantize it first: qdlm quantize)")
+    kinds = {(q.bits, q.group_size if q.group_size != q.storage_shape[1] else -1, q.sym)
+             for q in qs}
+    if len(kinds) != 1:
+        raise CheckpointError(f"export --format gptq: linears mix settings {sorted(kinds)}; "
+                              "the GPTQ layout has one bits / group_size / sym per model")
+    bits, group, sym = kinds.pop()
+    if bits not in GPTQ_BITS:
+        raise CheckpointError(f"export --format gptq: {bits}-bit weights; the GPTQ layout "
+                              f"written here packs {GPTQ_BITS} bits (3-bit has no int32 "
+                              "boundary packing here)")
+    return {"quant_method": "gptq", "bits": bits, "group_size": group,
+            "desc_act": any(q.g_idx is not None for q in qs), "sym": bool(sym),
+            "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01,
+            "static_groups": False}
+
+
+def gptq_tensors(prefix: str, q: QuantizedArray) -> dict[str, np.ndarray]:
+    """The four GPTQ tensors of one packed linear (module docstring)."""
+    out_dim, n_in = q.storage_shape
+    codes = np.asarray(q.codes()).T  # [in, out]
+    zeros = np.asarray(q.zeros()).astype(np.int64).T  # [groups, out]
+    g_idx = (np.asarray(q.g_idx, np.int32) if q.g_idx is not None
+             else (np.arange(n_in) // q.group_size).astype(np.int32))
+    stored_zeros = (zeros - 1) % (1 << q.bits)
+    return {f"{prefix}.qweight": pack_rows(codes, q.bits),
+            f"{prefix}.qzeros": pack_rows(stored_zeros.T, q.bits).T.copy(),
+            f"{prefix}.scales": np.asarray(q.scale, np.float32).T.astype(np.float16),
+            f"{prefix}.g_idx": g_idx}
+
+
+def save_gptq(config: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
+              extra_files: Iterable[Path] = (), overwrite: bool = False) -> Path:
+    """Writes the packed model in the GPTQ layout (one safetensors file + config.json)."""
+    qcfg = quantization_config(params)
+    quantized = _quantized(params)
+    tensors: dict[str, np.ndarray] = {}
+    for m in key_map(config):
+        v = params[m.path]
+        if m.path in quantized:
+            tensors.update(gptq_tensors(_linear_prefix(m.hf_name), quantized[m.path]))
+            continue
+        arr = np.asarray(inner_weight(v))
+        tensors[m.hf_name] = np.ascontiguousarray(arr.T if m.transpose else arr)
+    with atomic_dir(out_dir, overwrite=overwrite, extra_files=extra_files) as tmp:
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        hf = config_to_hf(config)
+        hf["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    return Path(out_dir).absolute()
+
+
+def is_gptq_checkpoint(path: str | os.PathLike) -> bool:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        q = json.loads(f.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return q.get("quant_method") == "gptq"
+
+
+def load_gptq(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """A GPTQ-layout checkpoint as our params: packed `QuantizedArray`s for the quantized
+    linears, arrays for the rest."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    q = hf.get("quantization_config") or {}
+    bits, fmt = q.get("bits"), q.get("checkpoint_format", "gptq")
+    if bits not in GPTQ_BITS:
+        raise CheckpointError(f"{path}/config.json: quantization_config.bits={bits!r}; this "
+                              f"reader supports {GPTQ_BITS}")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{path}/config.json: checkpoint_format={fmt!r}; expected "
+                              "'gptq' or 'gptq_v2'")
+    ckpt = CheckpointDir(path)  # indexes the files; the float layout's checks are not run
+    config = ckpt.config
+    plain, params = [], {}
+    for m in key_map(config):
+        prefix = _linear_prefix(m.hf_name) if m.transpose else None
+        if prefix is None or f"{prefix}.qweight" not in ckpt.where:
+            if m.hf_name not in ckpt.where:
+                raise CheckpointError(f"{path}: missing tensor {m.hf_name!r} (and no "
+                                      f"{prefix}.qweight)")
+            plain.append(m)
+            continue
+        codes = unpack_rows(np.asarray(ckpt.get(f"{prefix}.qweight")), bits)  # [in, out]
+        scales = np.asarray(ckpt.get(f"{prefix}.scales"), np.float32)  # [groups, out]
+        zeros = unpack_rows(np.asarray(ckpt.get(f"{prefix}.qzeros")).T.copy(), bits).T
+        zeros = zeros.astype(np.int64)[:, : scales.shape[1]]
+        if fmt == "gptq":
+            zeros = (zeros + 1) % (1 << bits)
+        g_idx = np.asarray(ckpt.get(f"{prefix}.g_idx"), np.int32)
+        n_in, n_groups = codes.shape[0], scales.shape[0]
+        group = n_in // n_groups
+        contiguous = np.array_equal(g_idx, np.arange(n_in) // group)
+        sym = bool(q.get("sym", False)) and bool(np.all(zeros == 1 << (bits - 1)))
+        params[m.path] = QuantizedArray.from_codes(
+            codes.T, scales.T, zeros.T.astype(np.float32), bits=bits, group_size=group,
+            sym=sym, g_idx=None if contiguous else g_idx)
+    params.update(read_tensors(ckpt, plain))
+    return config, params

@@ -1,0 +1,37 @@
+"""qdlm export SRC DST --format gptq: a packed model in a serving engine's checkpoint layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "export"
+HELP = ("write a packed (quantized) model in the Hugging Face GPTQ layout that transformers, "
+        "GPTQModel and vLLM load; `qdlm convert` handles float checkpoints")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def add_arguments(p):
+    p.add_argument("src", help="a packed model (the model/ dir of a `qdlm quantize` run)")
+    p.add_argument("dst", help="output directory; written only if the export completes")
+    p.add_argument("--format", choices=("gptq",), default="gptq",
+                   help="checkpoint layout (default: gptq)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def run(args, overrides):
+    from qdlm_jax.checkpoints.gptq_format import quantization_config, save_gptq
+    from qdlm_jax.checkpoints.load import load_params
+    from qdlm_jax.errors import CheckpointError, ConfigOverrideError
+
+    if overrides:
+        raise ConfigOverrideError(f"{overrides[0]}: qdlm export takes no --config overrides")
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise CheckpointError(f"{dst}: already exists (use --overwrite to replace it)")
+    config, params = load_params(src)
+    extra = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    save_gptq(config, params, dst, extra_files=extra, overwrite=args.overwrite)
+    q = quantization_config(params)
+    print(f"exported {src} -> {dst} (GPTQ, {q['bits']}-bit, group {q['group_size']}, "
+          f"sym={q['sym']}, desc_act={q['desc_act']})")
+    return 0
