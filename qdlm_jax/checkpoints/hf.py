@@ -242,8 +242,22 @@ def load_hf_params(path: str | os.PathLike, *, dtype: str | None = None,
     else:
         target = np.dtype(jnp.dtype(dtype))
     config = config.replace(param_dtype=dtype, dtype=dtype)
+    params = read_tensors(ckpt, mappings, dtype=None if target is None else dtype,
+                          sharding_fn=sharding_fn, progress=progress)
+    return config, params
+
+
+def read_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping], *,
+                 dtype: str | None = None,
+                 sharding_fn: Callable[[ParamPath, tuple], jax.sharding.Sharding] | None = None,
+                 progress: bool = False) -> dict[ParamPath, jax.Array]:
+    """The tensors of `mappings` from the checkpoint's memory maps, one at a time, in our
+    layout ([in, out] kernels), optionally cast (float tensors only) and placed on their
+    shardings. Reading a subset (one block's tensors) touches only those bytes."""
+    target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     params = {}
-    for m in tqdm(mappings, desc=f"loading {ckpt.path.name}", disable=not progress, unit="t"):
+    for m in tqdm(list(mappings), desc=f"reading {ckpt.path.name}", disable=not progress,
+                  unit="tensor"):
         arr = ckpt.get(m.hf_name)
         if m.transpose:
             arr = arr.T
@@ -255,7 +269,7 @@ def load_hf_params(path: str | os.PathLike, *, dtype: str | None = None,
         else:
             params[m.path] = jnp.asarray(arr)
         del arr
-    return config, params
+    return params
 
 
 def _is_float(dt: np.dtype) -> bool:

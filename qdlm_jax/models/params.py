@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from qdlm_jax.models.config import ModelConfig
-from qdlm_jax.models.dllm import DLLM, abstract_model
+from qdlm_jax.models.dllm import DLLM, Block, abstract_model
 
 ParamPath = tuple  # e.g. ("layers", 3, "q_proj", "kernel"), as in nnx.to_pure_dict
 
@@ -58,4 +58,20 @@ def model_from_params(config: ModelConfig, params: dict[ParamPath, object]) -> D
     if missing or extra:
         raise KeyError(f"model_from_params: missing params {missing[:5]}, unexpected {extra[:5]}")
     nnx.replace_by_pure_dict(state, unflatten(params))
+    return nnx.merge(graphdef, state)
+
+
+def block_from_params(config: ModelConfig, index: int, params: dict[ParamPath, object]) -> Block:
+    """Transformer block `index` holding exactly `params` (keys `("layers", index, ...)`),
+    without building the rest of the model: the streaming pass holds one block at a time."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(config, index,
+                                                             rngs=nnx.Rngs(0))))
+    expected = flatten(nnx.to_pure_dict(state))
+    local = {p[2:]: v for p, v in params.items() if p[:2] == ("layers", index)}
+    missing = sorted(path_str(p) for p in expected if p not in local)
+    extra = sorted(path_str(p) for p in local if p not in expected)
+    if missing or extra or len(local) != len(params):
+        raise KeyError(f"block_from_params(layers.{index}): missing {missing[:5]}, "
+                       f"unexpected {extra[:5]}")
+    nnx.replace_by_pure_dict(state, unflatten(local))
     return nnx.merge(graphdef, state)

@@ -72,15 +72,21 @@ def placeholder_calibration(config: ModelConfig) -> CalibBatch:
 
 def block_inputs(embed: jax.Array, config: ModelConfig, calib: CalibBatch) -> BlockInputs:
     """Embeds the calibration ids (`embed` [V, D]) and prepares the block forward's inputs."""
-    ids = jnp.asarray(calib.ids)
-    n, t = ids.shape
+    x = jnp.take(embed, jnp.asarray(calib.ids), axis=0)
+    return block_inputs_from_x(x, config, calib)
+
+
+def block_inputs_from_x(x: jax.Array, config: ModelConfig, calib: CalibBatch) -> BlockInputs:
+    """The block forward's inputs around given first-block activations `x` [N, T, D] (the
+    streaming pass embeds only the calibration rows of a memory-mapped embedding)."""
+    n, t = calib.ids.shape
     mask = jnp.asarray(calib.attention_mask)
     key_bias = None if bool(jnp.all(mask == 1)) else jnp.where(
         mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     cos, sin = rope_angles(pos, config.head_dim, config.rope_theta)
-    x = jnp.take(embed, ids, axis=0).astype(config.compute_dtype)
-    return BlockInputs(x=x, key_bias=key_bias, cos=cos, sin=sin,
+    return BlockInputs(x=jnp.asarray(x).astype(config.compute_dtype), key_bias=key_bias,
+                       cos=cos, sin=sin,
                        token_weights=jnp.asarray(calib.token_weights, jnp.float32))
 
 

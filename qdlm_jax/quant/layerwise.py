@@ -21,15 +21,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import awq
-from qdlm_jax.quant.block import GROUPS, BlockRunner, block_inputs, install, quantize_gptq
-from qdlm_jax.quant.block import quantize_daq
+from qdlm_jax.quant.block import (GROUPS, BlockInputs, BlockRunner, block_inputs, install,
+                                  quantize_daq, quantize_gptq, stage, weight)
 from qdlm_jax.quant.calibration import CalibBatch
+from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 from qdlm_jax.quant.rtn import rtn_quantize_params
 
@@ -66,14 +68,6 @@ class PTQSpec:
         return self.method != "rtn"
 
 
-def daq_settings(spec: PTQSpec) -> dict:
-    w = spec.weight
-    return dict(bits=w.bits, block_size=w.group_size, ratio=spec.daq_ratio,
-                iters=spec.daq_iters, salient=spec.daq_salient,
-                data_weight=spec.daq_data_weight, compensate=spec.daq_compensate,
-                damp=spec.damp)
-
-
 def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
                    progress: bool = True) -> tuple[DLLM, dict]:
     """Returns (quantized model, stats). The input model is not modified.
@@ -95,40 +89,62 @@ def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
     inputs = block_inputs(qmodel.embed[...], config, calib)
     x = inputs.x
 
-    bar = tqdm(total=config.num_layers * len(GROUPS), unit="group", disable=not progress,
-               desc=f"{spec.method} W{spec.weight.bits} ({config.num_layers} blocks x "
-                    f"{len(GROUPS)} linear groups)")
+    bar = progress_bar(spec, config.num_layers, progress)
     for i, block in enumerate(qmodel.layers):
-        runner = BlockRunner(block, inputs, spec.chunk)
-        prefix = f"layers.{i}."
-        y_fp, _ = runner.run(x)
-        layer_stats, pending = {}, {}
-        if spec.method == "awq":
-            layer_stats["awq"] = awq.quantize_block(block, runner, x, prefix, spec, pending,
-                                                    seed=i)
-            bar.update(len(GROUPS))
-        elif spec.method == "daq":
-            for group in GROUPS:
-                names = tuple(prefix + g for g in group)
-                _, grams = runner.run(x, names[:1], weighted=True)
-                layer_stats.setdefault("daq", {}).update(quantize_daq(
-                    block, group, grams[names[0]], inputs.weight_sum, pending,
-                    **daq_settings(spec)))
-                bar.update(1)
-        else:
-            for group in GROUPS:
-                names = tuple(prefix + g for g in group)
-                _, grams = runner.run(x, names[:1], weighted=True)
-                quantize_gptq(block, group, grams[names[0]], inputs.weight_sum, spec.weight,
-                              pending, damp=spec.damp, block_size=spec.block_size,
-                              act_order=spec.act_order, static_groups=spec.static_groups)
-                bar.update(1)
-        x_next, _ = runner.run(x)
-        install(block, pending)
-        layer_stats["block_out_rel_err"] = float(jnp.linalg.norm(x_next - y_fp)
-                                                 / jnp.linalg.norm(y_fp))
-        stats["layers"][i] = layer_stats
-        x = x_next
+        x, stats["layers"][i] = quantize_block(block, inputs, x, i, spec, bar=bar)
     bar.close()
     stats["time_s"] = time.time() - t0
     return qmodel, stats
+
+
+def daq_settings(spec: PTQSpec) -> dict:
+    w = spec.weight
+    return dict(bits=w.bits, block_size=w.group_size, ratio=spec.daq_ratio,
+                iters=spec.daq_iters, salient=spec.daq_salient,
+                data_weight=spec.daq_data_weight, compensate=spec.daq_compensate,
+                damp=spec.damp)
+
+
+def progress_bar(spec: PTQSpec, num_layers: int, progress: bool = True):
+    return tqdm(total=num_layers * len(GROUPS), unit="group", disable=not progress,
+                desc=f"{spec.method} W{spec.weight.bits} ({num_layers} blocks x "
+                     f"{len(GROUPS)} linear groups)")
+
+
+def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
+                   bar=None) -> tuple[jax.Array, dict]:
+    """Quantizes one block in place on its calibration input `x` (the previous quantized
+    block's output); returns (this quantized block's output, its stats). RTN, GPTQ, AWQ,
+    DAQ."""
+    runner = BlockRunner(block, inputs, spec.chunk)
+    prefix = f"layers.{index}."
+    y_fp, _ = runner.run(x)
+    layer_stats, pending = {}, {}
+    if spec.method == "awq":
+        layer_stats["awq"] = awq.quantize_block(block, runner, x, prefix, spec, pending,
+                                                seed=index)
+    elif spec.method == "rtn":
+        for name in (n for g in GROUPS for n in g):
+            w = weight(block, name)
+            stage(block, name, QuantizedArray.quantize(w, spec.weight, scale_dtype=w.dtype),
+                  pending)
+    for group in GROUPS:
+        if spec.method == "daq":
+            names = tuple(prefix + g for g in group)
+            _, grams = runner.run(x, names[:1], weighted=True)
+            layer_stats.setdefault("daq", {}).update(quantize_daq(
+                block, group, grams[names[0]], inputs.weight_sum, pending,
+                **daq_settings(spec)))
+        if spec.method == "gptq":
+            names = tuple(prefix + g for g in group)
+            _, grams = runner.run(x, names[:1], weighted=True)
+            quantize_gptq(block, group, grams[names[0]], inputs.weight_sum, spec.weight,
+                          pending, damp=spec.damp, block_size=spec.block_size,
+                          act_order=spec.act_order, static_groups=spec.static_groups)
+        if bar is not None:
+            bar.update(1)
+    x_next, _ = runner.run(x)
+    install(block, pending)
+    layer_stats["block_out_rel_err"] = float(jnp.linalg.norm(x_next - y_fp)
+                                             / jnp.linalg.norm(y_fp))
+    return x_next, layer_stats

@@ -1,0 +1,158 @@
+"""Weight-only PTQ with memory bounded by one transformer block, resumable after a kill.
+
+    x_0 = embed[calibration ids]      (only those rows are read from the memory-mapped embedding)
+    for block i:
+        if work_dir/block_i is committed: read its packed weights and x_{i+1}; continue
+        read block i's tensors from the checkpoint's memory maps (float32)
+        quantize it on x_i exactly as the in-memory pass does (`layerwise.quantize_block`)
+        commit work_dir/block_i atomically: packed weights + x_{i+1} (temp dir + rename)
+        drop the block
+    final norm and LM head are read when the blocks are done
+
+Peak memory is one float block plus the calibration activations `[N, T, D]` plus the packed
+blocks already done (kept on disk, not in memory, until `assemble`). A killed run restarts at
+the first block without a committed directory; since each committed block stores the exact
+float32 activations it produced, the resumed run computes bit for bit what an uninterrupted
+run computes. `work_dir/state.json` records the settings; a work dir made with other settings
+is refused (not silently mixed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+import types
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qdlm_jax.checkpoints import orbax_format
+from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, key_map, read_tensors
+from qdlm_jax.errors import CheckpointError
+from qdlm_jax.fsutil import atomic_write_text
+from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.params import ParamPath, block_from_params, flatten
+from qdlm_jax.quant.block import block_inputs_from_x
+from qdlm_jax.quant.calibration import CalibBatch
+from qdlm_jax.quant.layerwise import PTQSpec, progress_bar, quantize_block
+
+ACTIVATIONS = "x_next.npy"
+
+
+def can_stream(model_path: str | Path) -> bool:
+    """Streaming reads a hub checkpoint directory's memory maps (not an orbax checkpoint)."""
+    p = Path(model_path)
+    return (p / "config.json").is_file() and not orbax_format.is_qdlm_checkpoint(p)
+
+
+def config_shim(config: ModelConfig):
+    """What `build_calibration` reads of a model for the clean and masked feeders."""
+    return types.SimpleNamespace(config=config)
+
+
+def _settings_hash(src: Path, calib: CalibBatch, spec: PTQSpec) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"src": str(src.resolve()), "spec": dataclasses.asdict(spec)},
+                        sort_keys=True, default=str).encode())
+    for a in (calib.ids, calib.attention_mask, calib.token_weights):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _block_mappings(mappings, index: int):
+    return [m for m in mappings if m.path[:2] == ("layers", index)]
+
+
+def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
+                       work_dir: str | Path, *, progress: bool = True,
+                       timings: dict | None = None) -> tuple[ModelConfig, dict]:
+    """Quantizes the hub checkpoint `src` block by block into `work_dir` (module docstring).
+    Returns (float32 compute config, stats). `timings`, when given, collects per-block seconds
+    for reading, quantizing (calibration forwards included) and writing."""
+    src, work = Path(src), Path(work_dir)
+    ckpt = CheckpointDir(src)
+    mappings = key_map(ckpt.config)
+    check_tensors(ckpt, mappings)
+    config = ckpt.config.replace(param_dtype="float32", dtype="float32")
+    state_file = work / "state.json"
+    settings = _settings_hash(src, calib, spec)
+    if state_file.is_file():
+        recorded = json.loads(state_file.read_text()).get("settings")
+        if recorded != settings:
+            raise CheckpointError(f"{work}: holds a streaming run with other settings "
+                                  f"({recorded} != {settings}); remove it or use another "
+                                  "out_dir")
+    else:
+        atomic_write_text(state_file, json.dumps({"settings": settings,
+                                                  "layers": config.num_layers}))
+    for leftover in list(work.glob(".block_*")) + list(work.glob(".staging_*")):
+        shutil.rmtree(leftover, ignore_errors=True)  # a killed run's unfinished temp dirs
+    stats = {"method": spec.method, "bits": spec.weight.bits,
+             "group_size": spec.weight.group_size, "sym": spec.weight.sym, "layers": {},
+             "resumed_at": None}
+    t0 = time.time()
+    embed = ckpt.get(next(m.hf_name for m in mappings if m.path == ("embed",)))
+    x = jnp.asarray(np.asarray(embed[np.asarray(calib.ids)], np.float32))  # only these rows
+    del embed
+    inputs = block_inputs_from_x(x, config, calib)
+    bar = progress_bar(spec, config.num_layers, progress)
+    for i in range(config.num_layers):
+        done = work / f"block_{i:04d}"
+        if (done / ACTIVATIONS).is_file():
+            x = jnp.asarray(np.load(done / ACTIVATIONS))
+            stats["layers"][i] = json.loads((done / "stats.json").read_text())
+            bar.update(bar.total // config.num_layers)
+            continue
+        if stats["resumed_at"] is None:
+            stats["resumed_at"] = i
+        t_read = time.time()
+        block = block_from_params(config, i, read_tensors(ckpt, _block_mappings(mappings, i),
+                                                          dtype="float32"))
+        t_quant = time.time()
+        x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar)
+        t_write = time.time()
+        params = {("layers", i) + p: v for p, v in flatten(
+            nnx.to_pure_dict(nnx.state(block, nnx.Param))).items()}
+        # The block's packed weights and the activations it produced appear together: the
+        # extra files are copied into the checkpoint's temp dir before its rename.
+        staging = work / f".staging_{i:04d}"
+        staging.mkdir(exist_ok=True)
+        np.save(staging / ACTIVATIONS, np.asarray(x))
+        (staging / "stats.json").write_text(json.dumps(layer_stats))
+        orbax_format.save_checkpoint(done, config, params, overwrite=True,
+                                     extra_files=[staging / ACTIVATIONS,
+                                                  staging / "stats.json"], meta={"block": i})
+        shutil.rmtree(staging)
+        stats["layers"][i] = layer_stats
+        if timings is not None:
+            timings.setdefault("blocks", []).append(
+                {"block": i, "read_s": t_quant - t_read, "quantize_s": t_write - t_quant,
+                 "write_s": time.time() - t_write})
+        del block, params
+    bar.close()
+    stats["time_s"] = time.time() - t0
+    return config, stats
+
+
+def assemble(src: str | Path, work_dir: str | Path) -> tuple[ModelConfig, dict]:
+    """(config in the source dtype, full params): the packed blocks of `work_dir` with the
+    source checkpoint's embedding, final norm and LM head (stored dtype)."""
+    src, work = Path(src), Path(work_dir)
+    ckpt = CheckpointDir(src)
+    mappings = key_map(ckpt.config)
+    outer = [m for m in mappings if m.path[0] != "layers"]
+    params: dict[ParamPath, object] = read_tensors(ckpt, outer)
+    for i in range(ckpt.config.num_layers):
+        done = work / f"block_{i:04d}"
+        if not (done / ACTIVATIONS).is_file():
+            raise CheckpointError(f"{done}: block {i} is not finished; run the quantization "
+                                  "again to resume it")
+        _, block_params = orbax_format.load_checkpoint(done)
+        params.update(block_params)
+    dtype = np.dtype(params[("embed",)].dtype).name
+    return ckpt.config.replace(param_dtype=dtype, dtype=dtype), params
