@@ -19,6 +19,16 @@ def get_config():
     # smoothquant | quarot | duquant, or with rtn / gptq as the untransformed baseline.
     c.act_bits = 16
     c.act = ml_collections.ConfigDict(dict(granularity="per_token", sym=True, clip_ratio=1.0))
+    # K/V quantization inside attention (keys after RoPE; quarot rotates q/k by a Hadamard
+    # first), for every weight-activation method: bits 16 = float | 8 | 4; granularity
+    # per_head (per token and head) | per_token_group (per channel over group_size tokens).
+    c.act.kv = ml_collections.ConfigDict(dict(bits=16, granularity="per_head", sym=False,
+                                              group_size=64))
+    # DLLMQuant's IA-AQ: per kv head, the clip ratio of V (and of K with keys=True) on a grid
+    # of `grid` points from 1.0 down to `lowest`, minimising the attention-output error
+    # weighted by each token's attention importance, on the calibration data.
+    c.act.iaaq = ml_collections.ConfigDict(dict(enabled=False, keys=False, grid=10,
+                                                lowest=0.55))
     c.wa = ml_collections.ConfigDict(dict(
         alpha=0.5,  # smoothing migration strength (smoothquant, duquant)
         weight_quantizer="rtn",  # rtn | gptq: how smoothquant/quarot/duquant round weights

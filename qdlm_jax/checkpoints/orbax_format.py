@@ -9,9 +9,9 @@ Layout of a checkpoint directory:
                        a DAQ kernel (`BinaryPlanesArray`) is a sub-tree {"signs", "row", "col",
                        "slot_block"} with static fields {"kind": "binary_planes", ...};
                        an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
-                       (array or packed sub-tree)[, "r1", "perm", "r2", "act_range"]} whose
-                       static fields ("kind": "act_kernel", transform kind, ActSpec) are in
-                       "quantized"
+                       (array or packed sub-tree)[, "r1", "perm", "r2", "act_range",
+                       "kv_clip"]} whose static fields ("kind": "act_kernel", transform kind,
+                       ActSpec, KVSpec and kv_rotate of K/V quantization) are in "quantized"
     tokenizer.json     (copied from the source when there is one)
 """
 
@@ -33,6 +33,7 @@ from qdlm_jax.models.params import ParamPath, parse_path, path_str
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.qarray import QuantizedArray
 
 CONFIG_FILE = "qdlm_config.json"
@@ -81,6 +82,11 @@ def _split_quantized(params):
                 static["act"] = dataclasses.asdict(v.act)
             if v.act_range is not None:
                 sub["act_range"] = v.act_range
+            if v.kv is not None:
+                static["kv"] = dataclasses.asdict(v.kv)
+                static["kv_rotate"] = v.kv_rotate
+            if v.kv_clip is not None:
+                sub["kv_clip"] = v.kv_clip
             tree[k], quantized[k] = sub, static
         else:
             tree[k] = v
@@ -105,7 +111,10 @@ def _join_quantized(v: dict, static: dict):
         transform = OnlineTransform(**{f: v[f] for f in ("r1", "perm", "r2") if f in v},
                                     **static["transform"])
     act = None if static["act"] is None else ActSpec(**static["act"])
-    return ActKernel(weight=weight, transform=transform, act_range=v.get("act_range"), act=act)
+    kv = None if static.get("kv") is None else KVSpec(**static["kv"])
+    return ActKernel(weight=weight, transform=transform, act_range=v.get("act_range"), act=act,
+                     kv=kv, kv_rotate=bool(static.get("kv_rotate", False)),
+                     kv_clip=v.get("kv_clip"))
 
 
 def save_checkpoint(path: str | os.PathLike, config: ModelConfig,

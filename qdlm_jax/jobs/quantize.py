@@ -22,6 +22,7 @@ from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.jobs.config_flags import project_path
 from qdlm_jax.quant.calibration import CalibSpec
 from qdlm_jax.quant.act_core import ActSpec
+from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec
 from qdlm_jax.quant.quantizer_core import QuantSpec
 from qdlm_jax.quant.wa import WA_METHODS, WASpec
@@ -73,6 +74,8 @@ class JobSpec:
         g = self.ptq.weight.group_size
         cal = self.calib.mode if self.needs_calibration else "nocal"
         a = "" if self.wa is None else f"a{self.act_bits}"
+        if self.wa is not None and self.wa.kv is not None:
+            a += f"kv{self.wa.kv.bits}" + ("-iaaq-" if self.wa.iaaq else "")
         return (f"{model_label(self.model)}-{self.method}-w{self.ptq.weight.bits}{a}g{g}-{cal}"
                 f"-{self.config_hash}")
 
@@ -87,7 +90,8 @@ def model_label(path: str) -> str:
 # Spec field -> the flag a user sets, for error messages that name the flag.
 _FLAG_NAMES = {"QuantSpec.": "--config.", "CalibSpec.mode": "--config.calibration",
                "CalibSpec.": "--config.calib.", "ActSpec.bits": "--config.act_bits",
-               "ActSpec.": "--config.act.", "PTQSpec.": "--config."}
+               "ActSpec.": "--config.act.", "KVSpec.": "--config.act.kv.",
+               "PTQSpec.": "--config."}
 
 
 def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
@@ -139,7 +143,18 @@ def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None
     act_bits = cfg.get("act_bits", 16)
     if act_bits not in (16, 8, 4):
         raise ValueError(f"--config.act_bits={act_bits!r}: expected 16 (float), 8 or 4")
+    kv_cfg = cfg.act.get("kv", None)
+    kv = None
+    if kv_cfg is not None and kv_cfg.bits != 16:
+        kv = KVSpec(bits=kv_cfg.bits, granularity=kv_cfg.granularity, sym=kv_cfg.sym,
+                    group_size=kv_cfg.group_size)
+    ia = cfg.act.get("iaaq", None)
     if cfg.method in METHODS and act_bits == 16:
+        if kv is not None or (ia is not None and ia.enabled):
+            raise ValueError("--config.act.kv.bits / --config.act.iaaq.enabled quantize keys "
+                             "and values of a weight-activation method: set "
+                             "--config.act_bits=8 or 4 (rtn, gptq, smoothquant, quarot, "
+                             "duquant)")
         return None
     if cfg.method in ("awq", "daq"):
         raise ValueError(f"--config.method={cfg.method} quantizes weights only; with "
@@ -155,7 +170,11 @@ def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None
     return WASpec(method=method, weight=weight, act=act, weight_quantizer=quantizer,
                   alpha=w.alpha, block=w.block, rotation_steps=w.rotation_steps,
                   online_heads=w.online_heads, quantize_lm_head=w.quantize_lm_head, seed=w.seed,
-                  damp=cfg.gptq.damp, block_size=cfg.gptq.block_size)
+                  damp=cfg.gptq.damp, block_size=cfg.gptq.block_size, kv=kv,
+                  iaaq=bool(ia is not None and ia.enabled),
+                  iaaq_keys=bool(ia is not None and ia.keys),
+                  iaaq_grid=10 if ia is None else ia.grid,
+                  iaaq_lowest=0.55 if ia is None else ia.lowest)
 
 
 def _check_widths(config, ptq: PTQSpec):
@@ -311,6 +330,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     result = {
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config, "family": model.config.family, "method": spec.method,
         "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
+        "kv_bits": 16 if spec.wa is None or spec.wa.kv is None else spec.wa.kv.bits,
+        "iaaq": bool(spec.wa is not None and spec.wa.iaaq),
         "group_size": spec.ptq.weight.group_size,
         "sym": spec.ptq.weight.sym, "calibration": spec.calib.mode if calib else "none",
         "calib_mask_ratio_mean": None if calib is None else float(calib.mask_ratio.mean()),
@@ -348,8 +369,9 @@ def _kl_text(q) -> str:
     return _pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
 
 
-def _act_text(act_bits: int) -> str:
-    return "float" if act_bits >= 16 else str(act_bits)
+def _act_text(act_bits: int, kv_bits: int = 16) -> str:
+    text = "float" if act_bits >= 16 else str(act_bits)
+    return text if kv_bits >= 16 else f"{text}, KV {kv_bits}"
 
 
 def report(results: list[dict]) -> str:
@@ -370,8 +392,10 @@ def report(results: list[dict]) -> str:
                          f"{_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | – | – |")
     for r in results:
         q = r["quantized"]
-        lines.append(f"| {Path(r['model']).name} | {r['method'].upper()} | {r['bits']} | "
-                     f"{_act_text(r.get('act_bits', 16))} | {r['group_size']} | "
+        label = r['method'].upper() + (" + IA-AQ" if r.get("iaaq") else "")
+        lines.append(f"| {Path(r['model']).name} | {label} | {r['bits']} | "
+                     f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16))} | "
+                     f"{r['group_size']} | "
                      f"{r['calibration']} | "
                      f"{_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
                      f"{q['ppl_bound']:.1f} | {_kl_text(q)} | "

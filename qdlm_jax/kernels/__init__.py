@@ -3,7 +3,8 @@ with an XLA path (everywhere) and Pallas kernels for TPU (Mosaic) and GPU (Trito
 
 Importing this package binds the quantized types to their ops in `qdlm_jax.models.project`:
 a linear layer whose kernel is a `QuantizedArray` or `BinaryPlanesArray` runs `qmatmul`, one whose kernel is an
-`ActKernel` runs its input stage and then projects with the inner weight. The quantized
+`ActKernel` runs its input stage and then projects with the inner weight (and, on k_proj /
+v_proj, its K/V quantization inside attention). The quantized
 types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
 `qdlm_jax.quant` imports this package first, so any quantized model finds its op, and the
 implementation setting (a JAX config state in the jit key) exists before the first trace.
@@ -15,13 +16,13 @@ from qdlm_jax.kernels.dispatch import (IMPLEMENTATIONS, Setting, current_setting
                                       platform_default, qmatmul, select_implementation,
                                       set_implementation, use_implementation)
 from qdlm_jax.models.project import register_kernel_type
-from qdlm_jax.quant.act_kernel import ActKernel, act_matmul, input_stage
+from qdlm_jax.quant.act_kernel import ActKernel, act_matmul, attention_stage, input_stage
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 
 register_kernel_type(QuantizedArray, qmatmul)
 register_kernel_type(BinaryPlanesArray, qmatmul)  # DAQ: served by the XLA path
-register_kernel_type(ActKernel, act_matmul, input_stage)
+register_kernel_type(ActKernel, act_matmul, input_stage, attention_stage)
 
 __all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "platform_default",
            "qmatmul", "quantize_activations", "select_implementation", "set_implementation",

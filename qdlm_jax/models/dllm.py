@@ -10,6 +10,8 @@ Block (pre-norm, Llama style), with bidirectional attention:
         inv_freq_j = theta^(-2j/hd), angles computed in fp32.
     Attn: softmax(q k^T / sqrt(hd) + key_padding_bias) v, GQA by sharing each k/v head
         across num_heads // num_kv_heads query heads; no causal mask.
+        A quantized model's k_proj / v_proj kernels may carry an attention stage
+        (`project.attention_stage`: K/V quantization after RoPE), run on q, k, v here.
 
 The model returns raw logits `[batch, seq, vocab]` for every family. Dream's right shift
 (position i predicted from output i-1) is applied by generation and scoring, not here.
@@ -26,7 +28,7 @@ from jaxtyping import Array, Float, Int
 
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.config import ModelConfig
-from qdlm_jax.models.project import prepare_input, project
+from qdlm_jax.models.project import attention_stage, prepare_input, project
 
 _INIT_STD = 0.02
 
@@ -117,6 +119,7 @@ class Block(nnx.Module):
         v = self.v_proj(x, capture).reshape(b, t, kv, hd)
         q = apply_rope(q, cos_q, sin_q, full_precision=c.rope_full_precision)
         k = apply_rope(k, cos, sin, full_precision=c.rope_full_precision)
+        q, k, v = attention_stage(q, k, v, self.k_proj.kernel[...], self.v_proj.kernel[...])
         q = q.reshape(b, tq, kv, group, hd)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
@@ -140,7 +143,7 @@ class Block(nnx.Module):
         v = self.v_proj(xn).reshape(b, t, kv, hd)
         q = apply_rope(q, cos, sin, full_precision=c.rope_full_precision)
         k = apply_rope(k, cos, sin, full_precision=c.rope_full_precision)
-        return q, k, v
+        return attention_stage(q, k, v, self.k_proj.kernel[...], self.v_proj.kernel[...])
 
     def attend(self, q, k, v, key_bias, dtype):
         """o_proj(softmax(q k^T / sqrt(hd) + key_bias) v): q [B, Tq, H, hd] over keys and

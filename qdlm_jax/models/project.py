@@ -16,20 +16,34 @@ import jax.numpy as jnp
 _KERNEL_MATMULS: dict[type, Callable[[jax.Array, Any], jax.Array]] = {}
 # ... and optionally an input stage: {type: fn(x, kernel) -> (x', inner kernel)}.
 _INPUT_STAGES: dict[type, Callable[[jax.Array, Any], tuple[jax.Array, Any]]] = {}
+# ... and optionally an attention stage, keyed by the k_proj / v_proj kernel type:
+# {type: fn(q, k, v, k_kernel, v_kernel) -> (q', k', v')} (K/V quantization, rotations).
+_ATTENTION_STAGES: dict[type, Callable] = {}
 
 
 def register_kernel_type(kernel_type: type, matmul: Callable[[jax.Array, Any], jax.Array],
                          input_stage: Callable[[jax.Array, Any], tuple[jax.Array, Any]]
-                         | None = None):
+                         | None = None, attention_stage: Callable | None = None):
     """Teaches `project` a new kernel type (e.g. a packed quantized weight).
 
     `input_stage(x, kernel) -> (x', inner)` is for kernels that transform their input first
     (an online rotation, activation quantization): `prepare_input` applies it, so a linear
     layer can record the input its weight really sees, then `project(x', inner)`.
+    `attention_stage(q, k, v, k_kernel, v_kernel) -> (q, k, v)` runs inside attention after
+    RoPE when the k_proj or v_proj kernel has this type (K/V quantization).
     """
     _KERNEL_MATMULS[kernel_type] = matmul
     if input_stage is not None:
         _INPUT_STAGES[kernel_type] = input_stage
+    if attention_stage is not None:
+        _ATTENTION_STAGES[kernel_type] = attention_stage
+
+
+def attention_stage(q, k, v, k_kernel: Any, v_kernel: Any):
+    """(q, k, v) after the stage registered for the k_proj or v_proj kernel's type (k after
+    RoPE); identity for plain kernels."""
+    stage = _ATTENTION_STAGES.get(type(k_kernel)) or _ATTENTION_STAGES.get(type(v_kernel))
+    return (q, k, v) if stage is None else stage(q, k, v, k_kernel, v_kernel)
 
 
 def prepare_input(x: jax.Array, kernel: Any) -> tuple[jax.Array, Any]:

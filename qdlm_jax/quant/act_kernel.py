@@ -16,6 +16,12 @@ leaves the float layer unchanged:
 
 The model's `Linear` calls `prepare_input`, which runs T and Q_a, records the result at the
 hook point and multiplies it by W through `project`.
+
+K/V quantization (`kv_core`) rides on the k_proj / v_proj kernels: `kv` (a `KVSpec`) and
+`kv_clip` (one clip ratio per kv head, IA-AQ's search result) on k_proj's kernel quantize the
+keys after RoPE, on v_proj's the values; `kv_rotate` on k_proj's kernel multiplies q and k by
+H_hd / sqrt(hd) first (QuaRot's online rotation of the keys; q k^T is unchanged). Attention
+calls `attention_stage` (registered with `project` by `qdlm_jax.kernels`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qdlm_jax.models.project import project
-from qdlm_jax.quant import act_core, hadamard_core
+from qdlm_jax.quant import act_core, hadamard_core, kv_core
 
 KINDS = ("hadamard", "hadamard_heads", "duquant")
 
@@ -80,7 +86,10 @@ class ActKernel:
     weight: Any
     transform: OnlineTransform | None = None
     act_range: jax.Array | None = None  # [2] = (lo, hi) for per-tensor static quantization
+    kv_clip: jax.Array | None = None  # [kv heads] clip ratios of this projection's K or V
     act: act_core.ActSpec | None = flax.struct.field(pytree_node=False, default=None)
+    kv: kv_core.KVSpec | None = flax.struct.field(pytree_node=False, default=None)
+    kv_rotate: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self):
@@ -113,6 +122,19 @@ def input_stage(x: jax.Array, k: ActKernel) -> tuple[jax.Array, Any]:
 def act_matmul(x: jax.Array, k: ActKernel) -> jax.Array:
     x, w = input_stage(x, k)
     return project(x, w)
+
+
+def attention_stage(q, k, v, k_kernel, v_kernel):
+    """(q, k, v) after QuaRot's key rotation and K/V fake quantization (module docstring);
+    q [B, Tq, H, hd], k and v [B, T, KV, hd], k after RoPE."""
+    if isinstance(k_kernel, ActKernel):
+        if k_kernel.kv_rotate:
+            q = hadamard_core.hadamard_transform(q)
+            k = hadamard_core.hadamard_transform(k)
+        k = kv_core.kv_fake_quant(k, k_kernel.kv, k_kernel.kv_clip)
+    if isinstance(v_kernel, ActKernel):
+        v = kv_core.kv_fake_quant(v, v_kernel.kv, v_kernel.kv_clip)
+    return q, k, v
 
 
 nnx.register_data_type(ActKernel)

@@ -13,26 +13,36 @@
                  really see (after the online transforms, activations in float)
         activations: every linear's input quantized per token (dynamic) or per tensor (static
                  range calibrated here), after its online transform
+        K/V (`kv`, every method): keys after RoPE and values quantized inside attention
+                 (`kv_core`); quarot first rotates q and k by H_hd online (`kv_rotate`);
+                 IA-AQ (`iaaq`) searches each kv head's clip ratio of V (and of K with
+                 `iaaq_keys`) against the importance-weighted attention-output error on
+                 the calibration inputs, with this block's quantized weights and inputs
         x_{i+1} = quantized block_i(x_i)
 
-The attention products (Q K^T, P V) stay in floating point, so queries, keys and values are
-never quantized; the LM head stays in floating point unless `quantize_lm_head`. With
-`weight=None` and `act=None` only the transforms are applied: the float model computes the
+The attention products (Q K^T, P V) are computed in floating point from the (fake-)
+quantized keys and values; queries and probabilities are not quantized. The LM head stays in
+floating point unless `quantize_lm_head`. With `weight=None` and `act=None` only the
+transforms are applied: the float model computes the
 same function (the invariance the tests check).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+
+import jax
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import get_params, model_from_params
-from qdlm_jax.quant import duquant_core, quarot, smoothquant_core
+from qdlm_jax.quant import duquant_core, kv_core, quarot, smoothquant_core
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform, inner_weight
 from qdlm_jax.quant.block import (GROUPS, PRODUCERS, BlockRunner, block_inputs, fold, foldable,
@@ -61,8 +71,17 @@ class WASpec:
     damp: float = 0.01  # GPTQ
     block_size: int = 128  # GPTQ
     chunk: int = 8  # calibration sequences per forward chunk
+    kv: kv_core.KVSpec | None = None  # K/V quantization inside attention (None: float)
+    kv_rotate: bool | None = None  # Hadamard on q, k before K quantization (None: quarot)
+    iaaq: bool = False  # DLLMQuant's IA-AQ clip search for V
+    iaaq_keys: bool = False  # ... and for K
+    iaaq_grid: int = 10  # clip ratios 1.0 .. iaaq_lowest
+    iaaq_lowest: float = 0.55
 
     def __post_init__(self):
+        if self.iaaq and self.kv is None:
+            raise ValueError("IA-AQ (iaaq=True) searches K/V quantization parameters: set "
+                             "the K/V bits (kv) to 8 or 4")
         if self.method not in WA_METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {WA_METHODS}")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
@@ -76,7 +95,12 @@ class WASpec:
         """Smoothing and DuQuant read activation ranges, GPTQ reads Hessians, static
         activation ranges are calibrated; RTN weights with dynamic activations need nothing."""
         return (self.method in ("smoothquant", "duquant") or self.weight_quantizer == "gptq"
-                or (self.act is not None and self.act.granularity == "per_tensor"))
+                or (self.act is not None and self.act.granularity == "per_tensor")
+                or self.iaaq)
+
+    @property
+    def rotate_keys(self) -> bool:
+        return self.method == "quarot" if self.kv_rotate is None else self.kv_rotate
 
 
 def _wrap_transform(block, name, t: OnlineTransform):
@@ -143,13 +167,75 @@ def _add_act_quant(block, runner, x, prefix, act: ActSpec):
         lin.kernel.value = base.replace(act=act, act_range=ranges.get(n))
 
 
+@functools.lru_cache(maxsize=16)
+def _qkv_fn(graphdef):
+    """jit: (block state, x, cos, sin) -> q, k (after RoPE and the block's attention
+    stage), v, as attention computes them."""
+
+    @jax.jit
+    def run(state, x, cos, sin):
+        block = nnx.merge(graphdef, state)
+        return block.qkv(block.attn_norm(x), cos, sin)
+
+    return run
+
+
+def _set_kv(lin, kv, clip, rotate=False):
+    k = lin.kernel[...]
+    base = k if isinstance(k, ActKernel) else ActKernel(weight=k)
+    lin.kernel.value = base.replace(kv=kv, kv_clip=clip, kv_rotate=rotate)
+
+
+def _add_kv_quant(block, inputs, x, spec: WASpec) -> dict:
+    """K/V quantization of one block; with IA-AQ, each kv head's clip ratios are searched on
+    the calibration inputs `x` (kv_core: importance-weighted attention-output error)."""
+    kv, rotate = spec.kv, spec.rotate_keys
+    if not spec.iaaq:
+        _set_kv(block.k_proj, kv, None, rotate)
+        _set_kv(block.v_proj, kv, None)
+        return {}
+    grid = kv_core.default_grid(spec.iaaq_grid, spec.iaaq_lowest)
+    _set_kv(block.k_proj, None, None, rotate)  # float q, k, v as attention will see them
+    _set_kv(block.v_proj, None, None)
+    graphdef, state = nnx.split(block)
+    fn = _qkv_fn(graphdef)
+    chunks = [(a, min(a + spec.chunk, x.shape[0])) for a in range(0, x.shape[0], spec.chunk)]
+
+    def parts(a, b):
+        q, k, v = fn(state, x[a:b], inputs.cos[a:b], inputs.sin[a:b])
+        bias = None if inputs.key_bias is None else inputs.key_bias[a:b]
+        return q, k, v, bias
+
+    info = {"grid": [float(g) for g in grid]}
+    n_kv = block.config.num_kv_heads
+    clip_k = jnp.ones((n_kv,), jnp.float32)
+    if spec.iaaq_keys:
+        err_k = sum(kv_core.k_errors(q, k, v, kv, grid, bias)
+                    for q, k, v, bias in (parts(a, b) for a, b in chunks))
+        clip_k = kv_core.best_clip(err_k, grid)
+        info["k_clip"] = np.asarray(clip_k).tolist()
+        info["k_err_ratio"] = float(jnp.sum(jnp.min(err_k, 0)) / jnp.sum(err_k[0]))
+    err_v = 0.0
+    for a, b in chunks:
+        q, k, v, bias = parts(a, b)
+        err_v = err_v + kv_core.v_errors(q, k, v, kv, grid, bias,
+                                         k_hat=kv_core.kv_fake_quant(k, kv, clip_k))
+    clip_v = kv_core.best_clip(err_v, grid)
+    info["v_clip"] = np.asarray(clip_v).tolist()
+    info["v_err_ratio"] = float(jnp.sum(jnp.min(err_v, 0)) / jnp.sum(err_v[0]))
+    _set_kv(block.k_proj, kv, clip_k if spec.iaaq_keys else None, rotate)
+    _set_kv(block.v_proj, kv, clip_v)
+    return info
+
+
 def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
                       progress: bool = True) -> tuple[DLLM, dict]:
     """Returns (transformed and quantized model, stats). The input model is not modified."""
     t0 = time.time()
     config = model.config
     stats = {"method": spec.method, "weight_bits": spec.weight and spec.weight.bits,
-             "act_bits": spec.act and spec.act.bits, "layers": {}}
+             "act_bits": spec.act and spec.act.bits, "kv_bits": spec.kv and spec.kv.bits,
+             "iaaq": spec.iaaq, "layers": {}}
     params = dict(get_params(model))
     if spec.method == "quarot":
         params, stats["quarot"] = quarot.rotate(params, config, seed=spec.seed,
@@ -174,6 +260,8 @@ def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
             install(block, pending)
         if spec.act is not None:
             _add_act_quant(block, runner, x, prefix, spec.act)
+        if spec.kv is not None:
+            layer_stats["kv"] = _add_kv_quant(block, inputs, x, spec)
         x, _ = runner.run(x)
         stats["layers"][i] = layer_stats
     if spec.quantize_lm_head and (spec.weight is not None or spec.act is not None):
