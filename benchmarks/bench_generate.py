@@ -2,6 +2,14 @@
 
     .venv/bin/python benchmarks/bench_generate.py            # batch 1 and 8
     .venv/bin/python benchmarks/bench_generate.py --batch 1 --steps 32   # quicker
+    .venv/bin/python benchmarks/bench_generate.py --modes    # Fast-dLLM decoding modes
+
+`--modes` (see `run_modes`) compares the decoding modes none / prefix / dual / dual + tau=0.9
+on the bundled trained tiny LLaDA (assets/tiny-llada; prompt 512, gen 256, block 32, steps
+256 by default): tokens/s, forward passes per generated token, and the same modes run by the
+eager PyTorch statement of Fast-dLLM's algorithm (tests/references/fast_dllm_reference.py) on
+the same weights, with whether the tokens agree. `--quant w4` runs ours on RTN W4 packed
+weights (g128) instead (the eager side stays fp32, so tokens are not compared).
 
 The model has the size of the project's tiny trained LLaDA (6 layers, width 256, 4 heads,
 SwiGLU 768, vocab 4096) with random weights, written once as a hub-layout checkpoint and
@@ -158,8 +166,93 @@ def run_batch(args, model, torch_model, batch):
                 **{f"bare[{k}]": best[k] for k in bare})
 
 
+MODES = (("none", "none", None), ("prefix", "prefix", None), ("dual", "dual", None),
+         ("dual+tau0.9", "dual", 0.9))
+
+
+def _mode_prompt(tokenizer_path, length, vocab, batch):
+    """`length` tokens of the bundled model card (repeated), so the trained model sees text."""
+    ids = []
+    try:
+        from tokenizers import Tokenizer
+        text = (Path(tokenizer_path).parent / "README.md").read_text()
+        ids = Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
+    except Exception:  # noqa: BLE001 - no tokenizer: random tokens
+        pass
+    if not ids:
+        ids = list(np.random.default_rng(0).integers(4, vocab, length))
+    ids = (ids * (length // len(ids) + 1))[:length]
+    return np.tile(np.asarray(ids, np.int32)[None], (batch, 1))
+
+
+def run_modes(args):
+    """none / prefix / dual / dual+tau: ours (jitted) and the eager Fast-dLLM statement."""
+    from qdlm_jax.inference.generate import generate_with_nfe
+    from tests.references.fast_dllm_reference import CachedLlama, fast_dllm_generate_ref
+
+    path = Path(args.model)
+    model = load_model(path, dtype="float32")
+    config = model.config
+    eager_model = CachedLlama(reference_model(path, config), config)
+    label = "fp32"
+    if args.quant == "w4":
+        from qdlm_jax.models.params import get_params, model_from_params
+        from qdlm_jax.quant import QuantSpec, rtn_quantize_params
+        qp = rtn_quantize_params(get_params(model), QuantSpec(bits=4, group_size=128))
+        model = model_from_params(config, qp)
+        label = "RTN W4 g128 packed"
+    torch.set_num_threads(args.threads or 1)
+    prompt = _mode_prompt(path / "tokenizer.json", args.prompt_len, config.vocab_size, 1)
+    n_tok = args.gen_length
+    print(f"model: {path} ({config.num_layers} layers, width {config.hidden_size}, vocab "
+          f"{config.vocab_size}), ours {label}; prompt {args.prompt_len}, gen "
+          f"{args.gen_length}, block {args.block_length}, steps {args.steps}, batch 1")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads); best of {args.repeats}")
+    rows = []
+    for name, cache, tau in MODES:
+        gen = GenerationConfig(steps=args.steps, gen_length=args.gen_length,
+                               block_length=args.block_length, cache=cache, threshold=tau)
+        t0 = time.perf_counter()
+        runner = compile_generate(model, prompt, config=gen)
+        compile_s = time.perf_counter() - t0
+        _, nfe = generate_with_nfe(model, prompt, config=gen)
+        ours_s, out = best_of(lambda: np.asarray(jax.block_until_ready(runner())),
+                              args.repeats)
+        row = dict(mode=name, compile=compile_s, ours=ours_s, nfe=int(nfe))
+        if not args.no_eager:
+            eager_s, (ref, ref_nfe) = best_of(lambda: fast_dllm_generate_ref(
+                eager_model, prompt, steps=args.steps, gen_length=args.gen_length,
+                block_length=args.block_length, mask_id=config.mask_token_id, cache=cache,
+                threshold=tau), 1)
+            row.update(eager=eager_s, eager_nfe=ref_nfe,
+                       same=float((ref.numpy() == out).mean()))
+        rows.append(row)
+        print(f"{name:>12}: compile {compile_s:6.2f}s  run {ours_s:7.3f}s  "
+              f"{n_tok / ours_s:8.1f} tok/s  {row['nfe'] / n_tok:.3f} fwd/token" +
+              (f"  | eager {row['eager']:7.3f}s {n_tok / row['eager']:7.1f} tok/s"
+               if 'eager' in row else ""), flush=True)
+    base = rows[0]["ours"]
+    print("\nsummary (tokens/s = gen_length / run time; speed-up vs our no-cache loop):")
+    print(f"{'mode':>12} {'ours tok/s':>11} {'speed-up':>9} {'fwd/token':>10} "
+          f"{'eager tok/s':>12} {'ours/eager':>10} {'same tokens':>12}")
+    for r in rows:
+        eager = (f"{n_tok / r['eager']:>12.1f} {r['eager'] / r['ours']:>9.2f}x "
+                 f"{r['same']:>12.1%}") if "eager" in r else ""
+        print(f"{r['mode']:>12} {n_tok / r['ours']:>11.1f} {base / r['ours']:>8.2f}x "
+              f"{r['nfe'] / n_tok:>10.3f} {eager}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", action="store_true",
+                   help="compare the decoding modes (cache / threshold) instead")
+    p.add_argument("--model", default=str(ROOT / "assets" / "tiny-llada"),
+                   help="--modes: hub-layout LLaDA checkpoint (default: the bundled tiny)")
+    p.add_argument("--quant", choices=("none", "w4"), default="none",
+                   help="--modes: run ours on RTN W4 packed weights")
+    p.add_argument("--no-eager", action="store_true", help="--modes: skip the eager side")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-length", type=int, default=128)
@@ -176,6 +269,11 @@ def main(argv=None):
                         "runs a forward pass fastest; OpenMP spinning makes more threads "
                         "much slower on a loaded machine)")
     args = p.parse_args(argv)
+    if args.modes:
+        for name, value in (("prompt_len", 512), ("gen_length", 256), ("steps", 256)):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+        return run_modes(args)
 
     config = bench_config(args)
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,10 +37,12 @@ LLaDA with Fast-dLLM decoding (`cache` != "none" or `threshold` set; NVlabs/Fast
     * The block's first step is a full forward that also returns every layer's keys (after
       RoPE) and values, `[layers, B, T, kv_heads, head_dim]`, into a buffer preallocated at
       full length (loop state, so updated in place at each block boundary).
-      `prefix`: later steps recompute the generated span [P, T) (a static-shape window) but
-      take the keys/values of every position before the block from the cache, which is
-      Fast-dLLM's forward of x[:, block_start:] over the cached prefix (the window's part
-      before the block is recomputed and discarded: the price of one static shape).
+      `prefix`: later steps compute the block and everything after it, taking the keys and
+      values of every position before the block from the cache: Fast-dLLM's forward of
+      x[:, block_start:] over the cached prefix. For static shapes the window is the last W
+      positions, W the smallest of block_length * 2^k (capped at gen_length) that covers the
+      block's suffix (one `lax.switch` branch per size); window positions before the block
+      read the cache too and their outputs are discarded.
       `dual`: later steps compute the block only; every other position's keys/values (prompt,
       decoded prefix and the masked suffix) come from the cache of the block's first step.
     * Left padding: the key-padding mask applies to cached keys as to fresh ones; positions

@@ -198,6 +198,16 @@ def _outputs(s, x, order, nfe):
     return out[0] if len(out) == 1 else out
 
 
+def prefix_windows(gen_length: int, block_length: int) -> list[int]:
+    """Window sizes of the prefix-cache forward: block_length * 2^k, capped at gen_length
+    (the suffix from a block on has gen_length - nb * block_length positions)."""
+    sizes, w = [], block_length
+    while w < gen_length:
+        sizes.append(w)
+        w *= 2
+    return sizes + [gen_length]
+
+
 def _llada_fast_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASettings):
     """Fast-dLLM's LLaDA decoding (see generate.py's docstring): blocks in a fori_loop, each
     block's steps in a while_loop that runs until no position of the block is masked in any
@@ -231,10 +241,22 @@ def _llada_fast_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASe
         h = model.hidden_states(x, mask, query_window=(start, lb))
         return model.logits(h).astype(jnp.float32)
 
+    # prefix: the window is the last W positions, W the smallest of `windows` that covers
+    # the block and everything after it; positions of the window before the block take the
+    # cached keys/values (their outputs are discarded). One branch per window size.
+    windows = prefix_windows(s.gen_length, lb)
+
+    def prefix_branch(w):
+        def run(x, start, kv):
+            ws = t_total - w
+            h = model.hidden_states_cached(x[:, ws:], ws, kv, mask, fresh_from=start)
+            return jax.lax.dynamic_slice_in_dim(h, start - ws, lb, axis=1)
+        return run
+
     def cached_logits(x, start, kv):
-        if s.cache == "prefix":  # window = the generated span; before the block: cached
-            h = model.hidden_states_cached(x[:, p:], p, kv, mask, fresh_from=start)
-            h = jax.lax.dynamic_slice_in_dim(h, start - p, lb, axis=1)
+        if s.cache == "prefix":
+            which = jnp.searchsorted(jnp.asarray(windows), t_total - start)
+            h = jax.lax.switch(which, [prefix_branch(w) for w in windows], x, start, kv)
         else:  # dual: window = the block; every other position: cached
             h = model.hidden_states_cached(jax.lax.dynamic_slice_in_dim(x, start, lb, axis=1),
                                            start, kv, mask)
