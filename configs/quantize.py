@@ -44,9 +44,10 @@ def get_config():
     c.awq = ml_collections.ConfigDict(dict(grid=20, clip=True, tokens=4096))
     # Quant-dLLM's DAQ + ABMP (docs/quantization.md): group_size is the ABMP/scale block;
     # abmp_ratio: fraction of blocks given one plane more (and as many one plane fewer;
-    # published: 0.05 LLaDA, 0.10 Dream); salient: DOR weight of salient weights.
+    # published: 0.05 LLaDA, 0.10 Dream); salient: DOR weight of salient weights;
+    # compensate: none | block | column (GPTQ's column loop with the DAQ codebook).
     c.daq = ml_collections.ConfigDict(dict(abmp_ratio=0.1, iters=15, salient=2.0,
-                                           data_weight=True, compensate=True))
+                                           data_weight=True, compensate="column"))
     c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
                                             skip_fp=False))
     c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)

@@ -234,7 +234,7 @@ def fold(block, group, producer, kind, s):
 
 def quantize_daq(block, names, gram, weight_sum: float, pending: dict, *, bits: int,
                  block_size: int, ratio: float, iters: int, salient: float,
-                 data_weight: bool, compensate: bool, damp: float) -> dict:
+                 data_weight: bool, compensate: str, damp: float) -> dict:
     """DAQ + ABMP (`daq_core`) on linears that share one input, from its token-weighted Gram
     matrix; packed `BinaryPlanesArray`s are staged into `pending`. Returns per-linear stats
     (planes per block, bits per weight with scales, weighted objective)."""

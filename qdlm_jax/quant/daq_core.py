@@ -44,10 +44,19 @@ the mean is exactly ``p`` planes (``p = bits = 2``: 3 / 2 / 1 planes). Published
 (LLaDA), 10% (Dream).
 
 Error compensation [choice; inferred from Quant-dLLM's ``bigptq_arb.py``, built on BiLLM /
-ARB-LLM]: blocks are fitted left to right as in GPTQ's lazy batches; after block b is fitted
-(``E = W_b - W_hat_b``), the block's rounding error moves onto the later columns with the
-OBS update ``W[:, after] -= (E U_bb^-1) U[b, after]`` -- the same update GPTQ's in-block
-column loop makes when the block's values are fixed in advance (BiLLM's procedure).
+ARB-LLM, which run inside GPTQ's loop]: blocks are fitted left to right as in GPTQ's lazy
+batches, each on its current (already compensated) weights, and the error moves onto the
+not-yet-quantized columns with the rows of U (``compensate``):
+
+    "block":  the block's planes are fixed as fitted (``E = W_b - W_hat_b``) and
+              ``W[:, after] -= (E U_bb^-1) U[b, after]`` -- the update GPTQ's column loop
+              makes when the block's values are fixed in advance (BiLLM's procedure)
+    "column": the scales r, c are fitted on the block-start weights, then GPTQ's column loop
+              runs with the DAQ codebook: column j's signs are the best of the 2^K
+              combinations for the current w_j (values sum_k s_k r_k[i] c_k[j]),
+              e_j = (w_j - q_j) / U_jj, ``w_l -= e_j U_jl`` for the later columns l of the
+              block, and ``W[:, after] -= E U[b, after]`` after the block (default)
+    "none":   blocks fitted independently
 """
 
 from __future__ import annotations
@@ -192,6 +201,40 @@ def allocate_planes(scores, *, bits: int, ratio: float) -> np.ndarray:
     return planes
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def column_signs(w1, u1, row, col, *, k: int):
+    """GPTQ's column loop over one block with the DAQ codebook (``compensate="column"``).
+    w1 [out, g] block-start weights, u1 [g, g] the block of U, row [K, out], col [K, g].
+    Returns (signs [K, out, g], q [out, g], err [out, g] = the e_j columns)."""
+    out, g = w1.shape
+    combos = jnp.asarray(list(itertools.product((-1.0, 1.0), repeat=k)), jnp.float32)
+    cols = jnp.arange(g)
+
+    def step(w, j):
+        wj = w[:, j]
+        values = combos @ (row * col[:, j][:, None])  # [2^K, out]
+        best = jnp.argmin(jnp.abs(wj[None, :] - values), axis=0)
+        qj = jnp.take_along_axis(values, best[None, :], axis=0)[0]
+        e = (wj - qj) / u1[j, j]
+        w = w - jnp.where((cols > j)[None, :], e[:, None] * u1[j][None, :], 0.0)
+        return w, (combos[best], qj, e)
+
+    _, (signs, q, err) = jax.lax.scan(step, w1.astype(jnp.float32), cols)
+    return jnp.transpose(signs, (2, 1, 0)), q.T, err.T
+
+
+@jax.jit
+def _propagate(w, err, u, start, stop):
+    """W[:, stop:] -= err U[b, stop:] (err: the block's e_j columns)."""
+    g = err.shape[1]
+    rows = jax.lax.dynamic_slice_in_dim(u, start, g, axis=0)
+    after = (jnp.arange(w.shape[1]) >= stop)[None, :]
+    return w - jnp.where(after, err @ rows, 0.0)
+
+
+COMPENSATE = ("none", "block", "column")
+
+
 class DAQResult(NamedTuple):
     planes: np.ndarray  # [G] planes per block
     signs: jax.Array  # [S, out, g] +-1 float, S = sum(planes), slots in block order
@@ -224,11 +267,14 @@ def _compensate(w, e, u, start, stop):
 
 def daq_quantize(w: Float[Array, "out in"], h: Float[Array, "in in"] | None, *,
                  bits: int = 2, block: int = 128, ratio: float = 0.1, iters: int = 15,
-                 salient: float = 2.0, data_weight: bool = True, compensate: bool = True,
+                 salient: float = 2.0, data_weight: bool = True,
+                 compensate: str = "column",
                  damp: float = 0.01, scale_dtype=jnp.float16) -> DAQResult:
     """DAQ + ABMP of ``w[out, in]`` with the input Hessian `h` (None: no data: Omega from
     the weights alone, Z = W^2, no compensation). Returns the planes with scales rounded to
     `scale_dtype` and the reconstruction from them (what the packed weight computes)."""
+    if compensate not in COMPENSATE:
+        raise ValueError(f"DAQ compensate={compensate!r}: expected one of {COMPENSATE}")
     w = jnp.asarray(w, jnp.float32)
     out, n_in = w.shape
     g = n_in if block == -1 else block
@@ -242,7 +288,7 @@ def daq_quantize(w: Float[Array, "out in"], h: Float[Array, "in in"] | None, *,
         hd = jnp.diag(h)
     else:
         u, d, hd = None, jnp.ones(n_in, jnp.float32), jnp.ones(n_in, jnp.float32)
-        compensate = False
+        compensate = "none"
     z_all = (w / d[None, :]) ** 2
     planes = allocate_planes(np.asarray(z_all.reshape(out, n_blocks, g).sum(axis=(0, 2))),
                              bits=bits, ratio=ratio)
@@ -256,10 +302,17 @@ def daq_quantize(w: Float[Array, "out in"], h: Float[Array, "in in"] | None, *,
         fit = balance(fit_planes(wb, omega, k=int(planes[b]), iters=iters))
         fit = fit._replace(row=fit.row.astype(scale_dtype).astype(jnp.float32),
                            col=fit.col.astype(scale_dtype).astype(jnp.float32))
-        qb = reconstruct(fit.signs, fit.row, fit.col)
+        if compensate == "column":
+            u_bb = u[lo:hi, lo:hi]
+            signs_b, qb, err = column_signs(wb, u_bb, fit.row, fit.col, k=int(planes[b]))
+            fit = fit._replace(signs=signs_b)
+            if hi < n_in:
+                w = _propagate(w, err, u, lo, hi)
+        else:
+            qb = reconstruct(fit.signs, fit.row, fit.col)
+            if compensate == "block" and hi < n_in:
+                w = _compensate(w, wb - qb, u, lo, hi)
         total += float(objective(wb, omega, fit))
-        if compensate and hi < n_in:
-            w = _compensate(w, wb - qb, u, lo, hi)
         signs.append(fit.signs)
         rows.append(fit.row)
         cols.append(fit.col)

@@ -54,17 +54,21 @@ class PTQSpec:
     daq_iters: int = 15  # RSR rounds (ARB-LLM's count)
     daq_salient: float = 2.0  # DOR: weight lambda of salient weights (not published)
     daq_data_weight: bool = True  # Omega_ij includes diag(H)_j (the MCS statistic)
-    daq_compensate: bool = True  # BiLLM/GPTQ-style error feedback between blocks
+    daq_compensate: str = "column"  # GPTQ-style error feedback: none | block | column
     chunk: int = 8  # calibration sequences per forward chunk
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.daq_compensate not in ("none", "block", "column"):
+            raise ValueError(f"daq_compensate={self.daq_compensate!r}: expected none, block "
+                             "or column")
 
     @property
     def needs_calibration(self) -> bool:
         if self.method == "daq":
-            return self.daq_data_weight or self.daq_compensate or self.daq_ratio > 0
+            return (self.daq_data_weight or self.daq_compensate != "none"
+                    or self.daq_ratio > 0)
         return self.method != "rtn"
 
 

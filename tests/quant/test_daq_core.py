@@ -123,9 +123,14 @@ def test_error_compensation_lowers_the_output_error():
     def err(r):
         return float(np.linalg.norm((np.asarray(w) - np.asarray(r.w_hat)) @ x.T))
 
-    plain = daq_core.daq_quantize(w, h, bits=2, block=128, compensate=False, ratio=0.0)
-    comp = daq_core.daq_quantize(w, h, bits=2, block=128, compensate=True, ratio=0.0)
+    plain = daq_core.daq_quantize(w, h, bits=2, block=128, compensate="none", ratio=0.0)
+    comp = daq_core.daq_quantize(w, h, bits=2, block=128, compensate="block", ratio=0.0)
     assert err(comp) < err(plain)
+    col = daq_core.daq_quantize(w, h, bits=2, block=128, compensate="column", ratio=0.0)
+    assert err(col) < err(plain)
+    q = BinaryPlanesArray.from_planes(col.signs, col.row, col.col, col.slot_block)
+    np.testing.assert_allclose(np.asarray(q.dequantize(jnp.float32)).T, np.asarray(col.w_hat),
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_driver_runs_saves_loads_and_beats_rtn_w2(tmp_path):
