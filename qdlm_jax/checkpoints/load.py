@@ -19,10 +19,42 @@ from qdlm_jax.models.sharding import param_sharding
 from qdlm_jax.quant.act_kernel import inner_weight
 
 
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as given, or a hub id ("GSAI-ML/LLaDA-8B-Instruct") resolved through
+    the Hugging Face cache (`HF_HUB_CACHE` / `HF_HOME`): the cached snapshot when present,
+    otherwise a download where a network exists (set `HF_HUB_OFFLINE=1` to never try)."""
+    p = Path(path_or_id)
+    text = str(path_or_id)
+    if p.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        return p
+    # The cache location is read now (huggingface_hub reads its variables once, at import).
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
+    try:
+        return Path(snapshot_download(text, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise CheckpointError(f"{text}: no such local directory, and not in the Hugging Face "
+                              "cache (HF_HUB_OFFLINE is set, so it is not downloaded)")
+    try:
+        return Path(snapshot_download(text, cache_dir=cache, allow_patterns=[
+            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.py"]))
+    except Exception as e:  # noqa: BLE001 (network, auth, missing repo: one clear line)
+        raise CheckpointError(f"{text}: no such local directory, not in the Hugging Face "
+                              f"cache, and the download failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
                 progress: bool = False):
-    """(config, flat params) from a HF checkpoint dir or a `qdlm convert` output."""
-    p = Path(path)
+    """(config, flat params) from a HF checkpoint dir, a hub id, or a `qdlm convert` output."""
+    p = resolve_checkpoint(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     sharding_fn = param_sharding(mesh) if mesh is not None else None
@@ -38,8 +70,9 @@ def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh
 
 def load_model(path: str | os.PathLike, *, dtype: str | None = None,
                mesh: Mesh | None = None, progress: bool = False) -> DLLM:
-    """Loads a model. `dtype` ("float32"/"bfloat16") sets both param and compute dtype;
-    `mesh` places every param straight onto its tensor-parallel sharding."""
+    """Loads a model from a local directory or a hub id (`resolve_checkpoint`). `dtype`
+    ("float32"/"bfloat16") sets both param and compute dtype; `mesh` places every param
+    straight onto its tensor-parallel sharding."""
     config, params = load_params(path, dtype=dtype, mesh=mesh, progress=progress)
     return model_from_params(config, params)
 
