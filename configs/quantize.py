@@ -51,4 +51,8 @@ def get_config():
     c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
                                             skip_fp=False))
     c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)
+    # auto | true | false: weight-only PTQ of a hub checkpoint block by block from its memory
+    # maps (memory bounded by one block, resumable after a kill); auto streams checkpoints
+    # over 2 GiB. Streaming never holds the fp model: fp figures and KL to fp are skipped.
+    c.stream = "auto"
     return c

@@ -42,6 +42,7 @@ class JobSpec:
     eval_arith_n: int
     skip_fp: bool
     save: bool
+    stream: str = "auto"  # "auto" | "true" | "false" (`use_streaming`)
     wa: WASpec | None = None  # weight-activation PTQ (activations quantized) when set
     config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
     overwrite: bool = False  # redo a finished run instead of reusing its results
@@ -133,8 +134,16 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
     return JobSpec(model=str(model), out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
                    eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
                    eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save,
+                   stream=_stream_setting(cfg.get("stream", "auto")),
                    wa=wa, config={**cfg.to_dict(), "model": str(model)},
                    overwrite=bool(cfg.get("overwrite", False)))
+
+
+def _stream_setting(value) -> str:
+    text = str(value).lower()
+    if text not in ("auto", "true", "false"):
+        raise ConfigOverrideError(f"--config.stream={value!r}: expected auto, true or false")
+    return text
 
 
 def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None:
@@ -221,22 +230,115 @@ def unigram_reference(model_path: str) -> float | None:
         return None
 
 
+def calibration_windows(tokenizer, spec: JobSpec):
+    """The calibration split's token windows [n_samples, seq_len] (BOS/EOS framed)."""
+    from qdlm_jax.data.tokenizer import special_token_ids
+    special = special_token_ids(tokenizer)
+    docs = sources.load_split(spec.source, "calib", seed=0)
+    return sources.token_windows(docs, tokenizer, spec.calib.seq_len, bos_id=special.bos,
+                                 eos_id=special.eos, max_windows=spec.calib.n_samples)
+
+
+def use_streaming(spec: JobSpec) -> bool:
+    """`stream`: "true", "false", or "auto" = a weight-only method on a hub checkpoint
+    directory of more than 2 GiB (the in-memory pass also gives fp figures and KL to fp)."""
+    from qdlm_jax.quant.streaming import can_stream
+    if spec.stream == "false":
+        return False
+    possible = spec.wa is None and can_stream(spec.model)
+    if spec.stream == "true":
+        if not possible:
+            raise ConfigOverrideError(
+                f"--config.stream=true: streaming quantizes weight-only methods (rtn, gptq, "
+                f"awq, daq) of a hub checkpoint directory; {spec.model} with method="
+                f"{spec.method} act_bits={spec.act_bits} is not one (use --config.stream=false)")
+        return True
+    size = sum(f.stat().st_size for f in Path(spec.model).glob("*") if f.is_file())
+    return possible and size > 2 * 2**30
+
+
+def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
+    """The job with `quant.streaming`: the fp model is never resident (fp figures and KL to fp
+    are skipped); the packed model is assembled, evaluated and saved."""
+    import jax.numpy as jnp
+
+    from qdlm_jax.checkpoints.hf import load_hf_config
+    from qdlm_jax.checkpoints.load import param_summary
+    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.evals.basic import heldout_windows
+    from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.models.params import model_from_params
+    from qdlm_jax.quant.calibration import build_calibration
+    from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming
+
+    if spec.calib.mode == "trajectory" or spec.calib.certainty_weights:
+        raise ConfigOverrideError("--config.stream: trajectory calibration and certainty "
+                                  "weights run the fp model, which streaming never holds; use "
+                                  "--config.calibration=clean|masked or --config.stream=false")
+    config = load_hf_config(Path(spec.model) / "config.json")
+    _check_widths(config, spec.ptq)
+    tok_path = Path(spec.model) / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path)
+    print(f"[quantize] {spec.model}: {config.family}, streaming {spec.method} "
+          f"W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size} calibration={spec.calib.mode}"
+          f" -> {run_dir} (fp figures and KL to fp are skipped: the fp model is never "
+          "resident; --config.stream=false computes them)")
+    calib = build_calibration(config_shim(config), calibration_windows(tokenizer, spec),
+                              spec.calib)
+    t_q = time.time()
+    _, qstats = quantize_streaming(spec.model, calib, spec.ptq, run_dir / "blocks")
+    quant_s = time.time() - t_q
+    cfg, params = assemble(spec.model, run_dir / "blocks")
+    stored = {p: v.astype(cfg.param_dtype) if hasattr(v, "dtype") and isinstance(
+        v, jnp.ndarray) and jnp.issubdtype(v.dtype, jnp.floating) else v
+        for p, v in params.items()}
+    del params
+    q = None
+    if spec.eval_windows:
+        windows = heldout_windows(tokenizer, source=spec.source, seq_len=spec.calib.seq_len,
+                                  n_windows=spec.eval_windows)
+        print("[quantize] evaluating the quantized model")
+        q = evaluate(model_from_params(cfg, stored), tokenizer, windows, spec)
+    summary = param_summary(stored)
+    linear = param_summary({p: v for p, v in stored.items() if not isinstance(v, jnp.ndarray)})
+    result = {
+        "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
+        "family": cfg.family, "method": spec.method, "bits": spec.ptq.weight.bits,
+        "act_bits": 16, "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
+        "calibration": spec.calib.mode if spec.needs_calibration else "none",
+        "streaming": True, "fp": None, "quantized": q, "quantize_s": quant_s,
+        "unigram_bits_per_token": unigram_reference(spec.model),
+        "packed_bytes": summary["bytes"], "bytes_vs_bf16": summary["bytes"] /
+        summary["bf16_bytes"], "linear_bytes_vs_bf16": linear["bytes"] / linear["bf16_bytes"],
+        "total_s": time.time() - t0,
+        "stats": qstats,
+    }
+    if spec.save:
+        save_checkpoint(run_dir / "model", cfg, stored, overwrite=True, extra_files=[tok_path],
+                        meta={**{k: result[k] for k in ("method", "bits", "act_bits",
+                                                        "group_size", "sym", "calibration")},
+                              "config_hash": spec.config_hash})
+    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+    if q is not None:
+        atomic_write_text(run_dir / "report.md", report([result]))
+        print(report([result]))
+    print(f"[quantize] streamed {cfg.num_layers} blocks in {quant_s:.1f}s; packed model "
+          f"{summary['bytes'] / 2**20:.1f} MiB ({result['bytes_vs_bf16']:.2f}x bf16) -> "
+          f"{run_dir}")
+    return result
+
+
 def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
     """The job's calibration + layer-wise quantization (shared with `qdlm study`):
     returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
     from qdlm_jax.quant.calibration import build_calibration
-    from qdlm_jax.data.tokenizer import special_token_ids
     from qdlm_jax.quant.layerwise import quantize_model
     from qdlm_jax.quant.wa import quantize_model_wa
 
     calib = None
     if spec.needs_calibration:
-        special = special_token_ids(tokenizer)
-        calib_docs = sources.load_split(spec.source, "calib", seed=0)
-        calib_windows = sources.token_windows(calib_docs, tokenizer, spec.calib.seq_len,
-                                              bos_id=special.bos, eos_id=special.eos,
-                                              max_windows=spec.calib.n_samples)
-        calib = build_calibration(model, calib_windows, spec.calib)
+        calib = build_calibration(model, calibration_windows(tokenizer, spec), spec.calib)
     t_q = time.time()
     if spec.wa is not None:
         qmodel, qstats = quantize_model_wa(model, calib, spec.wa)
@@ -285,6 +387,11 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
               "results (--config.overwrite=true runs it again)")
         return json.loads((run_dir / "results.json").read_text())
     t0 = time.time()
+    if use_streaming(spec):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2,
+                                                              default=str))
+        return run_streaming(spec, run_dir, t0)
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)

@@ -115,14 +115,31 @@ def progress_bar(spec: PTQSpec, num_layers: int, progress: bool = True):
                      f"{len(GROUPS)} linear groups)")
 
 
+class _Timer:
+    """Seconds per phase, accumulated into a dict (outputs are waited on, so the asynchronous
+    dispatch does not move time between phases). A no-op without a dict."""
+
+    def __init__(self, into: dict | None):
+        self.into = into
+
+    def __call__(self, phase: str, fn, *args, **kwargs):
+        if self.into is None:
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        self.into[phase] = self.into.get(phase, 0.0) + time.perf_counter() - t
+        return out
+
+
 def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
-                   bar=None) -> tuple[jax.Array, dict]:
+                   bar=None, timings: dict | None = None) -> tuple[jax.Array, dict]:
     """Quantizes one block in place on its calibration input `x` (the previous quantized
     block's output); returns (this quantized block's output, its stats). RTN, GPTQ, AWQ,
     DAQ."""
     runner = BlockRunner(block, inputs, spec.chunk)
-    prefix = f"layers.{index}."
-    y_fp, _ = runner.run(x)
+    timed = _Timer(timings)  # forward_s: plain block forwards; capture_s: forwards that
+    prefix = f"layers.{index}."  # capture a group's Gram matrix; gptq_s: GPTQ + packing
+    y_fp, _ = timed("forward_s", runner.run, x)
     layer_stats, pending = {}, {}
     if spec.method == "awq":
         layer_stats["awq"] = awq.quantize_block(block, runner, x, prefix, spec, pending,
@@ -141,13 +158,14 @@ def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
                 **daq_settings(spec)))
         if spec.method == "gptq":
             names = tuple(prefix + g for g in group)
-            _, grams = runner.run(x, names[:1], weighted=True)
-            quantize_gptq(block, group, grams[names[0]], inputs.weight_sum, spec.weight,
-                          pending, damp=spec.damp, block_size=spec.block_size,
-                          act_order=spec.act_order, static_groups=spec.static_groups)
+            _, grams = timed("capture_s", runner.run, x, names[:1], weighted=True)
+            timed("gptq_s", lambda: (quantize_gptq(
+                block, group, grams[names[0]], inputs.weight_sum, spec.weight, pending,
+                damp=spec.damp, block_size=spec.block_size, act_order=spec.act_order,
+                static_groups=spec.static_groups), [pending[n] for n in group])[1])
         if bar is not None:
             bar.update(1)
-    x_next, _ = runner.run(x)
+    x_next, _ = timed("forward_s", runner.run, x)
     install(block, pending)
     layer_stats["block_out_rel_err"] = float(jnp.linalg.norm(x_next - y_fp)
                                              / jnp.linalg.norm(y_fp))

@@ -114,7 +114,8 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         block = block_from_params(config, i, read_tensors(ckpt, _block_mappings(mappings, i),
                                                           dtype="float32"))
         t_quant = time.time()
-        x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar)
+        phases = {} if timings is not None else None
+        x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar, timings=phases)
         t_write = time.time()
         params = {("layers", i) + p: v for p, v in flatten(
             nnx.to_pure_dict(nnx.state(block, nnx.Param))).items()}
@@ -132,7 +133,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         if timings is not None:
             timings.setdefault("blocks", []).append(
                 {"block": i, "read_s": t_quant - t_read, "quantize_s": t_write - t_quant,
-                 "write_s": time.time() - t_write})
+                 "write_s": time.time() - t_write, **phases})
         del block, params
     bar.close()
     stats["time_s"] = time.time() - t0

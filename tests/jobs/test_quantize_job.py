@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from qdlm_jax.checkpoints.load import load_params, param_summary, quantization_banner
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
@@ -75,3 +76,33 @@ def test_fp_evaluation_is_cached_across_runs_and_tables_carry_errors(tmp_path, c
     table = quantize.report([first, second])
     assert " ± " in table and "one standard error" in table
     assert "unigram reference" in table  # the bundled model's card records it
+
+
+def test_streaming_job_saves_the_same_packed_model_as_the_in_memory_job(tmp_path, capsys):
+    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
+    common = ("--config.method=gptq", "--config.calibration=masked", "--config.calib.n_samples=8",
+              "--config.calib.seq_len=64")
+    streamed = run(_cfg(tmp_path / "s", *common, "--config.stream=true"))
+    assert "fp figures and KL to fp are skipped" in capsys.readouterr().out
+    assert streamed["streaming"] and streamed["fp"] is None
+    assert (Path(streamed["run_dir"]) / "blocks" / "block_0000" / "x_next.npy").is_file()
+    in_memory = run(_cfg(tmp_path / "m", *common, "--config.stream=false"))
+    _, a = load_checkpoint(Path(streamed["run_dir"]) / "model")
+    _, b = load_checkpoint(Path(in_memory["run_dir"]) / "model")
+    assert set(a) == set(b)
+    for path in a:
+        la, lb = jax.tree.leaves(a[path]), jax.tree.leaves(b[path])
+        assert len(la) == len(lb)
+        for x, y in zip(la, lb):
+            assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)), path
+
+
+def test_streaming_refuses_what_it_cannot_do(tmp_path, capsys):
+    import pytest
+    from qdlm_jax.errors import ConfigOverrideError
+    with pytest.raises(ConfigOverrideError, match="trajectory"):
+        run(_cfg(tmp_path, "--config.method=gptq", "--config.calibration=trajectory",
+                 "--config.stream=true"))
+    with pytest.raises(ConfigOverrideError, match="weight-only"):
+        run(_cfg(tmp_path, "--config.method=quarot", "--config.act_bits=8",
+                 "--config.group_size=-1", "--config.stream=true"))
