@@ -167,3 +167,13 @@ def test_cli_generate_with_cache_and_threshold(tmp_path, capsys):
                "--config.gen.gen_length=8", "--config.gen.cache=both"])
     assert rc == 2
     assert "cache='both'" in capsys.readouterr().err
+
+
+def test_eval_task_files_take_cache_and_threshold():
+    """`qdlm eval --task-file` reads a task's `gen` through GenerationConfig."""
+    from qdlm_jax.evals.tasks import task_from_mapping
+    spec = task_from_mapping({"base": "arithmetic", "name": "arithmetic_dual",
+                              "gen": {"cache": "dual", "threshold": 0.9}})
+    assert (spec.gen.cache, spec.gen.threshold) == ("dual", 0.9)
+    with pytest.raises(ValueError, match="threshold=2"):
+        task_from_mapping({"base": "arithmetic", "gen": {"threshold": 2}})
