@@ -177,3 +177,35 @@ def test_eval_task_files_take_cache_and_threshold():
     assert (spec.gen.cache, spec.gen.threshold) == ("dual", 0.9)
     with pytest.raises(ValueError, match="threshold=2"):
         task_from_mapping({"base": "arithmetic", "gen": {"threshold": 2}})
+
+
+def test_activation_quantized_model_runs_with_every_cache_setting(llada):
+    """QuaRot W4A4 (online Hadamards, per-token activation quantization): a window over a
+    cache filled from the same tokens gives the full pass's hidden states (the cached keys
+    and values come from the quantized projections), and every cache setting decodes; with
+    8-bit K/V quantization inside attention too."""
+    import jax.numpy as jnp
+
+    from qdlm_jax.quant.act_core import ActSpec
+    from qdlm_jax.quant.kv_core import KVSpec
+    from qdlm_jax.quant.quantizer_core import QuantSpec
+    from qdlm_jax.quant.wa import WASpec, quantize_model_wa
+    config, model, _ = llada
+    ids, mask = _prompts(config)
+    for kv in (None, KVSpec(bits=8)):
+        qmodel, _ = quantize_model_wa(model, None, WASpec(
+            method="quarot", weight=QuantSpec(bits=4, group_size=32), act=ActSpec(bits=4),
+            kv=kv), progress=False)
+        if kv is None:
+            x = jnp.asarray(np.concatenate([ids, np.full((2, 8), config.mask_token_id,
+                                                         np.int32)], 1))
+            m = jnp.asarray(np.concatenate([mask, np.ones((2, 8), np.int32)], 1))
+            full = qmodel.hidden_states(x, m)
+            _, cache = qmodel.hidden_states_with_kv(x, m)
+            win = qmodel.hidden_states_cached(x[:, P:P + 4], P, cache, m)
+            np.testing.assert_allclose(win, full[:, P:P + 4], atol=1e-4)
+        for cache in ("none", "prefix", "dual"):
+            out, nfe = _ours(qmodel, ids, mask, gen_length=8, steps=8, block_length=4,
+                             cache=cache, threshold=0.01)
+            np.testing.assert_array_equal(out[:, :P], ids)
+            assert not (out == config.mask_token_id).any() and 1 <= nfe <= 8
