@@ -24,10 +24,10 @@ def get_config():
     # per_head (per token and head) | per_token_group (per channel over group_size tokens).
     c.act.kv = ml_collections.ConfigDict(dict(bits=16, granularity="per_head", sym=False,
                                               group_size=64))
-    # DLLMQuant's IA-AQ: per kv head, the clip ratio of V (and of K with keys=True) on a grid
+    # DLLMQuant's IA-AQ: per kv head, the clip ratio of V (and of K with search_keys) on a grid
     # of `grid` points from 1.0 down to `lowest`, minimising the attention-output error
     # weighted by each token's attention importance, on the calibration data.
-    c.act.iaaq = ml_collections.ConfigDict(dict(enabled=False, keys=False, grid=10,
+    c.act.iaaq = ml_collections.ConfigDict(dict(enabled=False, search_keys=False, grid=10,
                                                 lowest=0.55))
     c.wa = ml_collections.ConfigDict(dict(
         alpha=0.5,  # smoothing migration strength (smoothquant, duquant)
@@ -45,9 +45,12 @@ def get_config():
     # Quant-dLLM's DAQ + ABMP (docs/quantization.md): group_size is the ABMP/scale block;
     # abmp_ratio: fraction of blocks given one plane more (and as many one plane fewer;
     # published: 0.05 LLaDA, 0.10 Dream); salient: DOR weight of salient weights;
-    # compensate: none | block | column (GPTQ's column loop with the DAQ codebook).
+    # compensate: none | block | column (GPTQ's column loop with the DAQ codebook); refit:
+    # scale refits to the values the column loop met; abmp_check: keep a matrix's ABMP
+    # allocation only if it lowers its output error against uniform planes.
     c.daq = ml_collections.ConfigDict(dict(abmp_ratio=0.1, iters=15, salient=2.0,
-                                           data_weight=True, compensate="column"))
+                                           data_weight=True, compensate="column", refit=1,
+                                           abmp_check=True))
     c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
                                             skip_fp=False))
     c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)

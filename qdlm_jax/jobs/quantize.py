@@ -122,7 +122,8 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                   awq_clip=cfg.awq.clip, awq_tokens=cfg.awq.tokens,
                   daq_ratio=cfg.daq.abmp_ratio, daq_iters=cfg.daq.iters,
                   daq_salient=cfg.daq.salient, daq_data_weight=cfg.daq.data_weight,
-                  daq_compensate=cfg.daq.compensate)
+                  daq_compensate=cfg.daq.compensate, daq_refit=cfg.daq.refit,
+                  daq_abmp_check=cfg.daq.abmp_check)
     c = cfg.calib
     calib = CalibSpec(mode=cfg.calibration, n_samples=c.n_samples, seq_len=c.seq_len,
                       prefix_frac=c.prefix_frac, certainty_weights=c.certainty_weights,
@@ -181,7 +182,7 @@ def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None
                   online_heads=w.online_heads, quantize_lm_head=w.quantize_lm_head, seed=w.seed,
                   damp=cfg.gptq.damp, block_size=cfg.gptq.block_size, kv=kv,
                   iaaq=bool(ia is not None and ia.enabled),
-                  iaaq_keys=bool(ia is not None and ia.keys),
+                  iaaq_keys=bool(ia is not None and ia.search_keys),
                   iaaq_grid=10 if ia is None else ia.grid,
                   iaaq_lowest=0.55 if ia is None else ia.lowest)
 

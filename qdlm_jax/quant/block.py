@@ -234,7 +234,8 @@ def fold(block, group, producer, kind, s):
 
 def quantize_daq(block, names, gram, weight_sum: float, pending: dict, *, bits: int,
                  block_size: int, ratio: float, iters: int, salient: float,
-                 data_weight: bool, compensate: str, damp: float) -> dict:
+                 data_weight: bool, compensate: str, damp: float, refit: int = 1,
+                 abmp_check: bool = True) -> dict:
     """DAQ + ABMP (`daq_core`) on linears that share one input, from its token-weighted Gram
     matrix; packed `BinaryPlanesArray`s are staged into `pending`. Returns per-linear stats
     (planes per block, bits per weight with scales, weighted objective)."""
@@ -245,7 +246,8 @@ def quantize_daq(block, names, gram, weight_sum: float, pending: dict, *, bits: 
         r = daq_core.daq_quantize(kernel.T.astype(jnp.float32), h, bits=bits,
                                   block=block_size, ratio=ratio, iters=iters,
                                   salient=salient, data_weight=data_weight,
-                                  compensate=compensate, damp=damp)
+                                  compensate=compensate, damp=damp, refit=refit,
+                                  abmp_check=abmp_check)
         q = BinaryPlanesArray.from_planes(r.signs, r.row, r.col, r.slot_block)
         stage(block, name, q, pending)
         info[name] = {"planes": r.planes.tolist(), "bits_per_weight": q.bits_per_weight,

@@ -55,8 +55,14 @@ not-yet-quantized columns with the rows of U (``compensate``):
               runs with the DAQ codebook: column j's signs are the best of the 2^K
               combinations for the current w_j (values sum_k s_k r_k[i] c_k[j]),
               e_j = (w_j - q_j) / U_jj, ``w_l -= e_j U_jl`` for the later columns l of the
-              block, and ``W[:, after] -= E U[b, after]`` after the block (default)
+              block, and ``W[:, after] -= E U[b, after]`` after the block (default);
+              with ``refit`` (default 1) the block's scales are then refitted by RSR to the
+              values the loop met (the compensated columns, which drift outside the
+              block-start range) and the loop runs again [choice]
     "none":   blocks fitted independently
+
+ABMP check [choice]: `daq_quantize` keeps the ABMP allocation of a matrix only if it gives a
+lower output error Tr(E H E^T) than the uniform allocation (see there).
 """
 
 from __future__ import annotations
@@ -235,6 +241,11 @@ def _propagate(w, err, u, start, stop):
 COMPENSATE = ("none", "block", "column")
 
 
+def _rounded(fit: PlaneFit, dtype) -> PlaneFit:
+    return fit._replace(row=fit.row.astype(dtype).astype(jnp.float32),
+                        col=fit.col.astype(dtype).astype(jnp.float32))
+
+
 class DAQResult(NamedTuple):
     planes: np.ndarray  # [G] planes per block
     signs: jax.Array  # [S, out, g] +-1 float, S = sum(planes), slots in block order
@@ -266,9 +277,30 @@ def _compensate(w, e, u, start, stop):
 
 
 def daq_quantize(w: Float[Array, "out in"], h: Float[Array, "in in"] | None, *,
+                 abmp_check: bool = True, **kw) -> DAQResult:
+    """DAQ + ABMP (`daq_planes`). With `abmp_check` and a Hessian, the ABMP allocation is
+    kept only where it lowers the layer's output error Tr((W - W_hat) H (W - W_hat)^T)
+    against the uniform allocation (every block `bits` planes) [choice: on the tiny models
+    a 128-column block is half of a 256-wide matrix, and one plane there can cost more than
+    the other block's third plane gains]."""
+    r = daq_planes(w, h, **kw)
+    if not abmp_check or h is None or np.all(r.planes == r.planes[0]):
+        return r
+    uniform = daq_planes(w, h, **{**kw, "ratio": 0.0})
+    hh = jnp.asarray(h, jnp.float32)
+    w32 = jnp.asarray(w, jnp.float32)
+
+    def err(res):
+        e = w32 - res.w_hat
+        return float(jnp.sum((e @ hh) * e))
+
+    return r if err(r) <= err(uniform) else uniform
+
+
+def daq_planes(w: Float[Array, "out in"], h: Float[Array, "in in"] | None, *,
                  bits: int = 2, block: int = 128, ratio: float = 0.1, iters: int = 15,
                  salient: float = 2.0, data_weight: bool = True,
-                 compensate: str = "column",
+                 compensate: str = "column", refit: int = 1,
                  damp: float = 0.01, scale_dtype=jnp.float16) -> DAQResult:
     """DAQ + ABMP of ``w[out, in]`` with the input Hessian `h` (None: no data: Omega from
     the weights alone, Z = W^2, no compensation). Returns the planes with scales rounded to
@@ -299,12 +331,17 @@ def daq_quantize(w: Float[Array, "out in"], h: Float[Array, "in in"] | None, *,
         lam = salient_weights((wb / d[None, lo:hi]) ** 2, salient)
         hb = hd[lo:hi] / jnp.mean(hd[lo:hi]) if data_weight else jnp.ones(g, jnp.float32)
         omega = hb[None, :] * lam * lam
-        fit = balance(fit_planes(wb, omega, k=int(planes[b]), iters=iters))
-        fit = fit._replace(row=fit.row.astype(scale_dtype).astype(jnp.float32),
-                           col=fit.col.astype(scale_dtype).astype(jnp.float32))
+        fit = _rounded(balance(fit_planes(wb, omega, k=int(planes[b]), iters=iters)),
+                       scale_dtype)
         if compensate == "column":
             u_bb = u[lo:hi, lo:hi]
             signs_b, qb, err = column_signs(wb, u_bb, fit.row, fit.col, k=int(planes[b]))
+            for _ in range(refit):  # scales refitted to the values the loop really met
+                met = qb + err * jnp.diag(u_bb)[None, :]
+                fit = _rounded(balance(fit_planes(met, omega, k=int(planes[b]),
+                                                  iters=iters)), scale_dtype)
+                signs_b, qb, err = column_signs(wb, u_bb, fit.row, fit.col,
+                                                k=int(planes[b]))
             fit = fit._replace(signs=signs_b)
             if hi < n_in:
                 w = _propagate(w, err, u, lo, hi)

@@ -55,6 +55,8 @@ class PTQSpec:
     daq_salient: float = 2.0  # DOR: weight lambda of salient weights (not published)
     daq_data_weight: bool = True  # Omega_ij includes diag(H)_j (the MCS statistic)
     daq_compensate: str = "column"  # GPTQ-style error feedback: none | block | column
+    daq_refit: int = 1  # column compensation: scale refits on the values the loop met
+    daq_abmp_check: bool = True  # keep ABMP only where it lowers the layer's output error
     chunk: int = 8  # calibration sequences per forward chunk
 
     def __post_init__(self):
@@ -106,7 +108,7 @@ def daq_settings(spec: PTQSpec) -> dict:
     return dict(bits=w.bits, block_size=w.group_size, ratio=spec.daq_ratio,
                 iters=spec.daq_iters, salient=spec.daq_salient,
                 data_weight=spec.daq_data_weight, compensate=spec.daq_compensate,
-                damp=spec.damp)
+                refit=spec.daq_refit, abmp_check=spec.daq_abmp_check, damp=spec.damp)
 
 
 def progress_bar(spec: PTQSpec, num_layers: int, progress: bool = True):
