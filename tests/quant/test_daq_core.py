@@ -165,3 +165,22 @@ def test_driver_runs_saves_loads_and_beats_rtn_w2(tmp_path):
     assert isinstance(loaded.layers[0].down_proj.kernel[...], BinaryPlanesArray)
     fwd = nnx.jit(lambda m, i: m(i))
     np.testing.assert_array_equal(np.asarray(fwd(loaded, ids)), np.asarray(fwd(q, ids)))
+
+
+def test_abmp_check_never_loses_to_uniform_planes():
+    rng = np.random.default_rng(11)
+    w = _w((16, 256), seed=11)
+    x = rng.normal(size=(300, 256)).astype(np.float32)
+    x[:, 130:] *= 0.05  # the second block's inputs barely matter
+    h = jnp.asarray(2 * x.T @ x / len(x))
+
+    def err(r):
+        e = np.asarray(w, np.float64) - np.asarray(r.w_hat, np.float64)
+        return float(np.sum((e @ np.asarray(h, np.float64)) * e))
+
+    checked = daq_core.daq_quantize(w, h, bits=2, block=128, ratio=0.5, iters=5)
+    uniform = daq_core.daq_quantize(w, h, bits=2, block=128, ratio=0.0, iters=5)
+    abmp = daq_core.daq_quantize(w, h, bits=2, block=128, ratio=0.5, iters=5,
+                                 abmp_check=False)
+    assert checked.planes.mean() == 2.0
+    assert err(checked) <= min(err(uniform), err(abmp)) * (1 + 1e-6)
