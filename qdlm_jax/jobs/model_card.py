@@ -3,8 +3,11 @@
 RUN_DIR is a `qdlm train` output (its `hf/` export, `summary.json`, `log.jsonl`,
 `loss.png`); DEST (e.g. `assets/tiny-llada`) receives config.json, model.safetensors,
 tokenizer.json, loss.png and a README.md model card with the measured figures:
-held-out masked-likelihood bound vs the unigram entropy of the train split, and held-out
-2-digit addition exact match through the denoising loop.
+held-out masked-likelihood bound vs the unigram entropy of the train split (and in bits per
+byte of text, which does not depend on the vocabulary), held-out 2-digit addition exact
+match through the denoising loop, and the synthetic tasks of `evals.tasks` (3-digit
+addition, synthetic code pass@1 in the sandbox, 4-way comparisons by Monte Carlo
+likelihood), each with its standard error.
 """
 
 from __future__ import annotations
@@ -20,13 +23,39 @@ import numpy as np
 
 from qdlm_jax import load_model
 from qdlm_jax.data.tokenizer import load_tokenizer
-from qdlm_jax.evals.basic import (ArithmeticEval, arithmetic_accuracy, heldout_bound,
-                                  heldout_windows, unigram_entropy)
+from qdlm_jax.evals.backends import TextModel
+from qdlm_jax.evals.basic import (ArithmeticEval, arithmetic_accuracy, binomial_se,
+                                  heldout_bound, heldout_windows, unigram_entropy)
+from qdlm_jax.evals.tasks import BUILTIN, run_task
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.dllm import count_params
 
 _LAYOUT = {"llada": "LLaDA (`model_type: llada`, `model.transformer.blocks.*` keys)",
            "dream": "Dream (`model_type: Dream`, Qwen2 `model.layers.*` keys, GQA, q/k/v biases)"}
+
+
+# The synthetic tasks of the card (evals.tasks built-ins; held-out items).
+SYNTHETIC = ("arithmetic_3digit", "synthetic_code", "synthetic_compare")
+
+
+def synthetic_scores(model, tokenizer, names=SYNTHETIC) -> dict:
+    """{task: {metric, value, se, n, examples}} of the synthetic built-in tasks."""
+    tm = TextModel(model, tokenizer)
+    out = {}
+    for name in names:
+        r = run_task(tm, BUILTIN[name], progress=False)
+        out[name] = {"metric": r["metric"], "value": r["value"],
+                     "se": binomial_se(r["value"], r["n"]), "n": r["n"],
+                     "examples": r.get("examples", [])[:3]}
+        print(f"[card] {name}: {r['metric']} {r['value']:.3f} (n={r['n']})", flush=True)
+    return out
+
+
+def bytes_per_token(tokenizer, windows) -> float:
+    """UTF-8 bytes of text per token of `windows` (special tokens count 0 bytes)."""
+    n_bytes = sum(len(tokenizer.decode([int(t) for t in w], skip_special_tokens=True)
+                      .encode("utf-8")) for w in windows)
+    return n_bytes / np.asarray(windows).size
 
 
 def evaluate(hf_dir: Path, train_dir: Path, *, n_windows: int, mc_num: int, n_arith: int):
@@ -39,11 +68,51 @@ def evaluate(hf_dir: Path, train_dir: Path, *, n_windows: int, mc_num: int, n_ar
     uni = unigram_entropy(train_windows, model.config.vocab_size)
     windows = heldout_windows(tokenizer, seq_len=seq_len, n_windows=n_windows)
     bound = heldout_bound(model, windows, mc_num=mc_num)
+    bpt = bytes_per_token(tokenizer, windows)
+    bound["bits_per_byte"] = bound["bits_per_token"] / bpt
+    uni["bits_per_byte"] = uni["bits_per_token"] / bpt
     arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=n_arith))
+    arith.setdefault("se", binomial_se(arith["accuracy"], arith["n"]))
+    synth = synthetic_scores(model, tokenizer)
     return {"params": count_params(model), "unigram_entropy": uni, "heldout_bound": bound,
             "bound_vs_unigram": bound["bits_per_token"] / uni["bits_per_token"] - 1.0,
-            "arithmetic_2digit_add": arith, "eval_time_s": time.time() - t0,
-            "train": summary}
+            "arithmetic_2digit_add": arith, "synthetic": synth,
+            "eval_time_s": time.time() - t0, "train": summary}
+
+
+ANSWER_FORMATS = [
+    "- Answer formats (the answer field of every task row is the answer's tokens, then EOS "
+    "up to its length; digits are single tokens):",
+    "  - arithmetic: `Question: 347+582=? Answer:` → ` 929` (most significant digit first, "
+    "no padding; answer field 8 tokens, generation length 8);",
+    "  - code: `def f(x):\\n    \"add 3, then multiply by 2\"\\n    return` → "
+    "` (x + 3) * 2` (every earlier step parenthesised; answer field 12 tokens);",
+    "  - comparisons: `Question: Which is the largest: 47, 83, 12, 55? Answer:` → ` 83` "
+    "(answer field 4 tokens; scored by the likelihood of each of the 4 options).",
+]
+
+
+def phase_lines(s: dict, c: dict) -> list[str]:
+    """Data mix and training time of each phase (a markdown table)."""
+    phases = s.get("phases")
+    if not phases:
+        return [f"- Data mix: `{c['data'].get('arith_frac', 0):.0%}` of rows packed "
+                "arithmetic problems, the rest Wikipedia windows."]
+    lines = ["- Data mix, phase by phase (task rows: `data.synthetic` train split; text rows: "
+             f"Wikipedia windows of {c['data']['seq_len']} tokens; task rows of "
+             f"{c['data']['task_seq_len']} tokens):", "",
+             "| steps | rows per step (text + task) | task mix (weights) | text tokens | "
+             "task rows seen | training time | final text / SFT loss (nats) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in phases:
+        mix = ", ".join(f"{k} {v:g}" for k, v in p["mix"].items())
+        tl = "–" if p["final_text_loss"] is None else f"{p['final_text_loss']:.3f}"
+        sl = "–" if p["final_sft_loss"] is None else f"{p['final_sft_loss']:.3f}"
+        lines.append(f"| {p['steps'][0]}–{p['steps'][1]} | {p['text_rows']} + "
+                     f"{p['task_rows']} | {mix} | {p['text_tokens'] / 1e6:.2f}M | "
+                     f"{p['task_rows_seen']:,} | {p['train_time_s'] / 60:.1f} min | "
+                     f"{tl} / {sl} |")
+    return lines + [""]
 
 
 def card(family: str, r: dict, note: str = "") -> str:
@@ -69,14 +138,18 @@ def card(family: str, r: dict, note: str = "") -> str:
         "## Data and training",
         "- English Wikipedia documents from the BIG-bench `paragraph_segmentation` task "
         "(fetched at run time from the `bigbench==1.0.0` sdist; train split of a "
-        "document-level 90/5/5 split), plus project-generated arithmetic problems "
-        f"(`{c['data']['arith_frac']:.0%}` of rows; held-out problems never trained on).",
+        "document-level 90/5/5 split), plus project-generated task rows (held-out items "
+        "never trained on: a salted hash of each item decides its split).",
+        *phase_lines(s, c),
+        *(ANSWER_FORMATS if s.get("phases") else []),
         f"- Objective: masked diffusion, p_mask=(1-ε)t+ε, loss on masked tokens / p_mask"
-        f"{' with logits shifted right by one (Dream)' if family == 'dream' else ''}.",
-        f"- {s['steps']} AdamW steps × {c['train']['batch_size']} × {c['data']['seq_len']} "
-        f"tokens = {s['tokens'] / 1e6:.2f}M tokens; peak lr {c['train']['lr']}, warmup "
-        f"{c['train']['warmup_steps']}, cosine decay; final training loss "
-        f"{s['final_loss']:.3f} nats.",
+        f"{' with logits shifted right by one (Dream)' if family == 'dream' else ''} on text "
+        "rows; LLaDA's SFT objective on task rows (prompt never masked, loss summed over "
+        "masked answer tokens / p_mask and divided by the answer length); the two weighted "
+        "by their share of the rows.",
+        f"- {s['steps']} AdamW steps, {s['tokens'] / 1e6:.2f}M tokens; peak lr "
+        f"{c['train']['lr']}, warmup {c['train']['warmup_steps']}, cosine decay to "
+        f"{c['train']['final_lr_frac']:g}× peak; final training loss {s['final_loss']:.3f} nats.",
         f"- Training time: {hours:.2f} h on a 2-core CPU, shared with a second training run "
         "(sum of logged intervals; pauses over 10 min left out).",
         *([f"- {note}"] if note else []),
@@ -91,7 +164,14 @@ def card(family: str, r: dict, note: str = "") -> str:
         f"{b['ppl_bound']:.1f}) |",
         f"| unigram entropy fitted on the train split | {u['bits_per_token']:.3f} bits/token |",
         f"| bound relative to unigram | {r['bound_vs_unigram']:+.1%} |",
-        f"| 2-digit addition exact match (n={a['n']}, greedy, 8 steps) | {a['accuracy']:.1%} |",
+        *([f"| bound / unigram in bits per byte of text | {b['bits_per_byte']:.3f} / "
+           f"{u['bits_per_byte']:.3f} |"] if "bits_per_byte" in b else []),
+        f"| 2-digit addition exact match (n={a['n']}, greedy, 8 steps) | {a['accuracy']:.1%}"
+        f"{' ± %.1f' % (100 * a['se']) if 'se' in a else ''} |",
+        *[f"| `{k}` {v['metric']} (n={v['n']}, held out) | {v['value']:.1%} ± "
+          f"{100 * v['se']:.1f} |" for k, v in r.get("synthetic", {}).items()],
+        "",
+        "± is one standard error.",
         "",
         "## Reproduce",
         "`make retrain-tiny` retrains both tiny models from scratch side by side and rewrites",
@@ -112,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("dest", type=Path)
     p.add_argument("--n-windows", type=int, default=32)
     p.add_argument("--mc-num", type=int, default=32)
-    p.add_argument("--n-arith", type=int, default=200)
+    p.add_argument("--n-arith", type=int, default=400)
     p.add_argument("--note", default="", help="markdown line added to 'Data and training'")
     args = p.parse_args(argv)
     hf = args.run_dir / "hf"

@@ -66,6 +66,9 @@ class TrainSpec:
     seed: int = 0
     ckpt_every: int = 200
     log_every: int = 10
+    # Predict token i from output i-1 (Dream's right shift); None = the family's own choice.
+    # Only the LLaDA-Dream gap experiment (training/gap_experiment.py) overrides it.
+    shift: bool | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "ckpt_every", "log_every"):
@@ -90,7 +93,7 @@ def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
 
 
 def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
-    shift = config.shift_logits
+    shift = config.shift_logits if spec.shift is None else spec.shift
 
     def loss_fn(params, tokens, maskable, key):
         model = nnx.merge(graphdef, params)
@@ -114,7 +117,7 @@ def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
 
 def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
     """The step of `MixedBatch` rows (see its docstring)."""
-    shift = config.shift_logits
+    shift = config.shift_logits if spec.shift is None else spec.shift
 
     def loss_fn(params, text, task, key):
         model = nnx.merge(graphdef, params)
