@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
     if not args.no_save:
         t2 = time.time()
         cfg, params = assemble(src, work)
-        stored = {k: (v.astype(cfg.param_dtype) if hasattr(v, "dtype") and
-                      getattr(v.dtype, "kind", "") == "f" else v) for k, v in params.items()}
+        stored = {k: v.astype(cfg.param_dtype) if isinstance(v, jax.Array) and
+                  jax.numpy.issubdtype(v.dtype, jax.numpy.floating) else v
+                  for k, v in params.items()}
         save_checkpoint(args.out / f"{name}-packed-w{args.bits}g{args.group}", cfg, stored,
                         overwrite=True)
         save_s = time.time() - t2

@@ -258,17 +258,25 @@ def read_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping], *,
     params = {}
     for m in tqdm(list(mappings), desc=f"reading {ckpt.path.name}", disable=not progress,
                   unit="tensor"):
-        arr = ckpt.get(m.hf_name)
+        view = ckpt.get(m.hf_name)  # a memory map: slicing it reads only those bytes
         if m.transpose:
-            arr = arr.T
-        if target is not None and arr.dtype != target and _is_float(arr.dtype):
-            arr = arr.astype(target)
-        arr = np.ascontiguousarray(arr)
-        if sharding_fn is not None:
-            params[m.path] = jax.device_put(arr, sharding_fn(m.path, arr.shape))
+            view = view.T
+
+        def host(index=(), view=view):
+            a = view[index]
+            if target is not None and a.dtype != target and _is_float(a.dtype):
+                a = a.astype(target)
+            return np.ascontiguousarray(a)
+
+        sharding = sharding_fn(m.path, view.shape) if sharding_fn is not None else None
+        if sharding is not None and not sharding.is_fully_addressable:
+            # Several processes on one global mesh: each reads only the slices it holds.
+            params[m.path] = jax.make_array_from_callback(view.shape, sharding, host)
+        elif sharding is not None:
+            params[m.path] = jax.device_put(host(), sharding)
         else:
-            params[m.path] = jnp.asarray(arr)
-        del arr
+            params[m.path] = jnp.asarray(host())
+        del view
     return params
 
 

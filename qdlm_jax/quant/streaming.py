@@ -73,7 +73,8 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
                        timings: dict | None = None) -> tuple[ModelConfig, dict]:
     """Quantizes the hub checkpoint `src` block by block into `work_dir` (module docstring).
     Returns (float32 compute config, stats). `timings`, when given, collects per-block seconds
-    for reading, quantizing (calibration forwards included) and writing."""
+    for reading, quantizing (forwards, Gram captures, GPTQ) and writing; each block's seconds
+    are also kept in its `stats.json`."""
     src, work = Path(src), Path(work_dir)
     ckpt = CheckpointDir(src)
     mappings = key_map(ckpt.config)
@@ -106,6 +107,9 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         if (done / ACTIVATIONS).is_file():
             x = jnp.asarray(np.load(done / ACTIVATIONS))
             stats["layers"][i] = json.loads((done / "stats.json").read_text())
+            if timings is not None:
+                timings.setdefault("blocks", []).append(
+                    {"block": i, "resumed": True, **stats["layers"][i].get("seconds", {})})
             bar.update(bar.total // config.num_layers)
             continue
         if stats["resumed_at"] is None:
@@ -114,9 +118,11 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         block = block_from_params(config, i, read_tensors(ckpt, _block_mappings(mappings, i),
                                                           dtype="float32"))
         t_quant = time.time()
-        phases = {} if timings is not None else None
+        phases: dict = {}
         x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar, timings=phases)
         t_write = time.time()
+        layer_stats["seconds"] = {"read_s": t_quant - t_read, "quantize_s": t_write - t_quant,
+                                  **phases}  # kept with the block: a resumed run reports it
         params = {("layers", i) + p: v for p, v in flatten(
             nnx.to_pure_dict(nnx.state(block, nnx.Param))).items()}
         # The block's packed weights and the activations it produced appear together: the
@@ -130,10 +136,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
                                                   staging / "stats.json"], meta={"block": i})
         shutil.rmtree(staging)
         stats["layers"][i] = layer_stats
-        if timings is not None:
-            timings.setdefault("blocks", []).append(
-                {"block": i, "read_s": t_quant - t_read, "quantize_s": t_write - t_quant,
-                 "write_s": time.time() - t_write, **phases})
+        layer_stats["seconds"]["write_s"] = time.time() - t_write
         del block, params
     bar.close()
     stats["time_s"] = time.time() - t0
