@@ -137,6 +137,8 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         shutil.rmtree(staging)
         stats["layers"][i] = layer_stats
         layer_stats["seconds"]["write_s"] = time.time() - t_write
+        if timings is not None:
+            timings.setdefault("blocks", []).append({"block": i, **layer_stats["seconds"]})
         del block, params
     bar.close()
     stats["time_s"] = time.time() - t0
