@@ -166,7 +166,7 @@ BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
              gen=ARITHMETIC_GEN, batch_size=50, extract="first", limit=400),
     CodeTask(name="synthetic_code", source="synthetic_code", gen=SYNTHETIC_CODE_GEN,
              stops=("\n",), batch_size=50, limit=200),
-    MCTask(name="synthetic_compare", path="synthetic:compare", mc_num=32, limit=200),
+    MCTask(name="synthetic_compare", path="synthetic:compare", limit=200),
 )}
 SYNTHETIC_TASKS = ("arithmetic", "arithmetic_3digit", "synthetic_code", "synthetic_compare")
 
