@@ -41,7 +41,7 @@ def get_config():
         certainty_weights=False, unmasked_weight=0.7, trajectory_steps=16, seed=0))
     c.gptq = ml_collections.ConfigDict(dict(damp=0.01, block_size=128, act_order=False,
                                             static_groups=False))
-    c.awq = ml_collections.ConfigDict(dict(grid=20, clip=True, tokens=4096))
+    c.awq = ml_collections.ConfigDict(dict(grid=20, clip=True))
     # Quant-dLLM's DAQ + ABMP (docs/quantization.md): group_size is the ABMP/scale block;
     # abmp_ratio: fraction of blocks given one plane more (and as many one plane fewer;
     # published: 0.05 LLaDA, 0.10 Dream); salient: DOR weight of salient weights;

@@ -257,8 +257,19 @@ def load_task_file(path) -> list[TaskSpec]:
 
 
 def spec_dict(spec: TaskSpec) -> dict:
-    """JSON-able fields of a spec (GenerationConfig expanded)."""
-    return json.loads(json.dumps(dataclasses.asdict(spec)))
+    """JSON-able fields of a spec (GenerationConfig expanded). Generation fields added after
+    a study was run are left out at their defaults (`cache`, `threshold`), so the study's
+    finished cells keep their keys."""
+    d = json.loads(json.dumps(dataclasses.asdict(spec)))
+    gen = d.get("gen")
+    if isinstance(gen, dict):
+        for name, default in _LATER_GEN_DEFAULTS.items():
+            if gen.get(name, default) == default:
+                gen.pop(name, None)
+    return d
+
+
+_LATER_GEN_DEFAULTS = {"cache": "none", "threshold": None}
 
 
 def spec_hash(spec: TaskSpec) -> str:

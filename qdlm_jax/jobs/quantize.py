@@ -119,7 +119,7 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                   damp=cfg.gptq.damp,
                   block_size=cfg.gptq.block_size, act_order=cfg.gptq.act_order,
                   static_groups=cfg.gptq.static_groups, awq_grid=cfg.awq.grid,
-                  awq_clip=cfg.awq.clip, awq_tokens=cfg.awq.tokens,
+                  awq_clip=cfg.awq.clip,
                   daq_ratio=cfg.daq.abmp_ratio, daq_iters=cfg.daq.iters,
                   daq_salient=cfg.daq.salient, daq_data_weight=cfg.daq.data_weight,
                   daq_compensate=cfg.daq.compensate, daq_refit=cfg.daq.refit,

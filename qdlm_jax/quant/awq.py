@@ -28,7 +28,7 @@ For one block, as llm-awq's `run_awq` does it for these two families in the QDLM
    codes, see awq_core).
 
 Token use: llm-awq's, all captured tokens for the scale search and every (n // 512)-th for
-the clip search (`PTQSpec.awq_tokens` is not read). These are static shapes already, so the
+the clip search. These are static shapes already, so the
 JAX form has no fixed-size resampling. What still differs from llm-awq:
 
 - Clip sampling for n < 512 tokens: llm-awq's slice step n // 512 is 0 there and it fails;

@@ -48,7 +48,6 @@ class PTQSpec:
     static_groups: bool = False  # GPTQ static groups
     awq_grid: int = 20  # AWQ: alpha grid points in [0, 1]
     awq_clip: bool = True  # AWQ: weight clipping search after scaling
-    awq_tokens: int = 4096  # AWQ: calibration tokens used in the search
     # DAQ + ABMP (Quant-dLLM; weight.bits = mean binary planes, weight.group_size = block)
     daq_ratio: float = 0.1  # ABMP: fraction of blocks moved up (and down) one plane
     daq_iters: int = 15  # RSR rounds (ARB-LLM's count)

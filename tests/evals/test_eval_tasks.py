@@ -109,3 +109,12 @@ def test_batched_bucketed_generation_equals_one_by_one(family, tiny_llada, tiny_
         out = np.asarray(generate(tm.model, ids, None, config=for_family(gen, family)))
         alone.append(tm.decode_completion(out[0, ids.shape[1]:]))
     assert batched == alone
+
+
+def test_generation_fields_added_later_keep_old_keys_at_their_defaults():
+    a = tasks.BUILTIN["arithmetic"]
+    assert "cache" not in tasks.spec_dict(a)["gen"] and "threshold" not in \
+        tasks.spec_dict(a)["gen"]
+    dual = dataclasses.replace(a, gen=dataclasses.replace(a.gen, cache="dual", threshold=0.9))
+    assert tasks.spec_dict(dual)["gen"]["cache"] == "dual"
+    assert tasks.spec_hash(dual) != tasks.spec_hash(a)

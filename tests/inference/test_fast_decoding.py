@@ -179,6 +179,7 @@ def test_eval_task_files_take_cache_and_threshold():
         task_from_mapping({"base": "arithmetic", "gen": {"threshold": 2}})
 
 
+@pytest.mark.slow
 def test_activation_quantized_model_runs_with_every_cache_setting(llada):
     """QuaRot W4A4 (online Hadamards, per-token activation quantization): a window over a
     cache filled from the same tokens gives the full pass's hidden states (the cached keys

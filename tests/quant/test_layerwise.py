@@ -157,7 +157,7 @@ def test_awq_driver_clips_neither_q_nor_k_and_uses_every_token(family, monkeypat
         return search_clip(xs, w, **kw)
 
     monkeypatch.setattr(awq, "_search_clip", spy)
-    spec = PTQSpec(method="awq", weight=QuantSpec(bits=4, group_size=64), awq_tokens=64)
+    spec = PTQSpec(method="awq", weight=QuantSpec(bits=4, group_size=64))
     pending = {}
     info = awq.quantize_block(block, runner, x, "layers.0.", spec, pending)
     c = block.config
@@ -165,7 +165,7 @@ def test_awq_driver_clips_neither_q_nor_k_and_uses_every_token(family, monkeypat
     d, kv, h, f = c.hidden_size, c.num_kv_heads * c.head_dim, c.num_heads * c.head_dim, \
         c.intermediate_size
     assert [w for _, w in seen] == [(kv, d), (d, h), (f, d), (f, d), (d, f)]
-    # all 8 x 32 captured tokens reach the search (not awq_tokens=64); search_clip itself
+    # all 8 x 32 captured tokens reach the search; search_clip itself
     # takes every (256 // 512 -> 1)-th of them
     assert all(n == 256 for n, _ in seen)
     assert set(pending) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
