@@ -225,5 +225,6 @@ def score_items(items: Sequence[MCItem], loglik: LoglikFn, *, seed: int = 0,
             examples.append({"prompt": it.prompt[-200:], "choices": list(it.choices),
                              "gold": it.gold, "pred": pred, "loglik": lls.round(4).tolist()})
     n = len(items)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n,
+    chance = float(np.mean([1.0 / len(it.choices) for it in items])) if n else 0.0
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n, "chance": chance,
             "time_s": time.time() - t0, "examples": examples}

@@ -266,6 +266,7 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                        "quant_hash": qhash, "task": task.name, "category": task.category,
                        "metric": r["metric"], "value": r["value"],
                        "higher_is_better": r["higher_is_better"], "n": r.get("n"),
+                       "se": r.get("se"), "chance": r.get("chance"),
                        "eval_s": time.time() - t1, "quantize_s": make_s,
                        "task_spec": spec_dict(task), "quantize_config": qcfg, "result": r}
                 append_line(path, rec)
@@ -355,7 +356,31 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
         cells = [_fmt(by.get((model, method, bits, act_bits, t.name))) for t in tasks]
         lines.append(f"| {model} | {'FP' if method == FP else method.upper()} | "
                      f"{_bits_cell(bits, act_bits)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines.append("| *reference* | chance | – | " + " | ".join(
+        _reference(t, records) for t in tasks) + " |")
+    models = sorted({r["model_name"]: r.get("model", r["model_name"]) for r in records}.items())
+    unigrams = [(name, _unigram(path)) for name, path in models]
+    notes = ["± is one standard error (over windows for the bound, binomial for accuracies); "
+             "chance for multiple choice is the mean of 1 / options over the items, for exact "
+             "match and pass@1 about 0."]
+    notes += [f"{name}: unigram reference {u:.3f} bits/token (its model card)."
+              for name, u in unigrams if u is not None]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def _reference(task: TaskSpec, records: list[dict]) -> str:
+    if not task.higher_is_better:
+        return "unigram: below"
+    chances = [r["chance"] for r in records
+               if r["task"] == task.name and r.get("chance") is not None]
+    if chances:
+        return f"{100 * chances[0]:.1f}"
+    return "–" if task.type == "multiple_choice" else "≈ 0"
+
+
+def _unigram(path: str) -> float | None:
+    from qdlm_jax.jobs.quantize import unigram_reference
+    return unigram_reference(path)
 
 
 def axis_limits(values: Sequence[float], *, percent: bool) -> tuple[float, float]:

@@ -69,6 +69,7 @@ def test_stub_likelihood_known_accuracy():
     items = [mc.MCItem("q1", ("aa", "a", "aaa"), 1), mc.MCItem("q2", ("bbb", "b"), 1),
              mc.MCItem("q3", ("c", "cccc"), 1), mc.MCItem("q4", ("dd", "d"), 0)]
     r = mc.score_items(items, lambda c, x, key: -float(len(x)), progress=False)
+    assert r["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2 + 1 / 2) / 4)  # 1/options
     assert r["acc"] == 0.5 and r["n"] == 4
     gold_only = [it for it in items if len(it.choices[it.gold]) == min(map(len, it.choices))]
     assert mc.score_items(gold_only, lambda c, x, key: -float(len(x)),

@@ -61,9 +61,11 @@ def test_full_run_table_and_plots(tmp_path):
     assert table[0].split("|")[4:8] == [" Language modelling ", " Multiple choice ",
                                         " Math ", " Code "]
     assert "**wikipedia_bound** (bits/tok ↓)" in table[2]
-    rows = [row.split("|")[2:4] for row in table[3:]]
+    end = next(i for i, row in enumerate(table) if row.startswith("| *reference*"))
+    rows = [row.split("|")[2:4] for row in table[3:end]]
     assert rows == [[" FP ", " – "], [" RTN ", " 8 "], [" RTN ", " 4 "], [" GPTQ ", " 8 "],
                     [" GPTQ ", " 4 "]]
+    assert "one standard error" in r["table"]
     assert table[3].split("|")[4:6] == [" 6.000 ", " 80.0 "]
     assert (Path(spec.out_dir) / "table.md").read_text() == r["table"]
     png = Path(r["plots"][0]).read_bytes()
@@ -162,7 +164,8 @@ def test_weight_activation_variants(tmp_path):
     assert r["ran"] == 6 * 2
     keys = {json.loads(x)["key"].split("|")[1:3] == ["rtn", "w4a4"] for x in lines(spec)}
     assert True in keys
-    rows = [row.split("|")[2:5] for row in r["table"].splitlines()[3:]]
+    rows = [row.split("|")[2:5] for row in r["table"].splitlines()[3:]
+            if row.startswith("|") and not row.startswith("| *reference*")]
     assert [[c.strip() for c in row] for row in rows] == [
         ["FP", "–", "80.0"], ["RTN", "4", "50.0"], ["RTN", "W8A8", "79.0"],
         ["RTN", "W4A4", "30.0"], ["QUAROT", "W8A8", "79.5"], ["QUAROT", "W4A4", "60.0"]]
