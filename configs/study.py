@@ -8,6 +8,13 @@ own defaults: see qdlm_jax/evals/tasks.py and docs/evaluation.md). Quick run:
 
     qdlm study --config configs/study.py --config.models=assets/tiny-llada \\
         --config.methods=rtn --config.bits=8,4 --config.out_dir=runs/study-smoke
+
+The 2-bit comparison of the dLLM-specific weight-only method (Quant-dLLM's DAQ + ABMP, an
+average of 2.0 binary planes) against RTN and GPTQ, with masked calibration:
+
+    qdlm study --config configs/study.py --config.methods=rtn,gptq,daq --config.bits=2 \\
+        --config.wa_methods= --config.quantize.calibration=masked --config.out_dir=runs/study-w2
+
 """
 
 import ml_collections
