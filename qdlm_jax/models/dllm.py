@@ -232,18 +232,7 @@ class DLLM(nnx.Module):
         the last layer's query, MLP and norm work elsewhere (a sampler that reads one block's
         logits needs nothing more). `start` may be traced; `n` must be static.
         """
-        c = self.config
-        b, t = input_ids.shape
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_angles(position_ids, c.head_dim, c.rope_theta)
-        key_bias = None
-        if attention_mask is not None:
-            # A large negative bias, not -inf: a fully padded row then gets uniform weights
-            # instead of NaN (its output is never read).
-            key_bias = jnp.where(attention_mask.astype(bool), 0.0,
-                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        x, cos, sin, key_bias = self._embed_and_mask(input_ids, attention_mask, position_ids)
         n_layers = len(self.layers)
         for i, layer in enumerate(self.layers):
             x = layer(x, key_bias, cos, sin, capture,
@@ -259,6 +248,8 @@ class DLLM(nnx.Module):
         cos, sin = rope_angles(position_ids, c.head_dim, c.rope_theta)
         key_bias = None
         if attention_mask is not None:
+            # A large negative bias, not -inf: a fully padded row then gets uniform weights
+            # instead of NaN (its output is never read).
             key_bias = jnp.where(attention_mask.astype(bool), 0.0,
                                  jnp.finfo(jnp.float32).min).astype(jnp.float32)
         return x, cos, sin, key_bias

@@ -101,11 +101,18 @@ def make_train_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
                                             keep_first=shift, loss_mask=maskable)
         return diffusion_loss(model(noisy), tokens, masked, p_mask, shift=shift)
 
+    return optimizer_step(loss_fn, tx)
+
+
+def optimizer_step(loss_fn, tx):
+    """jit: (state, *batch) -> (state, metrics) for `loss_fn(params, *batch, key) ->
+    (loss, metrics)`: one key split, gradients, an optax update, the gradient norm."""
+
     @jax.jit
-    def step(state, tokens, maskable):
+    def step(state, *batch):
         key, sub = jax.random.split(state["key"])
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens,
-                                                                         maskable, sub)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"],
+                                                                         *batch, sub)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -142,18 +149,7 @@ def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
         metrics["loss"] = loss
         return loss, metrics
 
-    @jax.jit
-    def step(state, text, task):
-        key, sub = jax.random.split(state["key"])
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], text,
-                                                                         task, sub)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                "key": key}, metrics
-
-    return step
+    return optimizer_step(loss_fn, tx)
 
 
 def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], out_dir: Path,
