@@ -1,22 +1,45 @@
 """Train the bundled tiny Dream-layout dLLM: `qdlm train --config configs/train_tiny_dream.py`.
 
-Same size, data mix and schedule as the tiny LLaDA; Dream's structure: GQA (2 kv heads), q/k/v
-biases, theta 1e6, and the right-shifted training objective.
+Same size, tokenizer and task rows as the tiny LLaDA; Dream's structure: GQA (2 kv heads),
+q/k/v biases, theta 1e6, and the right-shifted training objective. Its phases: the first
+sitting's mixed curriculum (steps 0-1000, `EASY` then `HARD`: too little of each task), then
+addition and subtraction with the budgets measured alone, then code and comparisons, then
+the text-heavy phase of the tiny LLaDA.
 """
 
 import importlib.util
 from pathlib import Path
 
 
-def get_config():
+def _llada():
     spec = importlib.util.spec_from_file_location(
         "train_tiny_llada", Path(__file__).with_name("train_tiny_llada.py"))
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
-    c = base.get_config()
+    return base
+
+
+_base = _llada()
+EASY = dict(add1=1.0, add2=3.0, compare=2.0, code1=2.0, code2=1.0)
+HARD = dict(add2=2.0, add3=3.0, compare=1.0, code1=0.5, code2=2.5)
+PHASES = [
+    dict(until=250, text_rows=8, task_rows=64, task_seq_len=34, mix=EASY),
+    dict(until=1000, text_rows=8, task_rows=64, task_seq_len=34, mix=HARD),
+    dict(until=2000, text_rows=16, task_rows=192, task_seq_len=_base.ARITH,
+         mix=dict(add2=3.0, sub2=2.0)),
+    dict(until=2400, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
+         mix=dict(code1=1.0, code2=3.0, compare=1.5, sub2=1.0, add2=1.0)),
+    dict(until=3400, text_rows=48, task_rows=64, task_seq_len=_base.LONG, mix=_base.ALL),
+]
+
+
+def get_config():
+    c = _base.get_config()
     c.family = "dream"
     c.out_dir = "runs/train_tiny_dream"
     c.model.num_kv_heads = 2
     c.model.rope_theta = 1e6
     c.model.rms_norm_eps = 1e-6
+    c.data.phases = PHASES
+    c.train.steps = PHASES[-1]["until"]
     return c

@@ -1,7 +1,8 @@
 """Synthetic tasks a tiny dLLM can learn on 2 CPU cores, one per evaluation category.
 
-* math: the arithmetic problems of :mod:`qdlm_jax.data.arithmetic` (2-digit addition, and the
-  harder split, 3-digit addition: ``Question: 347+582=? Answer: 929``).
+* math: the arithmetic problems of :mod:`qdlm_jax.data.arithmetic`: 2-digit addition, and
+  the harder splits, 2-digit subtraction with a non-negative result
+  (``Question: 83-47=? Answer: 36``) and 3-digit addition (``Question: 347+582=? Answer: 929``).
 * code (:class:`CodeProblem`): a short spec drawn from a grammar of integer operations, to be
   completed as the one-line body of a Python function::
 
@@ -248,14 +249,16 @@ def _draw(n, seed, split, unique, draw, name):
 # ---------------------------------------------------------------------- training rows
 
 # Task name -> (prompt, answer) pairs of its train split; the mix of `jobs.train` names these.
-TASKS = ("add1", "add2", "add3", "code1", "code2", "code3", "compare")
+TASKS = ("add1", "add2", "add3", "sub2", "sub3", "code1", "code2", "code3", "compare")
 
 
 def task_pairs(task: str, n: int, *, seed: int, split: Split = "train") -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of a training task: `addD` (D-digit addition), `codeK` (code
-    problems with K ops), `compare` (largest / smallest of four)."""
-    if task.startswith("add") and task[3:].isdigit():
-        spec = arithmetic.ArithmeticSpec(digits=(int(task[3:]),), ops=("+",))
+    """(prompt, answer) pairs of a training task: `addD` / `subD` (D-digit addition /
+    subtraction with a non-negative result), `codeK` (code problems with K ops), `compare`
+    (largest / smallest of four)."""
+    if task[:3] in ("add", "sub") and task[3:].isdigit():
+        spec = arithmetic.ArithmeticSpec(digits=(int(task[3:]),),
+                                         ops=("+",) if task[:3] == "add" else ("-",))
         ps = arithmetic.generate_problems(n, seed=seed, split=split, spec=spec)
         return [(p.prompt, p.answer_text) for p in ps]
     if task.startswith("code") and task[4:].isdigit():

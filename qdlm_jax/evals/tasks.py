@@ -164,11 +164,14 @@ BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
     # Synthetic tasks the tiny models are trained for (`data.synthetic`; held-out items).
     MathTask(name="arithmetic_3digit", source="arithmetic", digits=(3,), num_fewshot=0,
              gen=ARITHMETIC_GEN, batch_size=50, extract="first", limit=400),
+    MathTask(name="arithmetic_subtract", source="arithmetic", digits=(2,), ops=("-",),
+             num_fewshot=0, gen=ARITHMETIC_GEN, batch_size=50, extract="first", limit=400),
     CodeTask(name="synthetic_code", source="synthetic_code", gen=SYNTHETIC_CODE_GEN,
              stops=("\n",), batch_size=50, limit=200),
     MCTask(name="synthetic_compare", path="synthetic:compare", limit=200),
 )}
-SYNTHETIC_TASKS = ("arithmetic", "arithmetic_3digit", "synthetic_code", "synthetic_compare")
+SYNTHETIC_TASKS = ("arithmetic", "arithmetic_subtract", "arithmetic_3digit", "synthetic_code",
+                   "synthetic_compare")
 
 
 def _coerce(key: str, value, where: str):

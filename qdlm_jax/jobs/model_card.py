@@ -38,7 +38,7 @@ _LAYOUT = {"llada": "LLaDA (`model_type: llada`, `model.transformer.blocks.*` ke
 # The synthetic tasks of the card (evals.tasks built-ins; held-out items), with the card's
 # changes to the built-in settings (fewer Monte Carlo samples than the studies' 128: the
 # card is made on 2 CPU cores; the options share their noise draws).
-SYNTHETIC = ("arithmetic_3digit", "synthetic_code", "synthetic_compare")
+SYNTHETIC = ("arithmetic_subtract", "arithmetic_3digit", "synthetic_code", "synthetic_compare")
 CARD_SETTINGS = {"synthetic_compare": {"mc_num": 32}}
 
 
@@ -88,8 +88,9 @@ def evaluate(hf_dir: Path, train_dir: Path, *, n_windows: int, mc_num: int, n_ar
 ANSWER_FORMATS = [
     "- Answer formats (the answer field of every task row is the answer's tokens, then EOS "
     "up to its length; digits are single tokens):",
-    "  - arithmetic: `Question: 347+582=? Answer:` → ` 929` (most significant digit first, "
-    "no padding; answer field 8 tokens, generation length 8);",
+    "  - arithmetic: `Question: 347+582=? Answer:` → ` 929`, `Question: 83-47=? Answer:` → "
+    "` 36` (most significant digit first, no padding; answer field 8 tokens, generation "
+    "length 8);",
     "  - code: `def f(x):\\n    \"add 3, then multiply by 2\"\\n    return` → "
     "` (x + 3) * 2` (every earlier step parenthesised; answer field 12 tokens);",
     "  - comparisons: `Question: Which is the largest: 47, 83, 12, 55? Answer:` → ` 83` "
@@ -104,17 +105,18 @@ def phase_lines(s: dict, c: dict) -> list[str]:
         return [f"- Data mix: `{c['data'].get('arith_frac', 0):.0%}` of rows packed "
                 "arithmetic problems, the rest Wikipedia windows."]
     lines = ["- Data mix, phase by phase (task rows: `data.synthetic` train split; text rows: "
-             f"Wikipedia windows of {c['data']['seq_len']} tokens; task rows of "
-             f"{c['data']['task_seq_len']} tokens):", "",
-             "| steps | rows per step (text + task) | task mix (weights) | text tokens | "
-             "task rows seen | training time | final text / SFT loss (nats) |",
-             "|---|---|---|---|---|---|---|"]
+             f"Wikipedia windows of {c['data']['seq_len']} tokens; task rows right-padded "
+             "to the phase's length):", "",
+             "| steps | rows per step (text + task) | task row length | task mix (weights) | "
+             "text tokens | task rows seen | training time | final text / SFT loss (nats) |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in phases:
         mix = ", ".join(f"{k} {v:g}" for k, v in p["mix"].items())
         tl = "–" if p["final_text_loss"] is None else f"{p['final_text_loss']:.3f}"
         sl = "–" if p["final_sft_loss"] is None else f"{p['final_sft_loss']:.3f}"
+        tsl = p.get("task_seq_len", c["data"]["task_seq_len"])
         lines.append(f"| {p['steps'][0]}–{p['steps'][1]} | {p['text_rows']} + "
-                     f"{p['task_rows']} | {mix} | {p['text_tokens'] / 1e6:.2f}M | "
+                     f"{p['task_rows']} | {tsl} | {mix} | {p['text_tokens'] / 1e6:.2f}M | "
                      f"{p['task_rows_seen']:,} | {p['train_time_s'] / 60:.1f} min | "
                      f"{tl} / {sl} |")
     return lines + [""]

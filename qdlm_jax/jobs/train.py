@@ -7,7 +7,8 @@
    stream. With `data.phases` (the data mix, a curriculum): each phase runs until its
    `until` step with `text_rows` Wikipedia train-split windows per step (pre-training
    objective) and `task_rows` rows of synthetic tasks (`data.synthetic`, train split;
-   LLaDA's SFT objective), the task of each row drawn with the phase's `mix` weights.
+   LLaDA's SFT objective), the task of each row drawn with the phase's `mix` weights;
+   a phase may set its own `task_seq_len` (short arithmetic rows need less padding).
    Without `phases`: Wikipedia windows plus rows of packed arithmetic problems
    (`arith_frac` of each batch, the older recipe);
 3. train (`train.py`), exporting the newest checkpoint in the family's hub layout
@@ -122,7 +123,8 @@ def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len:
                 pairs = synthetic.task_pairs(task, int(k), seed=int(
                     rng.integers(0, 2**31)), split="train")
                 parts.append(synthetic.sft_rows(
-                    pairs, tokenizer, seq_len=task_seq_len, answer_len=answer_len(task),
+                    pairs, tokenizer, seq_len=int(ph.get("task_seq_len", task_seq_len)),
+                    answer_len=answer_len(task),
                     bos_id=special.bos, eos_id=special.eos, pad_id=special.pad))
         return MixedBatch(text, np.concatenate([r.tokens for r in parts]),
                           np.concatenate([r.answer for r in parts]),
@@ -210,6 +212,7 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
             per_phase.append({
                 "steps": [start, end], "text_rows": ph["text_rows"],
                 "task_rows": ph["task_rows"], "mix": dict(ph["mix"]),
+                "task_seq_len": int(ph.get("task_seq_len", d.task_seq_len)),
                 "text_tokens": (end - start) * ph["text_rows"] * d.seq_len,
                 "task_rows_seen": (end - start) * ph["task_rows"],
                 "train_time_s": training_time(recs),
@@ -217,7 +220,7 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
                 "final_text_loss": recs[-1].get("text_loss") if recs else None,
                 "final_sft_loss": recs[-1].get("sft_loss") if recs else None})
             start = end
-        tokens = sum(p["text_tokens"] + p["task_rows_seen"] * d.task_seq_len for p in per_phase)
+        tokens = sum(p["text_tokens"] + p["task_rows_seen"] * p["task_seq_len"] for p in per_phase)
     else:
         per_phase, tokens = None, spec.steps * spec.batch_size * spec.seq_len
     summary = {"family": config.family, "steps": spec.steps, "tokens": tokens,

@@ -80,6 +80,10 @@ def test_task_pairs_train_split_only():
     held = {p.prompt for p in arithmetic.generate_problems(200, seed=0, split="heldout",
                                                            spec=spec)}
     assert not held & {p for p, _ in S.task_pairs("add3", 5000, seed=0)}
+    subs = S.task_pairs("sub2", 500, seed=1)
+    for prompt, answer in subs:  # `a-b` with a, b 2-digit, a >= b, answer a - b
+        a, b = map(int, prompt.split(": ")[1].split("=")[0].split("-"))
+        assert 10 <= b <= a <= 99 and int(answer) == a - b
     with pytest.raises(ValueError, match="task"):
         S.task_pairs("mul2", 1, seed=0)
 

@@ -12,6 +12,16 @@ def test_builtin_synthetic_tasks():
     assert tasks.resolve_task("synthetic_code").source == "synthetic_code"
     assert tasks.resolve_task("synthetic_compare").path == "synthetic:compare"
     assert tasks.resolve_task("arithmetic_3digit").digits == (3,)
+    sub = tasks.resolve_task("arithmetic_subtract")
+    assert sub.digits == (2,) and sub.ops == ("-",)
+
+
+def test_arithmetic_subtract_items_heldout():
+    _, items = math_gen.load_problems("arithmetic", limit=400, num_fewshot=0, seed=0,
+                                      digits=(2,), ops=("-",))
+    assert len({it.query for it in items}) == 400 and all("-" in it.query for it in items)
+    train = {p for p, _ in S.task_pairs("sub2", 20000, seed=0)}
+    assert not train & {it.query for it in items}
 
 
 def test_arithmetic_3digit_items_heldout():

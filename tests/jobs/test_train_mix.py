@@ -16,7 +16,8 @@ def tok():
 
 
 PHASES = [dict(until=3, text_rows=2, task_rows=6, mix=dict(add1=1.0, code2=1.0)),
-          dict(until=5, text_rows=0, task_rows=4, mix=dict(compare=1.0))]
+          dict(until=5, text_rows=0, task_rows=4, mix=dict(compare=1.0)),
+          dict(until=6, text_rows=1, task_rows=3, task_seq_len=20, mix=dict(sub2=1.0))]
 
 
 def test_mixed_batches_follow_the_phases(tok):
@@ -31,17 +32,19 @@ def test_mixed_batches_follow_the_phases(tok):
     assert b4.text is None and (b4.task_answer.sum(axis=1) == J.answer_len("compare")).all()
     texts = [tok.decode(r[v].tolist()) for r, v in zip(b4.task_tokens, b4.task_valid)]
     assert all("Which is the" in t for t in texts)
+    b5 = batches(5)  # the phase's own task_seq_len
+    assert b5.task_tokens.shape == (3, 20) and b5.text.shape == (1, 16)
     again = batches(0)
     np.testing.assert_array_equal(again.task_tokens, b.task_tokens)
     np.testing.assert_array_equal(again.text, b.text)
     assert J.phase_at(PHASES, 2)[0] == 0 and J.phase_at(PHASES, 3)[0] == 1
     with pytest.raises(ValueError, match="past the last phase"):
-        J.phase_at(PHASES, 5)
+        J.phase_at(PHASES, 6)
 
 
 def test_check_phases():
-    J.check_phases(PHASES, 5)
+    J.check_phases(PHASES, 6)
     with pytest.raises(ValueError, match="end at train.steps"):
-        J.check_phases(PHASES, 6)
+        J.check_phases(PHASES, 7)
     with pytest.raises(ValueError, match="tasks must be among"):
         J.check_phases([dict(until=5, text_rows=1, task_rows=1, mix=dict(mul=1))], 5)
