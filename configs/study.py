@@ -2,7 +2,8 @@
 
 Defaults: both bundled tiny models, RTN / GPTQ / AWQ at W8 / W4 / W3 (group 128), the
 weight-activation methods (RTN, SmoothQuant, QuaRot, DuQuant) at W8A8 / W4A4 (per-channel
-weights, per-token activations), plus fp, one or two
+weights, per-token activations), QuaRot W4A4 with 4-bit K/V without and with IA-AQ
+(`wa_rows`), plus fp, one or two
 tasks per family at sizes that suit a 2-core CPU (QDLM's full settings are the task specs'
 own defaults: see qdlm_jax/evals/tasks.py and docs/evaluation.md). Quick run:
 
@@ -44,6 +45,14 @@ def get_config():
     c.wa_methods = ("rtn", "smoothquant", "quarot", "duquant")
     c.wa_bits = (8, 4)
     c.wa_quantize = ml_collections.ConfigDict(dict(group_size=-1))
+    # Any main-job key may be set here from the command line, e.g. 4-bit K/V for every WA row:
+    # --config.wa_quantize.act.kv.bits=4 (checked against configs/quantize.py).
+    # Extra weight-activation rows, each on top of `quantize` + `wa_quantize`: names from
+    # qdlm_jax/jobs/study.py WA_ROWS, or mappings {name, method, bits[, act_bits],
+    # quantize: {main-job key: value}}; `--config.wa_rows=` runs none. The defaults:
+    # QuaRot W4A4 with 4-bit K/V (act.kv.bits=4, per head, asymmetric), and the same with
+    # DLLMQuant's IA-AQ on K and V (act.iaaq.enabled/search_keys, masked calibration).
+    c.wa_rows = ["quarot-w4a4+kv4", "quarot-w4a4+kv4-iaaq"]
     # Tasks: built-in names (qdlm_jax/evals/tasks.py BUILTIN) or mappings with `base`/`type`.
     # A plain list (not a tuple) so that ml_collections keeps the dicts as they are.
     c.tasks = [

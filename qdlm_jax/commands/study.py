@@ -14,10 +14,10 @@ def add_arguments(p):
 
 
 def run(args, overrides):
-    from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
-    from qdlm_jax.jobs.study import run_study, study_spec
+    from qdlm_jax.jobs.config_flags import load_config_file
+    from qdlm_jax.jobs.study import apply_study_overrides, run_study, study_spec
 
-    cfg = apply_overrides(load_config_file(args.config), overrides)
+    cfg = apply_study_overrides(load_config_file(args.config), overrides)
     result = run_study(study_spec(cfg))
     print(result["table"])
     for p in result["plots"]:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.evals.tasks import CATEGORIES, TaskSpec, resolve_task, spec_dict, spec_hash
 from qdlm_jax.fsutil import atomic_file, atomic_write_text
 
@@ -52,11 +53,16 @@ class Variant:
     method: str
     bits: int | None = None
     act_bits: int | None = None  # None: weight-only (activations stay in float)
+    # An extra weight-activation row (`wa_rows`): its name and its own overrides of the main
+    # job's config, as sorted (dotted key, value) pairs, e.g. (("act.kv.bits", 4),).
+    name: str | None = None
+    overrides: tuple = ()
 
     @property
     def bits_text(self) -> str:
-        return "-" if self.bits is None else (
+        text = "-" if self.bits is None else (
             f"w{self.bits}" if self.act_bits is None else f"w{self.bits}a{self.act_bits}")
+        return text if self.name is None else f"{text}+{self.name}"
 
     @property
     def label(self) -> str:
@@ -77,6 +83,7 @@ class StudySpec:
     wa_methods: tuple[str, ...] = ()  # weight-activation methods, run at W<b>A<b>
     wa_bits: tuple[int, ...] = ()
     wa_quantize: dict = dataclasses.field(default_factory=dict)  # overrides for WA variants
+    wa_rows: tuple[Variant, ...] = ()  # extra named WA rows (K/V bits, IA-AQ, ...): wa_row()
     dtype: str = "float32"
     progress: bool = True
 
@@ -84,7 +91,8 @@ class StudySpec:
     def variants(self) -> list[Variant]:
         v = [Variant(FP)] if self.include_fp else []
         v += [Variant(m, b) for m in self.methods for b in self.bits]
-        return v + [Variant(m, b, b) for m in self.wa_methods for b in self.wa_bits]
+        return v + [Variant(m, b, b) for m in self.wa_methods for b in self.wa_bits] + list(
+            self.wa_rows)
 
 
 def study_spec(cfg) -> StudySpec:
@@ -115,12 +123,122 @@ def study_spec(cfg) -> StudySpec:
                          k: to_dict(v) for k, v in to_dict(cfg.method_overrides).items()},
                      wa_methods=wa_methods, wa_bits=wa_bits,
                      wa_quantize=to_dict(cfg.get("wa_quantize", {})),
+                     wa_rows=tuple(wa_row(r, f"--config.wa_rows[{i}]")
+                                   for i, r in enumerate(cfg.get("wa_rows", ()))),
                      dtype=str(cfg.dtype), progress=bool(cfg.get("progress", True)))
+    labels = [v.label for v in spec.variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--config.wa_rows: two rows share a label: {labels}")
+    rows = {v: f"--config.wa_rows[{i}] ({v.label})" for i, v in enumerate(spec.wa_rows)}
     for v in spec.variants:  # the job validates method / bits / overrides up front
         if v.method != FP:
             from qdlm_jax.jobs.quantize import job_spec
-            job_spec(quantize_config(spec, models[0], v))
+            try:
+                job_spec(quantize_config(spec, models[0], v))
+            except ValueError as e:
+                if v not in rows:
+                    raise
+                raise ConfigOverrideError(f"{rows[v]}: {e}") from None
     return spec
+
+
+# Extra weight-activation rows by name (`--config.wa_rows=quarot-w4a4+kv4,...`); a row may
+# also be a mapping {name, method, bits[, act_bits], quantize: {main-job key: value}}.
+# IA-AQ searches on masked calibration and for K and V: the setting that lowered KL to FP on
+# tiny-dream in docs/weight_activation.md (the reference studies publish none).
+WA_ROWS = {
+    "quarot-w4a4+kv4": dict(name="kv4", method="quarot", bits=4,
+                            quantize={"act.kv.bits": 4}),
+    "quarot-w4a4+kv4-iaaq": dict(name="kv4-iaaq", method="quarot", bits=4, quantize={
+        "act.kv.bits": 4, "act.iaaq.enabled": True, "act.iaaq.search_keys": True,
+        "calibration": "masked"}),
+}
+_ROW_KEYS = ("name", "method", "bits", "act_bits", "quantize")
+
+
+def wa_row(entry, where: str) -> Variant:
+    """One extra weight-activation row: a `WA_ROWS` name or a mapping (see there). Keys of
+    `quantize` are the main job's (`configs/quantize.py`), dotted or nested; the study
+    checks them against that config (`study_spec`)."""
+    if isinstance(entry, str):
+        if entry not in WA_ROWS:
+            raise ValueError(f"{where}={entry!r}: unknown row; built-in rows: "
+                             f"{sorted(WA_ROWS)} (or a mapping with keys {_ROW_KEYS})")
+        entry = WA_ROWS[entry]
+    entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a row name or a mapping, got {entry!r}")
+    for k in entry:
+        if k not in _ROW_KEYS:
+            raise ValueError(f"{where}.{k}: unknown key; expected {_ROW_KEYS}")
+    for k in ("name", "method", "bits"):
+        if k not in entry:
+            raise ValueError(f"{where}: missing {k!r} (keys: {_ROW_KEYS})")
+    name = str(entry["name"])
+    if not name or any(not (c.isalnum() or c in "-_.") for c in name):
+        raise ValueError(f"{where}.name={name!r}: expected letters, digits, '-', '_', '.'")
+    quantize = entry.get("quantize", {}) or {}
+    quantize = quantize.to_dict() if hasattr(quantize, "to_dict") else dict(quantize)
+    bits = int(entry["bits"])
+    return Variant(str(entry["method"]), bits, int(entry.get("act_bits", bits)), name=name,
+                   overrides=tuple(sorted(_flatten(quantize).items())))
+
+
+# Study settings that hold main-job keys: `--config.wa_quantize.act.kv.bits=4` sets a key the
+# study's own config does not list, checked and typed against the main job's config.
+PASS_THROUGH = ("quantize", "wa_quantize", "method_overrides")
+
+
+def apply_study_overrides(cfg, overrides: Sequence[str]):
+    """`config_flags.apply_overrides` for a study config, plus main-job keys under
+    `quantize.`, `wa_quantize.` and `method_overrides.<method>.` that the study config does
+    not list yet: each must name a key of `cfg.quantize_config` (an unknown one is an error
+    naming the flag) and takes that key's type. Returns the config."""
+    import ml_collections
+    from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
+
+    def listed(key: str) -> bool:
+        node = cfg
+        for p in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                return False
+            node = node[p]
+        return True
+
+    own, passed = [], []
+    for item in overrides:
+        key = item[len("--config."):].split("=", 1)[0] if item.startswith("--config.") else ""
+        top = key.split(".", 1)[0]
+        passed_through = top in PASS_THROUGH and "." in key and not listed(key)
+        (passed if passed_through else own).append(item)
+    apply_overrides(cfg, own)
+    for item in passed:
+        key, text = item[len("--config."):].split("=", 1)
+        top, rest = key.split(".", 1)
+        if top == "method_overrides":
+            if "." not in rest:
+                raise ConfigOverrideError(f"--config.{key}: expected "
+                                          "--config.method_overrides.<method>.<key>=<value>")
+            method, rest = rest.split(".", 1)
+            path = [top, method]
+        else:
+            path = [top]
+        job_cfg = load_config_file(cfg.quantize_config)
+        try:
+            apply_overrides(job_cfg, [f"--config.{rest}={text}"])
+        except ConfigOverrideError as e:
+            raise ConfigOverrideError(f"--config.{key}={text}: checked against the main "
+                                      f"job's config {cfg.quantize_config}: {e}") from None
+        node = cfg
+        for p in path + rest.split(".")[:-1]:
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node = node[p]
+        value = job_cfg
+        for p in rest.split("."):
+            value = value[p]
+        node[rest.split(".")[-1]] = value
+    return cfg
 
 
 def quantize_config(spec: StudySpec, model: str, v: Variant):
@@ -149,13 +267,37 @@ def _override_text(v) -> str:
     return str(v)
 
 
+def _merge(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys set, nested mappings merged key by key (so a method's
+    `calib.seed` keeps the study's `calib.n_samples`)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
+
+
+def _nest(flat) -> dict:
+    """{"act.kv.bits": 4} -> {"act": {"kv": {"bits": 4}}}."""
+    out: dict = {}
+    for key, value in flat:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
 def quant_overrides(spec: StudySpec, v: Variant) -> dict:
     """What the study sets on the main job's config for one variant (a weight-activation
-    variant adds `act_bits` and the study's `wa_quantize` overrides)."""
+    variant adds `act_bits` and the study's `wa_quantize` overrides; an extra row its own
+    overrides last)."""
     out = {"method": v.method, "bits": v.bits, **spec.quantize}
     if v.act_bits is not None:
-        out.update({"act_bits": v.act_bits, **spec.wa_quantize})
-    return {**out, **spec.method_overrides.get(v.method, {})}
+        out = _merge(out, {"act_bits": v.act_bits, **spec.wa_quantize})
+    out = _merge(out, spec.method_overrides.get(v.method, {}))
+    return _merge(out, _nest(v.overrides))
 
 
 def quant_hash(spec: StudySpec, model: str, v: Variant) -> str:
@@ -262,7 +404,9 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 r = evaluate(tm, task)
                 rec = {"key": cell_key(model, v, qhash, task), "model": model,
                        "model_name": Path(model).name, "method": v.method, "bits": v.bits,
-                       "act_bits": v.act_bits,
+                       "act_bits": v.act_bits, "variant": v.name,
+                       "overrides": dict(v.overrides) if v.overrides else None,
+                       **kv_settings(qcfg),
                        "quant_hash": qhash, "task": task.name, "category": task.category,
                        "metric": r["metric"], "value": r["value"],
                        "higher_is_better": r["higher_is_better"], "n": r.get("n"),
@@ -284,6 +428,20 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
     _log(f"ran {ran} cells in {time.time() - t_start:.1f}s; table: {out / 'table.md'}")
     return {"out_dir": str(out), "records": records, "table": table,
             "plots": [str(p) for p in plots], "ran": ran}
+
+
+def kv_settings(qcfg: dict | None) -> dict:
+    """{"kv": K/V quantization or None, "iaaq": the IA-AQ search or None} of a resolved
+    main-job config: what a weight-activation cell ran inside attention (None for float K/V,
+    weight-only cells and fp)."""
+    if not qcfg or qcfg.get("act_bits", 16) >= 16:
+        return {"kv": None, "iaaq": None}
+    act = qcfg.get("act", {})
+    kv = act.get("kv") or {}
+    kv = dict(kv) if kv.get("bits", 16) < 16 else None
+    ia = act.get("iaaq") or {}
+    ia = ({**ia, "calibration": qcfg.get("calibration")} if ia.get("enabled") else None)
+    return {"kv": kv, "iaaq": ia}
 
 
 def _make_variant(spec: StudySpec, model: str, v: Variant, fp_tm):
@@ -316,25 +474,48 @@ def _fmt(rec: dict | None) -> str:
 
 
 def _row(r: dict) -> tuple:
-    """(model, method, weight bits, activation bits or None) of a record."""
-    return (r["model_name"], r["method"], r["bits"], r.get("act_bits"))
+    """(model, method, weight bits, activation bits or None, extra row name or "") of a
+    record."""
+    return (r["model_name"], r["method"], r["bits"], r.get("act_bits"), r.get("variant") or "")
 
 
 def _row_order(records: list[dict]) -> list[tuple]:
     """fp first, then weight-only rows, then weight-activation rows; within each, methods in
-    first-seen order and bits descending."""
+    first-seen order and bits descending, a method's extra rows (`wa_rows`) after its plain
+    row of the same bits."""
     rows = list(dict.fromkeys(_row(r) for r in records))
     models = list(dict.fromkeys(r[0] for r in rows))
     methods = list(dict.fromkeys(r[1] for r in rows if r[1] != FP))
+    extras = [""] + list(dict.fromkeys(r[4] for r in rows if r[4]))
     return sorted(rows, key=lambda r: (models.index(r[0]), r[1] != FP, r[3] is not None,
                                        methods.index(r[1]) if r[1] != FP else -1,
-                                       -(r[2] or 0)))
+                                       -(r[2] or 0), extras.index(r[4])))
 
 
-def _bits_cell(bits, act_bits) -> str:
+def _kv_text(kv: dict | None) -> str:
+    """", or ", KV4" with what differs from per-head asymmetric K/V."""
+    if not kv:
+        return ""
+    text = f", KV{kv['bits']}" + (" sym" if kv.get("sym") else "")
+    if kv.get("granularity", "per_head") != "per_head":
+        text += f" {kv['granularity']} {kv.get('group_size')}"
+    return text
+
+
+def _iaaq_text(ia: dict | None) -> str:
+    """"", or " + IA-AQ (K,V; masked)": what IA-AQ searched and on which calibration."""
+    if not ia:
+        return ""
+    grid = "" if (ia.get("grid"), ia.get("lowest")) == (10, 0.55) else \
+        f", grid {ia.get('grid')} to {ia.get('lowest')}"
+    return (f" + IA-AQ ({'K,V' if ia.get('search_keys') else 'V'}; "
+            f"{ia.get('calibration')}{grid})")
+
+
+def _bits_cell(bits, act_bits, kv: dict | None = None) -> str:
     if bits is None:
         return "–"
-    return str(bits) if act_bits is None else f"W{bits}A{act_bits}"
+    return str(bits) if act_bits is None else f"W{bits}A{act_bits}{_kv_text(kv)}"
 
 
 def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
@@ -352,10 +533,20 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
              "|---|---|---|" + "---|" * len(tasks),
              "| **model** | **method** | **bits** | " +
              " | ".join(f"**{t.name}** ({unit[t.name]})" for t in tasks) + " |"]
-    for model, method, bits, act_bits in _row_order(records):
-        cells = [_fmt(by.get((model, method, bits, act_bits, t.name))) for t in tasks]
-        lines.append(f"| {model} | {'FP' if method == FP else method.upper()} | "
-                     f"{_bits_cell(bits, act_bits)} | " + " | ".join(cells) + " |")
+    first = {}  # row -> its first record: the row's K/V and IA-AQ settings
+    for r in records:
+        first.setdefault(_row(r), r)
+    overridden = []
+    for row in _row_order(records):
+        model, method, bits, act_bits, extra = row
+        cells = [_fmt(by.get((*row, t.name))) for t in tasks]
+        r0 = first[row]
+        label = "FP" if method == FP else method.upper() + _iaaq_text(r0.get("iaaq"))
+        lines.append(f"| {model} | {label} | {_bits_cell(bits, act_bits, r0.get('kv'))} | "
+                     + " | ".join(cells) + " |")
+        if extra and r0.get("overrides") and extra not in [o[0] for o in overridden]:
+            overridden.append((extra, f"{method}-w{bits}a{act_bits}+{extra}",
+                               r0["overrides"]))
     lines.append("| *reference* | chance | – | " + " | ".join(
         _reference(t, records) for t in tasks) + " |")
     models = sorted({r["model_name"]: r.get("model", r["model_name"]) for r in records}.items())
@@ -365,6 +556,9 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
              "match and pass@1 about 0."]
     notes += [f"{name}: unigram reference {u:.3f} bits/token (its model card)."
               for name, u in unigrams if u is not None]
+    notes += [f"Row {label} (`wa_rows`) sets, on top of the study's weight-activation "
+              "settings: " + ", ".join(f"`{k}={v}`" for k, v in ov.items()) + "."
+              for _, label, ov in overridden]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -412,17 +606,18 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
     cats += sorted({t.category for t in tasks} - set(cats))
     fig, axes = plt.subplots(1, max(1, len(cats)), figsize=(4.2 * max(1, len(cats)), 3.8),
                              squeeze=False)
-    series = list(dict.fromkeys((r["method"], r.get("act_bits") is not None)
-                                for r in recs if r["method"] != FP))
+    series = list(dict.fromkeys((r["method"], r.get("act_bits") is not None,
+                                 r.get("variant") or "") for r in recs if r["method"] != FP))
     for ax, cat in zip(axes[0], cats):
         ctasks = [t for t in tasks if t.category == cat]
         pct = ctasks[0].higher_is_better
         scale = 100.0 if pct else 1.0
 
-        def mean_se_of(method, bits, wa=False):
+        def mean_se_of(method, bits, wa=False, extra=""):
             """(category mean, its standard error) or (None, None)."""
             rs = [r for r in recs if r["method"] == method and r["bits"] == bits
                   and (r.get("act_bits") is not None) == wa
+                  and (r.get("variant") or "") == extra
                   and r["task"] in {t.name for t in ctasks}]
             if len(rs) != len(ctasks):
                 return None, None
@@ -436,14 +631,15 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
             if fp_se:
                 ax.axhspan(fp - fp_se, fp + fp_se, color="black", alpha=0.08)
         all_bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
-        for m, wa in series:
-            pts = [(b, *mean_se_of(m, b, wa)) for b in all_bits]
+        for m, wa, extra in series:
+            pts = [(b, *mean_se_of(m, b, wa, extra)) for b in all_bits]
             pts = [(b, y, e) for b, y, e in pts if y is not None]
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                             yerr=[p[2] or 0.0 for p in pts], capsize=3,
                             marker="s" if wa else "o", linestyle=":" if wa else "-",
-                            label=f"{m.upper()} W=A" if wa else m.upper())
+                            label=(f"{m.upper()} W=A" if wa else m.upper())
+                            + (f" +{extra}" if extra else ""))
                 shown += [p[1] + s * (p[2] or 0.0) for p in pts for s in (-1, 1)]
         if shown:
             ax.set_ylim(*axis_limits(shown, percent=pct))
@@ -451,7 +647,7 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         if all_bits:
             ax.set_xlim(max(all_bits) + 0.5, min(all_bits) - 0.5)  # fewer bits to the right
         ax.set_xlabel("bits (weights; W=A: weights and activations)"
-                      if any(wa for _, wa in series) else "weight bits")
+                      if any(wa for _, wa, _ in series) else "weight bits")
         metric = ctasks[0].metric
         ylabel = f"{metric} (%)" if pct else f"{metric} (lower is better)"
         if len(ctasks) > 1:
