@@ -189,7 +189,8 @@ def test_default_config_is_valid():
     spec = study.study_spec(config())
     assert [v.label for v in spec.variants] == ["fp"] + [
         f"{m}-w{b}" for m in ("rtn", "gptq", "awq") for b in (8, 4, 3)] + [
-        f"{m}-w{b}a{b}" for m in ("rtn", "smoothquant", "quarot", "duquant") for b in (8, 4)]
+        f"{m}-w{b}a{b}" for m in ("rtn", "smoothquant", "quarot", "duquant") for b in (8, 4)] \
+        + ["quarot-w4a4+kv4", "quarot-w4a4+kv4-iaaq"]
     assert {t.category for t in spec.tasks} == {"language_modeling", "multiple_choice",
                                                 "math", "code"}
 
@@ -205,6 +206,141 @@ def test_default_config_is_valid():
 def test_bad_config_is_rejected_up_front(kw, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         study.study_spec(config(**kw))
+
+
+def _job(spec, v):
+    from qdlm_jax.jobs.quantize import job_spec
+    return job_spec(study.quantize_config(spec, spec.models[0], v))
+
+
+def test_wa_rows_pass_kv_and_iaaq_to_the_job_and_label_the_table(tmp_path):
+    """The default extra rows reach the main job's spec as 4-bit K/V (and IA-AQ of K and V on
+    masked calibration); the plain QuaRot row keeps float K/V. The fake quality below is a
+    function of the spec the job receives, so a dropped K/V setting shows in the table."""
+    spec = make_spec(tmp_path, methods=(), bits=(), tasks=TASKS[:2], wa_methods=("quarot",),
+                     wa_bits=(4,), wa_quantize={"group_size": -1},
+                     wa_rows=tuple(study.wa_row(n, "t") for n in study.WA_ROWS))
+    assert [v.label for v in spec.variants] == ["fp", "quarot-w4a4", "quarot-w4a4+kv4",
+                                                "quarot-w4a4+kv4-iaaq"]
+    plain, kv4, iaaq = (_job(spec, v) for v in spec.variants[1:])
+    assert plain.wa.kv is None and not plain.wa.iaaq
+    for job in (kv4, iaaq):
+        assert (job.wa.kv.bits, job.wa.kv.granularity, job.wa.kv.sym) == (4, "per_head", False)
+        assert (job.act_bits, job.ptq.weight.bits, job.ptq.weight.group_size) == (4, 4, -1)
+    assert not kv4.wa.iaaq and (iaaq.wa.iaaq, iaaq.wa.iaaq_keys) == (True, True)
+    assert (kv4.calib.mode, iaaq.calib.mode) == ("clean", "masked")
+    assert len({study.quant_hash(spec, spec.models[0], v) for v in spec.variants[1:]}) == 3
+
+    def make_variant(sp, model, v, fp):
+        if v.method == study.FP:
+            return 0.8
+        job = _job(sp, v)
+        return 0.6 - 0.1 * (job.wa.kv is not None) + 0.05 * job.wa.iaaq
+
+    r = study.run_study(spec, make_variant=make_variant, evaluate=lambda q, t: {
+        "metric": t.metric, "value": q, "higher_is_better": True, "n": 1})
+    assert r["ran"] == 4 * 2
+    table = r["table"].splitlines()
+    rows = [[c.strip() for c in row.split("|")[2:5]] for row in table[3:]
+            if row.startswith("|") and not row.startswith("| *reference*")]
+    assert rows == [["FP", "–", "80.0"], ["QUAROT", "W4A4", "60.0"],
+                    ["QUAROT", "W4A4, KV4", "50.0"],
+                    ["QUAROT + IA-AQ (K,V; masked)", "W4A4, KV4", "55.0"]]
+    assert ("Row quarot-w4a4+kv4-iaaq (`wa_rows`) sets, on top of the study's "
+            "weight-activation settings: `act.iaaq.enabled=True`, `act.iaaq.search_keys=True`, "
+            "`act.kv.bits=4`, `calibration=masked`.") in r["table"]
+    recs = {(x["variant"], x["task"]): x for x in r["records"]}
+    assert recs["kv4", "social_iqa"]["kv"]["bits"] == 4 and recs["kv4", "social_iqa"]["iaaq"] \
+        is None
+    assert recs["kv4-iaaq", "social_iqa"]["iaaq"]["search_keys"] is True
+    assert recs[None, "social_iqa"]["kv"] is None  # fp and plain QuaRot: float K/V
+    assert Path(r["plots"][0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wa_quantize_takes_main_job_keys_from_the_command_line(tmp_path):
+    """`--config.wa_quantize.act.kv.bits=4` (a key the study config does not list) is typed
+    and checked against configs/quantize.py and reaches every weight-activation job only."""
+    cfg = config(methods=("rtn",), bits=(4,), wa_methods=("rtn", "quarot"), wa_bits=(4,),
+                 wa_rows=[])
+    plain = study.study_spec(cfg)
+    study.apply_study_overrides(cfg, ["--config.wa_quantize.act.kv.bits=4",
+                                      "--config.wa_quantize.act.kv.sym=true",
+                                      "--config.quantize.calib.n_samples=4"])
+    spec = study.study_spec(cfg)
+    assert spec.wa_quantize == {"group_size": -1, "act": {"kv": {"bits": 4, "sym": True}}}
+    for v in spec.variants[1:]:
+        job = _job(spec, v)
+        assert job.calib.n_samples == 4
+        assert (job.wa is None) if v.act_bits is None else \
+            ((job.wa.kv.bits, job.wa.kv.sym) == (4, True))
+    wa = study.Variant("quarot", 4, 4)
+    assert study.quant_hash(spec, spec.models[0], wa) != study.quant_hash(plain,
+                                                                          plain.models[0], wa)
+    records = [{"model_name": "m", "method": "quarot", "bits": 4, "act_bits": 4, "task": "x",
+                "value": 0.5, "se": None, "higher_is_better": True,
+                **study.kv_settings(study.quantize_config(spec, spec.models[0], wa).to_dict())}]
+    row = study.markdown_table(records, [task_from_mapping({"base": "arithmetic",
+                                                            "name": "x"})]).splitlines()[3]
+    assert row.split("|")[3].strip() == "W4A4, KV4 sym"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.wa_quantize.act.kv.bitz=4", r"--config.wa_quantize.act.kv.bitz=4: .*unknown "
+                                           r"key 'bitz'"),
+    ("--config.wa_quantize.act.kv.bits=four", r"kv.bits=four: .*expected an integer"),
+    ("--config.method_overrides.gptq=1", "method_overrides.<method>.<key>"),
+    ("--config.wa_rows=nope", r"--config.wa_rows\[0\]='nope': unknown row"),
+])
+def test_bad_study_override_names_the_flag(override, message):
+    with pytest.raises(ValueError, match=message):
+        study.study_spec(study.apply_study_overrides(config(), [override]))
+
+
+@pytest.mark.parametrize("row, message", [
+    (dict(name="x", method="quarot", bits=4, quantize={"act.kv.bitz": 4}),
+     r"--config.wa_rows\[0\] \(quarot-w4a4\+x\): .*unknown key 'bitz'"),
+    (dict(name="x", method="quarot", bits=4, kv=4), r"--config.wa_rows\[0\].kv: unknown key"),
+    (dict(name="x", method="quarot", bits=4, quantize={"act": {"iaaq": {"enabled": True}}}),
+     r"--config.wa_rows\[0\] \(quarot-w4a4\+x\): IA-AQ .*K/V"),
+    (dict(name="a b", method="quarot", bits=4), r"wa_rows\[0\].name='a b'"),
+    (dict(method="quarot", bits=4), "missing 'name'"),
+])
+def test_bad_wa_row_is_rejected_up_front(row, message):
+    with pytest.raises(ValueError, match=message):
+        study.study_spec(config(wa_rows=[row]))
+
+
+def test_real_kv4_row_quantizes_attention(tmp_path):
+    """End to end on the bundled tiny LLaDA through the study's own quantize path: the KV4
+    row's model is further from fp (KL on fixed masked inputs) than the plain QuaRot W4A4
+    row's, so its K/V setting was not dropped on the way; a `wa_rows` mapping with
+    `act.kv.bits=16` (float K/V) is the plain row's model exactly."""
+    import numpy as np
+    from qdlm_jax.evals.basic import output_kl
+
+    cfg = config(methods=(), bits=(), include_fp=False, wa_methods=("quarot",), wa_bits=(4,),
+                 wa_rows=["quarot-w4a4+kv4", {"name": "kv16", "method": "quarot", "bits": 4,
+                                              "quantize": {"act": {"kv": {"bits": 16}}}}],
+                 out_dir=str(tmp_path / "s"), progress=False,
+                 tasks=[{"base": "arithmetic", "limit": 1}])
+    spec = study.study_spec(cfg)
+    windows = np.random.default_rng(0).integers(5, 4000, size=(2, 48))
+    fp_model = {}
+
+    def make_variant(sp, model, v, fp_tm):
+        tm = study._make_variant(sp, model, v, fp_tm)
+        if v.method == study.FP:
+            fp_model["m"] = tm.model
+        return tm
+
+    def evaluate(tm, task):
+        kl = output_kl(fp_model["m"], tm.model, windows)["kl_bits"]
+        return {"metric": "kl", "value": kl, "higher_is_better": False, "n": 1}
+
+    r = study.run_study(spec, make_variant=make_variant, evaluate=evaluate)
+    kl = {rec["variant"]: rec["value"] for rec in r["records"]}
+    assert kl[None] > 0 and kl["kv4"] > 1.5 * kl[None]  # measured 0.0187 vs 0.0079
+    assert kl["kv16"] == kl[None]
 
 
 @pytest.mark.slow
