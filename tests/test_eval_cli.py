@@ -26,6 +26,9 @@ def run(capsys, *argv):
      "unknown task 'nope'"),
     (["study", "--config", str(ROOT / "configs" / "study.py"), "--config.bitz=3"],
      "unknown key 'bitz'"),
+    (["study", "--config", str(ROOT / "configs" / "study.py"),
+      "--config.wa_quantize.act.kv.bitz=4"], "--config.wa_quantize.act.kv.bitz=4: checked "
+                                             "against the main job's config"),
     (["outliers", "--model", MODEL, "--n-samples", "0"], "n_samples=0"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
