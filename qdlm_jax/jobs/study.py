@@ -5,7 +5,10 @@ and every weight-activation (wa_method, WxAx) quantization (activations at the w
 bit width, `act_bits = bits`), each on every task. A quantized model is made by the main job's own path
 (`quantize_job.quantize_from_config` on `configs/quantize.py`'s config with `model`,
 `method`, `bits` and the study's `quantize` overrides set), so any method the job knows
-works here by name. Method names are passed through untouched.
+works here by name. Method names are passed through untouched. Extra weight-activation rows
+(`wa_rows`: e.g. QuaRot W4A4 with 4-bit K/V, and with IA-AQ on top) add their own main-job
+overrides; the table labels them by what ran inside attention (`W4A4, KV4`,
+`QUAROT + IA-AQ (K,V; masked)`) and names each row's overrides below it.
 
 Resumable: every finished cell is appended to `<out_dir>/results.jsonl` as one complete
 line, written with a single write + flush + fsync. On start, a torn last line (a kill
