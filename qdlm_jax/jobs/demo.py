@@ -8,8 +8,14 @@ Override any config field as with `qdlm quantize`, e.g.
 `python -m qdlm_jax.jobs.demo --config.calibration=masked`.
 
 `python -m qdlm_jax.jobs.demo --wa` runs the weight-activation table instead: RTN, SmoothQuant,
-QuaRot and DuQuant at W8A8 and W4A4 (per-channel weights, per-token activations), into
-`runs/demo_wa/`.
+QuaRot and DuQuant at W8A8 and W4A4 (per-channel weights, per-token activations), then QuaRot
+W4A4 with 4-bit K/V (per head, asymmetric) and the same with DLLMQuant's IA-AQ (clip search
+of K and V on masked calibration), into `runs/demo_wa/`.
+
+`python -m qdlm_jax.jobs.demo --w2` runs the 2-bit table: RTN and GPTQ W2 g128 and
+Quant-dLLM's DAQ + ABMP (an average of 2.0 binary planes, masked calibration, ABMP ratio
+0.05 as published for LLaDA), into `runs/demo_w2/`. DAQ alone takes about as long to
+quantize as the whole W4/W3 table, so it is not in the default run.
 """
 
 from __future__ import annotations
@@ -28,14 +34,29 @@ METHODS = ("rtn", "gptq", "awq")
 BITS = (4, 3)
 WA_METHODS = ("rtn", "smoothquant", "quarot", "duquant")
 WA_BITS = ((8, 8), (4, 4))  # (weight bits, activation bits)
+# After the W4A4 rows: QuaRot W4A4 with 4-bit K/V (per head, asymmetric), then with
+# DLLMQuant's IA-AQ searching K's and V's clip ratios on masked calibration (the setting of
+# docs/weight_activation.md's table).
+WA_KV = (["--config.act.kv.bits=4"],
+         ["--config.act.kv.bits=4", "--config.act.iaaq.enabled=true",
+          "--config.act.iaaq.search_keys=true", "--config.calibration=masked"])
 
 
-def cells(wa: bool) -> list[list[str]]:
+W2 = (["--config.method=rtn"], ["--config.method=gptq"],
+      ["--config.method=daq", "--config.calibration=masked", "--config.daq.abmp_ratio=0.05"])
+
+
+def cells(wa: bool, w2: bool = False) -> list[list[str]]:
     """The config overrides of each run of the table."""
+    if w2:
+        return [["--config.bits=2", "--config.group_size=128", *c] for c in W2]
     if not wa:
         return [[f"--config.method={m}", f"--config.bits={b}"] for m in METHODS for b in BITS]
-    return [[f"--config.method={m}", f"--config.bits={w}", f"--config.act_bits={a}",
-             "--config.group_size=-1"] for w, a in WA_BITS for m in WA_METHODS]
+    wa = [[f"--config.method={m}", f"--config.bits={w}", f"--config.act_bits={a}",
+           "--config.group_size=-1"] for w, a in WA_BITS for m in WA_METHODS]
+    quarot_w4a4 = ["--config.method=quarot", "--config.bits=4", "--config.act_bits=4",
+                   "--config.group_size=-1"]
+    return wa + [quarot_w4a4 + kv for kv in WA_KV]
 
 
 def main(argv=None) -> int:
@@ -43,13 +64,16 @@ def main(argv=None) -> int:
     if "-h" in args or "--help" in args:
         print(__doc__)
         return 0
-    wa = "--wa" in args
-    _, overrides = split_config_args([a for a in args if a != "--wa"])
+    wa, w2 = "--wa" in args, "--w2" in args
+    if wa and w2:
+        print("demo: --wa and --w2 are two separate tables; run one at a time", file=sys.stderr)
+        return 2
+    _, overrides = split_config_args([a for a in args if a not in ("--wa", "--w2")])
     t0 = time.time()
     fp_cache: dict = {}
     results = []
-    out_dir = ROOT / "runs" / ("demo_wa" if wa else "demo")
-    for cell in cells(wa):
+    out_dir = ROOT / "runs" / ("demo_wa" if wa else "demo_w2" if w2 else "demo")
+    for cell in cells(wa, w2):
         cfg = apply_overrides(load_config_file(ROOT / "configs" / "quantize.py"),
                               [f"--config.model={ROOT / 'assets' / 'tiny-llada'}",
                                f"--config.out_dir={out_dir}", "--config.overwrite=true", *cell,
