@@ -105,6 +105,11 @@ class Block(nnx.Module):
         self.down_proj = linear("down_proj", c.intermediate_size, d)
 
     def attention(self, x, key_bias, cos, sin, capture, query_window=None):
+        return self.o_proj(self.attention_heads(x, key_bias, cos, sin, capture, query_window),
+                           capture)
+
+    def attention_heads(self, x, key_bias, cos, sin, capture, query_window=None):
+        """The heads' outputs [B, Tq, H * hd] of the normed input `x`: o_proj's input."""
         c = self.config
         b, t, _ = x.shape
         hd, kv = c.head_dim, c.num_kv_heads
@@ -127,8 +132,7 @@ class Block(nnx.Module):
             scores = scores + key_bias[:, None, None, None, :]
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
-        out = out.astype(x.dtype).reshape(b, tq, c.num_heads * hd)
-        return self.o_proj(out, capture)
+        return out.astype(x.dtype).reshape(b, tq, c.num_heads * hd)
 
     # ---- pieces for cached decoding (the forward above is unchanged) ----------------------
 
@@ -160,9 +164,12 @@ class Block(nnx.Module):
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
         return self.o_proj(out.astype(dtype).reshape(b, tq, c.num_heads * hd))
 
+    def mlp_hidden(self, n, capture: Capture | None = None):
+        """silu(gate(n)) * up(n) of the normed input `n`: down_proj's input."""
+        return jax.nn.silu(self.gate_proj(n, capture)) * self.up_proj(n, capture)
+
     def mlp_residual(self, h):
-        n = self.mlp_norm(h)
-        return h + self.down_proj(jax.nn.silu(self.gate_proj(n)) * self.up_proj(n))
+        return h + self.down_proj(self.mlp_hidden(self.mlp_norm(h)))
 
     def forward_with_kv(self, x, key_bias, cos, sin, query_window: tuple | None = None):
         """The layer over every position, also returning its (post-RoPE) keys and values
@@ -202,9 +209,7 @@ class Block(nnx.Module):
             residual = jax.lax.dynamic_slice_in_dim(x, query_window[0], query_window[1], 1)
         h = residual + self.attention(self.attn_norm(x), key_bias, cos, sin, capture,
                                       query_window)
-        n = self.mlp_norm(h)
-        gated = jax.nn.silu(self.gate_proj(n, capture)) * self.up_proj(n, capture)
-        return h + self.down_proj(gated, capture)
+        return h + self.down_proj(self.mlp_hidden(self.mlp_norm(h), capture), capture)
 
 
 class DLLM(nnx.Module):

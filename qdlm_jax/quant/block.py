@@ -94,6 +94,12 @@ def block_inputs_from_x(x: jax.Array, config: ModelConfig, calib: CalibBatch) ->
 CAPTURE_MODES = ("gram", "raw", "absmax", "minmax")
 
 
+def _gram(v, w):
+    """Token-weighted Gram matrix sum_j w_j v_j v_j^T of inputs v [..., in] (fp32)."""
+    v = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+    return jnp.einsum("ti,tj->ij", v * w.reshape(-1, 1), v)
+
+
 @functools.lru_cache(maxsize=64)
 def _block_fn(graphdef, names, mode):
     """jit: (block state, x, key_bias, cos, sin, w) -> (y, {name: statistic of its input}):
@@ -101,9 +107,9 @@ def _block_fn(graphdef, names, mode):
     minmax = per-channel (min, max)."""
 
     def stat(v, w):
-        v = v.astype(jnp.float32).reshape(-1, v.shape[-1])
         if mode == "gram":
-            return jnp.einsum("ti,tj->ij", v * w.reshape(-1, 1), v)
+            return _gram(v, w)
+        v = v.astype(jnp.float32).reshape(-1, v.shape[-1])
         if mode == "absmax":
             return jnp.max(jnp.abs(v), axis=0)
         return jnp.stack([jnp.min(v, axis=0), jnp.max(v, axis=0)])
@@ -159,6 +165,107 @@ class BlockRunner:
         return y, total
 
 
+@functools.lru_cache(maxsize=64)
+def _stage_fns(graphdef):
+    """The block forward cut at each linear group's input (jitted, per chunk), for
+    `GroupGrams`. Each piece runs the block's own methods; a group's Gram matrix is recorded
+    by the group's first linear through a `Capture` (what its weight multiplies), and that
+    linear's output, unused, is dropped by XLA."""
+
+    def gram_of(block, linear, v, w):
+        cap = Capture(names=(linear.name,), fn=lambda u: _gram(u, w))
+        linear(v, cap)
+        return cap.values[linear.name]
+
+    @jax.jit
+    def qkv(state, x, w):  # attention input
+        block = nnx.merge(graphdef, state)
+        return gram_of(block, block.q_proj, block.attn_norm(x), w)
+
+    @jax.jit
+    def heads(state, x, key_bias, cos, sin, w):  # o_proj input (q, k, v quantized)
+        block = nnx.merge(graphdef, state)
+        out = block.attention_heads(block.attn_norm(x), key_bias, cos, sin, None)
+        return out, gram_of(block, block.o_proj, out, w)
+
+    @jax.jit
+    def mlp_in(state, x, out, w):  # gate/up input (o quantized); h is the residual stream
+        block = nnx.merge(graphdef, state)
+        h = x + block.o_proj(out)
+        n = block.mlp_norm(h)
+        return h, n, gram_of(block, block.gate_proj, n, w)
+
+    @jax.jit
+    def down_in(state, n, w):  # down_proj input (gate, up quantized)
+        block = nnx.merge(graphdef, state)
+        return gram_of(block, block.down_proj, block.mlp_hidden(n), w)
+
+    @jax.jit
+    def output(state, h, n):  # the block's output (everything quantized)
+        block = nnx.merge(graphdef, state)
+        return h + block.down_proj(block.mlp_hidden(n))
+
+    return qkv, heads, mlp_in, down_in, output
+
+
+class GroupGrams:
+    """GPTQ's sequential calibration of one block without rerunning the block per group.
+
+    `gram(k)` returns the token-weighted Gram matrix of GROUPS[k]'s input, computed with the
+    block's current weights, so with groups 0..k-1 already staged (quantized) when the caller
+    goes in order; `output()` then gives the block's output with every group quantized. Each
+    part of the block runs once: the attention heads' output (o_proj's input), the residual
+    stream h and the MLP's normed input n are kept between calls (per chunk), so the four
+    captures and the output cost about one block forward plus the MLP's gate/up once more
+    (`output` recomputes silu(gate(n)) * up(n) rather than keeping that [N, T, intermediate]
+    array). The arithmetic is the full block forward's, cut at the groups' inputs: the Gram
+    matrices equal `BlockRunner.run`'s bit for bit (tests/quant/test_layerwise.py)."""
+
+    def __init__(self, block, inputs: BlockInputs, x, chunk: int):
+        self.block, self.inputs = block, inputs
+        self.spans = _chunks(x.shape[0], chunk)
+        self.x = [x[a:b] for a, b in self.spans]
+        self.next = 0
+        self.out = self.h = self.n = None
+
+    def _args(self, a, b):
+        i = self.inputs
+        kb = None if i.key_bias is None else i.key_bias[a:b]
+        return kb, i.cos[a:b], i.sin[a:b], i.token_weights[a:b]
+
+    def gram(self, k: int):
+        if k != self.next:
+            raise ValueError(f"GroupGrams: group {k} asked for before group {self.next}")
+        self.next += 1
+        graphdef, state = nnx.split(self.block)
+        qkv, heads, mlp_in, down_in, _ = _stage_fns(graphdef)
+        grams = []
+        for c, (a, b) in enumerate(self.spans):
+            kb, cos, sin, w = self._args(a, b)
+            if k == 0:
+                grams.append(qkv(state, self.x[c], w))
+            elif k == 1:
+                out, g = heads(state, self.x[c], kb, cos, sin, w)
+                self.out = (self.out or []) + [out]
+                grams.append(g)
+            elif k == 2:
+                h, n, g = mlp_in(state, self.x[c], self.out[c], w)
+                self.h, self.n = (self.h or []) + [h], (self.n or []) + [n]
+                grams.append(g)
+            else:
+                grams.append(down_in(state, self.n[c], w))
+        if k == 2:
+            self.out = None
+        return sum(grams)
+
+    def output(self):
+        if self.next != len(GROUPS):
+            raise ValueError("GroupGrams: output() before every group's Gram matrix")
+        graphdef, state = nnx.split(self.block)
+        fn = _stage_fns(graphdef)[-1]
+        return jnp.concatenate([fn(state, h, n) for h, n in zip(self.h, self.n)])
+
+
 def weight(block, name):
     """The weight a block linear multiplies ([in, out]; inside an `ActKernel` if wrapped)."""
     return inner_weight(getattr(block, name).kernel[...])
@@ -184,23 +291,35 @@ def install(block, pending: dict):
     pending.clear()
 
 
+def _untimed(phase, fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
 def quantize_gptq(block, names, gram, weight_sum: float, weight_spec: QuantSpec, pending: dict,
                   *, damp: float, block_size: int, act_order: bool = False,
-                  static_groups: bool = False):
+                  static_groups: bool = False, timed=_untimed):
     """GPTQ on linears that share one input, from its token-weighted Gram matrix; the results
-    are staged into `pending`."""
+    are staged into `pending`. `timed(phase, fn, *args)` may time the GPTQ calls ("gptq_s")
+    and the packing + staging ("pack_s")."""
     h = hessian(gram, weight_sum)
     for name in names:
         kernel = weight(block, name)
         w = kernel.T.astype(jnp.float32)  # [out, in]
-        r = gptq(w, h, bits=weight_spec.bits, group_size=weight_spec.group_size,
-                 sym=weight_spec.sym, damp=damp, block_size=block_size,
-                 act_order=act_order, static_groups=static_groups)
+        r = timed("gptq_s", functools.partial(
+            gptq, bits=weight_spec.bits, group_size=weight_spec.group_size,
+            sym=weight_spec.sym, damp=damp, block_size=block_size, act_order=act_order,
+            static_groups=static_groups), w, h)
         g_idx = r.g_idx if (act_order and not static_groups) else None
-        q = QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=weight_spec.bits,
-                                      group_size=weight_spec.group_size, sym=weight_spec.sym,
-                                      g_idx=g_idx, scale_dtype=kernel.dtype)
-        stage(block, name, q, pending)
+
+        def pack(r=r, g_idx=g_idx, name=name, kernel=kernel):
+            q = QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=weight_spec.bits,
+                                          group_size=weight_spec.group_size,
+                                          sym=weight_spec.sym, g_idx=g_idx,
+                                          scale_dtype=kernel.dtype)
+            stage(block, name, q, pending)
+            return q, weight(block, name)
+
+        timed("pack_s", pack)
 
 
 def foldable(block, group, producer, kind) -> bool:

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import awq
-from qdlm_jax.quant.block import (GROUPS, BlockInputs, BlockRunner, block_inputs, install,
-                                  quantize_daq, quantize_gptq, stage, weight)
+from qdlm_jax.quant.block import (GROUPS, BlockInputs, BlockRunner, GroupGrams, block_inputs,
+                                  install, quantize_daq, quantize_gptq, stage, weight)
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
@@ -136,10 +136,17 @@ def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
                    bar=None, timings: dict | None = None) -> tuple[jax.Array, dict]:
     """Quantizes one block in place on its calibration input `x` (the previous quantized
     block's output); returns (this quantized block's output, its stats). RTN, GPTQ, AWQ,
-    DAQ."""
+    DAQ.
+
+    GPTQ and DAQ take each group's Gram matrix from `GroupGrams`, which runs each part of
+    the block once (the group's input with the earlier groups quantized) instead of a whole
+    block forward per group. `timings` collects seconds per phase: forward_s (the float
+    block's forward, for the block error), capture_s (the group inputs and their Gram
+    matrices), gptq_s (GPTQ calls), pack_s (packing and staging), output_s (the quantized
+    block's output); AWQ and RTN time only the two forwards."""
     runner = BlockRunner(block, inputs, spec.chunk)
-    timed = _Timer(timings)  # forward_s: plain block forwards; capture_s: forwards that
-    prefix = f"layers.{index}."  # capture a group's Gram matrix; gptq_s: GPTQ + packing
+    timed = _Timer(timings)
+    prefix = f"layers.{index}."
     y_fp, _ = timed("forward_s", runner.run, x)
     layer_stats, pending = {}, {}
     if spec.method == "awq":
@@ -150,23 +157,24 @@ def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
             w = weight(block, name)
             stage(block, name, QuantizedArray.quantize(w, spec.weight, scale_dtype=w.dtype),
                   pending)
-    for group in GROUPS:
+    grams = GroupGrams(block, inputs, x, spec.chunk) if spec.method in ("gptq", "daq") else None
+    for k, group in enumerate(GROUPS):
         if spec.method == "daq":
-            names = tuple(prefix + g for g in group)
-            _, grams = runner.run(x, names[:1], weighted=True)
             layer_stats.setdefault("daq", {}).update(quantize_daq(
-                block, group, grams[names[0]], inputs.weight_sum, pending,
+                block, group, grams.gram(k), inputs.weight_sum, pending,
                 **daq_settings(spec)))
         if spec.method == "gptq":
-            names = tuple(prefix + g for g in group)
-            _, grams = timed("capture_s", runner.run, x, names[:1], weighted=True)
-            timed("gptq_s", lambda: (quantize_gptq(
-                block, group, grams[names[0]], inputs.weight_sum, spec.weight, pending,
-                damp=spec.damp, block_size=spec.block_size, act_order=spec.act_order,
-                static_groups=spec.static_groups), [pending[n] for n in group])[1])
+            gram = timed("capture_s", grams.gram, k)
+            quantize_gptq(block, group, gram, inputs.weight_sum, spec.weight, pending,
+                          damp=spec.damp, block_size=spec.block_size,
+                          act_order=spec.act_order, static_groups=spec.static_groups,
+                          timed=timed)
         if bar is not None:
             bar.update(1)
-    x_next, _ = timed("forward_s", runner.run, x)
+    if grams is not None:
+        x_next = timed("output_s", grams.output)
+    else:
+        x_next, _ = timed("forward_s", runner.run, x)
     install(block, pending)
     layer_stats["block_out_rel_err"] = float(jnp.linalg.norm(x_next - y_fp)
                                              / jnp.linalg.norm(y_fp))

@@ -1,6 +1,8 @@
 """The layer-wise pipeline: AWQ folding is exact in float, GPTQ/AWQ blocks beat RTN on a
 model with real activation structure, and sharded params give the single-device result."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,6 +89,44 @@ def test_sharded_gptq_equals_single_device(tmp_path):
         assert same > 0.999, (name, same)
         np.testing.assert_allclose(np.asarray(a.dequantize()), np.asarray(b.dequantize()),
                                    atol=1e-3)
+
+
+
+@pytest.mark.parametrize("family,dtype", [("llada", "float32"), ("dream", "bfloat16")])
+def test_group_grams_equal_whole_block_captures(tmp_path, family, dtype):
+    """GroupGrams runs each part of the block once; the reference reruns the whole block for
+    each group (the pass before it did so). With the earlier groups quantized in between,
+    every group's Gram matrix and the quantized block's output are the same bits (chunks of
+    3 over 8 rows, padded rows, Dream's GQA and q/k/v biases)."""
+    from qdlm_jax.quant.block import BlockRunner, GroupGrams, block_inputs, quantize_gptq
+
+    config = tiny_config(family, hidden_size=128, intermediate_size=256, num_layers=1,
+                         num_heads=8, num_kv_heads=8 if family == "llada" else 2)
+    model = load_model(write_hf_checkpoint(tmp_path / "ckpt", config, seed=3), dtype=dtype)
+    windows = np.random.default_rng(1).integers(0, 240, (8, 32))
+    calib = build_calibration(model, windows, CalibSpec(mode="masked", n_samples=8,
+                                                        seq_len=32))
+    mask = np.array(calib.attention_mask)
+    mask[:3, :6] = 0
+    calib = dataclasses.replace(calib, attention_mask=mask)
+    inputs = block_inputs(model.embed[...], model.config, calib)
+    block = model.layers[0]
+    runner, grams = BlockRunner(block, inputs, 3), GroupGrams(block, inputs, inputs.x, 3)
+    pending = {}
+    for k, group in enumerate(GROUPS):
+        name = "layers.0." + group[0]
+        want = runner.run(inputs.x, (name,), weighted=True)[1][name]
+        got = grams.gram(k)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), group
+        quantize_gptq(block, group, got, inputs.weight_sum, QuantSpec(bits=3, group_size=32),
+                      pending, damp=0.01, block_size=32)
+    want, _ = runner.run(inputs.x)
+    got = grams.output()
+    assert got.dtype == want.dtype
+    assert np.array_equal(np.asarray(got.astype(jnp.float32)),
+                          np.asarray(want.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="before"):
+        GroupGrams(block, inputs, inputs.x, 3).gram(1)
 
 
 def _block_and_runner(family, seed=0):
