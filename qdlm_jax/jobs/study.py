@@ -183,8 +183,9 @@ def wa_row(entry, where: str) -> Variant:
     quantize = entry.get("quantize", {}) or {}
     quantize = quantize.to_dict() if hasattr(quantize, "to_dict") else dict(quantize)
     bits = int(entry["bits"])
+    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in _flatten(quantize).items()}
     return Variant(str(entry["method"]), bits, int(entry.get("act_bits", bits)), name=name,
-                   overrides=tuple(sorted(_flatten(quantize).items())))
+                   overrides=tuple(sorted(flat.items())))  # hashable: a Variant keys dicts
 
 
 # Study settings that hold main-job keys: `--config.wa_quantize.act.kv.bits=4` sets a key the
