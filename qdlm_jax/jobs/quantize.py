@@ -482,6 +482,12 @@ def _act_text(act_bits: int, kv_bits: int = 16) -> str:
     return text if kv_bits >= 16 else f"{text}, KV {kv_bits}"
 
 
+def _iaaq_searched(result: dict) -> str:
+    """"K,V" or "V": what a run's IA-AQ searched (its resolved config)."""
+    ia = ((result.get("config") or {}).get("act") or {}).get("iaaq") or {}
+    return "K,V" if ia.get("search_keys") else "V"
+
+
 def report(results: list[dict]) -> str:
     """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
     activations are not quantized, weight-only PTQ and the FP model alike)."""
@@ -500,7 +506,8 @@ def report(results: list[dict]) -> str:
                          f"{_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | – | – |")
     for r in results:
         q = r["quantized"]
-        label = r['method'].upper() + (" + IA-AQ" if r.get("iaaq") else "")
+        label = r['method'].upper() + (f" + IA-AQ ({_iaaq_searched(r)})" if r.get("iaaq")
+                                        else "")
         lines.append(f"| {Path(r['model']).name} | {label} | {r['bits']} | "
                      f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16))} | "
                      f"{r['group_size']} | "

@@ -106,3 +106,19 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, capsys):
     with pytest.raises(ConfigOverrideError, match="weight-only"):
         run(_cfg(tmp_path, "--config.method=quarot", "--config.act_bits=8",
                  "--config.group_size=-1", "--config.stream=true"))
+
+
+def test_report_names_what_ia_aq_searched_and_the_kv_bits():
+    from qdlm_jax.jobs import quantize
+    q = {"bits_per_token": 9.3, "ppl_bound": 640.0, "arith_acc": 0.0, "arith_n": 20,
+         "kl_to_fp_bits": 0.02}
+    base = {"model": "assets/tiny-llada", "method": "quarot", "bits": 4, "act_bits": 4,
+            "kv_bits": 4, "group_size": -1, "calibration": "masked", "quantized": q,
+            "linear_bytes_vs_bf16": 0.26, "quantize_s": 1.0}
+    rows = [dict(base, iaaq=False), dict(base, iaaq=True, config={"act": {"iaaq": {
+        "enabled": True, "search_keys": True}}}), dict(base, iaaq=True, config={"act": {
+            "iaaq": {"enabled": True, "search_keys": False}}})]
+    lines = [ln.split("|")[2:5] for ln in quantize.report(rows).splitlines()[2:5]]
+    assert [[c.strip() for c in ln] for ln in lines] == [
+        ["QUAROT", "4", "4, KV 4"], ["QUAROT + IA-AQ (K,V)", "4", "4, KV 4"],
+        ["QUAROT + IA-AQ (V)", "4", "4, KV 4"]]
