@@ -14,12 +14,13 @@ The 2-bit comparison of the dLLM-specific weight-only method (Quant-dLLM's DAQ +
 average of 2.0 binary planes) against RTN and GPTQ, with masked calibration:
 
     qdlm study --config configs/study.py --config.methods=rtn,gptq,daq --config.bits=2 \\
-        --config.wa_methods= --config.quantize.calibration=masked --config.out_dir=runs/study-w2
+        --config.wa_methods= --config.wa_rows= --config.quantize.calibration=masked \\
+        --config.out_dir=runs/study-w2
 
 QuaRot W4A4 against its 4-bit K/V rows, with and without IA-AQ (`wa_rows`; see
 docs/weight_activation.md "In the demo and the study"):
 
-    qdlm study --config configs/study.py --config.methods= --config.wa_methods=quarot \
+    qdlm study --config configs/study.py --config.methods= --config.wa_methods=quarot \\
         --config.wa_bits=4 --config.out_dir=runs/study_kv
 
 """
