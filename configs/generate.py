@@ -1,9 +1,10 @@
 """Generation settings for `qdlm generate --config configs/generate.py`.
 
 Override any field on the command line, e.g. `--config.gen.steps=64`. LLaDA reads steps,
-gen_length, block_length, temperature, cfg_scale, remasking, cache, threshold; Dream reads
-steps, gen_length (as max_new_tokens), temperature, alg, alg_temp, top_p, top_k, eps. A field
-of the other family must keep its default. See docs/generation.md.
+gen_length, block_length, temperature, cfg_scale, remasking, cache, threshold, factor; Dream
+reads steps, gen_length (as max_new_tokens), temperature, alg, alg_temp, top_p, top_k, eps,
+and cache, threshold, factor (Fast-dLLM's Dream block decoding, which also reads
+block_length). A field that does not apply must keep its default. See docs/generation.md.
 """
 
 import ml_collections
@@ -23,8 +24,9 @@ def get_config():
         top_p=None,  # Dream nucleus filtering
         top_k=None,  # Dream top-k filtering
         eps=1e-3,  # Dream: timesteps run from 1 to eps
-        cache="none",  # LLaDA: none | prefix | dual (Fast-dLLM block-wise KV cache)
-        threshold=None,  # LLaDA: None or tau in (0, 1]: commit every position with conf >= tau
+        cache="none",  # none | prefix | dual (Fast-dLLM block-wise KV cache)
+        threshold=None,  # None or tau in (0, 1]: commit every position with conf >= tau
+        factor=None,  # None or f > 0: Fast-dLLM's factor rule (not with a threshold)
         seed=0,  # PRNG seed of the sampling key
     ))
     return c

@@ -88,18 +88,17 @@ from typing import Callable
 
 import jax
 
-from qdlm_jax.inference.common import left_pad
+from qdlm_jax.inference.common import CACHE_MODES, check_cache_threshold, left_pad
 from qdlm_jax.inference.dream import (DREAM_ALGS, DreamSettings, dream_call, dream_generate,
                                       dream_settings, dream_transfer_schedule)
-from qdlm_jax.inference.llada import (CACHE_MODES, REMASKING, LLaDASettings,
-                                      check_cache_threshold, llada_call, llada_generate,
+from qdlm_jax.inference.llada import (REMASKING, LLaDASettings, llada_call, llada_generate,
                                       llada_settings, llada_transfer_schedule)
 
 __all__ = [
     "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",
     "llada_generate", "dream_generate", "generate", "compile_generate", "generate_with_order",
     "llada_transfer_schedule", "dream_transfer_schedule", "left_pad", "LLADA_ONLY",
-    "DREAM_ONLY", "settings_for", "CACHE_MODES", "generate_with_nfe",
+    "DREAM_ONLY", "settings_for", "CACHE_MODES", "generate_with_nfe", "tokens_per_step",
 ]
 
 
@@ -108,9 +107,11 @@ class GenerationConfig:
     """Settings of `generate` for either family (the CLI's `gen` config section).
 
     LLaDA reads steps, gen_length, block_length (None = gen_length), temperature, cfg_scale,
-    remasking, cache ("none" | "prefix" | "dual") and threshold (None or tau in (0, 1]).
-    Dream reads steps, gen_length (as max_new_tokens), temperature, alg,
-    alg_temp, top_p, top_k, eps. A field of the other family must keep its default (or be
+    remasking, cache ("none" | "prefix" | "dual"), threshold (None or tau in (0, 1]) and
+    factor (None or f > 0; not with a threshold). Dream reads steps, gen_length (as
+    max_new_tokens), temperature, alg, alg_temp, top_p, top_k, eps, and cache / threshold /
+    factor, which select Fast-dLLM's Dream block decoding; block_length (None = gen_length)
+    applies to Dream only then. A field that does not apply must keep its default (or be
     None).
     """
 
@@ -127,10 +128,16 @@ class GenerationConfig:
     eps: float = 1e-3
     cache: str = "none"
     threshold: float | None = None
+    factor: float | None = None
     seed: int = 0
 
     def __post_init__(self):
-        check_cache_threshold(self.cache, self.threshold)
+        check_cache_threshold(self.cache, self.threshold, self.factor)
+
+    @property
+    def fast(self) -> bool:
+        """Whether Fast-dLLM's decoding runs (a KV cache, a threshold or a factor)."""
+        return self.cache != "none" or self.threshold is not None or self.factor is not None
 
     @classmethod
     def from_mapping(cls, d) -> "GenerationConfig":
@@ -162,8 +169,6 @@ def settings_for(model, config: GenerationConfig, *, progress: bool = False,
     if record_order:
         settings = dataclasses.replace(settings, record_order=True)
     if return_nfe:
-        if not isinstance(settings, LLaDASettings):
-            raise ValueError("return_nfe: only the LLaDA loop counts its forward passes")
         settings = dataclasses.replace(settings, return_nfe=True)
     return settings
 
@@ -176,17 +181,19 @@ def _settings_for(model, config: GenerationConfig, *, progress: bool = False):
                               block_length=config.block_length or config.gen_length,
                               temperature=config.temperature, cfg_scale=config.cfg_scale,
                               remasking=config.remasking, progress=progress,
-                              cache=config.cache, threshold=config.threshold)
+                              cache=config.cache, threshold=config.threshold,
+                              factor=config.factor)
     if family == "dream":
-        _check_unused(config, LLADA_ONLY, family)
-        if config.cache != "none" or config.threshold is not None:
-            raise ValueError(f"cache={config.cache!r}, threshold={config.threshold!r}: the KV "
-                             "cache and threshold decoding are implemented for LLaDA only "
-                             "so far; use cache='none', threshold=None with a dream model")
+        # block_length applies to Dream's block decoding (cache / threshold / factor) only
+        _check_unused(config, LLADA_ONLY if not config.fast else ("cfg_scale", "remasking"),
+                      family)
+        block_length = (config.block_length or config.gen_length) if config.fast else None
         return dream_settings(model, max_new_tokens=config.gen_length, steps=config.steps,
                               alg=config.alg, alg_temp=config.alg_temp,
                               temperature=config.temperature, top_p=config.top_p,
-                              top_k=config.top_k, eps=config.eps, progress=progress)
+                              top_k=config.top_k, eps=config.eps, progress=progress,
+                              cache=config.cache, threshold=config.threshold,
+                              factor=config.factor, block_length=block_length)
     raise ValueError(f"model family {family!r}: expected 'llada' or 'dream'")
 
 
@@ -250,8 +257,19 @@ def generate_with_order(model, input_ids, attention_mask=None, *,
 def generate_with_nfe(model, input_ids, attention_mask=None, *,
                       config: GenerationConfig | None = None, key=None, **kwargs):
     """`generate` that also returns the number of forward passes the loop ran (an int32
-    scalar; `steps` without a cache or threshold). LLaDA only."""
+    scalar; `steps` without a cache, threshold or factor): (tokens, nfe). Either family.
+    Tokens committed per forward pass = generated positions / nfe (`tokens_per_step`)."""
     config, key = _resolve(model, config, kwargs, key)
     settings = settings_for(model, config, return_nfe=True)
     fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
     return fn(*args, **static)
+
+
+def tokens_per_step(gen_length: int, nfe) -> float:
+    """Tokens committed per forward pass of one row: its gen_length positions over the passes
+    its batch ran (`generate_with_nfe`; the rows of a batch share the passes, so a row that
+    finished a block early counts the passes it waited)."""
+    nfe = int(nfe)
+    if nfe <= 0:
+        raise ValueError(f"nfe={nfe}: expected a positive number of forward passes")
+    return float(gen_length) / nfe

@@ -5,17 +5,23 @@ remasking, classifier-free guidance). The algorithm and its random-number layout
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qdlm_jax.inference.common import (NEG_INF, check_positive_int, default_key, maybe_progress,
-                                       prepare_inputs, top_k_select)
+from qdlm_jax.inference.common import (CACHE_MODES, NEG_INF, cached_block_hidden, check_blocks,
+                                       check_cache_threshold, check_positive_int, commit_block,
+                                       default_key, empty_kv_cache, factor_select,
+                                       maybe_progress, prefix_windows, prepare_inputs,
+                                       refill_kv_cache, threshold_select, top_k_select)
 
 REMASKING = ("low_confidence", "random")
-CACHE_MODES = ("none", "prefix", "dual")
+__all__ = ["REMASKING", "CACHE_MODES", "LLaDASettings", "check_cache_threshold",
+           "threshold_select", "factor_select", "prefix_windows", "llada_transfer_schedule",
+           "llada_settings", "llada_call", "llada_generate"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,26 +43,20 @@ class LLaDASettings:
     record_order: bool = False  # also return the step at which each position was decoded
     cache: str = "none"  # "none" | "prefix" | "dual" (Fast-dLLM's block-wise KV cache)
     threshold: float | None = None  # commit every masked block position with conf >= tau
+    factor: float | None = None  # Fast-dLLM's factor rule instead (exclusive with threshold)
     return_nfe: bool = False  # also return the number of forward passes (int32 scalar)
 
     def __post_init__(self):
         check_positive_int("gen_length", self.gen_length)
         check_positive_int("steps", self.steps)
-        check_positive_int("block_length", self.block_length)
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length={self.gen_length} is not divisible by "
-                             f"block_length={self.block_length}")
-        if self.steps % self.num_blocks:
-            raise ValueError(f"steps={self.steps} is not divisible by the number of blocks "
-                             f"{self.num_blocks} (gen_length={self.gen_length} / "
-                             f"block_length={self.block_length})")
+        check_blocks("gen_length", self.gen_length, self.block_length, self.steps)
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking={self.remasking!r}: expected one of {REMASKING}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature!r}: expected >= 0")
         if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale={self.cfg_scale!r}: expected >= 0")
-        check_cache_threshold(self.cache, self.threshold)
+        check_cache_threshold(self.cache, self.threshold, self.factor)
         if self.cache != "none" and self.cfg_scale > 0:
             raise ValueError(f"cfg_scale={self.cfg_scale!r} with cache={self.cache!r}: "
                              "classifier-free guidance runs only without a KV cache")
@@ -78,17 +78,8 @@ class LLaDASettings:
 
     @property
     def fast(self) -> bool:
-        """Whether the Fast-dLLM loop runs (a KV cache or a confidence threshold)."""
-        return self.cache != "none" or self.threshold is not None
-
-
-def check_cache_threshold(cache, threshold):
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache={cache!r}: expected one of {CACHE_MODES}")
-    if threshold is not None and (isinstance(threshold, bool)
-                                  or not isinstance(threshold, (int, float, np.floating))
-                                  or not 0 < threshold <= 1):
-        raise ValueError(f"threshold={threshold!r}: expected None or a number in (0, 1]")
+        """Whether the Fast-dLLM loop runs (a KV cache, a threshold or a factor)."""
+        return self.cache != "none" or self.threshold is not None or self.factor is not None
 
 
 
@@ -130,66 +121,64 @@ def _propose(s: LLaDASettings, logits, x_blk, g, key):
     return x0, jnp.where(x_blk == s.mask_id, conf, NEG_INF)
 
 
-def threshold_select(conf: jax.Array, threshold: float) -> jax.Array:
-    """Fast-dLLM's threshold rule on confidences with -inf off the masked positions: per row,
-    the most confident masked position (ties: the lower index) plus every masked position
-    with confidence >= threshold; nothing in a row without masked positions."""
-    masked = conf > NEG_INF
-    best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), conf.shape[-1], dtype=bool)
-    return (best | (conf >= threshold)) & masked
+class _Setup(NamedTuple):
+    """What both LLaDA loops build before their first step."""
+    model: object
+    x: jax.Array  # [B, T] = [prompt | gen_length x MASK]
+    mask: jax.Array | None  # [B, T] key-padding mask (None without padding)
+    p: int  # prompt length
+    sched: jax.Array  # tokens committed at each step of a block (LLaDA's schedule)
+    k_max: int
 
 
-def _commit(x, order, sel, x0, g, start, lb, record_order):
-    x_blk = jax.lax.dynamic_slice_in_dim(x, start, lb, axis=1)
-    x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(sel, x0, x_blk), start, axis=1)
-    if record_order:
-        o_blk = jax.lax.dynamic_slice_in_dim(order, start, lb, axis=1)
-        order = jax.lax.dynamic_update_slice_in_dim(order, jnp.where(sel, g, o_blk), start,
-                                                    axis=1)
-    return x, order
+def _setup(state, prompt, attention_mask, graphdef, s: LLaDASettings) -> _Setup:
+    b, p = prompt.shape
+    x = jnp.concatenate([prompt, jnp.full((b, s.gen_length), s.mask_id, jnp.int32)], axis=1)
+    mask = None
+    if attention_mask is not None:
+        mask = jnp.concatenate([attention_mask, jnp.ones((b, s.gen_length), jnp.int32)], 1)
+    sched_np = llada_transfer_schedule(s.block_length, s.steps_per_block)
+    return _Setup(nnx.merge(graphdef, state), x, mask, p, jnp.asarray(sched_np),
+                  int(sched_np.max()))
+
+
+def _block_logits(s: LLaDASettings, su: _Setup, x, start):
+    """float32 logits [B, block_length, V] of the block at `start` from a full forward of x,
+    with classifier-free guidance when cfg_scale > 0: the unconditional branch is x with every
+    prompt position masked, both branches run as one batch, un + (cfg + 1)(cond - un)."""
+    lb, model = s.block_length, su.model
+    if s.cfg_scale > 0:
+        b = x.shape[0]
+        un_x = jnp.where((jnp.arange(x.shape[1]) < su.p)[None, :], s.mask_id, x)
+        mask2 = None if su.mask is None else jnp.concatenate([su.mask, su.mask], axis=0)
+        h = model.hidden_states(jnp.concatenate([x, un_x], axis=0), mask2,
+                                query_window=(start, lb))
+        logits = model.logits(h).astype(jnp.float32)
+        cond, un = logits[:b], logits[b:]
+        return un + (s.cfg_scale + 1.0) * (cond - un)
+    h = model.hidden_states(x, su.mask, query_window=(start, lb))
+    return model.logits(h).astype(jnp.float32)
 
 
 def _llada_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASettings):
     """The LLaDA sampler as a pure function of (params state, prompt, mask, key)."""
     if s.fast:
         return _llada_fast_loop(state, prompt, attention_mask, key, graphdef=graphdef, s=s)
-    model = nnx.merge(graphdef, state)
-    b, p = prompt.shape
+    su = _setup(state, prompt, attention_mask, graphdef, s)
     lb, spb = s.block_length, s.steps_per_block
-    t_total = p + s.gen_length
-    x = jnp.concatenate([prompt, jnp.full((b, s.gen_length), s.mask_id, jnp.int32)], axis=1)
-    mask = None
-    if attention_mask is not None:
-        mask = jnp.concatenate([attention_mask, jnp.ones((b, s.gen_length), jnp.int32)], 1)
-    sched_np = llada_transfer_schedule(lb, spb)
-    k_max = int(sched_np.max())
-    sched = jnp.asarray(sched_np)
-    is_prompt = jnp.arange(t_total) < p
-    cfg = s.cfg_scale > 0
-    if cfg:
-        mask2 = None if mask is None else jnp.concatenate([mask, mask], axis=0)
 
     def step(g, carry):
         x, order = carry
         maybe_progress(s.progress, g, s.steps)
-        start = p + (g // spb) * lb
-        if cfg:
-            un_x = jnp.where(is_prompt[None, :], s.mask_id, x)
-            h_blk = model.hidden_states(jnp.concatenate([x, un_x], axis=0), mask2,
-                                        query_window=(start, lb))
-        else:
-            h_blk = model.hidden_states(x, mask, query_window=(start, lb))
-        logits = model.logits(h_blk).astype(jnp.float32)  # [B(*2), lb, V]
-        if cfg:
-            cond, un = logits[:b], logits[b:]
-            logits = un + (s.cfg_scale + 1.0) * (cond - un)
+        start = su.p + (g // spb) * lb
+        logits = _block_logits(s, su, x, start)
         x_blk = jax.lax.dynamic_slice_in_dim(x, start, lb, axis=1)
         x0, conf = _propose(s, logits, x_blk, g, key)
-        sel = top_k_select(conf, sched[g % spb], k_max) & (x_blk == s.mask_id)
-        return _commit(x, order, sel, x0, g, start, lb, s.record_order)
+        sel = top_k_select(conf, su.sched[g % spb], su.k_max) & (x_blk == s.mask_id)
+        return commit_block(x, order, sel, x0, g, start, lb, s.record_order)
 
-    order = jnp.full(x.shape, -1, jnp.int32) if s.record_order else None
-    x, order = jax.lax.fori_loop(0, s.steps, step, (x, order))
+    order = jnp.full(su.x.shape, -1, jnp.int32) if s.record_order else None
+    x, order = jax.lax.fori_loop(0, s.steps, step, (su.x, order))
     return _outputs(s, x, order, jnp.int32(s.steps))
 
 
@@ -198,89 +187,37 @@ def _outputs(s, x, order, nfe):
     return out[0] if len(out) == 1 else out
 
 
-def prefix_windows(gen_length: int, block_length: int) -> list[int]:
-    """Window sizes of the prefix-cache forward: block_length * 2^k, capped at gen_length
-    (the suffix from a block on has gen_length - nb * block_length positions)."""
-    sizes, w = [], block_length
-    while w < gen_length:
-        sizes.append(w)
-        w *= 2
-    return sizes + [gen_length]
-
-
 def _llada_fast_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASettings):
     """Fast-dLLM's LLaDA decoding (see generate.py's docstring): blocks in a fori_loop, each
     block's steps in a while_loop that runs until no position of the block is masked in any
     row. The block's first step is a full forward (which also refills the KV cache); later
-    steps run the cached forward of `s.cache`. Commits: the scheduled top-k, or with a
-    threshold the most confident position plus every one with confidence >= threshold."""
-    model = nnx.merge(graphdef, state)
-    b, p = prompt.shape
-    lb, spb = s.block_length, s.steps_per_block
-    t_total = p + s.gen_length
-    x = jnp.concatenate([prompt, jnp.full((b, s.gen_length), s.mask_id, jnp.int32)], axis=1)
-    mask = None
-    if attention_mask is not None:
-        mask = jnp.concatenate([attention_mask, jnp.ones((b, s.gen_length), jnp.int32)], 1)
-    sched_np = llada_transfer_schedule(lb, spb)
-    k_max = int(sched_np.max())
-    sched = jnp.asarray(sched_np)
-    is_prompt = jnp.arange(t_total) < p
-    cfg = s.cfg_scale > 0  # (only without a cache)
-    if cfg:
-        mask2 = None if mask is None else jnp.concatenate([mask, mask], axis=0)
-
-    def full_logits(x, start):
-        if cfg:
-            un_x = jnp.where(is_prompt[None, :], s.mask_id, x)
-            h = model.hidden_states(jnp.concatenate([x, un_x], axis=0), mask2,
-                                    query_window=(start, lb))
-            logits = model.logits(h).astype(jnp.float32)
-            cond, un = logits[:b], logits[b:]
-            return un + (s.cfg_scale + 1.0) * (cond - un)
-        h = model.hidden_states(x, mask, query_window=(start, lb))
-        return model.logits(h).astype(jnp.float32)
-
-    # prefix: the window is the last W positions, W the smallest of `windows` that covers
-    # the block and everything after it; positions of the window before the block take the
-    # cached keys/values (their outputs are discarded). One branch per window size.
-    windows = prefix_windows(s.gen_length, lb)
-
-    def prefix_branch(w):
-        def run(x, start, kv):
-            ws = t_total - w
-            h = model.hidden_states_cached(x[:, ws:], ws, kv, mask, fresh_from=start)
-            return jax.lax.dynamic_slice_in_dim(h, start - ws, lb, axis=1)
-        return run
-
-    def cached_logits(x, start, kv):
-        if s.cache == "prefix":
-            which = jnp.searchsorted(jnp.asarray(windows), t_total - start)
-            h = jax.lax.switch(which, [prefix_branch(w) for w in windows], x, start, kv)
-        else:  # dual: window = the block; every other position: cached
-            h = model.hidden_states_cached(jax.lax.dynamic_slice_in_dim(x, start, lb, axis=1),
-                                           start, kv, mask)
-        return model.logits(h).astype(jnp.float32)
+    steps run the cached forward of `s.cache`. Commits: the scheduled top-k, with a threshold
+    the most confident position plus every one with confidence >= threshold, with a factor
+    Fast-dLLM's factor rule (`factor_select`)."""
+    su = _setup(state, prompt, attention_mask, graphdef, s)
+    model, lb, spb = su.model, s.block_length, s.steps_per_block
 
     def decide(x, order, logits, g, i, start):
         x_blk = jax.lax.dynamic_slice_in_dim(x, start, lb, axis=1)
         x0, conf = _propose(s, logits, x_blk, g, key)
-        if s.threshold is None:
-            sel = top_k_select(conf, sched[jnp.minimum(i, spb - 1)], k_max)
-            sel = sel & (x_blk == s.mask_id)
-        else:
+        if s.threshold is not None:
             sel = threshold_select(conf, s.threshold)
-        return _commit(x, order, sel, x0, g, start, lb, s.record_order)
+        elif s.factor is not None:
+            sel = factor_select(conf, s.factor)
+        else:
+            sel = top_k_select(conf, su.sched[jnp.minimum(i, spb - 1)], su.k_max)
+            sel = sel & (x_blk == s.mask_id)
+        return commit_block(x, order, sel, x0, g, start, lb, s.record_order)
 
     def block(nb, carry):
         x, order, g, kv = carry
-        start = p + nb * lb
+        start = su.p + nb * lb
         maybe_progress(s.progress, nb, s.num_blocks)
         if s.cache == "none":
-            logits = full_logits(x, start)
+            logits = _block_logits(s, su, x, start)
         else:  # the block's first step refills the cache (in place: kv is loop state)
-            h, new_kv = model.hidden_states_with_kv(x, mask, query_window=(start, lb))
-            kv = jax.tree.map(lambda a, old: a.astype(old.dtype), new_kv, kv)
+            h, new_kv = model.hidden_states_with_kv(x, su.mask, query_window=(start, lb))
+            kv = refill_kv_cache(kv, new_kv)
             logits = model.logits(h).astype(jnp.float32)
         x, order = decide(x, order, logits, g, 0, start)
 
@@ -290,21 +227,22 @@ def _llada_fast_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASe
 
         def body(c):
             x, order, g, i = c
-            logits = full_logits(x, start) if s.cache == "none" else \
-                cached_logits(x, start, kv)
+            if s.cache == "none":
+                logits = _block_logits(s, su, x, start)
+            else:
+                h = cached_block_hidden(model, x, start, kv, su.mask, cache=s.cache,
+                                        block_length=lb, gen_length=s.gen_length)
+                logits = model.logits(h).astype(jnp.float32)
             x, order = decide(x, order, logits, g, i, start)
             return x, order, g + 1, i + 1
 
         x, order, g, _ = jax.lax.while_loop(cond, body, (x, order, g + 1, jnp.int32(1)))
         return x, order, g, kv
 
-    order = jnp.full(x.shape, -1, jnp.int32) if s.record_order else None
-    kv = None
-    if s.cache != "none":
-        c = model.config
-        shape = (c.num_layers, b, t_total, c.num_kv_heads, c.head_dim)
-        kv = (jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype))
-    x, order, nfe, _ = jax.lax.fori_loop(0, s.num_blocks, block, (x, order, jnp.int32(0), kv))
+    order = jnp.full(su.x.shape, -1, jnp.int32) if s.record_order else None
+    kv = None if s.cache == "none" else empty_kv_cache(model, su.x.shape[0], su.x.shape[1])
+    x, order, nfe, _ = jax.lax.fori_loop(0, s.num_blocks, block,
+                                         (su.x, order, jnp.int32(0), kv))
     return _outputs(s, x, order, nfe)
 
 
@@ -322,7 +260,7 @@ def llada_call(model, input_ids, attention_mask, key, settings):
 def llada_settings(model, *, gen_length, steps, block_length, temperature=0.0, cfg_scale=0.0,
                    remasking="low_confidence", logits_eos_inf=False,
                    confidence_eos_eot_inf=False, progress=False, cache="none",
-                   threshold=None) -> LLaDASettings:
+                   threshold=None, factor=None) -> LLaDASettings:
     c = model.config
     return LLaDASettings(gen_length=gen_length, steps=steps, block_length=block_length,
                          mask_id=c.mask_token_id, temperature=float(temperature),
@@ -330,7 +268,7 @@ def llada_settings(model, *, gen_length, steps, block_length, temperature=0.0, c
                          logits_eos_inf=logits_eos_inf,
                          confidence_eos_eot_inf=confidence_eos_eot_inf, eos_id=c.eos_token_id,
                          eot_id=c.eot_token_id, progress=progress, cache=cache,
-                         threshold=threshold)
+                         threshold=threshold, factor=factor)
 
 
 def llada_generate(model, input_ids, attention_mask=None, *, gen_length: int, steps: int,
@@ -338,11 +276,12 @@ def llada_generate(model, input_ids, attention_mask=None, *, gen_length: int, st
                    remasking: str = "low_confidence", logits_eos_inf: bool = False,
                    confidence_eos_eot_inf: bool = False, key=None,
                    progress: bool = False, cache: str = "none",
-                   threshold: float | None = None) -> jax.Array:
+                   threshold: float | None = None, factor: float | None = None) -> jax.Array:
     """LLaDA sampling (see the module docstring). Returns `[batch, prompt_len + gen_length]`.
 
-    `cache` ("none" | "prefix" | "dual") and `threshold` (None or tau in (0, 1]) select
-    Fast-dLLM's block-wise KV cache and confidence-threshold parallel decoding (see
+    `cache` ("none" | "prefix" | "dual"), `threshold` (None or tau in (0, 1]) and `factor`
+    (None or f > 0; not with a threshold) select Fast-dLLM's block-wise KV cache and its
+    confidence-threshold / factor-based parallel decoding (see
     `qdlm_jax/inference/generate.py`).
 
     input_ids: `[batch, prompt_len]` int, left-padded for batches of different lengths, with
@@ -354,7 +293,7 @@ def llada_generate(model, input_ids, attention_mask=None, *, gen_length: int, st
                               cfg_scale=cfg_scale, remasking=remasking,
                               logits_eos_inf=logits_eos_inf,
                               confidence_eos_eot_inf=confidence_eos_eot_inf, progress=progress,
-                              cache=cache, threshold=threshold)
+                              cache=cache, threshold=threshold, factor=factor)
     fn, args, static = llada_call(model, input_ids, attention_mask, key, settings)
     return fn(*args, **static)
 

@@ -1,11 +1,15 @@
-"""Fast-dLLM decoding (block-wise KV cache "prefix" / "dual", confidence-threshold parallel
-decoding) in the jitted LLaDA loop, token for token against a plain PyTorch statement of
-Fast-dLLM's published algorithm (tests/references/fast_dllm_reference.py) on the same tiny
-weights, at temperature 0, over several block lengths, thresholds and a left-padded batch.
+"""Fast-dLLM decoding (block-wise KV cache "prefix" / "dual", confidence-threshold and
+factor-based parallel decoding) in the jitted LLaDA and Dream loops, token for token against
+a plain PyTorch statement of Fast-dLLM's published algorithms
+(tests/references/fast_dllm_reference.py) on the same tiny weights, at temperature 0, over
+several block lengths, thresholds, factors and a left-padded batch.
 
 The tiny random models are unsure (softmax over 256 tokens: confidences ~0.004-0.05), so the
-thresholds here are small enough that some steps commit several tokens and others one.
+thresholds here are small enough that some steps commit several tokens and others one; the
+factors put the rule's threshold 1 - f / (j + 2) inside that range at some rank j.
 """
+import dataclasses
+
 
 import jax
 import numpy as np
@@ -15,19 +19,27 @@ import torch
 from qdlm_jax import load_model
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.inference import generate as G
+from qdlm_jax.inference.common import factor_select
+from qdlm_jax.inference.dream import dream_call, dream_settings
 from qdlm_jax.inference.llada import llada_call, llada_settings, threshold_select
-from tests.references.fast_dllm_reference import CachedLlama, fast_dllm_generate_ref
+from tests.references.fast_dllm_reference import (CachedLlama, factor_count,
+                                                  fast_dllm_dream_ref, fast_dllm_generate_ref)
 from tests.references.hf_reference import reference_model
 
 P = 6
 
 
-@pytest.fixture(scope="module")
-def llada(tmp_path_factory):
-    config = tiny_config("llada", num_layers=2)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("llada2"), config, seed=5)
+def _tiny_pair(tmp_path_factory, family, seed):
+    """(config, our model, the eager reference model) of a 2-layer tiny checkpoint."""
+    config = tiny_config(family, num_layers=2)
+    path = write_hf_checkpoint(tmp_path_factory.mktemp(f"{family}2"), config, seed=seed)
     return config, load_model(path, dtype="float32"), CachedLlama(reference_model(path, config),
                                                                   config)
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    return _tiny_pair(tmp_path_factory, "llada", 5)
 
 
 def _prompts(config, batch=2, seed=0):
@@ -39,11 +51,23 @@ def _prompts(config, batch=2, seed=0):
     return ids, mask
 
 
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory):
+    return _tiny_pair(tmp_path_factory, "dream", 6)
+
+
 def _ours(model, ids, mask, **kw):
     s = llada_settings(model, **kw)
-    import dataclasses
     s = dataclasses.replace(s, return_nfe=True)
     fn, args, static = llada_call(model, ids, mask, None, s)
+    x, nfe = fn(*args, **static)
+    return np.asarray(x), int(nfe)
+
+
+def _ours_dream(model, ids, mask, *, gen_length, **kw):
+    s = dataclasses.replace(dream_settings(model, max_new_tokens=gen_length, **kw),
+                            return_nfe=True)
+    fn, args, static = dream_call(model, ids, mask, None, s)
     x, nfe = fn(*args, **static)
     return np.asarray(x), int(nfe)
 
@@ -59,29 +83,109 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "gen{}_steps{}_block{}_tau{}".format(*c))
-def test_llada_fast_decoding_matches_fast_dllm(llada, cache, case):
+FACTOR_CASES = [
+    # (gen_length, steps, block_length, factor)
+    (16, 8, 8, 2.95),  # rank 1's threshold 1 - 2.95/3 ~ 0.017: 1 or more tokens a step
+    (12, 12, 4, 3.9),  # rank 2's threshold 0.025
+    (8, 8, 4, 1.0),  # one token a step (two when two are left)
+]
+
+
+def _case_id(c):
+    return "gen{}_steps{}_block{}_{}".format(*c)
+
+
+def _check_llada(llada, cache, gen_length, steps, block_length, **rule):
     config, model, ref = llada
-    gen_length, steps, block_length, threshold = case
-    if cache == "none" and threshold is None:
-        pytest.skip("the plain loop (tests/inference/test_generate.py)")
     ids, mask = _prompts(config)
-    kw = dict(gen_length=gen_length, steps=steps, block_length=block_length)
-    ours, nfe = _ours(model, ids, mask, cache=cache, threshold=threshold, **kw)
+    kw = dict(gen_length=gen_length, steps=steps, block_length=block_length, cache=cache,
+              **rule)
+    ours, nfe = _ours(model, ids, mask, **kw)
     want, want_nfe = fast_dllm_generate_ref(ref, ids, mask, mask_id=config.mask_token_id,
-                                            cache=cache, threshold=threshold, **kw)
+                                            **kw)
     np.testing.assert_array_equal(ours[:, :P], ids)
     assert not (ours == config.mask_token_id).any()
     np.testing.assert_array_equal(ours, want.numpy())
     assert nfe == want_nfe
+    # one row alone (no padding anywhere) decodes as in the batch
+    solo, _ = _ours(model, ids[1:], None, **kw)
+    want_solo, _ = fast_dllm_generate_ref(ref, ids[1:], None, mask_id=config.mask_token_id,
+                                          **kw)
+    np.testing.assert_array_equal(solo, want_solo.numpy())
+    return nfe
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_llada_fast_decoding_matches_fast_dllm(llada, cache, case):
+    gen_length, steps, block_length, threshold = case
+    if cache == "none" and threshold is None:
+        pytest.skip("the plain loop (tests/inference/test_generate.py)")
+    nfe = _check_llada(llada, cache, gen_length, steps, block_length, threshold=threshold)
     if threshold is None:
         assert nfe == steps
-    # one row alone (no padding anywhere) decodes as in the batch
-    solo, _ = _ours(model, ids[1:], None, cache=cache, threshold=threshold, **kw)
-    want_solo, _ = fast_dllm_generate_ref(ref, ids[1:], None, mask_id=config.mask_token_id,
-                                          cache=cache, threshold=threshold, **kw)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("case", FACTOR_CASES, ids=_case_id)
+def test_llada_factor_decoding_matches_fast_dllm(llada, cache, case):
+    gen_length, steps, block_length, factor = case
+    _check_llada(llada, cache, gen_length, steps, block_length, factor=factor)
+
+
+DREAM_CASES = [
+    # (gen_length, steps, block_length, threshold, factor, alg)
+    (8, 4, 4, None, None, "entropy"),  # 2 steps per block: first token, then the rest
+    (12, 9, 4, None, None, "entropy"),
+    (16, 8, 8, None, None, "maskgit_plus"),
+    (16, 8, 8, 0.01, None, "entropy"),
+    (12, 12, 4, 0.006, None, "entropy"),
+    (8, 8, 2, None, 2.95, "entropy"),
+    (16, 4, 8, None, 3.9, "entropy"),
+]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("case", DREAM_CASES,
+                         ids=lambda c: "gen{}_steps{}_block{}_tau{}_f{}_{}".format(*c))
+def test_dream_fast_decoding_matches_fast_dllm(dream, cache, case):
+    config, model, ref = dream
+    gen_length, steps, block_length, threshold, factor, alg = case
+    if cache == "none" and threshold is None and factor is None:
+        pytest.skip("Dream's plain loop (tests/inference/test_generate.py)")
+    ids, mask = _prompts(config)
+    kw = dict(gen_length=gen_length, steps=steps, block_length=block_length, cache=cache,
+              threshold=threshold, factor=factor, alg=alg)
+    ours, nfe = _ours_dream(model, ids, mask, **kw)
+    want, want_nfe = fast_dllm_dream_ref(ref, ids, mask, mask_id=config.mask_token_id, **kw)
+    np.testing.assert_array_equal(ours[:, :P], ids)
+    assert not (ours == config.mask_token_id).any()
+    np.testing.assert_array_equal(ours, want.numpy())
+    assert nfe == want_nfe
+    if threshold is None and factor is None:
+        assert nfe == steps
+    solo, _ = _ours_dream(model, ids[1:], None, **kw)
+    want_solo, _ = fast_dllm_dream_ref(ref, ids[1:], None, mask_id=config.mask_token_id, **kw)
     np.testing.assert_array_equal(solo, want_solo.numpy())
+
+
+def test_factor_select_rule_matches_the_reference_loop():
+    """The vectorized factor rule against Fast-dLLM's loop (factor_count) on random rows
+    with random masks, including rows with 0, 1 and 2 masked positions."""
+    rng = np.random.default_rng(0)
+    for factor in (0.5, 1.0, 2.0, 3.9):
+        conf = rng.uniform(0.3, 1.0, size=(64, 8))
+        masked = rng.uniform(size=conf.shape) < 0.6
+        masked[0], masked[1], masked[2] = False, np.arange(8) == 3, np.arange(8) < 2
+        conf = np.where(masked, conf, -np.inf).astype(np.float32)
+        sel = np.asarray(factor_select(jax.numpy.asarray(conf), factor))
+        for r in range(conf.shape[0]):
+            vals = np.sort(conf[r][masked[r]])[::-1]
+            n = factor_count(vals.tolist(), factor) if len(vals) else 0
+            assert sel[r].sum() == n
+            assert not (sel[r] & ~masked[r]).any()
+            if n:  # the n most confident
+                assert conf[r][sel[r]].min() >= vals[n - 1]
 
 
 def test_thresholds_decode_in_parallel(llada):
@@ -148,6 +252,66 @@ def test_quantized_model_runs_with_every_cache_setting(llada):
             np.testing.assert_array_equal(out[:, :P], ids)
             assert not (out == config.mask_token_id).any()
             assert 1 <= nfe <= 8
+
+
+def test_quantized_dream_runs_with_every_cache_setting(dream):
+    """RTN W4 packed Dream: every cache with a threshold, a factor and the step schedule."""
+    from qdlm_jax.models.params import get_params, model_from_params
+    from qdlm_jax.quant import QuantizedArray, QuantSpec, rtn_quantize_params
+    config, model, _ = dream
+    qparams = rtn_quantize_params(get_params(model), QuantSpec(bits=4, group_size=32))
+    assert any(isinstance(v, QuantizedArray) for v in qparams.values())
+    qmodel = model_from_params(config, qparams)
+    ids, mask = _prompts(config)
+    for cache in ("none", "prefix", "dual"):
+        for rule in (dict(threshold=0.01), dict(factor=2.95), {}):
+            if cache == "none" and not rule:
+                continue
+            out, nfe = _ours_dream(qmodel, ids, mask, gen_length=8, steps=4, block_length=4,
+                                   cache=cache, alg="entropy", **rule)
+            np.testing.assert_array_equal(out[:, :P], ids)
+            assert not (out == config.mask_token_id).any() and 1 <= nfe <= 8
+            assert nfe == 4 or rule
+
+
+@pytest.mark.slow
+def test_activation_quantized_dream_runs_with_every_cache_setting(dream):
+    """QuaRot W4A4 with 8-bit K/V (keys/values from the quantized projections, quantized
+    again inside attention): Dream's block decoding runs with every cache setting."""
+    from qdlm_jax.quant.act_core import ActSpec
+    from qdlm_jax.quant.kv_core import KVSpec
+    from qdlm_jax.quant.quantizer_core import QuantSpec
+    from qdlm_jax.quant.wa import WASpec, quantize_model_wa
+    config, model, _ = dream
+    ids, mask = _prompts(config)
+    qmodel, _ = quantize_model_wa(model, None, WASpec(
+        method="quarot", weight=QuantSpec(bits=4, group_size=32), act=ActSpec(bits=4),
+        kv=KVSpec(bits=8)), progress=False)
+    for cache in ("none", "prefix", "dual"):
+        out, nfe = _ours_dream(qmodel, ids, mask, gen_length=8, steps=8, block_length=4,
+                               cache=cache, threshold=0.01, alg="entropy")
+        np.testing.assert_array_equal(out[:, :P], ids)
+        assert not (out == config.mask_token_id).any() and 1 <= nfe <= 8
+
+
+def test_dream_settings_errors(dream):
+    config, model, _ = dream
+    ids, mask = _prompts(config)
+    kw = dict(gen_length=8, steps=8)
+    for extra, match in ((dict(cache="dual", block_length=3), "not divisible by block_length"),
+                         (dict(cache="dual", block_length=4, steps=2),
+                          "at least 2 steps per block"),
+                         (dict(cache="prefix", block_length=4, alg="origin"), "alg='origin'"),
+                         (dict(threshold=0.5, factor=1.0), "set one of them"),
+                         (dict(block_length=4), "does not apply to a dream model"),
+                         (dict(cfg_scale=1.0, cache="dual"), "cfg_scale")):
+        with pytest.raises(ValueError, match=match):
+            G.generate(model, ids, mask, **(kw | extra))
+    # block_length=None: one block of gen_length
+    a = G.generate(model, ids, mask, cache="dual", threshold=0.01, block_length=None, **kw)
+    b = G.dream_generate(model, ids, mask, max_new_tokens=8, steps=8, cache="dual",
+                         threshold=0.01, block_length=8)
+    np.testing.assert_array_equal(a, b)
 
 
 def test_cli_generate_with_cache_and_threshold(tmp_path, capsys):
