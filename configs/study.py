@@ -60,6 +60,13 @@ def get_config():
     # QuaRot W4A4 with 4-bit K/V (act.kv.bits=4, per head, asymmetric), and the same with
     # DLLMQuant's IA-AQ on K and V (act.iaaq.enabled/search_keys, masked calibration).
     c.wa_rows = ["quarot-w4a4+kv4", "quarot-w4a4+kv4-iaaq"]
+    # The decoding dimension (Fast-dLLM, docs/generation.md): each setting, a name
+    # `<cache>[-tau<threshold>|-f<factor>]` or a mapping {cache, threshold, factor}, runs
+    # every generation task again as `<task>@<setting>` on the rows named in decoding_rows
+    # (empty: all), recording accuracy and tokens committed per forward pass. Issue 15's:
+    # --config.decoding=dual-tau0.9,dual-tau0.7 (fp, W4/W3 GPTQ and W4A4 QuaRot rows).
+    c.decoding = []
+    c.decoding_rows = ["fp", "gptq-w4", "gptq-w3", "quarot-w4a4"]
     # Tasks: built-in names (qdlm_jax/evals/tasks.py BUILTIN) or mappings with `base`/`type`.
     # A plain list (not a tuple) so that ml_collections keeps the dicts as they are.
     c.tasks = [

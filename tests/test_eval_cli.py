@@ -30,6 +30,10 @@ def run(capsys, *argv):
       "--config.wa_quantize.act.kv.bitz=4"], "--config.wa_quantize.act.kv.bitz=4: checked "
                                              "against the main job's config"),
     (["outliers", "--model", MODEL, "--n-samples", "0"], "n_samples=0"),
+    (["eval", "--model", MODEL, "--tasks", "arithmetic", "--threshold", "0.9", "--factor",
+      "1"], "set one of them"),
+    (["eval", "--model", MODEL, "--tasks", "arithmetic", "--threshold", "1.5"],
+     "threshold=1.5"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     code, out = run(capsys, *argv)
@@ -62,3 +66,21 @@ def test_eval_writes_results(tmp_path, capsys):
     assert code == 0 and "mine" in out.out and "acc" in out.out
     r = json.loads((tmp_path / "o" / "results.json").read_text())
     assert r["tasks"]["mine"]["n"] == 1
+
+
+def test_eval_with_fast_dllm_decoding_records_tokens_per_step(tmp_path, capsys):
+    """`qdlm eval --cache dual --threshold 0.9`: generation tasks run Fast-dLLM decoding and
+    report tokens committed per forward pass."""
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"base": "arithmetic", "name": "add", "limit": 2,
+                                  "gen": {"steps": 8, "gen_length": 8, "block_length": 4}}]))
+    code, out = run(capsys, "eval", "--model", MODEL, "--task-file", str(tasks), "--out",
+                    str(tmp_path / "o"), "--no-progress", "--cache", "dual",
+                    "--threshold", "0.9")
+    assert code == 0, out.err
+    assert "tokens/step" in out.out
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert 1.0 <= r["tasks"]["add"]["tokens_per_step"] <= 4.0
+    gen = r["settings"]["tasks"][0]["gen"]
+    assert (gen["cache"], gen["threshold"]) == ("dual", 0.9)
+    assert r["settings"]["decoding"] == {"cache": "dual", "threshold": 0.9}

@@ -38,6 +38,27 @@ def add_arguments(p):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run with the same settings")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default=None,
+                   help="Fast-dLLM KV cache for every generation task (and lm-eval's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="Fast-dLLM confidence threshold tau in (0, 1] for every generation task")
+    p.add_argument("--factor", type=float, default=None,
+                   help="Fast-dLLM factor rule f > 0 for every generation task (not with "
+                        "--threshold)")
+
+
+def with_decoding(spec, args):
+    """A generation task with the command's --cache / --threshold / --factor set (others
+    unchanged)."""
+    import dataclasses
+    if getattr(spec, "gen", None) is None or (args.cache is None and args.threshold is None
+                                              and args.factor is None):
+        return spec
+    gen = dataclasses.replace(
+        spec.gen, cache=args.cache or spec.gen.cache,
+        threshold=args.threshold if args.threshold is not None else spec.gen.threshold,
+        factor=args.factor if args.factor is not None else spec.gen.factor)
+    return dataclasses.replace(spec, gen=gen)
 
 
 def _limited(spec, limit):
@@ -69,10 +90,14 @@ def run(args, overrides):
     lm_tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     if not specs and not lm_tasks:
         raise ValueError("no tasks: give --tasks, --task-file or --lm-eval-tasks")
-    specs = [_limited(s, args.limit) for s in specs]
+    specs = [with_decoding(_limited(s, args.limit), args) for s in specs]
     settings = {"model": str(Path(args.model).resolve()), "dtype": args.dtype,
                 "tasks": [spec_dict(s) for s in specs], "lm_eval_tasks": lm_tasks,
                 "lm_eval_args": args.lm_eval_args, "limit": args.limit}
+    decoding = {k: getattr(args, k) for k in ("cache", "threshold", "factor")
+                if getattr(args, k) is not None}
+    if decoding:  # (absent otherwise, so earlier runs keep their directory)
+        settings["decoding"] = decoding
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     out = Path(args.out or Path("runs/eval") / f"{model_label(args.model)}-{digest}")
     if (out / "results.json").is_file() and not args.overwrite:
@@ -83,13 +108,17 @@ def run(args, overrides):
     results = {"model": args.model, "settings": settings, "tasks": {}}
     for spec in specs:
         t0 = time.time()
+        tm.take_decode_stats()
         try:
             r = run_task(tm, spec, progress=not args.no_progress)
+            r.update(tm.take_decode_stats())  # tokens_per_step of generation tasks
         except DataSourceError as e:
             raise ValueError(f"task {spec.name}: {str(e).splitlines()[0]}") from None
         results["tasks"][spec.name] = r
         where = (f", {r['n_windows']} windows x {r['seq_len']} tokens, {r['mc_num']} MC samples"
                  if "n_windows" in r else "")
+        if "tokens_per_step" in r:
+            where += f", {r['tokens_per_step']:.2f} tokens/step"
         print(f"{spec.name:24s} {r['metric']:>15s} = {r['value']:.4f} ± {r['se']:.4f}  "
               f"(n={r['n']}{where}, {time.time() - t0:.1f}s)", flush=True)
     if lm_tasks:
@@ -112,6 +141,10 @@ def _run_lm_eval(tm, tasks, args):
 
     from qdlm_jax.evals.lm_eval_adapter import QDLMJaxLM
     kw = simple_parse_args_string(args.lm_eval_args) if args.lm_eval_args else {}
+    if args.cache is not None:
+        kw.update(use_cache=args.cache != "none", dual_cache=args.cache == "dual")
+    kw.update({k: v for k, v in (("threshold", args.threshold), ("factor", args.factor))
+               if v is not None})
     lm = QDLMJaxLM(model=tm.model, tokenizer=tm.tokenizer, progress=not args.no_progress,
                    **kw)
     manager = TaskManager(include_path=args.lm_eval_include) if args.lm_eval_include \

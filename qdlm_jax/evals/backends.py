@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdlm_jax.inference.generate import (DREAM_ONLY, LLADA_ONLY, GenerationConfig, generate,
-                                         left_pad)
+from qdlm_jax.inference.generate import (DREAM_ONLY, LLADA_ONLY, GenerationConfig,
+                                         generate_with_nfe, left_pad)
 from qdlm_jax.inference.likelihood import bucket, log_likelihood
 
 LoglikFn = Callable[[str, str, jax.Array], float]
@@ -42,8 +42,11 @@ def context_key(seed: int, context: str) -> jax.Array:
 
 def for_family(gen: GenerationConfig, family: str) -> GenerationConfig:
     """`gen` with the other family's fields reset to their defaults (a task's settings carry
-    both LLaDA fields, e.g. block_length, and Dream fields, e.g. alg)."""
+    both LLaDA fields, e.g. block_length, and Dream fields, e.g. alg). Dream keeps
+    block_length under Fast-dLLM's block decoding (a cache, threshold or factor)."""
     other = DREAM_ONLY if family == "llada" else LLADA_ONLY
+    if family == "dream" and gen.fast:
+        other = tuple(n for n in other if n != "block_length")
     default = GenerationConfig()
     return dataclasses.replace(gen, **{n: getattr(default, n) for n in other})
 
@@ -65,6 +68,8 @@ class TextModel:
 
     model: object
     tokenizer: object
+    # generated positions and forward passes (per real row) since `take_decode_stats`
+    decode_counts: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def family(self) -> str:
@@ -126,10 +131,25 @@ class TextModel:
                 rows += [rows[0]] * (batch_size - n_real)
             ids, mask = left_pad(rows, pad, width=bucket(max(len(r) for r in rows)))
             key = jax.random.fold_in(jax.random.key(gen.seed), j)
-            tokens = np.asarray(generate(self.model, ids, mask, config=gen, key=key))
+            tokens, nfe = generate_with_nfe(self.model, ids, mask, config=gen, key=key)
+            tokens = np.asarray(tokens)
+            counts = self.decode_counts
+            counts["tokens"] = counts.get("tokens", 0) + n_real * gen.gen_length
+            counts["forward_passes"] = counts.get("forward_passes", 0) + n_real * int(nfe)
             for row in tokens[:n_real, ids.shape[1]:]:
                 out.append(cut_at_stops(self.decode_completion(row), stops))
         return out
+
+    def take_decode_stats(self) -> dict:
+        """{"tokens_per_step": generated positions per forward pass (mean over the rows),
+        "forward_passes": per row, summed} of the generation since the last call (empty if
+        none), and resets the counts: what a cached / parallel decoding setting saved."""
+        counts = dict(self.decode_counts)
+        self.decode_counts.clear()
+        if not counts.get("forward_passes"):
+            return {}
+        return {"tokens_per_step": counts["tokens"] / counts["forward_passes"],
+                "forward_passes": counts["forward_passes"]}
 
     def generate_fn(self, gen: GenerationConfig, *, stops: Sequence[str] = (),
                     batch_size: int = 8, progress: bool = True,

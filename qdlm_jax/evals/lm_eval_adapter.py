@@ -27,6 +27,11 @@ dir, a `qdlm convert` output, or a packed quantized model written by `qdlm quant
   multiple of the block count, i.e. the adapter's tokens-per-step ratio is kept. Output is
   cut at EOS and at the `until` strings. Requests with equal gen_kwargs are batched
   (`batch_size`, left padding).
+- Fast-dLLM decoding, with Fast-dLLM's eval argument names: `use_cache=true` (prefix KV
+  cache), `use_cache=true,dual_cache=true` (dual cache), `threshold=0.9` (confidence-
+  threshold parallel decoding), `factor=1.0` (factor-based; not with a threshold), e.g.
+  `model_args="pretrained=assets/tiny-llada,use_cache=true,dual_cache=true,threshold=0.9"`.
+  For Dream they select Fast-dLLM's block decoding with `block_length`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,24 @@ def _as_bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
+def _as_float_or_none(name: str, v) -> float | None:
+    if v is None or str(v).lower() in ("", "none", "null"):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"qdlm-jax: {name}={v!r}: expected a number or None") from None
+
+
+def cache_mode(use_cache, dual_cache) -> str:
+    """Fast-dLLM's eval flags -> `cache`: dual with both, prefix with use_cache only."""
+    use_cache, dual_cache = _as_bool(use_cache), _as_bool(dual_cache)
+    if dual_cache and not use_cache:
+        raise ValueError("qdlm-jax: dual_cache=true needs use_cache=true (as in Fast-dLLM's "
+                         "eval scripts)")
+    return "dual" if dual_cache else ("prefix" if use_cache else "none")
+
+
 @register_model("qdlm-jax")
 class QDLMJaxLM(LM):
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None,
@@ -55,7 +78,8 @@ class QDLMJaxLM(LM):
                  cfg_scale: float = 0.0, gen_length: int = 256, steps: int = 256,
                  block_length: int = 32, remasking: str = "low_confidence",
                  alg: str = "entropy", temperature: float = 0.0, batch_size: int = 8,
-                 seed: int = 0, progress=True, **unused):
+                 seed: int = 0, progress=True, use_cache=False, dual_cache=False,
+                 threshold=None, factor=None, **unused):
         super().__init__()
         if text_model is not None:  # anything with TextModel's loglik / generate
             self.tm = text_model
@@ -74,7 +98,10 @@ class QDLMJaxLM(LM):
         self.progress = _as_bool(progress)
         self.gen = GenerationConfig(steps=int(steps), gen_length=int(gen_length),
                                     block_length=int(block_length), remasking=remasking,
-                                    alg=alg, temperature=float(temperature), seed=int(seed))
+                                    alg=alg, temperature=float(temperature), seed=int(seed),
+                                    cache=cache_mode(use_cache, dual_cache),
+                                    threshold=_as_float_or_none("threshold", threshold),
+                                    factor=_as_float_or_none("factor", factor))
 
     # ---- likelihood ----------------------------------------------------------------
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

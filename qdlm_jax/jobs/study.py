@@ -72,6 +72,62 @@ class Variant:
         return FP if self.method == FP else f"{self.method}-{self.bits_text}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """One setting of the study's decoding dimension: Fast-dLLM's KV cache and parallel rule
+    (threshold or factor), applied to every generation task of the rows it selects; such a
+    task runs as `<task>@<name>` and its cells record tokens committed per forward pass."""
+
+    name: str
+    cache: str = "none"
+    threshold: float | None = None
+    factor: float | None = None
+
+    def apply(self, task: TaskSpec) -> TaskSpec:
+        gen = dataclasses.replace(task.gen, cache=self.cache, threshold=self.threshold,
+                                  factor=self.factor)
+        return dataclasses.replace(task, name=f"{task.name}@{self.name}", gen=gen)
+
+
+def decoding_setting(entry, where: str) -> Decoding:
+    """A decoding setting from a name `<cache>[-tau<threshold>|-f<factor>]` (e.g.
+    `dual-tau0.9`, `prefix`, `none-f1.0`) or a mapping {cache, threshold, factor[, name]}."""
+    from qdlm_jax.inference.generate import GenerationConfig
+    if isinstance(entry, str):
+        cache, _, rule = entry.partition("-")
+        d = {"cache": cache}
+        try:
+            if rule.startswith("tau"):
+                d["threshold"] = float(rule[3:])
+            elif rule.startswith("f"):
+                d["factor"] = float(rule[1:])
+            elif rule:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{where}={entry!r}: expected <cache>[-tau<threshold>|-f<factor>], "
+                             "e.g. dual-tau0.9, or a mapping {cache, threshold, factor}") from None
+        d["name"] = entry
+    else:
+        d = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+        unknown = sorted(set(d) - {"name", "cache", "threshold", "factor"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; expected name, cache, "
+                             "threshold, factor")
+    dec = Decoding(str(d.get("name") or _decoding_name(d)), d.get("cache", "none"),
+                   d.get("threshold"), d.get("factor"))
+    try:
+        GenerationConfig(cache=dec.cache, threshold=dec.threshold, factor=dec.factor)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return dec
+
+
+def _decoding_name(d: dict) -> str:
+    rule = (f"-tau{d['threshold']}" if d.get("threshold") is not None else
+            f"-f{d['factor']}" if d.get("factor") is not None else "")
+    return f"{d.get('cache', 'none')}{rule}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StudySpec:
     models: tuple[str, ...]
@@ -89,6 +145,25 @@ class StudySpec:
     wa_rows: tuple[Variant, ...] = ()  # extra named WA rows (K/V bits, IA-AQ, ...): wa_row()
     dtype: str = "float32"
     progress: bool = True
+    # The decoding dimension: each setting runs every generation task again on the rows
+    # whose labels are in `decoding_rows` (empty: every row).
+    decoding: tuple[Decoding, ...] = ()
+    decoding_rows: tuple[str, ...] = ()
+
+    def tasks_for(self, v: Variant) -> list[TaskSpec]:
+        """The tasks of one row: the study's, plus the decoded generation tasks if the
+        decoding dimension selects the row."""
+        tasks = list(self.tasks)
+        if self.decoding and (not self.decoding_rows or v.label in self.decoding_rows):
+            tasks += [d.apply(t) for d in self.decoding for t in self.tasks
+                      if getattr(t, "gen", None) is not None]
+        return tasks
+
+    @property
+    def all_tasks(self) -> list[TaskSpec]:
+        """The table's columns: the study's tasks, then every decoded task."""
+        return list(self.tasks) + [d.apply(t) for d in self.decoding for t in self.tasks
+                                   if getattr(t, "gen", None) is not None]
 
     @property
     def variants(self) -> list[Variant]:
@@ -128,10 +203,24 @@ def study_spec(cfg) -> StudySpec:
                      wa_quantize=to_dict(cfg.get("wa_quantize", {})),
                      wa_rows=tuple(wa_row(r, f"--config.wa_rows[{i}]")
                                    for i, r in enumerate(cfg.get("wa_rows", ()))),
-                     dtype=str(cfg.dtype), progress=bool(cfg.get("progress", True)))
+                     dtype=str(cfg.dtype), progress=bool(cfg.get("progress", True)),
+                     decoding=tuple(decoding_setting(d, f"--config.decoding[{i}]")
+                                    for i, d in enumerate(cfg.get("decoding", ()))),
+                     decoding_rows=tuple(str(r) for r in cfg.get("decoding_rows", ())))
     labels = [v.label for v in spec.variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--config.wa_rows: two rows share a label: {labels}")
+    if spec.decoding:
+        unknown = sorted(set(spec.decoding_rows) - set(labels))
+        if unknown:
+            raise ValueError(f"--config.decoding_rows: {unknown} are not rows of this study; "
+                             f"its rows: {labels}")
+        if not any(getattr(t, "gen", None) is not None for t in tasks):
+            raise ValueError("--config.decoding: no task of this study generates text "
+                             "(math or code); the decoding settings would change nothing")
+        names = [d.name for d in spec.decoding]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--config.decoding: duplicate setting names {names}")
     rows = {v: f"--config.wa_rows[{i}] ({v.label})" for i, v in enumerate(spec.wa_rows)}
     for v in spec.variants:  # the job validates method / bits / overrides up front
         if v.method != FP:
@@ -376,8 +465,7 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
     `make_variant(spec, model_path, variant, fp_text_model) -> text_model` (default: load /
     quantize through the main job) are injectable for tests.
     """
-    from qdlm_jax.evals.tasks import run_task
-    evaluate = evaluate or (lambda tm, task: run_task(tm, task, progress=spec.progress))
+    evaluate = evaluate or (lambda tm, task: evaluate_task(tm, task, progress=spec.progress))
     make_variant = make_variant or _make_variant
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,7 +479,7 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
         fp_tm = None
         for v in spec.variants:
             qhash = qh[model, v]
-            todo = [t for t in spec.tasks if cell_key(model, v, qhash, t) not in done]
+            todo = [t for t in spec.tasks_for(v) if cell_key(model, v, qhash, t) not in done]
             if not todo:
                 continue
             if fp_tm is None:
@@ -415,6 +503,8 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                        "metric": r["metric"], "value": r["value"],
                        "higher_is_better": r["higher_is_better"], "n": r.get("n"),
                        "se": r.get("se"), "chance": r.get("chance"),
+                       "decoding": task.name.partition("@")[2] or None,
+                       "tokens_per_step": r.get("tokens_per_step"),
                        "eval_s": time.time() - t1, "quantize_s": make_s,
                        "task_spec": spec_dict(task), "quantize_config": qcfg, "result": r}
                 append_line(path, rec)
@@ -423,15 +513,26 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 _log(f"  {task.name}: {r['metric']} = {r['value']:.4f} "
                      f"({time.time() - t1:.1f}s)")
     keys = [cell_key(m, v, qh[m, v], t) for m in spec.models for v in spec.variants
-            for t in spec.tasks]
+            for t in spec.tasks_for(v)]
     records = [done[k] for k in keys if k in done]
-    table = markdown_table(records, spec.tasks)
+    table = markdown_table(records, spec.all_tasks)
     atomic_write_text(out / "table.md", table)
     plots = [plot_model(records, spec.tasks, m, out / f"plot_{Path(m).name}.png")
              for m in spec.models]
     _log(f"ran {ran} cells in {time.time() - t_start:.1f}s; table: {out / 'table.md'}")
     return {"out_dir": str(out), "records": records, "table": table,
             "plots": [str(p) for p in plots], "ran": ran}
+
+
+def evaluate_task(tm, task: TaskSpec, *, progress: bool = True) -> dict:
+    """`tasks.run_task` plus the decoding figures of its generation (`tokens_per_step`,
+    `forward_passes`; TextModel.take_decode_stats), when the model keeps them."""
+    from qdlm_jax.evals.tasks import run_task
+    take = getattr(tm, "take_decode_stats", None)
+    if take is not None:
+        take()  # drop counts from before this task
+    r = run_task(tm, task, progress=progress)
+    return {**r, **(take() if take is not None else {})}
 
 
 def kv_settings(qcfg: dict | None) -> dict:
@@ -472,6 +573,10 @@ def _fmt(rec: dict | None) -> str:
     if rec is None:
         return "–"
     v, se = rec["value"], rec.get("se")
+    tps = rec.get("tokens_per_step")
+    if rec.get("decoding") and tps is not None:  # a decoded task: accuracy and parallelism
+        return f"{100 * v:.1f}" + ("" if se is None else f" ± {100 * se:.1f}") + \
+            f" ({tps:.2f} tok/step)"
     if rec["higher_is_better"]:
         return f"{100 * v:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
     return f"{v:.3f}" + ("" if se is None else f" ± {se:.3f}")
@@ -560,6 +665,10 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
              "match and pass@1 about 0."]
     notes += [f"{name}: unigram reference {u:.3f} bits/token (its model card)."
               for name, u in unigrams if u is not None]
+    if any(r.get("decoding") for r in records):
+        notes.append("Columns `<task>@<setting>`: the task under Fast-dLLM decoding "
+                     "(`<cache>-tau<threshold>` / `-f<factor>`), cells with the mean tokens "
+                     "committed per forward pass; – where the row was not run that way.")
     notes += [f"Row {label} (`wa_rows`) sets, on top of the study's weight-activation "
               "settings: " + ", ".join(f"`{k}={v}`" for k, v in ov.items()) + "."
               for _, label, ov in overridden]

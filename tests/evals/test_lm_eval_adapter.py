@@ -81,6 +81,23 @@ def test_gen_config_rounding():
     assert lm.gen_config({}).gen_length == 256
 
 
+def test_fast_dllm_model_args():
+    """Fast-dLLM's eval argument names (as lm-eval passes them from model_args strings)."""
+    def gen(**kw):
+        return QDLMJaxLM(text_model=object(), **kw).gen_config({})
+    assert (gen().cache, gen().threshold, gen().factor) == ("none", None, None)
+    assert gen(use_cache="true").cache == "prefix"
+    g = gen(use_cache=True, dual_cache=True, threshold="0.9")
+    assert (g.cache, g.threshold) == ("dual", 0.9)
+    assert gen(factor=1.0, threshold="None").factor == 1.0
+    with pytest.raises(ValueError, match="dual_cache=true needs use_cache=true"):
+        gen(dual_cache=True)
+    with pytest.raises(ValueError, match="threshold='high'"):
+        gen(threshold="high")
+    with pytest.raises(ValueError, match="set one of them"):
+        gen(threshold=0.9, factor=1.0)
+
+
 def test_registered_and_needs_a_model():
     from lm_eval.api.registry import get_model
     assert get_model("qdlm-jax") is QDLMJaxLM

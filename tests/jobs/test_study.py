@@ -365,3 +365,73 @@ def test_table_cells_carry_standard_errors():
     assert study._fmt(rec) == "25.0 ± 4.3"
     assert study._fmt({"value": 9.3412, "se": 0.012, "higher_is_better": False}) == \
         "9.341 ± 0.012"
+
+
+def test_decoding_dimension_reruns_generation_tasks_on_selected_rows(tmp_path):
+    """Issue 15's decoding dimension on a tiny sweep: each setting reruns the generation
+    tasks (arithmetic, humaneval) as `<task>@<setting>` on the named rows only, the cells
+    record tokens per step, the table shows both and marks rows not run that way."""
+    dec = (study.decoding_setting("dual-tau0.9", "d[0]"),
+           study.decoding_setting({"cache": "prefix", "factor": 1.0}, "d[1]"))
+    assert dec[1].name == "prefix-f1.0"
+    spec = make_spec(tmp_path, decoding=dec, decoding_rows=("fp", "gptq-w4"))
+    tasks = {t.name: t for t in spec.tasks_for(study.Variant("fp"))}
+    g = tasks["arithmetic@dual-tau0.9"].gen
+    assert (g.cache, g.threshold, g.factor) == ("dual", 0.9, None)
+    assert tasks["humaneval@prefix-f1.0"].gen.factor == 1.0
+    assert [t.name for t in spec.tasks_for(study.Variant("rtn", 4))] == [t.name for t in TASKS]
+    c = Counter()
+
+    def evaluate(label, task):
+        r = c.evaluate(label, task)
+        return r | {"tokens_per_step": 2.5 if "@" in task.name else 1.0}
+
+    r = study.run_study(spec, evaluate=evaluate, make_variant=c.make_variant)
+    decoded = sorted((lab, t) for lab, t in c.calls if "@" in t)
+    assert decoded == sorted((lab, f"{t}@{d}") for lab in ("fp", "gptq-w4")
+                             for t in ("arithmetic", "humaneval")
+                             for d in ("dual-tau0.9", "prefix-f1.0"))
+    assert r["ran"] == 5 * 4 + len(decoded)
+    rec = next(x for x in r["records"] if x["task"] == "arithmetic@dual-tau0.9")
+    assert (rec["decoding"], rec["tokens_per_step"]) == ("dual-tau0.9", 2.5)
+    assert rec["task_spec"]["gen"]["threshold"] == 0.9
+    table = r["table"].splitlines()
+    assert "**arithmetic@dual-tau0.9** (exact_match %)" in table[2]
+    fp_row = next(row for row in table if row.startswith("| tiny-model | FP"))
+    rtn4 = next(row for row in table if "| RTN | 4 |" in row)
+    assert fp_row.count("(2.50 tok/step)") == 4 and "tok/step" not in rtn4
+    assert rtn4.rstrip(" |").endswith("–")
+    assert "Fast-dLLM decoding" in r["table"]
+    again = study.run_study(spec, evaluate=evaluate, make_variant=c.make_variant)
+    assert again["ran"] == 0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(decoding=["dual-tau2"]), r"--config.decoding\[0\]: threshold=2.0"),
+    (dict(decoding=["full"]), r"cache='full'"),
+    (dict(decoding=["dual-x0.9"]), "expected <cache>"),
+    (dict(decoding=["dual-tau0.9"], decoding_rows=["gptq-w5"]), r"\['gptq-w5'\] are not rows"),
+    (dict(decoding=["dual-tau0.9"], tasks=["social_iqa"]), "no task of this study generates"),
+])
+def test_bad_decoding_setting_is_rejected_up_front(kw, message):
+    with pytest.raises(ValueError, match=message):
+        study.study_spec(config(**kw))
+
+
+def test_evaluate_task_adds_the_decoding_figures(monkeypatch):
+    import qdlm_jax.evals.tasks as tasks_mod
+
+    class Stub:
+        counts = {"stale": 1}
+
+        def take_decode_stats(self):
+            out, self.counts = self.counts, {}
+            return out
+
+    def run_task(tm, task, progress=True):
+        tm.counts = {"tokens_per_step": 3.0, "forward_passes": 8}
+        return {"value": 0.5}
+
+    monkeypatch.setattr(tasks_mod, "run_task", run_task)
+    r = study.evaluate_task(Stub(), BUILTIN["arithmetic"])
+    assert r == {"value": 0.5, "tokens_per_step": 3.0, "forward_passes": 8}
