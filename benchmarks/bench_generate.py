@@ -6,10 +6,30 @@
 
 `--modes` (see `run_modes`) compares the decoding modes none / prefix / dual / dual + tau=0.9
 on the bundled trained tiny LLaDA (assets/tiny-llada; prompt 512, gen 256, block 32, steps
-256 by default): tokens/s, forward passes per generated token, and the same modes run by the
-eager PyTorch statement of Fast-dLLM's algorithm (tests/references/fast_dllm_reference.py) on
-the same weights, with whether the tokens agree. `--quant w4` runs ours on RTN W4 packed
-weights (g128) instead (the eager side stays fp32, so tokens are not compared).
+256 by default), or a Dream checkpoint (`--model assets/tiny-dream`; "none" is Dream's plain
+loop, alg entropy, the others Fast-dLLM's Dream block decoding): tokens/s, forward passes
+per generated token, and the same modes run by the eager PyTorch statement of Fast-dLLM's
+algorithm (tests/references/fast_dllm_reference.py) on the same weights, with whether the
+tokens agree. `--fast-dllm DIR` (a checkout of NVlabs/Fast-dLLM; LLaDA) also runs
+Fast-dLLM's own `llada/generate.py` functions (`generate`, `generate_with_prefix_cache`,
+`generate_with_dual_cache`) over the same eager model through a small adapter. `--quant w4`
+runs ours on RTN W4 packed weights (g128) instead (the eager side stays fp32, so tokens are
+not compared).
+
+The full measurement of issue 15 (not run by the session that wrote it: the shared CPU was
+busy), from the repository root:
+
+    git clone https://github.com/NVlabs/Fast-dLLM /tmp/Fast-dLLM
+    python converters/random_checkpoint.py llada-8b /tmp/llada8b-2l --layers 2 --dtype float32
+    B=benchmarks/bench_generate.py
+    .venv/bin/python $B --modes --repeats 2 --fast-dllm /tmp/Fast-dLLM       # tiny LLaDA
+    .venv/bin/python $B --modes --repeats 2 --no-eager --quant w4
+    .venv/bin/python $B --modes --repeats 2 --model assets/tiny-dream         # tiny Dream
+    .venv/bin/python $B --modes --repeats 2 --model /tmp/llada8b-2l --fast-dllm /tmp/Fast-dLLM
+    .venv/bin/python $B --modes --repeats 2 --model /tmp/llada8b-2l --no-eager --quant w4
+
+(the 2-layer model with LLaDA-8B's layer shapes: hidden 4096, 32 heads, SwiGLU 12288,
+vocab 126464, random weights; ~1.5 G parameters, ~6 GB in fp32 on each side.)
 
 The model has the size of the project's tiny trained LLaDA (6 layers, width 256, 4 heads,
 SwiGLU 768, vocab 4096) with random weights, written once as a hub-layout checkpoint and
@@ -170,6 +190,62 @@ MODES = (("none", "none", None), ("prefix", "prefix", None), ("dual", "dual", No
          ("dual+tau0.9", "dual", 0.9))
 
 
+def load_fast_dllm(repo: Path):
+    """Fast-dLLM's own `llada/generate.py` from a checkout, imported without its model file
+    (a stub stands in for `LLaDAModelLM`, which the functions do not use)."""
+    import importlib.util
+    import types
+    path = Path(repo) / "llada" / "generate.py"
+    if not path.is_file():
+        raise SystemExit(f"--fast-dllm {repo}: no llada/generate.py there (a checkout of "
+                         "https://github.com/NVlabs/Fast-dLLM)")
+    stub = types.ModuleType("modeling_llada")
+    stub.LLaDAModelLM = object
+    pkg = types.ModuleType("fast_dllm_llada")
+    pkg.__path__ = [str(path.parent)]
+    for name in ("model", "fast_dllm_llada.model"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["model.modeling_llada"] = sys.modules["fast_dllm_llada.model.modeling_llada"] = stub
+    sys.modules["fast_dllm_llada"] = pkg
+    spec = importlib.util.spec_from_file_location("fast_dllm_llada.generate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class FastDLLMAdapter:
+    """The model interface Fast-dLLM's LLaDA functions call (`model(x, use_cache=,
+    past_key_values=, replace_position=)` -> .logits, .past_key_values) over the eager
+    `CachedLlama` of tests/references/fast_dllm_reference.py."""
+
+    def __init__(self, cached):
+        self.m = cached
+        self.device = torch.device("cpu")
+
+    def __call__(self, x, past_key_values=None, use_cache=False, replace_position=None):
+        from types import SimpleNamespace
+        if past_key_values is None:
+            out = self.m(x, use_cache=use_cache)
+            logits, cache = out if use_cache else (out, None)
+        elif replace_position is not None:
+            idx = replace_position[0].nonzero()[:, 0]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            logits, cache = self.m(x, start=lo, past=past_key_values,
+                                   replace=(lo, hi)), past_key_values
+        else:
+            lo = past_key_values[0][0].shape[2]
+            logits, cache = self.m(x, start=lo, past=past_key_values), None
+        return SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+def fast_dllm_own(mod, adapter, prompt, *, cache, threshold, mask_id, **kw):
+    fn = {"none": mod.generate, "prefix": mod.generate_with_prefix_cache,
+          "dual": mod.generate_with_dual_cache}[cache]
+    out = fn(adapter, torch.as_tensor(prompt, dtype=torch.long), temperature=0.0,
+             remasking="low_confidence", mask_id=mask_id, threshold=threshold, **kw)
+    return out if isinstance(out, tuple) else (out, None)
+
+
 def _mode_prompt(tokenizer_path, length, vocab, batch):
     """`length` tokens of the bundled model card (repeated), so the trained model sees text."""
     ids = []
@@ -186,9 +262,11 @@ def _mode_prompt(tokenizer_path, length, vocab, batch):
 
 
 def run_modes(args):
-    """none / prefix / dual / dual+tau: ours (jitted) and the eager Fast-dLLM statement."""
+    """none / prefix / dual / dual+tau: ours (jitted), the eager Fast-dLLM statement and
+    (--fast-dllm, LLaDA) Fast-dLLM's own code."""
     from qdlm_jax.inference.generate import generate_with_nfe
-    from tests.references.fast_dllm_reference import CachedLlama, fast_dllm_generate_ref
+    from tests.references.fast_dllm_reference import (CachedLlama, fast_dllm_dream_ref,
+                                                      fast_dllm_generate_ref)
 
     path = Path(args.model)
     model = load_model(path, dtype="float32")
@@ -201,6 +279,12 @@ def run_modes(args):
         qp = rtn_quantize_params(get_params(model), QuantSpec(bits=4, group_size=128))
         model = model_from_params(config, qp)
         label = "RTN W4 g128 packed"
+    dream = config.family == "dream"
+    own = None
+    if args.fast_dllm:
+        if dream:
+            raise SystemExit("--fast-dllm: Fast-dLLM's own code is run for LLaDA only here")
+        own = (load_fast_dllm(args.fast_dllm), FastDLLMAdapter(eager_model))
     torch.set_num_threads(args.threads or 1)
     prompt = _mode_prompt(path / "tokenizer.json", args.prompt_len, config.vocab_size, 1)
     n_tok = args.gen_length
@@ -213,6 +297,8 @@ def run_modes(args):
     for name, cache, tau in MODES:
         gen = GenerationConfig(steps=args.steps, gen_length=args.gen_length,
                                block_length=args.block_length, cache=cache, threshold=tau)
+        if dream and cache == "none" and tau is None:  # Dream's plain loop has no blocks
+            gen = GenerationConfig(steps=args.steps, gen_length=args.gen_length, alg="entropy")
         t0 = time.perf_counter()
         runner = compile_generate(model, prompt, config=gen)
         compile_s = time.perf_counter() - t0
@@ -220,27 +306,42 @@ def run_modes(args):
         ours_s, out = best_of(lambda: np.asarray(jax.block_until_ready(runner())),
                               args.repeats)
         row = dict(mode=name, compile=compile_s, ours=ours_s, nfe=int(nfe))
-        if not args.no_eager:
-            eager_s, (ref, ref_nfe) = best_of(lambda: fast_dllm_generate_ref(
-                eager_model, prompt, steps=args.steps, gen_length=args.gen_length,
-                block_length=args.block_length, mask_id=config.mask_token_id, cache=cache,
-                threshold=tau), 1)
+        kw = dict(steps=args.steps, gen_length=args.gen_length,
+                  block_length=args.block_length, mask_id=config.mask_token_id, cache=cache,
+                  threshold=tau)
+        eager_fn = None
+        if dream and not (cache == "none" and tau is None):
+            eager_fn = functools.partial(fast_dllm_dream_ref, eager_model, prompt, alg="entropy",
+                                         **kw)
+        elif not dream:
+            eager_fn = functools.partial(fast_dllm_generate_ref, eager_model, prompt, **kw)
+        if not args.no_eager and eager_fn is not None:
+            eager_s, (ref, ref_nfe) = best_of(eager_fn, 1)
             row.update(eager=eager_s, eager_nfe=ref_nfe,
                        same=float((ref.numpy() == out).mean()))
+        if own is not None:
+            own_s, (ref, _) = best_of(lambda: fast_dllm_own(*own, prompt, **kw), 1)
+            row.update(own=own_s, own_same=float((ref.numpy() == out).mean()))
         rows.append(row)
         print(f"{name:>12}: compile {compile_s:6.2f}s  run {ours_s:7.3f}s  "
               f"{n_tok / ours_s:8.1f} tok/s  {row['nfe'] / n_tok:.3f} fwd/token" +
               (f"  | eager {row['eager']:7.3f}s {n_tok / row['eager']:7.1f} tok/s"
-               if 'eager' in row else ""), flush=True)
+               if 'eager' in row else "") +
+              (f"  | Fast-dLLM's code {row['own']:7.3f}s {n_tok / row['own']:7.1f} tok/s"
+               if 'own' in row else ""), flush=True)
     base = rows[0]["ours"]
     print("\nsummary (tokens/s = gen_length / run time; speed-up vs our no-cache loop):")
     print(f"{'mode':>12} {'ours tok/s':>11} {'speed-up':>9} {'fwd/token':>10} "
-          f"{'eager tok/s':>12} {'ours/eager':>10} {'same tokens':>12}")
+          f"{'eager tok/s':>12} {'ours/eager':>10} {'same tokens':>12}" +
+          (f" {'Fast-dLLM tok/s':>16} {'ours/Fast-dLLM':>15} {'same tokens':>12}"
+           if own is not None else ""))
     for r in rows:
         eager = (f"{n_tok / r['eager']:>12.1f} {r['eager'] / r['ours']:>9.2f}x "
-                 f"{r['same']:>12.1%}") if "eager" in r else ""
+                 f"{r['same']:>12.1%}") if "eager" in r else f"{'-':>12} {'-':>10} {'-':>12}"
+        mine = (f" {n_tok / r['own']:>16.1f} {r['own'] / r['ours']:>14.2f}x "
+                f"{r['own_same']:>12.1%}") if "own" in r else ""
         print(f"{r['mode']:>12} {n_tok / r['ours']:>11.1f} {base / r['ours']:>8.2f}x "
-              f"{r['nfe'] / n_tok:>10.3f} {eager}")
+              f"{r['nfe'] / n_tok:>10.3f} {eager}{mine}")
     return 0
 
 
@@ -249,10 +350,14 @@ def main(argv=None):
     p.add_argument("--modes", action="store_true",
                    help="compare the decoding modes (cache / threshold) instead")
     p.add_argument("--model", default=str(ROOT / "assets" / "tiny-llada"),
-                   help="--modes: hub-layout LLaDA checkpoint (default: the bundled tiny)")
+                   help="--modes: hub-layout LLaDA or Dream checkpoint (default: the bundled "
+                        "tiny LLaDA)")
     p.add_argument("--quant", choices=("none", "w4"), default="none",
                    help="--modes: run ours on RTN W4 packed weights")
     p.add_argument("--no-eager", action="store_true", help="--modes: skip the eager side")
+    p.add_argument("--fast-dllm", type=Path, default=None,
+                   help="--modes, LLaDA: a checkout of NVlabs/Fast-dLLM; also run its own "
+                        "llada/generate.py functions on the same weights")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-length", type=int, default=128)
