@@ -34,6 +34,9 @@ LLaDA with Fast-dLLM decoding (`cache` != "none" or `threshold` set; NVlabs/Fast
       threshold.
     * Threshold tau: each step commits the most confident masked position of the block plus
       every masked position with confidence >= tau (at least one token per step).
+    * Factor f (`get_transfer_index_dynamic`, instead of a threshold): with the block's m
+      masked confidences sorted c_0 >= c_1 >= ..., j* = the first j >= 1 with
+      c_j < 1 - f / (j + 2); commit the j* most confident, all m if none fails or j* = m - 1.
     * The block's first step is a full forward that also returns every layer's keys (after
       RoPE) and values, `[layers, B, T, kv_heads, head_dim]`, into a buffer preallocated at
       full length (loop state, so updated in place at each block boundary).
@@ -66,6 +69,18 @@ Dream (`dream_generate`, `diffusion_generate` / `_sample` semantics)
       k positions sampled without replacement from softmax(confidence / alg_temp) (done by
       Gumbel-top-k, which has the same distribution). Every row has the same m_i, so the
       k_i schedule is computed on the host in float32 exactly as the reference does.
+
+Dream with Fast-dLLM decoding (`cache` != "none", `threshold` or `factor`; NVlabs/Fast-dLLM
+`dream/model/generation_utils_block.py`): blocks of `block_length`, spb = steps / blocks.
+    * A block's first step: a full forward (refilling the KV cache); only the block's first
+      position is committed, with x0 of the shifted logits (the output at block_start - 1).
+    * Later steps (a `lax.while_loop` until no row has a mask in the block): the window's
+      forward (prefix / dual as for LLaDA; none: a full forward), logits shifted inside the
+      window (position j > start reads j - 1, start its own). Threshold / factor: confidence
+      p(x0), the LLaDA rules; a deterministic step that changes nothing ends the block.
+      Otherwise step i < spb commits int(m (1 - s/t)) (float32, ts = linspace(1, eps, spb + 1))
+      ranked by the alg's confidence, all remaining at i = spb - 1: spb passes per block.
+    * Positions cumsum(mask) - 1 with padding, as the plain Dream loop.
 
 Random numbers (documented so tests can feed a reference the same uniforms): at global step
 g (0-based), `kg = jax.random.fold_in(key, g)`;
