@@ -3,6 +3,7 @@
     python converters/random_checkpoint.py llada-8b runs/llada-8b-random            # 32 layers
     python converters/random_checkpoint.py dream-7b runs/dream-7b-2l --layers 2
     python converters/random_checkpoint.py llada-tiny runs/llada-tiny               # for tests
+    python converters/random_checkpoint.py llada-8b runs/llada-8b-narrow --layers 2 --shrink 4
 
 Writes config.json (the hub's own keys), `model-0000i-of-0000n.safetensors` shards of at most
 --max-shard-gb with `model.safetensors.index.json`, in bf16 (or --dtype), plus the bundled
@@ -26,7 +27,7 @@ MODELS = ("llada-8b", "dream-7b", "llada-tiny", "dream-tiny")
 _NP = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-def model_config(name: str, layers: int | None, dtype: str):
+def model_config(name: str, layers: int | None, dtype: str, shrink: int = 1):
     from qdlm_jax.checkpoints.random_init import tiny_config
     from qdlm_jax.models.config import dream_7b, llada_8b
 
@@ -36,16 +37,28 @@ def model_config(name: str, layers: int | None, dtype: str):
     over = {"param_dtype": dtype, "dtype": dtype}
     if layers is not None:
         over["num_layers"] = layers
-    return make(**over)
+    config = make(**over)
+    if shrink > 1:  # the same layout, narrower: width and heads / shrink, head_dim kept
+        c = config
+        if c.num_heads % shrink or c.num_kv_heads % shrink or c.intermediate_size % shrink:
+            raise SystemExit(f"--shrink {shrink}: must divide the heads ({c.num_heads}), kv "
+                             f"heads ({c.num_kv_heads}) and intermediate size "
+                             f"({c.intermediate_size})")
+        config = c.replace(hidden_size=c.num_heads // shrink * c.head_dim,
+                           num_heads=c.num_heads // shrink,
+                           num_kv_heads=c.num_kv_heads // shrink,
+                           intermediate_size=c.intermediate_size // shrink)
+    return config
 
 
 def write(name: str, out: Path, *, layers: int | None = None, dtype: str = "bfloat16",
-          max_shard_gb: float = 5.0, seed: int = 0, tokenizer: Path | None = None) -> Path:
+          max_shard_gb: float = 5.0, seed: int = 0, tokenizer: Path | None = None,
+          shrink: int = 1) -> Path:
     from qdlm_jax.checkpoints.hf import config_to_hf, expected_shape, key_map
     from qdlm_jax.checkpoints.safetensors_io import write_safetensors
     from qdlm_jax.fsutil import atomic_dir
 
-    config = model_config(name, layers, dtype)
+    config = model_config(name, layers, dtype, shrink)
     mappings = key_map(config)
     limit = int(max_shard_gb * 2**30)
     itemsize = np.dtype(_NP[dtype]).itemsize
@@ -97,11 +110,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, default=None)
+    p.add_argument("--shrink", type=int, default=1, help="hidden size, heads and intermediate "
+                   "size divided by this (head_dim and vocabulary kept): a narrower model of "
+                   "the same layout for quick runs")
     args = p.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"{args.out}: already exists")
     write(args.model, args.out, layers=args.layers, dtype=args.dtype,
-          max_shard_gb=args.max_shard_gb, seed=args.seed, tokenizer=args.tokenizer)
+          max_shard_gb=args.max_shard_gb, seed=args.seed, tokenizer=args.tokenizer,
+          shrink=args.shrink)
     print(f"wrote {args.out}")
     return 0
 

@@ -142,6 +142,8 @@ class BlockRunner:
         if `weighted` else "raw")."""
         mode = mode or ("gram" if weighted else "raw")
         graphdef, state = nnx.split(self.block)
+        if not names:
+            graphdef = _canonical_graphdef(self.block, graphdef, state)
         fn = _block_fn(graphdef, tuple(names), mode)
         ys, caps = [], []
         for a, b in _chunks(x.shape[0], self.chunk):
@@ -163,6 +165,18 @@ class BlockRunner:
                                    jnp.max(jnp.stack([c[n][1] for c in caps]), axis=0)])
                      for n in names}
         return y, total
+
+
+_CANONICAL_GRAPHDEFS: dict = {}
+
+
+def _canonical_graphdef(block, graphdef, state):
+    """Blocks of one model differ only in their linears' hook-point names ("layers.i.q_proj"),
+    which are static in the graphdef, so a function jitted per graphdef compiles again for
+    every block. A function that records no hook point named by its caller runs every block
+    on the first graphdef seen with the same config and state structure: one compilation."""
+    key = (block.config, jax.tree.structure(state))
+    return _CANONICAL_GRAPHDEFS.setdefault(key, graphdef)
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,11 +215,29 @@ def _stage_fns(graphdef):
         return gram_of(block, block.down_proj, block.mlp_hidden(n), w)
 
     @jax.jit
+    def down_in_kept(state, n, w):  # the same, also returning the MLP hidden activations
+        block = nnx.merge(graphdef, state)
+        hidden = block.mlp_hidden(n)
+        return hidden, gram_of(block, block.down_proj, hidden, w)
+
+    @jax.jit
     def output(state, h, n):  # the block's output (everything quantized)
         block = nnx.merge(graphdef, state)
         return h + block.down_proj(block.mlp_hidden(n))
 
-    return qkv, heads, mlp_in, down_in, output
+    @jax.jit
+    def output_kept(state, h, hidden):  # the same from the kept MLP hidden activations
+        block = nnx.merge(graphdef, state)
+        return h + block.down_proj(hidden)
+
+    return qkv, heads, mlp_in, (down_in, down_in_kept), (output, output_kept)
+
+
+# GroupGrams keeps the MLP's hidden activations silu(gate(n)) * up(n) [N, T, intermediate]
+# between down_proj's Gram matrix and the block output when they take at most this many
+# bytes (8 x 256 calibration tokens at LLaDA-8B's width: 96 MiB in fp32); larger calibration
+# sets recompute them from n instead.
+KEEP_HIDDEN_BYTES = 2**30
 
 
 class GroupGrams:
@@ -215,18 +247,29 @@ class GroupGrams:
     block's current weights, so with groups 0..k-1 already staged (quantized) when the caller
     goes in order; `output()` then gives the block's output with every group quantized. Each
     part of the block runs once: the attention heads' output (o_proj's input), the residual
-    stream h and the MLP's normed input n are kept between calls (per chunk), so the four
-    captures and the output cost about one block forward plus the MLP's gate/up once more
-    (`output` recomputes silu(gate(n)) * up(n) rather than keeping that [N, T, intermediate]
-    array). The arithmetic is the full block forward's, cut at the groups' inputs: the Gram
-    matrices equal `BlockRunner.run`'s bit for bit (tests/quant/test_layerwise.py)."""
+    stream h, the MLP's normed input n and its hidden activations (`keep_hidden`; default:
+    when they take at most KEEP_HIDDEN_BYTES, else `output` recomputes them from n) are kept
+    between calls, per chunk. The four captures and the output then cost about one block
+    forward plus the Gram matrices. The arithmetic is the full block forward's, cut at the
+    groups' inputs: the Gram matrices and the output equal `BlockRunner.run`'s bit for bit
+    (tests/quant/test_layerwise.py)."""
 
-    def __init__(self, block, inputs: BlockInputs, x, chunk: int):
+    def __init__(self, block, inputs: BlockInputs, x, chunk: int,
+                 keep_hidden: bool | None = None):
         self.block, self.inputs = block, inputs
         self.spans = _chunks(x.shape[0], chunk)
         self.x = [x[a:b] for a, b in self.spans]
+        if keep_hidden is None:
+            hidden = (x.size // x.shape[-1] * block.config.intermediate_size
+                      * jnp.dtype(x.dtype).itemsize)
+            keep_hidden = hidden <= KEEP_HIDDEN_BYTES
+        self.keep_hidden = keep_hidden
         self.next = 0
-        self.out = self.h = self.n = None
+        self.out = self.h = self.n = self.hidden = None
+
+    def _fns(self):
+        graphdef, state = nnx.split(self.block)
+        return (*_stage_fns(_canonical_graphdef(self.block, graphdef, state)), state)
 
     def _args(self, a, b):
         i = self.inputs
@@ -237,33 +280,43 @@ class GroupGrams:
         if k != self.next:
             raise ValueError(f"GroupGrams: group {k} asked for before group {self.next}")
         self.next += 1
-        graphdef, state = nnx.split(self.block)
-        qkv, heads, mlp_in, down_in, _ = _stage_fns(graphdef)
-        grams = []
+        qkv, heads, mlp_in, (down_in, down_in_kept), _, state = self._fns()
+        grams, kept = [], []
         for c, (a, b) in enumerate(self.spans):
             kb, cos, sin, w = self._args(a, b)
             if k == 0:
                 grams.append(qkv(state, self.x[c], w))
             elif k == 1:
                 out, g = heads(state, self.x[c], kb, cos, sin, w)
-                self.out = (self.out or []) + [out]
+                kept.append(out)
                 grams.append(g)
             elif k == 2:
                 h, n, g = mlp_in(state, self.x[c], self.out[c], w)
-                self.h, self.n = (self.h or []) + [h], (self.n or []) + [n]
+                kept.append((h, n))
+                grams.append(g)
+            elif self.keep_hidden:
+                hidden, g = down_in_kept(state, self.n[c], w)
+                kept.append(hidden)
                 grams.append(g)
             else:
                 grams.append(down_in(state, self.n[c], w))
-        if k == 2:
+        if k == 1:
+            self.out = kept
+        elif k == 2:
             self.out = None
+            self.h, self.n = [h for h, _ in kept], [n for _, n in kept]
+        elif k == 3 and self.keep_hidden:
+            self.hidden, self.n = kept, None
         return sum(grams)
 
     def output(self):
         if self.next != len(GROUPS):
             raise ValueError("GroupGrams: output() before every group's Gram matrix")
-        graphdef, state = nnx.split(self.block)
-        fn = _stage_fns(graphdef)[-1]
-        return jnp.concatenate([fn(state, h, n) for h, n in zip(self.h, self.n)])
+        *_, (output, output_kept), state = self._fns()
+        if self.keep_hidden:
+            return jnp.concatenate([output_kept(state, h, g) for h, g in zip(self.h,
+                                                                             self.hidden)])
+        return jnp.concatenate([output(state, h, n) for h, n in zip(self.h, self.n)])
 
 
 def weight(block, name):

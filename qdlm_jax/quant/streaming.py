@@ -22,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import resource
 import shutil
 import time
 import types
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -73,8 +75,9 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
                        timings: dict | None = None) -> tuple[ModelConfig, dict]:
     """Quantizes the hub checkpoint `src` block by block into `work_dir` (module docstring).
     Returns (float32 compute config, stats). `timings`, when given, collects per-block seconds
-    for reading, quantizing (forwards, Gram captures, GPTQ) and writing; each block's seconds
-    are also kept in its `stats.json`."""
+    for reading, quantizing (`layerwise.quantize_block`'s phases) and writing, with the peak
+    resident (and device) memory after each block; each block's seconds are also kept in its
+    `stats.json`."""
     src, work = Path(src), Path(work_dir)
     ckpt = CheckpointDir(src)
     mappings = key_map(ckpt.config)
@@ -138,11 +141,25 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         stats["layers"][i] = layer_stats
         layer_stats["seconds"]["write_s"] = time.time() - t_write
         if timings is not None:
-            timings.setdefault("blocks", []).append({"block": i, **layer_stats["seconds"]})
+            timings.setdefault("blocks", []).append({"block": i, **layer_stats["seconds"],
+                                                     **_memory_gib()})
         del block, params
     bar.close()
     stats["time_s"] = time.time() - t0
     return config, stats
+
+
+def _memory_gib() -> dict:
+    """Peak resident memory of this process so far and, where the backend reports it
+    (GPU, TPU), the first local device's peak bytes in use, in GiB."""
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    try:
+        mem = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        mem = {}
+    if "peak_bytes_in_use" in mem:
+        out["device_peak_gib"] = mem["peak_bytes_in_use"] / 2**30
+    return out
 
 
 def assemble(src: str | Path, work_dir: str | Path) -> tuple[ModelConfig, dict]:

@@ -92,12 +92,15 @@ def test_sharded_gptq_equals_single_device(tmp_path):
 
 
 
-@pytest.mark.parametrize("family,dtype", [("llada", "float32"), ("dream", "bfloat16")])
-def test_group_grams_equal_whole_block_captures(tmp_path, family, dtype):
+@pytest.mark.parametrize("family,dtype,keep_hidden", [("llada", "float32", True),
+                                                      ("dream", "bfloat16", True),
+                                                      ("dream", "float32", False)])
+def test_group_grams_equal_whole_block_captures(tmp_path, family, dtype, keep_hidden):
     """GroupGrams runs each part of the block once; the reference reruns the whole block for
     each group (the pass before it did so). With the earlier groups quantized in between,
     every group's Gram matrix and the quantized block's output are the same bits (chunks of
-    3 over 8 rows, padded rows, Dream's GQA and q/k/v biases)."""
+    3 over 8 rows, padded rows, Dream's GQA and q/k/v biases; the MLP's hidden activations
+    kept or recomputed for the output)."""
     from qdlm_jax.quant.block import BlockRunner, GroupGrams, block_inputs, quantize_gptq
 
     config = tiny_config(family, hidden_size=128, intermediate_size=256, num_layers=1,
@@ -111,7 +114,8 @@ def test_group_grams_equal_whole_block_captures(tmp_path, family, dtype):
     calib = dataclasses.replace(calib, attention_mask=mask)
     inputs = block_inputs(model.embed[...], model.config, calib)
     block = model.layers[0]
-    runner, grams = BlockRunner(block, inputs, 3), GroupGrams(block, inputs, inputs.x, 3)
+    runner = BlockRunner(block, inputs, 3)
+    grams = GroupGrams(block, inputs, inputs.x, 3, keep_hidden=keep_hidden)
     pending = {}
     for k, group in enumerate(GROUPS):
         name = "layers.0." + group[0]
