@@ -25,7 +25,7 @@ PHASES = [
     dict(until=1900, text_rows=16, task_rows=192, task_seq_len=ARITH, mix=dict(sub2=1.0, add2=1.0)),
     dict(until=2200, text_rows=16, task_rows=128, task_seq_len=LONG,
          mix=dict(code1=1.0, code2=3.0, compare=1.5, sub2=1.5, add2=1.5)),
-    dict(until=3000, text_rows=48, task_rows=64, task_seq_len=LONG, mix=ALL),
+    dict(until=2600, text_rows=48, task_rows=64, task_seq_len=LONG, mix=ALL),
 ]
 
 
@@ -51,6 +51,6 @@ def get_config():
         arith_frac=0.375, arith_digits=(1, 2, 2, 2, 2, 3), arith_ops=("+", "+", "+", "-"),
         arith_answer_len=8, arith_problems=200_000))
     c.train = ml_collections.ConfigDict(dict(
-        steps=3000, batch_size=72, lr=3e-3, warmup_steps=100, final_lr_frac=0.05,
+        steps=2600, batch_size=72, lr=3e-3, warmup_steps=100, final_lr_frac=0.05,
         weight_decay=0.01, grad_clip=1.0, eps=1e-3, seed=0, ckpt_every=100, log_every=10))
     return c
