@@ -25,10 +25,14 @@ HARD = dict(add2=2.0, add3=3.0, compare=1.0, code1=0.5, code2=2.5)
 PHASES = [
     dict(until=250, text_rows=8, task_rows=64, task_seq_len=34, mix=EASY),
     dict(until=1000, text_rows=8, task_rows=64, task_seq_len=34, mix=HARD),
-    dict(until=2000, text_rows=16, task_rows=192, task_seq_len=_base.ARITH,
+    dict(until=1400, text_rows=16, task_rows=192, task_seq_len=_base.ARITH,
          mix=dict(add2=3.0, sub2=2.0)),
-    dict(until=2400, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
-         mix=dict(code1=1.0, code2=3.0, compare=1.5, sub2=1.0, add2=1.0)),
+    # At step 1400 both were at 4% (n=100); the tiny LLaDA needed ~1000 steps x 256 rows for
+    # addition alone, then ~900 steps x 192 rows for subtraction next to it.
+    dict(until=2500, text_rows=16, task_rows=192, task_seq_len=_base.ARITH,
+         mix=dict(add2=1.0, sub2=1.0)),
+    dict(until=2800, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
+         mix=dict(code1=1.0, code2=3.0, compare=1.5, sub2=1.5, add2=1.5)),
     dict(until=3400, text_rows=48, task_rows=64, task_seq_len=_base.LONG, mix=_base.ALL),
 ]
 
