@@ -26,6 +26,13 @@ PHASES = [
     dict(until=2200, text_rows=16, task_rows=128, task_seq_len=LONG,
          mix=dict(code1=1.0, code2=3.0, compare=1.5, sub2=1.5, add2=1.5)),
     dict(until=2600, text_rows=48, task_rows=64, task_seq_len=LONG, mix=ALL),
+    # At step 2600 code passed 38% (n=200) after ~25k code rows; the code-only run needed
+    # ~50k for 99%: a code-heavy tail at the cosine's low end.
+    dict(until=2900, text_rows=16, task_rows=128, task_seq_len=LONG,
+         mix=dict(code1=1.0, code2=4.0, compare=1.0, sub2=1.0, add2=1.0)),
+    # At step 2900: code 61.5%, comparisons down from 83.5% to 72%: a balanced tail.
+    dict(until=3100, text_rows=16, task_rows=128, task_seq_len=LONG,
+         mix=dict(code1=0.5, code2=2.0, compare=2.5, sub2=1.0, add2=1.0)),
 ]
 
 
@@ -51,6 +58,6 @@ def get_config():
         arith_frac=0.375, arith_digits=(1, 2, 2, 2, 2, 3), arith_ops=("+", "+", "+", "-"),
         arith_answer_len=8, arith_problems=200_000))
     c.train = ml_collections.ConfigDict(dict(
-        steps=2600, batch_size=72, lr=3e-3, warmup_steps=100, final_lr_frac=0.05,
+        steps=3100, batch_size=72, lr=3e-3, warmup_steps=100, final_lr_frac=0.05,
         weight_decay=0.01, grad_clip=1.0, eps=1e-3, seed=0, ckpt_every=100, log_every=10))
     return c
