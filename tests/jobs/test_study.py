@@ -324,7 +324,7 @@ def test_real_kv4_row_quantizes_attention(tmp_path):
                  out_dir=str(tmp_path / "s"), progress=False,
                  tasks=[{"base": "arithmetic", "limit": 1}])
     spec = study.study_spec(cfg)
-    windows = np.random.default_rng(0).integers(5, 4000, size=(2, 48))
+    windows = np.random.default_rng(0).integers(5, 1000, size=(2, 48))  # tiny vocab: 1024
     fp_model = {}
 
     def make_variant(sp, model, v, fp_tm):
@@ -339,7 +339,9 @@ def test_real_kv4_row_quantizes_attention(tmp_path):
 
     r = study.run_study(spec, make_variant=make_variant, evaluate=evaluate)
     kl = {rec["variant"]: rec["value"] for rec in r["records"]}
-    assert kl[None] > 0 and kl["kv4"] > 1.5 * kl[None]  # measured 0.0187 vs 0.0079
+    # A dropped K/V setting gives equal KL; measured 0.0187 vs 0.0079 on the first tiny LLaDA,
+    # 0.0079 vs 0.0057 on the issue-14 one.
+    assert kl[None] > 0 and kl["kv4"] > 1.2 * kl[None]
     assert kl["kv16"] == kl[None]
 
 
