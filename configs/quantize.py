@@ -51,8 +51,12 @@ def get_config():
     c.daq = ml_collections.ConfigDict(dict(abmp_ratio=0.1, iters=15, salient=2.0,
                                            data_weight=True, compensate="column", refit=1,
                                            abmp_check=True))
+    # Scored on the fp and the quantized model: the held-out bound (n_windows x 128 tokens,
+    # mc_num samples), 2-digit addition (arith_n problems), and `tasks`: built-in task names,
+    # comma-separated (e.g. arithmetic_subtract,synthetic_code,synthetic_compare), each on
+    # task_limit held-out items.
     c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
-                                            skip_fp=False))
+                                            skip_fp=False, tasks="", task_limit=100))
     c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)
     # auto | true | false: weight-only PTQ of a hub checkpoint block by block from its memory
     # maps (memory bounded by one block, resumable after a kill); auto streams checkpoints

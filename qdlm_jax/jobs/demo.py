@@ -1,8 +1,11 @@
 """`make demo`: the main job on the bundled tiny LLaDA.
 
-Runs `qdlm quantize` (configs/quantize.py) for RTN, GPTQ and AWQ at W4 and W3 (group 128),
-evaluating the FP model once, and prints one table: held-out masked-likelihood bound,
-2-digit addition exact match and the bytes of the packed linear weights. Results go to
+Runs `qdlm quantize` (configs/quantize.py) for RTN, GPTQ and AWQ at W4 and W3 and for RTN
+and GPTQ at W2 (group 128), evaluating the FP model once, and prints one table: held-out
+masked-likelihood bound, KL to FP, one task per category the tiny model was trained for
+(2-digit addition, 2-digit subtraction, code pass@1 in the sandbox, 4-way comparisons by
+likelihood; `DEMO_TASKS`, 100 held-out items each) and the bytes of the packed linear
+weights. Every table of the demo scores those tasks. Results go to
 `runs/demo/` (one run directory per cell, plus `report.md` and `results.json` for all).
 Override any config field as with `qdlm quantize`, e.g.
 `python -m qdlm_jax.jobs.demo --config.calibration=masked`.
@@ -32,6 +35,8 @@ from qdlm_jax.jobs.quantize import report, run as run_job
 
 METHODS = ("rtn", "gptq", "awq")
 BITS = (4, 3)
+W2_ROWS = ("rtn", "gptq")  # the default table's 2-bit rows
+DEMO_TASKS = "--config.eval.tasks=arithmetic_subtract,synthetic_code,synthetic_compare"
 WA_METHODS = ("rtn", "smoothquant", "quarot", "duquant")
 WA_BITS = ((8, 8), (4, 4))  # (weight bits, activation bits)
 # After the W4A4 rows: QuaRot W4A4 with 4-bit K/V (per head, asymmetric), then with
@@ -51,7 +56,8 @@ def cells(wa: bool, w2: bool = False) -> list[list[str]]:
     if w2:
         return [["--config.bits=2", "--config.group_size=128", *c] for c in W2]
     if not wa:
-        return [[f"--config.method={m}", f"--config.bits={b}"] for m in METHODS for b in BITS]
+        return ([[f"--config.method={m}", f"--config.bits={b}"] for m in METHODS for b in BITS]
+                + [[f"--config.method={m}", "--config.bits=2"] for m in W2_ROWS])
     wa = [[f"--config.method={m}", f"--config.bits={w}", f"--config.act_bits={a}",
            "--config.group_size=-1"] for w, a in WA_BITS for m in WA_METHODS]
     quarot_w4a4 = ["--config.method=quarot", "--config.bits=4", "--config.act_bits=4",
@@ -76,7 +82,8 @@ def main(argv=None) -> int:
     for cell in cells(wa, w2):
         cfg = apply_overrides(load_config_file(ROOT / "configs" / "quantize.py"),
                               [f"--config.model={ROOT / 'assets' / 'tiny-llada'}",
-                               f"--config.out_dir={out_dir}", "--config.overwrite=true", *cell,
+                               f"--config.out_dir={out_dir}", "--config.overwrite=true",
+                               DEMO_TASKS, *cell,
                                *overrides])
         results.append(run_job(cfg, fp_cache=fp_cache))
     out_dir = Path(cfg.out_dir)  # the report goes beside the runs (--config.out_dir moves both)

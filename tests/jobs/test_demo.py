@@ -4,6 +4,8 @@ import pytest
 
 from qdlm_jax.jobs import demo
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
+from qdlm_jax.errors import ConfigOverrideError
+from qdlm_jax.jobs import quantize
 from qdlm_jax.jobs.quantize import job_spec
 
 
@@ -13,10 +15,19 @@ def spec_of(cell):
                                           *cell]))
 
 
-def test_weight_only_table_is_unchanged():
+def test_weight_only_table_has_w4_w3_and_w2_rows_and_scores_the_tasks():
     specs = [spec_of(c) for c in demo.cells(False)]
     assert [(s.method, s.ptq.weight.bits, s.ptq.weight.group_size, s.wa) for s in specs] == [
-        (m, b, 128, None) for m in ("rtn", "gptq", "awq") for b in (4, 3)]
+        (m, b, 128, None) for m in ("rtn", "gptq", "awq") for b in (4, 3)] + [
+        ("rtn", 2, 128, None), ("gptq", 2, 128, None)]
+    spec = spec_of([demo.DEMO_TASKS])
+    assert spec.eval_tasks == ("arithmetic_subtract", "synthetic_code", "synthetic_compare")
+    assert [t.limit for t in quantize.eval_task_specs(spec)] == [100, 100, 100]
+
+
+def test_eval_tasks_must_be_builtin():
+    with pytest.raises(ConfigOverrideError, match="eval.tasks: 'nope'"):
+        spec_of(["--config.eval.tasks=arithmetic,nope"])
 
 
 def test_wa_table_ends_with_kv4_and_iaaq_rows():
