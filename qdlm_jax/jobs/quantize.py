@@ -43,6 +43,8 @@ class JobSpec:
     skip_fp: bool
     save: bool
     stream: str = "auto"  # "auto" | "true" | "false" (`use_streaming`)
+    eval_tasks: tuple[str, ...] = ()  # built-in tasks scored beside the bound (`eval_task_specs`)
+    eval_task_limit: int = 100
     wa: WASpec | None = None  # weight-activation PTQ (activations quantized) when set
     config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
     overwrite: bool = False  # redo a finished run instead of reusing its results
@@ -135,6 +137,8 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
     return JobSpec(model=str(model), out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
                    eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
                    eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save,
+                   eval_tasks=_eval_tasks(cfg.eval.get("tasks", ())),
+                   eval_task_limit=int(cfg.eval.get("task_limit", 100)),
                    stream=_stream_setting(cfg.get("stream", "auto")),
                    wa=wa, config={**cfg.to_dict(), "model": str(model)},
                    overwrite=bool(cfg.get("overwrite", False)))
@@ -198,12 +202,44 @@ def _check_widths(config, ptq: PTQSpec):
                              f"model's {name}={width}; use -1 or a divisor of {width}") from None
 
 
+def _eval_tasks(value) -> tuple[str, ...]:
+    """`--config.eval.tasks`: built-in task names (a comma-separated string or a sequence)."""
+    from qdlm_jax.evals.tasks import BUILTIN
+    names = tuple(n.strip() for n in (value.split(",") if isinstance(value, str) else value)
+                  if n.strip())
+    for n in names:
+        if n not in BUILTIN:
+            raise ConfigOverrideError(f"--config.eval.tasks: {n!r} is not a built-in task; "
+                                      f"expected names from {sorted(BUILTIN)}")
+    return names
+
+
+def eval_task_specs(spec: JobSpec) -> list:
+    """The extra tasks at `eval_task_limit` items (multiple choice: 16 Monte Carlo samples)."""
+    from qdlm_jax.evals.tasks import BUILTIN, MCTask
+    out = []
+    for name in spec.eval_tasks:
+        t = dataclasses.replace(BUILTIN[name], limit=spec.eval_task_limit)
+        if isinstance(t, MCTask):
+            t = dataclasses.replace(t, mc_num=16, batch_size=16)
+        out.append(t)
+    return out
+
+
 def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
+    from qdlm_jax.evals.backends import TextModel
     from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_bound
+    from qdlm_jax.evals.tasks import run_task, standard_error
     t0 = time.time()
     bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
     arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
-    return {"bits_per_token": bound["bits_per_token"],
+    tasks = {}
+    for t in eval_task_specs(spec):
+        r = run_task(TextModel(model, tokenizer), t, progress=False)
+        tasks[t.name] = {"metric": r["metric"], "value": r["value"],
+                         "se": standard_error(t, r), "n": r["n"]}
+    return {"tasks": tasks,
+            "bits_per_token": bound["bits_per_token"],
             "bits_per_token_se": bound["bits_per_token_se"], "ppl_bound": bound["ppl_bound"],
             "arith_acc": arith["accuracy"], "arith_se": arith["se"], "arith_n": arith["n"],
             "n_windows": bound["n_windows"], "seq_len": bound["seq_len"],
@@ -217,7 +253,8 @@ def _fp_cache_file(spec: JobSpec) -> Path:
                    for f in Path(spec.model).rglob("*") if f.is_file())
     key = json.dumps({"files": files, "source": spec.source, "seq_len": spec.calib.seq_len,
                       "windows": spec.eval_windows, "mc_num": spec.eval_mc_num,
-                      "arith_n": spec.eval_arith_n, "format": 2}, sort_keys=True)
+                      "arith_n": spec.eval_arith_n, "tasks": list(spec.eval_tasks),
+                      "task_limit": spec.eval_task_limit, "format": 3}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return sources.cache_dir() / "fp_eval" / f"{digest}.json"
 
@@ -408,7 +445,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
           f"{spec.calib.mode} -> {run_dir}")
 
     fp_key = (spec.model, spec.source, seq, spec.eval_windows, spec.eval_mc_num,
-              spec.eval_arith_n)
+              spec.eval_arith_n, spec.eval_tasks, spec.eval_task_limit)
     fp = None
     if not spec.skip_fp:
         cache_file = _fp_cache_file(spec)
@@ -488,13 +525,27 @@ def _iaaq_searched(result: dict) -> str:
     return "K,V" if ia.get("search_keys") else "V"
 
 
+_TASK_HEAD = {"arithmetic_subtract": "2-digit sub acc", "synthetic_code": "code pass@1",
+              "synthetic_compare": "4-way choice acc", "arithmetic_3digit": "3-digit add acc"}
+
+
+def _task_cells(ev: dict, names) -> str:
+    """One `value ± se` cell (in %) per extra task; – where the run did not score it."""
+    t = ev.get("tasks", {})
+    return "".join(f"{_pm(t[n]['value'], t[n].get('se'), '.1f', 100)}% | " if n in t
+                   else "– | " for n in names)
+
+
 def report(results: list[dict]) -> str:
     """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
     activations are not quantized, weight-only PTQ and the FP model alike)."""
+    task_names = list(dict.fromkeys(t for r in results for t in (r.get("fp") or {}).get(
+        "tasks", {}) | r["quantized"].get("tasks", {})))
     lines = ["| model | method | W bits | A bits | group | calibration | bits/token (↓) | "
-             "ppl bound | KL to FP, bits (↓) | 2-digit add acc | linear bytes vs bf16 | "
-             "quantize s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ppl bound | KL to FP, bits (↓) | 2-digit add acc | " +
+             "".join(f"{_TASK_HEAD.get(t, t)} | " for t in task_names) +
+             "linear bytes vs bf16 | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(task_names) + "---|---|"]
     seen_fp = set()
     for r in results:
         fp = r.get("fp")
@@ -503,7 +554,8 @@ def report(results: list[dict]) -> str:
             lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
                          f"{_pm(fp['bits_per_token'], fp.get('bits_per_token_se'), '.3f')} | "
                          f"{fp['ppl_bound']:.1f} | – | "
-                         f"{_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | – | – |")
+                         f"{_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | "
+                         f"{_task_cells(fp, task_names)}– | – |")
     for r in results:
         q = r["quantized"]
         label = r['method'].upper() + (f" + IA-AQ ({_iaaq_searched(r)})" if r.get("iaaq")
@@ -515,6 +567,7 @@ def report(results: list[dict]) -> str:
                      f"{_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
                      f"{q['ppl_bound']:.1f} | {_kl_text(q)} | "
                      f"{_pm(q['arith_acc'], q.get('arith_se'), '.1f', 100)}% | "
+                     f"{_task_cells(q, task_names)}"
                      f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
     notes = []
     for r in {r["model"]: r for r in results}.values():
@@ -524,7 +577,10 @@ def report(results: list[dict]) -> str:
             f"{Path(r['model']).name}: bits/token on {q.get('n_windows', '?')} held-out windows "
             f"of {q.get('seq_len', '?')} tokens, {q.get('mc_num', '?')} Monte Carlo samples "
             "each" + (f"; unigram reference {ref:.3f} bits/token" if ref else "") +
-            f"; 2-digit addition on {q['arith_n']} held-out problems (chance ≈ 0)")
+            f"; 2-digit addition on {q['arith_n']} held-out problems (chance ≈ 0)" +
+            "".join(f"; {t} on {v['n']} held-out items ({v['metric']}"
+                    f"{', chance 25%' if v['metric'] == 'acc' else ''})"
+                    for t, v in q.get("tasks", {}).items()))
     footer = ("\n± is one standard error (over windows for the bound and KL, binomial for "
               "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
     return "\n".join(lines) + "\n" + footer
