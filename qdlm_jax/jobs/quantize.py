@@ -400,8 +400,81 @@ def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
     return qmodel, qstats
 
 
-def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict:
-    """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once."""
+def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
+    """The job on a global (data, model) mesh (model 0: every device not on the data axis),
+    in one process or several (`qdlm quantize --distributed`, `models/distributed.py`).
+    Every process runs it: each loads only the checkpoint slices its devices hold, the
+    layer-wise PTQ runs on the global arrays, the packed params are gathered to every host
+    and process 0 writes `run_dir/model` and `results.json`. Evaluation is not run here
+    (`qdlm eval` the saved model, which is small); streaming is not either (one process)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.load import read_model_config
+    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.models.params import get_params
+    from qdlm_jax.models.sharding import make_mesh
+
+    if spec.stream == "true":
+        raise ConfigOverrideError("--config.stream=true: the streaming pass runs in one process "
+                                  "without a mesh; drop --mesh/--distributed or use "
+                                  "--config.stream=auto")
+    data, model_axis = mesh_shape
+    mesh = make_mesh(model=model_axis or None, data=data)
+    spec = dataclasses.replace(spec, config={**spec.config, "mesh": dict(mesh.shape)})
+    run_dir = Path(spec.out_dir) / spec.run_name
+    writer = jax.process_index() == 0
+    source_dtype = read_model_config(spec.model).param_dtype
+    model = load_model(spec.model, dtype="float32", mesh=mesh)
+    _check_widths(model.config, spec.ptq)
+    tok_path = Path(spec.model) / "tokenizer.json"
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2,
+                                                              default=str))
+    print(f"[quantize] {spec.model}: {model.config.family}, {spec.method} on a "
+          f"{dict(mesh.shape)} mesh, process {jax.process_index()} of {jax.process_count()}"
+          + (f" -> {run_dir}" if writer else ""))
+    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, load_tokenizer(tok_path),
+                                                            spec)
+
+    def host(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            a = multihost_utils.process_allgather(a, tiled=True)
+        return np.asarray(a)
+
+    params = jax.tree.map(host, get_params(qmodel))  # a collective: every process
+    result = {"model": spec.model, "run_dir": str(run_dir), "config": spec.config,
+              "family": model.config.family, "method": spec.method,
+              "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
+              "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
+              "calibration": spec.calib.mode if calib else "none", "mesh": dict(mesh.shape),
+              "processes": jax.process_count(), "fp": None, "quantized": None,
+              "quantize_s": quant_s, "total_s": time.time() - t0, "stats": qstats}
+    if writer:
+        if spec.save:
+            stored = {p: v.astype(source_dtype) if isinstance(v, np.ndarray)
+                      and np.issubdtype(v.dtype, np.floating) else v for p, v in params.items()}
+            save_checkpoint(run_dir / "model",
+                            qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
+                            stored, overwrite=True, extra_files=[tok_path],
+                            meta={"method": spec.method, "bits": spec.ptq.weight.bits,
+                                  "config_hash": spec.config_hash})
+        atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+        print(f"[quantize] quantized in {quant_s:.1f}s; saved {run_dir / 'model'} (evaluate it "
+              "with `qdlm eval`)")
+    multihost_utils.sync_global_devices("qdlm quantize done")
+    return result
+
+
+def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
+        mesh_shape: tuple[int, int] | None = None) -> dict:
+    """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once;
+    `mesh_shape` = (data, model) runs it on a global mesh (`run_on_mesh`)."""
     import numpy as np
 
     import jax
@@ -419,6 +492,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None) -> dict
     from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 
     spec = job_spec(cfg)
+    if mesh_shape is not None:
+        return run_on_mesh(spec, mesh_shape, time.time())
     run_dir = Path(spec.out_dir) / spec.run_name
     if (run_dir / "results.json").is_file() and not spec.overwrite:
         print(f"[quantize] {run_dir} holds this exact config's finished run: reusing its "
