@@ -346,6 +346,10 @@ def test_unprivileged_user_gets_a_user_namespace():
         pytest.skip(f"no Python >= 3.9 that user nobody can run at {python}")
     if not os.access("/var/tmp", os.W_OK):
         pytest.skip("needs a writable /var/tmp")
+    read_module = [*as_nobody, python, "-c", f"open({sandbox.__file__!r}).close()"]
+    if subprocess.run(read_module, check=False, cwd="/", capture_output=True).returncode:
+        pytest.skip(f"user nobody cannot read {sandbox.__file__} (a checkout under a private "
+                    "home directory)")
     writable = Path(tempfile.mkdtemp(prefix="qdlm-sandbox-test-", dir="/var/tmp"))
     try:
         writable.chmod(0o777)  # nobody could write here, were it not contained
