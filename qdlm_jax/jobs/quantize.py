@@ -233,9 +233,9 @@ def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
     t0 = time.time()
     bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
     arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
-    tasks = {}
+    tasks, tm = {}, TextModel(model, tokenizer)
     for t in eval_task_specs(spec):
-        r = run_task(TextModel(model, tokenizer), t, progress=False)
+        r = run_task(tm, t, progress=False)
         tasks[t.name] = {"metric": r["metric"], "value": r["value"],
                          "se": standard_error(t, r), "n": r["n"]}
     return {"tasks": tasks,
