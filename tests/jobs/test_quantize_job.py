@@ -122,3 +122,26 @@ def test_report_names_what_ia_aq_searched_and_the_kv_bits():
     assert [[c.strip() for c in ln] for ln in lines] == [
         ["QUAROT", "4", "4, KV 4"], ["QUAROT + IA-AQ (K,V)", "4", "4, KV 4"],
         ["QUAROT + IA-AQ (V)", "4", "4, KV 4"]]
+
+
+def test_report_has_a_column_per_extra_task():
+    from qdlm_jax.jobs.quantize import report
+
+    def ev(tasks):
+        return {"bits_per_token": 8.0, "bits_per_token_se": 0.1, "ppl_bound": 256.0,
+                "arith_acc": 0.9, "arith_se": 0.03, "arith_n": 100, "tasks": tasks,
+                "kl_to_fp_bits": 0.01, "kl_to_fp_bits_se": 0.002}
+    sub = {"metric": "exact_match", "value": 0.95, "se": 0.02, "n": 100}
+    r = {"model": "m/tiny", "fp": ev({"arithmetic_subtract": sub}), "method": "rtn", "bits": 2,
+         "group_size": 128, "calibration": "none", "linear_bytes_vs_bf16": 0.144,
+         "quantize_s": 1.0, "quantized": ev({"arithmetic_subtract": dict(sub, value=0.5),
+                                             "synthetic_code": dict(sub, metric="pass@1")})}
+    lines = report([r]).splitlines()
+    head = [c.strip() for c in lines[0].split("|")]
+    assert head.index("2-digit sub acc") + 1 == head.index("code pass@1")
+    fp_row = [c.strip() for c in lines[2].split("|")]
+    q_row = [c.strip() for c in lines[3].split("|")]
+    col = head.index("2-digit sub acc")
+    assert fp_row[col] == "95.0 ± 2.0%" and q_row[col] == "50.0 ± 2.0%"
+    assert fp_row[col + 1] == "–" and q_row[col + 1] == "95.0 ± 2.0%"
+    assert len(fp_row) == len(q_row) == len(head)
