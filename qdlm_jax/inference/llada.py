@@ -207,7 +207,8 @@ def _llada_fast_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASe
         else:
             sel = top_k_select(conf, su.sched[jnp.minimum(i, spb - 1)], su.k_max)
             sel = sel & (x_blk == s.mask_id)
-        return commit_block(x, order, sel, x0, g, start, lb, s.record_order)
+        x_new, order = commit_block(x, order, sel, x0, g, start, lb, s.record_order)
+        return x_new, order, jnp.any(x_new != x)
 
     def block(nb, carry):
         x, order, g, kv = carry
@@ -219,24 +220,28 @@ def _llada_fast_loop(state, prompt, attention_mask, key, *, graphdef, s: LLaDASe
             h, new_kv = model.hidden_states_with_kv(x, su.mask, query_window=(start, lb))
             kv = refill_kv_cache(kv, new_kv)
             logits = model.logits(h).astype(jnp.float32)
-        x, order = decide(x, order, logits, g, 0, start)
+        x, order, progressed = decide(x, order, logits, g, 0, start)
 
         def cond(c):
-            x_blk = jax.lax.dynamic_slice_in_dim(c[0], start, lb, axis=1)
-            return jnp.any(x_blk == s.mask_id)
+            x, _, _, _, progressed = c
+            go = jnp.any(jax.lax.dynamic_slice_in_dim(x, start, lb, axis=1) == s.mask_id)
+            # a deterministic step whose commits are all the mask token itself would repeat
+            # forever; the block stops there (its masked positions stay masked)
+            return go & (progressed | (s.temperature > 0))
 
         def body(c):
-            x, order, g, i = c
+            x, order, g, i, _ = c
             if s.cache == "none":
                 logits = _block_logits(s, su, x, start)
             else:
                 h = cached_block_hidden(model, x, start, kv, su.mask, cache=s.cache,
                                         block_length=lb, gen_length=s.gen_length)
                 logits = model.logits(h).astype(jnp.float32)
-            x, order = decide(x, order, logits, g, i, start)
-            return x, order, g + 1, i + 1
+            x, order, progressed = decide(x, order, logits, g, i, start)
+            return x, order, g + 1, i + 1, progressed
 
-        x, order, g, _ = jax.lax.while_loop(cond, body, (x, order, g + 1, jnp.int32(1)))
+        x, order, g, _, _ = jax.lax.while_loop(cond, body,
+                                               (x, order, g + 1, jnp.int32(1), progressed))
         return x, order, g, kv
 
     order = jnp.full(su.x.shape, -1, jnp.int32) if s.record_order else None

@@ -374,3 +374,22 @@ def test_activation_quantized_model_runs_with_every_cache_setting(llada):
                              cache=cache, threshold=0.01)
             np.testing.assert_array_equal(out[:, :P], ids)
             assert not (out == config.mask_token_id).any() and 1 <= nfe <= 8
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_a_model_that_only_proposes_the_mask_token_stops(tmp_path, family, cache):
+    """With a zero head every logit is 0, so the argmax is token 0; with the mask token at id
+    0 every deterministic commit writes the mask back and no step makes progress. Fast-dLLM's
+    loop repeats such a step forever; ours stops each block there: the call returns, the
+    generated positions stay masked, and each block spent only the passes up to the first
+    step without progress: LLaDA's first step (1 a block), Dream's first step, which fills
+    only the block's first position, and its next (2 a block)."""
+    config = dataclasses.replace(tiny_config(family, num_layers=1), mask_token_id=0)
+    model = load_model(write_hf_checkpoint(tmp_path, config, seed=0), dtype="float32")
+    model.lm_head.kernel.value = jax.numpy.zeros_like(model.lm_head.kernel.value)
+    ids = np.full((1, P), 7, np.int32)
+    kw = dict(gen_length=8, steps=8, block_length=4, threshold=0.5, cache=cache)
+    x, nfe = (_ours if family == "llada" else _ours_dream)(model, ids, None, **kw)
+    assert (x[:, P:] == 0).all()
+    assert nfe == (1 if family == "llada" else 2) * (8 // 4)
