@@ -4,7 +4,7 @@ Same size, tokenizer and task rows as the tiny LLaDA; Dream's structure: GQA (2 
 q/k/v biases, theta 1e6, and the right-shifted training objective. Its phases: the first
 sitting's mixed curriculum (steps 0-1000, `EASY` then `HARD`: too little of each task), then
 addition and subtraction with the budgets measured alone, then code and comparisons, then
-the text-heavy phase of the tiny LLaDA.
+the text-heavy phase of the tiny LLaDA, then addition-heavy phases, each followed by a balanced tail.
 """
 
 import importlib.util
@@ -33,7 +33,28 @@ PHASES = [
          mix=dict(add2=1.0, sub2=1.0)),
     dict(until=2800, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
          mix=dict(code1=1.0, code2=3.0, compare=1.5, sub2=1.5, add2=1.5)),
-    dict(until=3400, text_rows=48, task_rows=64, task_seq_len=_base.LONG, mix=_base.ALL),
+    dict(until=3200, text_rows=48, task_rows=64, task_seq_len=_base.LONG, mix=_base.ALL),
+    # At step 3200 (n=100): addition 16%, subtraction 83%, code 56%: an addition-heavy phase,
+    # then a balanced tail (train.steps moved from 3400 to 3800 with it, later to 4700 and 5700).
+    dict(until=3500, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
+         mix=dict(add2=3.0, sub2=1.0, code1=0.5, code2=1.5, compare=1.0)),
+    dict(until=3800, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
+         mix=dict(add2=1.5, sub2=1.0, code1=0.5, code2=2.0, compare=1.5)),
+    # At step 3800 (n=100): addition 30% (mostly a wrong units digit), subtraction 83%,
+    # code 66%, comparisons 85%. The tiny LLaDA's addition came from ~256k addition rows; this
+    # run had given it ~120k: an addition-heavy arithmetic phase (256 rows of 20 tokens),
+    # then the balanced tail again (train.steps 3800 -> 4700).
+    dict(until=4400, text_rows=8, task_rows=256, task_seq_len=_base.ARITH,
+         mix=dict(add2=4.0, sub2=1.0)),
+    dict(until=4700, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
+         mix=dict(add2=1.5, sub2=1.0, code1=0.5, code2=2.0, compare=1.5)),
+    # At step 4700 (n=100): addition 62%, subtraction 83%, code 80%, comparisons 84%:
+    # addition gained 32 points from ~150k more rows; once more, mostly addition
+    # (train.steps 4700 -> 5700).
+    dict(until=5400, text_rows=8, task_rows=256, task_seq_len=_base.ARITH,
+         mix=dict(add2=6.0, sub2=1.0)),
+    dict(until=5700, text_rows=16, task_rows=128, task_seq_len=_base.LONG,
+         mix=dict(add2=2.0, sub2=1.0, code1=0.5, code2=2.0, compare=1.5)),
 ]
 
 

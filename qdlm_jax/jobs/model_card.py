@@ -50,7 +50,7 @@ def synthetic_scores(model, tokenizer, names=SYNTHETIC) -> dict:
         spec = dataclasses.replace(BUILTIN[name], **CARD_SETTINGS.get(name, {}))
         r = run_task(tm, spec, progress=False)
         out[name] = {"metric": r["metric"], "value": r["value"], **CARD_SETTINGS.get(name, {}),
-                     "se": binomial_se(r["value"], r["n"]), "n": r["n"],
+                     "se": r["se"], "n": r["n"],
                      "examples": r.get("examples", [])[:3]}
         print(f"[card] {name}: {r['metric']} {r['value']:.3f} (n={r['n']})", flush=True)
     return out

@@ -229,7 +229,7 @@ def eval_task_specs(spec: JobSpec) -> list:
 def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
     from qdlm_jax.evals.backends import TextModel
     from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_bound
-    from qdlm_jax.evals.tasks import run_task, standard_error
+    from qdlm_jax.evals.tasks import run_task
     t0 = time.time()
     bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
     arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
@@ -237,7 +237,7 @@ def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
     for t in eval_task_specs(spec):
         r = run_task(tm, t, progress=False)
         tasks[t.name] = {"metric": r["metric"], "value": r["value"],
-                         "se": standard_error(t, r), "n": r["n"]}
+                         "se": r["se"], "n": r["n"]}
     return {"tasks": tasks,
             "bits_per_token": bound["bits_per_token"],
             "bits_per_token_se": bound["bits_per_token_se"], "ppl_bound": bound["ppl_bound"],
