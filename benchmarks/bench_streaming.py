@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         report[f"mean_{key}_after_first_block"] = float(np.mean(later)) if later else None
     (args.out / f"report-{name}.json").write_text(json.dumps(report, indent=2))
     keys = ("read_s", "forward_s", "capture_s", "gptq_s", "pack_s", "output_s", "write_s",
-            "quantize_s", "ratio", "ratio_strict", "peak_rss_gib")
+            "quantize_s", "ratio", "ratio_strict", "peak_rss_gib", "anon_rss_gib",
+            "file_rss_gib")
     print("| block | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for b in blocks:

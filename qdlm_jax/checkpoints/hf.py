@@ -141,6 +141,12 @@ class CheckpointDir:
         self.config = load_hf_config(config_path)
         self.files, self.where = self._index()
 
+    def drop_resident(self):
+        """Drops the resident pages of every memory-mapped shard (`SafetensorsFile`)."""
+        for f in self.files.values():
+            if hasattr(f, "drop_resident"):
+                f.drop_resident()
+
     def _index(self):
         p = self.path
         files: dict[str, object] = {}

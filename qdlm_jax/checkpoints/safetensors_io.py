@@ -95,6 +95,14 @@ class SafetensorsFile:
         buf = memoryview(self._mmap)[self._data_start + begin:self._data_start + end]
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def drop_resident(self):
+        """Lets the kernel drop the pages of this file that reads have made resident. They
+        are clean file pages: the process's resident set stops counting them, and views
+        handed out stay valid (a later access reads the file again). A streaming pass calls
+        this after each block, so its resident memory does not grow with the blocks read."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def close(self):
         # Views handed out keep the mapping alive; dropping our reference is enough.
         self._mmap = None

@@ -103,6 +103,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
     embed = ckpt.get(next(m.hf_name for m in mappings if m.path == ("embed",)))
     x = jnp.asarray(np.asarray(embed[np.asarray(calib.ids)], np.float32))  # only these rows
     del embed
+    ckpt.drop_resident()
     inputs = block_inputs_from_x(x, config, calib)
     bar = progress_bar(spec, config.num_layers, progress)
     for i in range(config.num_layers):
@@ -120,6 +121,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         t_read = time.time()
         block = block_from_params(config, i, read_tensors(ckpt, _block_mappings(mappings, i),
                                                           dtype="float32"))
+        ckpt.drop_resident()  # the block is copied out: its file pages need not stay resident
         t_quant = time.time()
         phases: dict = {}
         x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar, timings=phases)
@@ -150,9 +152,18 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
 
 
 def _memory_gib() -> dict:
-    """Peak resident memory of this process so far and, where the backend reports it
-    (GPU, TPU), the first local device's peak bytes in use, in GiB."""
+    """Peak resident memory of this process so far, the current resident set split into
+    anonymous memory and file pages (Linux), and, where the backend reports it (GPU, TPU),
+    the first local device's peak bytes in use, in GiB."""
     out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # not Linux
+        status = []
+    for line in status:
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[f"{key[3:].lower()}_rss_gib"] = int(value.split()[0]) / 2**20  # kB
     try:
         mem = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # backends without memory statistics
