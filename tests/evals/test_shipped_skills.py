@@ -32,9 +32,7 @@ def small(name: str):
     return dataclasses.replace(spec, limit=n, **extra)
 
 
-# tiny-dream is still the earlier model (its retraining is under way, docs/results_tiny.md);
-# it joins this list when it is replaced.
-@pytest.mark.parametrize("family", ["llada"])
+@pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_shipped_model_scores_far_above_chance(name, family, tiny_llada, tiny_dream):
     tm = tiny_llada if family == "llada" else tiny_dream
