@@ -40,4 +40,21 @@ qmodel, _ = quantize_model(model, calib, PTQSpec(method=method,
 leaves = gather_params(qmodel)
 if pid == 0:
     np.savez(out, **leaves)
+# and as `qdlm quantize --distributed` saves it: every process gathers, process 0 writes alone
+from jax.experimental import multihost_utils  # noqa: E402
+
+from qdlm_jax.checkpoints.orbax_format import save_checkpoint  # noqa: E402
+from qdlm_jax.models.params import get_params  # noqa: E402
+
+
+def host(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        a = multihost_utils.process_allgather(a, tiled=True)
+    return np.asarray(a)
+
+
+params = jax.tree.map(host, get_params(qmodel))
+if pid == 0:
+    save_checkpoint(out + ".ckpt", qmodel.config, params)
+multihost_utils.sync_global_devices("worker done")
 print("OK", pid, flush=True)

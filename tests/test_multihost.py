@@ -48,6 +48,10 @@ def test_two_processes_equal_one(tmp_path, method):
                                                              intermediate_size=256))
     single = _run(1, src, tmp_path / "single.npz", method)
     multi = _run(2, src, tmp_path / "multi.npz", method)
+    # process 0 wrote the gathered model alone (orbax waits at no barrier for process 1)
+    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
+    _, saved = load_checkpoint(str(tmp_path / "multi.npz") + ".ckpt")
+    assert len(saved) > 10
     assert set(single) == set(multi) and len(single) > 10
     assert any(k.endswith(".packed") for k in single)
     for k in single:

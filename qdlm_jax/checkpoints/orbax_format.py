@@ -121,10 +121,15 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
                     params: dict[ParamPath, object], *, extra_files: Iterable[Path] = (),
                     overwrite: bool = False, meta: dict | None = None) -> Path:
     """Writes the checkpoint (float or packed quantized params) to a temp dir beside `path`,
-    then renames it into place. `meta` (JSON) records e.g. how the model was quantized."""
+    then renames it into place. `meta` (JSON) records e.g. how the model was quantized.
+    The write is this process's alone (in a multi-process job the caller gathers the params
+    and one process writes): orbax is told that only this process takes part, so it waits
+    at no barrier for the others."""
     tree, quantized = _split_quantized(params)
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     with atomic_dir(path, overwrite=overwrite, extra_files=extra_files) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
             ckptr.save(tmp / "params", tree)
             ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(json.dumps(
