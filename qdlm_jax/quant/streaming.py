@@ -181,6 +181,7 @@ def assemble(src: str | Path, work_dir: str | Path) -> tuple[ModelConfig, dict]:
     mappings = key_map(ckpt.config)
     outer = [m for m in mappings if m.path[0] != "layers"]
     params: dict[ParamPath, object] = read_tensors(ckpt, outer)
+    ckpt.drop_resident()
     for i in range(ckpt.config.num_layers):
         done = work / f"block_{i:04d}"
         if not (done / ACTIVATIONS).is_file():
