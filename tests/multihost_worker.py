@@ -44,16 +44,10 @@ if pid == 0:
 from jax.experimental import multihost_utils  # noqa: E402
 
 from qdlm_jax.checkpoints.orbax_format import save_checkpoint  # noqa: E402
+from qdlm_jax.models.distributed import to_host  # noqa: E402
 from qdlm_jax.models.params import get_params  # noqa: E402
 
-
-def host(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-        a = multihost_utils.process_allgather(a, tiled=True)
-    return np.asarray(a)
-
-
-params = jax.tree.map(host, get_params(qmodel))
+params = to_host(get_params(qmodel))
 if pid == 0:
     save_checkpoint(out + ".ckpt", qmodel.config, params)
 multihost_utils.sync_global_devices("worker done")

@@ -121,6 +121,9 @@ class _TorchBinFile:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
+    def drop_resident(self):
+        """Nothing to drop here: torch's memory map is not ours to advise."""
+
     def close(self):
         self._sd = None
 
@@ -144,8 +147,7 @@ class CheckpointDir:
     def drop_resident(self):
         """Drops the resident pages of every memory-mapped shard (`SafetensorsFile`)."""
         for f in self.files.values():
-            if hasattr(f, "drop_resident"):
-                f.drop_resident()
+            f.drop_resident()
 
     def _index(self):
         p = self.path

@@ -416,6 +416,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
     from qdlm_jax.data.tokenizer import load_tokenizer
     from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.models.distributed import to_host
     from qdlm_jax.models.params import get_params
     from qdlm_jax.models.sharding import make_mesh
 
@@ -441,13 +442,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
           + (f" -> {run_dir}" if writer else ""))
     qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, load_tokenizer(tok_path),
                                                             spec)
-
-    def host(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            a = multihost_utils.process_allgather(a, tiled=True)
-        return np.asarray(a)
-
-    params = jax.tree.map(host, get_params(qmodel))  # a collective: every process
+    params = to_host(get_params(qmodel))  # a collective: every process
     result = {"model": spec.model, "run_dir": str(run_dir), "config": spec.config,
               "family": model.config.family, "method": spec.method,
               "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,

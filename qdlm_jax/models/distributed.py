@@ -37,18 +37,25 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                process_id=process_id)
 
 
+def to_host(tree):
+    """`tree` with every array leaf as host numpy, those spanning processes gathered from all
+    of them first (a collective: every process must call it, with the same tree)."""
+    from jax.experimental import multihost_utils
+
+    def host(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        return np.asarray(leaf)
+
+    return jax.tree.map(host, tree)
+
+
 def gather_params(model_or_params) -> dict[str, np.ndarray]:
     """Every array leaf of a model's params (packed quantized leaves included), gathered from
     all processes to host numpy, keyed by its path; the same dict on every process."""
     from flax import nnx
-    from jax.experimental import multihost_utils
 
     state = (model_or_params if isinstance(model_or_params, dict)
              else nnx.state(model_or_params, nnx.Param))
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        key = jax.tree_util.keystr(path)
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaf = multihost_utils.process_allgather(leaf, tiled=True)
-        out[key] = np.asarray(leaf)
-    return out
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(to_host(state))[0]}
