@@ -8,7 +8,8 @@ block by block with peak memory and a per-block time breakdown.
 Writes the random checkpoint once (converters/random_checkpoint.py: exact names, shapes,
 bf16, 5 GB shards; `--shrink N` divides the width and heads by N) under --out, then runs
 `quant.streaming.quantize_streaming` (GPTQ W4 g128, 8 x 256 calibration tokens by default),
-assembles the packed model and saves it as the job does (orbax, unquantized tensors in bf16).
+writes the packed model one block at a time as the job does (`quant.streaming.save_packed`:
+orbax, unquantized tensors in bf16), then loads it and runs one calibration window through it.
 Prints and writes `report-<name>.json`:
 
 - peak resident memory of the process (ru_maxrss) after each block and overall, each block's
@@ -21,7 +22,8 @@ Prints and writes `report-<name>.json`:
 - the ratio of quantize_s to the block's GPTQ calls plus one calibration forward, with the
   packing counted with GPTQ (`ratio`, as the first measurement did) and without it
   (`ratio_strict`);
-- total wall time, and the assembly and save of the packed model.
+- total wall time, the save of the packed model, and its load and one forward, with the peak
+  resident memory after each.
 """
 
 from __future__ import annotations
@@ -62,12 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_streaming")
     p.add_argument("--shrink", type=int, default=1, help="width and heads divided by N")
-    p.add_argument("--no-save", action="store_true", help="skip assembling and saving")
+    p.add_argument("--no-save", action="store_true", help="skip saving and loading the "
+                   "packed model")
     args = p.parse_args(argv)
 
-    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+    from flax import nnx
+
+    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
+    from qdlm_jax.models.params import model_from_params
     from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, build_calibration
-    from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming
+    from qdlm_jax.quant.streaming import config_shim, quantize_streaming, save_packed
 
     name = f"{args.model}-{args.layers or 'all'}L" + (f"-shrink{args.shrink}"
                                                       if args.shrink > 1 else "")
@@ -103,26 +109,37 @@ def main(argv=None) -> int:
         b["ratio"] = b["quantize_s"] / (b.get("gptq_s", 0.0) + b.get("pack_s", 0.0)
                                         + one_forward)
         b["ratio_strict"] = b["quantize_s"] / (b.get("gptq_s", 0.0) + one_forward)
-    save_s = None
+    save_s = load_s = None
+    rss_save = rss_load = None
     if not args.no_save:
         t2 = time.time()
-        cfg, params = assemble(src, work)
-        stored = {k: v.astype(cfg.param_dtype) if isinstance(v, jax.Array) and
-                  jax.numpy.issubdtype(v.dtype, jax.numpy.floating) else v
-                  for k, v in params.items()}
-        save_checkpoint(args.out / f"{name}-packed-w{args.bits}g{args.group}", cfg, stored,
-                        overwrite=True)
+        packed = args.out / f"{name}-packed-w{args.bits}g{args.group}"
+        save_packed(src, work, packed)  # one block at a time, floats in the source dtype
         save_s = time.time() - t2
-        del params, stored
+        rss_save = peak_rss_gib()
+        # What a user does next: load the packed model and run it (one window's forward).
+        t3 = time.time()
+        cfg, params = load_checkpoint(packed)
+        graphdef, state = nnx.split(model_from_params(cfg, params))
+        del params
+        logits = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))(
+            state, jax.numpy.asarray(windows[:1]))  # as the project's loops: split state
+        finite = bool(jax.numpy.isfinite(logits).all())
+        load_s = time.time() - t3
+        rss_load = peak_rss_gib()
+        print(f"packed model loaded and run in {load_s:.1f}s: logits {logits.shape}, "
+              f"finite={finite}", flush=True)
+        del state, logits
     report = {
         "model": args.model, "layers": config.num_layers, "shrink": args.shrink,
         "hidden": config.hidden_size, "intermediate": config.intermediate_size, "checkpoint_gib": ckpt_bytes / 2**30,
         "calibration": f"{args.samples} x {args.tokens} tokens", "method": f"GPTQ W{args.bits} "
         f"g{args.group}", "checkpoint_write_s": write_s, "quantize_s": quant_s,
-        "resumed_at": stats["resumed_at"], "assemble_and_save_s": save_s,
+        "resumed_at": stats["resumed_at"], "save_s": save_s, "load_and_forward_s": load_s,
         "peak_rss_gib": peak_rss_gib(), "peak_rss_after_quantize_gib": rss_quant,
+        "peak_rss_after_save_gib": rss_save, "peak_rss_after_load_and_forward_gib": rss_load,
         "peak_rss_before_quantize_gib": rss_before, "blocks": blocks,
-        "total_wall_s": time.time() - t1,  # quantization, assembly and save
+        "total_wall_s": time.time() - t1,  # quantization, save, load and one forward
     }
     timed = [b for b in blocks if "ratio" in b]
     for key in ("ratio", "ratio_strict"):

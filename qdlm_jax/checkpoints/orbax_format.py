@@ -4,6 +4,9 @@ Layout of a checkpoint directory:
     qdlm_config.json   {"format": 1, "model": ModelConfig fields,
                         "quantized": {param name: static QuantizedArray fields}, "meta": {...}}
     params/            orbax StandardCheckpointer tree {"layers.0.q_proj.kernel": array, ...};
+    params_0001/ ...   further parts of the same tree when it was written in parts (listed
+                       under "parts" in qdlm_config.json; a checkpoint without the key has
+                       the one part params/): the streaming pass writes one block a part;
                        a quantized kernel is a sub-tree {"packed", "scale"[, "zero", "g_idx"]}
                        of real packed integers (a W4 checkpoint stores half a byte a weight);
                        a DAQ kernel (`BinaryPlanesArray`) is a sub-tree {"signs", "row", "col",
@@ -18,6 +21,7 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -119,22 +123,36 @@ def _join_quantized(v: dict, static: dict):
 
 def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
                     params: dict[ParamPath, object], *, extra_files: Iterable[Path] = (),
-                    overwrite: bool = False, meta: dict | None = None) -> Path:
+                    overwrite: bool = False, meta: dict | None = None,
+                    parts: Iterable[dict[ParamPath, object]] = ()) -> Path:
     """Writes the checkpoint (float or packed quantized params) to a temp dir beside `path`,
     then renames it into place. `meta` (JSON) records e.g. how the model was quantized.
+    `parts` (an iterable, e.g. a generator yielding one block's params at a time) are further
+    params written after `params`, each into its own orbax tree, so that a model larger than
+    memory is written while only one part is held; loading merges them back into one dict.
     The write is this process's alone (in a multi-process job the caller gathers the params
     and one process writes): orbax is told that only this process takes part, so it waits
     at no barrier for the others."""
-    tree, quantized = _split_quantized(params)
     me = jax.process_index()
     alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    quantized, names, seen = {}, [], set()
     with atomic_dir(path, overwrite=overwrite, extra_files=extra_files) as tmp:
         with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
-            ckptr.save(tmp / "params", tree)
-            ckptr.wait_until_finished()
+            for k, part in enumerate(itertools.chain([params], parts)):
+                tree, static = _split_quantized(part)
+                clash = seen.intersection(tree)
+                if clash:
+                    raise CheckpointError(f"{path}: part {k} repeats {sorted(clash)[:3]} of an "
+                                          "earlier part")
+                seen.update(tree)
+                quantized.update(static)
+                names.append("params" if k == 0 else f"params_{k:04d}")
+                ckptr.save(tmp / names[-1], tree)
+                ckptr.wait_until_finished()
+                del tree, part
         (tmp / CONFIG_FILE).write_text(json.dumps(
             {"format": FORMAT, "model": config.to_dict(), "quantized": quantized,
-             "meta": meta or {}}, indent=2))
+             "meta": meta or {}, "parts": names}, indent=2))
     return Path(path).absolute()
 
 
@@ -175,18 +193,20 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     else single)
         return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
 
+    tree = {}
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path / "params")
-        tree_meta = getattr(meta, "item_metadata", meta)
-        target = {}
-        for k, m in dict(tree_meta).items():
-            p = parse_path(k)
-            if k in quantized:  # packed leaves stay whole on one device for now
-                target[k] = jax.tree.map(lambda mm: leaf(p, mm, False), _as_dict(m),
-                                         is_leaf=lambda x: hasattr(x, "shape"))
-            else:
-                target[k] = leaf(p, m, True)
-        tree = ckptr.restore(path / "params", target)
+        for part in read_meta(path).get("parts", ["params"]):
+            meta = ckptr.metadata(path / part)
+            tree_meta = getattr(meta, "item_metadata", meta)
+            target = {}
+            for k, m in dict(tree_meta).items():
+                p = parse_path(k)
+                if k in quantized:  # packed leaves stay whole on one device for now
+                    target[k] = jax.tree.map(lambda mm: leaf(p, mm, False), _as_dict(m),
+                                             is_leaf=lambda x: hasattr(x, "shape"))
+                else:
+                    target[k] = leaf(p, m, True)
+            tree.update(ckptr.restore(path / part, target))
     params = {}
     for k, v in tree.items():
         if k in quantized:

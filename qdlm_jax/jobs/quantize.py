@@ -20,6 +20,7 @@ import ml_collections
 from qdlm_jax.data import sources
 from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.jobs.config_flags import project_path
+from qdlm_jax.models.params import cast_floats
 from qdlm_jax.quant.calibration import CalibSpec
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.kv_core import KVSpec
@@ -297,18 +298,19 @@ def use_streaming(spec: JobSpec) -> bool:
 
 def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
     """The job with `quant.streaming`: the fp model is never resident (fp figures and KL to fp
-    are skipped); the packed model is assembled, evaluated and saved."""
+    are skipped); the packed model is written one block at a time (`save_packed`), then loaded
+    back (it is small) and evaluated; without saving it is assembled in memory."""
     import jax.numpy as jnp
 
     from qdlm_jax.checkpoints.hf import load_hf_config
     from qdlm_jax.checkpoints.load import param_summary
-    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
     from qdlm_jax.data.tokenizer import load_tokenizer
     from qdlm_jax.evals.basic import heldout_windows
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.params import model_from_params
     from qdlm_jax.quant.calibration import build_calibration
-    from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming
+    from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming, save_packed
 
     if spec.calib.mode == "trajectory" or spec.calib.certainty_weights:
         raise ConfigOverrideError("--config.stream: trajectory calibration and certainty "
@@ -327,11 +329,18 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
     t_q = time.time()
     _, qstats = quantize_streaming(spec.model, calib, spec.ptq, run_dir / "blocks")
     quant_s = time.time() - t_q
-    cfg, params = assemble(spec.model, run_dir / "blocks")
-    stored = {p: v.astype(cfg.param_dtype) if hasattr(v, "dtype") and isinstance(
-        v, jnp.ndarray) and jnp.issubdtype(v.dtype, jnp.floating) else v
-        for p, v in params.items()}
-    del params
+    meta = {"method": spec.method, "bits": spec.ptq.weight.bits, "act_bits": 16,
+            "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
+            "calibration": spec.calib.mode if spec.needs_calibration else "none",
+            "config_hash": spec.config_hash}
+    if spec.save:  # written one block at a time, then loaded back (the packed model is small)
+        save_packed(spec.model, run_dir / "blocks", run_dir / "model", extra_files=[tok_path],
+                    meta=meta)
+        cfg, stored = load_checkpoint(run_dir / "model")
+    else:
+        cfg, params = assemble(spec.model, run_dir / "blocks")
+        stored = cast_floats(params, cfg.param_dtype)
+        del params
     q = None
     if spec.eval_windows:
         windows = heldout_windows(tokenizer, source=spec.source, seq_len=spec.calib.seq_len,
@@ -344,19 +353,13 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
         "family": cfg.family, "method": spec.method, "bits": spec.ptq.weight.bits,
         "act_bits": 16, "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
-        "calibration": spec.calib.mode if spec.needs_calibration else "none",
-        "streaming": True, "fp": None, "quantized": q, "quantize_s": quant_s,
+        "calibration": meta["calibration"], "streaming": True, "fp": None, "quantized": q, "quantize_s": quant_s,
         "unigram_bits_per_token": unigram_reference(spec.model),
         "packed_bytes": summary["bytes"], "bytes_vs_bf16": summary["bytes"] /
         summary["bf16_bytes"], "linear_bytes_vs_bf16": linear["bytes"] / linear["bf16_bytes"],
         "total_s": time.time() - t0,
         "stats": qstats,
     }
-    if spec.save:
-        save_checkpoint(run_dir / "model", cfg, stored, overwrite=True, extra_files=[tok_path],
-                        meta={**{k: result[k] for k in ("method", "bits", "act_bits",
-                                                        "group_size", "sym", "calibration")},
-                              "config_hash": spec.config_hash})
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
     if q is not None:
         atomic_write_text(run_dir / "report.md", report([result]))
@@ -452,8 +455,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
               "quantize_s": quant_s, "total_s": time.time() - t0, "stats": qstats}
     if writer:
         if spec.save:
-            stored = {p: v.astype(source_dtype) if isinstance(v, np.ndarray)
-                      and np.issubdtype(v.dtype, np.floating) else v for p, v in params.items()}
+            stored = cast_floats(params, source_dtype)
             save_checkpoint(run_dir / "model",
                             qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
                             stored, overwrite=True, extra_files=[tok_path],
@@ -557,8 +559,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
         "total_s": time.time() - t0, "stats": qstats,
     }
     if spec.save:  # unquantized tensors go back to the source checkpoint's dtype
-        stored = {p: v.astype(source_dtype) if isinstance(v, jax.Array)
-                  and jnp.issubdtype(v.dtype, jnp.floating) else v for p, v in params.items()}
+        stored = cast_floats(params, source_dtype)
         save_checkpoint(run_dir / "model",
                         qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
                         stored, overwrite=True, extra_files=[tok_path],

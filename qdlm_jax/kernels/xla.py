@@ -23,6 +23,7 @@ in fp32 and cast to x.dtype, then the same fp32-accumulated dot.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -46,13 +47,30 @@ def supports(x, w, act_bits=None) -> Support:
     return Support(True)
 
 
+def after_input(x: jax.Array, w):
+    """`w` with its float leaves (scales) made to depend on `x`, values unchanged, so that
+    unpacking the weight cannot be scheduled before `x` exists.
+
+    Unpacking depends on the weight alone: in a whole-model jit XLA's CPU scheduler otherwise
+    unpacks every layer's weight at the start and holds all of them at once (0.41 GiB a layer
+    at LLaDA-8B's shapes in bf16: 13 GiB of temporaries for the 32 layers, against 6 GiB of
+    packed model). An optimization barrier does not hold there (the CPU pipeline removes
+    barriers before scheduling), so the dependency is a real one: ``scale + min(|x_0|, 0)``,
+    which adds exactly 0 for any finite or infinite x_0 (NaN stays NaN).
+    """
+    zero = jnp.minimum(jnp.abs(x.reshape(-1)[0]), 0).astype(jnp.float32)
+    return jax.tree.map(lambda a: (a + zero.astype(a.dtype)) if jnp.issubdtype(
+        a.dtype, jnp.floating) else a, w)
+
+
 def weight_only_matmul(x: Float[Array, "... k"], w: QuantizedArray | BinaryPlanesArray) -> Float[Array, "... n"]:
     """x[..., k] @ w_logical[k, n] via dequantize-then-matmul (fp32 accumulation).
 
     Contracts the storage layout directly (``einsum("...i,oi->...o")`` for "in_out"), so no
-    transposed copy of the weight is materialised.
+    transposed copy of the weight is materialised; the weight is unpacked only once `x` is
+    computed (`after_input`).
     """
-    w_s = w.dequantize_storage(x.dtype)  # [out, in]
+    w_s = after_input(x, w).dequantize_storage(x.dtype)  # [out, in]
     eq = "...i,oi->...o" if w.orientation == "in_out" else "...o,oi->...i"
     return jnp.einsum(eq, x, w_s, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -64,6 +82,7 @@ def act_quant_matmul(x: Float[Array, "... k"], w: QuantizedArray, act_bits: int
     if not ok:
         raise ValueError(f"qmatmul(act_bits={act_bits}): {reason} is not supported")
     k, n = w.shape
+    w = after_input(x, w)
     x_q, s_x = quantize_activations(x.reshape(-1, k), act_bits)
     rows, n_groups, gs = x_q.shape[0], w.n_groups, w.group_size
     zero = jnp.round(w.zeros()).astype(jnp.int32)  # [n, groups]

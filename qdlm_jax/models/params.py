@@ -8,6 +8,8 @@ a model from params without ever allocating random weights (the graph comes from
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qdlm_jax.models.config import ModelConfig
@@ -42,6 +44,13 @@ def path_str(path: ParamPath) -> str:
 
 def parse_path(s: str) -> ParamPath:
     return tuple(int(p) if p.isdigit() else p for p in s.split("."))
+
+
+def cast_floats(params: dict[ParamPath, object], dtype) -> dict[ParamPath, object]:
+    """The plain float arrays (NumPy or JAX) of `params` cast to `dtype`; packed and other
+    leaves as they are. Used to store the unquantized tensors in the source checkpoint's dtype."""
+    return {p: v.astype(dtype) if isinstance(v, (np.ndarray, jax.Array))
+            and jnp.issubdtype(v.dtype, jnp.floating) else v for p, v in params.items()}
 
 
 def get_params(model: DLLM) -> dict[ParamPath, jax.Array]:

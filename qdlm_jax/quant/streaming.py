@@ -7,11 +7,12 @@
         quantize it on x_i exactly as the in-memory pass does (`layerwise.quantize_block`)
         commit work_dir/block_i atomically: packed weights + x_{i+1} (temp dir + rename)
         drop the block
-    final norm and LM head are read when the blocks are done
+    save_packed: the checkpoint is written part by part (the embedding, each block from
+        work_dir, then the final norm and LM head), never holding the whole packed model
 
-Peak memory is one float block plus the calibration activations `[N, T, D]` plus the packed
-blocks already done (kept on disk, not in memory, until `assemble`). A killed run restarts at
-the first block without a committed directory; since each committed block stores the exact
+Peak memory is one float block plus the calibration activations `[N, T, D]`; the packed
+blocks already done stay on disk, not in memory. A killed run restarts at the first block
+without a committed directory; since each committed block stores the exact
 float32 activations it produced, the resumed run computes bit for bit what an uninterrupted
 run computes. `work_dir/state.json` records the settings; a work dir made with other settings
 is refused (not silently mixed).
@@ -19,7 +20,9 @@ is refused (not silently mixed).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
 import resource
@@ -32,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from qdlm_jax.checkpoints import orbax_format
 from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, key_map, read_tensors
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.models.config import ModelConfig
-from qdlm_jax.models.params import ParamPath, block_from_params, flatten
+from qdlm_jax.models.params import ParamPath, block_from_params, cast_floats, flatten
 from qdlm_jax.quant.block import block_inputs_from_x
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.layerwise import PTQSpec, progress_bar, quantize_block
@@ -146,9 +150,21 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
             timings.setdefault("blocks", []).append({"block": i, **layer_stats["seconds"],
                                                      **_memory_gib()})
         del block, params
+        release_memory()
     bar.close()
     stats["time_s"] = time.time() - t0
     return config, stats
+
+
+def release_memory() -> None:
+    """Collects garbage and returns the C heap's free pages to the system (glibc's
+    `malloc_trim`; a no-op elsewhere). Freed host buffers otherwise stay in the process's
+    resident set: after writing an 8B packed model, 2.6 GiB resident, 0.4 GiB after this."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _memory_gib() -> dict:
@@ -173,21 +189,67 @@ def _memory_gib() -> dict:
     return out
 
 
+def _finished_block(work: Path, i: int) -> Path:
+    done = work / f"block_{i:04d}"
+    if not (done / ACTIVATIONS).is_file():
+        raise CheckpointError(f"{done}: block {i} is not finished; run the quantization "
+                              "again to resume it")
+    return done
+
+
+def _outer_params(ckpt: CheckpointDir, mappings, names: tuple[str, ...]) -> dict:
+    """The non-block tensors whose first path entry is in `names` ("embed", "final_norm",
+    "lm_head"; absent ones, e.g. a tied head, are skipped), in the stored dtype; their file
+    pages are dropped once copied."""
+    params = read_tensors(ckpt, [m for m in mappings if m.path[0] in names])
+    ckpt.drop_resident()
+    return params
+
+
 def assemble(src: str | Path, work_dir: str | Path) -> tuple[ModelConfig, dict]:
     """(config in the source dtype, full params): the packed blocks of `work_dir` with the
-    source checkpoint's embedding, final norm and LM head (stored dtype)."""
+    source checkpoint's embedding, final norm and LM head (stored dtype). Holds the whole
+    packed model; `save_packed` writes it to disk holding one block at a time."""
     src, work = Path(src), Path(work_dir)
     ckpt = CheckpointDir(src)
     mappings = key_map(ckpt.config)
-    outer = [m for m in mappings if m.path[0] != "layers"]
-    params: dict[ParamPath, object] = read_tensors(ckpt, outer)
-    ckpt.drop_resident()
+    params: dict[ParamPath, object] = _outer_params(
+        ckpt, mappings, tuple({m.path[0] for m in mappings} - {"layers"}))
     for i in range(ckpt.config.num_layers):
-        done = work / f"block_{i:04d}"
-        if not (done / ACTIVATIONS).is_file():
-            raise CheckpointError(f"{done}: block {i} is not finished; run the quantization "
-                                  "again to resume it")
-        _, block_params = orbax_format.load_checkpoint(done)
-        params.update(block_params)
+        params.update(orbax_format.load_checkpoint(_finished_block(work, i))[1])
     dtype = np.dtype(params[("embed",)].dtype).name
     return ckpt.config.replace(param_dtype=dtype, dtype=dtype), params
+
+
+def save_packed(src: str | Path, work_dir: str | Path, dest: str | Path, *,
+                extra_files=(), meta: dict | None = None, progress: bool = True
+                ) -> ModelConfig:
+    """Writes the packed model of `work_dir` to the checkpoint `dest` (atomically) one part
+    at a time: the final norm, the embedding, each packed block, then the LM head. Holds at
+    most one part (the embedding, the head or one block) besides what orbax copies of it,
+    never the whole model. Unquantized float tensors are stored in the source dtype, so `dest`
+    loads to what `assemble` with `cast_floats` to that dtype holds. Returns the config."""
+    src, work = Path(src), Path(work_dir)
+    ckpt = CheckpointDir(src)
+    mappings = key_map(ckpt.config)
+    for i in range(ckpt.config.num_layers):
+        _finished_block(work, i)  # refuse before writing anything
+    dtype = np.dtype(ckpt.get(next(m.hf_name for m in mappings
+                                   if m.path == ("embed",))).dtype).name
+    config = ckpt.config.replace(param_dtype=dtype, dtype=dtype)
+    first = _outer_params(ckpt, mappings, ("final_norm",))  # small: nothing big stays held
+
+    def rest():  # each part is released before the next is read
+        yield _outer_params(ckpt, mappings, ("embed",))
+        for i in tqdm(range(config.num_layers), desc=f"writing {Path(dest).name}",
+                      unit="block", disable=not progress):
+            release_memory()
+            yield cast_floats(orbax_format.load_checkpoint(_finished_block(work, i))[1], dtype)
+        release_memory()
+        if any(m.path[0] == "lm_head" for m in mappings):  # absent when tied to the embedding
+            yield _outer_params(ckpt, mappings, ("lm_head",))
+
+    orbax_format.save_checkpoint(dest, config, first, parts=rest(), extra_files=extra_files,
+                                 overwrite=True, meta=meta)
+    release_memory()
+    return config

@@ -9,15 +9,18 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qdlm_jax import load_model
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
-from qdlm_jax.models.params import get_params
+from qdlm_jax.checkpoints.orbax_format import load_checkpoint, read_meta
+from qdlm_jax.errors import CheckpointError
+from qdlm_jax.models.params import cast_floats, get_params
 from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, QuantizedArray, build_calibration
 from qdlm_jax.quant.layerwise import quantize_model
-from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming
+from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming, save_packed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,6 +67,32 @@ def test_streaming_equals_the_in_memory_pass(tmp_path, family, method):
     config, params = assemble(src, tmp_path / "work")
     assert config.num_layers == 3
     _assert_bit_equal(get_params(qmodel), params)
+
+
+def test_save_packed_writes_block_by_block_what_assemble_holds(tmp_path):
+    """The checkpoint written one part at a time loads to the assembled model with its
+    unquantized tensors in the source dtype (bf16 here), bit for bit."""
+    config = tiny_config("dream", num_layers=3, hidden_size=128, intermediate_size=256,
+                         param_dtype="bfloat16", dtype="bfloat16")
+    src = write_hf_checkpoint(tmp_path / "src", config, seed=4)
+    windows = np.random.default_rng(0).integers(0, 240, (4, 32)).astype(np.int32)
+    calib = build_calibration(config_shim(config), windows,
+                              CalibSpec(mode="clean", n_samples=4, seq_len=32))
+    spec = PTQSpec(method="gptq", weight=QuantSpec(bits=4, group_size=64))
+    work = tmp_path / "work"
+    with pytest.raises(CheckpointError, match="block 0 is not finished"):
+        save_packed(src, work, tmp_path / "early", progress=False)
+    assert not (tmp_path / "early").exists()
+    quantize_streaming(src, calib, spec, work, progress=False)
+    cfg = save_packed(src, work, tmp_path / "packed", meta={"method": "gptq"}, progress=False)
+    assert cfg.param_dtype == "bfloat16"
+    assert len(read_meta(tmp_path / "packed")["parts"]) == 1 + 1 + 3 + 1  # norm, embed, blocks, head
+    loaded_cfg, loaded = load_checkpoint(tmp_path / "packed")
+    assert loaded_cfg.param_dtype == "bfloat16"
+    acfg, params = assemble(src, work)
+    expected = cast_floats(params, acfg.param_dtype)
+    assert loaded[("layers", 0, "attn_norm", "scale")].dtype == jnp.bfloat16
+    _assert_bit_equal(expected, loaded)
 
 
 def test_a_work_dir_with_other_settings_is_refused(tmp_path):
