@@ -16,8 +16,9 @@ Fast-dLLM's own `llada/generate.py` functions (`generate`, `generate_with_prefix
 runs ours on RTN W4 packed weights (g128) instead (the eager side stays fp32, so tokens are
 not compared).
 
-The full measurement of issue 15 (not run by the session that wrote it: the shared CPU was
-busy), from the repository root:
+The full measurement of issue 15 (figures in docs/generation.md; the 8B-shaped rows were run
+with `--repeats 1 --threads 2 --no-eager --gen-length 64 --steps 64`, the no-cache rows
+costing minutes per side), from the repository root:
 
     git clone https://github.com/NVlabs/Fast-dLLM /tmp/Fast-dLLM
     python converters/random_checkpoint.py llada-8b /tmp/llada8b-2l --layers 2 --dtype float32
@@ -271,7 +272,8 @@ def run_modes(args):
     path = Path(args.model)
     model = load_model(path, dtype="float32")
     config = model.config
-    eager_model = CachedLlama(reference_model(path, config), config)
+    reference = reference_model(path, config)
+    eager_model = CachedLlama(reference, config)
     label = "fp32"
     if args.quant == "w4":
         from qdlm_jax.models.params import get_params, model_from_params
@@ -285,7 +287,8 @@ def run_modes(args):
         if dream:
             raise SystemExit("--fast-dllm: Fast-dLLM's own code is run for LLaDA only here")
         own = (load_fast_dllm(args.fast_dllm), FastDLLMAdapter(eager_model))
-    torch.set_num_threads(args.threads or 1)
+    args.batch = [1]
+    pick_torch_threads(args, reference, config)  # --threads, else the fastest count
     prompt = _mode_prompt(path / "tokenizer.json", args.prompt_len, config.vocab_size, 1)
     n_tok = args.gen_length
     print(f"model: {path} ({config.num_layers} layers, width {config.hidden_size}, vocab "
@@ -294,7 +297,10 @@ def run_modes(args):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads); best of {args.repeats}")
     rows = []
-    for name, cache, tau in MODES:
+    modes = [m for m in MODES if args.only is None or m[0] in args.only.split(",")]
+    if not modes:
+        raise SystemExit(f"--only {args.only}: expected names from {[m[0] for m in MODES]}")
+    for name, cache, tau in modes:
         gen = GenerationConfig(steps=args.steps, gen_length=args.gen_length,
                                block_length=args.block_length, cache=cache, threshold=tau)
         if dream and cache == "none" and tau is None:  # Dream's plain loop has no blocks
@@ -302,7 +308,9 @@ def run_modes(args):
         t0 = time.perf_counter()
         runner = compile_generate(model, prompt, config=gen)
         compile_s = time.perf_counter() - t0
-        _, nfe = generate_with_nfe(model, prompt, config=gen)
+        # Without a threshold every step is one forward; only tau needs the counting run.
+        nfe = (generate_with_nfe(model, prompt, config=gen)[1] if tau is not None
+               else args.steps)
         ours_s, out = best_of(lambda: np.asarray(jax.block_until_ready(runner())),
                               args.repeats)
         row = dict(mode=name, compile=compile_s, ours=ours_s, nfe=int(nfe))
@@ -355,6 +363,8 @@ def main(argv=None):
     p.add_argument("--quant", choices=("none", "w4"), default="none",
                    help="--modes: run ours on RTN W4 packed weights")
     p.add_argument("--no-eager", action="store_true", help="--modes: skip the eager side")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="--modes: comma-separated subset of " + ",".join(m[0] for m in MODES))
     p.add_argument("--fast-dllm", type=Path, default=None,
                    help="--modes, LLaDA: a checkout of NVlabs/Fast-dLLM; also run its own "
                         "llada/generate.py functions on the same weights")

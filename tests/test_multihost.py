@@ -64,3 +64,64 @@ def test_two_processes_equal_one(tmp_path, method):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=0)
             continue
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), k
+
+
+def _quantize_command(tmp_path, out, nproc, devices, mesh, distributed):
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")},
+           "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    args = [sys.executable, "-m", "qdlm_jax", "quantize", "--mesh", mesh,
+            f"--config.model={ROOT / 'assets' / 'tiny-llada'}", "--config.method=gptq",
+            "--config.bits=4", "--config.group_size=64", "--config.calib.n_samples=8",
+            f"--config.out_dir={out}"]
+    procs = []
+    for i in range(nproc):
+        extra = (["--distributed", "--coordinator", f"localhost:{port}", "--num-processes",
+                  str(nproc), "--process-id", str(i)] if distributed else [])
+        procs.append(subprocess.Popen(args + extra, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+    try:
+        for p in procs:
+            _, e = p.communicate(timeout=300)  # a stalled job fails here, it does not hang CI
+            assert p.returncode == 0, e[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    (model,) = Path(out).glob("*/model")
+    return model
+
+
+def test_distributed_quantize_command_across_two_processes(tmp_path):
+    """`qdlm quantize --distributed` in two processes of 4 CPU devices (gloo) completes and
+    saves what one process of 8 devices saves, up to the order of float reductions. The
+    command used to stall now and then: jaxlib's LAPACK calls wait on tasks queued on the
+    pool that runs the devices' programs (`distributed.prepare_cpu_runtime`).
+
+    Not bit for bit on the bundled tiny LLaDA: the all-reduces over the model axis add the
+    partial sums in another order across processes, GPTQ's rounding flips a few codes, and
+    its error feedback carries the flips on (0-1% of the codes differ). So the test holds each
+    linear of the two results to less than half its own quantization error apart; a
+    misplaced shard or a wrong gather would be as far apart as the weights themselves."""
+    from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
+    from qdlm_jax.models.params import get_params
+    from qdlm_jax.quant.qarray import QuantizedArray
+
+    one = _quantize_command(tmp_path, tmp_path / "one", 1, 8, "2x4", distributed=True)
+    two = _quantize_command(tmp_path, tmp_path / "two", 2, 4, "2x4", distributed=True)
+    _, a = load_checkpoint(one)
+    _, b = load_checkpoint(two)
+    fp = get_params(load_model(ROOT / "assets" / "tiny-llada", dtype="float32"))
+    assert set(a) == set(b) == set(fp)
+    packed = [p for p in a if isinstance(a[p], QuantizedArray)]
+    assert len(packed) == 4 * 7  # every linear of the 4 blocks
+    for p in a:
+        if not isinstance(a[p], QuantizedArray):
+            assert np.array_equal(np.asarray(a[p]), np.asarray(b[p])), p
+            continue
+        wa, wb = (np.asarray(x[p].dequantize(np.float32)) for x in (a, b))
+        w = np.asarray(fp[p], np.float32)
+        assert wa.shape == wb.shape == w.shape, p
+        apart, error = np.linalg.norm(wa - wb), np.linalg.norm(wa - w)
+        assert apart < 0.5 * error, (p, apart / np.linalg.norm(w), error / np.linalg.norm(w))

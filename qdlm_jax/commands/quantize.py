@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 NAME = "quantize"
 DEFAULT_CONFIG = "configs/quantize.py"  # found under the project root from any directory
 HELP = ("calibrate, quantize (rtn | gptq | awq weight-only; smoothquant | quarot | duquant "
@@ -37,6 +39,10 @@ def run(args, overrides):
         from qdlm_jax.models.distributed import initialize
 
         initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.mesh and os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        from qdlm_jax.models.distributed import prepare_cpu_runtime
+
+        prepare_cpu_runtime()  # several CPU devices in one process: the same thread pool
     mesh = _mesh_shape(args.mesh) if args.mesh else ((1, 0) if distributed else None)
     run_job(cfg, mesh_shape=mesh)
     return 0

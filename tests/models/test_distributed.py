@@ -1,0 +1,46 @@
+"""`prepare_cpu_runtime`: the CPU client's thread pool really grows to twice the devices (the
+LAPACK-in-the-pool stall of docs/scale.md needs more pool threads than devices)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import glob, os
+from qdlm_jax.models.distributed import prepare_cpu_runtime
+prepare_cpu_runtime()
+import jax, jax.numpy as jnp
+jnp.ones(3).block_until_ready()  # the CPU client and its pool exist from here
+names = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+print("NPROC", os.environ["NPROC"], "POOL", names.count("tf_XLAEigen"), len(jax.devices()))
+"""
+
+
+def _run(devices, **env):
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         env={**base, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                              "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                              **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("NPROC"))
+    _, nproc, _, pool, n_dev = line.split()
+    return int(nproc), int(pool), int(n_dev)
+
+
+def test_pool_is_twice_the_devices():
+    nproc, pool, n_dev = _run(4)
+    assert n_dev == 4
+    assert nproc == max(os.cpu_count() or 1, 8)
+    if sys.platform.startswith("linux"):  # thread names from /proc
+        assert pool == nproc > n_dev
+
+
+def test_a_users_nproc_is_kept():
+    nproc, pool, _ = _run(4, NPROC="5")
+    assert nproc == 5
+    if sys.platform.startswith("linux"):
+        assert pool == 5
