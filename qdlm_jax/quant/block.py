@@ -348,13 +348,14 @@ def _untimed(phase, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def quantize_gptq(block, names, gram, weight_sum: float, weight_spec: QuantSpec, pending: dict,
+def quantize_gptq(block, names, h, weight_spec: QuantSpec, pending: dict,
                   *, damp: float, block_size: int, act_order: bool = False,
                   static_groups: bool = False, timed=_untimed):
-    """GPTQ on linears that share one input, from its token-weighted Gram matrix; the results
-    are staged into `pending`. `timed(phase, fn, *args)` may time the GPTQ calls ("gptq_s")
-    and the packing + staging ("pack_s")."""
-    h = hessian(gram, weight_sum)
+    """GPTQ on linears that share one input, from its Hessian `h` (`gptq_core.hessian` of the
+    token-weighted Gram matrix: callers that build it in one expression, as `layerwise`
+    does, free the Gram matrix before GPTQ runs, one in x in matrix less at the peak); the
+    results are staged into `pending`. `timed(phase, fn, *args)` may time the GPTQ calls
+    ("gptq_s") and the packing + staging ("pack_s")."""
     for name in names:
         kernel = weight(block, name)
         w = kernel.T.astype(jnp.float32)  # [out, in]

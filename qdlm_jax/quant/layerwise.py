@@ -31,6 +31,7 @@ from qdlm_jax.quant import awq
 from qdlm_jax.quant.block import (GROUPS, BlockInputs, BlockRunner, GroupGrams, block_inputs,
                                   install, quantize_daq, quantize_gptq, stage, weight)
 from qdlm_jax.quant.calibration import CalibBatch
+from qdlm_jax.quant.gptq_core import hessian
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 from qdlm_jax.quant.rtn import rtn_quantize_params
@@ -164,11 +165,13 @@ def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
                 block, group, grams.gram(k), inputs.weight_sum, pending,
                 **daq_settings(spec)))
         if spec.method == "gptq":
-            gram = timed("capture_s", grams.gram, k)
-            quantize_gptq(block, group, gram, inputs.weight_sum, spec.weight, pending,
+            # The Gram matrix is a temporary here: freed once its Hessian exists.
+            h = hessian(timed("capture_s", grams.gram, k), inputs.weight_sum)
+            quantize_gptq(block, group, h, spec.weight, pending,
                           damp=spec.damp, block_size=spec.block_size,
                           act_order=spec.act_order, static_groups=spec.static_groups,
                           timed=timed)
+            del h
         if bar is not None:
             bar.update(1)
     if grams is not None:

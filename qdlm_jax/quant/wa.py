@@ -49,6 +49,7 @@ from qdlm_jax.quant.block import (GROUPS, PRODUCERS, BlockRunner, block_inputs, 
                                   install, placeholder_calibration, quantize_gptq, stage,
                                   weight)
 from qdlm_jax.quant.calibration import CalibBatch
+from qdlm_jax.quant.gptq_core import hessian
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 
@@ -145,7 +146,7 @@ def _quantize_weights(block, runner, x, prefix, spec: WASpec, weight_sum, pendin
         if spec.weight_quantizer == "gptq":
             names = tuple(prefix + g for g in group)
             _, grams = runner.run(x, names[:1], mode="gram")
-            quantize_gptq(block, group, grams[names[0]], weight_sum, ws, pending,
+            quantize_gptq(block, group, hessian(grams[names[0]], weight_sum), ws, pending,
                           damp=spec.damp, block_size=spec.block_size)
         else:
             for name in group:

@@ -102,6 +102,7 @@ def test_group_grams_equal_whole_block_captures(tmp_path, family, dtype, keep_hi
     3 over 8 rows, padded rows, Dream's GQA and q/k/v biases; the MLP's hidden activations
     kept or recomputed for the output)."""
     from qdlm_jax.quant.block import BlockRunner, GroupGrams, block_inputs, quantize_gptq
+    from qdlm_jax.quant.gptq_core import hessian
 
     config = tiny_config(family, hidden_size=128, intermediate_size=256, num_layers=1,
                          num_heads=8, num_kv_heads=8 if family == "llada" else 2)
@@ -122,8 +123,8 @@ def test_group_grams_equal_whole_block_captures(tmp_path, family, dtype, keep_hi
         want = runner.run(inputs.x, (name,), weighted=True)[1][name]
         got = grams.gram(k)
         assert np.array_equal(np.asarray(got), np.asarray(want)), group
-        quantize_gptq(block, group, got, inputs.weight_sum, QuantSpec(bits=3, group_size=32),
-                      pending, damp=0.01, block_size=32)
+        quantize_gptq(block, group, hessian(got, inputs.weight_sum),
+                      QuantSpec(bits=3, group_size=32), pending, damp=0.01, block_size=32)
     want, _ = runner.run(inputs.x)
     got = grams.output()
     assert got.dtype == want.dtype
