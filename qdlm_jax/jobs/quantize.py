@@ -353,7 +353,8 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
         "family": cfg.family, "method": spec.method, "bits": spec.ptq.weight.bits,
         "act_bits": 16, "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
-        "calibration": meta["calibration"], "streaming": True, "fp": None, "quantized": q, "quantize_s": quant_s,
+        "calibration": meta["calibration"], "streaming": True, "fp": None, "quantized": q,
+        "quantize_s": quant_s,
         "unigram_bits_per_token": unigram_reference(spec.model),
         "packed_bytes": summary["bytes"], "bytes_vs_bf16": summary["bytes"] /
         summary["bf16_bytes"], "linear_bytes_vs_bf16": linear["bytes"] / linear["bf16_bytes"],

@@ -42,8 +42,8 @@ def prepare_cpu_runtime(num_devices: int | None = None) -> None:
     make likely (GPTQ's 128 x 128 solves on a mesh synchronised by gloo), every pool thread
     waits for tasks no thread is free to run: the job hangs for good. A pool of twice the
     devices leaves threads free (the pool size is read from NPROC; one set by the user is kept).
-    With 4 devices in one `--distributed` process the job hung in 3 of 7 runs, and in none of
-    8 runs with the larger pool."""
+    With 4 devices in one `--distributed` process the job hung in 2 of 7 runs, and in none of
+    14 with the larger pool (docs/scale.md)."""
     n = num_devices or forced_cpu_devices()
     os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 2 * n)))
 

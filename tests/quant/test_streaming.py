@@ -86,7 +86,8 @@ def test_save_packed_writes_block_by_block_what_assemble_holds(tmp_path):
     quantize_streaming(src, calib, spec, work, progress=False)
     cfg = save_packed(src, work, tmp_path / "packed", meta={"method": "gptq"}, progress=False)
     assert cfg.param_dtype == "bfloat16"
-    assert len(read_meta(tmp_path / "packed")["parts"]) == 1 + 1 + 3 + 1  # norm, embed, blocks, head
+    parts = read_meta(tmp_path / "packed")["parts"]
+    assert len(parts) == 1 + 1 + 3 + 1  # final norm, embedding, 3 blocks, head
     loaded_cfg, loaded = load_checkpoint(tmp_path / "packed")
     assert loaded_cfg.param_dtype == "bfloat16"
     acfg, params = assemble(src, work)
