@@ -185,7 +185,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     ) -> tuple[ModelConfig, dict[ParamPath, jax.Array]]:
     path = Path(path).absolute()
     config = read_config(path)
-    quantized = read_meta(path).get("quantized", {})
+    about = read_meta(path)
+    quantized = about.get("quantized", {})
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def leaf(p, m, shard):
@@ -195,7 +196,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
 
     tree = {}
     with ocp.StandardCheckpointer() as ckptr:
-        for part in read_meta(path).get("parts", ["params"]):
+        for part in about.get("parts", ["params"]):
             meta = ckptr.metadata(path / part)
             tree_meta = getattr(meta, "item_metadata", meta)
             target = {}

@@ -7,8 +7,8 @@
         quantize it on x_i exactly as the in-memory pass does (`layerwise.quantize_block`)
         commit work_dir/block_i atomically: packed weights + x_{i+1} (temp dir + rename)
         drop the block
-    save_packed: the checkpoint is written part by part (the embedding, each block from
-        work_dir, then the final norm and LM head), never holding the whole packed model
+    save_packed: the checkpoint is written part by part (the final norm, the embedding,
+        each block from work_dir, then the LM head), never holding the whole packed model
 
 Peak memory is one float block plus the calibration activations `[N, T, D]`; the packed
 blocks already done stay on disk, not in memory. A killed run restarts at the first block

@@ -117,3 +117,24 @@ def test_bad_operands_raise_value_errors_naming_the_value():
         xla.qmatmul(jnp.ones((2, 32)), w_oi, act_bits=8)
     with pytest.raises(ValueError, match="g_idx"):
         xla.qmatmul(x, w.replace(g_idx=jnp.zeros((128,), jnp.int32)), act_bits=8)
+
+
+def test_a_chain_of_packed_matmuls_unpacks_one_weight_at_a_time():
+    """`after_input`: a jitted chain of packed matmuls holds about one unpacked weight at a
+    time, not all of them (XLA's CPU scheduler otherwise unpacks every weight first, since
+    the unpacking depends on the weight alone)."""
+    d = 512
+    ws = [QuantizedArray.quantize(jnp.asarray(np.random.default_rng(i).normal(size=(d, d)),
+                                              jnp.float32), QuantSpec(bits=4, group_size=128))
+          for i in range(6)]
+    x = jnp.ones((4, d), jnp.float32)
+
+    def temp_bytes(n):
+        def chain(x, ws):
+            for w in ws:
+                x = jnp.tanh(xla.qmatmul(x, w))
+            return x
+        return jax.jit(chain).lower(x, ws[:n]).compile().memory_analysis().temp_size_in_bytes
+
+    one_weight = d * d * 4
+    assert temp_bytes(6) - temp_bytes(1) < one_weight, (temp_bytes(1), temp_bytes(6))
