@@ -33,8 +33,9 @@ def forced_cpu_devices() -> int:
 
 
 def prepare_cpu_runtime(num_devices: int | None = None) -> None:
-    """Sizes the CPU runtime's thread pool for `num_devices` CPU devices (default:
-    `forced_cpu_devices()`); call it before JAX's first computation.
+    """Sizes the CPU runtime's thread pool for a job of `num_devices` CPU devices in all, over
+    every process (default: this process's `forced_cpu_devices()`); call it before JAX's
+    first computation.
 
     XLA's CPU client runs each device's program on a pool of max(cores, devices) threads, and
     jaxlib's LAPACK calls (triangular solve, Cholesky) split their work into tasks on that same
@@ -43,7 +44,12 @@ def prepare_cpu_runtime(num_devices: int | None = None) -> None:
     waits for tasks no thread is free to run: the job hangs for good. A pool of twice the
     devices leaves threads free (the pool size is read from NPROC; one set by the user is kept).
     With 4 devices in one `--distributed` process the job hung in 2 of 7 runs, and in none of
-    14 with the larger pool (docs/scale.md)."""
+    14 with the larger pool (docs/scale.md).
+
+    The pool size also decides how Eigen splits a matmul's sum among threads, so it changes
+    the last bits of results (and GPTQ's codes with them). Sized from the job's devices over
+    all processes, it is the same in every process of a job and in a one-process run of the
+    same global mesh: the layer-wise PTQ gives the same bits whatever the process layout."""
     n = num_devices or forced_cpu_devices()
     os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 2 * n)))
 
@@ -51,7 +57,7 @@ def prepare_cpu_runtime(num_devices: int | None = None) -> None:
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Joins the multi-process job (a no-op when already joined). On CPU: gloo collectives and
-    `prepare_cpu_runtime`."""
+    `prepare_cpu_runtime` for the job's devices (this process's times the processes)."""
     coordinator = coordinator or os.environ.get("QDLM_COORDINATOR")
     if num_processes is None and os.environ.get("QDLM_NUM_PROCESSES"):
         num_processes = int(os.environ["QDLM_NUM_PROCESSES"])
@@ -59,7 +65,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         process_id = int(os.environ["QDLM_PROCESS_ID"])
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        prepare_cpu_runtime()
+        prepare_cpu_runtime(forced_cpu_devices() * (num_processes or 1))
     if jax.distributed.is_initialized():
         return
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,

@@ -44,3 +44,18 @@ def test_a_users_nproc_is_kept():
     assert nproc == 5
     if sys.platform.startswith("linux"):
         assert pool == 5
+
+
+def test_the_pool_is_sized_from_the_jobs_devices():
+    """A process of a two-process job of 8 devices gets the pool of a one-process run of 8
+    (the pool size changes how Eigen splits sums, so equal pools give equal bits)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+    script = ("import os\nfrom qdlm_jax.models.distributed import prepare_cpu_runtime\n"
+              "prepare_cpu_runtime(8)\nprint('NPROC', os.environ['NPROC'])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**base, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"NPROC {max(os.cpu_count() or 1, 16)}" in out.stdout
+    assert _run(8)[0] == max(os.cpu_count() or 1, 16)
