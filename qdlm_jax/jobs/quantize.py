@@ -296,10 +296,11 @@ def use_streaming(spec: JobSpec) -> bool:
     return possible and size > 2 * 2**30
 
 
-def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
+def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     """The job with `quant.streaming`: the fp model is never resident (fp figures and KL to fp
     are skipped); the packed model is written one block at a time (`save_packed`), then loaded
-    back (it is small) and evaluated; without saving it is assembled in memory."""
+    back (it is small) and evaluated; without saving it is assembled in memory. `mesh`: this
+    process's devices to quantize each block on."""
     import jax.numpy as jnp
 
     from qdlm_jax.checkpoints.hf import load_hf_config
@@ -322,12 +323,13 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
     tokenizer = load_tokenizer(tok_path)
     print(f"[quantize] {spec.model}: {config.family}, streaming {spec.method} "
           f"W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size} calibration={spec.calib.mode}"
-          f" -> {run_dir} (fp figures and KL to fp are skipped: the fp model is never "
+          + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
+          + f" -> {run_dir} (fp figures and KL to fp are skipped: the fp model is never "
           "resident; --config.stream=false computes them)")
     calib = build_calibration(config_shim(config), calibration_windows(tokenizer, spec),
                               spec.calib)
     t_q = time.time()
-    _, qstats = quantize_streaming(spec.model, calib, spec.ptq, run_dir / "blocks")
+    _, qstats = quantize_streaming(spec.model, calib, spec.ptq, run_dir / "blocks", mesh=mesh)
     quant_s = time.time() - t_q
     meta = {"method": spec.method, "bits": spec.ptq.weight.bits, "act_bits": 16,
             "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
@@ -354,6 +356,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float) -> dict:
         "family": cfg.family, "method": spec.method, "bits": spec.ptq.weight.bits,
         "act_bits": 16, "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
         "calibration": meta["calibration"], "streaming": True, "fp": None, "quantized": q,
+        "mesh": None if mesh is None else dict(mesh.shape),
         "quantize_s": quant_s,
         "unigram_bits_per_token": unigram_reference(spec.model),
         "packed_bytes": summary["bytes"], "bytes_vs_bf16": summary["bytes"] /
@@ -410,7 +413,8 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     Every process runs it: each loads only the checkpoint slices its devices hold, the
     layer-wise PTQ runs on the global arrays, the packed params are gathered to every host
     and process 0 writes `run_dir/model` and `results.json`. Evaluation is not run here
-    (`qdlm eval` the saved model, which is small); streaming is not either (one process)."""
+    (`qdlm eval` the saved model, which is small). `--config.stream=true` in one process
+    streams the blocks onto the mesh instead (`run_streaming`)."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -424,14 +428,21 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     from qdlm_jax.models.params import get_params
     from qdlm_jax.models.sharding import make_mesh
 
-    if spec.stream == "true":
+    if spec.stream == "true" and jax.process_count() > 1:
         raise ConfigOverrideError("--config.stream=true: the streaming pass runs in one process "
-                                  "without a mesh; drop --mesh/--distributed or use "
-                                  "--config.stream=auto")
+                                  "(on its own devices); across processes drop "
+                                  "--config.stream (the in-memory pass holds 1/devices of the "
+                                  "model per device)")
     data, model_axis = mesh_shape
     mesh = make_mesh(model=model_axis or None, data=data)
     spec = dataclasses.replace(spec, config={**spec.config, "mesh": dict(mesh.shape)})
     run_dir = Path(spec.out_dir) / spec.run_name
+    if spec.stream == "true":
+        use_streaming(spec)  # refuses what cannot stream, with the reason
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2,
+                                                              default=str))
+        return run_streaming(spec, run_dir, t0, mesh=mesh)
     writer = jax.process_index() == 0
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32", mesh=mesh)

@@ -47,6 +47,14 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P()
 
 
+def activation_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Calibration activations [N, T, D]: the hidden dim over "model" (as the sharded
+    embedding's rows come out), replicated when the axis does not divide it."""
+    size = mesh.shape.get(MODEL_AXIS, 1)
+    last = MODEL_AXIS if size > 1 and shape[-1] % size == 0 else None
+    return NamedSharding(mesh, P(*([None] * (len(shape) - 1)), last))
+
+
 def param_sharding(mesh: Mesh):
     """sharding_fn(path, shape) for the converters and checkpoint restore."""
     return lambda path, shape: NamedSharding(mesh, param_spec(path, shape, mesh))

@@ -11,7 +11,10 @@
         each block from work_dir, then the LM head), never holding the whole packed model
 
 Peak memory is one float block plus the calibration activations `[N, T, D]`; the packed
-blocks already done stay on disk, not in memory. A killed run restarts at the first block
+blocks already done stay on disk, not in memory. On a mesh (one process, several devices:
+a GPU host, a TPU VM) each block is read onto the mesh with the model's partition rules
+(`models/sharding.py`) and the activations are split like the in-memory pass's (the hidden
+dimension over "model"), so each device holds its share of one block. A killed run restarts at the first block
 without a committed directory; since each committed block stores the exact
 float32 activations it produced, the resumed run computes bit for bit what an uninterrupted
 run computes. `work_dir/state.json` records the settings; a work dir made with other settings
@@ -43,6 +46,7 @@ from qdlm_jax.errors import CheckpointError
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath, block_from_params, cast_floats, flatten
+from qdlm_jax.models.sharding import activation_sharding, param_sharding
 from qdlm_jax.quant.block import block_inputs_from_x
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.layerwise import PTQSpec, progress_bar, quantize_block
@@ -61,9 +65,11 @@ def config_shim(config: ModelConfig):
     return types.SimpleNamespace(config=config)
 
 
-def _settings_hash(src: Path, calib: CalibBatch, spec: PTQSpec) -> str:
+def _settings_hash(src: Path, calib: CalibBatch, spec: PTQSpec, mesh=None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"src": str(src.resolve()), "spec": dataclasses.asdict(spec)},
+    layout = None if mesh is None else dict(mesh.shape)  # a resumed run keeps the same mesh
+    h.update(json.dumps({"src": str(src.resolve()), "spec": dataclasses.asdict(spec),
+                         **({"mesh": layout} if layout else {})},
                         sort_keys=True, default=str).encode())
     for a in (calib.ids, calib.attention_mask, calib.token_weights):
         h.update(np.ascontiguousarray(a).tobytes())
@@ -76,19 +82,24 @@ def _block_mappings(mappings, index: int):
 
 def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
                        work_dir: str | Path, *, progress: bool = True,
-                       timings: dict | None = None) -> tuple[ModelConfig, dict]:
+                       timings: dict | None = None, mesh=None) -> tuple[ModelConfig, dict]:
     """Quantizes the hub checkpoint `src` block by block into `work_dir` (module docstring).
     Returns (float32 compute config, stats). `timings`, when given, collects per-block seconds
     for reading, quantizing (`layerwise.quantize_block`'s phases) and writing, with the peak
     resident (and device) memory after each block; each block's seconds are also kept in its
-    `stats.json`."""
+    `stats.json`. `mesh`: a `jax.sharding.Mesh` of this process's devices to quantize on
+    (module docstring); a work dir is resumed only on the mesh shape it was started with."""
+    if mesh is not None and not all(d.process_index == jax.process_index()
+                                    for d in mesh.devices.flat):
+        raise ValueError("quantize_streaming: the mesh spans several processes; streaming runs "
+                         "on one process's devices (use the in-memory pass across hosts)")
     src, work = Path(src), Path(work_dir)
     ckpt = CheckpointDir(src)
     mappings = key_map(ckpt.config)
     check_tensors(ckpt, mappings)
     config = ckpt.config.replace(param_dtype="float32", dtype="float32")
     state_file = work / "state.json"
-    settings = _settings_hash(src, calib, spec)
+    settings = _settings_hash(src, calib, spec, mesh)
     if state_file.is_file():
         recorded = json.loads(state_file.read_text()).get("settings")
         if recorded != settings:
@@ -105,7 +116,9 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
              "resumed_at": None}
     t0 = time.time()
     embed = ckpt.get(next(m.hf_name for m in mappings if m.path == ("embed",)))
-    x = jnp.asarray(np.asarray(embed[np.asarray(calib.ids)], np.float32))  # only these rows
+    place = (jnp.asarray if mesh is None  # activations between blocks
+             else lambda a: jax.device_put(a, activation_sharding(mesh, a.shape)))
+    x = place(np.asarray(embed[np.asarray(calib.ids)], np.float32))  # only these rows
     del embed
     ckpt.drop_resident()
     inputs = block_inputs_from_x(x, config, calib)
@@ -113,7 +126,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
     for i in range(config.num_layers):
         done = work / f"block_{i:04d}"
         if (done / ACTIVATIONS).is_file():
-            x = jnp.asarray(np.load(done / ACTIVATIONS))
+            x = place(np.load(done / ACTIVATIONS))
             stats["layers"][i] = json.loads((done / "stats.json").read_text())
             if timings is not None:
                 timings.setdefault("blocks", []).append(
@@ -123,12 +136,15 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         if stats["resumed_at"] is None:
             stats["resumed_at"] = i
         t_read = time.time()
-        block = block_from_params(config, i, read_tensors(ckpt, _block_mappings(mappings, i),
-                                                          dtype="float32"))
+        block = block_from_params(config, i, read_tensors(
+            ckpt, _block_mappings(mappings, i), dtype="float32",
+            sharding_fn=None if mesh is None else param_sharding(mesh)))
         ckpt.drop_resident()  # the block is copied out: its file pages need not stay resident
         t_quant = time.time()
         phases: dict = {}
         x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar, timings=phases)
+        if mesh is not None:  # the next block starts from the placement a resumed run gives
+            x = place(x)
         t_write = time.time()
         layer_stats["seconds"] = {"read_s": t_quant - t_read, "quantize_s": t_write - t_quant,
                                   **phases}  # kept with the block: a resumed run reports it

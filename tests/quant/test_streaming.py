@@ -69,6 +69,46 @@ def test_streaming_equals_the_in_memory_pass(tmp_path, family, method):
     _assert_bit_equal(get_params(qmodel), params)
 
 
+def test_streaming_on_a_mesh_holds_a_share_of_each_block_and_equals_the_in_memory_pass(
+        tmp_path, monkeypatch):
+    """On a (data 2, model 4) mesh of this process's 8 CPU devices: each block is read onto
+    the mesh (a column-parallel kernel's device shard is a quarter of it), the result equals
+    the in-memory pass on the same mesh bit for bit, and a run stopped mid-way resumes to
+    it; a work dir started on another mesh shape is refused."""
+    from jax.sharding import PartitionSpec as P
+    from qdlm_jax.models.sharding import make_mesh
+    from qdlm_jax.quant import streaming
+    src, calib = _setup(tmp_path, "llada")
+    spec = PTQSpec(method="gptq", weight=QuantSpec(bits=4, group_size=64))
+    mesh = make_mesh(model=4, data=2)
+    qmodel, _ = quantize_model(load_model(src, dtype="float32", mesh=mesh), calib, spec,
+                               progress=False)
+    real, seen = streaming.quantize_block, []
+
+    def stops_at_block_2(block, inputs, x, index, spec, **kw):
+        kernel = block.q_proj.kernel[...]
+        seen.append((kernel.sharding.spec, kernel.addressable_shards[0].data.shape,
+                     kernel.shape, x.sharding.spec))
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(block, inputs, x, index, spec, **kw)
+
+    monkeypatch.setattr(streaming, "quantize_block", stops_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_streaming(src, calib, spec, tmp_path / "work", progress=False, mesh=mesh)
+    monkeypatch.setattr(streaming, "quantize_block", real)
+    for kernel_spec, shard, full, x_spec in seen:
+        assert kernel_spec == P(None, "model") and shard == (full[0], full[1] // 4)
+        assert x_spec == P(None, None, "model")
+    with pytest.raises(CheckpointError, match="other settings"):
+        quantize_streaming(src, calib, spec, tmp_path / "work", progress=False,
+                           mesh=make_mesh(model=8))
+    _, stats = quantize_streaming(src, calib, spec, tmp_path / "work", progress=False,
+                                  mesh=mesh)
+    assert stats["resumed_at"] == 2
+    _assert_bit_equal(get_params(qmodel), assemble(src, tmp_path / "work")[1])
+
+
 def test_save_packed_writes_block_by_block_what_assemble_holds(tmp_path):
     """The checkpoint written one part at a time loads to the assembled model with its
     unquantized tensors in the source dtype (bf16 here), bit for bit."""
