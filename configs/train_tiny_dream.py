@@ -5,6 +5,8 @@ q/k/v biases, theta 1e6, and the right-shifted training objective. Its phases: t
 sitting's mixed curriculum (steps 0-1000, `EASY` then `HARD`: too little of each task), then
 addition and subtraction with the budgets measured alone, then code and comparisons, then
 the text-heavy phase of the tiny LLaDA, then addition-heavy phases, each followed by a balanced tail.
+The shipped `assets/tiny-dream` is the run's step 5700 (its model card); the phases after it
+are a continuation for the Wikipedia bound, not shipped yet (docs/results_tiny.md).
 """
 
 import importlib.util
