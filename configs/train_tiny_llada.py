@@ -57,6 +57,9 @@ def get_config():
         # The older packed-arithmetic recipe (used only when `phases` is empty).
         arith_frac=0.375, arith_digits=(1, 2, 2, 2, 2, 3), arith_ops=("+", "+", "+", "-"),
         arith_answer_len=8, arith_problems=200_000))
+    # Start from a saved model (an `hf/` export or `assets/tiny-*`) at step `step` of this
+    # schedule, with a fresh optimizer state; "" starts from random weights at step 0.
+    c.init = ml_collections.ConfigDict(dict(from_dir="", step=0))
     c.train = ml_collections.ConfigDict(dict(
         steps=3100, batch_size=72, lr=3e-3, warmup_steps=100, final_lr_frac=0.05,
         weight_decay=0.01, grad_clip=1.0, eps=1e-3, seed=0, ckpt_every=100, log_every=10))

@@ -115,9 +115,11 @@ def phase_lines(s: dict, c: dict) -> list[str]:
         tl = "–" if p["final_text_loss"] is None else f"{p['final_text_loss']:.3f}"
         sl = "–" if p["final_sft_loss"] is None else f"{p['final_sft_loss']:.3f}"
         tsl = p.get("task_seq_len", c["data"]["task_seq_len"])
+        time_s = ("earlier run" if p.get("before_start")
+                  else f"{p['train_time_s'] / 60:.1f} min")
         lines.append(f"| {p['steps'][0]}–{p['steps'][1]} | {p['text_rows']} + "
                      f"{p['task_rows']} | {tsl} | {mix} | {p['text_tokens'] / 1e6:.2f}M | "
-                     f"{p['task_rows_seen']:,} | {p['train_time_s'] / 60:.1f} min | "
+                     f"{p['task_rows_seen']:,} | {time_s} | "
                      f"{tl} / {sl} |")
     return lines + [""]
 
@@ -158,7 +160,11 @@ def card(family: str, r: dict, note: str = "") -> str:
         f"{c['train']['lr']}, warmup {c['train']['warmup_steps']}, cosine decay to "
         f"{c['train']['final_lr_frac']:g}× peak; final training loss {s['final_loss']:.3f} nats.",
         f"- Training time: {hours:.2f} h on a 2-core CPU, shared with a second training run "
-        "(sum of logged intervals; pauses over 10 min left out).",
+        "(sum of logged intervals; pauses over 10 min left out)"
+        + (f" for steps {s['start']['step']}–{s['steps']}: this run started from the weights "
+           f"of `{Path(s['start']['from_dir']).name}` at step {s['start']['step']} with a "
+           "fresh optimizer state; the earlier phases' times and losses are in that model's "
+           "card." if s.get("start") else "."),
         *([f"- {note}"] if note else []),
         "",
         "![loss curve](loss.png)",

@@ -25,11 +25,11 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from qdlm_jax.checkpoints.hf import save_hf
+from qdlm_jax.checkpoints.hf import load_hf_params, save_hf
 from qdlm_jax.data import arithmetic, sources, synthetic, tokenizer as tok_lib
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM, init_model
-from qdlm_jax.models.params import get_params
+from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.training.trainer import MixedBatch, TrainSpec, plot_loss, train, write_json
 
 
@@ -164,6 +164,31 @@ def training_time(records: list[dict], max_gap_s: float = MAX_GAP_S) -> float:
     return float(sum(d for d in (b - a for a, b in zip(times, times[1:])) if d <= max_gap_s))
 
 
+def initial_model(cfg: ml_collections.ConfigDict, config: ModelConfig,
+                  spec: TrainSpec) -> tuple[DLLM, int]:
+    """The model training starts from: random (`init.from_dir` empty) at step 0, or the weights
+    of a saved model directory (as `hf/` or `assets/tiny-*` hold) at step `init.step`, with a
+    fresh optimizer state. A checkpoint already in `out_dir` takes precedence (resume)."""
+    init = cfg.get("init", None)
+    from_dir = str(init.get("from_dir", "")) if init is not None else ""
+    if not from_dir:
+        return init_model(config, seed=spec.seed), 0
+    step = int(init.get("step", 0))
+    saved_config, params = load_hf_params(from_dir, dtype=config.param_dtype)
+    fields = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+              "intermediate_size", "qkv_bias", "mask_token_id")
+    differ = [f"{f}: {getattr(saved_config, f)!r} there, {getattr(config, f)!r} in the config"
+              for f in fields if getattr(saved_config, f) != getattr(config, f)]
+    if differ:
+        raise ValueError(f"init.from_dir={from_dir}: the saved model does not match the "
+                         "training config: " + "; ".join(differ))
+    if not 0 < step < spec.steps:
+        raise ValueError(f"init.step={step}: expected the step the saved model was trained "
+                         f"to, in (0, train.steps={spec.steps})")
+    print(f"[train] starting from {from_dir} at step {step} (fresh optimizer state)")
+    return model_from_params(config, params), step
+
+
 def run(cfg: ml_collections.ConfigDict) -> Path:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +225,9 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
         params = {p: v.astype("bfloat16") for p, v in get_params(model).items()}
         save_hf(bf16, params, hf_dir, extra_files=[tok_path], overwrite=True)
 
-    model = init_model(config, seed=spec.seed)
-    _, records = train(model, spec, batches, out_dir, on_checkpoint=export)
+    model, start_step = initial_model(cfg, config, spec)
+    _, records = train(model, spec, batches, out_dir, on_checkpoint=export,
+                       start_step=start_step)
     plot_loss(records, out_dir / "loss.png",
               f"tiny {config.family}: masked-diffusion training loss")
     if phases:
@@ -210,7 +236,8 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
             end = int(ph["until"])
             recs = [r for r in records if start < r["step"] <= end]
             per_phase.append({
-                "steps": [start, end], "text_rows": ph["text_rows"],
+                "steps": [start, end], "before_start": end <= start_step,
+                "text_rows": ph["text_rows"],
                 "task_rows": ph["task_rows"], "mix": dict(ph["mix"]),
                 "task_seq_len": int(ph.get("task_seq_len", d.task_seq_len)),
                 "text_tokens": (end - start) * ph["text_rows"] * d.seq_len,
@@ -224,6 +251,8 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
     else:
         per_phase, tokens = None, spec.steps * spec.batch_size * spec.seq_len
     summary = {"family": config.family, "steps": spec.steps, "tokens": tokens,
+               "start": ({"from_dir": str(cfg.init.from_dir), "step": start_step}
+                         if start_step else None),
                "phases": per_phase,
                "final_loss": records[-1]["loss"] if records else None,
                "wall_time_s_this_run": time.time() - t0,

@@ -153,7 +153,8 @@ def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
 
 
 def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], out_dir: Path,
-          *, on_checkpoint: Callable[[int, DLLM], None] | None = None) -> tuple[DLLM, list]:
+          *, on_checkpoint: Callable[[int, DLLM], None] | None = None,
+          start_step: int = 0) -> tuple[DLLM, list]:
     """Trains `model` for `spec.steps`; `batches(step)` returns int32 tokens [B, seq_len],
     or a pair (tokens, maskable) where maskable [B, seq_len] is 1 on the positions the noise
     may mask (0 keeps a position always visible, e.g. the prompt of an instruction row),
@@ -161,13 +162,19 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
 
     Checkpoints go to `out_dir/ckpt`; the log (one JSON line per logged step) to
     `out_dir/log.jsonl`. Returns the trained model and the log records.
+
+    `start_step` > 0 continues a model trained elsewhere (e.g. a shipped asset) from that step
+    of the schedule and the data stream, with a fresh optimizer state; it applies only when
+    `out_dir` has no checkpoint (a checkpoint there always wins, so the command resumes).
     """
+    if not 0 <= start_step < spec.steps:
+        raise ValueError(f"start_step {start_step} must be in [0, train.steps={spec.steps})")
     out_dir = Path(out_dir).absolute()  # orbax needs absolute paths
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(spec)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(start_step),
              "key": jax.random.key_data(jax.random.key(spec.seed))}
     state["key"] = jax.random.wrap_key_data(state["key"])
 

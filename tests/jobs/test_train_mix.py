@@ -48,3 +48,43 @@ def test_check_phases():
         J.check_phases(PHASES, 7)
     with pytest.raises(ValueError, match="tasks must be among"):
         J.check_phases([dict(until=5, text_rows=1, task_rows=1, mix=dict(mul=1))], 5)
+
+
+def _config(name):
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(name, root / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(), root
+
+
+def test_initial_model_starts_from_a_saved_model_at_its_step():
+    """`init.from_dir` + `init.step`: the shipped tiny-dream's weights (read here with
+    safetensors, not our loader) at step 5700; a mismatched model or step is refused."""
+    from safetensors.torch import load_file
+    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.models.params import get_params
+    from qdlm_jax.training.trainer import TrainSpec
+
+    cfg, root = _config("train_tiny_dream")
+    asset = root / "assets" / "tiny-dream"
+    tokenizer = load_tokenizer(asset / "tokenizer.json")
+    config = J.model_config(cfg, special_token_ids(tokenizer), tokenizer.get_vocab_size())
+    spec = TrainSpec(seq_len=cfg.data.seq_len, **cfg.train.to_dict())
+    _, step = J.initial_model(cfg, config, spec)
+    assert step == 0  # the config's default: random weights at step 0
+    cfg.init.from_dir, cfg.init.step = str(asset), 5700
+    model, step = J.initial_model(cfg, config, spec)
+    assert step == 5700
+    stored = load_file(asset / "model.safetensors")
+    ours = {".".join(map(str, k)): np.asarray(v) for k, v in get_params(model).items()}
+    embed = next(v for k, v in ours.items() if "embed" in k)
+    np.testing.assert_array_equal(embed, stored["model.embed_tokens.weight"].float().numpy())
+    cfg.init.step = cfg.train.steps
+    with pytest.raises(ValueError, match="init.step"):
+        J.initial_model(cfg, config, spec)
+    cfg.init.step = 5700
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        J.initial_model(cfg, config.replace(num_kv_heads=4), spec)
