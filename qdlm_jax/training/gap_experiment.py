@@ -60,6 +60,10 @@ class GapSpec:
     shifts: tuple[bool, ...] = (False, True)
     rope_theta: float | None = None  # None: each structure's own (5e5 LLaDA, 1e6 Dream)
     shared_embed: float = 0.0  # init: add a direction shared by every token embedding
+    # > 0 adds a run per structure trained with the shift for its first `shift_until` steps
+    # and without it after (fresh optimizer state, the same schedule and data), scored
+    # without the shift throughout: does a shifted start carry the model off the plateau?
+    shift_until: int = 0
 
 
 def structure(family: str, spec: GapSpec, special, vocab: int) -> ModelConfig:
@@ -106,12 +110,13 @@ def run(spec: GapSpec, out_dir: Path) -> dict:
 
     results = {"spec": dataclasses.asdict(spec), "runs": {}}
     for family in spec.structures:
-        for shift in spec.shifts:
-            name = f"{family}_structure_{'shift' if shift else 'noshift'}"
+        for shift in spec.shifts + (("switch",) if spec.shift_until else ()):
+            name = f"{family}_structure_" + {True: "shift", False: "noshift",
+                                             "switch": f"shift{spec.shift_until}_then_noshift"}[shift]
             config = structure(family, spec, special, tok.get_vocab_size())
             curve, t0 = [], time.time()
 
-            def evaluate(step, model, curve=curve, shift=shift, name=name):
+            def evaluate(step, model, curve=curve, shift=shift is True, name=name):
                 curve.append({"step": step, "heldout_bits": heldout_elbo(
                     model, held, shift=shift, draws=spec.eval_draws, seed=spec.seed)})
                 print(f"[gap] {name} step {step}: held-out {curve[-1]['heldout_bits']:.3f} "
@@ -123,8 +128,18 @@ def run(spec: GapSpec, out_dir: Path) -> dict:
             model = init_model(config, seed=spec.seed)
             if spec.shared_embed:
                 add_shared_direction(model, spec.shared_embed, spec.seed)
-            _, records = train(model, ts, batches,
-                               out_dir / name, on_checkpoint=evaluate)
+            if shift == "switch":
+                first = dataclasses.replace(ts, steps=spec.shift_until, shift=True,
+                                            schedule_steps=spec.steps)
+                model, early = train(model, first, batches, out_dir / name / "shift",
+                                     on_checkpoint=evaluate)
+                _, later = train(model, dataclasses.replace(ts, shift=False), batches,
+                                 out_dir / name / "noshift", on_checkpoint=evaluate,
+                                 start_step=spec.shift_until)
+                records = early + later
+            else:
+                _, records = train(model, ts, batches,
+                                   out_dir / name, on_checkpoint=evaluate)
             for c in curve:
                 c["train_loss_bits"] = next(r["loss"] for r in records
                                             if r["step"] == c["step"]) / LN2
@@ -157,11 +172,15 @@ def main(argv=None) -> int:
     p.add_argument("--rope-theta", type=float, default=None)
     p.add_argument("--shared-embed", type=float, default=0.0)
     p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--shift-until", type=int, default=0,
+                   help="> 0: also a run per structure with the shift for its first N steps, "
+                        "then without it")
     a = p.parse_args(argv)
     run(GapSpec(tokenizer=a.tokenizer, steps=a.steps, eval_every=a.eval_every,
                 structures=tuple(a.structures.split(",")),
-                shifts=tuple(bool(int(x)) for x in a.shifts.split(",")),
-                rope_theta=a.rope_theta, shared_embed=a.shared_embed, num_heads=a.num_heads), a.out_dir)
+                shifts=tuple(bool(int(x)) for x in a.shifts.split(",") if x),
+                rope_theta=a.rope_theta, shared_embed=a.shared_embed, num_heads=a.num_heads,
+                shift_until=a.shift_until), a.out_dir)
     return 0
 
 

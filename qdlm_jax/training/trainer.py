@@ -40,6 +40,9 @@ class MixedBatch:
     task_tokens: np.ndarray | None = None  # int32 [Bs, Ls]
     task_answer: np.ndarray | None = None  # bool [Bs, Ls]: the answer field (maskable)
     task_valid: np.ndarray | None = None  # bool [Bs, Ls]: attention mask (False on padding)
+    # Both objectives predict token i from output i-1 in this step (True) or not (False);
+    # None: `TrainSpec.shift`, else the family's own. A phase of the mix may set it.
+    shift: bool | None = None
 
     def arrays(self):
         text = None if self.text is None else jnp.asarray(self.text, jnp.int32)
@@ -69,20 +72,33 @@ class TrainSpec:
     # Predict token i from output i-1 (Dream's right shift); None = the family's own choice.
     # Only the LLaDA-Dream gap experiment (training/gap_experiment.py) overrides it.
     shift: bool | None = None
+    # Length of the warmup + cosine schedule; None = `steps`. A run that stops early on a
+    # longer schedule (the first part of a two-objective run) sets it.
+    schedule_steps: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "ckpt_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainSpec.{name}={getattr(self, name)}: expected > 0")
+        if self.schedule_steps is not None and self.schedule_steps < self.steps:
+            raise ValueError(f"TrainSpec.schedule_steps={self.schedule_steps}: expected >= "
+                             f"steps={self.steps}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"TrainSpec.warmup_steps={self.warmup_steps}: expected in "
                              f"[0, steps={self.steps})")
 
 
-def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate(spec: TrainSpec) -> optax.Schedule:
+    """lr(k) = lr * k / W for k < W (warmup), then
+    lr(k) = e + (lr - e) * (1 + cos(pi * (k - W) / (S - W))) / 2 with e = lr * final_lr_frac,
+    W = warmup_steps and S = schedule_steps (default: steps); e after S."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=spec.lr, warmup_steps=spec.warmup_steps,
-        decay_steps=spec.steps, end_value=spec.lr * spec.final_lr_frac)
+        decay_steps=spec.schedule_steps or spec.steps, end_value=spec.lr * spec.final_lr_frac)
+
+
+def make_optimizer(spec: TrainSpec) -> optax.GradientTransformation:
+    schedule = learning_rate(spec)
 
     def decay_mask(params):  # no weight decay on norms and biases
         return jax.tree.map(lambda x: x.ndim >= 2, params)
@@ -192,7 +208,7 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
         print(f"[train] resumed from {out_dir / 'ckpt'} at step {int(state['step'])}")
 
     step_fn = make_train_step(graphdef, config, spec, tx)
-    mixed_fn = make_mixed_step(graphdef, config, spec, tx)
+    mixed_fns = {}  # one jitted step per objective (shift) the batches ask for
     start = int(state["step"])
     tokens_per_step = spec.batch_size * spec.seq_len
     bar = tqdm(total=spec.steps, initial=start, desc=f"train {config.family}", unit="step")
@@ -202,7 +218,11 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
         if isinstance(batch, MixedBatch):
             text, task = batch.arrays()
             tokens_per_step = sum(x.size for x in (text, task and task[0]) if x is not None)
-            state, metrics = mixed_fn(state, text, task)
+            shift = spec.shift if batch.shift is None else batch.shift
+            if shift not in mixed_fns:
+                mixed_fns[shift] = make_mixed_step(
+                    graphdef, config, dataclasses.replace(spec, shift=shift), tx)
+            state, metrics = mixed_fns[shift](state, text, task)
         else:
             tokens, maskable = batch if isinstance(batch, tuple) else (batch, None)
             tokens = jnp.asarray(tokens, jnp.int32)

@@ -217,3 +217,54 @@ def test_start_step_continues_a_trained_model(tmp_path):
     assert drawn == [] and [r["step"] for r in again] == [40, 50, 60]
     with pytest.raises(ValueError, match="start_step 60"):
         train(trained, spec, batches, tmp_path / "third", start_step=60)
+
+
+def test_learning_rate_follows_warmup_and_cosine_over_the_schedule_length():
+    from qdlm_jax.training.trainer import learning_rate
+
+    def numpy_lr(k, lr, w, s, frac):
+        if k < w:
+            return lr * k / w
+        e = lr * frac
+        return e + (lr - e) * (1 + np.cos(np.pi * min(k - w, s - w) / (s - w))) / 2
+
+    full = TrainSpec(steps=100, batch_size=1, seq_len=4, lr=2e-3, warmup_steps=10,
+                     final_lr_frac=0.05)
+    early = TrainSpec(**{**full.__dict__, "steps": 40, "schedule_steps": 100})
+    short = TrainSpec(**{**full.__dict__, "steps": 40})
+    for k in (0, 5, 10, 25, 39, 70, 99):
+        want = numpy_lr(k, 2e-3, 10, 100, 0.05)
+        np.testing.assert_allclose(float(learning_rate(full)(k)), want, rtol=1e-5, atol=1e-9)
+        if k < 40:  # a run stopping early on the longer schedule sees the same rates
+            np.testing.assert_allclose(float(learning_rate(early)(k)), want, rtol=1e-5,
+                                       atol=1e-9)
+    assert float(learning_rate(short)(39)) < float(learning_rate(early)(39)) / 5
+    with pytest.raises(ValueError, match="schedule_steps"):
+        TrainSpec(**{**full.__dict__, "schedule_steps": 50})
+
+
+def test_a_batch_can_set_the_steps_objective(tmp_path):
+    """MixedBatch.shift picks the objective of its step: a LLaDA model trained on batches that
+    ask for the shift ends exactly where TrainSpec(shift=True) takes it, and elsewhere than
+    the unshifted run."""
+    from qdlm_jax.models.params import get_params
+    from qdlm_jax.training.trainer import MixedBatch
+
+    config = tiny_config("llada", vocab_size=48, mask_token_id=47, num_layers=1)
+    spec = TrainSpec(steps=4, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1,
+                     ckpt_every=4, log_every=2)
+
+    def rows(step):
+        return np.random.default_rng(step).integers(0, 40, (4, 16)).astype(np.int32)
+
+    def final(spec, batches, name):
+        model, _ = train(init_model(config), spec, batches, tmp_path / name)
+        return {k: np.asarray(v) for k, v in get_params(model).items()}
+
+    asked = final(spec, lambda s: MixedBatch(rows(s), shift=True), "asked")
+    spec_shift = final(TrainSpec(**{**spec.__dict__, "shift": True}),
+                       lambda s: MixedBatch(rows(s)), "spec")
+    plain = final(spec, lambda s: MixedBatch(rows(s)), "plain")
+    for k in asked:
+        np.testing.assert_array_equal(asked[k], spec_shift[k])
+    assert any(not np.array_equal(asked[k], plain[k]) for k in asked)
