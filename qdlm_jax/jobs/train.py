@@ -191,7 +191,8 @@ def initial_model(cfg: ml_collections.ConfigDict, config: ModelConfig,
     if not 0 < step < spec.steps:
         raise ValueError(f"init.step={step}: expected the step the saved model was trained "
                          f"to, in (0, train.steps={spec.steps})")
-    print(f"[train] starting from {from_dir} at step {step} (fresh optimizer state)")
+    print(f"[train] initial weights: {from_dir} at step {step}, fresh optimizer state "
+          "(a checkpoint in out_dir, if any, takes precedence)")
     return model_from_params(config, params), step
 
 
