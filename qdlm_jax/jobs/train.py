@@ -95,9 +95,9 @@ def phase_at(phases, step: int) -> tuple[int, dict]:
 
 def check_phases(phases, steps: int) -> None:
     ends = [int(ph["until"]) for ph in phases]
-    if ends != sorted(set(ends)) or ends[-1] != steps:
-        raise ValueError(f"data.phases: `until` must increase and end at train.steps={steps}; "
-                         f"got {ends}")
+    if ends != sorted(set(ends)) or ends[-1] < steps:
+        raise ValueError(f"data.phases: `until` must increase and reach train.steps={steps} "
+                         f"(phases after it are not run); got {ends}")
     for ph in phases:
         unknown = set(ph["mix"]) - set(synthetic.TASKS)
         if unknown or (ph["task_rows"] and not ph["mix"]):
@@ -240,7 +240,9 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
     if phases:
         per_phase, start = [], 0
         for ph in phases:
-            end = int(ph["until"])
+            if start >= spec.steps:
+                break
+            end = min(int(ph["until"]), spec.steps)
             recs = [r for r in records if start < r["step"] <= end]
             per_phase.append({
                 "steps": [start, end], "before_start": end <= start_step,
