@@ -296,6 +296,13 @@ def use_streaming(spec: JobSpec) -> bool:
     return possible and size > 2 * 2**30
 
 
+def start_run_dir(run_dir: Path, spec: JobSpec) -> None:
+    """Creates the run directory and records the run's config (`config.json`)."""
+    from qdlm_jax.fsutil import atomic_write_text
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2, default=str))
+
+
 def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     """The job with `quant.streaming`: the fp model is never resident (fp figures and KL to fp
     are skipped); the packed model is written one block at a time (`save_packed`), then loaded
@@ -313,6 +320,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     from qdlm_jax.quant.calibration import build_calibration
     from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming, save_packed
 
+    start_run_dir(run_dir, spec)
     if spec.calib.mode == "trajectory" or spec.calib.certainty_weights:
         raise ConfigOverrideError("--config.stream: trajectory calibration and certainty "
                                   "weights run the fp model, which streaming never holds; use "
@@ -439,9 +447,6 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     run_dir = Path(spec.out_dir) / spec.run_name
     if spec.stream == "true":
         use_streaming(spec)  # refuses what cannot stream, with the reason
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2,
-                                                              default=str))
         return run_streaming(spec, run_dir, t0, mesh=mesh)
     writer = jax.process_index() == 0
     source_dtype = read_model_config(spec.model).param_dtype
@@ -449,9 +454,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     _check_widths(model.config, spec.ptq)
     tok_path = Path(spec.model) / "tokenizer.json"
     if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2,
-                                                              default=str))
+        start_run_dir(run_dir, spec)
     print(f"[quantize] {spec.model}: {model.config.family}, {spec.method} on a "
           f"{dict(mesh.shape)} mesh, process {jax.process_index()} of {jax.process_count()}"
           + (f" -> {run_dir}" if writer else ""))
@@ -510,9 +513,6 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
         return json.loads((run_dir / "results.json").read_text())
     t0 = time.time()
     if use_streaming(spec):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2,
-                                                              default=str))
         return run_streaming(spec, run_dir, t0)
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
@@ -522,8 +522,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     seq = spec.calib.seq_len
     windows = heldout_windows(tokenizer, source=spec.source, seq_len=seq,
                               n_windows=spec.eval_windows)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2, default=str))
+    start_run_dir(run_dir, spec)
     print(f"[quantize] {spec.model}: {model.config.family}, method={spec.method} "
           f"W{spec.ptq.weight.bits}A{spec.act_bits} g{spec.ptq.weight.group_size} calibration="
           f"{spec.calib.mode} -> {run_dir}")

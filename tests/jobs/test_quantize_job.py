@@ -78,20 +78,8 @@ def test_fp_evaluation_is_cached_across_runs_and_tables_carry_errors(tmp_path, c
     assert "unigram reference" in table  # the bundled model's card records it
 
 
-def _assert_same_saved_model(r1, r2):
-    """The two runs' saved packed models are equal bit for bit."""
-    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
-    _, a = load_checkpoint(Path(r1["run_dir"]) / "model")
-    _, b = load_checkpoint(Path(r2["run_dir"]) / "model")
-    assert set(a) == set(b)
-    for path in a:
-        la, lb = jax.tree.leaves(a[path]), jax.tree.leaves(b[path])
-        assert len(la) == len(lb)
-        for x, y in zip(la, lb):
-            assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)), path
-
-
-def test_streaming_job_saves_the_same_packed_model_as_the_in_memory_job(tmp_path, capsys):
+def test_streaming_job_saves_the_same_packed_model_as_the_in_memory_job(tmp_path, capsys,
+                                                                     assert_same_checkpoint):
     common = ("--config.method=gptq", "--config.calibration=masked", "--config.calib.n_samples=8",
               "--config.calib.seq_len=64")
     streamed = run(_cfg(tmp_path / "s", *common, "--config.stream=true"))
@@ -99,10 +87,12 @@ def test_streaming_job_saves_the_same_packed_model_as_the_in_memory_job(tmp_path
     assert streamed["streaming"] and streamed["fp"] is None
     assert (Path(streamed["run_dir"]) / "blocks" / "block_0000" / "x_next.npy").is_file()
     in_memory = run(_cfg(tmp_path / "m", *common, "--config.stream=false"))
-    _assert_same_saved_model(streamed, in_memory)
+    assert_same_checkpoint(Path(streamed["run_dir"]) / "model",
+                           Path(in_memory["run_dir"]) / "model")
 
 
-def test_streaming_job_on_a_mesh_saves_what_the_in_memory_mesh_job_saves(tmp_path, capsys):
+def test_streaming_job_on_a_mesh_saves_what_the_in_memory_mesh_job_saves(
+        tmp_path, capsys, assert_same_checkpoint):
     """`qdlm quantize --mesh 2x4 --config.stream=true` in one process streams the blocks onto
     the mesh; its packed model equals the in-memory mesh job's bit for bit."""
     common = ("--config.method=gptq", "--config.calibration=masked", "--config.calib.n_samples=8",
@@ -111,7 +101,8 @@ def test_streaming_job_on_a_mesh_saves_what_the_in_memory_mesh_job_saves(tmp_pat
     assert "on a {'data': 2, 'model': 4} mesh" in capsys.readouterr().out
     assert streamed["streaming"] and streamed["mesh"] == {"data": 2, "model": 4}
     in_memory = run(_cfg(tmp_path / "m", *common), mesh_shape=(2, 4))
-    _assert_same_saved_model(streamed, in_memory)
+    assert_same_checkpoint(Path(streamed["run_dir"]) / "model",
+                           Path(in_memory["run_dir"]) / "model")
 
 
 def test_streaming_refuses_what_it_cannot_do(tmp_path, capsys):
