@@ -116,7 +116,9 @@ def run(spec: GapSpec, out_dir: Path) -> dict:
             config = structure(family, spec, special, tok.get_vocab_size())
             curve, t0 = [], time.time()
 
-            def evaluate(step, model, curve=curve, shift=shift is True, name=name):
+            scored_shifted = shift is True  # the switch run is scored without the shift
+
+            def evaluate(step, model, curve=curve, shift=scored_shifted, name=name):
                 curve.append({"step": step, "heldout_bits": heldout_elbo(
                     model, held, shift=shift, draws=spec.eval_draws, seed=spec.seed)})
                 print(f"[gap] {name} step {step}: held-out {curve[-1]['heldout_bits']:.3f} "
