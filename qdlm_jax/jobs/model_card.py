@@ -98,8 +98,18 @@ ANSWER_FORMATS = [
 ]
 
 
+def objective(family: str | None, phase: dict) -> str:
+    """"shifted / unshifted": whether a phase's text rows and task rows predict token i from
+    output i-1 (its `shift` / `text_shift` keys, else the family's own: Dream shifted)."""
+    both = phase.get("shift")
+    both = family == "dream" if both is None else both
+    text = both if phase.get("text_shift") is None else phase["text_shift"]
+    return " / ".join("shifted" if x else "unshifted" for x in (text, both))
+
+
 def phase_lines(s: dict, c: dict) -> list[str]:
-    """Data mix and training time of each phase (a markdown table)."""
+    """Data mix, objective and training time of each phase (a markdown table); the phases
+    of `s` (the run summary) are those of the config `c`, in order."""
     phases = s.get("phases")
     if not phases:
         return [f"- Data mix: `{c['data'].get('arith_frac', 0):.0%}` of rows packed "
@@ -108,9 +118,11 @@ def phase_lines(s: dict, c: dict) -> list[str]:
              f"Wikipedia windows of {c['data']['seq_len']} tokens; task rows right-padded "
              "to the phase's length):", "",
              "| steps | rows per step (text + task) | task row length | task mix (weights) | "
-             "text tokens | task rows seen | training time | final text / SFT loss (nats) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in phases:
+             "objective (text / task) | text tokens | task rows seen | training time | "
+             "final text / SFT loss (nats) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    configured = c["data"].get("phases") or [{}] * len(phases)
+    for p, ph in zip(phases, configured):
         mix = ", ".join(f"{k} {v:g}" for k, v in p["mix"].items())
         tl = "–" if p["final_text_loss"] is None else f"{p['final_text_loss']:.3f}"
         sl = "–" if p["final_sft_loss"] is None else f"{p['final_sft_loss']:.3f}"
@@ -118,7 +130,8 @@ def phase_lines(s: dict, c: dict) -> list[str]:
         time_s = ("earlier run" if p.get("before_start")
                   else f"{p['train_time_s'] / 60:.1f} min")
         lines.append(f"| {p['steps'][0]}–{p['steps'][1]} | {p['text_rows']} + "
-                     f"{p['task_rows']} | {tsl} | {mix} | {p['text_tokens'] / 1e6:.2f}M | "
+                     f"{p['task_rows']} | {tsl} | {mix} | {objective(s.get('family'), ph)} | "
+                     f"{p['text_tokens'] / 1e6:.2f}M | "
                      f"{p['task_rows_seen']:,} | {time_s} | "
                      f"{tl} / {sl} |")
     return lines + [""]

@@ -10,7 +10,8 @@
    LLaDA's SFT objective), the task of each row drawn with the phase's `mix` weights;
    a phase may set its own `task_seq_len` (short arithmetic rows need less padding) and
    `shift` (true: both objectives predict token i from output i-1 in that phase, false:
-   they do not; absent: the family's own, LLaDA unshifted and Dream shifted);
+   they do not; absent: the family's own, LLaDA unshifted and Dream shifted) and
+   `text_shift` (the same for the text rows alone: shifted text beside unshifted tasks);
    Without `phases`: Wikipedia windows plus rows of packed arithmetic problems
    (`arith_frac` of each batch, the older recipe);
 3. train (`train.py`), exporting the newest checkpoint in the family's hub layout
@@ -105,9 +106,10 @@ def check_phases(phases, steps: int) -> None:
                              f"{synthetic.TASKS}")
         if ph["text_rows"] + ph["task_rows"] <= 0:
             raise ValueError("data.phases: a phase needs text_rows + task_rows > 0")
-        if ph.get("shift", None) not in (None, True, False):
-            raise ValueError(f"data.phases: shift={ph['shift']!r} (until {ph['until']}): "
-                             "expected true, false or absent (the family's objective)")
+        for key in ("shift", "text_shift"):
+            if not (ph.get(key, None) is None or isinstance(ph[key], bool)):
+                raise ValueError(f"data.phases: {key}={ph[key]!r} (until {ph['until']}): "
+                                 "expected true, false or absent (the family's objective)")
 
 
 def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len: int,
@@ -117,9 +119,9 @@ def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len:
         _, ph = phase_at(phases, step)
         rng = np.random.default_rng([seed, step])
         text = wiki[rng.integers(0, len(wiki), ph["text_rows"])] if ph["text_rows"] else None
-        shift = ph.get("shift", None)
+        shift = dict(shift=ph.get("shift", None), text_shift=ph.get("text_shift", None))
         if not ph["task_rows"]:
-            return MixedBatch(text, shift=shift)
+            return MixedBatch(text, **shift)
         names = sorted(ph["mix"])
         w = np.asarray([float(ph["mix"][k]) for k in names])
         counts = rng.multinomial(ph["task_rows"], w / w.sum())
@@ -134,7 +136,7 @@ def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len:
                     bos_id=special.bos, eos_id=special.eos, pad_id=special.pad))
         return MixedBatch(text, np.concatenate([r.tokens for r in parts]),
                           np.concatenate([r.answer for r in parts]),
-                          np.concatenate([r.valid for r in parts]), shift=shift)
+                          np.concatenate([r.valid for r in parts]), **shift)
     return batches
 
 

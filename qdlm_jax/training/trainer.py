@@ -43,6 +43,9 @@ class MixedBatch:
     # Both objectives predict token i from output i-1 in this step (True) or not (False);
     # None: `TrainSpec.shift`, else the family's own. A phase of the mix may set it.
     shift: bool | None = None
+    # The text rows' objective alone (overrides `shift` for them; the task rows keep
+    # `shift`); None: as `shift`. A phase may train text shifted beside unshifted tasks.
+    text_shift: bool | None = None
 
     def arrays(self):
         text = None if self.text is None else jnp.asarray(self.text, jnp.int32)
@@ -138,9 +141,12 @@ def optimizer_step(loss_fn, tx):
     return step
 
 
-def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
-    """The step of `MixedBatch` rows (see its docstring)."""
+def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx, *,
+                    text_shift: bool | None = None):
+    """The step of `MixedBatch` rows (see its docstring); `text_shift` (None: as the task
+    rows) sets the text rows' objective apart."""
     shift = config.shift_logits if spec.shift is None else spec.shift
+    text_shift = shift if text_shift is None else text_shift
 
     def loss_fn(params, text, task, key):
         model = nnx.merge(graphdef, params)
@@ -150,8 +156,8 @@ def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx):
         loss, metrics = 0.0, {}
         if text is not None:
             noisy, masked, p_mask = mask_tokens(k_text, text, config.mask_token_id, eps=spec.eps,
-                                                keep_first=shift)
-            l_text, m = diffusion_loss(model(noisy), text, masked, p_mask, shift=shift)
+                                                keep_first=text_shift)
+            l_text, m = diffusion_loss(model(noisy), text, masked, p_mask, shift=text_shift)
             loss += l_text * n_text / (n_text + n_task)
             metrics.update(m, text_loss=l_text)
         if task is not None:
@@ -208,7 +214,7 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
         print(f"[train] resumed from {out_dir / 'ckpt'} at step {int(state['step'])}")
 
     step_fn = make_train_step(graphdef, config, spec, tx)
-    mixed_fns = {}  # one jitted step per objective (shift) the batches ask for
+    mixed_fns = {}  # one jitted step per objective pair (shift, text_shift) the batches ask for
     start = int(state["step"])
     tokens_per_step = spec.batch_size * spec.seq_len
     bar = tqdm(total=spec.steps, initial=start, desc=f"train {config.family}", unit="step")
@@ -218,11 +224,12 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
         if isinstance(batch, MixedBatch):
             text, task = batch.arrays()
             tokens_per_step = sum(x.size for x in (text, task and task[0]) if x is not None)
-            shift = spec.shift if batch.shift is None else batch.shift
-            if shift not in mixed_fns:
-                mixed_fns[shift] = make_mixed_step(
-                    graphdef, config, dataclasses.replace(spec, shift=shift), tx)
-            state, metrics = mixed_fns[shift](state, text, task)
+            objective = (spec.shift if batch.shift is None else batch.shift, batch.text_shift)
+            if objective not in mixed_fns:
+                mixed_fns[objective] = make_mixed_step(
+                    graphdef, config, dataclasses.replace(spec, shift=objective[0]), tx,
+                    text_shift=objective[1])
+            state, metrics = mixed_fns[objective](state, text, task)
         else:
             tokens, maskable = batch if isinstance(batch, tuple) else (batch, None)
             tokens = jnp.asarray(tokens, jnp.int32)

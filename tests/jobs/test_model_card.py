@@ -19,3 +19,14 @@ def test_phases_before_the_start_step_point_to_the_earlier_run():
     assert len(rows) == 2
     assert "earlier run" in rows[0] and "– / –" in rows[0]
     assert "10.0 min" in rows[1] and "5.000 / 0.100" in rows[1]
+
+
+def test_the_objective_column_follows_the_phase_keys_and_the_family():
+    s = {"family": "llada", "phases": [_phase(0, 100, False, 60.0)] * 3}
+    c = {"data": {"seq_len": 128, "task_seq_len": 33,
+                  "phases": [{}, {"text_shift": True}, {"shift": True}]}}
+    rows = [line for line in phase_lines(s, c) if line.startswith("| 0")]
+    assert ["unshifted / unshifted" in rows[0], "shifted / unshifted" in rows[1],
+            "shifted / shifted" in rows[2]] == [True] * 3
+    dream = phase_lines({**s, "family": "dream"}, c)
+    assert [line for line in dream if line.startswith("| 0")][0].count("| shifted / shifted |")

@@ -16,7 +16,7 @@ def tok():
 
 
 PHASES = [dict(until=3, text_rows=2, task_rows=6, mix=dict(add1=1.0, code2=1.0)),
-          dict(until=5, text_rows=0, task_rows=4, mix=dict(compare=1.0)),
+          dict(until=5, text_rows=0, task_rows=4, mix=dict(compare=1.0), text_shift=True),
           dict(until=6, text_rows=1, task_rows=3, task_seq_len=20, mix=dict(sub2=1.0),
                shift=True)]
 
@@ -36,6 +36,7 @@ def test_mixed_batches_follow_the_phases(tok):
     b5 = batches(5)  # the phase's own task_seq_len
     assert b5.task_tokens.shape == (3, 20) and b5.text.shape == (1, 16)
     assert b5.shift is True and b.shift is None and b4.shift is None  # the phase's objective
+    assert b4.text_shift is True and b5.text_shift is None
     again = batches(0)
     np.testing.assert_array_equal(again.task_tokens, b.task_tokens)
     np.testing.assert_array_equal(again.text, b.text)
@@ -53,6 +54,8 @@ def test_check_phases():
         J.check_phases([dict(until=5, text_rows=1, task_rows=1, mix=dict(mul=1))], 5)
     with pytest.raises(ValueError, match="shift='yes'"):
         J.check_phases([dict(until=5, text_rows=1, task_rows=0, mix={}, shift="yes")], 5)
+    with pytest.raises(ValueError, match="text_shift=1"):
+        J.check_phases([dict(until=5, text_rows=1, task_rows=0, mix={}, text_shift=1)], 5)
 
 
 def _config(name):
