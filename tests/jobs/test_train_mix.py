@@ -70,14 +70,15 @@ def _config(name):
 
 def test_initial_model_starts_from_a_saved_model_at_its_step():
     """`init.from_dir` + `init.step`: the shipped tiny-dream's weights (read here with
-    safetensors, not our loader) at step 5700; a mismatched model or step is refused."""
+    safetensors, not our loader), started at step 5700 of an 8300-step schedule; a
+    mismatched model or step is refused."""
     from safetensors.torch import load_file
     from qdlm_jax.data.tokenizer import load_tokenizer
     from qdlm_jax.models.params import get_params
     from qdlm_jax.training.trainer import TrainSpec
 
     cfg, root = _config("train_tiny_dream")
-    cfg.train.steps = 8300  # the continuation past the shipped step 5700
+    cfg.train.steps = 8300
     asset = root / "assets" / "tiny-dream"
     tokenizer = load_tokenizer(asset / "tokenizer.json")
     config = J.model_config(cfg, special_token_ids(tokenizer), tokenizer.get_vocab_size())
