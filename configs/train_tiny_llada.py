@@ -63,8 +63,8 @@ PHASES = [
     # At step 5400 (n=200): bound 15.4% below the unigram entropy, addition 87.5%,
     # subtraction 76.5%, code 99.5%, comparisons 86.5% (from a copy of the export taken while
     # it was being written; the complete step-5400 export: addition 92.8%, subtraction
-    # 89.2%, code 99.5%, comparisons 87.5%, n=400/200, every target met, shipped). Run on
-    # before that was seen: more addition (train.steps -> 5800, not shipped).
+    # 89.2%, code 99.5%, comparisons 87.5%, n=400/200, every target met, shipped). Started
+    # before that was seen: more addition (train.steps -> 5800); stopped at step 5470.
     dict(until=5800, text_rows=64, task_rows=128, task_seq_len=LONG,
          mix=dict(add2=6.0, sub2=3.0, code1=0.3, code2=1.0, compare=1.5)),
 ]
