@@ -339,9 +339,11 @@ def test_real_kv4_row_quantizes_attention(tmp_path):
 
     r = study.run_study(spec, make_variant=make_variant, evaluate=evaluate)
     kl = {rec["variant"]: rec["value"] for rec in r["records"]}
-    # A dropped K/V setting gives equal KL; measured 0.0187 vs 0.0079 on the first tiny LLaDA,
-    # 0.0079 vs 0.0057 on the issue-14 one.
-    assert kl[None] > 0 and kl["kv4"] > 1.2 * kl[None]
+    # A dropped K/V setting gives exactly the plain row's KL (as the float-K/V row does), so
+    # the 4-bit K/V row must be strictly further from fp. Measured (kv4 vs plain): 0.0187 vs
+    # 0.0079 on the first tiny LLaDA, 0.0079 vs 0.0057 on the step-3100 one, 0.112 vs 0.095
+    # on the step-5400 one, whose W4A4 error is larger beside the same K/V error.
+    assert kl[None] > 0 and kl["kv4"] > kl[None]
     assert kl["kv16"] == kl[None]
 
 

@@ -270,37 +270,38 @@ def test_a_batch_can_set_the_steps_objective(tmp_path):
     assert any(not np.array_equal(asked[k], plain[k]) for k in asked)
 
 
-def test_text_shift_sets_the_text_rows_objective_alone(tmp_path):
-    """MixedBatch.text_shift shifts the text rows only: on text-only batches it ends exactly
-    where `shift=True` does; on task-only batches it changes nothing (the task rows keep the
-    unshifted objective); on batches of both it ends elsewhere than either objective alone."""
-    from qdlm_jax.models.params import get_params
-    from qdlm_jax.training.trainer import MixedBatch
+def test_text_shift_sets_the_text_rows_objective_alone():
+    """`text_shift` shifts the text rows only: on text-only batches a step ends exactly where
+    the shifted step does; on task-only batches it changes nothing (the task rows keep the
+    unshifted objective); on batches of both it ends elsewhere than the unshifted step.
+    (`train` picks the step from MixedBatch.text_shift: test_train_mix checks the phases.)"""
+    import jax
+    from flax import nnx
+    from qdlm_jax.training.trainer import make_mixed_step, make_optimizer
 
     config = tiny_config("llada", vocab_size=48, mask_token_id=47, num_layers=1)
-    spec = TrainSpec(steps=3, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1,
-                     ckpt_every=3, log_every=3)
+    spec = TrainSpec(steps=3, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=0)
+    graphdef, params = nnx.split(init_model(config), nnx.Param)
+    tx = make_optimizer(spec)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(1),
+             "key": jax.random.key(0)}
+    text = jnp.asarray(np.random.default_rng(0).integers(0, 40, (4, 16)), jnp.int32)
+    answer = np.zeros((3, 10), bool)
+    answer[:, 6:] = True
+    task = (jnp.asarray(np.random.default_rng(1).integers(0, 40, (3, 10)), jnp.int32),
+            jnp.asarray(answer), jnp.ones((3, 10), bool))
 
-    def text(step):
-        return np.random.default_rng(step).integers(0, 40, (4, 16)).astype(np.int32)
-
-    def task(step):
-        tokens = np.random.default_rng(100 + step).integers(0, 40, (3, 10)).astype(np.int32)
-        answer = np.zeros((3, 10), bool)
-        answer[:, 6:] = True
-        return tokens, answer, np.ones((3, 10), bool)
-
-    def final(batches, name):
-        model, _ = train(init_model(config), spec, batches, tmp_path / name)
-        return {k: np.asarray(v) for k, v in get_params(model).items()}
+    def after(shift, text_shift, text, task):
+        step = make_mixed_step(graphdef, config, TrainSpec(**{**spec.__dict__, "shift": shift}),
+                               tx, text_shift=text_shift)
+        new, _ = step(state, text, task)
+        return [np.asarray(x) for x in jax.tree.leaves(new["params"])]
 
     def same(a, b):
-        return all(np.array_equal(a[k], b[k]) for k in a)
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
 
-    assert same(final(lambda s: MixedBatch(text(s), text_shift=True), "text_t"),
-                final(lambda s: MixedBatch(text(s), shift=True), "text_s"))
-    assert same(final(lambda s: MixedBatch(None, *task(s), text_shift=True), "task_t"),
-                final(lambda s: MixedBatch(None, *task(s)), "task_plain"))
-    both = final(lambda s: MixedBatch(text(s), *task(s), text_shift=True), "both_t")
-    assert not same(both, final(lambda s: MixedBatch(text(s), *task(s)), "both_plain"))
-    assert not same(both, final(lambda s: MixedBatch(text(s), *task(s), shift=True), "both_s"))
+    assert same(after(None, True, text, None), after(True, None, text, None))
+    assert same(after(None, True, None, task), after(None, None, None, task))
+    both = after(None, True, text, task)
+    assert not same(both, [np.asarray(x) for x in jax.tree.leaves(params)])  # a step was taken
+    assert not same(both, after(None, None, text, task))
