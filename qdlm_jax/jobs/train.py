@@ -119,9 +119,9 @@ def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len:
         _, ph = phase_at(phases, step)
         rng = np.random.default_rng([seed, step])
         text = wiki[rng.integers(0, len(wiki), ph["text_rows"])] if ph["text_rows"] else None
-        shift = dict(shift=ph.get("shift", None), text_shift=ph.get("text_shift", None))
+        objective = dict(shift=ph.get("shift", None), text_shift=ph.get("text_shift", None))
         if not ph["task_rows"]:
-            return MixedBatch(text, **shift)
+            return MixedBatch(text, **objective)
         names = sorted(ph["mix"])
         w = np.asarray([float(ph["mix"][k]) for k in names])
         counts = rng.multinomial(ph["task_rows"], w / w.sum())
@@ -136,7 +136,7 @@ def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len:
                     bos_id=special.bos, eos_id=special.eos, pad_id=special.pad))
         return MixedBatch(text, np.concatenate([r.tokens for r in parts]),
                           np.concatenate([r.answer for r in parts]),
-                          np.concatenate([r.valid for r in parts]), **shift)
+                          np.concatenate([r.valid for r in parts]), **objective)
     return batches
 
 
