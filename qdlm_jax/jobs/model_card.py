@@ -29,7 +29,9 @@ from qdlm_jax.evals.basic import (ArithmeticEval, arithmetic_accuracy, binomial_
                                   heldout_bound, heldout_windows, unigram_entropy)
 from qdlm_jax.evals.tasks import BUILTIN, run_task
 from qdlm_jax.fsutil import atomic_dir
+from qdlm_jax.models.config import family_shifts_logits
 from qdlm_jax.models.dllm import count_params
+from qdlm_jax.training.trainer import step_objective
 
 _LAYOUT = {"llada": "LLaDA (`model_type: llada`, `model.transformer.blocks.*` keys)",
            "dream": "Dream (`model_type: Dream`, Qwen2 `model.layers.*` keys, GQA, q/k/v biases)"}
@@ -101,10 +103,9 @@ ANSWER_FORMATS = [
 def objective(family: str | None, phase: dict) -> str:
     """"shifted / unshifted": whether a phase's text rows and task rows predict token i from
     output i-1 (its `shift` / `text_shift` keys, else the family's own: Dream shifted)."""
-    both = phase.get("shift")
-    both = family == "dream" if both is None else both
-    text = both if phase.get("text_shift") is None else phase["text_shift"]
-    return " / ".join("shifted" if x else "unshifted" for x in (text, both))
+    rows = step_objective(family_shifts_logits(family), phase.get("shift"),
+                          phase.get("text_shift"))
+    return " / ".join("shifted" if x else "unshifted" for x in rows)
 
 
 def phase_lines(s: dict, c: dict) -> list[str]:

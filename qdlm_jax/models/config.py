@@ -19,6 +19,11 @@ FAMILIES = ("llada", "dream")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def family_shifts_logits(family: str | None) -> bool:
+    """Whether a family's training objective predicts token i from output i-1 (Dream)."""
+    return family == "dream"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture and special tokens of a masked-diffusion transformer."""
@@ -84,7 +89,7 @@ class ModelConfig:
     @property
     def shift_logits(self) -> bool:
         """Dream predicts token i from position i-1 (it starts from an AR model)."""
-        return self.family == "dream"
+        return family_shifts_logits(self.family)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

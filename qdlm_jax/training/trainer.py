@@ -141,12 +141,19 @@ def optimizer_step(loss_fn, tx):
     return step
 
 
+def step_objective(family_shift: bool, shift: bool | None,
+                   text_shift: bool | None) -> tuple[bool, bool]:
+    """(text rows shifted, task rows shifted) of a mixed step: `shift` for both rows (None:
+    the family's own, `family_shift`), `text_shift` for the text rows (None: as `shift`)."""
+    task = family_shift if shift is None else shift
+    return (task if text_shift is None else text_shift), task
+
+
 def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx, *,
                     text_shift: bool | None = None):
     """The step of `MixedBatch` rows (see its docstring); `text_shift` (None: as the task
     rows) sets the text rows' objective apart."""
-    shift = config.shift_logits if spec.shift is None else spec.shift
-    text_shift = shift if text_shift is None else text_shift
+    text_shift, shift = step_objective(config.shift_logits, spec.shift, text_shift)
 
     def loss_fn(params, text, task, key):
         model = nnx.merge(graphdef, params)

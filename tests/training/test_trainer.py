@@ -275,7 +275,6 @@ def test_text_shift_sets_the_text_rows_objective_alone():
     the shifted step does; on task-only batches it changes nothing (the task rows keep the
     unshifted objective); on batches of both it ends elsewhere than the unshifted step.
     (`train` picks the step from MixedBatch.text_shift: test_train_mix checks the phases.)"""
-    import jax
     from flax import nnx
     from qdlm_jax.training.trainer import make_mixed_step, make_optimizer
 
@@ -295,7 +294,10 @@ def test_text_shift_sets_the_text_rows_objective_alone():
         step = make_mixed_step(graphdef, config, TrainSpec(**{**spec.__dict__, "shift": shift}),
                                tx, text_shift=text_shift)
         new, _ = step(state, text, task)
-        return [np.asarray(x) for x in jax.tree.leaves(new["params"])]
+        return leaves(new["params"])
+
+    def leaves(params):
+        return [np.asarray(x) for x in jax.tree.leaves(params)]
 
     def same(a, b):
         return all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -303,5 +305,5 @@ def test_text_shift_sets_the_text_rows_objective_alone():
     assert same(after(None, True, text, None), after(True, None, text, None))
     assert same(after(None, True, None, task), after(None, None, None, task))
     both = after(None, True, text, task)
-    assert not same(both, [np.asarray(x) for x in jax.tree.leaves(params)])  # a step was taken
+    assert not same(both, leaves(params))  # a step was taken
     assert not same(both, after(None, None, text, task))
