@@ -26,7 +26,7 @@ def test_the_objective_column_follows_the_phase_keys_and_the_family():
     c = {"data": {"seq_len": 128, "task_seq_len": 33,
                   "phases": [{}, {"text_shift": True}, {"shift": True}]}}
     rows = [line for line in phase_lines(s, c) if line.startswith("| 0")]
-    assert ["unshifted / unshifted" in rows[0], "shifted / unshifted" in rows[1],
-            "shifted / shifted" in rows[2]] == [True] * 3
+    assert ["| unshifted / unshifted |" in rows[0], "| shifted / unshifted |" in rows[1],
+            "| shifted / shifted |" in rows[2]] == [True] * 3
     dream = phase_lines({**s, "family": "dream"}, c)
     assert [line for line in dream if line.startswith("| 0")][0].count("| shifted / shifted |")
