@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=10
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --timeout=3600
 
 demo: $(STAMP)
 	$(BIN)/python -m qdlm_jax.jobs.demo $(ARGS)

@@ -1,4 +1,8 @@
-"""Test setup: 8 fake CPU devices so sharded code runs on a CPU-only machine."""
+"""Test setup: 8 fake CPU devices so sharded code runs on a CPU-only machine, and a CPU thread
+pool of twice the devices (NPROC, inherited by the tests' subprocesses): with a pool of 8, an
+in-process GPTQ job on a (2, 4) mesh of the 8 devices stalled for good in 3 of 3 runs of
+`python benchmarks/cpu_pool_stall.py` (docs/scale.md), and one such stall kept CI waiting
+until its time ran out."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -6,6 +10,9 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+from qdlm_jax.models.distributed import prepare_cpu_runtime  # noqa: E402  (after XLA_FLAGS)
+
+prepare_cpu_runtime()  # before JAX's first computation, which sizes the pool
 
 import pytest  # noqa: E402  (after the environment above is set)
 

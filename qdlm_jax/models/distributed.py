@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -52,6 +53,32 @@ def prepare_cpu_runtime(num_devices: int | None = None) -> None:
     same global mesh: the layer-wise PTQ gives the same bits whatever the process layout."""
     n = num_devices or forced_cpu_devices()
     os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 2 * n)))
+
+
+class CpuPoolWarning(UserWarning):
+    """The CPU client's thread pool is too small for this process's devices (a job on a mesh
+    of them may stall for good; `prepare_cpu_runtime`)."""
+
+
+def cpu_pool_threads(local_devices: int) -> int:
+    """Threads in the CPU client's pool of a process with `local_devices` CPU devices:
+    max(NPROC, else the cores, the devices)."""
+    return max(int(os.environ.get("NPROC") or os.cpu_count() or 1), local_devices)
+
+
+def check_cpu_pool(local_devices: int) -> None:
+    """Warns (`CpuPoolWarning`) when a process's `local_devices` CPU devices would share a pool
+    of fewer than twice as many threads: the stall of `prepare_cpu_runtime`'s docstring, which
+    needs the pool sized before JAX's first computation, so it can only be named here."""
+    pool = cpu_pool_threads(local_devices)
+    if local_devices > 1 and pool < 2 * local_devices:
+        warnings.warn(CpuPoolWarning(
+            f"{local_devices} CPU devices in this process share a thread pool of {pool} "
+            "threads: a job on a mesh of them can stall for good when every device reaches a "
+            "LAPACK call (GPTQ's solves) at once. Set NPROC="
+            f"{max(os.cpu_count() or 1, 2 * local_devices)} in the environment, or call "
+            "qdlm_jax.models.distributed.prepare_cpu_runtime() before JAX's first computation "
+            "(docs/scale.md)."), stacklevel=3)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

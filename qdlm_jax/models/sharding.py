@@ -12,17 +12,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qdlm_jax.models.distributed import check_cpu_pool
+
 MODEL_AXIS = "model"
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 _ROW = ("o_proj", "down_proj")
 
 
 def make_mesh(model: int | None = None, data: int = 1) -> Mesh:
-    """A ("data", "model") mesh over the available devices (all on "model" by default)."""
+    """A ("data", "model") mesh over the available devices (all on "model" by default). On
+    CPU, warns when this process's devices share too small a thread pool (`check_cpu_pool`)."""
     n = len(jax.devices())
     model = model or n // data
     if model * data != n:
         raise ValueError(f"make_mesh: data={data} x model={model} != {n} available devices")
+    if jax.default_backend() == "cpu":
+        check_cpu_pool(jax.local_device_count())
     devices = np.array(jax.devices()).reshape(data, model)
     return Mesh(devices, ("data", MODEL_AXIS))
 

@@ -59,3 +59,43 @@ def test_the_pool_is_sized_from_the_jobs_devices():
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"NPROC {max(os.cpu_count() or 1, 16)}" in out.stdout
     assert _run(8)[0] == max(os.cpu_count() or 1, 16)
+
+
+def test_make_mesh_names_a_cpu_pool_too_small_for_its_devices(monkeypatch):
+    """8 devices on a pool of 8 threads (NPROC=8) is the stall's setting: make_mesh warns and
+    names the remedy; a pool of twice the devices (NPROC=16) passes silently."""
+    import warnings
+
+    import pytest
+
+    import jax
+
+    from qdlm_jax.models.distributed import CpuPoolWarning
+    from qdlm_jax.models.sharding import make_mesh
+
+    jax.devices()  # the CPU client (and its pool) exists before NPROC changes: the pool of
+    monkeypatch.setenv("NPROC", "8")  # this process stays as tests/conftest.py sized it
+    with pytest.warns(CpuPoolWarning, match=r"pool of 8 threads.*NPROC=(1[6-9]|[2-9]\d|\d{3,})"):
+        make_mesh(model=4, data=2)
+    monkeypatch.setenv("NPROC", "16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_mesh(model=4, data=2)
+
+
+def test_the_test_processes_pool_leaves_threads_free():
+    """tests/conftest.py sizes this process's pool before JAX starts: at least twice the 8
+    devices, counted from the pool's threads (the in-process mesh jobs of the suite stall on a
+    pool of 8)."""
+    import glob
+
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("thread names from /proc")
+    jnp.ones(3).block_until_ready()
+    names = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+    assert jax.local_device_count() == 8
+    assert names.count("tf_XLAEigen") >= 16
