@@ -1,10 +1,20 @@
 """`prepare_cpu_runtime`: the CPU client's thread pool really grows to twice the devices (the
-LAPACK-in-the-pool stall of docs/scale.md needs more pool threads than devices)."""
+LAPACK-in-the-pool stall of docs/scale.md needs more pool threads than devices); the test
+processes get such a pool, and `make_mesh` names one that is too small."""
 
+import glob
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qdlm_jax.models.distributed import CpuPoolWarning
+from qdlm_jax.models.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,15 +74,6 @@ def test_the_pool_is_sized_from_the_jobs_devices():
 def test_make_mesh_names_a_cpu_pool_too_small_for_its_devices(monkeypatch):
     """8 devices on a pool of 8 threads (NPROC=8) is the stall's setting: make_mesh warns and
     names the remedy; a pool of twice the devices (NPROC=16) passes silently."""
-    import warnings
-
-    import pytest
-
-    import jax
-
-    from qdlm_jax.models.distributed import CpuPoolWarning
-    from qdlm_jax.models.sharding import make_mesh
-
     jax.devices()  # the CPU client (and its pool) exists before NPROC changes: the pool of
     monkeypatch.setenv("NPROC", "8")  # this process stays as tests/conftest.py sized it
     with pytest.warns(CpuPoolWarning, match=r"pool of 8 threads.*NPROC=(1[6-9]|[2-9]\d|\d{3,})"):
@@ -87,12 +88,6 @@ def test_the_test_processes_pool_leaves_threads_free():
     """tests/conftest.py sizes this process's pool before JAX starts: at least twice the 8
     devices, counted from the pool's threads (the in-process mesh jobs of the suite stall on a
     pool of 8)."""
-    import glob
-
-    import jax
-    import jax.numpy as jnp
-    import pytest
-
     if not sys.platform.startswith("linux"):
         pytest.skip("thread names from /proc")
     jnp.ones(3).block_until_ready()
