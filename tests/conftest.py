@@ -1,7 +1,7 @@
 """Test setup: 8 fake CPU devices so sharded code runs on a CPU-only machine, and a CPU thread
 pool of twice the devices (NPROC, inherited by the tests' subprocesses): with a pool of 8, an
 in-process GPTQ job on a (2, 4) mesh of the 8 devices stalled for good in 3 of 3 runs of
-`python benchmarks/cpu_pool_stall.py` (docs/scale.md), and one such stall kept CI waiting
+`python benchmarks/cpu_pool_stall.py` (docs/scale.md), the likely cause of a CI run that waited
 until its time ran out."""
 import os
 
