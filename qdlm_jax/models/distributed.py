@@ -51,8 +51,12 @@ def prepare_cpu_runtime(num_devices: int | None = None) -> None:
     the last bits of results (and GPTQ's codes with them). Sized from the job's devices over
     all processes, it is the same in every process of a job and in a one-process run of the
     same global mesh: the layer-wise PTQ gives the same bits whatever the process layout."""
-    n = num_devices or forced_cpu_devices()
-    os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 2 * n)))
+    os.environ.setdefault("NPROC", str(cpu_pool_for(num_devices or forced_cpu_devices())))
+
+
+def cpu_pool_for(num_devices: int) -> int:
+    """The CPU pool size a job of `num_devices` CPU devices needs: max(cores, 2 x devices)."""
+    return max(os.cpu_count() or 1, 2 * num_devices)
 
 
 class CpuPoolWarning(UserWarning):
@@ -60,23 +64,18 @@ class CpuPoolWarning(UserWarning):
     of them may stall for good; `prepare_cpu_runtime`)."""
 
 
-def cpu_pool_threads(local_devices: int) -> int:
-    """Threads in the CPU client's pool of a process with `local_devices` CPU devices:
-    max(NPROC, else the cores, the devices)."""
-    return max(int(os.environ.get("NPROC") or os.cpu_count() or 1), local_devices)
-
-
 def check_cpu_pool(local_devices: int) -> None:
     """Warns (`CpuPoolWarning`) when a process's `local_devices` CPU devices would share a pool
     of fewer than twice as many threads: the stall of `prepare_cpu_runtime`'s docstring, which
     needs the pool sized before JAX's first computation, so it can only be named here."""
-    pool = cpu_pool_threads(local_devices)
+    # the CPU client's pool: max(NPROC, else the cores, the devices)
+    pool = max(int(os.environ.get("NPROC") or os.cpu_count() or 1), local_devices)
     if local_devices > 1 and pool < 2 * local_devices:
         warnings.warn(CpuPoolWarning(
             f"{local_devices} CPU devices in this process share a thread pool of {pool} "
             "threads: a job on a mesh of them can stall for good when every device reaches a "
-            "LAPACK call (GPTQ's solves) at once. Set NPROC="
-            f"{max(os.cpu_count() or 1, 2 * local_devices)} in the environment, or call "
+            f"LAPACK call (GPTQ's solves) at once. Set NPROC={cpu_pool_for(local_devices)} "
+            "in the environment, or call "
             "qdlm_jax.models.distributed.prepare_cpu_runtime() before JAX's first computation "
             "(docs/scale.md)."), stacklevel=3)
 
