@@ -28,5 +28,6 @@ def get_config():
         threshold=None,  # None or tau in (0, 1]: commit every position with conf >= tau
         factor=None,  # None or f > 0: Fast-dLLM's factor rule (not with a threshold)
         seed=0,  # PRNG seed of the sampling key
+        chat=False,  # apply the checkpoint's chat template (each prompt one user message)
     ))
     return c

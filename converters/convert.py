@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 
 
 def main(argv=None) -> int:
@@ -38,6 +36,7 @@ def main(argv=None) -> int:
     from qdlm_jax.checkpoints import orbax_format
     from qdlm_jax.checkpoints.hf import save_hf
     from qdlm_jax.checkpoints.load import load_params
+    from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.errors import CheckpointError
     from qdlm_jax.models.dllm import count_params
     from qdlm_jax.models.sharding import make_mesh
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
     mesh = make_mesh(model=args.mesh) if args.mesh else None
     try:
         config, params = load_params(args.src, dtype=args.dtype, mesh=mesh, progress=True)
-        extra = [args.src / f for f in TOKENIZER_FILES if (args.src / f).is_file()]
+        extra = tokenizer_files(args.src)
         if args.to == "hf":
             shard = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
             save_hf(config, params, args.dst, max_shard_bytes=shard, extra_files=extra,

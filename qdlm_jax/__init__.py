@@ -5,8 +5,7 @@ The names most scripts need (the README's Python section uses them): `load_model
 in `qdlm_jax.quant` (`quantize_model`, `PTQSpec`, `QuantSpec`, `build_calibration`).
 """
 
-from qdlm_jax.checkpoints.load import load_model, load_params
-from qdlm_jax.data.tokenizer import load_tokenizer
+from qdlm_jax.checkpoints.load import load_model, load_params, load_tokenizer
 from qdlm_jax.inference.generate import GenerationConfig, generate, left_pad
 from qdlm_jax.models import Capture, DLLM, ModelConfig
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from qdlm_jax.checkpoints import dream, llada
 from qdlm_jax.checkpoints.keymap import ParamPath, TensorMapping
 from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from qdlm_jax.data.hf_tokenizer import resolve_special_ids
 from qdlm_jax.errors import CheckpointError, ConfigError
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
@@ -43,12 +44,26 @@ def key_map(config: ModelConfig) -> list[TensorMapping]:
     return LAYOUTS[config.family].key_map(config)
 
 
-def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
-    """Reads a hub `config.json` of LLaDA (`model_type: llada`) or Dream (`Dream`)."""
+def config_from_hf(hf: dict, *, source: str = "config.json",
+                   directory: str | os.PathLike | None = None) -> ModelConfig:
+    """Reads a hub `config.json` of LLaDA (`model_type: llada`) or Dream (`Dream`); the special
+    ids are resolved from it and the other files of `directory` (`resolve_special_ids`: the
+    generation config and the tokenizer files), from `hf` alone when `directory` is None."""
     model_type = hf.get("model_type")
     for layout in LAYOUTS.values():
         if model_type == layout.MODEL_TYPE:
-            return layout.config_from_hf(hf, source=source)
+            vocab = hf.get("embedding_size") or hf.get("vocab_size")
+            if not isinstance(vocab, int) or vocab <= 0:
+                raise ConfigError(f"{source}: vocab_size={vocab!r}: expected a positive "
+                                  f"integer (model_type={model_type!r})")
+            family = "llada" if layout is LAYOUTS["llada"] else "dream"
+            if directory is None:
+                special = resolve_special_ids(Path(source).parent, family=family,
+                                              vocab_size=vocab, config=hf, files=False)
+            else:
+                special = resolve_special_ids(directory, family=family, vocab_size=vocab,
+                                              config=hf)
+            return layout.config_from_hf(hf, special, source=source)
     raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
                       "(LLaDA) or 'Dream' (Dream)")
 
@@ -64,7 +79,9 @@ def load_hf_config(path) -> ModelConfig:
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_hf(hf, source=str(path))
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config_from_hf(hf, source=str(path), directory=Path(path).parent)
 
 
 def expected_shape(config: ModelConfig, path: ParamPath) -> tuple[int, ...]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qdlm_jax.checkpoints.keymap import TensorMapping, hf_dtype, linear, plain
+from qdlm_jax.checkpoints.keymap import TensorMapping, hf_dtype, linear, plain, special_fields
+from qdlm_jax.data.hf_tokenizer import SpecialIds
 from qdlm_jax.errors import ConfigError
 from qdlm_jax.models.config import ModelConfig
 
@@ -44,8 +45,10 @@ def key_map(config: ModelConfig) -> list[TensorMapping]:
     return out
 
 
-def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-    """Our `ModelConfig` from a hub `config.json` of this layout (`model_type: llada`)."""
+def config_from_hf(hf: dict[str, Any], special: SpecialIds, *,
+                   source: str = "config.json") -> ModelConfig:
+    """Our `ModelConfig` from a hub `config.json` of this layout, with the checkpoint's special
+    ids (`data.hf_tokenizer.resolve_special_ids`) (`model_type: llada`)."""
 
     def need(key):
         if key not in hf:
@@ -75,11 +78,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelC
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         qkv_bias=False,
         rope_full_precision=bool(hf.get("rope_full_precision", True)),
-        mask_token_id=int(hf.get("mask_token_id", 126336)),
-        pad_token_id=hf.get("pad_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        bos_token_id=hf.get("bos_token_id"),
-        eot_token_id=hf.get("eot_token_id"),
+        **special_fields(special),
         max_position_embeddings=int(hf.get("max_sequence_length", 4096)),
         param_dtype=hf_dtype(hf),
         dtype=hf_dtype(hf),

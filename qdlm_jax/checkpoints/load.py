@@ -1,4 +1,5 @@
-"""`load_model`: one entry point for HF checkpoint directories and our own checkpoints."""
+"""`load_model` and `load_tokenizer`: one entry point each for HF checkpoint directories, hub
+ids and our own checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from jax.sharding import Mesh
 
 from qdlm_jax.checkpoints import gptq_format, orbax_format as checkpoint
 from qdlm_jax.checkpoints.hf import load_hf_config, load_hf_params
+from qdlm_jax.data.hf_tokenizer import (CheckpointTokenizer, SpecialIds, load_hf_tokenizer,
+                                        resolve_special_ids)
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM
@@ -78,14 +81,33 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
-    """The model config of a checkpoint (HF dir or qdlm) without reading any weights."""
-    p = Path(path)
+    """The model config of a checkpoint (HF dir, hub id or qdlm) without reading any weights."""
+    p = resolve_checkpoint(path)
     if checkpoint.is_qdlm_checkpoint(p):
         return checkpoint.read_config(p)
     if (p / "config.json").is_file():
         return load_hf_config(p / "config.json")
     raise CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging Face "
                           f"checkpoint, or {checkpoint.CONFIG_FILE} of a `qdlm convert` output)")
+
+
+def load_tokenizer(path: str | os.PathLike) -> CheckpointTokenizer:
+    """The tokenizer of a checkpoint (HF dir, hub id or `qdlm convert` / `qdlm quantize`
+    output) as transformers loads it, with the special ids the model uses: resolved from the
+    checkpoint's files for a HF dir (`data.hf_tokenizer.resolve_special_ids`), as stored in
+    its config for a qdlm checkpoint (resolved when it was converted)."""
+    p = resolve_checkpoint(path)
+    config = read_model_config(p)
+    if checkpoint.is_qdlm_checkpoint(p):
+        fields = ("pad", "bos", "eos", "mask", "eot")
+        special = SpecialIds(pad=config.pad_token_id, bos=config.bos_token_id,
+                             eos=config.eos_token_id, mask=config.mask_token_id,
+                             eot=config.eot_token_id, stops=config.stop_ids,
+                             sources=tuple((f, checkpoint.CONFIG_FILE) for f in fields
+                                           if getattr(config, f"{f}_token_id") is not None))
+    else:
+        special = resolve_special_ids(p, family=config.family, vocab_size=config.vocab_size)
+    return CheckpointTokenizer(load_hf_tokenizer(p), special, str(p))
 
 
 def param_summary(params: dict) -> dict:

@@ -7,8 +7,6 @@ from pathlib import Path
 
 NAME = "convert"
 HELP = "convert a HF checkpoint dir to a qdlm checkpoint (orbax), or back with --to hf"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json")
 
 
 def add_arguments(p):
@@ -25,19 +23,20 @@ def add_arguments(p):
 
 def run(args, overrides):
     from qdlm_jax.checkpoints import orbax_format as checkpoint
-    from qdlm_jax.checkpoints.load import load_params
     from qdlm_jax.checkpoints.hf import save_hf
+    from qdlm_jax.checkpoints.load import load_params, resolve_checkpoint
+    from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.errors import CheckpointError
     from qdlm_jax.models.dllm import count_params
 
     if overrides:
         raise ValueError(f"convert takes no --config overrides, got {overrides}")
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = resolve_checkpoint(args.src), Path(args.dst)
     if dst.exists() and not args.overwrite:  # before reading a checkpoint of gigabytes
         raise CheckpointError(f"{dst}: already exists (use --overwrite to replace it)")
     t0 = time.time()
     config, params = load_params(src, dtype=args.dtype, progress=True)
-    extra = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    extra = tokenizer_files(src)
     if args.to == "hf":
         max_bytes = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
         save_hf(config, params, dst, max_shard_bytes=max_bytes, extra_files=extra,

@@ -18,7 +18,8 @@ HELP = "evaluate one model on a list of tasks (LM bound, multiple choice, math, 
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="checkpoint directory (fp or quantized)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (fp or quantized) or hub id")
     p.add_argument("--tasks", default="",
                    help="comma-separated built-in task names (see docs/evaluation.md)")
     p.add_argument("--task-file", action="append", default=[],
@@ -32,6 +33,11 @@ def add_arguments(p):
     p.add_argument("--lm-eval-args", default="",
                    help="extra qdlm-jax model args, e.g. mc_num=32,gen_length=64")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--chat-template", choices=("auto", "on", "off"), default=None,
+                   help="chat template for every task's prompts (default: each task's "
+                        "setting, `auto`: on for an instruct checkpoint whose tokenizer has a "
+                        "template); lm-eval tasks get --apply_chat_template and few-shot "
+                        "examples as turns when it is on")
     p.add_argument("--out", default=None,
                    help="output dir (default: runs/eval/<model name>-<hash of the model path "
                         "and task settings>, holding config.json and results.json)")
@@ -73,6 +79,8 @@ def _limited(spec, limit):
 
 
 def run(args, overrides):
+    import dataclasses
+
     if overrides:
         from qdlm_jax.errors import ConfigOverrideError
         raise ConfigOverrideError(f"{overrides[0]}: qdlm eval takes no --config overrides; "
@@ -91,10 +99,13 @@ def run(args, overrides):
     if not specs and not lm_tasks:
         raise ValueError("no tasks: give --tasks, --task-file or --lm-eval-tasks")
     specs = [with_decoding(_limited(s, args.limit), args) for s in specs]
+    if args.chat_template is not None:
+        specs = [dataclasses.replace(s, chat_template=args.chat_template)
+                 if hasattr(s, "chat_template") else s for s in specs]
     settings = {"model": str(Path(args.model).resolve()), "dtype": args.dtype,
                 "tasks": [spec_dict(s) for s in specs], "lm_eval_tasks": lm_tasks,
                 "lm_eval_args": args.lm_eval_args, "limit": args.limit}
-    decoding = {k: getattr(args, k) for k in ("cache", "threshold", "factor")
+    decoding = {k: getattr(args, k) for k in ("cache", "threshold", "factor", "chat_template")
                 if getattr(args, k) is not None}
     if decoding:  # (absent otherwise, so earlier runs keep their directory)
         settings["decoding"] = decoding
@@ -104,6 +115,7 @@ def run(args, overrides):
         raise ConfigOverrideError(f"{out}: holds results of these settings already (pass "
                                   "--overwrite to run again, or --out for another directory)")
     tm = load_text_model(args.model, dtype=args.dtype)
+    print(f"tokenizer: {tm.tokenizer.describe()}", file=sys.stderr)
     atomic_write_text(out / "config.json", json.dumps(settings, indent=2))
     results = {"model": args.model, "settings": settings, "tasks": {}}
     for spec in specs:
@@ -145,12 +157,13 @@ def _run_lm_eval(tm, tasks, args):
         kw.update(use_cache=args.cache != "none", dual_cache=args.cache == "dual")
     kw.update({k: v for k, v in (("threshold", args.threshold), ("factor", args.factor))
                if v is not None})
-    lm = QDLMJaxLM(model=tm.model, tokenizer=tm.tokenizer, progress=not args.no_progress,
-                   **kw)
+    lm = QDLMJaxLM(text_model=tm, progress=not args.no_progress, **kw)
+    chat = tm.chat_setting(args.chat_template or "auto")
     manager = TaskManager(include_path=args.lm_eval_include) if args.lm_eval_include \
         else TaskManager()
     r = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
-                                limit=args.limit, log_samples=False)
+                                limit=args.limit, log_samples=False,
+                                apply_chat_template=chat, fewshot_as_multiturn=chat)
     if r is None:
         raise ValueError(f"lm-eval returned no results for {tasks}")
     from lm_eval.utils import make_table

@@ -7,7 +7,6 @@ from pathlib import Path
 NAME = "export"
 HELP = ("write a packed (quantized) model in the Hugging Face GPTQ layout that transformers, "
         "GPTQModel and vLLM load; `qdlm convert` handles float checkpoints")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def add_arguments(p):
@@ -20,16 +19,17 @@ def add_arguments(p):
 
 def run(args, overrides):
     from qdlm_jax.checkpoints.gptq_format import quantization_config, save_gptq
-    from qdlm_jax.checkpoints.load import load_params
+    from qdlm_jax.checkpoints.load import load_params, resolve_checkpoint
+    from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.errors import CheckpointError, ConfigOverrideError
 
     if overrides:
         raise ConfigOverrideError(f"{overrides[0]}: qdlm export takes no --config overrides")
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = resolve_checkpoint(args.src), Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise CheckpointError(f"{dst}: already exists (use --overwrite to replace it)")
     config, params = load_params(src)
-    extra = [src / f for f in _TOKENIZER_FILES if (src / f).is_file()]
+    extra = tokenizer_files(src)
     save_gptq(config, params, dst, extra_files=extra, overwrite=args.overwrite)
     q = quantization_config(params)
     print(f"exported {src} -> {dst} (GPTQ, {q['bits']}-bit, group {q['group_size']}, "

@@ -1,5 +1,10 @@
 """qdlm generate --model PATH --prompt TEXT: sample with the LLaDA or Dream algorithm.
 
+`--model` is a checkpoint directory or a hub id; the prompt is encoded by the checkpoint's
+tokenizer (`load_tokenizer`) and framed with its BOS, or, with `--chat` (`gen.chat=true`),
+put through its chat template as one user message. The output is cut at the checkpoint's
+stop ids (EOS, the end of turn, its generation config's EOS ids).
+
 The generation settings come from an ml-collections config with a `gen` section
 (`--config configs/generate.py`, default: the built-in defaults, which are the same values),
 overridden with `--config.gen.KEY=VALUE`. They become a frozen `GenerationConfig` before the
@@ -32,6 +37,9 @@ def add_arguments(p):
                    help="param and compute dtype (default: the checkpoint's)")
     p.add_argument("--no-bos", action="store_true",
                    help="do not prepend the model's bos_token_id to each prompt")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the tokenizer's chat template (each prompt one user message; "
+                        "same as --config.gen.chat=true)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
 
 
@@ -42,6 +50,7 @@ def default_config():
     from qdlm_jax.inference.generate import GenerationConfig
     c = ml_collections.ConfigDict()
     c.gen = ml_collections.ConfigDict(dataclasses.asdict(GenerationConfig()))
+    c.gen.chat = False  # apply the tokenizer's chat template to the prompts
     return c
 
 
@@ -49,11 +58,15 @@ def _log(msg):
     print(f"[generate] {msg}", file=sys.stderr, flush=True)
 
 
-def _encode(prompts, tokenizer, bos, model_path):
+def _encode(prompts, tokenizer, bos, model_path, chat):
     rows = []
     for text in prompts:
+        if tokenizer is not None and chat:
+            rows.append(tokenizer.encode(tokenizer.chat_prompt([{"role": "user",
+                                                                "content": text}])))
+            continue
         if tokenizer is not None:
-            ids = tokenizer.encode(text).ids
+            ids = tokenizer.encode(text)
         else:
             if not re.fullmatch(r"[\s,]*\d+([\s,]+\d+)*[\s,]*", text):
                 from qdlm_jax.errors import ConfigOverrideError
@@ -83,30 +96,41 @@ def run(args, overrides):
     from qdlm_jax import load_model
     from qdlm_jax.inference.generate import GenerationConfig, compile_generate, left_pad
 
+    gen_settings = config.gen.to_dict()
+    chat = bool(gen_settings.pop("chat", False)) or args.chat
     try:
-        gen = GenerationConfig.from_mapping(config.gen.to_dict())
+        gen = GenerationConfig.from_mapping(gen_settings)
     except (TypeError, ValueError) as e:
         raise ConfigOverrideError(f"gen: {e}") from None
 
+    from qdlm_jax.checkpoints.load import load_tokenizer, resolve_checkpoint
+    from qdlm_jax.errors import CheckpointError
+
     t0 = time.time()
     _log(f"loading {args.model} ...")
-    model = load_model(args.model, dtype=args.dtype)
+    path = resolve_checkpoint(args.model)
+    model = load_model(path, dtype=args.dtype)
     c = model.config
-    tok_path = Path(args.model) / "tokenizer.json"
-    tokenizer = None
-    if tok_path.is_file():
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(str(tok_path))
+    try:
+        tokenizer = load_tokenizer(path)
+    except CheckpointError as e:
+        if chat or "no tokenizer" not in str(e):
+            raise
+        tokenizer = None
+    if chat and tokenizer.chat_template is None:
+        raise ConfigOverrideError(f"--chat: {path} has no chat template (tokenizer_config.json "
+                                  "chat_template or chat_template.jinja)")
     _log(f"loaded {c.family} model ({c.num_layers} layers, width {c.hidden_size}, vocab "
          f"{c.vocab_size}, {c.dtype}) in {time.time() - t0:.1f}s; tokenizer: "
-         f"{tok_path if tokenizer else 'none (token ids)'}")
+         f"{tokenizer.describe() if tokenizer else 'none (token ids)'}"
+         + ("; chat template applied" if chat else ""))
     from qdlm_jax.checkpoints.load import quantization_banner
     banner = quantization_banner(args.model)
     if banner:
         _log(banner)
 
-    bos = None if args.no_bos else c.bos_token_id
-    rows = _encode(args.prompt, tokenizer, bos, args.model)
+    bos = None if args.no_bos or chat else c.bos_token_id
+    rows = _encode(args.prompt, tokenizer, bos, args.model, chat)
     pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
     ids, mask = left_pad(rows, pad)
     mask = None if mask.all() else mask
@@ -132,12 +156,15 @@ def run(args, overrides):
     _log(f"generated {n_tok} tokens in {dt:.2f}s ({n_tok / dt:.1f} tokens/s, "
          f"{gen.steps / dt:.1f} steps/s); total {time.time() - t_start:.1f}s")
 
-    stops = {t for t in (c.eos_token_id, c.eot_token_id) if t is not None}
+    stops = set(c.stop_ids)
     for i, row in enumerate(out):
         gen_ids = [int(t) for t in row[ids.shape[1]:]]
         cut = next((j for j, t in enumerate(gen_ids) if t in stops), len(gen_ids))
         prompt_ids = rows[i][1:] if bos is not None else rows[i]
-        if tokenizer is not None:  # decode prompt + continuation together (spacing)
+        if tokenizer is not None and chat:  # the answer alone, without the template's text
+            text = args.prompt[i] + "\n" + tokenizer.decode(gen_ids[:cut],
+                                                            skip_special_tokens=True)
+        elif tokenizer is not None:  # decode prompt + continuation together (spacing)
             text = tokenizer.decode(prompt_ids + gen_ids[:cut], skip_special_tokens=False)
         else:
             text = " ".join(map(str, prompt_ids + gen_ids[:cut]))

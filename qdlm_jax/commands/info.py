@@ -1,4 +1,5 @@
-"""qdlm info PATH: the model config and parameter count of a checkpoint."""
+"""qdlm info PATH: the model config, parameter count and tokenizer of a checkpoint (a
+directory or a hub id)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ HELP = "print the model config and parameter count of a checkpoint (HF dir or qd
 
 
 def add_arguments(p):
-    p.add_argument("path", help="HF checkpoint directory or `qdlm convert` output")
+    p.add_argument("path", help="HF checkpoint directory, hub id, or `qdlm convert` / "
+                                "`qdlm quantize` output")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -19,9 +21,13 @@ def run(args, overrides):
 
     from qdlm_jax.checkpoints import orbax_format as checkpoint
     from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, expected_shape, key_map
-    from qdlm_jax.checkpoints.load import param_summary, quantization_banner
+    from qdlm_jax.checkpoints.load import (load_tokenizer, param_summary, quantization_banner,
+                                           resolve_checkpoint)
+    from qdlm_jax.errors import CheckpointError
 
-    path = Path(args.path)
+    path = resolve_checkpoint(args.path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
     if checkpoint.is_qdlm_checkpoint(path):
         config = checkpoint.read_config(path)
         _, params = checkpoint.load_checkpoint(path)
@@ -38,8 +44,18 @@ def run(args, overrides):
         n_params = sum(int(np.prod(expected_shape(config, m.path))) for m in key_map(config))
         n_bytes = sum(int(np.prod(ckpt.shape(k))) * ckpt.files[ckpt.where[k]].dtype(k).itemsize
                       for k in ckpt.keys())
+    try:
+        tok = load_tokenizer(path)
+        tokenizer = {"class": type(tok.hf).__name__, "tokens": len(tok.hf),
+                     "chat_template": tok.chat_template is not None,
+                     "special_ids": {f: getattr(tok.special, f) for f in
+                                     ("pad", "bos", "eos", "mask", "eot")},
+                     "stop_ids": list(tok.special.stops),
+                     "sources": dict(tok.special.sources)}
+    except CheckpointError as e:
+        tokenizer = {"error": str(e)}
     info = {"path": str(path), "format": kind, "params": n_params, "bytes": n_bytes,
-            "quantized": quantized, "config": config.to_dict()}
+            "quantized": quantized, "config": config.to_dict(), "tokenizer": tokenizer}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -47,6 +63,15 @@ def run(args, overrides):
     print(f"  family: {config.family}   params: {n_params:,} ({n_params / 1e9:.3f} B)   "
           f"size: {n_bytes / 2**20:.1f} MiB")
     print(f"  {quantized or 'not quantized (float weights)'}")
+    if "error" in tokenizer:
+        print(f"  tokenizer: none ({tokenizer['error']})")
+    else:
+        where = tokenizer["sources"]
+        print(f"  tokenizer: {tokenizer['class']}, {tokenizer['tokens']:,} tokens, chat "
+              f"template: {'yes' if tokenizer['chat_template'] else 'no'}")
+        print("  special ids: " + ", ".join(
+            f"{f}={v} ({where.get(f, 'not set')})" for f, v in tokenizer["special_ids"].items())
+            + f"; generation stops at {tokenizer['stop_ids']}")
     for k, v in config.to_dict().items():
         print(f"  {k:>24}: {v}")
     return 0

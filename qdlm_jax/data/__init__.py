@@ -2,7 +2,9 @@
 
 * :mod:`qdlm_jax.data.sources` -- local files, Hugging Face datasets, the
   offline BIG-bench Wikipedia default, deterministic document splits, token windows.
-* :mod:`qdlm_jax.data.tokenizer` -- byte-level BPE with mask / BOS / EOS / PAD tokens.
+* :mod:`qdlm_jax.data.tokenizer` -- the project's byte-level BPE (mask / BOS / EOS / PAD) for training.
+* :mod:`qdlm_jax.data.hf_tokenizer` -- a checkpoint's tokenizer as transformers loads it, its special ids.
+* :mod:`qdlm_jax.data.llamacpp_vocab` -- real vocabularies (llama.cpp's vocab files), fetched at first use.
 * :mod:`qdlm_jax.data.arithmetic` -- seeded addition / subtraction problems.
 """
 
@@ -36,7 +38,7 @@ from qdlm_jax.data.sources import (
 from qdlm_jax.data.tokenizer import (
     SpecialTokenIds,
     TokenizerSpec,
-    load_tokenizer,
+    load_bpe_tokenizer,
     save_tokenizer,
     special_token_ids,
     train_tokenizer,
@@ -61,7 +63,7 @@ __all__ = [
     "load_bigbench_wikipedia",
     "load_documents",
     "load_split",
-    "load_tokenizer",
+    "load_bpe_tokenizer",
     "read_jsonl",
     "read_text_file",
     "render_answer",

@@ -37,7 +37,7 @@ __all__ = [
     "TOKENIZER_FILENAME",
     "TokenizerSpec",
     "build_untrained_tokenizer",
-    "load_tokenizer",
+    "load_bpe_tokenizer",
     "save_tokenizer",
     "special_token_ids",
     "train_tokenizer",
@@ -135,8 +135,9 @@ def save_tokenizer(tok: Tokenizer, path_or_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
-    """Load a ``tokenizer.json`` (or a directory holding one) and check its special tokens."""
+def load_bpe_tokenizer(path_or_dir: str | os.PathLike[str]) -> Tokenizer:
+    """Load the project's trained ``tokenizer.json`` (or a directory holding one) for training
+    and check its special tokens. A checkpoint's tokenizer is `checkpoints.load.load_tokenizer`."""
     path = _tokenizer_file(path_or_dir)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")

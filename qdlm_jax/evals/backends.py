@@ -8,9 +8,19 @@ whose preferences are known:
   bound of `likelihood.log_likelihood` (LLaDA: stratified 1/t weighting; Dream: p_mask
   weighting with right-shifted logits), with prompt = [BOS] + tokens(context) and
   answer = tokens(continuation) (+ [EOS] for Dream, as Dream's evaluation does).
-- `GenerateFn(prompts: list[str]) -> list[str]`: the completion of each prompt (text after
-  the prompt, cut at EOS and at the task's stop strings). `TextModel.generate` runs the
-  family's jitted denoising loop (`generate.generate`) on left-padded batches.
+- `GenerateFn(prompts: list[Prompt]) -> list[str]`: the completion of each prompt (text after
+  the prompt, cut at the checkpoint's stop ids and at the task's stop strings).
+  `TextModel.generate` runs the family's jitted denoising loop (`generate.generate`) on
+  left-padded batches.
+
+A prompt is text, or a chat as a list of `{"role", "content"}` messages. With `chat` on (or
+for a message list), the prompt is the tokenizer's chat template applied to the messages (a
+text prompt is one user message) with the assistant's turn opened, encoded as is: the
+template writes the checkpoint's own framing (LLaDA's `<|startoftext|>`, Dream's
+`<|im_start|>`). Otherwise the prompt is [BOS] + its tokens (BOS not repeated when the text
+already starts with it). `chat_setting("auto")` is on for a checkpoint whose tokenizer has a
+chat template and whose name or config marks it as an instruct model (`instruct`), the way
+QDLM's evaluation decides.
 
 `context_key(seed, context)` is the Monte Carlo key of a context: every continuation scored
 against the same context (the options of one multiple-choice item) gets the same noise
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import jax
 import numpy as np
@@ -31,13 +41,36 @@ from qdlm_jax.inference.generate import (DREAM_ONLY, LLADA_ONLY, GenerationConfi
                                          generate_with_nfe, left_pad)
 from qdlm_jax.inference.likelihood import bucket, log_likelihood
 
-LoglikFn = Callable[[str, str, jax.Array], float]
-GenerateFn = Callable[[Sequence[str]], list[str]]
+Message = Mapping[str, str]
+Prompt = Union[str, Sequence[Message]]
+LoglikFn = Callable[[Prompt, str, jax.Array], float]
+GenerateFn = Callable[[Sequence[Prompt]], list[str]]
+CHAT_SETTINGS = ("auto", "on", "off")
 
 
-def context_key(seed: int, context: str) -> jax.Array:
+def context_key(seed: int, context: Prompt) -> jax.Array:
     """`fold_in(key(seed), crc32(context))`: the same draws for every option of a context."""
-    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(context.encode("utf-8")))
+    text = context if isinstance(context, str) else repr([dict(m) for m in context])
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(text.encode("utf-8")))
+
+
+def is_instruct_checkpoint(path) -> bool:
+    """Whether a checkpoint's name (its directory, the run a packed `model/` belongs to, or
+    `_name_or_path` in its config.json) marks it as an instruct / chat model ("instruct",
+    or an "-it" suffix as in gemma-*-it)."""
+    from pathlib import Path
+
+    p = Path(path)
+    names = [p.name, p.parent.name if p.name == "model" else ""]
+    if p.parent.name == "snapshots":  # a hub id in the Hugging Face cache
+        names.append(p.parent.parent.name)
+    try:
+        import json
+        names.append(str(json.loads((p / "config.json").read_text()).get("_name_or_path", "")))
+    except (OSError, ValueError, AttributeError):
+        pass
+    names = [n.lower() for n in names if n]
+    return any("instruct" in n or n.endswith("-it") or "-it-" in n for n in names)
 
 
 def for_family(gen: GenerationConfig, family: str) -> GenerationConfig:
@@ -67,7 +100,10 @@ class TextModel:
     """A loaded model (fp or quantized) plus its `tokenizers.Tokenizer`."""
 
     model: object
-    tokenizer: object
+    tokenizer: object  # data.hf_tokenizer.CheckpointTokenizer
+    chat: bool = False  # apply the chat template to text prompts
+    instruct: bool = False  # the checkpoint is an instruct model (`is_instruct_checkpoint`)
+    templated: bool = False  # text prompts are chat-templated already: encoded as they are
     # generated positions and forward passes (per real row) since `take_decode_stats`
     decode_counts: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -75,12 +111,34 @@ class TextModel:
     def family(self) -> str:
         return self.model.config.family
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def chat_setting(self, setting: str) -> bool:
+        """`auto` | `on` | `off` -> whether prompts go through the chat template."""
+        if setting not in CHAT_SETTINGS:
+            raise ValueError(f"chat_template={setting!r}: expected one of {CHAT_SETTINGS}")
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        if setting == "on" and not has_template:
+            raise ValueError(f"chat_template=on: {getattr(self.tokenizer, 'source', 'the')} "
+                             "tokenizer has no chat template")
+        return setting == "on" or (setting == "auto" and has_template and self.instruct)
 
-    def prompt_ids(self, context: str) -> list[int]:
+    def with_chat(self, setting: str) -> "TextModel":
+        """This model with the chat template `setting` (auto | on | off) applied."""
+        return dataclasses.replace(self, chat=self.chat_setting(setting))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def prompt_ids(self, context: Prompt) -> list[int]:
+        """Ids of a prompt (module docstring: chat template or [BOS] + tokens)."""
+        if not isinstance(context, str) or self.chat:
+            messages = [{"role": "user", "content": context}] if isinstance(context, str) \
+                else [dict(m) for m in context]
+            return self.encode(self.tokenizer.chat_prompt(messages))
         bos = self.model.config.bos_token_id
-        return ([bos] if bos is not None else []) + self.encode(context)
+        ids = self.encode(context)
+        if self.templated or bos is None or ids[:1] == [bos]:
+            return ids
+        return [bos] + ids
 
     def answer_ids(self, continuation: str) -> list[int]:
         ids = self.encode(continuation)
@@ -89,7 +147,7 @@ class TextModel:
             ids.append(eos)
         return ids
 
-    def loglik(self, context: str, continuation: str, key: jax.Array, *, mc_num: int = 128,
+    def loglik(self, context: Prompt, continuation: str, key: jax.Array, *, mc_num: int = 128,
                batch_size: int = 32, cfg_scale: float = 0.0) -> float:
         """Monte Carlo lower bound on log p(continuation | context) (see module docstring)."""
         answer = self.answer_ids(continuation)
@@ -105,14 +163,14 @@ class TextModel:
                                              cfg_scale=cfg_scale)
 
     def decode_completion(self, row: Sequence[int]) -> str:
-        """Text of generated ids up to the first EOS / EOT."""
-        c = self.model.config
-        stops = {t for t in (c.eos_token_id, c.eot_token_id) if t is not None}
+        """Text of generated ids up to the first stop id (EOS, end of turn, the checkpoint's
+        generation EOS ids)."""
+        stops = set(self.model.config.stop_ids)
         ids = [int(t) for t in row]
         cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
         return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
-    def generate(self, prompts: Sequence[str], gen: GenerationConfig, *,
+    def generate(self, prompts: Sequence[Prompt], gen: GenerationConfig, *,
                  stops: Sequence[str] = (), batch_size: int = 8, progress: bool = True,
                  desc: str = "generate") -> list[str]:
         """Completions of `prompts` (batches of `batch_size`, left-padded to a bucketed width
@@ -158,16 +216,13 @@ class TextModel:
                                              progress=progress, desc=desc)
 
 
-def load_text_model(path, *, dtype: str | None = "float32") -> TextModel:
-    """`load_model(path)` (HF dir, qdlm checkpoint or packed quantized checkpoint) plus the
-    `tokenizer.json` beside it."""
-    from pathlib import Path
+def load_text_model(path, *, dtype: str | None = "float32",
+                    chat_template: str = "off") -> TextModel:
+    """`load_model(path)` (HF dir, hub id, qdlm checkpoint or packed quantized checkpoint)
+    with the checkpoint's tokenizer (`load_tokenizer`); `chat_template` auto | on | off."""
+    from qdlm_jax.checkpoints.load import load_model, load_tokenizer, resolve_checkpoint
 
-    from tokenizers import Tokenizer
-
-    from qdlm_jax import load_model
-    tok_path = Path(path) / "tokenizer.json"
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path}: no tokenizer.json beside the model; the text "
-                                "tasks need one")
-    return TextModel(load_model(path, dtype=dtype), Tokenizer.from_file(str(tok_path)))
+    p = resolve_checkpoint(path)
+    tm = TextModel(load_model(p, dtype=dtype), load_tokenizer(p),
+                   instruct=is_instruct_checkpoint(p))
+    return tm.with_chat(chat_template)

@@ -23,7 +23,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.data import arithmetic, sources
-from qdlm_jax.data.tokenizer import special_token_ids
 from qdlm_jax.inference.generate import GenerationConfig, generate
 from qdlm_jax.inference.likelihood import perplexity_bound
 
@@ -32,7 +31,9 @@ LN2 = math.log(2.0)
 
 def heldout_windows(tokenizer, *, source: str = sources.DEFAULT_SOURCE, seq_len: int = 128,
                     n_windows: int = 32, split: str = "heldout", seed: int = 0) -> np.ndarray:
-    special = special_token_ids(tokenizer)
+    """Held-out windows encoded by a checkpoint's tokenizer (`CheckpointTokenizer`), each
+    document framed by its BOS / EOS ids."""
+    special = tokenizer.special
     docs = sources.load_split(source, split, seed=seed)
     w = sources.token_windows(docs, tokenizer, seq_len, bos_id=special.bos, eos_id=special.eos,
                               max_windows=n_windows)
@@ -88,8 +89,11 @@ class ArithmeticEval:
 
 def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(),
                         *, progress: bool = True) -> dict:
-    """Exact-match accuracy on held-out problems, greedy (temperature 0) denoising."""
-    special = special_token_ids(tokenizer)
+    """Exact-match accuracy on held-out problems, greedy (temperature 0) denoising; the
+    answer is the text generated before the first stop id (EOS, end of turn)."""
+    special = tokenizer.special
+    pad = special.pad if special.pad is not None else (special.eos or 0)
+    bos = [special.bos] if special.bos is not None else []
     aspec = arithmetic.ArithmeticSpec(digits=spec.digits, ops=spec.ops)
     problems = arithmetic.generate_problems(spec.n, seed=spec.seed, split="heldout",
                                             spec=aspec, unique=True)
@@ -103,19 +107,18 @@ def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(
     for start in tqdm(range(0, len(problems), spec.batch_size), desc="arithmetic",
                       disable=not progress):
         batch = problems[start:start + spec.batch_size]
-        prompts = [[special.bos] + tokenizer.encode(arithmetic.render_prompt(p)).ids
-                   for p in batch]
+        prompts = [bos + tokenizer.encode(arithmetic.render_prompt(p)) for p in batch]
         width = max(len(p) for p in prompts)
-        ids = np.full((len(batch), width), special.pad, np.int32)
+        ids = np.full((len(batch), width), pad, np.int32)
         mask = np.zeros((len(batch), width), np.int32)
         for i, p in enumerate(prompts):  # left padding
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
         out = np.asarray(generate(model, ids, mask, config=gen))
         for p, row in zip(batch, out[:, width:]):
-            text = tokenizer.decode([int(t) for t in row if t not in (special.pad,)],
-                                    skip_special_tokens=False)
-            text = text.split("<|eos|>")[0]
+            row = [int(t) for t in row]
+            cut = next((j for j, t in enumerate(row) if t in special.stops), len(row))
+            text = tokenizer.decode(row[:cut], skip_special_tokens=True)
             got = arithmetic.extract_answer(text)
             correct += int(got == p.answer)
             if len(examples) < 5:

@@ -1,7 +1,18 @@
 """lm-evaluation-harness model `qdlm-jax`: any lm-eval task against an fp or quantized JAX
 dLLM (needs the `eval` extra: `pip install -e '.[eval]'`).
 
-Importing this module registers the class under the name `qdlm-jax`:
+From the command line, `qdlm-lm-eval` is lm-eval's own command line with this model
+registered, so every lm-eval flag works as typed:
+
+    qdlm-lm-eval --model qdlm-jax --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,mc_num=32 \
+        --tasks gsm8k --num_fewshot 5 --apply_chat_template --fewshot_as_multiturn \
+        --output_path runs/lm_eval --log_samples
+
+(`python -m qdlm_jax.evals.lm_eval_cli` is the same.) `--apply_chat_template` formats every
+request with the checkpoint's chat template (`apply_chat_template` below): the model then
+encodes the prompts as lm-eval wrote them, without adding BOS.
+
+In Python, importing this module registers the class under the name `qdlm-jax`:
 
     import lm_eval, qdlm_jax.evals.lm_eval_adapter
     lm_eval.simple_evaluate(model="qdlm-jax",
@@ -10,8 +21,9 @@ Importing this module registers the class under the name `qdlm-jax`:
                                 include_path="my_task_dir"))
 
 (or pass `QDLMJaxLM(model=..., tokenizer=...)` or `QDLMJaxLM(text_model=...)` as `model=`;
-`qdlm eval --lm-eval-tasks` does this). `pretrained` is anything `qdlm_jax.load_model` reads: a Hugging Face checkpoint
-dir, a `qdlm convert` output, or a packed quantized model written by `qdlm quantize`.
+`qdlm eval --lm-eval-tasks` does this). `pretrained` is anything `qdlm_jax.load_model`
+reads: a Hugging Face checkpoint dir or hub id, a `qdlm convert` output, or a packed
+quantized model written by `qdlm quantize`; its tokenizer is the checkpoint's own.
 
 - `loglikelihood((context, continuation))`: the Monte Carlo bound of
   `likelihood.log_likelihood` (`backends.TextModel.loglik`: LLaDA's or Dream's estimator,
@@ -103,6 +115,17 @@ class QDLMJaxLM(LM):
                                     threshold=_as_float_or_none("threshold", threshold),
                                     factor=_as_float_or_none("factor", factor))
 
+    # ---- chat templates ------------------------------------------------------------
+    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
+        """lm-eval's `--apply_chat_template`: the checkpoint's template applied to the
+        messages; the requests that follow are encoded as written (no BOS added)."""
+        self.tm = dataclasses.replace(self.tm, templated=True, chat=False)
+        return self.tm.tokenizer.chat_prompt(chat_history,
+                                             add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template=False) -> str | None:
+        return self.tm.tokenizer.chat_template if chat_template is not False else None
+
     # ---- likelihood ----------------------------------------------------------------
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         out = []
@@ -156,4 +179,6 @@ class QDLMJaxLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return "qdlm-jax"
+        """The tokenizer's directory, as lm-eval's caches key it."""
+        source = getattr(self.tm.tokenizer, "source", "qdlm-jax")
+        return str(source).replace("/", "__")

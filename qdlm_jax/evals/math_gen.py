@@ -148,12 +148,27 @@ def load_problems(source: str, *, limit: int | None, num_fewshot: int, seed: int
     return items[:num_fewshot], rest if limit is None else rest[:limit]
 
 
+def chat_turns(shots: Sequence[MathItem], query: str) -> list[dict]:
+    """The few-shot examples as earlier turns of a chat (each shot's question a user turn,
+    its worked answer the assistant's), then the query as the last user turn."""
+    turns = []
+    for s in shots:
+        answer = s.shot[len(s.query):] if s.shot.startswith(s.query) else s.shot
+        turns += [{"role": "user", "content": s.query},
+                  {"role": "assistant", "content": answer.strip()}]
+    return turns + [{"role": "user", "content": query}]
+
+
 def score_problems(shots: Sequence[MathItem], items: Sequence[MathItem],
-                   generate_fn: GenerateFn, *, extract: str = "last") -> dict:
-    """Exact match of extracted answers: mean [extract(completion) == gold]."""
+                   generate_fn: GenerateFn, *, extract: str = "last",
+                   multiturn: bool = False) -> dict:
+    """Exact match of extracted answers: mean [extract(completion) == gold]. The few-shot
+    examples precede each query as text, or as earlier chat turns when `multiturn`."""
     t0 = time.time()
     preamble = "".join(s.shot for s in shots)
-    completions = generate_fn([preamble + it.query for it in items])
+    prompts = ([chat_turns(shots, it.query) for it in items] if multiturn
+               else [preamble + it.query for it in items])
+    completions = generate_fn(prompts)
     correct, examples = 0, []
     for it, text in zip(items, completions):
         got = extract_answer(text, extract)

@@ -97,6 +97,7 @@ class MCTask:
     batch_size: int = 32
     cfg_scale: float = 0.0
     seed: int = 0
+    chat_template: str = "auto"  # auto | on | off (backends.TextModel.chat_setting)
     type: str = dataclasses.field(default="multiple_choice", init=False)
     metric = "acc"
     higher_is_better = True
@@ -120,6 +121,7 @@ class MathTask:
     seed: int = 0
     digits: tuple[int, ...] = (2,)  # arithmetic source only
     ops: tuple[str, ...] = ("+",)  # arithmetic source only
+    chat_template: str = "auto"  # auto | on | off; on: few-shot examples as earlier turns
     type: str = dataclasses.field(default="math", init=False)
     metric = "exact_match"
     higher_is_better = True
@@ -140,6 +142,7 @@ class CodeTask:
     memory_mb: int = 1024
     workers: int = 2  # sandbox processes at a time
     batch_size: int = 4
+    chat_template: str = "auto"  # auto | on | off
     type: str = dataclasses.field(default="code", init=False)
     metric = "pass@1"
     higher_is_better = True
@@ -260,10 +263,12 @@ def load_task_file(path) -> list[TaskSpec]:
 
 
 def spec_dict(spec: TaskSpec) -> dict:
-    """JSON-able fields of a spec (GenerationConfig expanded). Generation fields added after
-    a study was run are left out at their defaults (`cache`, `threshold`), so the study's
-    finished cells keep their keys."""
+    """JSON-able fields of a spec (GenerationConfig expanded). Fields added after a study was
+    run are left out at their defaults (`chat_template`, and `cache`, `threshold` of `gen`),
+    so the study's finished cells keep their keys."""
     d = json.loads(json.dumps(dataclasses.asdict(spec)))
+    if d.get("chat_template") == "auto":
+        d.pop("chat_template")
     gen = d.get("gen")
     if isinstance(gen, dict):
         for name, default in _LATER_GEN_DEFAULTS.items():
@@ -284,7 +289,10 @@ def spec_hash(spec: TaskSpec) -> str:
 def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
     """Evaluates `tm` (a `backends.TextModel`) on one task. Returns a dict with `task`,
     `type`, `category`, `metric`, `value` (the metric), `higher_is_better`, `n`, `time_s`,
-    the family's other figures and a few `examples`."""
+    the family's other figures and a few `examples`. Prompts of the generation and
+    multiple-choice tasks go through the chat template as `spec.chat_template` says."""
+    if hasattr(spec, "chat_template"):
+        tm = tm.with_chat(spec.chat_template)
     if isinstance(spec, LMTask):
         from qdlm_jax.evals import lm
         w = lm.windows_for(tm.tokenizer, tm.model.config, source=spec.source, split=spec.split,
@@ -308,7 +316,8 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
                                               digits=spec.digits, ops=spec.ops)
         gen_fn = tm.generate_fn(spec.gen, stops=spec.stops, batch_size=spec.batch_size,
                                 progress=progress, desc=spec.name)
-        r = math_gen.score_problems(shots, items, gen_fn, extract=spec.extract)
+        r = math_gen.score_problems(shots, items, gen_fn, extract=spec.extract,
+                                    multiturn=tm.chat)
     elif isinstance(spec, CodeTask):
         from qdlm_jax.evals import code_gen
         from qdlm_jax.evals.sandbox import SandboxLimits
@@ -321,7 +330,7 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
     else:
         raise ValueError(f"{spec!r}: not a task spec")
     return {"task": spec.name, "type": spec.type, "category": spec.category,
-            "metric": spec.metric, "value": r[spec.metric],
+            "chat_template": tm.chat, "metric": spec.metric, "value": r[spec.metric],
             "higher_is_better": spec.higher_is_better, "se": standard_error(spec, r), **r}
 
 

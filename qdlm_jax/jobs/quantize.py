@@ -88,6 +88,8 @@ def model_label(path: str) -> str:
     """A readable name for a checkpoint path (a packed model's `model/` dir takes its run's
     name)."""
     p = Path(path).resolve()
+    if p.parent.name == "snapshots":  # a hub id's snapshot in the Hugging Face cache
+        return p.parent.parent.name.split("--")[-1]
     return p.parent.name if p.name == "model" else p.name
 
 
@@ -133,8 +135,11 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                       unmasked_weight=c.unmasked_weight, trajectory_steps=c.trajectory_steps,
                       seed=c.seed)
     model = project_path(cfg.model)
-    if not model.exists():
-        raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
+    if not model.exists():  # a hub id, through the Hugging Face cache
+        from qdlm_jax.checkpoints.load import resolve_checkpoint
+        model = resolve_checkpoint(cfg.model)
+        if not model.exists():
+            raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
     return JobSpec(model=str(model), out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
                    eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
                    eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save,
@@ -270,9 +275,9 @@ def unigram_reference(model_path: str) -> float | None:
 
 
 def calibration_windows(tokenizer, spec: JobSpec):
-    """The calibration split's token windows [n_samples, seq_len] (BOS/EOS framed)."""
-    from qdlm_jax.data.tokenizer import special_token_ids
-    special = special_token_ids(tokenizer)
+    """The calibration split's token windows [n_samples, seq_len], encoded by the checkpoint's
+    tokenizer and framed by its BOS / EOS ids."""
+    special = tokenizer.special
     docs = sources.load_split(spec.source, "calib", seed=0)
     return sources.token_windows(docs, tokenizer, spec.calib.seq_len, bos_id=special.bos,
                                  eos_id=special.eos, max_windows=spec.calib.n_samples)
@@ -313,7 +318,8 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     from qdlm_jax.checkpoints.hf import load_hf_config
     from qdlm_jax.checkpoints.load import param_summary
     from qdlm_jax.checkpoints.orbax_format import load_checkpoint
-    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.checkpoints.load import load_tokenizer
+    from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.evals.basic import heldout_windows
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.params import model_from_params
@@ -327,8 +333,8 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
                                   "--config.calibration=clean|masked or --config.stream=false")
     config = load_hf_config(Path(spec.model) / "config.json")
     _check_widths(config, spec.ptq)
-    tok_path = Path(spec.model) / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(spec.model)
+    print(f"[quantize] tokenizer: {tokenizer.describe()}")
     print(f"[quantize] {spec.model}: {config.family}, streaming {spec.method} "
           f"W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size} calibration={spec.calib.mode}"
           + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
@@ -344,8 +350,8 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
             "calibration": spec.calib.mode if spec.needs_calibration else "none",
             "config_hash": spec.config_hash}
     if spec.save:  # written one block at a time, then loaded back (the packed model is small)
-        save_packed(spec.model, run_dir / "blocks", run_dir / "model", extra_files=[tok_path],
-                    meta=meta)
+        save_packed(spec.model, run_dir / "blocks", run_dir / "model",
+                    extra_files=tokenizer_files(spec.model), meta=meta)
         cfg, stored = load_checkpoint(run_dir / "model")
     else:
         cfg, params = assemble(spec.model, run_dir / "blocks")
@@ -371,6 +377,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
         summary["bf16_bytes"], "linear_bytes_vs_bf16": linear["bytes"] / linear["bf16_bytes"],
         "total_s": time.time() - t0,
         "stats": qstats,
+        "tokenizer": tokenizer.describe(),
     }
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
     if q is not None:
@@ -403,14 +410,13 @@ def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
 def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
     """(quantized model, stats) for a `configs/quantize.py`-style config, without the job's
     evaluation or saving; `model` (the fp model of cfg.model) skips loading it again."""
-    from qdlm_jax import load_model
-    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.checkpoints.load import load_model, load_tokenizer
 
     spec = job_spec(cfg)
     if model is None:
         model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)
-    tokenizer = load_tokenizer(Path(spec.model) / "tokenizer.json")
+    tokenizer = load_tokenizer(spec.model)
     qmodel, qstats, _, _ = calibrate_and_quantize(model, tokenizer, spec)
     return qmodel, qstats
 
@@ -430,7 +436,8 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     from qdlm_jax import load_model
     from qdlm_jax.checkpoints.load import read_model_config
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
-    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.checkpoints.load import load_tokenizer
+    from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.distributed import to_host
     from qdlm_jax.models.params import get_params
@@ -452,14 +459,13 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32", mesh=mesh)
     _check_widths(model.config, spec.ptq)
-    tok_path = Path(spec.model) / "tokenizer.json"
+    tokenizer = load_tokenizer(spec.model)
     if writer:
         start_run_dir(run_dir, spec)
     print(f"[quantize] {spec.model}: {model.config.family}, {spec.method} on a "
           f"{dict(mesh.shape)} mesh, process {jax.process_index()} of {jax.process_count()}"
           + (f" -> {run_dir}" if writer else ""))
-    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, load_tokenizer(tok_path),
-                                                            spec)
+    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
     params = to_host(get_params(qmodel))  # a collective: every process
     result = {"model": spec.model, "run_dir": str(run_dir), "config": spec.config,
               "family": model.config.family, "method": spec.method,
@@ -467,13 +473,15 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
               "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
               "calibration": spec.calib.mode if calib else "none", "mesh": dict(mesh.shape),
               "processes": jax.process_count(), "fp": None, "quantized": None,
-              "quantize_s": quant_s, "total_s": time.time() - t0, "stats": qstats}
+              "quantize_s": quant_s, "total_s": time.time() - t0, "stats": qstats,
+              "tokenizer": tokenizer.describe()}
     if writer:
         if spec.save:
             stored = cast_floats(params, source_dtype)
             save_checkpoint(run_dir / "model",
                             qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
-                            stored, overwrite=True, extra_files=[tok_path],
+                            stored, overwrite=True,
+                            extra_files=tokenizer_files(spec.model),
                             meta={"method": spec.method, "bits": spec.ptq.weight.bits,
                                   "config_hash": spec.config_hash})
         atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
@@ -495,7 +503,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     from qdlm_jax import load_model
     from qdlm_jax.checkpoints.load import param_summary, read_model_config
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
-    from qdlm_jax.data.tokenizer import load_tokenizer
+    from qdlm_jax.checkpoints.load import load_tokenizer
+    from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.evals.basic import heldout_windows, output_kl
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.params import get_params
@@ -517,8 +526,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)
-    tok_path = Path(spec.model) / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(spec.model)
+    print(f"[quantize] tokenizer: {tokenizer.describe()}")
     seq = spec.calib.seq_len
     windows = heldout_windows(tokenizer, source=spec.source, seq_len=seq,
                               n_windows=spec.eval_windows)
@@ -568,12 +577,13 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
         "linear_bytes_vs_bf16": linear_q / fp_linear if fp_linear else None,
         "linear_bits_per_weight": 16.0 * linear_q / fp_linear if fp_linear else None,
         "total_s": time.time() - t0, "stats": qstats,
+        "tokenizer": tokenizer.describe(),
     }
     if spec.save:  # unquantized tensors go back to the source checkpoint's dtype
         stored = cast_floats(params, source_dtype)
         save_checkpoint(run_dir / "model",
                         qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
-                        stored, overwrite=True, extra_files=[tok_path],
+                        stored, overwrite=True, extra_files=tokenizer_files(spec.model),
                         meta={**{k: result[k] for k in ("method", "bits", "act_bits",
                                                         "group_size", "sym", "calibration")},
                               "config_hash": spec.config_hash})
@@ -663,6 +673,8 @@ def report(results: list[dict]) -> str:
             "".join(f"; {t} on {v['n']} held-out items ({v['metric']}"
                     f"{', chance 25%' if v['metric'] == 'acc' else ''})"
                     for t, v in q.get("tasks", {}).items()))
+        if r.get("tokenizer"):
+            notes.append(f"{Path(r['model']).name}: tokenizer {r['tokenizer']}")
     footer = ("\n± is one standard error (over windows for the bound and KL, binomial for "
               "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
     return "\n".join(lines) + "\n" + footer

@@ -175,9 +175,12 @@ class StudySpec:
 
 def study_spec(cfg) -> StudySpec:
     """Validates a `configs/study.py` config (one clear error before any work)."""
+    from qdlm_jax.checkpoints.load import resolve_checkpoint
+
     models = tuple(cfg.models)
     if not models:
         raise ValueError("--config.models: expected at least one model path")
+    models = tuple(m if Path(m).exists() else str(resolve_checkpoint(m)) for m in models)
     for m in models:
         if not Path(m).exists():
             raise FileNotFoundError(f"--config.models: {m}: no such checkpoint directory")
@@ -550,12 +553,14 @@ def kv_settings(qcfg: dict | None) -> dict:
 
 
 def _make_variant(spec: StudySpec, model: str, v: Variant, fp_tm):
-    from qdlm_jax.evals.backends import TextModel, load_text_model
+    import dataclasses
+
+    from qdlm_jax.evals.backends import load_text_model
     if v.method == FP:
         return load_text_model(model, dtype=spec.dtype)
     from qdlm_jax.jobs.quantize import quantize_from_config
     qmodel, _ = quantize_from_config(quantize_config(spec, model, v), model=fp_tm.model)
-    return TextModel(qmodel, fp_tm.tokenizer)
+    return dataclasses.replace(fp_tm, model=qmodel, decode_counts={})
 
 
 # ---- table and plots ---------------------------------------------------------------------

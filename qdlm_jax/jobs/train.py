@@ -62,7 +62,7 @@ def prepare_tokenizer(cfg, out_dir: Path):
             texts += [p + a for p, a in synthetic.task_pairs(task, n_lines, seed=d.seed + 7)]
         tok = tok_lib.train_tokenizer(texts, tok_lib.TokenizerSpec(vocab_size=d.vocab_size))
         tok_lib.save_tokenizer(tok, path)
-    return path, tok_lib.load_tokenizer(path)
+    return path, tok_lib.load_bpe_tokenizer(path)
 
 
 def arithmetic_rows(tokenizer, special, d, n_rows: int, seed: int):

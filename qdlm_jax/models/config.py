@@ -45,7 +45,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     eos_token_id: int | None = None
     bos_token_id: int | None = None
-    eot_token_id: int | None = None  # LLaDA-Instruct's end-of-turn token; None if absent
+    eot_token_id: int | None = None  # an instruct turn's end (<|eot_id|>, <|im_end|>) or None
+    stop_token_ids: tuple[int, ...] = ()  # further ids that end a generated answer
     max_position_embeddings: int = 4096
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of float params
@@ -69,6 +70,7 @@ class ModelConfig:
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ConfigError(f"mask_token_id={self.mask_token_id} is outside the vocabulary "
                               f"[0, {self.vocab_size})")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of "
@@ -77,6 +79,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generated answer: EOS, the end of turn, and the checkpoint's others."""
+        ids = (self.eos_token_id, self.eot_token_id, *self.stop_token_ids)
+        return tuple(dict.fromkeys(t for t in ids if t is not None))
 
     @property
     def compute_dtype(self):
@@ -128,6 +136,7 @@ def dream_7b(**overrides) -> ModelConfig:
                num_kv_heads=4, intermediate_size=18944, rope_theta=1e6, rms_norm_eps=1e-6,
                qkv_bias=True, rope_full_precision=False, mask_token_id=151666,
                pad_token_id=151643, eos_token_id=151643, bos_token_id=151665,
-               max_position_embeddings=131072, param_dtype="bfloat16", dtype="bfloat16")
+               eot_token_id=151645, max_position_embeddings=131072, param_dtype="bfloat16",
+               dtype="bfloat16")
     cfg.update(overrides)
     return ModelConfig(**cfg)

@@ -96,7 +96,7 @@ def heldout_elbo(model, windows: np.ndarray, *, shift: bool, draws: int, seed: i
 
 
 def run(spec: GapSpec, out_dir: Path) -> dict:
-    tok = tok_lib.load_tokenizer(spec.tokenizer)
+    tok = tok_lib.load_bpe_tokenizer(spec.tokenizer)
     special = tok_lib.special_token_ids(tok)
     train_w = sources.token_windows(sources.load_split("bigbench-wikipedia", "train", seed=0),
                                     tok, spec.seq_len, bos_id=special.bos, eos_id=special.eos)

@@ -16,7 +16,7 @@ from qdlm_jax.data.tokenizer import (
     SPECIAL_TOKENS,
     TokenizerSpec,
     build_untrained_tokenizer,
-    load_tokenizer,
+    load_bpe_tokenizer,
     save_tokenizer,
     special_token_ids,
     train_tokenizer,
@@ -70,8 +70,8 @@ def test_vocab_size_and_save_load(tok, tmp_path: Path) -> None:
     assert tok.get_vocab_size() <= 400
     path = save_tokenizer(tok, tmp_path / "tok")
     assert path == tmp_path / "tok" / "tokenizer.json" and path.is_file()
-    loaded = load_tokenizer(tmp_path / "tok")
-    assert load_tokenizer(path).get_vocab() == loaded.get_vocab() == tok.get_vocab()
+    loaded = load_bpe_tokenizer(tmp_path / "tok")
+    assert load_bpe_tokenizer(path).get_vocab() == loaded.get_vocab() == tok.get_vocab()
     assert special_token_ids(loaded) == special_token_ids(tok)
     text = "Sphinx of black quartz 42"
     assert loaded.encode(text).ids == tok.encode(text).ids
@@ -81,9 +81,9 @@ def test_load_rejects_tokenizer_without_special_tokens(tmp_path: Path) -> None:
     plain = build_untrained_tokenizer()
     plain.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"lacks special tokens"):
-        load_tokenizer(tmp_path)
+        load_bpe_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError):
-        load_tokenizer(tmp_path / "nope")
+        load_bpe_tokenizer(tmp_path / "nope")
 
 
 def test_spec_validation() -> None:

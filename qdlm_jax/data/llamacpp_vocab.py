@@ -1,0 +1,186 @@
+"""Real tokenizer vocabularies, offline: llama.cpp's vocab files from the llama-cpp-python sdist.
+
+The `llama-cpp-python` 0.3.36 sdist (PyPI, 76.6 MB) carries llama.cpp's tokenizer test files:
+`vendor/llama.cpp/models/ggml-vocab-<name>.gguf` (the vocabulary and merges of a published
+tokenizer, no weights) with `.gguf.inp` / `.gguf.out` beside each (test strings and the ids
+llama.cpp's reference tokenizer gives them), and chat templates in `models/templates/`.
+`fetch_vocab_files` downloads the sdist once (pinned sha256), extracts what is asked for into
+`<cache>/llamacpp/` and deletes the archive; nothing of it is part of this repository.
+
+`bpe_tokenizer_json(gguf)` rebuilds a GGUF byte-level BPE vocabulary ("gpt2" tokenizer model)
+as a Hugging Face `tokenizer.json`: the BPE model (tokens in id order, merges), the
+pre-tokenizer split of the vocabulary's family, ByteLevel without its own regex, the ByteLevel
+decoder, and every control / user-defined token as an added special token. For Qwen2 it
+reproduces llama.cpp's test vectors exactly (see `tests/data/test_llamacpp_vocab.py`).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from qdlm_jax.data.sources import cache_dir, verify_sha256
+from qdlm_jax.errors import DataSourceError
+from qdlm_jax.fsutil import atomic_write_bytes
+
+__all__ = [
+    "LLAMACPP_SDIST_SHA256",
+    "LLAMACPP_SDIST_URL",
+    "bpe_tokenizer_json",
+    "fetch_vocab_files",
+    "read_gguf_metadata",
+    "read_test_vectors",
+]
+
+LLAMACPP_SDIST_FILENAME = "llama_cpp_python-0.3.36.tar.gz"
+LLAMACPP_SDIST_URL = (
+    "https://files.pythonhosted.org/packages/ec/e9/"
+    "e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/" + LLAMACPP_SDIST_FILENAME)
+LLAMACPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+_MEMBER_ROOT = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+
+# Pre-tokenizer regexes by `tokenizer.ggml.pre` (the split each family's tokenizer.json uses).
+_SPLIT_PATTERNS = {
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
+                  r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are special (added) tokens
+
+
+def llamacpp_cache_dir() -> Path:
+    return cache_dir() / "llamacpp"
+
+
+def _download(url: str, dest: Path) -> None:
+    print(f"[qdlm] downloading {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r, open(dest, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except OSError as e:
+        raise DataSourceError(f"could not download {url} ({type(e).__name__}: {e}); put "
+                              f"{LLAMACPP_SDIST_FILENAME} (sha256 {LLAMACPP_SDIST_SHA256}) in "
+                              f"{cache_dir()} and retry") from None
+
+
+def fetch_vocab_files(names: Sequence[str]) -> dict[str, Path]:
+    """Paths of the named files below llama.cpp's `models/` folder (e.g.
+    "ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen2.5-7B-Instruct.jinja"), fetched into the
+    cache if missing. Raises `DataSourceError` naming the file when the sdist lacks one."""
+    root = llamacpp_cache_dir()
+    want = {n: root / n for n in names}
+    missing = {n: p for n, p in want.items() if not p.is_file()}
+    if not missing:
+        return want
+    archive = cache_dir() / LLAMACPP_SDIST_FILENAME
+    downloaded = not archive.is_file()
+    with tempfile.TemporaryDirectory(dir=cache_dir().parent if cache_dir().parent.is_dir()
+                                     else None) as tmp:
+        if downloaded:
+            archive = Path(tmp) / LLAMACPP_SDIST_FILENAME
+            _download(LLAMACPP_SDIST_URL, archive)
+        verify_sha256(archive, LLAMACPP_SDIST_SHA256)
+        found = set()
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar:
+                    name = member.name.removeprefix(_MEMBER_ROOT)
+                    if name in missing and member.isfile():
+                        atomic_write_bytes(missing[name], tar.extractfile(member).read())
+                        found.add(name)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataSourceError(f"could not read {archive} as a tar.gz archive: {e}") from None
+    absent = sorted(set(missing) - found)
+    if absent:
+        raise DataSourceError(f"{LLAMACPP_SDIST_FILENAME} has no {_MEMBER_ROOT}{absent[0]}")
+    return want
+
+
+# ---- GGUF metadata --------------------------------------------------------------------------
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read(f: BinaryIO, fmt: str):
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError("truncated GGUF header")
+    return struct.unpack(fmt, data)[0]
+
+
+def _read_value(f: BinaryIO, vtype: int) -> Any:
+    if vtype == _STRING:
+        return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
+    if vtype == _ARRAY:
+        etype, n = _read(f, "<I"), _read(f, "<Q")
+        return [_read_value(f, etype) for _ in range(n)]
+    if vtype not in _SCALARS:
+        raise ValueError(f"unknown GGUF value type {vtype}")
+    return _read(f, _SCALARS[vtype])
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (version 2 or 3), e.g. `tokenizer.ggml.tokens`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise DataSourceError(f"{path}: not a GGUF file (no GGUF magic)")
+            version = _read(f, "<I")
+            if version not in (2, 3):
+                raise DataSourceError(f"{path}: GGUF version {version}; expected 2 or 3")
+            _read(f, "<Q")  # tensor count
+            return {_read_value(f, _STRING): _read_value(f, _read(f, "<I"))
+                    for _ in range(_read(f, "<Q"))}
+    except (EOFError, ValueError) as e:
+        raise DataSourceError(f"{path}: malformed GGUF metadata ({e})") from None
+
+
+def bpe_tokenizer_json(gguf: str | Path) -> dict:
+    """A Hugging Face `tokenizer.json` (as a dict) for a GGUF byte-level BPE vocabulary."""
+    meta = read_gguf_metadata(gguf)
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model != "gpt2" or pre not in _SPLIT_PATTERNS:
+        raise DataSourceError(f"{gguf}: tokenizer model {model!r} / pre {pre!r}; expected a "
+                              f"'gpt2' BPE with pre in {sorted(_SPLIT_PATTERNS)}")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (_CONTROL, _USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _SPLIT_PATTERNS[pre]}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+             "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                    "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": pre == "llama-bpe",
+                  "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ", 1) for m in meta["tokenizer.ggml.merges"]]},
+    }
+
+
+def read_test_vectors(gguf: str | Path) -> list[tuple[str, list[int]]]:
+    """llama.cpp's (text, ids) test pairs beside a vocab file (`.gguf.inp` / `.gguf.out`)."""
+    gguf = Path(gguf)
+    texts = Path(f"{gguf}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    outs = Path(f"{gguf}.out").read_text(encoding="utf-8").split("\n")
+    texts = texts[:-1] if texts and texts[-1] == "" else texts
+    return [(t, [int(x) for x in o.split()]) for t, o in zip(texts, outs)]
+
