@@ -4,10 +4,14 @@
     python converters/random_checkpoint.py dream-7b runs/dream-7b-2l --layers 2
     python converters/random_checkpoint.py llada-tiny runs/llada-tiny               # for tests
     python converters/random_checkpoint.py llada-8b runs/llada-8b-narrow --layers 2 --shrink 4
+    python converters/random_checkpoint.py dream-tiny runs/dream-tiny-qwen2 --vocab dream
 
 Writes config.json (the hub's own keys), `model-0000i-of-0000n.safetensors` shards of at most
 --max-shard-gb with `model.safetensors.index.json`, in bf16 (or --dtype), plus the bundled
-tokenizer (its vocabulary is smaller than the real one: real-scale runs never decode text).
+tokenizer (its vocabulary is smaller than the real one: real-scale runs never decode text),
+or with `--vocab dream` Dream's real tokenizer (the Qwen2 vocabulary from llama.cpp's vocab
+files, fetched at first use, with Dream's added tokens, special ids and chat template) and a
+vocabulary of Dream-7B's size.
 Tensors are drawn one at a time (N(0, 0.02), norms 1) and written shard by shard, so memory
 stays at one shard. Real-scale quantization and conversion runs need no download.
 """
@@ -53,12 +57,18 @@ def model_config(name: str, layers: int | None, dtype: str, shrink: int = 1):
 
 def write(name: str, out: Path, *, layers: int | None = None, dtype: str = "bfloat16",
           max_shard_gb: float = 5.0, seed: int = 0, tokenizer: Path | None = None,
-          shrink: int = 1) -> Path:
+          shrink: int = 1, vocab: str = "bundled") -> Path:
     from qdlm_jax.checkpoints.hf import config_to_hf, expected_shape, key_map
     from qdlm_jax.checkpoints.safetensors_io import write_safetensors
     from qdlm_jax.fsutil import atomic_dir
+    from qdlm_jax.models.config import dream_7b
 
     config = model_config(name, layers, dtype, shrink)
+    if vocab == "dream":  # Dream-7B's vocabulary size and special ids
+        d = dream_7b()
+        config = config.replace(**{f: getattr(d, f) for f in (
+            "vocab_size", "mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id",
+            "eot_token_id")})
     mappings = key_map(config)
     limit = int(max_shard_gb * 2**30)
     itemsize = np.dtype(_NP[dtype]).itemsize
@@ -95,6 +105,10 @@ def write(name: str, out: Path, *, layers: int | None = None, dtype: str = "bflo
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+        if vocab == "dream":
+            from qdlm_jax.data.llamacpp_vocab import write_dream_tokenizer
+            write_dream_tokenizer(tmp)
+            return out
         tok = tokenizer or Path(__file__).resolve().parents[1] / "assets/tiny-llada/tokenizer.json"
         if tok.is_file():
             shutil.copy2(tok, tmp / "tokenizer.json")
@@ -110,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, default=None)
+    p.add_argument("--vocab", choices=("bundled", "dream"), default="bundled",
+                   help="bundled: the tiny models' tokenizer; dream: Dream's real tokenizer and "
+                        "vocabulary size (fetched from the llama-cpp-python sdist)")
     p.add_argument("--shrink", type=int, default=1, help="hidden size, heads and intermediate "
                    "size divided by this (head_dim and vocabulary kept): a narrower model of "
                    "the same layout for quick runs")
@@ -118,7 +135,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.out}: already exists")
     write(args.model, args.out, layers=args.layers, dtype=args.dtype,
           max_shard_gb=args.max_shard_gb, seed=args.seed, tokenizer=args.tokenizer,
-          shrink=args.shrink)
+          vocab=args.vocab, shrink=args.shrink)
     print(f"wrote {args.out}")
     return 0
 

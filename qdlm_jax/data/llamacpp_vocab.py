@@ -16,6 +16,7 @@ reproduces llama.cpp's test vectors exactly (see `tests/data/test_llamacpp_vocab
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import tarfile
@@ -36,6 +37,7 @@ __all__ = [
     "fetch_vocab_files",
     "read_gguf_metadata",
     "read_test_vectors",
+    "write_dream_tokenizer",
 ]
 
 LLAMACPP_SDIST_FILENAME = "llama_cpp_python-0.3.36.tar.gz"
@@ -184,3 +186,39 @@ def read_test_vectors(gguf: str | Path) -> list[tuple[str, list[int]]]:
     texts = texts[:-1] if texts and texts[-1] == "" else texts
     return [(t, [int(x) for x in o.split()]) for t, o in zip(texts, outs)]
 
+
+
+QWEN2_VOCAB = "ggml-vocab-qwen2.gguf"
+QWEN25_CHAT_TEMPLATE = "templates/Qwen-Qwen2.5-7B-Instruct.jinja"
+# Dream's tokens beyond the Qwen2 vocabulary file (its config.json: bos 151665, mask 151666).
+DREAM_ADDED_TOKENS = {151665: "<|beginoftext|>", 151666: "<|mask|>"}
+
+
+def write_dream_tokenizer(out_dir: str | Path) -> dict[str, Path]:
+    """Dream's tokenizer in `out_dir`: the Qwen2 vocabulary (llama.cpp's file), Dream's added
+    tokens, `tokenizer_config.json` with Dream's special tokens and the Qwen2.5-Instruct chat
+    template (which Dream-Instruct's template follows). `tokenizer_class` is transformers'
+    Qwen2Tokenizer (the published files name Dream's remote-code class that wraps it)."""
+    files = fetch_vocab_files([QWEN2_VOCAB, QWEN25_CHAT_TEMPLATE])
+    tok = bpe_tokenizer_json(files[QWEN2_VOCAB])
+    vocab = tok["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    for idx, text in DREAM_ADDED_TOKENS.items():
+        vocab.pop(by_id[idx])
+        vocab[text] = idx
+        for entry in tok["added_tokens"]:
+            if entry["id"] == idx:
+                entry["content"] = text
+    decoder = {str(e["id"]): {k: e[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                 "single_word", "special")}
+               for e in tok["added_tokens"] if e["id"] <= max(DREAM_ADDED_TOKENS)}
+    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": "<|beginoftext|>",
+              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "mask_token": "<|mask|>", "model_max_length": 131072,
+              "clean_up_tokenization_spaces": False, "added_tokens_decoder": decoder,
+              "chat_template": files[QWEN25_CHAT_TEMPLATE].read_text(encoding="utf-8")}
+    out = Path(out_dir)
+    written = {"tokenizer.json": tok, "tokenizer_config.json": config}
+    for name, data in written.items():
+        atomic_write_bytes(out / name, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    return {name: out / name for name in written}
