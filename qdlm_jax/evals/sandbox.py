@@ -13,6 +13,35 @@ ceil(timeout_s) + 1 s (a busy loop gets SIGXCPU / SIGKILL), RLIMIT_FSIZE = 16 Mi
 RLIMIT_CORE = 0; past the wall clock `timeout_s` (e.g. a sleeping program) the run is killed
 with SIGKILL.
 
+Process-tree limits (every mode): `max_processes` (processes and threads) and
+`tree_memory_mb` (resident memory, no swap) bound everything a program starts, together,
+the launcher included. How is detected once per process (`tree_limits()`), trying in order:
+
+- "cgroup2": a cgroup per run, made under the harness's own cgroup in the v2 hierarchy,
+  with pids.max, memory.max, memory.swap.max = 0 and memory.oom.group = 1 (an OOM kill
+  takes the whole tree). It needs the pids and memory controllers in the harness's cgroup
+  and the right to give them to its children (root, or a delegated subtree). A cgroup that
+  holds processes cannot give controllers to children, so a harness alone in its cgroup
+  (e.g. started by `systemd-run --scope -p Delegate=yes`) first moves itself into a leaf
+  child, HARNESS_LEAF;
+- "cgroup1": the same in the v1 pids and memory hierarchies (pids.max,
+  memory.limit_in_bytes, memory.memsw.limit_in_bytes = the same, i.e. no swap), e.g. as
+  root on a host that mounts them;
+- "poll": neither works. Every POLL_S seconds the harness counts the tree's threads and
+  sums its memory (proportional set sizes) from /proc, and kills it when either is over:
+  between two checks a program can go past the limits. In "userns" mode as an
+  unprivileged user RLIMIT_NPROC also bounds the process count for good (the tree's
+  processes are the only ones of its uid in that user namespace). ONE `TreeLimitWarning`
+  per process says what is not bounded.
+
+The launcher joins the run's cgroup before anything else (containment then makes
+/sys/fs/cgroup read-only, so a contained program cannot leave it). When the kernel refuses
+a fork at pids.max or the OOM killer kills a process of the tree (cgroups), or a check
+finds the tree over a limit (poll), the harness kills the whole tree at once and the status
+is "process_limit" or "memory_limit", whatever the exit status would have been. With a
+cgroup no process outlives its run in any containment mode (the harness empties and
+removes the cgroup), except an uncontained program running as root that moves itself out.
+
 Containment. The mode is detected once per process by running a trivial program the same
 way (`containment()`), trying in order:
 
@@ -51,10 +80,8 @@ the program it sets up (`_contain`):
 Not contained, in any mode: reading files (everything the user can read stays readable,
 e.g. checkpoints, keys, other users' world-readable files); connecting to Unix-domain
 sockets in the file system outside /run, /tmp and /dev (a read-only mount does not block
-`connect`); the number of processes and threads (no pids limit; each process gets the
-limits above and all die with the run); total disk use in the scratch directory (16 MiB
-per file only); CPU time across many processes until the wall clock ends the run; kernel
-bugs. A setup step that fails during detection selects the fallback (the warning names the
+`connect`); total disk use in the scratch directory (16 MiB per file only); CPU time
+across many processes until the wall clock ends the run; kernel bugs. A setup step that fails during detection selects the fallback (the warning names the
 error; e.g. a Python installed under /tmp, which the private /tmp would hide); one that
 fails later fails that program (exit status SETUP_FAILED): a program never runs
 uncontained silently.
@@ -70,7 +97,8 @@ TMPFS_SIZE = "64m"  # each of the private /tmp and /dev/shm
 SETUP_FAILED = 125  # the launcher's exit status when it could not contain the program
 
 # ---------------------------------------------------------------- launcher side
-# Runs as `python -I -B sandbox.py {contain|plain} PROG MEMORY_BYTES CPU_S`, cwd = scratch.
+# Runs as `python -I -B sandbox.py {contain|plain} PROG MEMORY_BYTES CPU_S NPROC [CGROUP...]`
+# (NPROC 0: no RLIMIT_NPROC), cwd = scratch.
 # It comes first and imports little, because it starts once per program; the harness side
 # (below the `__main__` block) is never imported by it.
 
@@ -218,9 +246,24 @@ def _wait_for(pid: int) -> int:
             return code if code >= 0 else 128 - code
 
 
-def _launch(how: str, prog: str, memory: int, cpu: int) -> None:
+def _join(cgroups: list[str]) -> None:
+    """Moves this process, and so everything it starts, into each cgroup directory. "0"
+    means the writer (a pid would be read in this PID namespace)."""
+    for d in cgroups:
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+
+def _launch(how: str, prog: str, memory: int, cpu: int, nproc: int,
+            cgroups: list[str]) -> None:
     import resource
     import runpy
+    try:
+        _join(cgroups)  # first: the mounts made read-only below include /sys/fs/cgroup
+    except OSError as e:
+        print(f"qdlm_jax sandbox: could not join cgroup {e.filename}: {e.strerror}",
+              file=sys.stderr)
+        os._exit(SETUP_FAILED)
     if how == "contain":
         try:
             _contain(os.getcwd())
@@ -239,11 +282,14 @@ def _launch(how: str, prog: str, memory: int, cpu: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if nproc:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     runpy.run_path(prog, run_name="__main__")
 
 
 if __name__ == "__main__":
-    _launch(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    _launch(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+            sys.argv[6:])
     sys.exit()
 
 
@@ -251,13 +297,17 @@ if __name__ == "__main__":
 # (imported here, not at the top, so that the launcher does not pay for them)
 
 import dataclasses
+import errno
+import itertools
 import math
+import re
 import select
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -270,27 +320,51 @@ _UNSHARE = {
     "userns": ["--user", "--map-root-user", "--net", "--mount", "--pid", "--fork",
                "--kill-child", "--mount-proc"],
 }
+CGROUP_METHODS = ("cgroup2", "cgroup1")  # tried in this order; "poll" is the fallback
+POLL_S = 0.05  # how often the harness checks a running program's tree limits
+HARNESS_LEAF = "qdlm-harness"  # cgroup v2: where the harness moves itself (module docstring)
 
 
 class UncontainedWarning(RuntimeWarning):
     """Programs run with resource limits only (no namespaces on this host)."""
 
 
+class TreeLimitWarning(RuntimeWarning):
+    """The process count and total memory of a program's process tree are only polled (no
+    usable cgroup on this host)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
     timeout_s: float = 10.0  # wall clock
-    memory_mb: int = 1024  # address space
+    memory_mb: int = 1024  # address space of each process (RLIMIT_AS)
+    # processes and threads of the program's whole tree, the launcher included (pids.max)
+    max_processes: int = 64
+    # resident memory of the whole tree together, no swap (memory.max); None: memory_mb
+    tree_memory_mb: int | None = None
 
     def __post_init__(self):
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s!r}: expected > 0")
         if not isinstance(self.memory_mb, int) or self.memory_mb < 64:
             raise ValueError(f"memory_mb={self.memory_mb!r}: expected an integer >= 64")
+        if not isinstance(self.max_processes, int) or self.max_processes < 2:
+            raise ValueError(f"max_processes={self.max_processes!r}: expected an integer >= 2 "
+                             "(the launcher and the program)")
+        if self.tree_memory_mb is not None and (not isinstance(self.tree_memory_mb, int)
+                                                or self.tree_memory_mb < 64):
+            raise ValueError(f"tree_memory_mb={self.tree_memory_mb!r}: expected None or an "
+                             "integer >= 64")
+
+    @property
+    def tree_memory_bytes(self) -> int:
+        mb = self.memory_mb if self.tree_memory_mb is None else self.tree_memory_mb
+        return mb << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    status: str  # passed | failed | timeout
+    status: str  # passed | failed | timeout | process_limit | memory_limit
     returncode: int | None  # contained modes: 128 + n when the program died of signal n
     stderr: str  # the last STDERR_TAIL characters
 
@@ -302,6 +376,11 @@ class RunResult:
 _UNKNOWN = "unknown"
 _mode: str | None = _UNKNOWN  # containment(), detected once per process
 _mode_lock = threading.Lock()
+# tree_limits(), detected once per process: (method, the cgroup directories under which
+# each run gets its own; empty for "poll")
+_tree: tuple[str, tuple[str, ...]] | str = _UNKNOWN
+_tree_lock = threading.Lock()
+_serial = itertools.count()
 
 
 def containment() -> str | None:
@@ -323,6 +402,35 @@ def containment() -> str | None:
         return _mode
 
 
+def tree_limits() -> str:
+    """How the process count and total memory of each program's tree are bounded:
+    "cgroup2", "cgroup1" or "poll" (module docstring); detected once per process (the
+    first call creates a cgroup and runs an empty program in it, ~0.05 s), then cached.
+    Warns once (`TreeLimitWarning`) when it is "poll"."""
+    return _tree_method()[0]
+
+
+def _tree_method() -> tuple[str, tuple[str, ...]]:
+    global _tree
+    with _tree_lock:
+        if _tree == _UNKNOWN:
+            _tree, why = _detect_tree()
+            if _tree[0] == "poll":
+                warnings.warn(TreeLimitWarning(
+                    "qdlm_jax sandbox: no cgroup for the programs on this host "
+                    f"({why}). The number of processes (threads included) and the total "
+                    "memory of each program's process tree are NOT hard limits: the harness "
+                    f"checks them every {POLL_S} s and kills the tree when it is over, so "
+                    "between two checks a program can go past them (a fast fork bomb can "
+                    "start hundreds of processes, fast allocations can take GBs), and an "
+                    "uncontained program's processes that leave its tree (double-forked) are "
+                    "not counted. In userns mode as an unprivileged user the process count "
+                    "is also bounded by RLIMIT_NPROC. Run the evaluation as root on a host "
+                    "with the pids and memory cgroup controllers, or in a delegated cgroup "
+                    "v2 subtree (see docs/evaluation.md)."), stacklevel=3)
+        return _tree
+
+
 def _detect() -> tuple[str | None, str]:
     if not sys.platform.startswith("linux"):
         return None, f"platform {sys.platform}, namespaces need Linux"
@@ -341,68 +449,432 @@ def _probe(mode: str) -> tuple[bool, str]:
     """Runs a trivial program contained in `mode`; it must pass and be PID 2 (the launcher
     being PID 1 of its PID namespace)."""
     r = _run("import os\nassert os.getpid() == 2, os.getpid()\n",
-             SandboxLimits(timeout_s=30.0, memory_mb=256), mode)
-    return r.passed, (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+             SandboxLimits(timeout_s=30.0, memory_mb=256), mode, _tree_method())
+    return r.passed, _last_line(r)
 
+
+def _last_line(r: RunResult) -> str:
+    return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+
+
+def _detect_tree() -> tuple[tuple[str, tuple[str, ...]], str]:
+    """The first cgroup method under which an empty program runs (uncontained: this tests
+    creating the cgroup, setting its limits, joining and removing it), else "poll"."""
+    if not sys.platform.startswith("linux"):
+        return ("poll", ()), f"platform {sys.platform}, cgroups need Linux"
+    why = []
+    for method in CGROUP_METHODS:
+        try:
+            parents = tuple(_cgroup_parents(method))
+            _Cgroup(method, parents, SandboxLimits()).close()
+        except OSError as e:
+            why.append(f"{method}: {e}")
+            continue
+        r = _run("pass\n", SandboxLimits(timeout_s=30.0, memory_mb=256), None,
+                 (method, parents))
+        if r.passed:
+            return (method, parents), ""
+        why.append(f"{method}: {_last_line(r)}")
+    return ("poll", ()), "; ".join(why)
+
+
+# ---------------------------------------------------------------- cgroups
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(file system type, mount point, root in the hierarchy, super options) of every
+    cgroup and cgroup2 mount."""
+    def unescape(field):  # mountinfo writes a space as \040, etc.
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+    out = []
+    for line in _read("/proc/self/mountinfo").splitlines():
+        fields = line.split()  # id parent dev ROOT POINT ... - FSTYPE SOURCE SUPER_OPTIONS
+        sep = fields.index("-")
+        fstype, super_options = fields[sep + 1], set(fields[sep + 3].split(","))
+        if fstype in ("cgroup", "cgroup2"):
+            out.append((fstype, unescape(fields[4]), unescape(fields[3]), super_options))
+    return out
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup per controller ("" for the cgroup v2 hierarchy)."""
+    own = {}
+    for line in _read("/proc/self/cgroup").splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            own[""] = path
+        for controller in filter(None, controllers.split(",")):
+            own[controller] = path
+    return own
+
+
+def _mounted_dir(point: str, root: str, path: str) -> str:
+    rel = os.path.relpath(path, root)
+    if rel == ".." or rel.startswith("../"):
+        raise OSError(f"this process's cgroup {path} is outside the hierarchy mounted at "
+                      f"{point} (its root there is {root})")
+    return os.path.normpath(os.path.join(point, rel))
+
+
+def _cgroup_parents(method: str) -> list[str]:
+    """The directories under which each run's cgroup is made: this process's own cgroup in
+    the v2 hierarchy ("cgroup2"), or in the v1 pids and in the v1 memory hierarchy
+    ("cgroup1"). Raises OSError saying what is missing."""
+    mounts, own = _cgroup_mounts(), _own_cgroups()
+    if method == "cgroup2":
+        v2 = [(point, root) for fstype, point, root, _ in mounts if fstype == "cgroup2"]
+        if not v2 or "" not in own:
+            raise OSError("no cgroup2 hierarchy mounted")
+        d = _mounted_dir(*v2[0], own[""])
+        available = set(_read(f"{d}/cgroup.controllers").split())
+        if not {"pids", "memory"} <= available:
+            raise OSError(f"the pids and memory controllers are not available in {d} (its "
+                          f"cgroup.controllers: {' '.join(sorted(available)) or 'none'})")
+        _give_controllers(d)
+        return [d]
+    parents = []
+    for controller in ("pids", "memory"):
+        v1 = [(point, root) for fstype, point, root, options in mounts
+              if fstype == "cgroup" and controller in options]
+        if not v1 or controller not in own:
+            raise OSError(f"no cgroup v1 {controller} hierarchy mounted")
+        parents.append(_mounted_dir(*v1[0], own[controller]))
+    return parents  # the same directory twice where both share one hierarchy
+
+
+def _give_controllers(d: str) -> None:
+    """Enables pids and memory for the children of cgroup v2 directory `d` (this process's
+    own). A cgroup holding processes cannot do that (cgroup v2's "no internal processes"
+    rule), so if this process is alone in `d` it first moves into the leaf HARNESS_LEAF, as
+    a delegated subtree is meant to be used."""
+    enabled = set(_read(f"{d}/cgroup.subtree_control").split())
+    if {"pids", "memory"} <= enabled:
+        return
+    try:
+        _write(f"{d}/cgroup.subtree_control", "+pids +memory")
+        return
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise OSError(e.errno, f"cannot enable pids and memory for the children of {d}: "
+                                   f"{e.strerror}") from None
+    procs = _read(f"{d}/cgroup.procs").split()
+    if procs != [str(os.getpid())]:
+        raise OSError(errno.EBUSY, f"cannot enable pids and memory for the children of {d}: "
+                                   f"it holds other processes than this one ({len(procs)} "
+                                   "in all; start the evaluation alone in a cgroup of its "
+                                   "own, e.g. `systemd-run --scope -p Delegate=yes ...`)")
+    os.makedirs(f"{d}/{HARNESS_LEAF}", exist_ok=True)
+    _write(f"{d}/{HARNESS_LEAF}/cgroup.procs", str(os.getpid()))
+    _write(f"{d}/cgroup.subtree_control", "+pids +memory")
+
+
+def _set(path: str, value: str, optional: bool = False) -> None:
+    if optional and not os.path.exists(path):
+        return
+    try:
+        _write(path, value)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot set {path} to {value}: {e.strerror}") from None
+
+
+def _counter(path: str, key: str) -> int:
+    """The value of `key` in a cgroup events file (0 if the file is absent)."""
+    try:
+        text = _read(path)
+    except FileNotFoundError:
+        return 0
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+class _Cgroup:
+    """The cgroup of one run, made under the harness's own (so its limits stay inside
+    whatever bounds the harness): one directory in the v2 hierarchy, or one in each of the
+    v1 pids and memory hierarchies. The launcher joins it before anything else."""
+
+    def __init__(self, method: str, parents: Sequence[str], limits: SandboxLimits):
+        name = f"qdlm-sandbox-{os.getpid()}-{next(_serial)}"
+        self.method = method
+        self.pids_dir, self.memory_dir = f"{parents[0]}/{name}", f"{parents[-1]}/{name}"
+        self.dirs = []
+        try:
+            for d in dict.fromkeys([self.pids_dir, self.memory_dir]):
+                os.mkdir(d)
+                self.dirs.append(d)
+            memory = str(limits.tree_memory_bytes)
+            _set(f"{self.pids_dir}/pids.max", str(limits.max_processes))
+            if method == "cgroup2":
+                _set(f"{self.memory_dir}/memory.max", memory)
+                # absent where the kernel does not account swap
+                _set(f"{self.memory_dir}/memory.swap.max", "0", optional=True)
+                _set(f"{self.memory_dir}/memory.oom.group", "1")  # an OOM kill takes all
+            else:
+                _set(f"{self.memory_dir}/memory.limit_in_bytes", memory)
+                # memory + swap = memory: no swap (absent where the kernel does not account it)
+                _set(f"{self.memory_dir}/memory.memsw.limit_in_bytes", memory, optional=True)
+        except OSError:
+            self.close()
+            raise
+
+    def check(self) -> str | None:
+        """"process_limit" if a fork was refused at pids.max, "memory_limit" if the OOM
+        killer killed a process of the tree, else None."""
+        if _counter(f"{self.pids_dir}/pids.events", "max"):
+            return "process_limit"
+        events = "memory.events" if self.method == "cgroup2" else "memory.oom_control"
+        if _counter(f"{self.memory_dir}/{events}", "oom_kill"):
+            return "memory_limit"
+        return None
+
+    def _procs(self) -> list[int]:
+        out = set()
+        for d in self.dirs:
+            try:
+                out.update(int(p) for p in _read(f"{d}/cgroup.procs").split())
+            except FileNotFoundError:
+                pass
+        return sorted(out)
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup (one pass)."""
+        kill_file = f"{self.dirs[0]}/cgroup.kill"  # cgroup v2, Linux >= 5.14
+        if self.method == "cgroup2" and os.path.exists(kill_file):
+            _write(kill_file, "1")
+            return
+        for pid in self._procs():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        """Kills what is left in the cgroup and removes it (retrying while the killed
+        processes exit); warns if it cannot."""
+        deadline = time.monotonic() + 5.0
+        while self.dirs:
+            try:
+                if self._procs():
+                    self.kill()
+                os.rmdir(self.dirs[-1])
+                self.dirs.pop()
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    warnings.warn(f"qdlm_jax sandbox: could not remove cgroup {self.dirs[-1]}: "
+                                  f"{e.strerror or e}", RuntimeWarning, stacklevel=2)
+                    return
+                time.sleep(0.01)
+
+
+class _PolledTree:
+    """Fallback without a cgroup: the tree is every process descended from the one the
+    harness started (contained modes: `unshare`, not counted, so this is the launcher and
+    everything in the PID namespace; uncontained: the program, and what it started that
+    still has it as ancestor). `check` counts their threads and sums their resident memory
+    from /proc."""
+
+    def __init__(self, proc: subprocess.Popen, contained: bool, limits: SandboxLimits):
+        self.root, self.contained, self.limits = proc.pid, contained, limits
+        self.seen: set[tuple[int, int]] = set()  # (pid, start time) of every process seen
+
+    def _scan(self) -> list[tuple[int, int, int, int]]:
+        """(pid, start time, threads, resident bytes) of each process in the tree."""
+        children, stats = {}, {}
+        page = os.sysconf("SC_PAGE_SIZE")
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            stat = _stat(int(name))
+            if stat is None:
+                continue
+            # stat[k - 3] is field k of proc(5): ppid 4, threads 20, start time 22, rss 24
+            pid = int(name)
+            children.setdefault(int(stat[1]), []).append(pid)
+            stats[pid] = (int(stat[19]), int(stat[17]), int(stat[21]) * page)
+        out, todo = [], list(children.get(self.root, []))
+        if not self.contained:
+            todo.append(self.root)
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                out.append((pid, *stats[pid]))
+                todo.extend(children.get(pid, []))
+        return out
+
+    def check(self) -> str | None:
+        tree = self._scan()
+        self.seen.update((pid, start) for pid, start, _, _ in tree)
+        if sum(threads for _, _, threads, _ in tree) > self.limits.max_processes:
+            return "process_limit"
+        # resident sizes count the pages processes share (e.g. a forked Python's) once per
+        # process; their sum is only an upper bound of the proportional set sizes (PSS,
+        # slower to read), which decide
+        limit = self.limits.tree_memory_bytes
+        if (sum(rss for _, _, _, rss in tree) > limit
+                and sum(_pss(pid) for pid, _, _, _ in tree) > limit):
+            return "memory_limit"
+        return None
+
+    def kill(self) -> None:
+        """SIGKILLs every process of the tree, and every one seen in it before (an
+        uncontained program's children are re-parented when it dies), until all are gone
+        (at most 2 s)."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            self.seen.update((pid, start) for pid, start, _, _ in self._scan())
+            alive = [pid for pid, start in self.seen if _alive(pid, start)]
+            if not alive or time.monotonic() > deadline:
+                return
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (None: no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _pss(pid: int) -> int:
+    """The proportional set size of process `pid` in bytes (0: no such process); its
+    resident size where the kernel has no smaps_rollup (Linux < 4.14)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) << 10
+    except FileNotFoundError:
+        stat = _stat(pid)
+        return int(stat[21]) * os.sysconf("SC_PAGE_SIZE") if stat else 0
+    except OSError:
+        pass
+    return 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Process `pid`, started at `start`, exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and int(stat[19]) == start and stat[0] not in (b"Z", b"X")
+
+
+# ---------------------------------------------------------------- running a program
 
 def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> RunResult:
     """Runs `source` as a Python program in a limited child process, contained where the host
     allows it (module docstring). passed = exit status 0 within the limits; failed = any
-    other exit (exception, failed assert, MemoryError, killed by a resource limit, a
-    containment setup error); timeout = wall clock exceeded."""
-    return _run(source, limits, containment())
+    other exit (exception, failed assert, MemoryError, killed by a per-process resource
+    limit, a containment setup error); timeout = wall clock exceeded; process_limit /
+    memory_limit = the program's tree went past `max_processes` / `tree_memory_mb` (it is
+    killed at once, whatever its exit status would have been)."""
+    return _run(source, limits, containment(), _tree_method())
 
 
-def _run(source: str, limits: SandboxLimits, mode: str | None) -> RunResult:
+def _run(source: str, limits: SandboxLimits, mode: str | None,
+         tree: tuple[str, tuple[str, ...]]) -> RunResult:
+    method, parents = tree
     with tempfile.TemporaryDirectory(prefix="qdlm-sandbox-") as tmp, \
             tempfile.TemporaryFile() as err:
         prog = Path(tmp) / "prog.py"
         prog.write_text(source, encoding="utf-8")
-        cmd = [sys.executable, "-I", "-B", os.path.abspath(__file__),
-               "contain" if mode else "plain", str(prog), str(limits.memory_mb << 20),
-               str(math.ceil(limits.timeout_s) + 1)]
-        if mode:
-            cmd = ["unshare", *_UNSHARE[mode], "--", *cmd]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0",
-               "HOME": tmp, "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}
-        # stderr goes to a file, not a pipe: a leftover process holding the pipe open can
-        # not keep the harness waiting.
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        if _wait(proc, limits.timeout_s):
-            status = "passed" if proc.returncode == 0 else "failed"
-        else:
-            _kill(proc, contained=mode is not None)
-            status = "timeout"
+        group = None
+        if parents:
+            try:
+                group = _Cgroup(method, parents, limits)
+            except OSError as e:  # the program does not run unbounded
+                return RunResult("failed", None,
+                                 f"qdlm_jax sandbox: could not make the program's cgroup: {e}")
+        try:
+            # without a cgroup, in a user namespace of its own as an unprivileged user, the
+            # tree's processes are exactly those of its uid there: RLIMIT_NPROC bounds them.
+            # + 2: `unshare`, which made the namespace, counts there too, and one process
+            # over the limit must be possible for the harness's check to see it
+            nproc = (limits.max_processes + 2
+                     if group is None and mode == "userns" and os.geteuid() != 0 else 0)
+            cmd = [sys.executable, "-I", "-B", os.path.abspath(__file__),
+                   "contain" if mode else "plain", str(prog), str(limits.memory_mb << 20),
+                   str(math.ceil(limits.timeout_s) + 1), str(nproc),
+                   *(group.dirs if group else [])]
+            if mode:
+                cmd = ["unshare", *_UNSHARE[mode], "--", *cmd]
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0",
+                   "HOME": tmp, "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}
+            # stderr goes to a file, not a pipe: a leftover process holding the pipe open can
+            # not keep the harness waiting.
+            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+            tree_check = (group if group is not None
+                          else _PolledTree(proc, mode is not None, limits))
+            status = _supervise(proc, limits, mode is not None, tree_check)
+        finally:
+            if group is not None:
+                group.close()
         return RunResult(status, proc.returncode, _tail(err))
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> bool:
-    """True if `proc` exits within `timeout` s. Polls a pidfd, which wakes up as soon as it
-    exits (`Popen.wait(timeout)` sleeps in steps of up to 50 ms)."""
+def _supervise(proc: subprocess.Popen, limits: SandboxLimits, contained: bool,
+               tree: _Cgroup | _PolledTree) -> str:
+    """Waits for `proc`, checking the tree limits every POLL_S; kills the run when one is
+    hit or the wall clock runs out. Its status."""
+    deadline = time.monotonic() + limits.timeout_s
     try:
-        fd = os.pidfd_open(proc.pid)
+        fd = os.pidfd_open(proc.pid)  # wakes up as soon as `proc` exits
     except (AttributeError, OSError):  # not Linux >= 5.3
+        fd = None
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if _exited(proc, fd, max(0.0, min(left, POLL_S))):
+                return tree.check() or ("passed" if proc.returncode == 0 else "failed")
+            hit = tree.check()
+            if hit or left <= POLL_S:
+                tree.kill()
+                _kill(proc, contained)
+                return hit or "timeout"
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _exited(proc: subprocess.Popen, fd: int | None, timeout: float) -> bool:
+    """True if `proc` exits within `timeout` s (then it is reaped)."""
+    if fd is None:
         try:
             proc.wait(timeout=timeout)
             return True
         except subprocess.TimeoutExpired:
             return False
-    try:
-        poll = select.poll()
-        poll.register(fd, select.POLLIN)
-        exited = bool(poll.poll(timeout * 1000))
-    finally:
-        os.close(fd)
-    if exited:
-        proc.wait()
-    return exited
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    if not poll.poll(timeout * 1000):
+        return False
+    proc.wait()
+    return True
 
 
 def _kill(proc: subprocess.Popen, contained: bool) -> None:
-    """Wall clock exceeded. Contained: SIGKILL the launcher (PID 1 of the namespace, the only
-    child of `unshare`); the kernel kills everything in the namespace and `unshare` exits
-    once all of it is gone. Otherwise, or if that fails: SIGKILL the process group."""
+    """Contained: SIGKILL the launcher (PID 1 of the namespace, the only child of
+    `unshare`); the kernel kills everything in the namespace and `unshare` exits once all
+    of it is gone. Otherwise, or if that fails: SIGKILL the process group."""
     if contained:
         launchers = _children(proc.pid)
         for pid in launchers:
@@ -447,5 +919,6 @@ def run_programs(sources: Sequence[str], limits: SandboxLimits = SandboxLimits()
                  workers: int = 2) -> list[RunResult]:
     """`run_program` over many programs, `workers` child processes at a time (in order)."""
     containment()  # detect (and warn) once, before the workers start
+    tree_limits()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda s: run_program(s, limits), sources))

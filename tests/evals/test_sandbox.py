@@ -1,11 +1,14 @@
 """The code sandbox: limits kill runaway programs and the harness survives (every mode);
 where the host allows namespaces a program cannot reach the network, write outside its
 scratch directory or leave a process behind ("root" and "userns" modes, each forced in
-turn); where it does not, one warning says so (the fallback)."""
+turn); where it does not, one warning says so (the fallback). The process count and memory
+of a program's whole tree are bounded with a cgroup where the host gives one, else by
+polling (each forced in turn), with one warning."""
 
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,8 +55,20 @@ def any_mode(request, monkeypatch):
     return request.param
 
 
-def warnings_of(caught):
-    return [w for w in caught if issubclass(w.category, sandbox.UncontainedWarning)]
+@pytest.fixture(params=["cgroup", "poll"])
+def tree(request, monkeypatch):
+    """How the tree limits are enforced: the host's cgroup (skipped where there is none)
+    or the polling fallback."""
+    if request.param == "cgroup":
+        if sandbox.tree_limits() == "poll":
+            pytest.skip("no usable cgroup on this host (tree_limits() is 'poll')")
+    else:
+        monkeypatch.setattr(sandbox, "_tree", ("poll", ()))
+    return request.param
+
+
+def warnings_of(caught, category=sandbox.UncontainedWarning):
+    return [w for w in caught if issubclass(w.category, category)]
 
 
 # ---------------------------------------------------------------- limits, every mode
@@ -106,6 +121,158 @@ def test_program_runs_in_a_scratch_dir(any_mode, tmp_path):
 def test_bad_limits():
     with pytest.raises(ValueError, match="memory_mb=10"):
         SandboxLimits(memory_mb=10)
+    with pytest.raises(ValueError, match="max_processes=1"):
+        SandboxLimits(max_processes=1)
+    with pytest.raises(ValueError, match="tree_memory_mb=10"):
+        SandboxLimits(tree_memory_mb=10)
+    assert SandboxLimits(memory_mb=512).tree_memory_bytes == 512 << 20
+
+
+# ---------------------------------------------------------------- process-tree limits
+
+FORK_300 = """\
+import shutil, subprocess, sys, time
+sleep = shutil.which("sleep")
+quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+kids = [subprocess.Popen([{token!r}, "30"], executable=sleep, **quiet) for _ in range(300)]
+print("started", len(kids), file=sys.stderr, flush=True)
+time.sleep(30)
+"""
+
+CHILDREN_200MB = """\
+import subprocess, sys, time
+code = "import time\\nx = b'x' * (200 << 20)\\ntime.sleep(30)\\n"
+kids = [subprocess.Popen([sys.executable, "-I", "-c", code, {token!r}]) for _ in range(8)]
+for k in kids:
+    k.wait()
+print("all 8 ended", [k.returncode for k in kids], file=sys.stderr, flush=True)
+time.sleep(30)
+"""
+
+
+def run_and_count_left(source, limits):
+    """Runs `source` (with a fresh token for its children's argv); the result and how many
+    processes with the token are left after the run."""
+    token = f"qdlm-sandbox-test-{uuid.uuid4().hex}"
+    try:
+        r = run_program(source.format(token=token), limits)
+        return r, len(pids_with(token))
+    finally:
+        for pid in pids_with(token):  # only if the test failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_fork_300_stops_at_the_process_limit(any_mode, tree):
+    r, left = run_and_count_left(FORK_300, SandboxLimits(timeout_s=15.0, memory_mb=256))
+    assert r.status == "process_limit" and not r.passed, r
+    if tree == "cgroup":  # a hard limit (polling may see the tree late on a busy host)
+        assert "started 300" not in r.stderr
+    assert left == 0, f"{left} children outlived the run"
+
+
+def test_children_memory_stops_at_the_tree_limit(any_mode, tree):
+    """8 children of 200 MB each, 512 MB for the whole tree (each process alone fits)."""
+    r, left = run_and_count_left(CHILDREN_200MB, SandboxLimits(timeout_s=15.0, memory_mb=512))
+    assert r.status == "memory_limit" and not r.passed, r
+    assert "all 8 ended" not in r.stderr
+    assert left == 0, f"{left} children outlived the run"
+
+
+HONEST_FANOUT = """\
+import subprocess, sys, threading
+code = "x = b'x' * (60 << 20)"
+kids = [subprocess.Popen([sys.executable, "-I", "-c", code]) for _ in range(4)]
+kids += [subprocess.Popen(["sleep", "0.3"]) for _ in range(8)]
+threads = [threading.Thread(target=sum, args=(range(10 ** 5),)) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert [k.wait() for k in kids] == [0] * 12
+"""
+
+
+def test_honest_fanout_passes_with_the_default_limits(any_mode, tree):
+    """12 children (4 of them Pythons with 60 MB each) and 4 threads: within the defaults."""
+    r = run_program(HONEST_FANOUT, SandboxLimits(timeout_s=15.0))
+    assert r.passed, r
+
+
+def test_tree_limits_detected_once_or_warn(monkeypatch):
+    """On this host: a cgroup method, detected once per process, or one warning."""
+    calls = []
+    detect = sandbox._detect_tree
+    monkeypatch.setattr(sandbox, "_detect_tree", lambda: calls.append(1) or detect())
+    monkeypatch.setattr(sandbox, "_tree", sandbox._UNKNOWN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_programs(["assert True\n"] * 3, LIMITS)
+        method = sandbox.tree_limits()
+    assert len(calls) == 1 and all(r.passed for r in results)
+    if method == "poll":
+        (w,) = warnings_of(caught, sandbox.TreeLimitWarning)
+        assert "NOT hard limits" in str(w.message)
+    else:
+        assert method in sandbox.CGROUP_METHODS
+        assert not warnings_of(caught, sandbox.TreeLimitWarning)
+
+
+def test_polling_fallback_warns_once(monkeypatch):
+    """Where no cgroup can be made, one warning names why and what is not bounded, and
+    programs still run."""
+    def no_cgroup(method):
+        raise OSError(f"no {method} here (test)")
+
+    monkeypatch.setattr(sandbox, "_cgroup_parents", no_cgroup)
+    monkeypatch.setattr(sandbox, "_tree", sandbox._UNKNOWN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_programs(["assert True\n", "assert False\n"], LIMITS)
+        again = run_program("assert True\n", LIMITS)
+    assert [r.status for r in results] == ["passed", "failed"] and again.passed
+    assert sandbox.tree_limits() == "poll"
+    (w,) = warnings_of(caught, sandbox.TreeLimitWarning)
+    msg = str(w.message)
+    for what in ("no cgroup2 here (test)", "no cgroup1 here (test)", "NOT hard limits",
+                 "every 0.05 s"):
+        assert what in msg
+
+
+def test_cgroup2_files(monkeypatch, tmp_path):
+    """The cgroup v2 method's files, on a fake hierarchy (this host may have no v2
+    controllers): the controllers are given to children, a run's cgroup gets its limits,
+    and the events files are read as the statuses."""
+    root = tmp_path / "cgroup2"
+    own = root / "eval.scope"
+    own.mkdir(parents=True)
+    (own / "cgroup.controllers").write_text("cpu io\n")
+    (own / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(sandbox, "_cgroup_mounts",
+                        lambda: [("cgroup2", str(root), "/", {"rw"})])
+    monkeypatch.setattr(sandbox, "_own_cgroups", lambda: {"": "/eval.scope"})
+    with pytest.raises(OSError, match="pids and memory controllers are not available in "
+                                      f"{own} .*cpu io"):
+        sandbox._cgroup_parents("cgroup2")
+    (own / "cgroup.controllers").write_text("cpu io memory pids\n")
+    assert sandbox._cgroup_parents("cgroup2") == [str(own)]
+    assert (own / "cgroup.subtree_control").read_text() == "+pids +memory"
+
+    group = sandbox._Cgroup("cgroup2", [str(own)], SandboxLimits(memory_mb=256,
+                                                                 max_processes=10))
+    (d,) = map(Path, group.dirs)
+    assert d.parent == own and d.name.startswith("qdlm-sandbox-")
+    assert {f: (d / f).read_text() for f in ("pids.max", "memory.max", "memory.oom.group")} \
+        == {"pids.max": "10", "memory.max": str(256 << 20), "memory.oom.group": "1"}
+    assert group.check() is None
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 0\noom_kill 0\n")
+    assert group.check() is None  # reclaim at memory.max is not a kill
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    assert group.check() == "memory_limit"
+    (d / "pids.events").write_text("max 1\n")
+    assert group.check() == "process_limit"
 
 
 # ---------------------------------------------------------------- containment
@@ -325,12 +492,31 @@ sys.modules["sandbox"] = sb
 spec.loader.exec_module(sb)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    mode = sb.containment()
+    mode, tree = sb.containment(), sb.tree_limits()
 r = sb.run_program("import os\\nassert os.getpid() == 2\\n"
                    "try:\\n    open(os.path.join(%r, 'x'), 'w')\\nexcept OSError:\\n    pass\\n"
                    "else:\\n    raise SystemExit('wrote outside scratch')\\n" % sys.argv[2])
-print(json.dumps({"mode": mode, "root": sb._probe("root")[0], "status": r.status,
-                  "stderr": r.stderr, "warnings": [str(w.message) for w in caught]}))
+forks = sb.run_program(FORKS, sb.SandboxLimits(timeout_s=15.0, memory_mb=256))
+print(json.dumps({"mode": mode, "tree": tree, "root": sb._probe("root")[0],
+                  "status": r.status, "stderr": r.stderr, "forks": forks.status,
+                  "forks_stderr": forks.stderr,
+                  "warnings": {w.category.__name__: str(w.message) for w in caught}}))
+"""
+
+# forks until refused (it then keeps its children): as an unprivileged user in a user
+# namespace, RLIMIT_NPROC refuses the fork that would make the tree max_processes + 2
+FORKS = """\
+import os, sys, time
+n = 0
+try:
+    for _ in range(300):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print("refused after", n, type(e).__name__, file=sys.stderr, flush=True)
+time.sleep(30)
 """
 
 
@@ -353,9 +539,9 @@ def test_unprivileged_user_gets_a_user_namespace():
     writable = Path(tempfile.mkdtemp(prefix="qdlm-sandbox-test-", dir="/var/tmp"))
     try:
         writable.chmod(0o777)  # nobody could write here, were it not contained
-        p = subprocess.run([*as_nobody, python, "-I", "-c", NOBODY, sandbox.__file__,
-                            str(writable)], check=False, cwd="/", capture_output=True,
-                           text=True, timeout=120)
+        p = subprocess.run([*as_nobody, python, "-I", "-c", f"FORKS = {FORKS!r}\n{NOBODY}",
+                            sandbox.__file__, str(writable)], check=False, cwd="/",
+                           capture_output=True, text=True, timeout=120)
         assert os.listdir(writable) == []
     finally:
         shutil.rmtree(writable, ignore_errors=True)
@@ -363,10 +549,18 @@ def test_unprivileged_user_gets_a_user_namespace():
     out = json.loads(p.stdout)
     assert out["root"] is False
     if out["mode"] is None:  # unprivileged user namespaces refused on this host
-        assert len(out["warnings"]) == 1 and "NOT contained" in out["warnings"][0]
+        assert "NOT contained" in out["warnings"]["UncontainedWarning"]
     else:
-        assert out["mode"] == "userns" and not out["warnings"]
+        assert out["mode"] == "userns" and "UncontainedWarning" not in out["warnings"]
         assert out["status"] == "passed", out["stderr"]
+    assert out["forks"] == "process_limit", out["forks_stderr"]
+    if out["tree"] == "poll":  # no cgroup for nobody: polled, with the warning
+        assert "NOT hard limits" in out["warnings"]["TreeLimitWarning"]
+        if out["mode"] == "userns":  # and RLIMIT_NPROC: the launcher, the program, 63 more
+            refused = re.search(r"refused after (\d+) BlockingIOError", out["forks_stderr"])
+            assert refused and int(refused[1]) <= 63, out["forks_stderr"]
+    else:
+        assert "TreeLimitWarning" not in out["warnings"]
 
 
 # ---------------------------------------------------------------- HumanEval scoring
