@@ -76,8 +76,9 @@ def get_config():
         {"base": "strategyqa", **MC},
         {"base": "arithmetic", "limit": SYNTH_ITEMS},  # held-out 2-digit addition
         {"base": "gsm_symbolic", "limit": N_ITEMS, "num_fewshot": 1, "gen": SHORT_GEN},
-        {"base": "humaneval", "limit": N_ITEMS, "gen": SHORT_GEN, "timeout_s": 5.0},
-        # The synthetic tasks the tiny models are trained for (held-out items; issue 14),
+        {"base": "humaneval", "limit": N_ITEMS, "gen": SHORT_GEN, "timeout_s": 5.0,
+         "max_processes": 64, "tree_memory_mb": 1024},  # sandbox: each program's whole tree
+        # The synthetic tasks the tiny models are trained for (held-out items),
         # large enough that a 5-point drop is about two standard errors at 90% accuracy.
         {"base": "arithmetic_subtract", "limit": SYNTH_ITEMS},
         {"base": "synthetic_code", "limit": SYNTH_ITEMS // 2},

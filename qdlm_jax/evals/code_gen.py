@@ -103,7 +103,9 @@ def score_completions(problems: Sequence[CodeProblem], completions: Sequence[str
                 for p, c, r in list(zip(problems, completions, results))[:5]]
     statuses = [r.status for r in results]
     return {"pass@1": passed / len(problems), "n": len(problems),
-            "timeouts": statuses.count("timeout"), "time_s": time.time() - t0,
+            "timeouts": statuses.count("timeout"),
+            "process_limit": statuses.count("process_limit"),
+            "memory_limit": statuses.count("memory_limit"), "time_s": time.time() - t0,
             "examples": examples}
 
 

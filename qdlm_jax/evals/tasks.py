@@ -138,8 +138,10 @@ class CodeTask:
     limit: int | None = None
     gen: GenerationConfig = QDLM_HUMANEVAL_GEN
     stops: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n@", "\n```")
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
+    timeout_s: float = 10.0  # wall clock per program
+    memory_mb: int = 1024  # address space of each process of a program
+    max_processes: int = 64  # processes and threads of a program's whole tree
+    tree_memory_mb: int | None = None  # memory of the whole tree together (None: memory_mb)
     workers: int = 2  # sandbox processes at a time
     batch_size: int = 4
     chat_template: str = "auto"  # auto | on | off
@@ -148,7 +150,8 @@ class CodeTask:
     higher_is_better = True
 
     def __post_init__(self):
-        _check(self, ("batch_size", "workers", "memory_mb"), ("limit",))
+        _check(self, ("batch_size", "workers", "memory_mb", "max_processes"),
+               ("limit", "tree_memory_mb"))
 
 
 TaskSpec = Union[LMTask, MCTask, MathTask, CodeTask]
@@ -264,11 +267,13 @@ def load_task_file(path) -> list[TaskSpec]:
 
 def spec_dict(spec: TaskSpec) -> dict:
     """JSON-able fields of a spec (GenerationConfig expanded). Fields added after a study was
-    run are left out at their defaults (`chat_template`, and `cache`, `threshold` of `gen`),
+    run are left out at their defaults (`chat_template`, the sandbox's `max_processes` and
+    `tree_memory_mb`, and `cache`, `threshold` of `gen`),
     so the study's finished cells keep their keys."""
     d = json.loads(json.dumps(dataclasses.asdict(spec)))
-    if d.get("chat_template") == "auto":
-        d.pop("chat_template")
+    for name, default in _LATER_DEFAULTS.items():
+        if d.get(name, default) == default:
+            d.pop(name, None)
     gen = d.get("gen")
     if isinstance(gen, dict):
         for name, default in _LATER_GEN_DEFAULTS.items():
@@ -278,6 +283,7 @@ def spec_dict(spec: TaskSpec) -> dict:
 
 
 _LATER_GEN_DEFAULTS = {"cache": "none", "threshold": None}
+_LATER_DEFAULTS = {"chat_template": "auto", "max_processes": 64, "tree_memory_mb": None}
 
 
 def spec_hash(spec: TaskSpec) -> str:
@@ -291,8 +297,6 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
     `type`, `category`, `metric`, `value` (the metric), `higher_is_better`, `n`, `time_s`,
     the family's other figures and a few `examples`. Prompts of the generation and
     multiple-choice tasks go through the chat template as `spec.chat_template` says."""
-    if hasattr(spec, "chat_template"):
-        tm = tm.with_chat(spec.chat_template)
     if isinstance(spec, LMTask):
         from qdlm_jax.evals import lm
         w = lm.windows_for(tm.tokenizer, tm.model.config, source=spec.source, split=spec.split,
@@ -305,6 +309,7 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
         preamble, items = mc.fewshot_split(items, spec.num_fewshot)
         if spec.limit is not None:
             items = items[:spec.limit]
+        tm = tm.with_chat(spec.chat_template)
         r = mc.score_items(items, tm.loglik_fn(mc_num=spec.mc_num, batch_size=spec.batch_size,
                                                cfg_scale=spec.cfg_scale),
                            seed=spec.seed, preamble=preamble, progress=progress,
@@ -314,6 +319,7 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
         shots, items = math_gen.load_problems(spec.source, limit=spec.limit,
                                               num_fewshot=spec.num_fewshot, seed=spec.seed,
                                               digits=spec.digits, ops=spec.ops)
+        tm = tm.with_chat(spec.chat_template)
         gen_fn = tm.generate_fn(spec.gen, stops=spec.stops, batch_size=spec.batch_size,
                                 progress=progress, desc=spec.name)
         r = math_gen.score_problems(shots, items, gen_fn, extract=spec.extract,
@@ -322,15 +328,17 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
         from qdlm_jax.evals import code_gen
         from qdlm_jax.evals.sandbox import SandboxLimits
         problems = code_gen.load_problems(spec.source, spec.limit)
+        tm = tm.with_chat(spec.chat_template)
         gen_fn = tm.generate_fn(spec.gen, stops=spec.stops, batch_size=spec.batch_size,
                                 progress=progress, desc=spec.name)
-        r = code_gen.score_problems(problems, gen_fn, SandboxLimits(spec.timeout_s,
-                                                                    spec.memory_mb),
-                                    workers=spec.workers)
+        limits = SandboxLimits(timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
+                               max_processes=spec.max_processes,
+                               tree_memory_mb=spec.tree_memory_mb)
+        r = code_gen.score_problems(problems, gen_fn, limits, workers=spec.workers)
     else:
         raise ValueError(f"{spec!r}: not a task spec")
     return {"task": spec.name, "type": spec.type, "category": spec.category,
-            "chat_template": tm.chat, "metric": spec.metric, "value": r[spec.metric],
+            "chat_template": bool(getattr(tm, "chat", False)), "metric": spec.metric, "value": r[spec.metric],
             "higher_is_better": spec.higher_is_better, "se": standard_error(spec, r), **r}
 
 

@@ -41,3 +41,33 @@ def test_local_paths_win(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = write_hf_checkpoint(tmp_path / "org" / "name", tiny_config("dream"))
     assert resolve_checkpoint("org/name").resolve() == local.resolve()
+
+
+def test_every_command_takes_a_hub_id(tmp_path, monkeypatch, capsys):
+    """`qdlm info`, `convert` and the tokenizer of `generate` / `eval` read a hub id as
+    `load_model` does (tokenizer files in the snapshot included)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from qdlm_jax import load_tokenizer
+    from qdlm_jax.checkpoints.load import read_model_config
+    from qdlm_jax.cli import main
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asset = Path(__file__).resolve().parents[2] / "assets" / "tiny-llada"
+    config = read_model_config(asset).replace(num_layers=1, dtype="float32",
+                                              param_dtype="float32")
+    snapshot = _cache_layout(tmp_path / "hub", "GSAI-ML/LLaDA-tiny-Instruct", config)
+    shutil.copy2(asset / "tokenizer.json", snapshot / "tokenizer.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "GSAI-ML/LLaDA-tiny-Instruct", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(snapshot) and info["tokenizer"]["special_ids"]["mask"] == 3
+    assert main(["convert", "GSAI-ML/LLaDA-tiny-Instruct", str(tmp_path / "conv")]) == 0
+    assert load_tokenizer("GSAI-ML/LLaDA-tiny-Instruct").encode("12+34") == \
+        load_tokenizer(asset).encode("12+34")
+    assert main(["generate", "--model", "GSAI-ML/LLaDA-tiny-Instruct", "--prompt", "1+1=",
+                 "--config.gen.steps=2", "--config.gen.gen_length=2",
+                 "--config.gen.block_length=2", "--no-progress"]) == 0

@@ -118,3 +118,30 @@ def test_generation_fields_added_later_keep_old_keys_at_their_defaults():
     dual = dataclasses.replace(a, gen=dataclasses.replace(a.gen, cache="dual", threshold=0.9))
     assert tasks.spec_dict(dual)["gen"]["cache"] == "dual"
     assert tasks.spec_hash(dual) != tasks.spec_hash(a)
+
+
+def test_code_task_sandbox_limits_reach_the_sandbox(monkeypatch):
+    """`max_processes` / `tree_memory_mb` of a code task (config keys) bound its programs."""
+    from qdlm_jax.evals import code_gen
+    from qdlm_jax.evals.tasks import run_task, task_from_mapping
+    seen = {}
+
+    def fake_score(problems, gen_fn, limits, *, workers):
+        seen["limits"] = limits
+        return {"pass@1": 0.0, "n": len(problems)}
+
+    monkeypatch.setattr(code_gen, "score_problems", fake_score)
+    spec = task_from_mapping({"base": "synthetic_code", "limit": 2, "max_processes": 16,
+                              "tree_memory_mb": 512})
+
+    class Stub:
+        def with_chat(self, setting):
+            return self
+
+        def generate_fn(self, *a, **k):
+            return lambda prompts: [""] * len(prompts)
+
+    run_task(Stub(), spec)
+    assert (seen["limits"].max_processes, seen["limits"].tree_memory_bytes) == (16, 512 << 20)
+    with pytest.raises(ValueError, match="max_processes=0"):
+        task_from_mapping({"base": "humaneval", "max_processes": 0})
