@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo retrain-tiny clean
+.PHONY: setup test test-slow demo retrain-tiny clean accel-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,17 @@ retrain-tiny: $(STAMP)
 	wait
 	$(BIN)/python converters/export_tiny.py runs/train_tiny_llada assets/tiny-llada
 	$(BIN)/python converters/export_tiny.py runs/train_tiny_dream assets/tiny-dream
+
+# The hardware check (docs/hardware.md). Where $(PY)'s JAX has a GPU or TPU, the project is
+# installed beside it (pip --no-deps; only absent dependencies are added; that JAX is never
+# reinstalled) and the full check runs; elsewhere the CPU smoke mode runs in .venv.
+accel-check:
+	@if $(PY) benchmarks/accel_install.py --has-accelerator; then \
+		$(PY) benchmarks/accel_install.py && $(PY) benchmarks/accelerator_check.py $(ARGS); \
+	else \
+		$(MAKE) --no-print-directory setup && \
+		$(BIN)/python benchmarks/accelerator_check.py $(ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
