@@ -20,6 +20,17 @@ embedding, norms, LM head, biases) keeps the hub names and its dtype. `config.js
 `quantization_config` = {quant_method: "gptq", bits, group_size (-1: per channel),
 desc_act, sym, checkpoint_format: "gptq"}. Scales are stored in fp16 as the format requires
 (a bf16 or fp32 scale is rounded once).
+
+What the layout can represent (`GPTQ_FORMAT`), checked before anything is written
+(`check_representable`): packed 2/4/8-bit weights with one bits / group size / symmetry for
+the whole model, act-order permutations, and whatever was folded into the weights and norms
+offline (AWQ's and SmoothQuant's scales, QuaRot's and DuQuant's fused rotations). It has no
+place for online input transforms (QuaRot's Hadamards, DuQuant's rotations at run time),
+activation quantization, K/V quantization or DAQ's binary planes: a model that uses any of
+them is refused with one line naming the feature, since its export would compute something
+else. A group as wide as a linear's input is one group in any group size that equals that
+width, so a model quantized with g128 whose 128-wide linears hold one group exports as
+group_size 128.
 """
 
 from __future__ import annotations
@@ -37,10 +48,50 @@ from qdlm_jax.errors import CheckpointError
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath
-from qdlm_jax.quant.act_kernel import inner_weight
+from qdlm_jax.quant.act_kernel import ActKernel, inner_weight
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 
 GPTQ_BITS = (2, 4, 8)
+# What the layout holds and what it lacks (the module docstring; `qdlm export --help`).
+GPTQ_FORMAT = ("packed 2/4/8-bit weights, one bits / group size / symmetry per model, "
+               "act-order; no online transforms, activation or K/V quantization, or binary "
+               "planes")
+
+
+def _name(path: ParamPath) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def check_representable(params: dict) -> None:
+    """Raises `CheckpointError` (one line: the feature, an example tensor, what the layout
+    lacks) unless the GPTQ layout can hold the packed model exactly."""
+    features: dict[str, list[str]] = {}
+    for path, v in params.items():
+        where = _name(path)
+        if isinstance(inner_weight(v), BinaryPlanesArray):
+            features.setdefault("DAQ's binary planes (sums of sign matrices)", []).append(where)
+        if not isinstance(v, ActKernel):
+            continue
+        if v.transform is not None:
+            features.setdefault(f"online {v.transform.kind} transforms of the linear inputs "
+                                "(QuaRot / DuQuant)", []).append(where)
+        if v.act is not None:
+            features.setdefault(f"{v.act.bits}-bit activation quantization", []).append(where)
+        if v.kv is not None or v.kv_rotate or v.kv_clip is not None:
+            features.setdefault("K/V quantization inside attention", []).append(where)
+    if features:
+        text = "; ".join(f"{f} (e.g. {paths[0]}, {len(paths)} tensors)"
+                         for f, paths in features.items())
+        raise CheckpointError(f"export --format gptq: the model uses {text}; the GPTQ layout "
+                              "has no place for them, so its export would compute something "
+                              "else (weight-only RTN / GPTQ / AWQ models export)")
+
+
+def _group_of(q: QuantizedArray) -> int | None:
+    """The group size of one packed linear, None when it holds one group over its input."""
+    n_in = q.storage_shape[1]
+    return None if q.group_size in (-1, n_in) else q.group_size
 
 
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
@@ -73,16 +124,34 @@ def _quantized(params: dict) -> dict[ParamPath, QuantizedArray]:
 
 def quantization_config(params: dict) -> dict:
     """The `quantization_config` of a packed model; one bits / group / symmetry for all."""
-    qs = list(_quantized(params).values())
-    if not qs:
+    check_representable(params)
+    quantized = _quantized(params)
+    if not quantized:
         raise CheckpointError("export --format gptq: the model has no quantized linear "
                               "(quantize it first: qdlm quantize)")
-    kinds = {(q.bits, q.group_size if q.group_size != q.storage_shape[1] else -1, q.sym)
-             for q in qs}
-    if len(kinds) != 1:
-        raise CheckpointError(f"export --format gptq: linears mix settings {sorted(kinds)}; "
-                              "the GPTQ layout has one bits / group_size / sym per model")
-    bits, group, sym = kinds.pop()
+    qs = list(quantized.values())
+    for field in ("bits", "sym"):
+        by = {}
+        for p, q in quantized.items():
+            by.setdefault(getattr(q, field), _name(p))
+        if len(by) > 1:
+            raise CheckpointError(f"export --format gptq: linears mix {field} (e.g. {by}); "
+                                  f"the GPTQ layout has one {field} per model")
+    bits, sym = qs[0].bits, qs[0].sym
+    groups = {g for g in map(_group_of, qs) if g is not None}
+    if len(groups) > 1:
+        raise CheckpointError(f"export --format gptq: linears use group sizes {sorted(groups)};"
+                              " the GPTQ layout has one per model (quantize with one "
+                              "--config.group_size that divides every input width, or -1)")
+    group = groups.pop() if groups else -1
+    if group != -1:  # single-group linears fit only where their width is that group
+        odd = [(_name(p), q.storage_shape[1]) for p, q in quantized.items()
+               if _group_of(q) is None and q.storage_shape[1] != group]
+        if odd:
+            raise CheckpointError(
+                f"export --format gptq: {odd[0][0]} is one group over its {odd[0][1]} inputs "
+                f"while other linears use groups of {group}; quantize with "
+                "--config.group_size=-1 or a group size that divides every input width")
     if bits not in GPTQ_BITS:
         raise CheckpointError(f"export --format gptq: {bits}-bit weights; the GPTQ layout "
                               f"written here packs {GPTQ_BITS} bits (3-bit has no int32 "
@@ -98,8 +167,9 @@ def gptq_tensors(prefix: str, q: QuantizedArray) -> dict[str, np.ndarray]:
     out_dim, n_in = q.storage_shape
     codes = np.asarray(q.codes()).T  # [in, out]
     zeros = np.asarray(q.zeros()).astype(np.int64).T  # [groups, out]
+    group = n_in if q.group_size == -1 else q.group_size
     g_idx = (np.asarray(q.g_idx, np.int32) if q.g_idx is not None
-             else (np.arange(n_in) // q.group_size).astype(np.int32))
+             else (np.arange(n_in) // group).astype(np.int32))
     stored_zeros = (zeros - 1) % (1 << q.bits)
     return {f"{prefix}.qweight": pack_rows(codes, q.bits),
             f"{prefix}.qzeros": pack_rows(stored_zeros.T, q.bits).T.copy(),
@@ -139,9 +209,10 @@ def is_gptq_checkpoint(path: str | os.PathLike) -> bool:
     return q.get("quant_method") == "gptq"
 
 
-def load_gptq(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+def load_gptq(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """A GPTQ-layout checkpoint as our params: packed `QuantizedArray`s for the quantized
-    linears, arrays for the rest."""
+    linears, arrays for the rest; `dtype` ("float32", "bfloat16") sets the model's compute
+    and param dtype and casts the float tensors (default: the config's)."""
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
     q = hf.get("quantization_config") or {}
@@ -177,5 +248,7 @@ def load_gptq(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
         params[m.path] = QuantizedArray.from_codes(
             codes.T, scales.T, zeros.T.astype(np.float32), bits=bits, group_size=group,
             sym=sym, g_idx=None if contiguous else g_idx)
-    params.update(read_tensors(ckpt, plain))
+    params.update(read_tensors(ckpt, plain, dtype=dtype))
+    if dtype is not None:
+        config = config.replace(dtype=dtype, param_dtype=dtype)
     return config, params

@@ -64,7 +64,7 @@ def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh
     if checkpoint.is_qdlm_checkpoint(p):
         return checkpoint.load_checkpoint(p, dtype=dtype, sharding_fn=sharding_fn)
     if gptq_format.is_gptq_checkpoint(p):
-        return gptq_format.load_gptq(p)
+        return gptq_format.load_gptq(p, dtype=dtype)
     if (p / "config.json").is_file():
         return load_hf_params(p, dtype=dtype, sharding_fn=sharding_fn, progress=progress)
     raise CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging Face "

@@ -1,19 +1,25 @@
-"""qdlm export SRC DST --format gptq: a packed model in a serving engine's checkpoint layout."""
+"""qdlm export SRC DST --format gptq: a packed model in a serving engine's checkpoint layout.
+
+A format holds only what it can represent (`gptq_format.GPTQ_FORMAT`); a model it cannot
+write faithfully (online transforms, activation or K/V quantization, binary planes, mixed
+settings) is refused with one line before anything is written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 NAME = "export"
-HELP = ("write a packed (quantized) model in the Hugging Face GPTQ layout that transformers, "
-        "GPTQModel and vLLM load; `qdlm convert` handles float checkpoints")
+HELP = ("write a packed weight-only model (RTN / GPTQ / AWQ) in the Hugging Face GPTQ layout "
+        "(read by transformers' GPTQ integration); `qdlm convert` handles float checkpoints")
 
 
 def add_arguments(p):
     p.add_argument("src", help="a packed model (the model/ dir of a `qdlm quantize` run)")
     p.add_argument("dst", help="output directory; written only if the export completes")
     p.add_argument("--format", choices=("gptq",), default="gptq",
-                   help="checkpoint layout (default: gptq)")
+                   help="checkpoint layout (default: gptq: 2/4/8-bit weights, one bits / group "
+                        "size / symmetry per model; models with online transforms, activation "
+                        "or K/V quantization or binary planes are refused)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 

@@ -28,7 +28,17 @@ def run(args, overrides):
     path = resolve_checkpoint(args.path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if checkpoint.is_qdlm_checkpoint(path):
+    from qdlm_jax.checkpoints import gptq_format
+
+    if gptq_format.is_gptq_checkpoint(path):
+        config, params = gptq_format.load_gptq(path)
+        q = gptq_format.quantization_config(params)
+        kind = "GPTQ export"
+        summary = param_summary(params)
+        n_params, n_bytes = summary["params"], summary["bytes"]
+        quantized = (f"quantized: GPTQ layout, {q['bits']}-bit, group {q['group_size']}, "
+                     f"sym={q['sym']}, desc_act={q['desc_act']}")
+    elif checkpoint.is_qdlm_checkpoint(path):
         config = checkpoint.read_config(path)
         _, params = checkpoint.load_checkpoint(path)
         kind = "qdlm (orbax)"

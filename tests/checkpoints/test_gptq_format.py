@@ -103,6 +103,9 @@ def test_qdlm_export_command_and_loading_the_export(tmp_path, capsys):
     assert "4-bit, group 32" in capsys.readouterr().out
     assert main(["export", str(src), str(tmp_path / "gptq")]) == 2  # never overwritten
     exported = load_model(tmp_path / "gptq")
+    assert load_model(tmp_path / "gptq", dtype="bfloat16").config.dtype == "bfloat16"
+    assert main(["info", str(tmp_path / "gptq")]) == 0
+    assert "GPTQ export" in capsys.readouterr().out
     packed = model_from_params(config, params)
     ids = jnp.asarray(np.arange(24)[None] % 200)
     a, b = np.asarray(packed(ids)), np.asarray(exported(ids))
@@ -118,3 +121,91 @@ def test_export_refuses_float_and_3_bit_models(tmp_path):
     with pytest.raises(ValueError, match="3-bit"):
         save_gptq(config, q3, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _fp16_scales(params):
+    """The packed model as the GPTQ layout stores it: every scale rounded to fp16 once."""
+    from qdlm_jax.quant.act_kernel import inner_weight, with_weight
+    out = {}
+    for p, v in params.items():
+        w = inner_weight(v)
+        if isinstance(w, QuantizedArray):
+            w = w.replace(scale=jnp.asarray(w.scale).astype(jnp.float16).astype(w.scale.dtype))
+        out[p] = with_weight(v, w)
+    return out
+
+
+# What the quantize job can produce, and whether the GPTQ layout can hold it.
+JOB_MODELS = [
+    ("rtn", dict(bits=4, group_size=128), True),
+    ("gptq", dict(bits=4, group_size=128), True),
+    ("gptq", dict(bits=8, group_size=-1, sym=True), True),
+    ("awq", dict(bits=4, group_size=128), True),
+    ("daq", dict(bits=2, group_size=128), "binary planes"),
+    ("smoothquant", dict(bits=8, act_bits=8, group_size=-1), "8-bit activation"),
+    ("quarot", dict(bits=4, act_bits=4, group_size=-1), "online hadamard"),
+    ("duquant", dict(bits=4, act_bits=4, group_size=-1), "online duquant"),
+    ("rtn", dict(bits=4, act_bits=4, group_size=-1), "4-bit activation"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dream():
+    from pathlib import Path
+    return str(Path(__file__).resolve().parents[2] / "assets" / "tiny-dream")
+
+
+@pytest.mark.parametrize("method,settings,expect", JOB_MODELS,
+                         ids=[f"{m}-{'-'.join(f'{k}{v}' for k, v in s.items())}"
+                              for m, s, _ in JOB_MODELS])
+def test_every_job_model_exports_exactly_or_is_refused(tmp_path, tiny_dream, method, settings,
+                                                       expect):
+    """An export either computes what the packed model computes (weights and logits equal
+    up to the fp16 scales the layout stores) or is refused before anything is written."""
+    from qdlm_jax.jobs.config_flags import load_config_file
+    from qdlm_jax.jobs.quantize import quantize_from_config
+    cfg = load_config_file("configs/quantize.py")
+    cfg.model, cfg.method, cfg.calibration = tiny_dream, method, "clean"
+    cfg.calib.n_samples, cfg.calib.seq_len = 4, 32
+    for k, v in settings.items():
+        setattr(cfg, k, v)
+    qmodel, _ = quantize_from_config(cfg)
+    params = get_params(qmodel)
+    dst = tmp_path / "export"
+    if expect is not True:
+        with pytest.raises(ValueError, match="export --format gptq: the model uses") as e:
+            save_gptq(qmodel.config, params, dst)
+        assert expect in str(e.value).lower() and "\n" not in str(e.value)
+        assert not dst.exists()
+        return
+    save_gptq(qmodel.config, params, dst)
+    cfg_json = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert cfg_json["group_size"] == settings["group_size"]  # 128-wide linears: one group
+    _, back = load_gptq(dst)
+    stored = _fp16_scales(params)
+    from qdlm_jax.quant.act_kernel import inner_weight
+    for path, v in stored.items():
+        w = inner_weight(v)
+        if isinstance(w, QuantizedArray):
+            np.testing.assert_array_equal(np.asarray(back[path].dequantize(jnp.float32)),
+                                          np.asarray(w.dequantize(jnp.float32)), str(path))
+    ids = jnp.asarray(np.arange(3, 40)[None])
+    want = np.asarray(model_from_params(qmodel.config, stored)(ids))
+    got = np.asarray(load_model(dst, dtype="float32")(ids))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_command_refuses_a_quarot_model_in_one_line(tmp_path, capsys, tiny_dream):
+    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+    from qdlm_jax.jobs.config_flags import load_config_file
+    from qdlm_jax.jobs.quantize import quantize_from_config
+    cfg = load_config_file("configs/quantize.py")
+    cfg.model, cfg.method, cfg.bits, cfg.act_bits, cfg.group_size = tiny_dream, "quarot", 4, 4, -1
+    cfg.calib.n_samples, cfg.calib.seq_len = 2, 16
+    qmodel, _ = quantize_from_config(cfg)
+    src = save_checkpoint(tmp_path / "packed", qmodel.config, get_params(qmodel))
+    capsys.readouterr()  # the quantization's progress bars
+    assert main(["export", str(src), str(tmp_path / "gptq")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "online hadamard transforms" in err[0], err
+    assert not (tmp_path / "gptq").exists()
