@@ -5,61 +5,92 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.model = "assets/tiny-llada"  # HF checkpoint dir or qdlm checkpoint
+    c.model = "assets/tiny-llada"  # HF checkpoint dir, hub id or qdlm checkpoint
     # One run directory per resolved config: <model>-<method>-w<bits>g<group>-<calib>-<hash>,
     # holding config.json, results.json, report.md and the packed model/.
-    c.out_dir = "runs/quantize"
+    c.out_dir = "runs/quantize"  # parent of the run directories
     c.overwrite = False  # a finished run of the same config is reused unless this is true
     c.method = "gptq"  # rtn | gptq | awq | daq | smoothquant | quarot | duquant
     c.bits = 4  # 2 | 3 | 4 | 8 (daq: the mean number of binary planes, 2 | 3 | 4)
     c.group_size = 128  # 32 | 64 | 128 | -1 (per output channel)
-    c.sym = False
-    c.clip_ratio = 1.0
+    c.sym = False  # symmetric weight grid (no zero point)
+    c.clip_ratio = 1.0  # weight range shrink factor before rounding (1.0: min / max)
     # Activation bits of every linear input: 16 = float (weight-only PTQ); 8 or 4 with
     # smoothquant | quarot | duquant, or with rtn / gptq as the untransformed baseline.
-    c.act_bits = 16
-    c.act = ml_collections.ConfigDict(dict(granularity="per_token", sym=True, clip_ratio=1.0))
+    c.act_bits = 16  # 16 (float) | 8 | 4
+    c.act = ml_collections.ConfigDict(dict(
+        granularity="per_token",  # per_token | per_tensor activation scales
+        sym=True,  # symmetric activation grid
+        clip_ratio=1.0))  # activation range shrink factor before rounding
     # K/V quantization inside attention (keys after RoPE; quarot rotates q/k by a Hadamard
     # first), for every weight-activation method: bits 16 = float | 8 | 4; granularity
     # per_head (per token and head) | per_token_group (per channel over group_size tokens).
-    c.act.kv = ml_collections.ConfigDict(dict(bits=16, granularity="per_head", sym=False,
-                                              group_size=64))
+    c.act.kv = ml_collections.ConfigDict(dict(
+        bits=16,  # K/V bits: 16 = float | 8 | 4
+        granularity="per_head",  # per_head (per token and head) | per_token_group
+        sym=False,  # symmetric K/V grid
+        group_size=64))  # per_token_group: tokens sharing a scale, per channel
     # DLLMQuant's IA-AQ: per kv head, the clip ratio of V (and of K with search_keys) on a grid
     # of `grid` points from 1.0 down to `lowest`, minimising the attention-output error
     # weighted by each token's attention importance, on the calibration data.
-    c.act.iaaq = ml_collections.ConfigDict(dict(enabled=False, search_keys=False, grid=10,
-                                                lowest=0.55))
+    c.act.iaaq = ml_collections.ConfigDict(dict(
+        enabled=False,  # search V's clip ratios (needs act.kv.bits < 16)
+        search_keys=False,  # search K's clip ratios too
+        grid=10,  # clip ratios tried per head
+        lowest=0.55))  # smallest clip ratio tried
     c.wa = ml_collections.ConfigDict(dict(
         alpha=0.5,  # smoothing migration strength (smoothquant, duquant)
         weight_quantizer="rtn",  # rtn | gptq: how smoothquant/quarot/duquant round weights
         block=128, rotation_steps=256,  # duquant
         online_heads=True,  # quarot: Hadamard across heads before o_proj
-        quantize_lm_head=False, seed=0))
+        quantize_lm_head=False,  # quantize the LM head's weights and input too
+        seed=0))  # quarot's random signs, duquant's rotations
     c.calibration = "clean"  # clean | masked | trajectory
     c.calib = ml_collections.ConfigDict(dict(
-        source="bigbench-wikipedia", n_samples=32, seq_len=128, prefix_frac=0.0,
-        certainty_weights=False, unmasked_weight=0.7, trajectory_steps=16, seed=0))
-    c.gptq = ml_collections.ConfigDict(dict(damp=0.01, block_size=128, act_order=False,
-                                            static_groups=False))
-    c.awq = ml_collections.ConfigDict(dict(grid=20, clip=True))
+        source="bigbench-wikipedia",  # a data.sources name or a local text / JSONL file
+        n_samples=32,  # calibration windows
+        seq_len=128,  # tokens per window (also the held-out windows' length)
+        prefix_frac=0.0,  # visible prefix (masked) / prompt length (trajectory), of seq_len
+        certainty_weights=False,  # DLLMQuant's CGQ: weight tokens by the model's certainty
+        unmasked_weight=0.7,  # CGQ: weight of visible tokens
+        trajectory_steps=16,  # trajectory: denoising steps recorded per window
+        seed=0))  # masking and sampling seed
+    c.gptq = ml_collections.ConfigDict(dict(
+        damp=0.01,  # dampening, a fraction of the mean Hessian diagonal
+        block_size=128,  # columns per lazy-update block
+        act_order=False,  # quantize columns by decreasing Hessian diagonal
+        static_groups=False))  # act_order: group scales fixed before the column loop
+    c.awq = ml_collections.ConfigDict(dict(
+        grid=20,  # scale exponents searched in [0, 1)
+        clip=True))  # search a clip ratio per output channel after scaling
     # Quant-dLLM's DAQ + ABMP (docs/quantization.md): group_size is the ABMP/scale block;
     # abmp_ratio: fraction of blocks given one plane more (and as many one plane fewer;
     # published: 0.05 LLaDA, 0.10 Dream); salient: DOR weight of salient weights;
     # compensate: none | block | column (GPTQ's column loop with the DAQ codebook); refit:
     # scale refits to the values the column loop met; abmp_check: keep a matrix's ABMP
     # allocation only if it lowers its output error against uniform planes.
-    c.daq = ml_collections.ConfigDict(dict(abmp_ratio=0.1, iters=15, salient=2.0,
-                                           data_weight=True, compensate="column", refit=1,
-                                           abmp_check=True))
+    c.daq = ml_collections.ConfigDict(dict(
+        abmp_ratio=0.1,  # fraction of blocks given one plane more (as many one fewer)
+        iters=15,  # row-column rescaling rounds
+        salient=2.0,  # DOR weight of salient weights
+        data_weight=True,  # weight the objective by the Hessian diagonal
+        compensate="column",  # none | block | column
+        refit=1,  # column: scale refits to the values the loop met
+        abmp_check=True))  # keep ABMP only where it lowers the output error
     # Scored on the fp and the quantized model: the held-out bound (n_windows x 128 tokens,
     # mc_num samples), 2-digit addition (arith_n problems), and `tasks`: built-in task names,
     # comma-separated (e.g. arithmetic_subtract,synthetic_code,synthetic_compare), each on
     # task_limit held-out items.
-    c.eval = ml_collections.ConfigDict(dict(n_windows=16, mc_num=32, arith_n=100,
-                                            skip_fp=False, tasks="", task_limit=100))
+    c.eval = ml_collections.ConfigDict(dict(
+        n_windows=16,  # held-out windows of the bound and KL
+        mc_num=32,  # Monte Carlo samples per window
+        arith_n=100,  # held-out 2-digit addition problems
+        skip_fp=False,  # skip the fp model's evaluation (no KL to fp)
+        tasks="",  # built-in task names, comma-separated
+        task_limit=100))  # items per task
     c.save = True  # write the packed checkpoint (loadable by `qdlm generate`)
     # auto | true | false: weight-only PTQ of a hub checkpoint block by block from its memory
     # maps (memory bounded by one block, resumable after a kill); auto streams checkpoints
     # over 2 GiB. Streaming never holds the fp model: fp figures and KL to fp are skipped.
-    c.stream = "auto"
+    c.stream = "auto"  # auto | true | false
     return c

@@ -1,5 +1,7 @@
-"""The `qdlm` command. Each subcommand is a module in `qdlm_jax/commands/` defining
-NAME, HELP, `add_arguments(parser)` and `run(args, overrides) -> int`.
+"""qdlm: post-training quantization of diffusion LLMs in JAX (`qdlm COMMAND --help`).
+
+Each subcommand is a module in `qdlm_jax/commands/` defining NAME, HELP,
+`add_arguments(parser)` and `run(args, overrides) -> int`.
 
 `--config.KEY=VALUE` overrides are split off before argparse and handed to the subcommand.
 Errors users can fix (bad path, bad key, bad value) print one line and exit with status 2.

@@ -42,3 +42,36 @@ def test_readme_python_section_runs(monkeypatch, capsys):
                                                                           qtokens[0])]
     assert answer[0].strip() == answer[1].strip() == "46", answer
     assert os.getcwd() == str(ROOT)
+
+
+def readme_commands() -> list[list[str]]:
+    """The `qdlm ...` commands of the README's "Command line" block, as argv lists
+    (continuation lines joined, comments dropped)."""
+    import shlex
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.S).group(1)
+    block = re.sub(r"\\\n\s*", " ", block)
+    return [shlex.split(line.split("  #")[0]) for line in block.splitlines()
+            if line.startswith("qdlm ")]
+
+
+def test_readme_command_line_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Every README command that needs no earlier run directory (convert both ways, info,
+    generate on the bundled model) runs as written and gives the answer the page shows; the
+    quantize / study / train commands have their own tests."""
+    import shutil
+
+    from qdlm_jax.cli import main
+    monkeypatch.chdir(tmp_path)  # `runs/` goes here; the bundled paths resolve from anywhere
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    ran = []
+    for argv in readme_commands():
+        if argv[1] in ("convert", "info") or (argv[1] == "generate" and "<hash>" not in
+                                               " ".join(argv)):
+            assert main(argv[1:]) == 0, argv
+            ran.append(argv[1])
+            out = capsys.readouterr().out
+            if argv[1] == "generate":
+                assert out.strip().startswith("Question: 12+34=? Answer: 46"), out
+    assert ran.count("convert") == 2 and "info" in ran and "generate" in ran
+    shutil.rmtree(tmp_path / "runs")

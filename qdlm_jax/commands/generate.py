@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 NAME = "generate"
+DEFAULT_CONFIG = "configs/generate.py"  # its keys are listed under --help
 HELP = "generate text with a LLaDA or Dream checkpoint (published samplers, one jitted loop)"
 
 

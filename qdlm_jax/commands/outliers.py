@@ -11,12 +11,16 @@ HELP = ("per-layer activation statistics (max, percentiles, kurtosis, top channe
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="checkpoint directory (fp or quantized)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (fp or quantized) or hub id")
     p.add_argument("--source", default="bigbench-wikipedia",
-                   help="text source of the calibration split (name or local file)")
-    p.add_argument("--n-samples", type=int, default=16, help="sequences per condition")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--seed", type=int, default=0)
+                   help="text source of the calibration split (name or local file; default: "
+                        "bigbench-wikipedia)")
+    p.add_argument("--n-samples", type=int, default=16,
+                   help="sequences per condition (default: 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the windows and the masking (default: 0)")
     p.add_argument("--out", default=None, help="run dir (default: runs/outliers/<model>)")
 
 

@@ -123,6 +123,29 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
     return out
 
 
+def key_comments(source: str) -> dict[str, str]:
+    """The comment written beside each key of a config file, by its full dotted key:
+    `c.bits = 4  # ...` is `bits`; `x=1,  # ...` inside `c.act.kv = ConfigDict(dict(` is
+    `act.kv.x`. A comment belongs to the keys set on its line only."""
+    comments: dict[str, str] = {}
+    prefix, depth = "", 0
+    for line in source.splitlines():
+        code, _, comment = line.partition("#")
+        assign = re.match(r"\s*c\.([\w.]+)\s*=", code)
+        if assign and depth == 0:
+            key = assign.group(1)
+            prefix = key + "." if "dict(" in code else ""
+            names = [key] + [prefix + n for n in re.findall(r"[(,]\s*(\w+)\s*=", code)]
+        else:
+            names = [prefix + n for n in re.findall(r"(?:^|[(,])\s*(\w+)\s*=", code)]
+        depth += code.count("(") - code.count(")") if (assign or depth) else 0
+        if depth <= 0:
+            depth = 0
+        for n in names if comment.strip() else ():
+            comments.setdefault(n, comment.strip())
+    return comments
+
+
 def describe_config(path: str | Path) -> str:
     """The `--help` text of a config file: each key with its default and the comment written
     beside it in the file (choices, meaning), so keys are documented once, in the config."""
@@ -131,15 +154,10 @@ def describe_config(path: str | Path) -> str:
         config = load_config_file(path)
     except ConfigOverrideError as e:
         return f"(config keys unavailable: {e})"
-    comments = {}
-    for line in path.read_text().splitlines():
-        code, _, comment = line.partition("#")
-        if comment.strip():
-            for name in re.findall(r"\b(\w+)\s*=", code):
-                comments.setdefault(name, comment.strip())
+    comments = key_comments(path.read_text())
     lines = [f"config keys of {path.name} (override with --config.KEY=VALUE):"]
     for key, value in flatten_config(config).items():
-        note = comments.get(key.rsplit(".", 1)[-1], "")
+        note = comments.get(key, "")
         lines.append(f"  --config.{key}={value!r}" + (f"   # {note}" if note else ""))
     return "\n".join(lines)
 

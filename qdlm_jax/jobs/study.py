@@ -478,6 +478,12 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
     ran = 0
     t_start = time.time()
     qh = {(m, v): quant_hash(spec, m, v) for m in spec.models for v in spec.variants}
+    n_cells = sum(len(spec.tasks_for(v)) for v in spec.variants) * len(spec.models)
+    n_todo = sum(1 for m in spec.models for v in spec.variants for t in spec.tasks_for(v)
+                 if cell_key(m, v, qh[m, v], t) not in done)
+    _log(f"plan: {len(spec.models)} model(s) x {len(spec.variants)} variants "
+         f"({', '.join(v.label for v in spec.variants)}) x their tasks = {n_cells} cells, "
+         f"{n_todo} to run; an estimate of the time left follows each variant")
     for model in spec.models:
         fp_tm = None
         for v in spec.variants:
@@ -515,6 +521,10 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 ran += 1
                 _log(f"  {task.name}: {r['metric']} = {r['value']:.4f} "
                      f"({time.time() - t1:.1f}s)")
+            if ran < n_todo:
+                left = (time.time() - t_start) / ran * (n_todo - ran)
+                _log(f"  {ran}/{n_todo} cells done; about {left / 60:.1f} min left at this "
+                     "rate")
     keys = [cell_key(m, v, qh[m, v], t) for m in spec.models for v in spec.variants
             for t in spec.tasks_for(v)]
     records = [done[k] for k in keys if k in done]
@@ -661,13 +671,15 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
         if extra and r0.get("overrides") and extra not in [o[0] for o in overridden]:
             overridden.append((extra, f"{method}-w{bits}a{act_bits}+{extra}",
                                r0["overrides"]))
-    lines.append("| *reference* | chance | – | " + " | ".join(
-        _reference(t, records) for t in tasks) + " |")
     models = sorted({r["model_name"]: r.get("model", r["model_name"]) for r in records}.items())
     unigrams = [(name, _unigram(path)) for name, path in models]
+    lines.append("| *reference* | chance / unigram | – | " + " | ".join(
+        _reference(t, records, unigrams) for t in tasks) + " |")
     notes = ["± is one standard error (over windows for the bound, binomial for accuracies); "
-             "chance for multiple choice is the mean of 1 / options over the items, for exact "
-             "match and pass@1 about 0."]
+             "the reference row is what a model that knows nothing scores: chance for multiple "
+             "choice (the mean of 1 / options over the items), about 0 for exact match and "
+             "pass@1, and for bits/token the entropy of a unigram model fitted on the train "
+             "split (a trained model must be below it)."]
     notes += [f"{name}: unigram reference {u:.3f} bits/token (its model card)."
               for name, u in unigrams if u is not None]
     if any(r.get("decoding") for r in records):
@@ -680,9 +692,12 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def _reference(task: TaskSpec, records: list[dict]) -> str:
+def _reference(task: TaskSpec, records: list[dict],
+               unigrams: Sequence[tuple[str, float | None]] = ()) -> str:
     if not task.higher_is_better:
-        return "unigram: below"
+        known = [f"{u:.3f}" + (f" ({name})" if len(unigrams) > 1 else "")
+                 for name, u in unigrams if u is not None]
+        return "unigram " + " / ".join(known) if known else "–"
     chances = [r["chance"] for r in records
                if r["task"] == task.name and r.get("chance") is not None]
     if chances:
@@ -708,11 +723,22 @@ def axis_limits(values: Sequence[float], *, percent: bool) -> tuple[float, float
     return mid - half, mid + half
 
 
+def fp_can_do(task: TaskSpec, records: list[dict], model_name: str) -> bool:
+    """Whether the fp model scores on `task` (accuracy at least 5 points above chance, or any
+    bits/token); True when there is no fp record. Category means use these tasks only: a task
+    the fp model scores 0 on carries no signal about what quantization did."""
+    fp = [r for r in records if r["model_name"] == model_name and r["method"] == FP
+          and r["task"] == task.name]
+    if not fp or not task.higher_is_better:
+        return True
+    return fp[0]["value"] >= (fp[0].get("chance") or 0.0) + 0.05
+
+
 def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path: Path) -> Path:
     """Metric against bits per method, one panel per category (mean over the category's
-    tasks; accuracies in %), fp as a dashed horizontal line. Weight-only methods are solid
-    lines at their weight bits; weight-activation methods (W<b>A<b>) dotted lines at b. PNG
-    via Agg."""
+    tasks the fp model can do, `fp_can_do`; accuracies in %), fp as a dashed horizontal
+    line. Weight-only methods are solid lines at their weight bits; weight-activation
+    methods (W<b>A<b>) dotted lines at b. PNG via Agg."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -727,7 +753,9 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
     series = list(dict.fromkeys((r["method"], r.get("act_bits") is not None,
                                  r.get("variant") or "") for r in recs if r["method"] != FP))
     for ax, cat in zip(axes[0], cats):
-        ctasks = [t for t in tasks if t.category == cat]
+        all_ctasks = [t for t in tasks if t.category == cat]
+        ctasks = [t for t in all_ctasks if fp_can_do(t, recs, name)] or all_ctasks
+        left_out = [t.name for t in all_ctasks if t not in ctasks]
         pct = ctasks[0].higher_is_better
         scale = 100.0 if pct else 1.0
 
@@ -772,7 +800,9 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
             ylabel = f"mean {ylabel}"
         ax.set_ylabel(ylabel)
         ax.set_title(f"{CATEGORY_TITLES.get(cat, cat)}\n"
-                     f"({', '.join(t.name for t in ctasks)})", fontsize=9)
+                     f"({', '.join(t.name for t in ctasks)})"
+                     + (f"\nleft out (fp at chance): {', '.join(left_out)}" if left_out
+                        else ""), fontsize=9)
         ax.grid(alpha=0.3)
     handles: dict = {}  # one legend for the figure, below the panels (none covers a line)
     for ax in axes[0]:
