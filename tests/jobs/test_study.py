@@ -439,3 +439,23 @@ def test_evaluate_task_adds_the_decoding_figures(monkeypatch):
     monkeypatch.setattr(tasks_mod, "run_task", run_task)
     r = study.evaluate_task(Stub(), BUILTIN["arithmetic"])
     assert r == {"value": 0.5, "tokens_per_step": 3.0, "forward_passes": 8}
+
+
+def test_study_prints_its_plan_and_time_left(tmp_path, capsys):
+    spec = make_spec(tmp_path)
+    c = Counter()
+    study.run_study(spec, evaluate=c.evaluate, make_variant=c.make_variant)
+    err = capsys.readouterr().err
+    assert "plan: 1 model(s) x 5 variants (fp, rtn-w8, rtn-w4, gptq-w8, gptq-w4)" in err
+    assert "= 20 cells, 20 to run" in err
+    assert "4/20 cells done; about" in err and "min left" in err
+
+
+def test_plot_means_leave_out_tasks_the_fp_model_cannot_do():
+    tasks = (BUILTIN["arithmetic"], BUILTIN["gsm_symbolic"])
+    recs = [{"model_name": "m", "method": "fp", "task": "arithmetic", "value": 0.9,
+             "chance": None},
+            {"model_name": "m", "method": "fp", "task": "gsm_symbolic", "value": 0.0,
+             "chance": None}]
+    assert study.fp_can_do(tasks[0], recs, "m") and not study.fp_can_do(tasks[1], recs, "m")
+    assert study.fp_can_do(BUILTIN["wikipedia_bound"], recs, "m")  # no fp record: kept
