@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from qdlm_jax.checkpoints.orbax_format import load_checkpoint
     from qdlm_jax.models.params import model_from_params
     from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, build_calibration
-    from qdlm_jax.quant.streaming import config_shim, quantize_streaming, save_packed
+    from qdlm_jax.jobs.streaming import config_shim, quantize_streaming, save_packed
 
     name = f"{args.model}-{args.layers or 'all'}L" + (f"-shrink{args.shrink}"
                                                       if args.shrink > 1 else "")

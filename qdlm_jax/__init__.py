@@ -5,6 +5,7 @@ The names most scripts need (the README's Python section uses them): `load_model
 in `qdlm_jax.quant` (`quantize_model`, `PTQSpec`, `QuantSpec`, `build_calibration`).
 """
 
+import qdlm_jax.kernels  # noqa: F401  (binds the quantized types to their ops: kernels/)
 from qdlm_jax.checkpoints.load import load_model, load_params, load_tokenizer
 from qdlm_jax.inference.generate import GenerationConfig, generate, left_pad
 from qdlm_jax.models import Capture, DLLM, ModelConfig

@@ -130,21 +130,56 @@ def test_checker_sees_a_cycle_and_a_private_import(tmp_path):
     assert private == ["pkg.c imports pkg.a._hidden", "pkg.c uses pkg.a._other"]
 
 
-@pytest.mark.parametrize("layer,forbidden", [
-    ("qdlm_jax.models", ("qdlm_jax.quant", "qdlm_jax.inference", "qdlm_jax.jobs",
-                         "qdlm_jax.evals", "qdlm_jax.training", "qdlm_jax.commands")),
-    ("qdlm_jax.kernels", ("qdlm_jax.inference", "qdlm_jax.jobs", "qdlm_jax.evals",
-                          "qdlm_jax.training", "qdlm_jax.commands")),
-    ("qdlm_jax.quant", ("qdlm_jax.jobs", "qdlm_jax.commands", "qdlm_jax.evals",
-                        "qdlm_jax.training")),
-    ("qdlm_jax.inference", ("qdlm_jax.jobs", "qdlm_jax.commands", "qdlm_jax.quant",
-                            "qdlm_jax.training")),
-    ("qdlm_jax.jobs", ("qdlm_jax.commands",)),
-])
-def test_arrows_run_one_way(layer, forbidden):
-    """commands -> jobs -> {quant, inference, evals, training} -> {models, checkpoints, ...}."""
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def layer_order(text: str | None = None) -> list[set[str]]:
+    """The folders' order as docs/architecture.md states it, on its one line
+    `commands -> jobs -> {checkpoints, ...} -> ... -> {errors, fsutil}`: the top first."""
+    text = ARCHITECTURE.read_text() if text is None else text
+    line = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith("commands ->"))
+    return [set(part.strip(" {}").replace(" ", "").split(",")) for part in line.split("->")]
+
+
+def layer_of(module: str, order: list[set[str]]) -> int | None:
+    """A module's layer (0 = top); the root package `qdlm_jax` is above every layer (-1), the
+    command-line entry points (`cli`, `__main__`) are commands."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return -1
+    top = {"cli": "commands", "__main__": "commands"}.get(parts[1], parts[1])
+    return next((i for i, names in enumerate(order) if top in names), None)
+
+
+def upward_arrows(graph: dict[str, set[str]], order: list[set[str]]) -> list[str]:
+    """Every import from a layer to one above it (or to the root package), and every module
+    in no layer."""
+    wrong = []
+    for module, targets in graph.items():
+        here = layer_of(module, order)
+        if here is None:
+            wrong.append(f"{module} is in no layer of docs/architecture.md")
+            continue
+        for t in targets:
+            there = layer_of(t, order)
+            if there is not None and there < here:
+                wrong.append(f"{module} -> {t}")
+    return sorted(wrong)
+
+
+def test_arrows_run_one_way():
+    """The import graph has no arrow up between the folders, in the order the architecture
+    page states."""
+    order = layer_order()
+    assert {"commands", "jobs", "quant", "models", "errors"} <= set().union(*order)
     graph, _ = import_graph(module_files())
-    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items()
-                   if m == layer or m.startswith(layer + ".")
-                   for t in targets if any(t == f or t.startswith(f + ".") for f in forbidden))
-    assert wrong == []
+    assert upward_arrows(graph, order) == []
+
+
+def test_checker_sees_an_upward_arrow():
+    order = layer_order("    commands -> jobs -> {quant, data} -> {models} -> {errors}\n")
+    graph = {"qdlm_jax.quant.x": {"qdlm_jax.jobs.y", "qdlm_jax.models.z"},
+             "qdlm_jax.models.z": {"qdlm_jax"}, "qdlm_jax.odd": set()}
+    assert upward_arrows(graph, order) == ["qdlm_jax.models.z -> qdlm_jax",
+                                           "qdlm_jax.odd is in no layer of docs/architecture.md",
+                                           "qdlm_jax.quant.x -> qdlm_jax.jobs.y"]

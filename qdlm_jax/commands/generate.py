@@ -94,7 +94,7 @@ def run(args, overrides):
     import jax
     import numpy as np
 
-    from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.load import load_model
     from qdlm_jax.inference.generate import GenerationConfig, compile_generate, left_pad
 
     gen_settings = config.gen.to_dict()

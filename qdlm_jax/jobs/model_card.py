@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdlm_jax import load_model
+from qdlm_jax.checkpoints.load import load_model
 from qdlm_jax.data.tokenizer import load_bpe_tokenizer
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import (ArithmeticEval, arithmetic_accuracy, binomial_se,

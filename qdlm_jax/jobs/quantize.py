@@ -286,7 +286,7 @@ def calibration_windows(tokenizer, spec: JobSpec):
 def use_streaming(spec: JobSpec) -> bool:
     """`stream`: "true", "false", or "auto" = a weight-only method on a hub checkpoint
     directory of more than 2 GiB (the in-memory pass also gives fp figures and KL to fp)."""
-    from qdlm_jax.quant.streaming import can_stream
+    from qdlm_jax.jobs.streaming import can_stream
     if spec.stream == "false":
         return False
     possible = spec.wa is None and can_stream(spec.model)
@@ -324,7 +324,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.params import model_from_params
     from qdlm_jax.quant.calibration import build_calibration
-    from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming, save_packed
+    from qdlm_jax.jobs.streaming import assemble, config_shim, quantize_streaming, save_packed
 
     start_run_dir(run_dir, spec)
     if spec.calib.mode == "trajectory" or spec.calib.certainty_weights:
@@ -433,7 +433,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.load import load_model
     from qdlm_jax.checkpoints.load import read_model_config
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
     from qdlm_jax.checkpoints.load import load_tokenizer
@@ -500,7 +500,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     import jax
     import jax.numpy as jnp
 
-    from qdlm_jax import load_model
+    from qdlm_jax.checkpoints.load import load_model
     from qdlm_jax.checkpoints.load import param_summary, read_model_config
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
     from qdlm_jax.checkpoints.load import load_tokenizer

@@ -1,11 +1,10 @@
 """Post-training quantization: quantizer, bit packing, `QuantizedArray`, calibration, the
 weight-only (RTN, GPTQ, AWQ) and weight-activation (SmoothQuant, QuaRot, DuQuant) passes.
 
-The kernels package is imported first: it binds `QuantizedArray` and `ActKernel` to their
-matmuls, so a model whose linear kernels are quantized runs from the packed params.
-See docs/quantization.md.
+The quantized types are plain data; `qdlm_jax/__init__.py` imports `qdlm_jax.kernels`, which
+binds them to their matmuls, so a model whose linear kernels are quantized runs from the
+packed params however the package is entered. See docs/quantization.md.
 """
-import qdlm_jax.kernels  # noqa: F401  (binds the quantized types to their ops; see there)
 from qdlm_jax.quant.gptq_core import GPTQResult, gptq
 from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 from qdlm_jax.quant.quantizer_core import (QuantParams, QuantSpec, SUPPORTED_BITS,

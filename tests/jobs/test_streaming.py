@@ -20,7 +20,7 @@ from qdlm_jax.errors import CheckpointError
 from qdlm_jax.models.params import cast_floats, get_params
 from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, QuantizedArray, build_calibration
 from qdlm_jax.quant.layerwise import quantize_model
-from qdlm_jax.quant.streaming import assemble, config_shim, quantize_streaming, save_packed
+from qdlm_jax.jobs.streaming import assemble, config_shim, quantize_streaming, save_packed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_streaming_on_a_mesh_holds_a_share_of_each_block_and_equals_the_in_memor
     it; a work dir started on another mesh shape is refused."""
     from jax.sharding import PartitionSpec as P
     from qdlm_jax.models.sharding import make_mesh
-    from qdlm_jax.quant import streaming
+    from qdlm_jax.jobs import streaming
     src, calib = _setup(tmp_path, "llada")
     spec = PTQSpec(method="gptq", weight=QuantSpec(bits=4, group_size=64))
     mesh = make_mesh(model=4, data=2)
@@ -149,7 +149,7 @@ SCRIPT = """
 import sys, numpy as np
 from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, build_calibration
 from qdlm_jax.checkpoints.random_init import tiny_config
-from qdlm_jax.quant.streaming import config_shim, quantize_streaming
+from qdlm_jax.jobs.streaming import config_shim, quantize_streaming
 config = tiny_config("llada", num_layers=6, hidden_size=128, intermediate_size=256)
 windows = np.random.default_rng(0).integers(0, 240, (8, 32)).astype(np.int32)
 calib = build_calibration(config_shim(config), windows,
@@ -161,7 +161,7 @@ print("RESUMED_AT", stats["resumed_at"])
 
 
 def test_a_run_stopped_mid_way_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    from qdlm_jax.quant import streaming
+    from qdlm_jax.jobs import streaming
     src, calib = _setup(tmp_path, "dream", layers=4)
     spec = PTQSpec(method="gptq", weight=QuantSpec(bits=3, group_size=64))
     quantize_streaming(src, calib, spec, tmp_path / "ref", progress=False)
