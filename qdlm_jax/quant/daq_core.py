@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from qdlm_jax.quant.gptq_core import upper_cholesky_of_inverse
+from qdlm_jax.quant.cholesky_core import upper_cholesky_of_inverse
 
 SALIENT_Z = 3.0  # |standardised saliency| above which a weight is salient (DOR)
 

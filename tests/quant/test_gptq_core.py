@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qdlm_jax.quant import cholesky_core as C
 from qdlm_jax.quant import gptq_core as G
 from qdlm_jax.quant import quantizer_core as qc
 from tests.quant.numpy_gptq import fasterquant
@@ -106,10 +107,10 @@ def test_hessian_is_twice_the_token_weighted_mean_outer_product():
 def test_factorisations():
     x = correlated_inputs(1200, 600, seed=7)
     h = ((x.T.astype(np.float64) @ x) / 1200 + 0.1 * np.eye(600)).astype(np.float32)
-    low = np.asarray(jax.jit(G.cholesky_lower)(jnp.asarray(h)))
+    low = np.asarray(jax.jit(C.cholesky_lower)(jnp.asarray(h)))
     np.testing.assert_allclose(low, np.linalg.cholesky(h.astype(np.float64)), rtol=1e-3,
                                atol=2e-4)
-    u = np.asarray(jax.jit(G.upper_cholesky_of_inverse)(jnp.asarray(h[:512, :512])))
+    u = np.asarray(jax.jit(C.upper_cholesky_of_inverse)(jnp.asarray(h[:512, :512])))
     hinv = np.linalg.inv(h[:512, :512].astype(np.float64))
     np.testing.assert_allclose(u, np.linalg.cholesky(hinv).T, rtol=1e-3, atol=1e-5)
 
