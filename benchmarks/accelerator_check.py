@@ -69,19 +69,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from accel_report import Budget, Column, Report, SectionRecord  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from accel_report import Budget, Column, Report, SectionRecord  # noqa: E402
 from qdlm_jax.inference.generate import GenerationConfig, generate_with_nfe  # noqa: E402
-from qdlm_jax.kernels import (platform_default, qmatmul, select_implementation,  # noqa: E402
-                              use_implementation)
+from qdlm_jax.kernels import platform_default, qmatmul, select_implementation, use_implementation  # noqa: E402
 from qdlm_jax.models.config import ModelConfig, llada_8b  # noqa: E402
 from qdlm_jax.models.dllm import Block, abstract_model  # noqa: E402
 from qdlm_jax.models.params import block_from_params, flatten, model_from_params  # noqa: E402
+from qdlm_jax.quant import packing  # noqa: E402
 from qdlm_jax.quant.block import block_inputs_from_x  # noqa: E402
 from qdlm_jax.quant.calibration import CalibBatch  # noqa: E402
 from qdlm_jax.quant.layerwise import PTQSpec, quantize_block  # noqa: E402
-from qdlm_jax.quant import packing  # noqa: E402
 from qdlm_jax.quant.qarray import QuantizedArray  # noqa: E402
 from qdlm_jax.quant.quantizer_core import QuantSpec  # noqa: E402
 from qdlm_jax.quant.rtn import rtn_quantize_params  # noqa: E402
@@ -445,7 +444,8 @@ def run_kernels(ctx: Context, rec: SectionRecord) -> None:
     impls = ["xla"] + ([platform_default()] if platform_default() != "xla" else [])
     gbps, source = device_bandwidth(ctx)
     rec.note(f"implementations timed: {', '.join(impls)}; memory-bound time = (x bf16 + "
-             f"weight as stored + y bf16) bytes / {gbps:.0f} GB/s ({source}); time per op, the fastest of "
+             f"weight as stored + y bf16) bytes / {gbps:.0f} GB/s ({source}); time per op, "
+             "the fastest of "
              f"{plan.rounds} calls, from a device loop of about {plan.loop_s * 1e3:.0f} ms over "
              "'copies' weight copies (so the weights come from memory, not the cache), less "
              "a one-round call; 'x bf16' = bf16 time / time")

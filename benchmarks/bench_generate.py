@@ -68,8 +68,8 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from qdlm_jax import load_model  # noqa: E402
-from qdlm_jax.inference.generate import GenerationConfig, compile_generate  # noqa: E402
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint  # noqa: E402
+from qdlm_jax.inference.generate import GenerationConfig, compile_generate  # noqa: E402
 from tests.references.hf_reference import reference_model  # noqa: E402
 from tests.references.reference_algorithms import hf_forward, llada_generate_ref  # noqa: E402
 
@@ -266,8 +266,11 @@ def run_modes(args):
     """none / prefix / dual / dual+tau: ours (jitted), the eager Fast-dLLM statement and
     (--fast-dllm, LLaDA) Fast-dLLM's own code."""
     from qdlm_jax.inference.generate import generate_with_nfe
-    from tests.references.fast_dllm_reference import (CachedLlama, fast_dllm_dream_ref,
-                                                      fast_dllm_generate_ref)
+    from tests.references.fast_dllm_reference import (
+        CachedLlama,
+        fast_dllm_dream_ref,
+        fast_dllm_generate_ref,
+    )
 
     path = Path(args.model)
     model = load_model(path, dtype="float32")

@@ -71,9 +71,9 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from qdlm_jax.checkpoints.orbax_format import load_checkpoint
+    from qdlm_jax.jobs.streaming import config_shim, quantize_streaming, save_packed
     from qdlm_jax.models.params import model_from_params
     from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, build_calibration
-    from qdlm_jax.jobs.streaming import config_shim, quantize_streaming, save_packed
 
     name = f"{args.model}-{args.layers or 'all'}L" + (f"-shrink{args.shrink}"
                                                       if args.shrink > 1 else "")
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         del state, logits
     report = {
         "model": args.model, "layers": config.num_layers, "shrink": args.shrink,
-        "hidden": config.hidden_size, "intermediate": config.intermediate_size, "checkpoint_gib": ckpt_bytes / 2**30,
+        "hidden": config.hidden_size, "intermediate": config.intermediate_size,
+        "checkpoint_gib": ckpt_bytes / 2**30,
         "calibration": f"{args.samples} x {args.tokens} tokens", "method": f"GPTQ W{args.bits} "
         f"g{args.group}", "checkpoint_write_s": write_s, "quantize_s": quant_s,
         "resumed_at": stats["resumed_at"], "save_s": save_s, "load_and_forward_s": load_s,

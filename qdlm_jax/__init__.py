@@ -8,7 +8,7 @@ in `qdlm_jax.quant` (`quantize_model`, `PTQSpec`, `QuantSpec`, `build_calibratio
 import qdlm_jax.kernels  # noqa: F401  (binds the quantized types to their ops: kernels/)
 from qdlm_jax.checkpoints.load import load_model, load_params, load_tokenizer
 from qdlm_jax.inference.generate import GenerationConfig, generate, left_pad
-from qdlm_jax.models import Capture, DLLM, ModelConfig
+from qdlm_jax.models import DLLM, Capture, ModelConfig
 
 __all__ = ["load_model", "load_params", "load_tokenizer", "generate", "GenerationConfig",
            "left_pad", "Capture", "DLLM", "ModelConfig"]

@@ -16,8 +16,7 @@ import sys
 
 from qdlm_jax import commands
 from qdlm_jax.errors import UserError
-from qdlm_jax.jobs.config_flags import (describe_config, split_config_args,
-                                        suggest_config_flag)
+from qdlm_jax.jobs.config_flags import describe_config, split_config_args, suggest_config_flag
 
 
 def _subcommands():

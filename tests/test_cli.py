@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from qdlm_jax import load_model
+from qdlm_jax.checkpoints.random_init import hf_tensors, tiny_config, write_hf_checkpoint
 from qdlm_jax.cli import main
 from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.jobs.config_flags import apply_overrides
-from qdlm_jax.checkpoints.random_init import hf_tensors, tiny_config, write_hf_checkpoint
 
 IDS = jnp.asarray(np.arange(10, dtype=np.int32).reshape(2, 5))
 

@@ -10,8 +10,6 @@ imported module (`from pkg import name` points at `pkg.name` when that is a modu
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "qdlm_jax"
 

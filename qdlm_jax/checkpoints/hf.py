@@ -334,7 +334,8 @@ def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: st
             shards[-1].append(m)
             size += nbytes
         names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                  for i in range(len(shards))])
         weight_map, total = {}, 0
         for fname, group in zip(names, shards):
             def tensors(group=group):

@@ -10,10 +10,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qdlm_jax.checkpoints import gptq_format, orbax_format as checkpoint
+from qdlm_jax.checkpoints import gptq_format
+from qdlm_jax.checkpoints import orbax_format as checkpoint
 from qdlm_jax.checkpoints.hf import load_hf_config, load_hf_params
-from qdlm_jax.data.hf_tokenizer import (CheckpointTokenizer, SpecialIds, load_hf_tokenizer,
-                                        resolve_special_ids)
+from qdlm_jax.data.hf_tokenizer import (
+    CheckpointTokenizer,
+    SpecialIds,
+    load_hf_tokenizer,
+    resolve_special_ids,
+)
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM
@@ -139,4 +144,5 @@ def quantization_banner(path: str | os.PathLike, params: dict | None = None) -> 
             f"{'' if act in (None, 16) else f'A{act}'} "
             f"{'per-channel' if group == -1 else f'g{group}'}, calibration "
             f"{q.get('calibration', '?')}; {s['bytes'] / 2**20:.1f} MiB = "
-            f"{s['bytes'] / s['bf16_bytes']:.2f}x the bf16 size ({s['bf16_bytes'] / 2**20:.1f} MiB)")
+            f"{s['bytes'] / s['bf16_bytes']:.2f}x the bf16 size "
+            f"({s['bf16_bytes'] / 2**20:.1f} MiB)")

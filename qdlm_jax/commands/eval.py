@@ -85,12 +85,11 @@ def run(args, overrides):
         from qdlm_jax.errors import ConfigOverrideError
         raise ConfigOverrideError(f"{overrides[0]}: qdlm eval takes no --config overrides; "
                                   "use --task-file for task settings")
-    from qdlm_jax.errors import DataSourceError
+    from qdlm_jax.errors import ConfigOverrideError, DataSourceError
     from qdlm_jax.evals.backends import load_text_model
-    from qdlm_jax.errors import ConfigOverrideError
     from qdlm_jax.evals.tasks import load_task_file, resolve_task, run_task, spec_dict
-    from qdlm_jax.jobs.quantize import model_label
     from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.jobs.quantize import model_label
 
     specs = [resolve_task(t.strip(), "--tasks") for t in args.tasks.split(",") if t.strip()]
     for f in args.task_file:

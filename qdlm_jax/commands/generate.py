@@ -18,7 +18,6 @@ import dataclasses
 import re
 import sys
 import time
-from pathlib import Path
 
 NAME = "generate"
 DEFAULT_CONFIG = "configs/generate.py"  # its keys are listed under --help

@@ -4,7 +4,6 @@ directory or a hub id)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 NAME = "info"
 HELP = "print the model config and parameter count of a checkpoint (HF dir or qdlm)"
@@ -21,8 +20,12 @@ def run(args, overrides):
 
     from qdlm_jax.checkpoints import orbax_format as checkpoint
     from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, expected_shape, key_map
-    from qdlm_jax.checkpoints.load import (load_tokenizer, param_summary, quantization_banner,
-                                           resolve_checkpoint)
+    from qdlm_jax.checkpoints.load import (
+        load_tokenizer,
+        param_summary,
+        quantization_banner,
+        resolve_checkpoint,
+    )
     from qdlm_jax.errors import CheckpointError
 
     path = resolve_checkpoint(args.path)

@@ -15,7 +15,8 @@ def add_arguments(p):
 
 def run(args, overrides):
     from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
-    from qdlm_jax.jobs.train import prepare_tokenizer, run as run_job
+    from qdlm_jax.jobs.train import prepare_tokenizer
+    from qdlm_jax.jobs.train import run as run_job
 
     cfg = apply_overrides(load_config_file(args.config), overrides)
     if args.tokenizer_only:

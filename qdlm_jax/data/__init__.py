@@ -2,9 +2,12 @@
 
 * :mod:`qdlm_jax.data.sources` -- local files, Hugging Face datasets, the
   offline BIG-bench Wikipedia default, deterministic document splits, token windows.
-* :mod:`qdlm_jax.data.tokenizer` -- the project's byte-level BPE (mask / BOS / EOS / PAD) for training.
-* :mod:`qdlm_jax.data.hf_tokenizer` -- a checkpoint's tokenizer as transformers loads it, its special ids.
-* :mod:`qdlm_jax.data.llamacpp_vocab` -- real vocabularies (llama.cpp's vocab files), fetched at first use.
+* :mod:`qdlm_jax.data.tokenizer` -- the project's byte-level BPE (mask / BOS / EOS / PAD) for
+  training.
+* :mod:`qdlm_jax.data.hf_tokenizer` -- a checkpoint's tokenizer as transformers loads it, its
+  special ids.
+* :mod:`qdlm_jax.data.llamacpp_vocab` -- real vocabularies (llama.cpp's vocab files), fetched at
+  first use.
 * :mod:`qdlm_jax.data.arithmetic` -- seeded addition / subtraction problems.
 """
 

@@ -96,11 +96,19 @@ class ArithmeticSpec:
 
     def __post_init__(self) -> None:
         if not self.digits or any(not isinstance(d, int) or d < 1 or d > 18 for d in self.digits):
-            raise ValueError(f"ArithmeticSpec.digits={self.digits!r}: expected a non-empty tuple of ints in 1..18")
+            raise ValueError(
+                f"ArithmeticSpec.digits={self.digits!r}: expected a non-empty tuple of ints "
+                "in 1..18"
+            )
         if not self.ops or any(op not in OPS for op in self.ops):
-            raise ValueError(f"ArithmeticSpec.ops={self.ops!r}: expected a non-empty tuple drawn from {OPS}")
+            raise ValueError(
+                f"ArithmeticSpec.ops={self.ops!r}: expected a non-empty tuple drawn from {OPS}"
+            )
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"ArithmeticSpec.heldout_fraction={self.heldout_fraction!r}: expected a value in (0, 1)")
+            raise ValueError(
+                f"ArithmeticSpec.heldout_fraction={self.heldout_fraction!r}: expected a value in "
+                "(0, 1)"
+            )
 
 
 def render_prompt(problem: ArithmeticProblem) -> str:
@@ -119,7 +127,8 @@ def render_text(problem: ArithmeticProblem) -> str:
 
 
 def is_heldout(problem: ArithmeticProblem, spec: ArithmeticSpec = ArithmeticSpec()) -> bool:
-    """Whether ``problem`` belongs to the held-out set (depends only on the problem and spec salt)."""
+    """Whether ``problem`` belongs to the held-out set (depends only on the problem and the
+    spec's salt)."""
     a, op, b = problem.key
     digest = hashlib.sha256(f"{spec.heldout_salt}:{a}{op}{b}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < spec.heldout_fraction
@@ -203,9 +212,16 @@ def extract_answer(text: str, prompt: str | None = None) -> int | None:
     return int(match.group()) if match else None
 
 
-def sft_rows(problems: Sequence[ArithmeticProblem], tokenizer, *, seq_len: int,
-             answer_len: int, bos_id: int, eos_id: int,
-             max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sft_rows(
+    problems: Sequence[ArithmeticProblem],
+    tokenizer,
+    *,
+    seq_len: int,
+    answer_len: int,
+    bos_id: int,
+    eos_id: int,
+    max_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Instruction-style training rows, the layout of the denoising loop's exact-match task.
 
     Each problem is ``[BOS] prompt`` followed by an answer field of ``answer_len`` tokens (the
@@ -224,8 +240,10 @@ def sft_rows(problems: Sequence[ArithmeticProblem], tokenizer, *, seq_len: int,
         prompt = tokenizer.encode(render_prompt(p)).ids
         answer = tokenizer.encode(render_answer(p)).ids
         if len(answer) >= answer_len:
-            raise ValueError(f"answer {render_answer(p)!r} takes {len(answer)} tokens: "
-                             f"expected < answer_len={answer_len}")
+            raise ValueError(
+                f"answer {render_answer(p)!r} takes {len(answer)} tokens: "
+                f"expected < answer_len={answer_len}"
+            )
         field = answer + [eos_id] * (answer_len - len(answer))
         ids += [bos_id, *prompt, *field]
         flags += [False] * (1 + len(prompt)) + [True] * answer_len
@@ -234,6 +252,6 @@ def sft_rows(problems: Sequence[ArithmeticProblem], tokenizer, *, seq_len: int,
     n = len(ids) // seq_len
     if max_rows is not None:
         n = min(n, max_rows)
-    tokens = np.asarray(ids[:n * seq_len], np.int32).reshape(n, seq_len)
-    maskable = np.asarray(flags[:n * seq_len], bool).reshape(n, seq_len)
+    tokens = np.asarray(ids[: n * seq_len], np.int32).reshape(n, seq_len)
+    maskable = np.asarray(flags[: n * seq_len], bool).reshape(n, seq_len)
     return tokens, maskable

@@ -173,9 +173,15 @@ def bigbench_pip_command(dest_dir: Path | str, pip: Sequence[str] | None = None)
     """
     prefix = [sys.executable, "-m", "pip"] if pip is None else list(pip)
     return [
-        *prefix, "download",
-        "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
-        BIGBENCH_REQUIREMENT, "-d", str(dest_dir),
+        *prefix,
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-cache-dir",
+        BIGBENCH_REQUIREMENT,
+        "-d",
+        str(dest_dir),
     ]
 
 
@@ -188,7 +194,8 @@ def _manual_fetch_hint() -> str:
         f"(pip >= 26.3 refuses this package because its metadata declares a direct-URL dependency; "
         f"with such a pip, first run `python -m pip download --no-deps --only-binary :all: "
         f"pip=={PIP_FALLBACK_VERSION} -d /tmp/pip-old` and use "
-        f"`python /tmp/pip-old/pip-{PIP_FALLBACK_VERSION}-py3-none-any.whl/pip` in place of `python -m pip`; "
+        f"`python /tmp/pip-old/pip-{PIP_FALLBACK_VERSION}-py3-none-any.whl/pip` in place of "
+        "`python -m pip`; "
         f"or download {BIGBENCH_SDIST_URL} directly)\n"
         f"so that the file is at {bigbench_archive_path()} "
         f"(sha256 {BIGBENCH_SDIST_SHA256}, {BIGBENCH_SDIST_SIZE} bytes), then retry. "
@@ -232,7 +239,9 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, check=False)
     except OSError as exc:
-        raise DataSourceError(f"could not run pip ({cmd[0]}): {exc}. " + _manual_fetch_hint()) from exc
+        raise DataSourceError(
+            f"could not run pip ({cmd[0]}): {exc}. " + _manual_fetch_hint()
+        ) from exc
 
 
 def _stderr_tail(proc: subprocess.CompletedProcess[str], n: int = 15) -> str:
@@ -240,13 +249,26 @@ def _stderr_tail(proc: subprocess.CompletedProcess[str], n: int = 15) -> str:
 
 
 def _fallback_pip(dest_dir: Path) -> list[str]:
-    """Download the pip wheel :data:`PIP_FALLBACK_VERSION` and return a command prefix running it."""
+    """Download the pip wheel :data:`PIP_FALLBACK_VERSION`; returns a command prefix running
+    it."""
     wheel_dir = dest_dir / "_pip"
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-        "--no-cache-dir", f"pip=={PIP_FALLBACK_VERSION}", "-d", str(wheel_dir),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--no-cache-dir",
+        f"pip=={PIP_FALLBACK_VERSION}",
+        "-d",
+        str(wheel_dir),
     ]
-    print(f"[qdlm] fetching pip {PIP_FALLBACK_VERSION} to download {BIGBENCH_REQUIREMENT}", file=sys.stderr)
+    print(
+        f"[qdlm] fetching pip {PIP_FALLBACK_VERSION} to download {BIGBENCH_REQUIREMENT}",
+        file=sys.stderr,
+    )
     proc = _run_pip(cmd)
     wheel = wheel_dir / f"pip-{PIP_FALLBACK_VERSION}-py3-none-any.whl"
     if proc.returncode != 0 or not wheel.is_file():
@@ -269,7 +291,11 @@ def download_bigbench_sdist(dest_dir: Path | str) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     pip: list[str] | None = _fallback_pip(dest_dir) if _pip_rejects_direct_url_deps() else None
     cmd = bigbench_pip_command(dest_dir, pip)
-    print(f"[qdlm] downloading {BIGBENCH_REQUIREMENT} sdist (~358 MB) from PyPI:\n    {' '.join(cmd)}", file=sys.stderr)
+    print(
+        f"[qdlm] downloading {BIGBENCH_REQUIREMENT} sdist (~358 MB) from PyPI:\n"
+        f"    {' '.join(cmd)}",
+        file=sys.stderr,
+    )
     proc = _run_pip(cmd)
     if proc.returncode != 0 and pip is None and _PIP_DIRECT_URL_ERROR in (proc.stderr or ""):
         cmd = bigbench_pip_command(dest_dir, _fallback_pip(dest_dir))
@@ -284,7 +310,8 @@ def download_bigbench_sdist(dest_dir: Path | str) -> Path:
     if not path.is_file():
         found = sorted(p.name for p in dest_dir.iterdir())
         raise DataSourceError(
-            f"pip reported success but {path} does not exist (found: {found}). " + _manual_fetch_hint()
+            f"pip reported success but {path} does not exist (found: {found}). "
+            + _manual_fetch_hint()
         )
     return path
 
@@ -323,7 +350,6 @@ def _normalize_task_path(task_path: str) -> str:
     return norm
 
 
-
 def _read_known_members() -> set[str] | None:
     path = bigbench_cache_dir() / "members.txt"
     if not path.is_file():
@@ -336,9 +362,12 @@ def _extract_members(archive: Path, wanted: dict[str, Path]) -> set[str]:
     names: set[str] = set()
     remaining = dict(wanted)
     total = archive.stat().st_size
-    with open(archive, "rb") as raw, tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"extracting {archive.name}", leave=False
-    ) as bar:
+    with (
+        open(archive, "rb") as raw,
+        tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"extracting {archive.name}", leave=False
+        ) as bar,
+    ):
         try:
             with tarfile.open(fileobj=_ProgressReader(raw, bar), mode="r|gz") as tar:  # type: ignore[arg-type]
                 for member in tar:
@@ -466,8 +495,26 @@ WIKIPEDIA_SOURCES = ("bigbench-wikipedia", "wikipedia")
 # ru, ...). "of", "is", "was", "in", "a", "as" are left out on purpose: they are
 # also common Dutch / Italian / Portuguese words.
 ENGLISH_STOPWORDS = frozenset(
-    {"the", "and", "to", "that", "with", "which", "from", "for", "by", "were",
-     "this", "are", "his", "her", "has", "have", "been", "it"}
+    {
+        "the",
+        "and",
+        "to",
+        "that",
+        "with",
+        "which",
+        "from",
+        "for",
+        "by",
+        "were",
+        "this",
+        "are",
+        "his",
+        "her",
+        "has",
+        "have",
+        "been",
+        "it",
+    }
 )
 # English articles score 0.14-0.36 and other languages 0-0.06 (plus a few
 # mixed documents in between); 0.10 sits in the gap.
@@ -504,7 +551,9 @@ def paragraph_segmentation_documents(task: dict[str, Any]) -> list[str]:
     docs: list[str] = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or not isinstance(ex.get("input"), str):
-            raise DataSourceError(f"paragraph_segmentation example {i}: expected a dict with a string 'input'")
+            raise DataSourceError(
+                f"paragraph_segmentation example {i}: expected a dict with a string 'input'"
+            )
         sentences = [s.strip() for s in ex["input"].split("\n")]
         sentences = [s for s in sentences if s]
         labels = str(ex.get("target", "")).split()
@@ -570,10 +619,15 @@ class HFSourceSpec:
 
 HF_SOURCES: dict[str, HFSourceSpec] = {
     "wikitext2": HFSourceSpec(
-        "wikitext", "wikitext-2-raw-v1", ("train", "validation", "test"), group_wikitext_articles=True
+        "wikitext",
+        "wikitext-2-raw-v1",
+        ("train", "validation", "test"),
+        group_wikitext_articles=True,
     ),
     "c4": HFSourceSpec(
-        "allenai/c4", None, ("validation",),
+        "allenai/c4",
+        None,
+        ("validation",),
         data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
     ),
     "pile": HFSourceSpec(
@@ -608,16 +662,18 @@ def load_hf_documents(name: str) -> list[str]:
     hub cannot be reached.
     """
     if name not in HF_SOURCES:
-        raise DataSourceError(f"unknown Hugging Face source {name!r}; expected one of {sorted(HF_SOURCES)}")
+        raise DataSourceError(
+            f"unknown Hugging Face source {name!r}; expected one of {sorted(HF_SOURCES)}"
+        )
     spec = HF_SOURCES[name]
-    fallback = (
-        f"Use a local text/JSONL file as the data source, or the offline default {DEFAULT_SOURCE!r}."
-    )
+    fallback = (f"Use a local text/JSONL file as the data source, or the offline default "
+                f"{DEFAULT_SOURCE!r}.")
     try:
         import datasets  # noqa: PLC0415  (optional dependency, imported lazily)
     except ImportError as exc:
         raise DataSourceError(
-            f"data source {name!r} needs the Hugging Face `datasets` package, which is not installed "
+            f"data source {name!r} needs the Hugging Face `datasets` package, which is not "
+            "installed "
             f"({exc}). Install it (pip install datasets) with hub access. " + fallback
         ) from exc
     docs: list[str] = []
@@ -630,7 +686,8 @@ def load_hf_documents(name: str) -> list[str]:
             texts = ds[spec.text_field]
         except Exception as exc:  # noqa: BLE001  (network, auth, hub and format errors)
             raise DataSourceError(
-                f"could not load Hugging Face dataset {spec.path!r} (config {spec.name!r}, split {split!r}) "
+                f"could not load Hugging Face dataset {spec.path!r} (config {spec.name!r}, "
+                f"split {split!r}) "
                 f"for data source {name!r}: {type(exc).__name__}: {exc}. "
                 f"The hub may be unreachable from this machine. " + fallback
             ) from exc
@@ -667,7 +724,9 @@ def read_text_file(path: Path | str, *, split_blank_lines: bool = False) -> list
     return [p.strip() for p in parts if p.strip()]
 
 
-def read_text_dir(path: Path | str, *, split_blank_lines: bool = False, pattern: str = "*.txt") -> list[str]:
+def read_text_dir(
+    path: Path | str, *, split_blank_lines: bool = False, pattern: str = "*.txt"
+) -> list[str]:
     """Read every file matching ``pattern`` under ``path`` (recursively, sorted by path)."""
     path = Path(path)
     files = sorted(p for p in path.rglob(pattern) if p.is_file())
@@ -695,7 +754,9 @@ def read_jsonl(path: Path | str, *, text_field: str = "text") -> list[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataSourceError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+                    raise DataSourceError(
+                        f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+                    ) from exc
                 if not isinstance(obj, dict):
                     raise DataSourceError(
                         f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
@@ -707,7 +768,8 @@ def read_jsonl(path: Path | str, *, text_field: str = "text") -> list[str]:
                 value = obj[text_field]
                 if not isinstance(value, str):
                     raise DataSourceError(
-                        f"{path}:{lineno}: field {text_field!r} must be a string, got {type(value).__name__}"
+                        f"{path}:{lineno}: field {text_field!r} must be a string, got "
+                        f"{type(value).__name__}"
                     )
                 if value.strip():
                     docs.append(value)
@@ -779,7 +841,9 @@ class SplitFractions:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"SplitFractions.{field.name}={value!r}: expected a value in [0, 1]")
+                raise ValueError(
+                    f"SplitFractions.{field.name}={value!r}: expected a value in [0, 1]"
+                )
         total = self.train + self.calib + self.heldout
         if abs(total - 1.0) > 1e-6:
             raise ValueError(
@@ -853,13 +917,17 @@ class _Encoding(Protocol):
 
 
 class _TokenizerLike(Protocol):
-    def encode_batch(self, inputs: list[str], add_special_tokens: bool = ...) -> list[_Encoding]: ...
+    def encode_batch(
+        self, inputs: list[str], add_special_tokens: bool = ...
+    ) -> list[_Encoding]: ...
 
 
 def _iter_token_ids(docs: Sequence[str], tokenizer: Any, batch_size: int) -> Iterator[list[int]]:
     if hasattr(tokenizer, "encode_batch"):
         for start in range(0, len(docs), batch_size):
-            for enc in tokenizer.encode_batch(list(docs[start : start + batch_size]), add_special_tokens=False):
+            for enc in tokenizer.encode_batch(
+                list(docs[start : start + batch_size]), add_special_tokens=False
+            ):
                 yield list(enc.ids)
     else:
         for doc in docs:

@@ -76,7 +76,8 @@ class TokenizerSpec:
         # 256 byte symbols + special tokens are always present.
         minimum = 256 + len(SPECIAL_TOKENS)
         if self.vocab_size < minimum:
-            raise ValueError(f"TokenizerSpec.vocab_size={self.vocab_size}: expected at least {minimum}")
+            raise ValueError(f"TokenizerSpec.vocab_size={self.vocab_size}: expected at least "
+                             f"{minimum}")
         if self.min_frequency < 1:
             raise ValueError(f"TokenizerSpec.min_frequency={self.min_frequency}: expected >= 1")
 
@@ -160,7 +161,8 @@ def special_token_ids(tok: Tokenizer, *, source: str = "tokenizer") -> SpecialTo
         else:
             ids[field] = token_id
     if missing:
-        raise ValueError(f"{source} lacks special tokens {missing}; expected all of {list(SPECIAL_TOKENS)}")
+        raise ValueError(f"{source} lacks special tokens {missing}; expected all of "
+                         f"{list(SPECIAL_TOKENS)}")
     return SpecialTokenIds(**ids)
 
 

@@ -37,8 +37,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdlm_jax.inference.generate import (DREAM_ONLY, LLADA_ONLY, GenerationConfig,
-                                         generate_with_nfe, left_pad)
+from qdlm_jax.inference.generate import (
+    DREAM_ONLY,
+    LLADA_ONLY,
+    GenerationConfig,
+    generate_with_nfe,
+    left_pad,
+)
 from qdlm_jax.inference.likelihood import bucket, log_likelihood
 
 Message = Mapping[str, str]

@@ -81,7 +81,8 @@ Not contained, in any mode: reading files (everything the user can read stays re
 e.g. checkpoints, keys, other users' world-readable files); connecting to Unix-domain
 sockets in the file system outside /run, /tmp and /dev (a read-only mount does not block
 `connect`); total disk use in the scratch directory (16 MiB per file only); CPU time
-across many processes until the wall clock ends the run; kernel bugs. A setup step that fails during detection selects the fallback (the warning names the
+across many processes until the wall clock ends the run; kernel bugs. A setup step that fails during
+detection selects the fallback (the warning names the
 error; e.g. a Python installed under /tmp, which the private /tmp would hide); one that
 fails later fails that program (exit status SETUP_FAILED): a program never runs
 uncontained silently.

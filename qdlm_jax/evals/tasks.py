@@ -338,7 +338,8 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
     else:
         raise ValueError(f"{spec!r}: not a task spec")
     return {"task": spec.name, "type": spec.type, "category": spec.category,
-            "chat_template": bool(getattr(tm, "chat", False)), "metric": spec.metric, "value": r[spec.metric],
+            "chat_template": bool(getattr(tm, "chat", False)), "metric": spec.metric,
+            "value": r[spec.metric],
             "higher_is_better": spec.higher_is_better, "se": standard_error(spec, r), **r}
 
 

@@ -11,12 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qdlm_jax.inference.common import (NEG_INF, cached_block_hidden, check_blocks,
-                                       check_cache_threshold,
-                                       check_positive_int, commit_block, default_key,
-                                       empty_kv_cache, factor_select, maybe_progress,
-                                       prepare_inputs, refill_kv_cache, threshold_select,
-                                       top_k_select)
+from qdlm_jax.inference.common import (
+    NEG_INF,
+    cached_block_hidden,
+    check_blocks,
+    check_cache_threshold,
+    check_positive_int,
+    commit_block,
+    default_key,
+    empty_kv_cache,
+    factor_select,
+    maybe_progress,
+    prepare_inputs,
+    refill_kv_cache,
+    threshold_select,
+    top_k_select,
+)
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 

@@ -104,10 +104,22 @@ from typing import Callable
 import jax
 
 from qdlm_jax.inference.common import CACHE_MODES, check_cache_threshold, left_pad
-from qdlm_jax.inference.dream import (DREAM_ALGS, DreamSettings, dream_call, dream_generate,
-                                      dream_settings, dream_transfer_schedule)
-from qdlm_jax.inference.llada import (REMASKING, LLaDASettings, llada_call, llada_generate,
-                                      llada_settings, llada_transfer_schedule)
+from qdlm_jax.inference.dream import (
+    DREAM_ALGS,
+    DreamSettings,
+    dream_call,
+    dream_generate,
+    dream_settings,
+    dream_transfer_schedule,
+)
+from qdlm_jax.inference.llada import (
+    REMASKING,
+    LLaDASettings,
+    llada_call,
+    llada_generate,
+    llada_settings,
+    llada_transfer_schedule,
+)
 
 __all__ = [
     "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",

@@ -33,7 +33,8 @@ prompt is left-padded and the answer right-padded to bucketed lengths (`bucket`:
 four sizes per octave) with the padding excluded from attention and from the noise, so
 items of nearby lengths share one compiled program; RoPE depends on relative positions
 only, so the padded sequence scores the same as the unpadded one (to float rounding). The
-true lengths are traced values. One jit per (bucketed P, bucketed L, settings). The Monte Carlo loop is one `lax.fori_loop` inside the jit; at iteration
+true lengths are traced values. One jit per (bucketed P, bucketed L, settings). The Monte Carlo loop
+is one `lax.fori_loop` inside the jit; at iteration
 j the randomness comes from `jax.random.fold_in(key, j)`; `mc_num` is a traced loop bound, so
 changing it does not recompile. The LM head runs only on the answer
 positions. `perplexity_bound` scores fixed windows with every position maskable.

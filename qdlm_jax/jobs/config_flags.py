@@ -19,7 +19,6 @@ import ml_collections
 
 from qdlm_jax.errors import ConfigOverrideError
 
-
 # The repository the package runs from (an editable install): configs/ and assets/ live here.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

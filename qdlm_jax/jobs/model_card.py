@@ -25,8 +25,14 @@ import numpy as np
 from qdlm_jax.checkpoints.load import load_model
 from qdlm_jax.data.tokenizer import load_bpe_tokenizer
 from qdlm_jax.evals.backends import TextModel
-from qdlm_jax.evals.basic import (ArithmeticEval, arithmetic_accuracy, binomial_se,
-                                  heldout_bound, heldout_windows, unigram_entropy)
+from qdlm_jax.evals.basic import (
+    ArithmeticEval,
+    arithmetic_accuracy,
+    binomial_se,
+    heldout_bound,
+    heldout_windows,
+    unigram_entropy,
+)
 from qdlm_jax.evals.tasks import BUILTIN, run_task
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import family_shifts_logits
@@ -206,7 +212,8 @@ def card(family: str, r: dict, note: str = "") -> str:
         "`assets/`; for this model alone:",
         "```bash",
         "qdlm train --config configs/train_tiny_llada.py --tokenizer-only --config.out_dir=runs",
-        f"qdlm train --config configs/train_tiny_{family}.py --config.data.tokenizer=runs/tokenizer.json",
+        f"qdlm train --config configs/train_tiny_{family}.py "
+        "--config.data.tokenizer=runs/tokenizer.json",
         f"python converters/export_tiny.py runs/train_tiny_{family} assets/tiny-{family}",
         "```",
         "",

@@ -21,8 +21,8 @@ from qdlm_jax.data import sources
 from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.jobs.config_flags import project_path
 from qdlm_jax.models.params import cast_floats
-from qdlm_jax.quant.calibration import CalibSpec
 from qdlm_jax.quant.act_core import ActSpec
+from qdlm_jax.quant.calibration import CalibSpec
 from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec
 from qdlm_jax.quant.quantizer_core import QuantSpec
@@ -316,15 +316,14 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     import jax.numpy as jnp
 
     from qdlm_jax.checkpoints.hf import load_hf_config
-    from qdlm_jax.checkpoints.load import param_summary
+    from qdlm_jax.checkpoints.load import load_tokenizer, param_summary
     from qdlm_jax.checkpoints.orbax_format import load_checkpoint
-    from qdlm_jax.checkpoints.load import load_tokenizer
     from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.evals.basic import heldout_windows
     from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.jobs.streaming import assemble, config_shim, quantize_streaming, save_packed
     from qdlm_jax.models.params import model_from_params
     from qdlm_jax.quant.calibration import build_calibration
-    from qdlm_jax.jobs.streaming import assemble, config_shim, quantize_streaming, save_packed
 
     start_run_dir(run_dir, spec)
     if spec.calib.mode == "trajectory" or spec.calib.certainty_weights:
@@ -430,13 +429,10 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     (`qdlm eval` the saved model, which is small). `--config.stream=true` in one process
     streams the blocks onto the mesh instead (`run_streaming`)."""
     import jax
-    import numpy as np
     from jax.experimental import multihost_utils
 
-    from qdlm_jax.checkpoints.load import load_model
-    from qdlm_jax.checkpoints.load import read_model_config
+    from qdlm_jax.checkpoints.load import load_model, load_tokenizer, read_model_config
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
-    from qdlm_jax.checkpoints.load import load_tokenizer
     from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.fsutil import atomic_write_text
     from qdlm_jax.models.distributed import to_host
@@ -497,13 +493,13 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     `mesh_shape` = (data, model) runs it on a global mesh (`run_on_mesh`)."""
     import numpy as np
 
-    import jax
-    import jax.numpy as jnp
-
-    from qdlm_jax.checkpoints.load import load_model
-    from qdlm_jax.checkpoints.load import param_summary, read_model_config
+    from qdlm_jax.checkpoints.load import (
+        load_model,
+        load_tokenizer,
+        param_summary,
+        read_model_config,
+    )
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
-    from qdlm_jax.checkpoints.load import load_tokenizer
     from qdlm_jax.data.hf_tokenizer import tokenizer_files
     from qdlm_jax.evals.basic import heldout_windows, output_kl
     from qdlm_jax.fsutil import atomic_write_text
@@ -565,7 +561,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     linear_q = quantized_param_bytes(packed)
     fp_linear = sum(int(np.prod(get_params(model)[p].shape)) * 2 for p in packed)  # as bf16
     result = {
-        "model": spec.model, "run_dir": str(run_dir), "config": spec.config, "family": model.config.family, "method": spec.method,
+        "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
+        "family": model.config.family, "method": spec.method,
         "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
         "kv_bits": 16 if spec.wa is None or spec.wa.kv is None else spec.wa.kv.bits,
         "iaaq": bool(spec.wa is not None and spec.wa.iaaq),

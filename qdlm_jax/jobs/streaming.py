@@ -14,7 +14,8 @@ Peak memory is one float block plus the calibration activations `[N, T, D]`; the
 blocks already done stay on disk, not in memory. On a mesh (one process, several devices:
 a GPU host, a TPU VM) each block is read onto the mesh with the model's partition rules
 (`models/sharding.py`) and the activations are split like the in-memory pass's (the hidden
-dimension over "model"), so each device holds its share of one block. A killed run restarts at the first block
+dimension over "model"), so each device holds its share of one block. A killed run restarts at the
+first block
 without a committed directory; since each committed block stores the exact
 float32 activations it produced, the resumed run computes bit for bit what an uninterrupted
 run computes. `work_dir/state.json` records the settings; a work dir made with other settings

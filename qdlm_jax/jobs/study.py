@@ -2,8 +2,8 @@
 
 Cells: for each model, the fp model, every weight-only (method, bits) quantization of it
 and every weight-activation (wa_method, WxAx) quantization (activations at the weight
-bit width, `act_bits = bits`), each on every task. A quantized model is made by the main job's own path
-(`quantize_job.quantize_from_config` on `configs/quantize.py`'s config with `model`,
+bit width, `act_bits = bits`), each on every task. A quantized model is made by the main
+job's own path (`jobs.quantize.quantize_from_config` on `configs/quantize.py`'s config with `model`,
 `method`, `bits` and the study's `quantize` overrides set), so any method the job knows
 works here by name. Method names are passed through untouched. Extra weight-activation rows
 (`wa_rows`: e.g. QuaRot W4A4 with 4-bit K/V, and with IA-AQ on top) add their own main-job
@@ -16,7 +16,8 @@ mid-write) is dropped, lines are deduplicated by cell key (the last wins), and c
 already present are skipped; a (model, method, bits) whose cells are all done is not
 quantized again. The cell key is
 
-    model | method | w<bits>[a<act_bits>] | <hash of the study's quantize settings> | task | <task spec hash>
+    model | method | w<bits>[a<act_bits>] | <hash of the study's quantize settings>
+          | task | <task spec hash>
 
 so changing a task's settings or the study's quantizer settings (`quantize`,
 `method_overrides`) makes new cells instead of reusing old ones. Defaults inside
@@ -196,7 +197,9 @@ def study_spec(cfg) -> StudySpec:
     if wa_methods and not wa_bits:
         raise ValueError(f"--config.wa_methods={','.join(wa_methods)}: expected "
                          "--config.wa_bits too (e.g. 8,4 for W8A8 and W4A4)")
-    to_dict = (lambda x: x.to_dict() if hasattr(x, "to_dict") else dict(x))
+    def to_dict(x):
+        return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+
     spec = StudySpec(models=models, methods=tuple(cfg.methods), bits=bits, tasks=tasks,
                      include_fp=bool(cfg.include_fp), out_dir=str(cfg.out_dir),
                      quantize_config=str(cfg.quantize_config),
@@ -291,6 +294,7 @@ def apply_study_overrides(cfg, overrides: Sequence[str]):
     not list yet: each must name a key of `cfg.quantize_config` (an unknown one is an error
     naming the flag) and takes that key's type. Returns the config."""
     import ml_collections
+
     from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
 
     def listed(key: str) -> bool:

@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 
 from qdlm_jax.checkpoints.hf import load_hf_params, save_hf
-from qdlm_jax.data import arithmetic, sources, synthetic, tokenizer as tok_lib
+from qdlm_jax.data import arithmetic, sources, synthetic
+from qdlm_jax.data import tokenizer as tok_lib
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM, init_model
 from qdlm_jax.models.params import get_params, model_from_params

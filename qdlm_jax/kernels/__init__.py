@@ -2,7 +2,8 @@
 with an XLA path (everywhere) and Pallas kernels for TPU (Mosaic) and GPU (Triton).
 
 Importing this package binds the quantized types to their ops in `qdlm_jax.models.project`:
-a linear layer whose kernel is a `QuantizedArray` or `BinaryPlanesArray` runs `qmatmul`, one whose kernel is an
+a linear layer whose kernel is a `QuantizedArray` or `BinaryPlanesArray` runs `qmatmul`, one whose
+kernel is an
 `ActKernel` runs its input stage and then projects with the inner weight (and, on k_proj /
 v_proj, its K/V quantization inside attention). The quantized
 types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
@@ -12,9 +13,16 @@ implementation setting (a JAX config state in the jit key) exists before the fir
 """
 
 from qdlm_jax.kernels.common import Support, quantize_activations
-from qdlm_jax.kernels.dispatch import (IMPLEMENTATIONS, Setting, current_setting,
-                                      platform_default, qmatmul, select_implementation,
-                                      set_implementation, use_implementation)
+from qdlm_jax.kernels.dispatch import (
+    IMPLEMENTATIONS,
+    Setting,
+    current_setting,
+    platform_default,
+    qmatmul,
+    select_implementation,
+    set_implementation,
+    use_implementation,
+)
 from qdlm_jax.models.project import register_kernel_type
 from qdlm_jax.quant.act_kernel import ActKernel, act_matmul, attention_stage, input_stage
 from qdlm_jax.quant.bqarray import BinaryPlanesArray

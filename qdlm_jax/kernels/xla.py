@@ -63,7 +63,8 @@ def after_input(x: jax.Array, w):
         a.dtype, jnp.floating) else a, w)
 
 
-def weight_only_matmul(x: Float[Array, "... k"], w: QuantizedArray | BinaryPlanesArray) -> Float[Array, "... n"]:
+def weight_only_matmul(x: Float[Array, "... k"],
+                       w: QuantizedArray | BinaryPlanesArray) -> Float[Array, "... n"]:
     """x[..., k] @ w_logical[k, n] via dequantize-then-matmul (fp32 accumulation).
 
     Contracts the storage layout directly (``einsum("...i,oi->...o")`` for "in_out"), so no

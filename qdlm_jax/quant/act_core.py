@@ -3,8 +3,8 @@
 For a tensor x quantized to b bits along groups g (one token = one row for `per_token`, the
 whole tensor for `per_tensor`), with clipping ratio c:
 
-    symmetric:   s_g = c * max_g |x| / (2^(b-1) - 1),   q = clamp(round(x / s_g), -2^(b-1), 2^(b-1) - 1)
-                 x_hat = s_g * q
+    symmetric:   s_g = c * max_g |x| / (2^(b-1) - 1)
+                 q = clamp(round(x / s_g), -2^(b-1), 2^(b-1) - 1),   x_hat = s_g * q
     asymmetric:  s_g = c * (max_g x - min_g x) / (2^b - 1),   z_g = round(-c * min_g x / s_g)
                  q = clamp(round(x / s_g) + z_g, 0, 2^b - 1),   x_hat = s_g * (q - z_g)
 

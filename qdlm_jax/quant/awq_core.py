@@ -57,8 +57,15 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from qdlm_jax.quant.quantizer_core import (SUPPORTED_BITS, affine_grid, dequantize_codes,
-                                           exact_div, quantize_codes, resolve_group_size, rtn)
+from qdlm_jax.quant.quantizer_core import (
+    SUPPORTED_BITS,
+    affine_grid,
+    dequantize_codes,
+    exact_div,
+    quantize_codes,
+    resolve_group_size,
+    rtn,
+)
 
 Grid = Literal["awq", "autogptq"]
 

@@ -82,8 +82,12 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from qdlm_jax.quant.cholesky_core import tri_inv_lower, upper_cholesky_factor
-from qdlm_jax.quant.quantizer_core import (SUPPORTED_BITS, exact_div, params_from_minmax,
-                                           resolve_group_size)
+from qdlm_jax.quant.quantizer_core import (
+    SUPPORTED_BITS,
+    exact_div,
+    params_from_minmax,
+    resolve_group_size,
+)
 
 _MIN_CHUNKS = 8  # the column range is cut into at least this many chunks (see module doc)
 _SUB = 16  # columns per sub-block inside a block (rank-1 updates stay this narrow)

@@ -29,8 +29,10 @@ of token i in its sequence
 the clip ratio of each kv head is the grid point with the lowest importance-weighted error
 of the attention output:
 
-    V:  err_kv(c) = sum_{b, i} imp[b, kv, i] sum_{h in kv} || P[b, h, i, :] (V - V_hat_c)[b, :, kv] ||^2
-    K:  err_kv(c) = sum_{b, i} imp[b, kv, i] sum_{h in kv} || (P_hat_c - P)[b, h, i, :] V[b, :, kv] ||^2
+    V:  err_kv(c) = sum_{b, i} imp[b, kv, i]
+                    * sum_{h in kv} || P[b, h, i, :] (V - V_hat_c)[b, :, kv] ||^2
+    K:  err_kv(c) = sum_{b, i} imp[b, kv, i]
+                    * sum_{h in kv} || (P_hat_c - P)[b, h, i, :] V[b, :, kv] ||^2
         (P_hat_c: the probabilities with K_hat_c). Heads are independent, so the per-head
         argmin is the joint argmin.
 """
@@ -73,7 +75,8 @@ def default_grid(n: int = 10, lowest: float = 0.55) -> np.ndarray:
 
 
 def kv_fake_quant(x: Float[Array, "B T H D"], spec: KVSpec | None,
-                  clip: Float[Array, "H"] | float | None = None) -> jax.Array:
+                  clip: Float[Array, "H"] | float | None = None  # noqa: F821 (a shape)
+                  ) -> jax.Array:
     """x_hat (module docstring) in x's dtype; identity for None or 16 bits."""
     if spec is None or spec.bits >= 16:
         return x

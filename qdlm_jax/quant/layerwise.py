@@ -28,8 +28,18 @@ from tqdm.auto import tqdm
 from qdlm_jax.models.dllm import DLLM
 from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import awq
-from qdlm_jax.quant.block import (GROUPS, BlockInputs, BlockRunner, GroupGrams, block_inputs,
-                                  install, quantize_daq, quantize_gptq, stage, weight)
+from qdlm_jax.quant.block import (
+    GROUPS,
+    BlockInputs,
+    BlockRunner,
+    GroupGrams,
+    block_inputs,
+    install,
+    quantize_daq,
+    quantize_gptq,
+    stage,
+    weight,
+)
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.gptq_core import hessian
 from qdlm_jax.quant.qarray import QuantizedArray

@@ -39,8 +39,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from qdlm_jax.quant import packing
-from qdlm_jax.quant.quantizer_core import (QuantSpec, SUPPORTED_BITS, resolve_group_size,
-                                           rtn_codes)
+from qdlm_jax.quant.quantizer_core import SUPPORTED_BITS, QuantSpec, resolve_group_size, rtn_codes
 
 Orientation = Literal["in_out", "out_in"]
 _ORIENTATIONS = ("in_out", "out_in")

@@ -34,7 +34,6 @@ import functools
 import time
 
 import jax
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -45,9 +44,19 @@ from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import duquant_core, kv_core, quarot, smoothquant_core
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform, inner_weight
-from qdlm_jax.quant.block import (GROUPS, PRODUCERS, BlockRunner, block_inputs, fold, foldable,
-                                  install, placeholder_calibration, quantize_gptq, stage,
-                                  weight)
+from qdlm_jax.quant.block import (
+    GROUPS,
+    PRODUCERS,
+    BlockRunner,
+    block_inputs,
+    fold,
+    foldable,
+    install,
+    placeholder_calibration,
+    quantize_gptq,
+    stage,
+    weight,
+)
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.gptq_core import hessian
 from qdlm_jax.quant.qarray import QuantizedArray

@@ -73,7 +73,7 @@ class TrainSpec:
     ckpt_every: int = 200
     log_every: int = 10
     # Predict token i from output i-1 (Dream's right shift); None = the family's own choice.
-    # Only the LLaDA-Dream gap experiment (training/gap_experiment.py) overrides it.
+    # Only the LLaDA-Dream gap experiment (experiments/gap_experiment.py) overrides it.
     shift: bool | None = None
     # Length of the warmup + cosine schedule; None = `steps`. A run that stops early on a
     # longer schedule (the first part of a two-objective run) sets it.

@@ -24,7 +24,7 @@ def torch_dequantize(sd: dict, prefix: str, bits: int) -> torch.Tensor:
     """The GPTQ v1 layout's definition: int32 words hold 32/bits values, lowest bits first;
     qweight packs input rows, qzeros packs output columns and stores zero - 1; scales fp16;
     W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o]). Returns [out, in]."""
-    pack, mask = 32 // bits, (1 << bits) - 1
+    mask = (1 << bits) - 1
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)
     qw = sd[f"{prefix}.qweight"].to(torch.int64) & 0xFFFFFFFF  # [in/pack, out]
     q = ((qw[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, qw.shape[1])

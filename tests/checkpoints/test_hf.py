@@ -13,9 +13,9 @@ from safetensors.torch import load_file as torch_load_file
 
 from qdlm_jax import load_model
 from qdlm_jax.checkpoints import CheckpointError, load_hf_params, save_hf
+from qdlm_jax.checkpoints.random_init import hf_tensors, tiny_config, write_hf_checkpoint
 from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from qdlm_jax.errors import ConfigError
-from qdlm_jax.checkpoints.random_init import hf_tensors, tiny_config, write_hf_checkpoint
 
 
 def _logits(path, ids):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import pytest
 
 from qdlm_jax.data import arithmetic
-
 from qdlm_jax.data.arithmetic import (
     ArithmeticProblem,
     ArithmeticSpec,
@@ -49,7 +49,9 @@ def test_answers_correct_and_digit_counts() -> None:
         assert len(str(p.a)) == len(str(p.b)) and len(str(p.a)) in (2, 4)
         if p.op == "-":
             assert p.answer >= 0
-    neg = generate_problems(200, seed=1, spec=ArithmeticSpec(digits=(2,), ops=("-",), allow_negative=True))
+    neg = generate_problems(
+        200, seed=1, spec=ArithmeticSpec(digits=(2,), ops=("-",), allow_negative=True)
+    )
     assert any(p.answer < 0 for p in neg)
     assert all(extract_answer(p.text) == p.answer for p in neg)
 
@@ -64,7 +66,9 @@ def test_heldout_disjoint_from_train_for_any_seed() -> None:
         assert not any(is_heldout(p, spec) for p in train)
         assert not {p.key for p in train} & heldout_keys
     # commutativity: a+b and b+a share a key, hence a split
-    assert is_heldout(ArithmeticProblem(12, "+", 34), spec) == is_heldout(ArithmeticProblem(34, "+", 12), spec)
+    assert is_heldout(ArithmeticProblem(12, "+", 34), spec) == is_heldout(
+        ArithmeticProblem(34, "+", 12), spec
+    )
 
 
 def test_all_2digit_additions_partitioned() -> None:
@@ -108,12 +112,15 @@ def test_sft_rows_layout() -> None:
     only the field is maskable, and decoding the field gives the answer."""
     from qdlm_jax.data import tokenizer as tok_lib
 
-    tok = tok_lib.train_tokenizer(["Question: 12+30=? Answer: 42 and more text 0123456789"] * 20,
-                                  tok_lib.TokenizerSpec(vocab_size=300))
+    tok = tok_lib.train_tokenizer(
+        ["Question: 12+30=? Answer: 42 and more text 0123456789"] * 20,
+        tok_lib.TokenizerSpec(vocab_size=300),
+    )
     sp = tok_lib.special_token_ids(tok)
     problems = arithmetic.generate_problems(40, seed=1)
-    tokens, maskable = arithmetic.sft_rows(problems, tok, seq_len=32, answer_len=6,
-                                           bos_id=sp.bos, eos_id=sp.eos, max_rows=4)
+    tokens, maskable = arithmetic.sft_rows(
+        problems, tok, seq_len=32, answer_len=6, bos_id=sp.bos, eos_id=sp.eos, max_rows=4
+    )
     assert tokens.shape == maskable.shape == (4, 32)
     flat, fmask = tokens.reshape(-1), maskable.reshape(-1)
     starts = np.flatnonzero(flat == sp.bos)
@@ -123,12 +130,11 @@ def test_sft_rows_layout() -> None:
         assert not umask[:n_prompt].any() and umask[n_prompt:].all()
         assert len(unit) == n_prompt + 6
         field = unit[n_prompt:].tolist()
-        answer = field[:field.index(sp.eos)]
+        answer = field[: field.index(sp.eos)]
         assert tok.decode(answer) == arithmetic.render_answer(p)
-        assert all(t == sp.eos for t in field[len(answer):])
+        assert all(t == sp.eos for t in field[len(answer) :])
     with pytest.raises(ValueError, match="answer_len"):
-        arithmetic.sft_rows(problems, tok, seq_len=32, answer_len=2, bos_id=sp.bos,
-                            eos_id=sp.eos)
+        arithmetic.sft_rows(problems, tok, seq_len=32, answer_len=2, bos_id=sp.bos, eos_id=sp.eos)
 
 
 def test_training_mix_follows_ops_and_digits_weights() -> None:
@@ -136,14 +142,22 @@ def test_training_mix_follows_ops_and_digits_weights() -> None:
     repetition weights: ("+", "+", "+", "-") gives about 3/4 additions."""
     import ml_collections
 
-    from qdlm_jax.jobs import train as train_job
     from qdlm_jax.data import tokenizer as tok_lib
+    from qdlm_jax.jobs import train as train_job
 
-    tok = tok_lib.train_tokenizer(["Question: 12+30=? Answer: 42 - 0123456789"] * 20,
-                                  tok_lib.TokenizerSpec(vocab_size=300))
+    tok = tok_lib.train_tokenizer(
+        ["Question: 12+30=? Answer: 42 - 0123456789"] * 20, tok_lib.TokenizerSpec(vocab_size=300)
+    )
     sp = tok_lib.special_token_ids(tok)
-    d = ml_collections.ConfigDict(dict(arith_digits=(2,), arith_ops=("+", "+", "+", "-"),
-                                       arith_problems=2000, seq_len=64, arith_answer_len=8))
+    d = ml_collections.ConfigDict(
+        dict(
+            arith_digits=(2,),
+            arith_ops=("+", "+", "+", "-"),
+            arith_problems=2000,
+            seq_len=64,
+            arith_answer_len=8,
+        )
+    )
     tokens, _ = train_job.arithmetic_rows(tok, sp, d, n_rows=200, seed=0)
     text = tok.decode(tokens.reshape(-1).tolist(), skip_special_tokens=False)
     ops = re.findall(r"Question: (\d+)([+-])(\d+)=", text)

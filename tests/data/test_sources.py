@@ -76,7 +76,11 @@ def test_text_file_whole_and_blank_line_split(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("First doc line 1\nline 2\n\n  \nSecond doc\r\n\r\nThird\n")
     assert load_documents(path) == ["First doc line 1\nline 2\n\n  \nSecond doc\n\nThird"]
-    assert load_documents(path, split_blank_lines=True) == ["First doc line 1\nline 2", "Second doc", "Third"]
+    assert load_documents(path, split_blank_lines=True) == [
+        "First doc line 1\nline 2",
+        "Second doc",
+        "Third",
+    ]
 
 
 def test_text_dir_one_doc_per_file(tmp_path: Path) -> None:
@@ -126,14 +130,30 @@ def test_hf_source_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
             raise ConnectionError("Couldn't reach 'wikitext' on the Hub")
 
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
-    with pytest.raises(DataSourceError, match="could not load Hugging Face dataset 'wikitext'.*ConnectionError"):
+    with pytest.raises(
+        DataSourceError, match="could not load Hugging Face dataset 'wikitext'.*ConnectionError"
+    ):
         load_documents("wikitext2")
 
 
 def test_wikitext_article_grouping() -> None:
-    rows = ["", " = Alpha = \n", "", " Alpha text . \n", " = = Sub = = \n", " more \n", " = Beta = \n", " b \n"]
+    rows = [
+        "",
+        " = Alpha = \n",
+        "",
+        " Alpha text . \n",
+        " = = Sub = = \n",
+        " more \n",
+        " = Beta = \n",
+        " b \n",
+    ]
     docs = sources._group_wikitext_articles(rows)
-    assert len(docs) == 2 and docs[0].startswith("= Alpha =") and "Sub" in docs[0] and docs[1].startswith("= Beta =")
+    assert (
+        len(docs) == 2
+        and docs[0].startswith("= Alpha =")
+        and "Sub" in docs[0]
+        and docs[1].startswith("= Beta =")
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +185,8 @@ def test_token_windows_concatenates_with_eos_and_chops() -> None:
 # ---------------------------------------------------------------------------
 
 ENGLISH = (
-    "The cat sat on the mat and it was happy with the food.\nThis is the end of the first paragraph.\n"
+    "The cat sat on the mat and it was happy with the food.\n"
+    "This is the end of the first paragraph.\n"
     "The second paragraph has been written by the author for the test.\n"
 )
 GERMAN = "Die Katze sitzt auf der Matte.\nSie ist sehr zufrieden mit dem Essen.\n"
@@ -181,7 +202,9 @@ def _make_fake_sdist(path: Path) -> None:
     }
     members = {
         sources._member_name("paragraph_segmentation"): json.dumps(task).encode(),
-        sources._member_name("social_iqa"): json.dumps({"examples": [{"input": "q", "target": "a"}]}).encode(),
+        sources._member_name("social_iqa"): json.dumps(
+            {"examples": [{"input": "q", "target": "a"}]}
+        ).encode(),
         "bigbench-1.0.0/setup.py": b"print('hi')\n",
     }
     with tarfile.open(path, "w:gz") as tar:
@@ -226,7 +249,8 @@ def test_fetch_extracts_caches_and_deletes_archive(fake_bigbench: dict[str, obje
     docs = sources.load_bigbench_wikipedia()
     assert len(calls) == 1  # no second download
     assert docs == [
-        "The cat sat on the mat and it was happy with the food. This is the end of the first paragraph.\n"
+        "The cat sat on the mat and it was happy with the food. "
+        "This is the end of the first paragraph.\n"
         "The second paragraph has been written by the author for the test."
     ]
     assert (cache / "bigbench-1.0.0/wikipedia_en.v1.jsonl").is_file()
@@ -293,13 +317,17 @@ def test_pip_failure_message_names_command_and_cache_path(
 
     class Failed:
         returncode = 1
-        stderr = "ERROR: Could not find a version that satisfies the requirement (from versions: none)"
+        stderr = (
+            "ERROR: Could not find a version that satisfies the requirement (from versions: none)"
+        )
 
     monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(DataSourceError) as info:
         sources.fetch_bigbench_task("paragraph_segmentation")
     msg = str(info.value)
-    assert "python -m pip download --no-deps --no-binary :all: --no-cache-dir bigbench==1.0.0" in msg
+    assert (
+        "python -m pip download --no-deps --no-binary :all: --no-cache-dir bigbench==1.0.0" in msg
+    )
     assert str(cache / "bigbench-1.0.0.tar.gz") in msg
     assert sources.BIGBENCH_SDIST_SHA256 in msg
     assert sources.BIGBENCH_SDIST_URL in msg
@@ -310,7 +338,8 @@ def test_pip_failure_message_names_command_and_cache_path(
 def test_new_pip_falls_back_to_pinned_pip_wheel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """pip >= 26.3 rejects bigbench (direct-URL dependency): a retry runs pip 26.2 from its wheel."""
+    """pip >= 26.3 rejects bigbench (direct-URL dependency): a retry runs pip 26.2 from its
+    wheel."""
     monkeypatch.setattr(sources, "_pip_rejects_direct_url_deps", lambda: False)
     calls: list[list[str]] = []
 
@@ -342,15 +371,25 @@ def test_new_pip_falls_back_to_pinned_pip_wheel(
 def test_pip_command_flags() -> None:
     cmd = sources.bigbench_pip_command("/x")
     assert cmd[1:] == [
-        "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
-        "bigbench==1.0.0", "-d", "/x",
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-cache-dir",
+        "bigbench==1.0.0",
+        "-d",
+        "/x",
     ]
 
 
 def test_english_filter() -> None:
     assert sources.is_english(ENGLISH)
     assert not sources.is_english(GERMAN)
-    assert not sources.is_english("Lodi, ook wel genoemd Lodigiano, is een van de twaalf provincies of regio's.")
+    assert not sources.is_english(
+        "Lodi, ook wel genoemd Lodigiano, is een van de twaalf provincies of regio's."
+    )
 
 
 def test_invalid_task_path() -> None:

@@ -1,9 +1,9 @@
 """The synthetic task generators: formats, disjoint splits, answer checkers, SFT rows."""
 
-import numpy as np
 import pytest
 
-from qdlm_jax.data import arithmetic, synthetic as S
+from qdlm_jax.data import arithmetic
+from qdlm_jax.data import synthetic as S
 
 
 def test_code_format_and_value():

@@ -3,7 +3,8 @@ whose answers are known (reference completions pass the sandboxed hidden tests, 
 fail)."""
 
 from qdlm_jax.data import synthetic as S
-from qdlm_jax.evals import code_gen, math_gen, multiple_choice as mc, tasks
+from qdlm_jax.evals import code_gen, math_gen, tasks
+from qdlm_jax.evals import multiple_choice as mc
 
 
 def test_builtin_synthetic_tasks():

@@ -10,11 +10,9 @@ factors put the rule's threshold 1 - f / (j + 2) inside that range at some rank 
 """
 import dataclasses
 
-
 import jax
 import numpy as np
 import pytest
-import torch
 
 from qdlm_jax import load_model
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
@@ -22,8 +20,12 @@ from qdlm_jax.inference import generate as G
 from qdlm_jax.inference.common import factor_select
 from qdlm_jax.inference.dream import dream_call, dream_settings
 from qdlm_jax.inference.llada import llada_call, llada_settings, threshold_select
-from tests.references.fast_dllm_reference import (CachedLlama, factor_count,
-                                                  fast_dllm_dream_ref, fast_dllm_generate_ref)
+from tests.references.fast_dllm_reference import (
+    CachedLlama,
+    factor_count,
+    fast_dllm_dream_ref,
+    fast_dllm_generate_ref,
+)
 from tests.references.hf_reference import reference_model
 
 P = 6

@@ -4,7 +4,8 @@
 Deterministic paths (temperature 0, low_confidence / maskgit_plus / topk_margin / entropy) are
 compared token for token. Stochastic paths that consume uniforms (LLaDA Gumbel noise and
 random remasking, Dream `origin`) are compared token for token by feeding the reference the
-uniforms our loop draws (the key derivation documented in qdlm_jax/inference/generate.py). Paths whose
+uniforms our loop draws (the key derivation documented in qdlm_jax/inference/generate.py). Paths
+whose
 published code draws from torch's samplers (Dream categorical sampling at T > 0, multinomial
 without replacement for alg_temp > 0) are tested for reproducibility, key dependence and
 invariants, and the Gumbel-top-k position sampler statistically.
@@ -17,9 +18,9 @@ import pytest
 import torch
 
 from qdlm_jax import load_model
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.inference import generate as G
 from qdlm_jax.inference.common import top_k_select
-from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from tests.references.hf_reference import reference_model
 from tests.references.reference_algorithms import dream_generate_ref, hf_forward, llada_generate_ref
 

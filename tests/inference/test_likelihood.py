@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 from qdlm_jax import load_model
-from qdlm_jax.inference import likelihood as LK
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
+from qdlm_jax.inference import likelihood as LK
 from tests.references.hf_reference import reference_model
-from tests.references.reference_algorithms import (dream_exact_expectation, hf_forward,
-                                        llada_exact_expectation)
+from tests.references.reference_algorithms import (
+    dream_exact_expectation,
+    hf_forward,
+    llada_exact_expectation,
+)
 
 PROMPT = np.array([5, 17, 42], np.int32)
 ANSWER = np.array([7, 99, 3, 120], np.int32)

@@ -2,10 +2,9 @@
 
 import pytest
 
-from qdlm_jax.jobs import demo
-from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
 from qdlm_jax.errors import ConfigOverrideError
-from qdlm_jax.jobs import quantize
+from qdlm_jax.jobs import demo, quantize
+from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
 from qdlm_jax.jobs.quantize import job_spec
 
 

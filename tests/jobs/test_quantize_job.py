@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from qdlm_jax.checkpoints.load import load_params, param_summary, quantization_banner
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
@@ -107,6 +106,7 @@ def test_streaming_job_on_a_mesh_saves_what_the_in_memory_mesh_job_saves(
 
 def test_streaming_refuses_what_it_cannot_do(tmp_path, capsys):
     import pytest
+
     from qdlm_jax.errors import ConfigOverrideError
     with pytest.raises(ConfigOverrideError, match="trajectory"):
         run(_cfg(tmp_path, "--config.method=gptq", "--config.calibration=trajectory",

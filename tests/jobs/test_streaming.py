@@ -8,19 +8,18 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qdlm_jax import load_model
-from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.checkpoints.orbax_format import load_checkpoint, read_meta
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.errors import CheckpointError
-from qdlm_jax.models.params import cast_floats, get_params
-from qdlm_jax.quant import CalibSpec, PTQSpec, QuantSpec, QuantizedArray, build_calibration
-from qdlm_jax.quant.layerwise import quantize_model
 from qdlm_jax.jobs.streaming import assemble, config_shim, quantize_streaming, save_packed
+from qdlm_jax.models.params import cast_floats, get_params
+from qdlm_jax.quant import CalibSpec, PTQSpec, QuantizedArray, QuantSpec, build_calibration
+from qdlm_jax.quant.layerwise import quantize_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,8 +75,9 @@ def test_streaming_on_a_mesh_holds_a_share_of_each_block_and_equals_the_in_memor
     the in-memory pass on the same mesh bit for bit, and a run stopped mid-way resumes to
     it; a work dir started on another mesh shape is refused."""
     from jax.sharding import PartitionSpec as P
-    from qdlm_jax.models.sharding import make_mesh
+
     from qdlm_jax.jobs import streaming
+    from qdlm_jax.models.sharding import make_mesh
     src, calib = _setup(tmp_path, "llada")
     spec = PTQSpec(method="gptq", weight=QuantSpec(bits=4, group_size=64))
     mesh = make_mesh(model=4, data=2)

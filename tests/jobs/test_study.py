@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from qdlm_jax.jobs import study
 from qdlm_jax.evals.tasks import BUILTIN, task_from_mapping
+from qdlm_jax.jobs import study
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = (BUILTIN["wikipedia_bound"], BUILTIN["social_iqa"], BUILTIN["arithmetic"],
@@ -316,6 +316,7 @@ def test_real_kv4_row_quantizes_attention(tmp_path):
     row's, so its K/V setting was not dropped on the way; a `wa_rows` mapping with
     `act.kv.bits=16` (float K/V) is the plain row's model exactly."""
     import numpy as np
+
     from qdlm_jax.evals.basic import output_kl
 
     cfg = config(methods=(), bits=(), include_fp=False, wa_methods=("quarot",), wa_bits=(4,),

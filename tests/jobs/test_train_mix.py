@@ -73,6 +73,7 @@ def test_initial_model_starts_from_a_saved_model_at_its_step():
     safetensors, not our loader), started at step 5700 of an 8300-step schedule; a
     mismatched model or step is refused."""
     from safetensors.torch import load_file
+
     from qdlm_jax.data.tokenizer import load_bpe_tokenizer as load_tokenizer
     from qdlm_jax.models.params import get_params
     from qdlm_jax.training.trainer import TrainSpec

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from qdlm_jax.quant.qarray import QuantizedArray
 

@@ -10,8 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdlm_jax.kernels import (Setting, current_setting, platform_default, qmatmul,
-                              select_implementation, set_implementation, use_implementation)
+from qdlm_jax.kernels import (
+    Setting,
+    current_setting,
+    platform_default,
+    qmatmul,
+    select_implementation,
+    set_implementation,
+    use_implementation,
+)
 from qdlm_jax.models import project
 from tests.kernels import kernel_cases as kc
 from tests.kernels import numpy_qmatmul as ref

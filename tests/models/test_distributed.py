@@ -36,7 +36,7 @@ def _run(devices, **env):
                               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                               **env}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("NPROC"))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("NPROC"))
     _, nproc, _, pool, n_dev = line.split()
     return int(nproc), int(pool), int(n_dev)
 

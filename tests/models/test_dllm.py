@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from qdlm_jax import Capture, load_model
-from qdlm_jax.models import abstract_model, count_params, dream_7b, linear_names, llada_8b
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
+from qdlm_jax.models import abstract_model, count_params, dream_7b, linear_names, llada_8b
 from tests.references.hf_reference import reference_logits, reference_model
 
 FAMILIES = ["llada", "dream"]

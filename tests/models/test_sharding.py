@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qdlm_jax import load_model
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.commands.convert import run  # noqa: F401  (import check of the command module)
 from qdlm_jax.models.sharding import make_mesh
-from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

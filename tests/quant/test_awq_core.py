@@ -97,7 +97,9 @@ def test_clip_search_matches_llm_awq(kind, bits):
     ours = np.asarray(jax.jit(lambda x, w: A.search_clip(x, w, bits=bits, group_size=128,
                                                          sym=False))(x, jnp.asarray(w)))
     org = np.abs(w.reshape(64, 2, 128)).max(-1)
-    step = lambda m: np.rint((1 - m / org) * 20).astype(int)  # the shrink step chosen
+    def step(m):  # the shrink step chosen
+        return np.rint((1 - m / org) * 20).astype(int)
+
     i_ref, i_ours = step(ref), step(ours)
     differ = i_ref != i_ours
     np.testing.assert_array_equal(ours[~differ], ref[~differ])  # same step, same float max

@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from qdlm_jax.quant.calibration import (CalibSpec, certainty_weights, mask_windows,
-                                          masked_timesteps, tmas_quota, trajectory_states)
+from qdlm_jax.quant.calibration import (
+    CalibSpec,
+    certainty_weights,
+    mask_windows,
+    masked_timesteps,
+    tmas_quota,
+    trajectory_states,
+)
 
 MASK = 99
 

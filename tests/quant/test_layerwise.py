@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from qdlm_jax import load_model
-from qdlm_jax.quant.calibration import CalibSpec, build_calibration
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.models import init_model
+from qdlm_jax.models.sharding import make_mesh
 from qdlm_jax.quant.block import GROUPS, PRODUCERS, fold
+from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.quant.layerwise import PTQSpec, quantize_model
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
-from qdlm_jax.models.sharding import make_mesh
-from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from qdlm_jax.checkpoints.random_init import tiny_config
 from qdlm_jax.models import init_model, project
 from qdlm_jax.models.params import get_params, model_from_params
 from qdlm_jax.quant import QuantizedArray, QuantSpec, quantized_param_bytes
 from qdlm_jax.quant import quantizer_core as qc
 from qdlm_jax.quant.rtn import rtn_quantize_params
-from qdlm_jax.checkpoints.random_init import tiny_config
 
 
 def _kernel(n_in=256, n_out=64, seed=0, dtype=jnp.float32):

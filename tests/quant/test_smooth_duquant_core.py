@@ -3,7 +3,6 @@ planted outlier channels."""
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from qdlm_jax.quant import duquant_core, smoothquant_core
 

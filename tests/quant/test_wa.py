@@ -3,22 +3,22 @@ smoothing and plain RTN at W4A4 on a model with outlier channels, quantized mode
 load, and sharded params give the single-device result."""
 
 import jax.numpy as jnp
-from flax import nnx
 import numpy as np
 import pytest
+from flax import nnx
 
 from qdlm_jax import load_model
-from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.checkpoints.orbax_format import load_checkpoint, save_checkpoint
+from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.models import init_model
 from qdlm_jax.models.params import get_params, model_from_params
+from qdlm_jax.models.sharding import make_mesh
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel
+from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 from qdlm_jax.quant.wa import WASpec, quantize_model_wa
-from qdlm_jax.models.sharding import make_mesh
-from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 
 
 @nnx.jit

@@ -5,7 +5,8 @@ independently of qdlm_jax. They run eagerly on any `forward` callable:
     forward(x: LongTensor [B, T], attention_mask: LongTensor [B, T] | None,
             position_ids: LongTensor [B, T] | None) -> FloatTensor logits [B, T, V]
 
-`hf_forward(model)` adapts a transformers model (tests/references/hf_reference.py). The full logits of
+`hf_forward(model)` adapts a transformers model (tests/references/hf_reference.py). The full logits
+of
 every position are computed at every step, as the published code does.
 
 Random numbers: by default the reference draws from torch's RNG. To compare a stochastic

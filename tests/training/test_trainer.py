@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdlm_jax.models import init_model
 from qdlm_jax.checkpoints.random_init import tiny_config
-from qdlm_jax.training.trainer import TrainSpec, train
+from qdlm_jax.models import init_model
 from qdlm_jax.training.objective import diffusion_loss, mask_tokens
+from qdlm_jax.training.trainer import TrainSpec, train
 
 
 def _numpy_loss(logits, tokens, masked, p_mask, shift):
@@ -171,7 +171,7 @@ def test_shift_switch_and_its_head_start(tmp_path):
     periodic sequences (token i = token i-1 + 1), the shifted run leaves the no-context
     plateau (ln 16) far sooner: the output at a visible position i-1 holds token i-1 itself,
     while without the shift a masked position must first learn to attend to its neighbour
-    (the LLaDA-Dream gap of training/gap_experiment.py in miniature)."""
+    (the LLaDA-Dream gap of experiments/gap_experiment.py in miniature)."""
     config = tiny_config("llada", vocab_size=48, mask_token_id=47, num_layers=1)
 
     def batches(step):
@@ -276,6 +276,7 @@ def test_text_shift_sets_the_text_rows_objective_alone():
     unshifted objective); on batches of both it ends elsewhere than the unshifted step.
     (`train` picks the step from MixedBatch.text_shift: test_train_mix checks the phases.)"""
     from flax import nnx
+
     from qdlm_jax.training.trainer import make_mixed_step, make_optimizer
 
     config = tiny_config("llada", vocab_size=48, mask_token_id=47, num_layers=1)

@@ -1,4 +1,4 @@
-"""The LLaDA-Dream gap, controlled: `python -m qdlm_jax.training.gap_experiment OUT_DIR`.
+"""The LLaDA-Dream gap, controlled: `python experiments/gap_experiment.py OUT_DIR`.
 
 tiny-llada trailed tiny-dream by about 0.9 bits/token at equal steps. The two differ in
 structure (Dream: GQA, q/k/v biases, RoPE theta 1e6) and in the objective (Dream predicts
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qdlm_jax.data import sources, tokenizer as tok_lib
+from qdlm_jax.data import sources
+from qdlm_jax.data import tokenizer as tok_lib
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import init_model
 from qdlm_jax.training.objective import diffusion_loss, mask_tokens
@@ -111,8 +112,9 @@ def run(spec: GapSpec, out_dir: Path) -> dict:
     results = {"spec": dataclasses.asdict(spec), "runs": {}}
     for family in spec.structures:
         for shift in spec.shifts + (("switch",) if spec.shift_until else ()):
-            name = f"{family}_structure_" + {True: "shift", False: "noshift",
-                                             "switch": f"shift{spec.shift_until}_then_noshift"}[shift]
+            label = {True: "shift", False: "noshift",
+                     "switch": f"shift{spec.shift_until}_then_noshift"}[shift]
+            name = f"{family}_structure_{label}"
             config = structure(family, spec, special, tok.get_vocab_size())
             curve, t0 = [], time.time()
 
@@ -125,7 +127,8 @@ def run(spec: GapSpec, out_dir: Path) -> dict:
                       f"bits/token", flush=True)
 
             ts = TrainSpec(steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                           lr=spec.lr, warmup_steps=min(30, spec.steps // 4), weight_decay=0.01, seed=spec.seed,
+                           lr=spec.lr, warmup_steps=min(30, spec.steps // 4), weight_decay=0.01,
+                           seed=spec.seed,
                            ckpt_every=spec.eval_every, log_every=10, shift=shift)
             model = init_model(config, seed=spec.seed)
             if spec.shared_embed:
