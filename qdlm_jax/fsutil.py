@@ -65,3 +65,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes a binary file through a temp file + rename."""
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
+
+
+def settings_digest(settings, n: int) -> str:
+    """The first `n` hex digits of sha256 over the canonical JSON of `settings` (sorted keys,
+    non-JSON values as str): the one digest that names run directories, cached evaluations
+    and study cells, so that equal settings always land in the same place."""
+    import hashlib
+    import json
+
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]

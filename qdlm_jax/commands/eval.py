@@ -7,7 +7,6 @@ needs the `eval` extra). Writes `<out>/results.json` and prints one line per tas
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -88,7 +87,7 @@ def run(args, overrides):
     from qdlm_jax.errors import ConfigOverrideError, DataSourceError
     from qdlm_jax.evals.backends import load_text_model
     from qdlm_jax.evals.tasks import load_task_file, resolve_task, run_task, spec_dict
-    from qdlm_jax.fsutil import atomic_write_text
+    from qdlm_jax.fsutil import atomic_write_text, settings_digest
     from qdlm_jax.jobs.quantize import model_label
 
     specs = [resolve_task(t.strip(), "--tasks") for t in args.tasks.split(",") if t.strip()]
@@ -108,7 +107,7 @@ def run(args, overrides):
                 if getattr(args, k) is not None}
     if decoding:  # (absent otherwise, so earlier runs keep their directory)
         settings["decoding"] = decoding
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    digest = settings_digest(settings, 8)
     out = Path(args.out or Path("runs/eval") / f"{model_label(args.model)}-{digest}")
     if (out / "results.json").is_file() and not args.overwrite:
         raise ConfigOverrideError(f"{out}: holds results of these settings already (pass "

@@ -31,15 +31,16 @@ LN2 = math.log(2.0)
 
 def heldout_windows(tokenizer, *, source: str = sources.DEFAULT_SOURCE, seq_len: int = 128,
                     n_windows: int = 32, split: str = "heldout", seed: int = 0) -> np.ndarray:
-    """Held-out windows encoded by a checkpoint's tokenizer (`CheckpointTokenizer`), each
-    document framed by its BOS / EOS ids."""
+    """`[n_windows, seq_len]` int32 windows of a split of `source`, encoded by a checkpoint's
+    tokenizer (`CheckpointTokenizer`), each document framed by its BOS / EOS ids;
+    ValueError if the split has too few."""
     special = tokenizer.special
     docs = sources.load_split(source, split, seed=seed)
     w = sources.token_windows(docs, tokenizer, seq_len, bos_id=special.bos, eos_id=special.eos,
                               max_windows=n_windows)
     if len(w) < n_windows:
-        raise ValueError(f"{source}/{split}: only {len(w)} windows of {seq_len} tokens, "
-                         f"asked for {n_windows}")
+        raise ValueError(f"source {source!r}/{split}: only {len(w)} windows of {seq_len} "
+                         f"tokens, asked for n_windows={n_windows}")
     return w
 
 
@@ -60,6 +61,15 @@ def mean_se(values) -> float:
     Over held-out windows it covers both the windows drawn and the Monte Carlo noise."""
     v = np.asarray(values, np.float64)
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def format_pm(value, se, fmt: str, scale: float = 1.0) -> str:
+    """`value ± se` for tables (both times `scale`, in format `fmt`), the value alone when no
+    standard error was recorded, "–" when there is no value."""
+    if value is None:
+        return "–"
+    text = format(scale * value, fmt)
+    return text if se is None else f"{text} ± {format(scale * se, fmt)}"
 
 
 def binomial_se(p: float, n: int) -> float:

@@ -138,10 +138,10 @@ def layer_stats(model, ids: np.ndarray, attention_mask: np.ndarray, spec: Outlie
 
 def collect(model, tokenizer, spec: OutlierSpec) -> dict:
     """{"clean": {layer: stats}, "masked": {...}, "mask_ratio_mean": ...}."""
-    from qdlm_jax.evals.lm import windows_for
+    from qdlm_jax.evals.basic import heldout_windows
     from qdlm_jax.quant.calibration import CalibSpec, build_calibration
-    w = windows_for(tokenizer, model.config, source=spec.source, split="calib",
-                    seq_len=spec.seq_len, n_windows=spec.n_samples, seed=0)
+    w = heldout_windows(tokenizer, source=spec.source, split="calib",
+                        seq_len=spec.seq_len, n_windows=spec.n_samples, seed=0)
     out = {}
     for cond in CONDITIONS:
         batch = build_calibration(model, w, CalibSpec(mode=cond, n_samples=spec.n_samples,

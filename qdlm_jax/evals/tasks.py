@@ -28,11 +28,11 @@ Unknown keys or types raise ValueError naming the key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Mapping, Union
 
+from qdlm_jax.fsutil import settings_digest
 from qdlm_jax.inference.generate import GenerationConfig
 
 CATEGORIES = ("language_modeling", "multiple_choice", "math", "code")
@@ -288,8 +288,7 @@ _LATER_DEFAULTS = {"chat_template": "auto", "max_processes": 64, "tree_memory_mb
 
 def spec_hash(spec: TaskSpec) -> str:
     """First 10 hex digits of sha256 of the spec's canonical JSON (keys a study's cells)."""
-    text = json.dumps(spec_dict(spec), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return settings_digest(spec_dict(spec), 10)
 
 
 def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
@@ -299,8 +298,9 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
     multiple-choice tasks go through the chat template as `spec.chat_template` says."""
     if isinstance(spec, LMTask):
         from qdlm_jax.evals import lm
-        w = lm.windows_for(tm.tokenizer, tm.model.config, source=spec.source, split=spec.split,
-                           seq_len=spec.seq_len, n_windows=spec.n_windows, seed=spec.seed)
+        from qdlm_jax.evals.basic import heldout_windows
+        w = heldout_windows(tm.tokenizer, source=spec.source, split=spec.split,
+                            seq_len=spec.seq_len, n_windows=spec.n_windows, seed=spec.seed)
         r = lm.score_windows(tm.model, w, mc_num=spec.mc_num, batch_size=spec.batch_size,
                              seed=spec.seed)
     elif isinstance(spec, MCTask):

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdlm_jax.checkpoints.load import load_model
-from qdlm_jax.data.tokenizer import load_bpe_tokenizer
+from qdlm_jax.checkpoints.load import load_model, load_tokenizer
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import (
     ArithmeticEval,
@@ -73,7 +72,7 @@ def bytes_per_token(tokenizer, windows) -> float:
 
 def evaluate(hf_dir: Path, train_dir: Path, *, n_windows: int, mc_num: int, n_arith: int):
     model = load_model(hf_dir, dtype="float32")
-    tokenizer = load_bpe_tokenizer(hf_dir / "tokenizer.json")
+    tokenizer = load_tokenizer(hf_dir)
     summary = json.loads((train_dir / "summary.json").read_text())
     seq_len = summary["config"]["data"]["seq_len"]
     train_windows = np.load(train_dir / f"wiki_train_{seq_len}.npy")

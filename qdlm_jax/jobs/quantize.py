@@ -10,7 +10,6 @@ Bad config values are rejected before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ import ml_collections
 
 from qdlm_jax.data import sources
 from qdlm_jax.errors import ConfigOverrideError
+from qdlm_jax.evals.basic import format_pm
+from qdlm_jax.fsutil import settings_digest
 from qdlm_jax.jobs.config_flags import project_path
 from qdlm_jax.models.params import cast_floats
 from qdlm_jax.quant.act_core import ActSpec
@@ -68,8 +69,7 @@ class JobSpec:
     def config_hash(self) -> str:
         """8 hex digits of sha256 over the resolved config (where results go excluded)."""
         keyed = {k: v for k, v in self.config.items() if k not in ("out_dir", "overwrite")}
-        text = json.dumps(keyed, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
+        return settings_digest(keyed, 8)
 
     @property
     def run_name(self) -> str:
@@ -257,11 +257,11 @@ def _fp_cache_file(spec: JobSpec) -> Path:
     checkpoint's files (path, size, mtime) and every evaluation setting."""
     files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
                    for f in Path(spec.model).rglob("*") if f.is_file())
-    key = json.dumps({"files": files, "source": spec.source, "seq_len": spec.calib.seq_len,
-                      "windows": spec.eval_windows, "mc_num": spec.eval_mc_num,
-                      "arith_n": spec.eval_arith_n, "tasks": list(spec.eval_tasks),
-                      "task_limit": spec.eval_task_limit, "format": 3}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = settings_digest({"files": files, "source": spec.source,
+                              "seq_len": spec.calib.seq_len, "windows": spec.eval_windows,
+                              "mc_num": spec.eval_mc_num, "arith_n": spec.eval_arith_n,
+                              "tasks": list(spec.eval_tasks),
+                              "task_limit": spec.eval_task_limit, "format": 3}, 16)
     return sources.cache_dir() / "fp_eval" / f"{digest}.json"
 
 
@@ -591,16 +591,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     return result
 
 
-def _pm(value, se, fmt: str, scale: float = 1.0) -> str:
-    """`value ± se` (the standard error), or just the value when no error was recorded."""
-    if value is None:
-        return "–"
-    text = format(scale * value, fmt)
-    return text if se is None else f"{text} ± {format(scale * se, fmt)}"
-
-
 def _kl_text(q) -> str:
-    return _pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
+    return format_pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
 
 
 def _act_text(act_bits: int, kv_bits: int = 16) -> str:
@@ -621,7 +613,7 @@ _TASK_HEAD = {"arithmetic_subtract": "2-digit sub acc", "synthetic_code": "code 
 def _task_cells(ev: dict, names) -> str:
     """One `value ± se` cell (in %) per extra task; – where the run did not score it."""
     t = ev.get("tasks", {})
-    return "".join(f"{_pm(t[n]['value'], t[n].get('se'), '.1f', 100)}% | " if n in t
+    return "".join(f"{format_pm(t[n]['value'], t[n].get('se'), '.1f', 100)}% | " if n in t
                    else "– | " for n in names)
 
 
@@ -641,9 +633,9 @@ def report(results: list[dict]) -> str:
         if fp and r["model"] not in seen_fp:
             seen_fp.add(r["model"])
             lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
-                         f"{_pm(fp['bits_per_token'], fp.get('bits_per_token_se'), '.3f')} | "
+                         f"{format_pm(fp['bits_per_token'], fp.get('bits_per_token_se'), '.3f')} | "
                          f"{fp['ppl_bound']:.1f} | – | "
-                         f"{_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | "
+                         f"{format_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | "
                          f"{_task_cells(fp, task_names)}– | – |")
     for r in results:
         q = r["quantized"]
@@ -653,9 +645,9 @@ def report(results: list[dict]) -> str:
                      f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16))} | "
                      f"{r['group_size']} | "
                      f"{r['calibration']} | "
-                     f"{_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
+                     f"{format_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
                      f"{q['ppl_bound']:.1f} | {_kl_text(q)} | "
-                     f"{_pm(q['arith_acc'], q.get('arith_se'), '.1f', 100)}% | "
+                     f"{format_pm(q['arith_acc'], q.get('arith_se'), '.1f', 100)}% | "
                      f"{_task_cells(q, task_names)}"
                      f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
     notes = []

@@ -33,7 +33,6 @@ as a dashed reference line), all written through temp files + rename.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -42,8 +41,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from qdlm_jax.errors import ConfigOverrideError
+from qdlm_jax.evals.basic import format_pm
 from qdlm_jax.evals.tasks import CATEGORIES, TaskSpec, resolve_task, spec_dict, spec_hash
-from qdlm_jax.fsutil import atomic_file, atomic_write_text
+from qdlm_jax.fsutil import atomic_file, atomic_write_text, settings_digest
 
 FP = "fp"
 RESULTS = "results.jsonl"
@@ -407,9 +407,8 @@ def quant_hash(spec: StudySpec, model: str, v: Variant) -> str:
     config (`quantize_config`). Use a new out_dir after changing a default on purpose."""
     if v.method == FP:
         return "-"
-    text = json.dumps({"config": Path(spec.quantize_config).name,
-                       **quant_overrides(spec, v)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return settings_digest({"config": Path(spec.quantize_config).name,
+                            **quant_overrides(spec, v)}, 10)
 
 
 def cell_key(model: str, v: Variant, qhash: str, task: TaskSpec) -> str:
@@ -594,11 +593,10 @@ def _fmt(rec: dict | None) -> str:
     v, se = rec["value"], rec.get("se")
     tps = rec.get("tokens_per_step")
     if rec.get("decoding") and tps is not None:  # a decoded task: accuracy and parallelism
-        return f"{100 * v:.1f}" + ("" if se is None else f" ± {100 * se:.1f}") + \
-            f" ({tps:.2f} tok/step)"
+        return format_pm(v, se, ".1f", 100) + f" ({tps:.2f} tok/step)"
     if rec["higher_is_better"]:
-        return f"{100 * v:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
-    return f"{v:.3f}" + ("" if se is None else f" ± {se:.3f}")
+        return format_pm(v, se, ".1f", 100)
+    return format_pm(v, se, ".3f")
 
 
 def _row(r: dict) -> tuple:

@@ -35,6 +35,7 @@ from flax import nnx
 
 from qdlm_jax.models.project import project
 from qdlm_jax.quant import act_core, hadamard_core, kv_core
+from qdlm_jax.quant.array_like import PackedMatrix
 
 KINDS = ("hadamard", "hadamard_heads", "duquant")
 
@@ -80,7 +81,7 @@ def apply_transform(t: OnlineTransform, x: jax.Array) -> jax.Array:
 
 
 @flax.struct.dataclass
-class ActKernel:
+class ActKernel(PackedMatrix):
     """A kernel [in, out] (float or `QuantizedArray`) with an input stage T then Q_a."""
 
     weight: Any
@@ -96,17 +97,8 @@ class ActKernel:
         return self.weight.shape
 
     @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
     def dtype(self):
         return self.weight.dtype
-
-    def __getitem__(self, key):
-        if key is Ellipsis:  # nnx.Param(value)[...] reads the whole value
-            return self
-        raise TypeError("ActKernel only supports [...] indexing")
 
     def replace_weight(self, weight) -> "ActKernel":
         return self.replace(weight=weight)

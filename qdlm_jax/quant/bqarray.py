@@ -28,10 +28,11 @@ import numpy as np
 from flax import nnx
 
 from qdlm_jax.quant import packing
+from qdlm_jax.quant.array_like import OrientedMatrix
 
 
 @flax.struct.dataclass
-class BinaryPlanesArray:
+class BinaryPlanesArray(OrientedMatrix):
     """A packed sum of binary planes with row and column scales (layout in the docstring)."""
 
     signs: jax.Array
@@ -67,15 +68,6 @@ class BinaryPlanesArray:
                    orientation=orientation)
 
     @property
-    def storage_shape(self) -> tuple[int, int]:
-        a, b = self.shape
-        return (b, a) if self.orientation == "in_out" else (a, b)
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
     def dtype(self):
         return self.row.dtype
 
@@ -100,11 +92,6 @@ class BinaryPlanesArray:
     def bits_per_weight(self) -> float:
         out, n_in = self.storage_shape
         return 8.0 * self.nbytes / (out * n_in)
-
-    def __getitem__(self, key):
-        if key is Ellipsis:  # nnx.Param(value)[...] reads the whole value
-            return self
-        raise TypeError("BinaryPlanesArray only supports [...] indexing; dequantize() first")
 
     def planes(self) -> jax.Array:
         """+-1 planes, float32 [S, out, block]."""

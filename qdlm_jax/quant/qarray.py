@@ -39,6 +39,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from qdlm_jax.quant import packing
+from qdlm_jax.quant.array_like import OrientedMatrix
 from qdlm_jax.quant.quantizer_core import SUPPORTED_BITS, QuantSpec, resolve_group_size, rtn_codes
 
 Orientation = Literal["in_out", "out_in"]
@@ -46,7 +47,7 @@ _ORIENTATIONS = ("in_out", "out_in")
 
 
 @flax.struct.dataclass
-class QuantizedArray:
+class QuantizedArray(OrientedMatrix):
     """A packed quantized 2-D weight (layout in the module docstring)."""
 
     packed: jax.Array
@@ -108,16 +109,6 @@ class QuantizedArray:
     # ----- array-like ---------------------------------------------------------------------
 
     @property
-    def storage_shape(self) -> tuple[int, int]:
-        """(out, in) of the stored codes."""
-        a, b = self.shape
-        return (b, a) if self.orientation == "in_out" else (a, b)
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
     def dtype(self):
         return self.scale.dtype
 
@@ -134,12 +125,6 @@ class QuantizedArray:
         """Bytes actually stored (packed codes + scales + zero points + g_idx)."""
         leaves = [self.packed, self.scale, self.zero, self.g_idx]
         return int(sum(x.size * x.dtype.itemsize for x in leaves if x is not None))
-
-    def __getitem__(self, key):
-        # nnx.Param(value)[...] reads the whole value; that is the only indexing supported.
-        if key is Ellipsis:
-            return self
-        raise TypeError("QuantizedArray only supports [...] indexing; dequantize() first")
 
     def codes(self) -> jax.Array:
         """Unpacked codes, uint8 [out, in]."""
