@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from qdlm_jax.data.sources import cache_dir, verify_sha256
+from qdlm_jax.data.bigbench import cache_dir, verify_sha256
 from qdlm_jax.errors import DataSourceError
 from qdlm_jax.fsutil import atomic_write_bytes
 

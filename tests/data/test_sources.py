@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qdlm_jax.data import sources
+from qdlm_jax.data import bigbench, sources
 from qdlm_jax.data.sources import (
     DataSourceError,
     SplitFractions,
@@ -201,8 +201,8 @@ def _make_fake_sdist(path: Path) -> None:
         ],
     }
     members = {
-        sources._member_name("paragraph_segmentation"): json.dumps(task).encode(),
-        sources._member_name("social_iqa"): json.dumps(
+        bigbench._member_name("paragraph_segmentation"): json.dumps(task).encode(),
+        bigbench._member_name("social_iqa"): json.dumps(
             {"examples": [{"input": "q", "target": "a"}]}
         ).encode(),
         "bigbench-1.0.0/setup.py": b"print('hi')\n",
@@ -220,31 +220,31 @@ def fake_bigbench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     cache = tmp_path / "cache"
     monkeypatch.setenv("QDLM_CACHE", str(cache))
     monkeypatch.delenv("QDLM_KEEP_ARCHIVE", raising=False)
-    fake = tmp_path / "fake" / sources.BIGBENCH_SDIST_FILENAME
+    fake = tmp_path / "fake" / bigbench.BIGBENCH_SDIST_FILENAME
     fake.parent.mkdir()
     _make_fake_sdist(fake)
-    monkeypatch.setattr(sources, "BIGBENCH_SDIST_SHA256", sources.sha256_file(fake))
+    monkeypatch.setattr(bigbench, "BIGBENCH_SDIST_SHA256", bigbench.sha256_file(fake))
     calls: list[Path] = []
 
     def fake_download(dest_dir: Path) -> Path:
         calls.append(Path(dest_dir))
-        out = Path(dest_dir) / sources.BIGBENCH_SDIST_FILENAME
+        out = Path(dest_dir) / bigbench.BIGBENCH_SDIST_FILENAME
         out.write_bytes(fake.read_bytes())
         return out
 
-    monkeypatch.setattr(sources, "download_bigbench_sdist", fake_download)
+    monkeypatch.setattr(bigbench, "download_bigbench_sdist", fake_download)
     return {"cache": cache, "fake": fake, "calls": calls}
 
 
 def test_fetch_extracts_caches_and_deletes_archive(fake_bigbench: dict[str, object]) -> None:
     cache: Path = fake_bigbench["cache"]  # type: ignore[assignment]
     calls: list[Path] = fake_bigbench["calls"]  # type: ignore[assignment]
-    task = sources.fetch_bigbench_task("social_iqa")
+    task = bigbench.fetch_bigbench_task("social_iqa")
     assert task["examples"][0]["target"] == "a"
     assert len(calls) == 1
     # prefetch also extracted paragraph_segmentation in the same pass
     assert (cache / "bigbench-1.0.0/tasks/paragraph_segmentation/task.json").is_file()
-    assert not (cache / sources.BIGBENCH_SDIST_FILENAME).exists()
+    assert not (cache / bigbench.BIGBENCH_SDIST_FILENAME).exists()
     assert not [p for p in cache.iterdir() if p.name.startswith(".bigbench-download")]
     docs = sources.load_bigbench_wikipedia()
     assert len(calls) == 1  # no second download
@@ -257,24 +257,24 @@ def test_fetch_extracts_caches_and_deletes_archive(fake_bigbench: dict[str, obje
     assert load_documents("wikipedia") == docs
     # unknown task: rejected from the cached member list, without a download
     with pytest.raises(DataSourceError, match="no member"):
-        sources.fetch_bigbench_task("no_such_task")
+        bigbench.fetch_bigbench_task("no_such_task")
     assert len(calls) == 1
 
 
 def test_keep_archive(fake_bigbench: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
     cache: Path = fake_bigbench["cache"]  # type: ignore[assignment]
     monkeypatch.setenv("QDLM_KEEP_ARCHIVE", "1")
-    sources.fetch_bigbench_task("social_iqa")
-    assert (cache / sources.BIGBENCH_SDIST_FILENAME).is_file()
+    bigbench.fetch_bigbench_task("social_iqa")
+    assert (cache / bigbench.BIGBENCH_SDIST_FILENAME).is_file()
 
 
 def test_sha256_mismatch_rejects_corrupted_download(
     fake_bigbench: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache: Path = fake_bigbench["cache"]  # type: ignore[assignment]
-    monkeypatch.setattr(sources, "BIGBENCH_SDIST_SHA256", "0" * 64)
+    monkeypatch.setattr(bigbench, "BIGBENCH_SDIST_SHA256", "0" * 64)
     with pytest.raises(DataSourceError) as info:
-        sources.fetch_bigbench_task("social_iqa")
+        bigbench.fetch_bigbench_task("social_iqa")
     msg = str(info.value)
     assert "sha256 mismatch" in msg and "0" * 64 in msg
     assert not (cache / "bigbench-1.0.0/tasks/social_iqa/task.json").exists()
@@ -289,9 +289,9 @@ def test_sha256_mismatch_rejects_hand_placed_archive(
     cache.mkdir(parents=True)
     corrupted = bytearray(fake.read_bytes())
     corrupted[len(corrupted) // 2] ^= 0xFF
-    (cache / sources.BIGBENCH_SDIST_FILENAME).write_bytes(bytes(corrupted))
+    (cache / bigbench.BIGBENCH_SDIST_FILENAME).write_bytes(bytes(corrupted))
     with pytest.raises(DataSourceError, match="sha256 mismatch"):
-        sources.fetch_bigbench_task("social_iqa")
+        bigbench.fetch_bigbench_task("social_iqa")
     assert fake_bigbench["calls"] == []
 
 
@@ -299,9 +299,9 @@ def test_hand_placed_archive_is_used_and_kept(fake_bigbench: dict[str, object]) 
     cache: Path = fake_bigbench["cache"]  # type: ignore[assignment]
     fake: Path = fake_bigbench["fake"]  # type: ignore[assignment]
     cache.mkdir(parents=True)
-    placed = cache / sources.BIGBENCH_SDIST_FILENAME
+    placed = cache / bigbench.BIGBENCH_SDIST_FILENAME
     placed.write_bytes(fake.read_bytes())
-    assert sources.fetch_bigbench_task("social_iqa")["examples"]
+    assert bigbench.fetch_bigbench_task("social_iqa")["examples"]
     assert fake_bigbench["calls"] == []
     assert placed.is_file()
 
@@ -313,7 +313,7 @@ def test_pip_failure_message_names_command_and_cache_path(
     cache = tmp_path / "cache"
     monkeypatch.setenv("QDLM_CACHE", str(cache))
     # old_pip=False: this pip is >= 26.3, so the fallback pip download fails first
-    monkeypatch.setattr(sources, "_pip_rejects_direct_url_deps", lambda: not old_pip)
+    monkeypatch.setattr(bigbench, "_pip_rejects_direct_url_deps", lambda: not old_pip)
 
     class Failed:
         returncode = 1
@@ -321,16 +321,16 @@ def test_pip_failure_message_names_command_and_cache_path(
             "ERROR: Could not find a version that satisfies the requirement (from versions: none)"
         )
 
-    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(bigbench.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(DataSourceError) as info:
-        sources.fetch_bigbench_task("paragraph_segmentation")
+        bigbench.fetch_bigbench_task("paragraph_segmentation")
     msg = str(info.value)
     assert (
         "python -m pip download --no-deps --no-binary :all: --no-cache-dir bigbench==1.0.0" in msg
     )
     assert str(cache / "bigbench-1.0.0.tar.gz") in msg
-    assert sources.BIGBENCH_SDIST_SHA256 in msg
-    assert sources.BIGBENCH_SDIST_URL in msg
+    assert bigbench.BIGBENCH_SDIST_SHA256 in msg
+    assert bigbench.BIGBENCH_SDIST_URL in msg
     assert "Could not find a version" in msg
     assert not [p for p in cache.iterdir() if p.name.startswith(".bigbench-download")]
 
@@ -340,7 +340,7 @@ def test_new_pip_falls_back_to_pinned_pip_wheel(
 ) -> None:
     """pip >= 26.3 rejects bigbench (direct-URL dependency): a retry runs pip 26.2 from its
     wheel."""
-    monkeypatch.setattr(sources, "_pip_rejects_direct_url_deps", lambda: False)
+    monkeypatch.setattr(bigbench, "_pip_rejects_direct_url_deps", lambda: False)
     calls: list[list[str]] = []
 
     class Proc:
@@ -357,11 +357,11 @@ def test_new_pip_falls_back_to_pinned_pip_wheel(
         if "pip==26.2" in cmd:
             (dest / "pip-26.2-py3-none-any.whl").write_bytes(b"wheel")
         else:
-            (dest / sources.BIGBENCH_SDIST_FILENAME).write_bytes(b"sdist")
+            (dest / bigbench.BIGBENCH_SDIST_FILENAME).write_bytes(b"sdist")
         return Proc(0)
 
-    monkeypatch.setattr(sources.subprocess, "run", fake_run)
-    out = sources.download_bigbench_sdist(tmp_path / "dl")
+    monkeypatch.setattr(bigbench.subprocess, "run", fake_run)
+    out = bigbench.download_bigbench_sdist(tmp_path / "dl")
     assert out.read_bytes() == b"sdist"
     assert len(calls) == 3
     assert calls[2][1] == str(tmp_path / "dl" / "_pip" / "pip-26.2-py3-none-any.whl" / "pip")
@@ -369,7 +369,7 @@ def test_new_pip_falls_back_to_pinned_pip_wheel(
 
 
 def test_pip_command_flags() -> None:
-    cmd = sources.bigbench_pip_command("/x")
+    cmd = bigbench.bigbench_pip_command("/x")
     assert cmd[1:] == [
         "-m",
         "pip",
@@ -394,4 +394,4 @@ def test_english_filter() -> None:
 
 def test_invalid_task_path() -> None:
     with pytest.raises(DataSourceError, match="invalid BIG-bench task path"):
-        sources.fetch_bigbench_tasks(["../etc"])
+        bigbench.fetch_bigbench_tasks(["../etc"])
