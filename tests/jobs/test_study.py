@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qdlm_jax.evals.tasks import BUILTIN, task_from_mapping
-from qdlm_jax.jobs import study
+from qdlm_jax.jobs import study, study_report
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = (BUILTIN["wikipedia_bound"], BUILTIN["social_iqa"], BUILTIN["arithmetic"],
@@ -367,8 +367,8 @@ def test_axis_limits_do_not_zoom_noise():
 
 def test_table_cells_carry_standard_errors():
     rec = {"value": 0.25, "se": 0.0433, "higher_is_better": True}
-    assert study._fmt(rec) == "25.0 ± 4.3"
-    assert study._fmt({"value": 9.3412, "se": 0.012, "higher_is_better": False}) == \
+    assert study_report._fmt(rec) == "25.0 ± 4.3"
+    assert study_report._fmt({"value": 9.3412, "se": 0.012, "higher_is_better": False}) == \
         "9.341 ± 0.012"
 
 

@@ -1,0 +1,263 @@
+"""The study's outputs: `table.md` and `plot_<model>.png`.
+
+`markdown_table`: rows model x method x bits with the fp row first; columns the tasks grouped
+by category, as in the QDLM paper's tables; each cell `value ± standard error`; a reference
+row (chance, the unigram entropy). `plot_model`: metric against bits, one line per method,
+one panel per category (the mean over the tasks the fp model can do), fp as a dashed
+reference line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from qdlm_jax.evals.basic import format_pm
+from qdlm_jax.evals.tasks import CATEGORIES, TaskSpec
+from qdlm_jax.fsutil import atomic_file
+from qdlm_jax.jobs.study_spec import FP
+
+# ---- table and plots ---------------------------------------------------------------------
+
+CATEGORY_TITLES = {"language_modeling": "Language modelling", "multiple_choice":
+                   "Multiple choice", "math": "Math", "code": "Code"}
+
+
+def _ordered_tasks(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    return sorted(tasks, key=lambda t: order.get(t.category, len(order)))
+
+
+def _fmt(rec: dict | None) -> str:
+    if rec is None:
+        return "–"
+    v, se = rec["value"], rec.get("se")
+    tps = rec.get("tokens_per_step")
+    if rec.get("decoding") and tps is not None:  # a decoded task: accuracy and parallelism
+        return format_pm(v, se, ".1f", 100) + f" ({tps:.2f} tok/step)"
+    if rec["higher_is_better"]:
+        return format_pm(v, se, ".1f", 100)
+    return format_pm(v, se, ".3f")
+
+
+def _row(r: dict) -> tuple:
+    """(model, method, weight bits, activation bits or None, extra row name or "") of a
+    record."""
+    return (r["model_name"], r["method"], r["bits"], r.get("act_bits"), r.get("variant") or "")
+
+
+def _row_order(records: list[dict]) -> list[tuple]:
+    """fp first, then weight-only rows, then weight-activation rows; within each, methods in
+    first-seen order and bits descending, a method's extra rows (`wa_rows`) after its plain
+    row of the same bits."""
+    rows = list(dict.fromkeys(_row(r) for r in records))
+    models = list(dict.fromkeys(r[0] for r in rows))
+    methods = list(dict.fromkeys(r[1] for r in rows if r[1] != FP))
+    extras = [""] + list(dict.fromkeys(r[4] for r in rows if r[4]))
+    return sorted(rows, key=lambda r: (models.index(r[0]), r[1] != FP, r[3] is not None,
+                                       methods.index(r[1]) if r[1] != FP else -1,
+                                       -(r[2] or 0), extras.index(r[4])))
+
+
+def _kv_text(kv: dict | None) -> str:
+    """", or ", KV4" with what differs from per-head asymmetric K/V."""
+    if not kv:
+        return ""
+    text = f", KV{kv['bits']}" + (" sym" if kv.get("sym") else "")
+    if kv.get("granularity", "per_head") != "per_head":
+        text += f" {kv['granularity']} {kv.get('group_size')}"
+    return text
+
+
+def _iaaq_text(ia: dict | None) -> str:
+    """"", or " + IA-AQ (K,V; masked)": what IA-AQ searched and on which calibration."""
+    if not ia:
+        return ""
+    grid = "" if (ia.get("grid"), ia.get("lowest")) == (10, 0.55) else \
+        f", grid {ia.get('grid')} to {ia.get('lowest')}"
+    return (f" + IA-AQ ({'K,V' if ia.get('search_keys') else 'V'}; "
+            f"{ia.get('calibration')}{grid})")
+
+
+def _bits_cell(bits, act_bits, kv: dict | None = None) -> str:
+    if bits is None:
+        return "–"
+    return str(bits) if act_bits is None else f"W{bits}A{act_bits}{_kv_text(kv)}"
+
+
+def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
+    """QDLM-paper layout: a category header row, then task names; accuracies in %, the LM
+    bound in bits/token (↓)."""
+    tasks = _ordered_tasks(tasks)
+    by = {(*_row(r), r["task"]): r for r in records}
+    cats, prev = [], None
+    for t in tasks:
+        cats.append(CATEGORY_TITLES.get(t.category, t.category) if t.category != prev else "")
+        prev = t.category
+    unit = {t.name: ("bits/tok ↓" if not t.higher_is_better else f"{t.metric} %")
+            for t in tasks}
+    lines = ["| | | | " + " | ".join(cats) + " |",
+             "|---|---|---|" + "---|" * len(tasks),
+             "| **model** | **method** | **bits** | " +
+             " | ".join(f"**{t.name}** ({unit[t.name]})" for t in tasks) + " |"]
+    first = {}  # row -> its first record: the row's K/V and IA-AQ settings
+    for r in records:
+        first.setdefault(_row(r), r)
+    overridden = []
+    for row in _row_order(records):
+        model, method, bits, act_bits, extra = row
+        cells = [_fmt(by.get((*row, t.name))) for t in tasks]
+        r0 = first[row]
+        label = "FP" if method == FP else method.upper() + _iaaq_text(r0.get("iaaq"))
+        lines.append(f"| {model} | {label} | {_bits_cell(bits, act_bits, r0.get('kv'))} | "
+                     + " | ".join(cells) + " |")
+        if extra and r0.get("overrides") and extra not in [o[0] for o in overridden]:
+            overridden.append((extra, f"{method}-w{bits}a{act_bits}+{extra}",
+                               r0["overrides"]))
+    models = sorted({r["model_name"]: r.get("model", r["model_name"]) for r in records}.items())
+    unigrams = [(name, _unigram(path)) for name, path in models]
+    lines.append("| *reference* | chance / unigram | – | " + " | ".join(
+        _reference(t, records, unigrams) for t in tasks) + " |")
+    notes = ["± is one standard error (over windows for the bound, binomial for accuracies); "
+             "the reference row is what a model that knows nothing scores: chance for multiple "
+             "choice (the mean of 1 / options over the items), about 0 for exact match and "
+             "pass@1, and for bits/token the entropy of a unigram model fitted on the train "
+             "split (a trained model must be below it)."]
+    notes += [f"{name}: unigram reference {u:.3f} bits/token (its model card)."
+              for name, u in unigrams if u is not None]
+    if any(r.get("decoding") for r in records):
+        notes.append("Columns `<task>@<setting>`: the task under Fast-dLLM decoding "
+                     "(`<cache>-tau<threshold>` / `-f<factor>`), cells with the mean tokens "
+                     "committed per forward pass; – where the row was not run that way.")
+    notes += [f"Row {label} (`wa_rows`) sets, on top of the study's weight-activation "
+              "settings: " + ", ".join(f"`{k}={v}`" for k, v in ov.items()) + "."
+              for _, label, ov in overridden]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def _reference(task: TaskSpec, records: list[dict],
+               unigrams: Sequence[tuple[str, float | None]] = ()) -> str:
+    if not task.higher_is_better:
+        known = [f"{u:.3f}" + (f" ({name})" if len(unigrams) > 1 else "")
+                 for name, u in unigrams if u is not None]
+        return "unigram " + " / ".join(known) if known else "–"
+    chances = [r["chance"] for r in records
+               if r["task"] == task.name and r.get("chance") is not None]
+    if chances:
+        return f"{100 * chances[0]:.1f}"
+    return "–" if task.type == "multiple_choice" else "≈ 0"
+
+
+def _unigram(path: str) -> float | None:
+    from qdlm_jax.jobs.quantize import unigram_reference
+    return unigram_reference(path)
+
+
+def axis_limits(values: Sequence[float], *, percent: bool) -> tuple[float, float]:
+    """An honest y range for a panel: percentages at least 10 points tall inside [0, 100];
+    bits/token at least 0.1 bits tall, so a gap of a few thousandths of a bit (Monte Carlo
+    noise) is drawn as small as it is."""
+    mid = (min(values) + max(values)) / 2
+    if percent:
+        half = max(5.0, (max(values) - min(values)) / 2 + 2.0)
+        lo = max(0.0, min(max(0.0, mid - half), 100.0 - 2 * half))
+        return lo, min(100.0, lo + 2 * half)
+    half = max(0.05, (max(values) - min(values)) / 2 * 1.1)
+    return mid - half, mid + half
+
+
+def fp_can_do(task: TaskSpec, records: list[dict], model_name: str) -> bool:
+    """Whether the fp model scores on `task` (accuracy at least 5 points above chance, or any
+    bits/token); True when there is no fp record. Category means use these tasks only: a task
+    the fp model scores 0 on carries no signal about what quantization did."""
+    fp = [r for r in records if r["model_name"] == model_name and r["method"] == FP
+          and r["task"] == task.name]
+    if not fp or not task.higher_is_better:
+        return True
+    return fp[0]["value"] >= (fp[0].get("chance") or 0.0) + 0.05
+
+
+def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path: Path) -> Path:
+    """Metric against bits per method, one panel per category (mean over the category's
+    tasks the fp model can do, `fp_can_do`; accuracies in %), fp as a dashed horizontal
+    line. Weight-only methods are solid lines at their weight bits; weight-activation
+    methods (W<b>A<b>) dotted lines at b. PNG via Agg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    name = Path(model).name
+    recs = [r for r in records if r["model_name"] == name]
+    cats = [c for c in CATEGORIES if any(t.category == c for t in tasks)]
+    cats += sorted({t.category for t in tasks} - set(cats))
+    fig, axes = plt.subplots(1, max(1, len(cats)), figsize=(4.2 * max(1, len(cats)), 3.8),
+                             squeeze=False)
+    series = list(dict.fromkeys((r["method"], r.get("act_bits") is not None,
+                                 r.get("variant") or "") for r in recs if r["method"] != FP))
+    for ax, cat in zip(axes[0], cats):
+        all_ctasks = [t for t in tasks if t.category == cat]
+        ctasks = [t for t in all_ctasks if fp_can_do(t, recs, name)] or all_ctasks
+        left_out = [t.name for t in all_ctasks if t not in ctasks]
+        pct = ctasks[0].higher_is_better
+        scale = 100.0 if pct else 1.0
+
+        def mean_se_of(method, bits, wa=False, extra=""):
+            """(category mean, its standard error) or (None, None)."""
+            rs = [r for r in recs if r["method"] == method and r["bits"] == bits
+                  and (r.get("act_bits") is not None) == wa
+                  and (r.get("variant") or "") == extra
+                  and r["task"] in {t.name for t in ctasks}]
+            if len(rs) != len(ctasks):
+                return None, None
+            se = float(np.sqrt(sum((r.get("se") or 0.0) ** 2 for r in rs))) / len(rs)
+            return scale * float(np.mean([r["value"] for r in rs])), scale * se
+
+        fp, fp_se = mean_se_of(FP, None)
+        shown = [fp] if fp is not None else []
+        if fp is not None:
+            ax.axhline(fp, color="black", linestyle="--", linewidth=1.2, label="fp")
+            if fp_se:
+                ax.axhspan(fp - fp_se, fp + fp_se, color="black", alpha=0.08)
+        all_bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
+        for m, wa, extra in series:
+            pts = [(b, *mean_se_of(m, b, wa, extra)) for b in all_bits]
+            pts = [(b, y, e) for b, y, e in pts if y is not None]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[p[2] or 0.0 for p in pts], capsize=3,
+                            marker="s" if wa else "o", linestyle=":" if wa else "-",
+                            label=(f"{m.upper()} W=A" if wa else m.upper())
+                            + (f" +{extra}" if extra else ""))
+                shown += [p[1] + s * (p[2] or 0.0) for p in pts for s in (-1, 1)]
+        if shown:
+            ax.set_ylim(*axis_limits(shown, percent=pct))
+        ax.set_xticks(all_bits or [4])
+        if all_bits:
+            ax.set_xlim(max(all_bits) + 0.5, min(all_bits) - 0.5)  # fewer bits to the right
+        ax.set_xlabel("bits (weights; W=A: weights and activations)"
+                      if any(wa for _, wa, _ in series) else "weight bits")
+        metric = ctasks[0].metric
+        ylabel = f"{metric} (%)" if pct else f"{metric} (lower is better)"
+        if len(ctasks) > 1:
+            ylabel = f"mean {ylabel}"
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{CATEGORY_TITLES.get(cat, cat)}\n"
+                     f"({', '.join(t.name for t in ctasks)})"
+                     + (f"\nleft out (fp at chance): {', '.join(left_out)}" if left_out
+                        else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    handles: dict = {}  # one legend for the figure, below the panels (none covers a line)
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center",
+                   ncol=min(len(handles), 8), fontsize=9, frameon=False)
+    fig.suptitle(f"{name}: quality against bits")
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
