@@ -1,5 +1,9 @@
 """Text data sources for training, calibration and evaluation.
 
+One module past 500 lines: name -> documents -> split -> token windows is one path that
+every stage walks through `load_split` and `token_windows`; the BIG-bench fetch lives in
+`data.bigbench`.
+
 One module answers "give me documents" for every stage of the pipeline:
 
 * **Local files** -- plain text (one document per file, or documents separated

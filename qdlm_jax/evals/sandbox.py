@@ -1,6 +1,10 @@
 """Run untrusted Python programs (model-written code) in a separate, limited and, where the
 host allows it, contained process.
 
+One file past 500 lines by necessity: it is also the launcher script that starts inside the
+contained process (`python -I -B sandbox.py`, before any harness import), and the launcher
+and the harness must agree on every limit and status.
+
 Each program is written to a fresh scratch directory (`tempfile`) and run by this file as a
 launcher script (`python -I -B sandbox.py ...`, which runs `prog.py` as `__main__` with
 `runpy`), with the scratch directory as working directory, HOME and TMPDIR, no stdin, no

@@ -31,8 +31,8 @@ from pathlib import Path
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.jobs.config_flags import PROJECT_ROOT as ROOT
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file, split_config_args
-from qdlm_jax.jobs.quantize import report
 from qdlm_jax.jobs.quantize import run as run_job
+from qdlm_jax.jobs.quantize_report import report
 
 METHODS = ("rtn", "gptq", "awq")
 BITS = (4, 3)

@@ -5,6 +5,10 @@ Writes, in `out_dir/<method>-w<bits>g<group>-<calibration>/`:
   - `results.json`: the settings and every figure,
   - `report.md`: a table of FP vs quantized quality.
 Bad config values are rejected before any work starts.
+
+One module past 500 lines: its three run paths (in memory, on a mesh across processes,
+streaming block by block) share the spec, the calibration, the tokenizer and the result
+record, and differ in a few lines each; the report is `quantize_report`.
 """
 
 from __future__ import annotations
@@ -14,20 +18,55 @@ import json
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
+from qdlm_jax.checkpoints.hf import load_hf_config
+from qdlm_jax.checkpoints.load import (
+    load_model,
+    load_tokenizer,
+    param_summary,
+    read_model_config,
+    resolve_checkpoint,
+)
+from qdlm_jax.checkpoints.orbax_format import load_checkpoint, save_checkpoint
 from qdlm_jax.data import sources
+from qdlm_jax.data.hf_tokenizer import tokenizer_files
 from qdlm_jax.errors import ConfigOverrideError
-from qdlm_jax.evals.basic import format_pm
-from qdlm_jax.fsutil import settings_digest
+from qdlm_jax.evals.backends import TextModel
+from qdlm_jax.evals.basic import (
+    ArithmeticEval,
+    arithmetic_accuracy,
+    heldout_bound,
+    heldout_windows,
+    output_kl,
+)
+from qdlm_jax.evals.tasks import BUILTIN, MCTask, run_task
+from qdlm_jax.fsutil import atomic_write_text, settings_digest
 from qdlm_jax.jobs.config_flags import project_path
-from qdlm_jax.models.params import cast_floats
+from qdlm_jax.jobs.quantize_report import report
+from qdlm_jax.jobs.streaming import (
+    assemble,
+    can_stream,
+    config_shim,
+    quantize_streaming,
+    save_packed,
+)
+from qdlm_jax.models.distributed import to_host
+from qdlm_jax.models.params import cast_floats, get_params, model_from_params
+from qdlm_jax.models.sharding import make_mesh
 from qdlm_jax.quant.act_core import ActSpec
-from qdlm_jax.quant.calibration import CalibSpec
+from qdlm_jax.quant.act_kernel import inner_weight
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.quant.kv_core import KVSpec
-from qdlm_jax.quant.layerwise import METHODS, PTQSpec
+from qdlm_jax.quant.layerwise import METHODS, PTQSpec, quantize_model
+from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 from qdlm_jax.quant.quantizer_core import QuantSpec
-from qdlm_jax.quant.wa import WA_METHODS, WASpec
+from qdlm_jax.quant.wa import WA_METHODS, WASpec, quantize_model_wa
 
 ALL_METHODS = METHODS + tuple(m for m in WA_METHODS if m not in METHODS)
 
@@ -136,7 +175,6 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                       seed=c.seed)
     model = project_path(cfg.model)
     if not model.exists():  # a hub id, through the Hugging Face cache
-        from qdlm_jax.checkpoints.load import resolve_checkpoint
         model = resolve_checkpoint(cfg.model)
         if not model.exists():
             raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
@@ -210,7 +248,6 @@ def _check_widths(config, ptq: PTQSpec):
 
 def _eval_tasks(value) -> tuple[str, ...]:
     """`--config.eval.tasks`: built-in task names (a comma-separated string or a sequence)."""
-    from qdlm_jax.evals.tasks import BUILTIN
     names = tuple(n.strip() for n in (value.split(",") if isinstance(value, str) else value)
                   if n.strip())
     for n in names:
@@ -222,7 +259,6 @@ def _eval_tasks(value) -> tuple[str, ...]:
 
 def eval_task_specs(spec: JobSpec) -> list:
     """The extra tasks at `eval_task_limit` items (multiple choice: 16 Monte Carlo samples)."""
-    from qdlm_jax.evals.tasks import BUILTIN, MCTask
     out = []
     for name in spec.eval_tasks:
         t = dataclasses.replace(BUILTIN[name], limit=spec.eval_task_limit)
@@ -233,9 +269,6 @@ def eval_task_specs(spec: JobSpec) -> list:
 
 
 def evaluate(model, tokenizer, windows, spec: JobSpec) -> dict:
-    from qdlm_jax.evals.backends import TextModel
-    from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_bound
-    from qdlm_jax.evals.tasks import run_task
     t0 = time.time()
     bound = heldout_bound(model, windows, mc_num=spec.eval_mc_num)
     arith = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n))
@@ -286,7 +319,6 @@ def calibration_windows(tokenizer, spec: JobSpec):
 def use_streaming(spec: JobSpec) -> bool:
     """`stream`: "true", "false", or "auto" = a weight-only method on a hub checkpoint
     directory of more than 2 GiB (the in-memory pass also gives fp figures and KL to fp)."""
-    from qdlm_jax.jobs.streaming import can_stream
     if spec.stream == "false":
         return False
     possible = spec.wa is None and can_stream(spec.model)
@@ -303,7 +335,6 @@ def use_streaming(spec: JobSpec) -> bool:
 
 def start_run_dir(run_dir: Path, spec: JobSpec) -> None:
     """Creates the run directory and records the run's config (`config.json`)."""
-    from qdlm_jax.fsutil import atomic_write_text
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(spec.config, indent=2, default=str))
 
@@ -313,17 +344,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     are skipped); the packed model is written one block at a time (`save_packed`), then loaded
     back (it is small) and evaluated; without saving it is assembled in memory. `mesh`: this
     process's devices to quantize each block on."""
-    import jax.numpy as jnp
 
-    from qdlm_jax.checkpoints.hf import load_hf_config
-    from qdlm_jax.checkpoints.load import load_tokenizer, param_summary
-    from qdlm_jax.checkpoints.orbax_format import load_checkpoint
-    from qdlm_jax.data.hf_tokenizer import tokenizer_files
-    from qdlm_jax.evals.basic import heldout_windows
-    from qdlm_jax.fsutil import atomic_write_text
-    from qdlm_jax.jobs.streaming import assemble, config_shim, quantize_streaming, save_packed
-    from qdlm_jax.models.params import model_from_params
-    from qdlm_jax.quant.calibration import build_calibration
 
     start_run_dir(run_dir, spec)
     if spec.calib.mode == "trajectory" or spec.calib.certainty_weights:
@@ -391,9 +412,6 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
 def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
     """The job's calibration + layer-wise quantization (shared with `qdlm study`):
     returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
-    from qdlm_jax.quant.calibration import build_calibration
-    from qdlm_jax.quant.layerwise import quantize_model
-    from qdlm_jax.quant.wa import quantize_model_wa
 
     calib = None
     if spec.needs_calibration:
@@ -409,7 +427,6 @@ def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
 def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
     """(quantized model, stats) for a `configs/quantize.py`-style config, without the job's
     evaluation or saving; `model` (the fp model of cfg.model) skips loading it again."""
-    from qdlm_jax.checkpoints.load import load_model, load_tokenizer
 
     spec = job_spec(cfg)
     if model is None:
@@ -428,16 +445,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     and process 0 writes `run_dir/model` and `results.json`. Evaluation is not run here
     (`qdlm eval` the saved model, which is small). `--config.stream=true` in one process
     streams the blocks onto the mesh instead (`run_streaming`)."""
-    import jax
-    from jax.experimental import multihost_utils
 
-    from qdlm_jax.checkpoints.load import load_model, load_tokenizer, read_model_config
-    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
-    from qdlm_jax.data.hf_tokenizer import tokenizer_files
-    from qdlm_jax.fsutil import atomic_write_text
-    from qdlm_jax.models.distributed import to_host
-    from qdlm_jax.models.params import get_params
-    from qdlm_jax.models.sharding import make_mesh
 
     if spec.stream == "true" and jax.process_count() > 1:
         raise ConfigOverrideError("--config.stream=true: the streaming pass runs in one process "
@@ -491,22 +499,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
         mesh_shape: tuple[int, int] | None = None) -> dict:
     """Runs the job; `fp_cache` (a dict) lets a sweep evaluate the FP model once;
     `mesh_shape` = (data, model) runs it on a global mesh (`run_on_mesh`)."""
-    import numpy as np
 
-    from qdlm_jax.checkpoints.load import (
-        load_model,
-        load_tokenizer,
-        param_summary,
-        read_model_config,
-    )
-    from qdlm_jax.checkpoints.orbax_format import save_checkpoint
-    from qdlm_jax.data.hf_tokenizer import tokenizer_files
-    from qdlm_jax.evals.basic import heldout_windows, output_kl
-    from qdlm_jax.fsutil import atomic_write_text
-    from qdlm_jax.models.params import get_params
-    from qdlm_jax.quant.act_kernel import inner_weight
-    from qdlm_jax.quant.bqarray import BinaryPlanesArray
-    from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 
     spec = job_spec(cfg)
     if mesh_shape is not None:
@@ -589,81 +582,3 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     atomic_write_text(run_dir / "report.md", report([result]))
     print(report([result]))
     return result
-
-
-def _kl_text(q) -> str:
-    return format_pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
-
-
-def _act_text(act_bits: int, kv_bits: int = 16) -> str:
-    text = "float" if act_bits >= 16 else str(act_bits)
-    return text if kv_bits >= 16 else f"{text}, KV {kv_bits}"
-
-
-def _iaaq_searched(result: dict) -> str:
-    """"K,V" or "V": what a run's IA-AQ searched (its resolved config)."""
-    ia = ((result.get("config") or {}).get("act") or {}).get("iaaq") or {}
-    return "K,V" if ia.get("search_keys") else "V"
-
-
-_TASK_HEAD = {"arithmetic_subtract": "2-digit sub acc", "synthetic_code": "code pass@1",
-              "synthetic_compare": "4-way choice acc", "arithmetic_3digit": "3-digit add acc"}
-
-
-def _task_cells(ev: dict, names) -> str:
-    """One `value ± se` cell (in %) per extra task; – where the run did not score it."""
-    t = ev.get("tasks", {})
-    return "".join(f"{format_pm(t[n]['value'], t[n].get('se'), '.1f', 100)}% | " if n in t
-                   else "– | " for n in names)
-
-
-def report(results: list[dict]) -> str:
-    """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
-    activations are not quantized, weight-only PTQ and the FP model alike)."""
-    task_names = list(dict.fromkeys(t for r in results for t in (r.get("fp") or {}).get(
-        "tasks", {}) | r["quantized"].get("tasks", {})))
-    lines = ["| model | method | W bits | A bits | group | calibration | bits/token (↓) | "
-             "ppl bound | KL to FP, bits (↓) | 2-digit add acc | " +
-             "".join(f"{_TASK_HEAD.get(t, t)} | " for t in task_names) +
-             "linear bytes vs bf16 | quantize s |",
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(task_names) + "---|---|"]
-    seen_fp = set()
-    for r in results:
-        fp = r.get("fp")
-        if fp and r["model"] not in seen_fp:
-            seen_fp.add(r["model"])
-            lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
-                         f"{format_pm(fp['bits_per_token'], fp.get('bits_per_token_se'), '.3f')} | "
-                         f"{fp['ppl_bound']:.1f} | – | "
-                         f"{format_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | "
-                         f"{_task_cells(fp, task_names)}– | – |")
-    for r in results:
-        q = r["quantized"]
-        label = r['method'].upper() + (f" + IA-AQ ({_iaaq_searched(r)})" if r.get("iaaq")
-                                        else "")
-        lines.append(f"| {Path(r['model']).name} | {label} | {r['bits']} | "
-                     f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16))} | "
-                     f"{r['group_size']} | "
-                     f"{r['calibration']} | "
-                     f"{format_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
-                     f"{q['ppl_bound']:.1f} | {_kl_text(q)} | "
-                     f"{format_pm(q['arith_acc'], q.get('arith_se'), '.1f', 100)}% | "
-                     f"{_task_cells(q, task_names)}"
-                     f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
-    notes = []
-    for r in {r["model"]: r for r in results}.values():
-        q = r["quantized"]
-        ref = r.get("unigram_bits_per_token")
-        notes.append(
-            f"{Path(r['model']).name}: bits/token on {q.get('n_windows', '?')} held-out windows "
-            f"of {q.get('seq_len', '?')} tokens, {q.get('mc_num', '?')} Monte Carlo samples "
-            "each" + (f"; unigram reference {ref:.3f} bits/token" if ref else "") +
-            f"; 2-digit addition on {q['arith_n']} held-out problems (chance ≈ 0)" +
-            "".join(f"; {t} on {v['n']} held-out items ({v['metric']}"
-                    f"{', chance 25%' if v['metric'] == 'acc' else ''})"
-                    for t, v in q.get("tasks", {}).items()))
-        if r.get("tokenizer"):
-            notes.append(f"{Path(r['model']).name}: tokenizer {r['tokenizer']}")
-    footer = ("\n± is one standard error (over windows for the bound and KL, binomial for "
-              "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
-    return "\n".join(lines) + "\n" + footer

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 
 from qdlm_jax.checkpoints.load import load_params, param_summary, quantization_banner
+from qdlm_jax.jobs import quantize_report
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
 from qdlm_jax.jobs.quantize import run
 
@@ -72,7 +73,7 @@ def test_fp_evaluation_is_cached_across_runs_and_tables_carry_errors(tmp_path, c
     assert fp["n_windows"] == 1 and fp["bits_per_token_se"] == 0.0  # one window: no spread
     q = second["quantized"]
     assert q["kl_to_fp_bits_se"] >= 0 and 0 <= q["arith_se"] <= 0.5
-    table = quantize.report([first, second])
+    table = quantize_report.report([first, second])
     assert " ± " in table and "one standard error" in table
     assert "unigram reference" in table  # the bundled model's card records it
 
@@ -117,7 +118,6 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, capsys):
 
 
 def test_report_names_what_ia_aq_searched_and_the_kv_bits():
-    from qdlm_jax.jobs import quantize
     q = {"bits_per_token": 9.3, "ppl_bound": 640.0, "arith_acc": 0.0, "arith_n": 20,
          "kl_to_fp_bits": 0.02}
     base = {"model": "assets/tiny-llada", "method": "quarot", "bits": 4, "act_bits": 4,
@@ -126,14 +126,14 @@ def test_report_names_what_ia_aq_searched_and_the_kv_bits():
     rows = [dict(base, iaaq=False), dict(base, iaaq=True, config={"act": {"iaaq": {
         "enabled": True, "search_keys": True}}}), dict(base, iaaq=True, config={"act": {
             "iaaq": {"enabled": True, "search_keys": False}}})]
-    lines = [ln.split("|")[2:5] for ln in quantize.report(rows).splitlines()[2:5]]
+    lines = [ln.split("|")[2:5] for ln in quantize_report.report(rows).splitlines()[2:5]]
     assert [[c.strip() for c in ln] for ln in lines] == [
         ["QUAROT", "4", "4, KV 4"], ["QUAROT + IA-AQ (K,V)", "4", "4, KV 4"],
         ["QUAROT + IA-AQ (V)", "4", "4, KV 4"]]
 
 
 def test_report_has_a_column_per_extra_task():
-    from qdlm_jax.jobs.quantize import report
+    from qdlm_jax.jobs.quantize_report import report
 
     def ev(tasks):
         return {"bits_per_token": 8.0, "bits_per_token_se": 0.1, "ppl_bound": 256.0,

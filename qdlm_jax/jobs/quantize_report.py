@@ -1,0 +1,87 @@
+"""The quantize job's `report.md`: FP then one row per quantized run, every figure with its
+standard error (`format_pm`), the extra tasks' columns, and notes on what each figure was
+measured on (windows, Monte Carlo samples, problems, the tokenizer and special ids)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qdlm_jax.evals.basic import format_pm
+
+
+def _kl_text(q) -> str:
+    return format_pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
+
+
+def _act_text(act_bits: int, kv_bits: int = 16) -> str:
+    text = "float" if act_bits >= 16 else str(act_bits)
+    return text if kv_bits >= 16 else f"{text}, KV {kv_bits}"
+
+
+def _iaaq_searched(result: dict) -> str:
+    """"K,V" or "V": what a run's IA-AQ searched (its resolved config)."""
+    ia = ((result.get("config") or {}).get("act") or {}).get("iaaq") or {}
+    return "K,V" if ia.get("search_keys") else "V"
+
+
+_TASK_HEAD = {"arithmetic_subtract": "2-digit sub acc", "synthetic_code": "code pass@1",
+              "synthetic_compare": "4-way choice acc", "arithmetic_3digit": "3-digit add acc"}
+
+
+def _task_cells(ev: dict, names) -> str:
+    """One `value ± se` cell (in %) per extra task; – where the run did not score it."""
+    t = ev.get("tasks", {})
+    return "".join(f"{format_pm(t[n]['value'], t[n].get('se'), '.1f', 100)}% | " if n in t
+                   else "– | " for n in names)
+
+
+def report(results: list[dict]) -> str:
+    """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
+    activations are not quantized, weight-only PTQ and the FP model alike)."""
+    task_names = list(dict.fromkeys(t for r in results for t in (r.get("fp") or {}).get(
+        "tasks", {}) | r["quantized"].get("tasks", {})))
+    lines = ["| model | method | W bits | A bits | group | calibration | bits/token (↓) | "
+             "ppl bound | KL to FP, bits (↓) | 2-digit add acc | " +
+             "".join(f"{_TASK_HEAD.get(t, t)} | " for t in task_names) +
+             "linear bytes vs bf16 | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(task_names) + "---|---|"]
+    seen_fp = set()
+    for r in results:
+        fp = r.get("fp")
+        if fp and r["model"] not in seen_fp:
+            seen_fp.add(r["model"])
+            lines.append(f"| {Path(r['model']).name} | FP | float | float | – | – | "
+                         f"{format_pm(fp['bits_per_token'], fp.get('bits_per_token_se'), '.3f')} | "
+                         f"{fp['ppl_bound']:.1f} | – | "
+                         f"{format_pm(fp['arith_acc'], fp.get('arith_se'), '.1f', 100)}% | "
+                         f"{_task_cells(fp, task_names)}– | – |")
+    for r in results:
+        q = r["quantized"]
+        label = r['method'].upper() + (f" + IA-AQ ({_iaaq_searched(r)})" if r.get("iaaq")
+                                        else "")
+        lines.append(f"| {Path(r['model']).name} | {label} | {r['bits']} | "
+                     f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16))} | "
+                     f"{r['group_size']} | "
+                     f"{r['calibration']} | "
+                     f"{format_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
+                     f"{q['ppl_bound']:.1f} | {_kl_text(q)} | "
+                     f"{format_pm(q['arith_acc'], q.get('arith_se'), '.1f', 100)}% | "
+                     f"{_task_cells(q, task_names)}"
+                     f"{r['linear_bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} |")
+    notes = []
+    for r in {r["model"]: r for r in results}.values():
+        q = r["quantized"]
+        ref = r.get("unigram_bits_per_token")
+        notes.append(
+            f"{Path(r['model']).name}: bits/token on {q.get('n_windows', '?')} held-out windows "
+            f"of {q.get('seq_len', '?')} tokens, {q.get('mc_num', '?')} Monte Carlo samples "
+            "each" + (f"; unigram reference {ref:.3f} bits/token" if ref else "") +
+            f"; 2-digit addition on {q['arith_n']} held-out problems (chance ≈ 0)" +
+            "".join(f"; {t} on {v['n']} held-out items ({v['metric']}"
+                    f"{', chance 25%' if v['metric'] == 'acc' else ''})"
+                    for t, v in q.get("tasks", {}).items()))
+        if r.get("tokenizer"):
+            notes.append(f"{Path(r['model']).name}: tokenizer {r['tokenizer']}")
+    footer = ("\n± is one standard error (over windows for the bound and KL, binomial for "
+              "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
+    return "\n".join(lines) + "\n" + footer
