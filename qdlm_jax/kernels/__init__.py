@@ -7,8 +7,9 @@ kernel is an
 `ActKernel` runs its input stage and then projects with the inner weight (and, on k_proj /
 v_proj, its K/V quantization inside attention). The quantized
 types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
-`qdlm_jax.quant` imports this package first, so any quantized model finds its op, and the
-implementation setting (a JAX config state in the jit key) exists before the first trace.
+the root package `qdlm_jax` imports this package, so any quantized model finds its op however
+the package is entered, and the implementation setting (a JAX config state in the jit key)
+exists before the first trace.
 `use_implementation("pallas_tpu", interpret=True)` switches a whole model. See docs/kernels.md.
 """
 
