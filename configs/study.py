@@ -5,10 +5,14 @@ weight-activation methods (RTN, SmoothQuant, QuaRot, DuQuant) at W8A8 / W4A4 (pe
 weights, per-token activations), QuaRot W4A4 with 4-bit K/V without and with IA-AQ
 (`wa_rows`), plus fp, one or two
 tasks per family at sizes that suit a 2-core CPU (QDLM's full settings are the task specs'
-own defaults: see qdlm_jax/evals/tasks.py and docs/evaluation.md). Quick run:
+own defaults: see qdlm_jax/evals/tasks.py and docs/evaluation.md). Quick run (fp, RTN W8
+and W4 on tiny-llada, the default tasks: 3 variants x 9 tasks = 27 cells; empty `wa_methods`
+and `wa_rows` drop the weight-activation rows; about 4.5 minutes on 2 cores shared with
+other jobs, 2026-12-04):
 
     qdlm study --config configs/study.py --config.models=assets/tiny-llada \\
-        --config.methods=rtn --config.bits=8,4 --config.out_dir=runs/study-smoke
+        --config.methods=rtn --config.bits=8,4 --config.wa_methods= --config.wa_rows= \\
+        --config.out_dir=runs/study-smoke
 
 The 2-bit comparison of the dLLM-specific weight-only method (Quant-dLLM's DAQ + ABMP, an
 average of 2.0 binary planes) against RTN and GPTQ, with masked calibration:
