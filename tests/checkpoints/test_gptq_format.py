@@ -140,8 +140,9 @@ JOB_MODELS = [
     ("rtn", dict(bits=4, group_size=128), True),
     ("gptq", dict(bits=4, group_size=128), True),
     ("gptq", dict(bits=8, group_size=-1, sym=True), True),
-    ("awq", dict(bits=4, group_size=128), True),
-    ("daq", dict(bits=2, group_size=128), "binary planes"),
+    ("awq", {"bits": 4, "group_size": 128, "awq.grid": 4}, True),
+    ("daq", {"bits": 2, "group_size": 128, "daq.iters": 2, "daq.compensate": "none"},
+     "binary planes"),
     ("smoothquant", dict(bits=8, act_bits=8, group_size=-1), "8-bit activation"),
     ("quarot", dict(bits=4, act_bits=4, group_size=-1), "online hadamard"),
     ("duquant", dict(bits=4, act_bits=4, group_size=-1), "online duquant"),
@@ -156,7 +157,7 @@ def tiny_dream():
 
 
 @pytest.mark.parametrize("method,settings,expect", JOB_MODELS,
-                         ids=[f"{m}-{'-'.join(f'{k}{v}' for k, v in s.items())}"
+                         ids=[f"{m}-{'-'.join(f'{k}{v}' for k, v in s.items() if '.' not in k)}"
                               for m, s, _ in JOB_MODELS])
 def test_every_job_model_exports_exactly_or_is_refused(tmp_path, tiny_dream, method, settings,
                                                        expect):
@@ -168,7 +169,11 @@ def test_every_job_model_exports_exactly_or_is_refused(tmp_path, tiny_dream, met
     cfg.model, cfg.method, cfg.calibration = tiny_dream, method, "clean"
     cfg.calib.n_samples, cfg.calib.seq_len = 4, 32
     for k, v in settings.items():
-        setattr(cfg, k, v)
+        *parents, leaf = k.split(".")
+        node = cfg
+        for name in parents:
+            node = node[name]
+        node[leaf] = v
     qmodel, _ = quantize_from_config(cfg)
     params = get_params(qmodel)
     dst = tmp_path / "export"
