@@ -44,12 +44,13 @@ def test_readme_python_section_runs(monkeypatch, capsys):
     assert os.getcwd() == str(ROOT)
 
 
-def readme_commands() -> list[list[str]]:
-    """The `qdlm ...` commands of the README's "Command line" block, as argv lists
-    (continuation lines joined, comments dropped)."""
+def readme_commands(page: str = "README.md",
+                    heading: str = "## Command line\n\n") -> list[list[str]]:
+    """The `qdlm ...` commands of the first bash block after `heading` in a page, as argv
+    lists (continuation lines joined, comments dropped)."""
     import shlex
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.S).group(1)
+    text = (ROOT / page).read_text()
+    block = re.search(re.escape(heading) + r".*?```bash\n(.*?)```", text, re.S).group(1)
     block = re.sub(r"\\\n\s*", " ", block)
     return [shlex.split(line.split("  #")[0]) for line in block.splitlines()
             if line.startswith("qdlm ")]
@@ -75,3 +76,19 @@ def test_readme_command_line_runs_as_written(tmp_path, monkeypatch, capsys):
                 assert out.strip().startswith("Question: 12+34=? Answer: 46"), out
     assert ran.count("convert") == 2 and "info" in ran and "generate" in ran
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_evaluation_page_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """docs/evaluation.md's first `qdlm eval` and `qdlm outliers` commands on the bundled
+    model run as written (the others need files of the reader's own, or are the study)."""
+    from qdlm_jax.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    commands = readme_commands("docs/evaluation.md", "# Evaluation\n")
+    runnable = [a for a in commands if a[1] in ("eval", "outliers")
+                and not any("<" in x or "my_" in x for x in a)]
+    assert [a[1] for a in runnable] == ["eval", "outliers"]
+    for argv in runnable:
+        assert main(argv[1:]) == 0, argv
+    out = capsys.readouterr().out
+    assert "arithmetic" in out and "social_iqa" in out
