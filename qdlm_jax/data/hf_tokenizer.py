@@ -200,8 +200,8 @@ def resolve_special_ids(directory: str | Path, *, family: str, vocab_size: int,
             value = getattr(published, key)
             sources[field] = f"published {family} default"
         if value is not None and not 0 <= value < vocab_size:
-            raise ConfigError(f"{d / sources[field].split(':')[0]}: {field} id {value} "
-                              f"({sources[field]}) is outside the vocabulary [0, {vocab_size})")
+            raise ConfigError(f"{d}: {field} id {value} ({sources[field]}) is outside the "
+                              f"vocabulary [0, {vocab_size}) of config.json")
         found[field] = value
     if found["mask"] is None:
         raise ConfigError(
