@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from qdlm_jax.checkpoints import dream, llada
 from qdlm_jax.checkpoints.keymap import ParamPath, TensorMapping
 from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
-from qdlm_jax.data.hf_tokenizer import resolve_special_ids
+from qdlm_jax.data.hf_tokenizer import SpecialIds, resolve_special_ids
 from qdlm_jax.errors import CheckpointError, ConfigError
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
@@ -49,6 +49,13 @@ def config_from_hf(hf: dict, *, source: str = "config.json",
     """Reads a hub `config.json` of LLaDA (`model_type: llada`) or Dream (`Dream`); the special
     ids are resolved from it and the other files of `directory` (`resolve_special_ids`: the
     generation config and the tokenizer files), from `hf` alone when `directory` is None."""
+    return config_and_ids_from_hf(hf, source=source, directory=directory)[0]
+
+
+def config_and_ids_from_hf(hf: dict, *, source: str = "config.json",
+                           directory: str | os.PathLike | None = None
+                           ) -> tuple[ModelConfig, SpecialIds]:
+    """`config_from_hf` with the resolved `SpecialIds` (where each id came from)."""
     model_type = hf.get("model_type")
     for layout in LAYOUTS.values():
         if model_type == layout.MODEL_TYPE:
@@ -63,7 +70,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json",
             else:
                 special = resolve_special_ids(directory, family=family, vocab_size=vocab,
                                               config=hf)
-            return layout.config_from_hf(hf, special, source=source)
+            return layout.config_from_hf(hf, special, source=source), special
     raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
                       "(LLaDA) or 'Dream' (Dream)")
 
@@ -74,6 +81,13 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 
 def load_hf_config(path) -> ModelConfig:
+    """Our `ModelConfig` from a hub checkpoint's `config.json` (and its sibling files for the
+    special ids)."""
+    return load_hf_config_and_ids(path)[0]
+
+
+def load_hf_config_and_ids(path) -> tuple[ModelConfig, SpecialIds]:
+    """`load_hf_config` with the resolved `SpecialIds` (read once, for the tokenizer too)."""
     with open(path) as f:
         try:
             hf = json.load(f)
@@ -81,7 +95,7 @@ def load_hf_config(path) -> ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    return config_from_hf(hf, source=str(path), directory=Path(path).parent)
+    return config_and_ids_from_hf(hf, source=str(path), directory=Path(path).parent)
 
 
 def expected_shape(config: ModelConfig, path: ParamPath) -> tuple[int, ...]:
@@ -355,4 +369,5 @@ def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: st
 
 
 __all__ = ["CheckpointDir", "load_hf_params", "save_hf", "key_map", "expected_shape",
-           "config_from_hf", "config_to_hf", "load_hf_config"]
+           "config_and_ids_from_hf", "config_from_hf", "config_to_hf", "load_hf_config",
+           "load_hf_config_and_ids"]

@@ -29,10 +29,3 @@ def linear(hf_name: str, *path) -> TensorMapping:
 def plain(hf_name: str, *path) -> TensorMapping:
     return TensorMapping(hf_name, tuple(path), False)
 
-
-def special_fields(special) -> dict[str, Any]:
-    """`ModelConfig` keyword arguments of a checkpoint's resolved special ids (`SpecialIds`)."""
-    extra = tuple(t for t in special.stops if t not in (special.eos, special.eot))
-    return {"mask_token_id": special.mask, "pad_token_id": special.pad,
-            "eos_token_id": special.eos, "bos_token_id": special.bos,
-            "eot_token_id": special.eot, "stop_token_ids": extra}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qdlm_jax.checkpoints.keymap import TensorMapping, hf_dtype, linear, plain, special_fields
+from qdlm_jax.checkpoints.keymap import TensorMapping, hf_dtype, linear, plain
 from qdlm_jax.data.hf_tokenizer import SpecialIds
 from qdlm_jax.errors import ConfigError
 from qdlm_jax.models.config import ModelConfig
@@ -78,7 +78,7 @@ def config_from_hf(hf: dict[str, Any], special: SpecialIds, *,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         qkv_bias=False,
         rope_full_precision=bool(hf.get("rope_full_precision", True)),
-        **special_fields(special),
+        **special.config_fields(),
         max_position_embeddings=int(hf.get("max_sequence_length", 4096)),
         param_dtype=hf_dtype(hf),
         dtype=hf_dtype(hf),

@@ -12,12 +12,11 @@ from jax.sharding import Mesh
 
 from qdlm_jax.checkpoints import gptq_format
 from qdlm_jax.checkpoints import orbax_format as checkpoint
-from qdlm_jax.checkpoints.hf import load_hf_config, load_hf_params
+from qdlm_jax.checkpoints.hf import load_hf_config, load_hf_config_and_ids, load_hf_params
 from qdlm_jax.data.hf_tokenizer import (
     CheckpointTokenizer,
     SpecialIds,
     load_hf_tokenizer,
-    resolve_special_ids,
 )
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.models.config import ModelConfig
@@ -59,6 +58,13 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def not_a_checkpoint(p: Path) -> CheckpointError:
+    """The error for a directory that holds no checkpoint this project reads."""
+    return CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging "
+                           f"Face checkpoint, or {checkpoint.CONFIG_FILE} of a `qdlm convert` "
+                           "output)")
+
+
 def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
                 progress: bool = False):
     """(config, flat params) from a HF checkpoint dir, a hub id, or a `qdlm convert` output."""
@@ -72,8 +78,7 @@ def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh
         return gptq_format.load_gptq(p, dtype=dtype)
     if (p / "config.json").is_file():
         return load_hf_params(p, dtype=dtype, sharding_fn=sharding_fn, progress=progress)
-    raise CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging Face "
-                          f"checkpoint, or {checkpoint.CONFIG_FILE} of a `qdlm convert` output)")
+    raise not_a_checkpoint(p)
 
 
 def load_model(path: str | os.PathLike, *, dtype: str | None = None,
@@ -92,8 +97,7 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         return checkpoint.read_config(p)
     if (p / "config.json").is_file():
         return load_hf_config(p / "config.json")
-    raise CheckpointError(f"{p}: not a model checkpoint (expected config.json of a Hugging Face "
-                          f"checkpoint, or {checkpoint.CONFIG_FILE} of a `qdlm convert` output)")
+    raise not_a_checkpoint(p)
 
 
 def load_tokenizer(path: str | os.PathLike) -> CheckpointTokenizer:
@@ -102,16 +106,12 @@ def load_tokenizer(path: str | os.PathLike) -> CheckpointTokenizer:
     checkpoint's files for a HF dir (`data.hf_tokenizer.resolve_special_ids`), as stored in
     its config for a qdlm checkpoint (resolved when it was converted)."""
     p = resolve_checkpoint(path)
-    config = read_model_config(p)
     if checkpoint.is_qdlm_checkpoint(p):
-        fields = ("pad", "bos", "eos", "mask", "eot")
-        special = SpecialIds(pad=config.pad_token_id, bos=config.bos_token_id,
-                             eos=config.eos_token_id, mask=config.mask_token_id,
-                             eot=config.eot_token_id, stops=config.stop_ids,
-                             sources=tuple((f, checkpoint.CONFIG_FILE) for f in fields
-                                           if getattr(config, f"{f}_token_id") is not None))
+        special = SpecialIds.of_config(checkpoint.read_config(p), checkpoint.CONFIG_FILE)
+    elif (p / "config.json").is_file():
+        _, special = load_hf_config_and_ids(p / "config.json")
     else:
-        special = resolve_special_ids(p, family=config.family, vocab_size=config.vocab_size)
+        raise not_a_checkpoint(p)
     return CheckpointTokenizer(load_hf_tokenizer(p), special, str(p))
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "SpecialIds",
     "load_hf_tokenizer",
     "resolve_special_ids",
+    "stop_index",
     "tokenizer_files",
 ]
 
@@ -86,12 +87,34 @@ class SpecialIds:
     stops: tuple[int, ...] = ()  # ids that end a generated answer (EOS, EOT, generation EOS)
     sources: tuple[tuple[str, str], ...] = ()  # (field, "file:key" it came from)
 
+    def config_fields(self) -> dict[str, Any]:
+        """The `ModelConfig` keyword arguments these ids set (`of_config` reads them back)."""
+        extra = tuple(t for t in self.stops if t not in (self.eos, self.eot))
+        return {"mask_token_id": self.mask, "pad_token_id": self.pad,
+                "eos_token_id": self.eos, "bos_token_id": self.bos,
+                "eot_token_id": self.eot, "stop_token_ids": extra}
+
+    @classmethod
+    def of_config(cls, config, source: str) -> "SpecialIds":
+        """The ids a `ModelConfig` holds (resolved when its checkpoint was converted), each
+        attributed to `source`."""
+        ids = {f: getattr(config, f"{f}_token_id") for f in (*_FIELDS, "eot")}
+        return cls(**ids, stops=config.stop_ids,
+                   sources=tuple((f, source) for f, v in ids.items() if v is not None))
+
     def describe(self) -> str:
         """One line: `mask=126336 (config.json:mask_token_id), ...`."""
         where = dict(self.sources)
         parts = [f"{f}={getattr(self, f)} ({where.get(f, 'not set')})"
                  for f in (*_FIELDS, "eot")]
         return ", ".join(parts) + f", stops={list(self.stops)}"
+
+
+def stop_index(ids: Sequence[int], stops) -> int:
+    """Where a generated answer ends: the position of the first id in `stops` (all of `ids`
+    when none occurs)."""
+    stops = set(stops)
+    return next((j for j, t in enumerate(ids) if int(t) in stops), len(ids))
 
 
 def _read_json(path: Path) -> dict:

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from qdlm_jax.data.hf_tokenizer import stop_index
 from qdlm_jax.inference.generate import (
     DREAM_ONLY,
     LLADA_ONLY,
@@ -170,10 +171,9 @@ class TextModel:
     def decode_completion(self, row: Sequence[int]) -> str:
         """Text of generated ids up to the first stop id (EOS, end of turn, the checkpoint's
         generation EOS ids)."""
-        stops = set(self.model.config.stop_ids)
         ids = [int(t) for t in row]
-        cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        return self.tokenizer.decode(ids[:stop_index(ids, self.model.config.stop_ids)],
+                                     skip_special_tokens=True)
 
     def generate(self, prompts: Sequence[Prompt], gen: GenerationConfig, *,
                  stops: Sequence[str] = (), batch_size: int = 8, progress: bool = True,

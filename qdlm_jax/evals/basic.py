@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.data import arithmetic, sources
+from qdlm_jax.data.hf_tokenizer import stop_index
 from qdlm_jax.inference.generate import GenerationConfig, generate
 from qdlm_jax.inference.likelihood import perplexity_bound
 
@@ -127,8 +128,8 @@ def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(
         out = np.asarray(generate(model, ids, mask, config=gen))
         for p, row in zip(batch, out[:, width:]):
             row = [int(t) for t in row]
-            cut = next((j for j, t in enumerate(row) if t in special.stops), len(row))
-            text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+            text = tokenizer.decode(row[:stop_index(row, special.stops)],
+                                    skip_special_tokens=True)
             got = arithmetic.extract_answer(text)
             correct += int(got == p.answer)
             if len(examples) < 5:

@@ -127,19 +127,20 @@ def key_comments(source: str) -> dict[str, str]:
     `c.bits = 4  # ...` is `bits`; `x=1,  # ...` inside `c.act.kv = ConfigDict(dict(` is
     `act.kv.x`. A comment belongs to the keys set on its line only."""
     comments: dict[str, str] = {}
-    prefix, depth = "", 0
+    prefix, depth = "", 0  # the open `c.<key> = ...(dict(` and its unclosed parentheses
     for line in source.splitlines():
         code, _, comment = line.partition("#")
-        assign = re.match(r"\s*c\.([\w.]+)\s*=", code)
-        if assign and depth == 0:
+        assign = re.match(r"\s*c\.([\w.]+)\s*=", code) if depth == 0 else None
+        if assign:
             key = assign.group(1)
             prefix = key + "." if "dict(" in code else ""
             names = [key] + [prefix + n for n in re.findall(r"[(,]\s*(\w+)\s*=", code)]
-        else:
+        elif depth:
             names = [prefix + n for n in re.findall(r"(?:^|[(,])\s*(\w+)\s*=", code)]
-        depth += code.count("(") - code.count(")") if (assign or depth) else 0
-        if depth <= 0:
-            depth = 0
+        else:
+            names = []
+        if assign or depth:
+            depth = max(0, depth + code.count("(") - code.count(")"))
         for n in names if comment.strip() else ():
             comments.setdefault(n, comment.strip())
     return comments

@@ -24,6 +24,7 @@ from qdlm_jax.checkpoints.load import (
     quantization_banner,
     resolve_checkpoint,
 )
+from qdlm_jax.data.hf_tokenizer import stop_index
 from qdlm_jax.errors import CheckpointError, ConfigOverrideError
 from qdlm_jax.inference.generate import GenerationConfig, compile_generate, left_pad
 
@@ -119,11 +120,10 @@ def run_generate(spec: GenerateSpec) -> list[str]:
     _log(f"generated {n_tok} tokens in {dt:.2f}s ({n_tok / dt:.1f} tokens/s, "
          f"{gen.steps / dt:.1f} steps/s); total {time.time() - t_start:.1f}s")
 
-    stops = set(c.stop_ids)
     texts = []
     for i, row in enumerate(out):
         gen_ids = [int(t) for t in row[ids.shape[1]:]]
-        cut = next((j for j, t in enumerate(gen_ids) if t in stops), len(gen_ids))
+        cut = stop_index(gen_ids, c.stop_ids)
         prompt_ids = rows[i][1:] if bos is not None else rows[i]
         if tokenizer is not None and chat:  # the answer alone, without the template's text
             text = spec.prompts[i] + "\n" + tokenizer.decode(gen_ids[:cut],

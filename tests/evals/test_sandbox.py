@@ -201,16 +201,24 @@ def test_honest_fanout_passes_with_the_default_limits(any_mode, tree):
     assert r.passed, r
 
 
-def test_tree_limits_detected_once_or_warn(monkeypatch):
-    """On this host: a cgroup method, detected once per process, or one warning."""
+def detect_on_first_runs(monkeypatch, detector: str, cache: str, result, program: str):
+    """Three runs of `program` with the sandbox's `cache` of its `detector` cleared: (calls of
+    the detector, run results, what `result()` reports then, warnings caught)."""
     calls = []
-    detect = sandbox._detect_tree
-    monkeypatch.setattr(sandbox, "_detect_tree", lambda: calls.append(1) or detect())
-    monkeypatch.setattr(sandbox, "_tree", sandbox._UNKNOWN)
+    detect = getattr(sandbox, detector)
+    monkeypatch.setattr(sandbox, detector, lambda: calls.append(1) or detect())
+    monkeypatch.setattr(sandbox, cache, sandbox._UNKNOWN)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = run_programs(["assert True\n"] * 3, LIMITS)
-        method = sandbox.tree_limits()
+        results = run_programs([program] * 3, LIMITS)
+        found = result()
+    return calls, results, found, caught
+
+
+def test_tree_limits_detected_once_or_warn(monkeypatch):
+    """On this host: a cgroup method, detected once per process, or one warning."""
+    calls, results, method, caught = detect_on_first_runs(
+        monkeypatch, "_detect_tree", "_tree", sandbox.tree_limits, "assert True\n")
     assert len(calls) == 1 and all(r.passed for r in results)
     if method == "poll":
         (w,) = warnings_of(caught, sandbox.TreeLimitWarning)
@@ -442,14 +450,8 @@ def test_pids_with_sees_a_live_process():
 
 def test_host_contains_or_warns(monkeypatch):
     """On this host: a contained mode, detected once per process, or one warning."""
-    calls = []
-    detect = sandbox._detect
-    monkeypatch.setattr(sandbox, "_detect", lambda: calls.append(1) or detect())
-    monkeypatch.setattr(sandbox, "_mode", sandbox._UNKNOWN)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = run_programs(["import os\nprint(os.getpid())\n"] * 3, LIMITS)
-        mode = sandbox.containment()
+    calls, results, mode, caught = detect_on_first_runs(
+        monkeypatch, "_detect", "_mode", sandbox.containment, "import os\nprint(os.getpid())\n")
     assert len(calls) == 1 and all(r.passed for r in results)
     if mode is None:
         (w,) = warnings_of(caught)
