@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int
 
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.layers import apply_rope, attention, mask_bias, rms_normalize, rope_angles
 from qdlm_jax.models.project import attention_stage, prepare_input, project
 
 _INIT_STD = 0.02
@@ -59,28 +60,8 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalize(x.astype(jnp.float32), self.eps)
         return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
-
-
-def rope_angles(positions: Int[Array, "B T"], head_dim: int, theta: float):
-    """cos, sin of shape [B, T, head_dim] in fp32 (the frequencies repeated twice)."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: Float[Array, "B T N D"], cos, sin, *, full_precision: bool) -> jax.Array:
-    """Half-rotated RoPE. full_precision rotates in fp32 (LLaDA); else in x's dtype (Dream)."""
-    dtype = jnp.float32 if full_precision else x.dtype
-    xr = x.astype(dtype)
-    cos = cos[:, :, None, :].astype(dtype)
-    sin = sin[:, :, None, :].astype(dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
-    return (xr * cos + rotated * sin).astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -113,7 +94,6 @@ class Block(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         hd, kv = c.head_dim, c.num_kv_heads
-        group = c.num_heads // kv
         xq, cos_q, sin_q, tq = x, cos, sin, t
         if query_window is not None:  # queries only for positions [start, start + n)
             start, tq = query_window
@@ -125,14 +105,7 @@ class Block(nnx.Module):
         q = apply_rope(q, cos_q, sin_q, full_precision=c.rope_full_precision)
         k = apply_rope(k, cos, sin, full_precision=c.rope_full_precision)
         q, k, v = attention_stage(q, k, v, self.k_proj.kernel[...], self.v_proj.kernel[...])
-        q = q.reshape(b, tq, kv, group, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
-        if key_bias is not None:
-            scores = scores + key_bias[:, None, None, None, :]
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
-        return out.astype(x.dtype).reshape(b, tq, c.num_heads * hd)
+        return attention(q, k, v, key_bias, scale=1.0 / jnp.sqrt(jnp.float32(hd)), dtype=x.dtype)
 
     # ---- pieces for cached decoding (the forward above is unchanged) ----------------------
 
@@ -152,17 +125,8 @@ class Block(nnx.Module):
     def attend(self, q, k, v, key_bias, dtype):
         """o_proj(softmax(q k^T / sqrt(hd) + key_bias) v): q [B, Tq, H, hd] over keys and
         values [B, S, KV, hd] (the same arithmetic as `attention`)."""
-        c = self.config
-        b, tq = q.shape[:2]
-        hd, kv = c.head_dim, c.num_kv_heads
-        q = q.reshape(b, tq, kv, c.num_heads // kv, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / jnp.sqrt(jnp.float32(hd)))
-        if key_bias is not None:
-            scores = scores + key_bias[:, None, None, None, :]
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
-        return self.o_proj(out.astype(dtype).reshape(b, tq, c.num_heads * hd))
+        scale = 1.0 / jnp.sqrt(jnp.float32(self.config.head_dim))
+        return self.o_proj(attention(q, k, v, key_bias, scale=scale, dtype=dtype))
 
     def mlp_hidden(self, n, capture: Capture | None = None):
         """silu(gate(n)) * up(n) of the normed input `n`: down_proj's input."""
@@ -251,12 +215,9 @@ class DLLM(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_angles(position_ids, c.head_dim, c.rope_theta)
-        key_bias = None
-        if attention_mask is not None:
-            # A large negative bias, not -inf: a fully padded row then gets uniform weights
-            # instead of NaN (its output is never read).
-            key_bias = jnp.where(attention_mask.astype(bool), 0.0,
-                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        # A large negative bias, not -inf: a fully padded row then gets uniform weights
+        # instead of NaN (its output is never read).
+        key_bias = None if attention_mask is None else mask_bias(attention_mask)
         return x, cos, sin, key_bias
 
     def hidden_states_with_kv(self, input_ids: Int[Array, "B T"],
@@ -294,10 +255,7 @@ class DLLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         pos_win = jax.lax.dynamic_slice_in_dim(position_ids, window_start, n, axis=1)
         x, cos, sin, _ = self._embed_and_mask(window_ids, None, pos_win)
-        key_bias = None
-        if attention_mask is not None:
-            key_bias = jnp.where(attention_mask.astype(bool), 0.0,
-                                 jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        key_bias = None if attention_mask is None else mask_bias(attention_mask)
         fresh_from = window_start if fresh_from is None else fresh_from
         for i, layer in enumerate(self.layers):
             x = layer.forward_cached(x, key_bias, cos, sin, k_cache[i], v_cache[i],
