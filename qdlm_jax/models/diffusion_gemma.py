@@ -32,7 +32,8 @@ Layer i (x: residual stream [B, T, H]; N_*: Gemma RMSNorms):
 Embedding: E[id] * sqrt(H) (the scale rounded to fp32, then cast to the weight dtype).
 Decoder input: x = rms(E[c] sqrt(H) + SC(soft)), SC(s) = down(gelu_tanh(gate n) * up n) with
 n = N_pre(s) and soft = (softmax_fp32(sc_logits) @ E) sqrt(H), or 0 without sc_logits.
-Logits: 30 tanh(fp32(N_final(x) E^T) / 30) (the LM head is the embedding, tied).
+Logits: c tanh(fp32(N_final(x) E^T) / c), c = final_logit_softcapping (30); the LM head is
+the embedding (tied).
 
 Cache (`KVCache`, static shapes): a sliding layer keeps the last W - 1 encoded tokens in a
 ring buffer (slot = token index mod (W - 1)), which is what the decoder reads and what
@@ -46,6 +47,9 @@ Every dense linear is `dllm.Linear` (hook names `layers.{i}.self_attn.q_proj`,
 so quantized kernels drop in through `project`; the experts go through
 `experts.expert_project`. Params are stored as the project does: kernels [in, out], experts
 `gate_up` [E, H, 2I] (gate columns first) and `down` [E, I, H] (see `experts`).
+
+The cache and both modes stay in one file (~500 lines): `encode` writes and `decode` reads
+the same slot layout, and splitting them would spread one invariant over two rooms.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from qdlm_jax.models.dllm import Linear
 from qdlm_jax.models.experts import gelu_tanh, moe
 from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
 from qdlm_jax.models.layers import apply_rope, attention, mask_bias, rms_normalize, rope_angles
-from qdlm_jax.models.params import ParamPath, flatten, path_str, unflatten
+from qdlm_jax.models.params import ParamPath, flatten, get_params, path_str, unflatten
 from qdlm_jax.models.project import attention_stage
 
 _INIT_STD = 0.02
@@ -212,7 +216,8 @@ class Router(nnx.Module):
         """(top_ids [..., k] int32, top_weights [..., k] fp32) of the residual stream `r`."""
         c = self.config
         z = rms_norm_no_scale(r, c.rms_norm_eps)
-        z = z * self.scale[...].astype(z.dtype) * jnp.asarray(c.hidden_size ** -0.5, z.dtype)
+        z = z * self.scale[...].astype(z.dtype)
+        z = (z.astype(jnp.float32) * c.hidden_size ** -0.5).astype(z.dtype)  # unrounded H^-1/2
         probs = jax.nn.softmax(self.proj(z, capture).astype(jnp.float32), axis=-1)
         top_weights, top_ids = jax.lax.top_k(probs, c.top_k)
         top_weights = top_weights / jnp.sum(top_weights, axis=-1, keepdims=True)
@@ -469,11 +474,6 @@ def init_model(config: DiffusionGemmaConfig, seed: int = 0) -> DiffusionGemma:
 def abstract_model(config: DiffusionGemmaConfig) -> DiffusionGemma:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes without allocating weights."""
     return nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0)))
-
-
-def get_params(model: DiffusionGemma) -> dict[ParamPath, jax.Array]:
-    """Flat {path: array} of the model's params (no copy), as `models.params.get_params`."""
-    return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def param_shapes(config: DiffusionGemmaConfig) -> dict[ParamPath, tuple[int, ...]]:

@@ -39,8 +39,9 @@ def register_expert_kernel_type(kernel_type: type,
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (PyTorch's gelu 'tanh')."""
-    return jax.nn.gelu(x, approximate=True)
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (PyTorch's gelu 'tanh'), evaluated in
+    fp32 and rounded once to x's dtype, as PyTorch does for bf16 inputs."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
 def expert_project(x: Float[Array, "N In"], kernel: Any,
