@@ -28,16 +28,29 @@ tower (`model.encoder.vision_tower.*`, `model.encoder.embed_vision.*`) is not pa
 model: those tensors are dropped and their names returned. `state_dict_from_params` writes what
 transformers' `save_pretrained` writes for the text model: the decoder's tensors and the
 encoder's layer scalars.
+
+`config_from_hf` / `config_to_hf` map the hub `config.json` (`model_type: diffusion_gemma`,
+the text model's keys under `text_config`; `models.gemma_config`), as `llada.py` / `dream.py`
+do for theirs; `checkpoints.hf` reads and writes the directories, tensor by tensor.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 
 from qdlm_jax.checkpoints.keymap import TensorMapping, linear, plain
+from qdlm_jax.data.hf_tokenizer import SpecialIds
 from qdlm_jax.errors import ConfigError
 from qdlm_jax.models.diffusion_gemma import param_shapes
-from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
+from qdlm_jax.models.gemma_config import (
+    ARCHITECTURE,
+    MODEL_TYPE,
+    TEXT_MODEL_TYPE,
+    DiffusionGemmaConfig,
+)
 from qdlm_jax.models.params import ParamPath, path_str
 
 DECODER = "model.decoder."
@@ -85,16 +98,90 @@ def key_map(config: DiffusionGemmaConfig) -> list[TensorMapping]:
     return out
 
 
-def _hub_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
-    return shape[:-2] + shape[-2:][::-1] if transpose else shape
+def hub_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
+    """The hub shape of a tensor of our `shape` (the last two axes swapped if `transpose`)."""
+    return tuple(shape[:-2]) + tuple(shape[-2:])[::-1] if transpose else tuple(shape)
 
 
 def _to_ours(a: np.ndarray, transpose: bool) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(a, -1, -2)) if transpose else a
 
 
+@functools.lru_cache(maxsize=8)
+def _shapes(config: DiffusionGemmaConfig) -> dict[ParamPath, tuple[int, ...]]:
+    return param_shapes(config)
+
+
+def expected_shape(config: DiffusionGemmaConfig, path: ParamPath) -> tuple[int, ...]:
+    """Shape of a param in our layout (kernels [in, out], experts [E, in, out])."""
+    return _shapes(config)[tuple(path)]
+
+
 def is_vision_key(name: str) -> bool:
     return name.startswith(VISION_PREFIXES)
+
+
+def is_ignored_key(name: str) -> bool:
+    """A buffer some exporters write that holds no weights (RoPE inverse frequencies)."""
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def tied_twin(name: str, mapped: set[str] | dict) -> str | None:
+    """The decoder tensor that hub tensor `name` is tied to (an encoder text weight, or the
+    LM head), when `mapped` (the key map's names) holds it; None otherwise."""
+    if name == TIED_HEAD:
+        return f"{DECODER}embed_tokens.weight"
+    if name.startswith(ENCODER_TEXT):
+        twin = f"{DECODER}{name[len(ENCODER_TEXT):]}"
+        if twin in mapped:
+            return twin
+    return None
+
+
+def twin_mismatch(name: str, twin: str) -> str:
+    """The error text for a tied tensor that differs from its decoder twin."""
+    return (f"tensor {name!r} differs from {twin!r}; the encoder and the LM head share the "
+            "decoder's weights")
+
+
+# ---- config.json --------------------------------------------------------------------------
+
+def is_hub_config(hf: dict[str, Any]) -> bool:
+    """Whether a hub `config.json` is DiffusionGemma's (model_type or architectures)."""
+    archs = hf.get("architectures") or ()
+    return hf.get("model_type") in (MODEL_TYPE, TEXT_MODEL_TYPE) or ARCHITECTURE in archs
+
+
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The text model's settings: `text_config`, or the dict itself for a bare text config."""
+    text = hf.get("text_config")
+    return text if isinstance(text, dict) else hf
+
+
+def special_id_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The `<name>_token_id` keys as `resolve_special_ids` reads a config.json: transformers
+    keeps them in `text_config`; a top-level key of the same name wins."""
+    keys = ("pad_token_id", "bos_token_id", "eos_token_id")
+    text = text_config(hf)
+    out = {k: text[k] for k in keys if k in text}
+    out.update({k: hf[k] for k in keys if k in hf and hf is not text})
+    return out
+
+
+def config_from_hf(hf: dict[str, Any], special: SpecialIds, *,
+                   source: str = "config.json") -> DiffusionGemmaConfig:
+    """Our config from a hub `config.json` of this layout; pad and BOS as resolved in
+    `special` (the same as config.json's when it sets them), the EOS ids as config.json
+    lists them."""
+    config = DiffusionGemmaConfig.from_hf(hf, source)
+    changes = {f"{f}_token_id": getattr(special, f) for f in ("pad", "bos")
+               if getattr(special, f) is not None}
+    return config.replace(**changes)
+
+
+def config_to_hf(config: DiffusionGemmaConfig) -> dict[str, Any]:
+    """The hub `config.json` (`DiffusionGemmaConfig.to_hf`: no vision tower)."""
+    return config.to_hf()
 
 
 def params_from_state_dict(config: DiffusionGemmaConfig, tensors: dict[str, np.ndarray]
@@ -106,8 +193,7 @@ def params_from_state_dict(config: DiffusionGemmaConfig, tensors: dict[str, np.n
     from its decoder tensor, a state dict holding only vision tensors, and any other key.
     """
     dropped = sorted(k for k in tensors if is_vision_key(k))
-    text = {k: v for k, v in tensors.items()
-            if not is_vision_key(k) and not k.endswith(IGNORED_SUFFIXES)}
+    text = {k: v for k, v in tensors.items() if not is_vision_key(k) and not is_ignored_key(k)}
     if not text:
         raise ConfigError(f"state dict: no DiffusionGemma text weights, only {len(dropped)} "
                           f"vision tensors (expected e.g. '{DECODER}embed_tokens.weight')")
@@ -119,24 +205,20 @@ def params_from_state_dict(config: DiffusionGemmaConfig, tensors: dict[str, np.n
             raise ConfigError(f"state dict: missing tensor {m.hf_name!r} (layer_types="
                               f"{list(config.layer_types)})")
         a = np.asarray(text[m.hf_name])
-        want = _hub_shape(shapes[m.path], m.transpose)
+        want = hub_shape(shapes[m.path], m.transpose)
         if tuple(a.shape) != want:
             raise ConfigError(f"state dict: tensor {m.hf_name!r} has shape {list(a.shape)}, "
                               f"expected {list(want)} from the config")
         params[m.path] = _to_ours(a, m.transpose)
     by_name = {m.hf_name: m for m in mappings}
     for name in sorted(set(text) - set(by_name)):
-        if name == TIED_HEAD:
-            twin = f"{DECODER}embed_tokens.weight"
-        elif name.startswith(ENCODER_TEXT) and f"{DECODER}{name[len(ENCODER_TEXT):]}" in by_name:
-            twin = f"{DECODER}{name[len(ENCODER_TEXT):]}"
-        else:
+        twin = tied_twin(name, by_name)
+        if twin is None:
             raise ConfigError(f"state dict: unexpected tensor {name!r} (not part of the "
                               f"DiffusionGemma text model with {config.num_layers} layers)")
         a, b = np.asarray(text[name]), np.asarray(text[twin])
         if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
-            raise ConfigError(f"state dict: tensor {name!r} differs from {twin!r}; the encoder "
-                              "and the LM head share the decoder's weights")
+            raise ConfigError(f"state dict: {twin_mismatch(name, twin)}")
     return params, dropped
 
 

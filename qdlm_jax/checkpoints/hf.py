@@ -1,11 +1,17 @@
 """Hugging Face checkpoint directory <-> our Flax params, streaming tensor by tensor.
 
-Reading: `config.json` (model_type `llada` or `Dream`) plus one of
+Reading: `config.json` (model_type `llada`, `Dream` or `diffusion_gemma`) plus one of
   - `model.safetensors`,
   - sharded `*.safetensors` with `model.safetensors.index.json`,
   - `pytorch_model.bin` / sharded `pytorch_model-*.bin` (+ index), read through torch.
-Each tensor is read as a memory-mapped view, transposed if it is a Linear weight, cast if a
-dtype is asked for, and placed on its sharding; the PyTorch model is never built.
+Each tensor is read as a memory-mapped view, its last two axes swapped if it is a Linear
+weight or an expert tensor ([.., out, in] -> [.., in, out]), cast if a dtype is asked for,
+and placed on its sharding; the PyTorch model is never built.
+
+DiffusionGemma checkpoints may hold more than the key map: the vision tower (dropped, with one
+line on stderr saying how many tensors: the port is text only) and the encoder's and LM
+head's tied copies of decoder weights (each checked equal to its decoder twin, bit for bit,
+before anything is read).
 
 Writing (`save_hf`) produces the same layout back; reading what it wrote gives the same bytes.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,71 +29,92 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdlm_jax.checkpoints import dream, llada
+from qdlm_jax.checkpoints import diffusion_gemma, dream, llada
 from qdlm_jax.checkpoints.keymap import ParamPath, TensorMapping
 from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from qdlm_jax.data.hf_tokenizer import SpecialIds, resolve_special_ids
 from qdlm_jax.errors import CheckpointError, ConfigError
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
+from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Buffers some exporters add that carry no weights of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Chunk of a tied-tensor comparison: bounds what the comparison holds in memory.
+_COMPARE_BYTES = 1 << 26
+
+AnyConfig = ModelConfig | DiffusionGemmaConfig
+
+# One module per hub layout (by `config.family`): its tensor key map and config.json mapping.
+LAYOUTS = {"llada": llada, "dream": dream, GEMMA_FAMILY: diffusion_gemma}
 
 
-# One module per hub layout: its tensor key map and its config.json mapping.
-LAYOUTS = {"llada": llada, "dream": dream}
-
-
-def key_map(config: ModelConfig) -> list[TensorMapping]:
+def key_map(config: AnyConfig) -> list[TensorMapping]:
     return LAYOUTS[config.family].key_map(config)
 
 
+def hub_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
+    """The hub shape of a tensor of our `shape`: the last two axes swapped for a Linear weight
+    ([out, in]) or an expert tensor ([E, out, in])."""
+    return diffusion_gemma.hub_shape(shape, transpose)
+
+
+def _swap(a, transpose: bool):
+    """Our layout <-> the hub's: the last two axes swapped (a view, no copy)."""
+    return np.swapaxes(a, -1, -2) if transpose else a
+
+
 def config_from_hf(hf: dict, *, source: str = "config.json",
-                   directory: str | os.PathLike | None = None) -> ModelConfig:
-    """Reads a hub `config.json` of LLaDA (`model_type: llada`) or Dream (`Dream`); the special
-    ids are resolved from it and the other files of `directory` (`resolve_special_ids`: the
-    generation config and the tokenizer files), from `hf` alone when `directory` is None."""
+                   directory: str | os.PathLike | None = None) -> AnyConfig:
+    """Reads a hub `config.json` of LLaDA (`model_type: llada`), Dream (`Dream`) or
+    DiffusionGemma (`diffusion_gemma`); the special ids are resolved from it and the other
+    files of `directory` (`resolve_special_ids`: the generation config and the tokenizer
+    files), from `hf` alone when `directory` is None."""
     return config_and_ids_from_hf(hf, source=source, directory=directory)[0]
 
 
 def config_and_ids_from_hf(hf: dict, *, source: str = "config.json",
                            directory: str | os.PathLike | None = None
-                           ) -> tuple[ModelConfig, SpecialIds]:
+                           ) -> tuple[AnyConfig, SpecialIds]:
     """`config_from_hf` with the resolved `SpecialIds` (where each id came from)."""
     model_type = hf.get("model_type")
-    for layout in LAYOUTS.values():
-        if model_type == layout.MODEL_TYPE:
-            vocab = hf.get("embedding_size") or hf.get("vocab_size")
-            if not isinstance(vocab, int) or vocab <= 0:
-                raise ConfigError(f"{source}: vocab_size={vocab!r}: expected a positive "
-                                  f"integer (model_type={model_type!r})")
-            family = "llada" if layout is LAYOUTS["llada"] else "dream"
-            if directory is None:
-                special = resolve_special_ids(Path(source).parent, family=family,
-                                              vocab_size=vocab, config=hf, files=False)
-            else:
-                special = resolve_special_ids(directory, family=family, vocab_size=vocab,
-                                              config=hf)
-            return layout.config_from_hf(hf, special, source=source), special
-    raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
-                      "(LLaDA) or 'Dream' (Dream)")
+    if diffusion_gemma.is_hub_config(hf):
+        family, layout = GEMMA_FAMILY, diffusion_gemma
+        ids = diffusion_gemma.special_id_config(hf)
+        vocab = diffusion_gemma.text_config(hf).get("vocab_size")
+    else:
+        family = next((f for f, m in LAYOUTS.items() if model_type == m.MODEL_TYPE), None)
+        if family is None:
+            raise ConfigError(f"{source}: unknown model_type={model_type!r}; expected 'llada' "
+                              "(LLaDA), 'Dream' (Dream) or 'diffusion_gemma' (DiffusionGemma)")
+        layout, ids = LAYOUTS[family], hf
+        vocab = hf.get("embedding_size") or hf.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ConfigError(f"{source}: vocab_size={vocab!r}: expected a positive "
+                          f"integer (model_type={model_type!r})")
+    if directory is None:
+        special = resolve_special_ids(Path(source).parent, family=family, vocab_size=vocab,
+                                      config=ids, files=False)
+    else:
+        special = resolve_special_ids(directory, family=family, vocab_size=vocab, config=ids)
+    return layout.config_from_hf(hf, special, source=source), special
 
 
-def config_to_hf(config: ModelConfig) -> dict:
+def config_to_hf(config: AnyConfig) -> dict:
     """The hub `config.json` of `config`, in its family's own key names."""
     return LAYOUTS[config.family].config_to_hf(config)
 
 
-def load_hf_config(path) -> ModelConfig:
+def load_hf_config(path) -> AnyConfig:
     """Our `ModelConfig` from a hub checkpoint's `config.json` (and its sibling files for the
     special ids)."""
     return load_hf_config_and_ids(path)[0]
 
 
-def load_hf_config_and_ids(path) -> tuple[ModelConfig, SpecialIds]:
+def load_hf_config_and_ids(path) -> tuple[AnyConfig, SpecialIds]:
     """`load_hf_config` with the resolved `SpecialIds` (read once, for the tokenizer too)."""
     with open(path) as f:
         try:
@@ -98,8 +126,10 @@ def load_hf_config_and_ids(path) -> tuple[ModelConfig, SpecialIds]:
     return config_and_ids_from_hf(hf, source=str(path), directory=Path(path).parent)
 
 
-def expected_shape(config: ModelConfig, path: ParamPath) -> tuple[int, ...]:
+def expected_shape(config: AnyConfig, path: ParamPath) -> tuple[int, ...]:
     """Shape of a param in our layout (kernels are [in, out])."""
+    if config.family == GEMMA_FAMILY:
+        return diffusion_gemma.expected_shape(config, path)
     c = config
     d, hd = c.hidden_size, c.head_dim
     if path == ("embed",):
@@ -234,16 +264,57 @@ class CheckpointDir:
         return self.files[self.where[name]].get(name)
 
 
+def extra_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping]
+                  ) -> tuple[dict[str, str], list[str]]:
+    """A DiffusionGemma checkpoint's tensors beyond its key map that are expected there:
+    ({tied copy: its decoder twin}, [vision tower names]); nothing for the other families."""
+    if ckpt.config.family != GEMMA_FAMILY:
+        return {}, []
+    mapped = {m.hf_name for m in mappings}
+    twins, vision = {}, []
+    for k in ckpt.keys():
+        if k in mapped:
+            continue
+        if diffusion_gemma.is_vision_key(k):
+            vision.append(k)
+        elif (twin := diffusion_gemma.tied_twin(k, mapped)) is not None:
+            twins[k] = twin
+    return twins, sorted(vision)
+
+
+def check_tied_twins(ckpt: CheckpointDir, twins: dict[str, str]) -> None:
+    """Raises one CheckpointError naming the first tied copy (an encoder text weight, the LM
+    head) whose bytes differ from its decoder twin; compared chunk by chunk from the memory
+    maps."""
+    for name, twin in sorted(twins.items()):
+        a, b = ckpt.get(name), ckpt.get(twin)
+        same = a.shape == b.shape and a.dtype == b.dtype
+        if same and a.ndim:
+            rows = max(1, _COMPARE_BYTES // max(1, a[:1].nbytes))
+            for i in range(0, a.shape[0], rows):
+                x = np.ascontiguousarray(a[i:i + rows]).view(np.uint8)
+                y = np.ascontiguousarray(b[i:i + rows]).view(np.uint8)
+                if not np.array_equal(x, y):
+                    same = False
+                    break
+        elif same:
+            same = a.tobytes() == b.tobytes()
+        if not same:
+            raise CheckpointError(f"{ckpt.file_of(name)}: "
+                                  f"{diffusion_gemma.twin_mismatch(name, twin)}")
+
+
 def check_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping]) -> None:
     """Raises one CheckpointError listing every missing, unexpected or misshaped tensor."""
     cfg = ckpt.config
+    mappings = list(mappings)
     problems = []
     wanted = set()
+    twins, vision = extra_tensors(ckpt, mappings)
+    expected_extra = set(twins) | set(vision)
     for m in mappings:
         wanted.add(m.hf_name)
-        want = expected_shape(cfg, m.path)
-        if m.transpose:
-            want = want[::-1]
+        want = hub_shape(expected_shape(cfg, m.path), m.transpose)
         if m.hf_name not in ckpt.where:
             problems.append(f"missing tensor {m.hf_name!r} (expected shape {list(want)})")
             continue
@@ -252,7 +323,8 @@ def check_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping]) -> Non
             problems.append(f"{ckpt.file_of(m.hf_name)}: tensor {m.hf_name!r} has shape "
                             f"{list(found)}, expected {list(want)} from config.json")
     for k in ckpt.keys():
-        if k not in wanted and not k.endswith(_IGNORED_SUFFIXES):
+        if k not in wanted and k not in expected_extra and not k.endswith(_IGNORED_SUFFIXES) \
+                and not (cfg.family == GEMMA_FAMILY and diffusion_gemma.is_ignored_key(k)):
             problems.append(f"{ckpt.file_of(k)}: unexpected tensor {k!r} (not part of the "
                             f"{cfg.family} layout with {cfg.num_layers} layers)")
     if problems:
@@ -263,16 +335,24 @@ def check_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping]) -> Non
 
 def load_hf_params(path: str | os.PathLike, *, dtype: str | None = None,
                    sharding_fn: Callable[[ParamPath, tuple], jax.sharding.Sharding] | None = None,
-                   progress: bool = False) -> tuple[ModelConfig, dict[ParamPath, jax.Array]]:
+                   progress: bool = False) -> tuple[AnyConfig, dict[ParamPath, jax.Array]]:
     """Reads a HF checkpoint directory into {param path: array}, one tensor at a time.
 
     `dtype` casts float tensors (e.g. "float32"); `sharding_fn(path, shape)` gives the
-    sharding each tensor is placed on directly (None: the default device).
+    sharding each tensor is placed on directly (None: the default device). Every check
+    (shapes, tied copies) runs before the first tensor is read.
     """
     ckpt = CheckpointDir(path)
     config = ckpt.config
     mappings = key_map(config)
     check_tensors(ckpt, mappings)
+    twins, vision = extra_tensors(ckpt, mappings)
+    check_tied_twins(ckpt, twins)
+    if vision:
+        print(f"[qdlm] {ckpt.path}: dropped {len(vision)} vision tower tensors "
+              f"({', '.join(p + '*' for p in diffusion_gemma.VISION_PREFIXES)}): "
+              "DiffusionGemma is loaded "
+              "text only", file=sys.stderr, flush=True)
     if dtype is None:
         # Keep the tensors as stored (bit-exact round trip); record what they are.
         stored = np.dtype(ckpt.get(mappings[0].hf_name).dtype).name
@@ -297,9 +377,8 @@ def read_tensors(ckpt: CheckpointDir, mappings: Iterable[TensorMapping], *,
     params = {}
     for m in tqdm(list(mappings), desc=f"reading {ckpt.path.name}", disable=not progress,
                   unit="tensor"):
-        view = ckpt.get(m.hf_name)  # a memory map: slicing it reads only those bytes
-        if m.transpose:
-            view = view.T
+        # a memory map: slicing it reads only those bytes
+        view = _swap(ckpt.get(m.hf_name), m.transpose)
 
         def host(index=(), view=view):
             a = view[index]
@@ -325,12 +404,16 @@ def _is_float(dt: np.dtype) -> bool:
 
 # ---- writing -------------------------------------------------------------------------------
 
-def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: str | os.PathLike,
+def save_hf(config: AnyConfig, params: dict[ParamPath, jax.Array], out_dir: str | os.PathLike,
             *, max_shard_bytes: int | None = None, extra_files: Iterable[Path] = (),
             overwrite: bool = False) -> Path:
     """Writes `config.json` + safetensors (one file, or shards + index) in the family's names.
 
-    The directory appears only when complete (written to a temp dir, then renamed).
+    DiffusionGemma: the tensors transformers' `save_pretrained` writes for the text model
+    (the decoder's, and the encoder's layer scalars), which
+    `DiffusionGemmaForBlockDiffusion.from_pretrained` ties back to the encoder and LM head.
+    `extra_files` (the tokenizer files, `generation_config.json`) are copied in. The
+    directory appears only when complete (written to a temp dir, then renamed).
     """
     mappings = key_map(config)
     for m in mappings:
@@ -355,7 +438,7 @@ def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: st
             def tensors(group=group):
                 for m in group:
                     arr = np.asarray(jax.device_get(params[m.path]))
-                    yield m.hf_name, (arr.T if m.transpose else arr)
+                    yield m.hf_name, _swap(arr, m.transpose)
             items = list(tensors())
             total += sum(a.nbytes for _, a in items)
             write_safetensors(tmp / fname, items, metadata={"format": "pt"})
@@ -369,5 +452,6 @@ def save_hf(config: ModelConfig, params: dict[ParamPath, jax.Array], out_dir: st
 
 
 __all__ = ["CheckpointDir", "load_hf_params", "save_hf", "key_map", "expected_shape",
+           "hub_shape", "check_tensors", "check_tied_twins", "extra_tensors",
            "config_and_ids_from_hf", "config_from_hf", "config_to_hf", "load_hf_config",
            "load_hf_config_and_ids"]

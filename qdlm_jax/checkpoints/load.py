@@ -19,8 +19,11 @@ from qdlm_jax.data.hf_tokenizer import (
     load_hf_tokenizer,
 )
 from qdlm_jax.errors import CheckpointError
+from qdlm_jax.models import diffusion_gemma
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
+from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
 from qdlm_jax.models.params import model_from_params
 from qdlm_jax.models.sharding import param_sharding
 from qdlm_jax.quant.act_kernel import inner_weight
@@ -81,16 +84,26 @@ def load_params(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh
     raise not_a_checkpoint(p)
 
 
-def load_model(path: str | os.PathLike, *, dtype: str | None = None,
-               mesh: Mesh | None = None, progress: bool = False) -> DLLM:
-    """Loads a model from a local directory or a hub id (`resolve_checkpoint`). `dtype`
-    ("float32"/"bfloat16") sets both param and compute dtype; `mesh` places every param
-    straight onto its tensor-parallel sharding."""
-    config, params = load_params(path, dtype=dtype, mesh=mesh, progress=progress)
+def build_model(config: ModelConfig | DiffusionGemmaConfig, params: dict):
+    """The model of `config`'s family holding exactly `params`: `DLLM` (LLaDA, Dream) or
+    `DiffusionGemma`."""
+    if config.family == GEMMA_FAMILY:
+        return diffusion_gemma.model_from_params(config, params)
     return model_from_params(config, params)
 
 
-def read_model_config(path: str | os.PathLike) -> ModelConfig:
+def load_model(path: str | os.PathLike, *, dtype: str | None = None,
+               mesh: Mesh | None = None,
+               progress: bool = False) -> DLLM | diffusion_gemma.DiffusionGemma:
+    """Loads a model from a local directory or a hub id (`resolve_checkpoint`): a `DLLM` for
+    LLaDA and Dream, a `DiffusionGemma` for that family (text only). `dtype`
+    ("float32"/"bfloat16") sets both param and compute dtype; `mesh` places every param
+    straight onto its sharding (`models.sharding`)."""
+    config, params = load_params(path, dtype=dtype, mesh=mesh, progress=progress)
+    return build_model(config, params)
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig | DiffusionGemmaConfig:
     """The model config of a checkpoint (HF dir, hub id or qdlm) without reading any weights."""
     p = resolve_checkpoint(path)
     if checkpoint.is_qdlm_checkpoint(p):

@@ -20,8 +20,9 @@ Each of pad / bos / eos / mask is the first of
 The end-of-turn id (`eot`: LLaDA's `<|eot_id|>`, Dream's `<|im_end|>`) comes from
 `config.json` `eot_token_id`, else steps 4-5. `stops` (ids that end a generated answer) are
 EOS, EOT and every id of `config.json` / `generation_config.json` `eos_token_id`. A missing
-mask id (every dLLM needs it), or a missing BOS where the family prepends one (LLaDA), is a
-`ConfigError` naming the files and keys that were read.
+mask id where the family's noise is the mask token (LLaDA, Dream; DiffusionGemma's noise is a
+uniform vocabulary id, it has none), or a missing BOS where the family prepends one (LLaDA),
+is a `ConfigError` naming the files and keys that were read.
 
 `CheckpointTokenizer` wraps the transformers tokenizer with the resolved ids and the few
 calls the project makes: `encode` (no special tokens added: the callers frame BOS / EOS
@@ -38,6 +39,8 @@ from typing import Any
 
 from qdlm_jax.errors import CheckpointError, ConfigError
 from qdlm_jax.models.config import dream_7b, llada_8b
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
+from qdlm_jax.models.gemma_config import diffusion_gemma_26b_a4b
 
 __all__ = [
     "FAMILY_TOKENS",
@@ -67,8 +70,11 @@ FAMILY_TOKENS: dict[str, dict[str, str]] = {
               "mask": "<|mdm_mask|>", "eot": "<|eot_id|>"},
     "dream": {"pad": "<|endoftext|>", "bos": "<|beginoftext|>", "eos": "<|endoftext|>",
               "mask": "<|mask|>", "eot": "<|im_end|>"},
+    GEMMA_FAMILY: {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>"},
 }
-_PUBLISHED = {"llada": llada_8b(), "dream": dream_7b()}
+_PUBLISHED = {"llada": llada_8b(), "dream": dream_7b(), GEMMA_FAMILY: diffusion_gemma_26b_a4b()}
+# Families whose noise is a uniform vocabulary id: no mask token to require.
+NO_MASK_FAMILIES = (GEMMA_FAMILY,)
 _FIELDS = ("pad", "bos", "eos", "mask")
 # Tokenizer classes that exist only as a checkpoint's remote code, and the transformers class
 # that reads the same files.
@@ -96,8 +102,8 @@ class SpecialIds:
 
     @classmethod
     def of_config(cls, config, source: str) -> "SpecialIds":
-        """The ids a `ModelConfig` holds (resolved when its checkpoint was converted), each
-        attributed to `source`."""
+        """The ids a `ModelConfig` or `DiffusionGemmaConfig` holds (resolved when its
+        checkpoint was converted), each attributed to `source`."""
         ids = {f: getattr(config, f"{f}_token_id") for f in (*_FIELDS, "eot")}
         return cls(**ids, stops=config.stop_ids,
                    sources=tuple((f, source) for f, v in ids.items() if v is not None))
@@ -226,7 +232,7 @@ def resolve_special_ids(directory: str | Path, *, family: str, vocab_size: int,
             raise ConfigError(f"{d}: {field} id {value} ({sources[field]}) is outside the "
                               f"vocabulary [0, {vocab_size}) of config.json")
         found[field] = value
-    if found["mask"] is None:
+    if found["mask"] is None and family not in NO_MASK_FAMILIES:
         raise ConfigError(
             f"{d / 'config.json'}: no mask_token_id (nor generation_config.json mask_token_id, "
             "nor a mask_token in tokenizer_config.json / special_tokens_map.json"

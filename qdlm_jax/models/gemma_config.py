@@ -29,8 +29,10 @@ from qdlm_jax.models.config import DTYPES
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+FAMILY = "diffusion_gemma"  # `config.family`, as "llada" / "dream" for the dense configs
 MODEL_TYPE = "diffusion_gemma"  # `model_type` of the top-level hub config
 TEXT_MODEL_TYPE = "diffusion_gemma_text"
+ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 HIDDEN_ACTIVATION = "gelu_pytorch_tanh"
 
 
@@ -120,6 +122,28 @@ class DiffusionGemmaConfig:
             raise ConfigError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
 
     # ---- derived -----------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return FAMILY
+
+    # The special-id surface of the dense `ModelConfig` (`data.hf_tokenizer.SpecialIds` reads
+    # it): uniform-state diffusion has no mask token, and every EOS id ends an answer.
+    @property
+    def mask_token_id(self) -> None:
+        return None
+
+    @property
+    def eot_token_id(self) -> None:
+        return None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.eos_token_ids
+
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
@@ -166,13 +190,19 @@ class DiffusionGemmaConfig:
 
     # ---- JSON (our own checkpoints) -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The fields as JSON, with `"family": "diffusion_gemma"` so that a reader of a
+        checkpoint's config knows which config class to build."""
+        d = {"family": FAMILY, **dataclasses.asdict(self)}
         d["layer_types"] = list(self.layer_types)
         d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "DiffusionGemmaConfig":
+        d = dict(d)
+        family = d.pop("family", FAMILY)
+        if family != FAMILY:
+            raise ConfigError(f"{source}: family={family!r}, expected {FAMILY!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -239,6 +269,34 @@ class DiffusionGemmaConfig:
         }
 
 
+def default_layer_types(num_layers: int) -> tuple[str, ...]:
+    """transformers' default pattern: every 6th layer full, and the last one full."""
+    types = [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
+    types[-1] = FULL
+    return tuple(types)
+
+
+def diffusion_gemma_26b_a4b(**overrides) -> DiffusionGemmaConfig:
+    """google/diffusiongemma-26B-A4B(-it): 30 layers (25 sliding, 5 full), 128 experts top-8.
+
+    The published config.json values, which llama.cpp's Gemma 4 vocabulary file (the 26B-A4B
+    header, no weights) repeats: V 262144, H 2816, 16 query heads, sliding 8 KV x 256, full
+    2 KV x 512, dense I 2112, expert I 704, window 1024, context 262144. `num_layers` in
+    `overrides` keeps the layer pattern's rule (every 6th layer full, the last one full)."""
+    num_layers = overrides.pop("num_layers", 30)
+    cfg = dict(vocab_size=262_144, hidden_size=2816, num_layers=num_layers,
+               layer_types=default_layer_types(num_layers), num_heads=16, num_kv_heads=8,
+               head_dim=256, num_global_kv_heads=2, global_head_dim=512,
+               intermediate_size=2112, num_experts=128, top_k=8, moe_intermediate_size=704,
+               sliding_window=1024, rope_theta=10_000.0, global_rope_theta=1_000_000.0,
+               global_partial_rotary_factor=0.25, rms_norm_eps=1e-6,
+               final_logit_softcapping=30.0, canvas_length=256, pad_token_id=0,
+               eos_token_ids=(1,), bos_token_id=2, max_position_embeddings=262_144,
+               dtype="bfloat16", param_dtype="bfloat16")
+    cfg.update(overrides)
+    return DiffusionGemmaConfig(**cfg)
+
+
 def _from_hf(hf: dict[str, Any], source: str) -> DiffusionGemmaConfig:
     if not isinstance(hf, dict):
         raise ConfigError(f"{source}: expected a JSON object")
@@ -274,8 +332,7 @@ def _from_hf(hf: dict[str, Any], source: str) -> DiffusionGemmaConfig:
     num_layers = int(need("num_hidden_layers"))
     layer_types = text.get("layer_types")
     if layer_types is None:  # transformers' default: every 6th layer full, the last one too
-        layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
-        layer_types[-1] = FULL
+        layer_types = default_layer_types(num_layers)
     if not isinstance(layer_types, (list, tuple)):
         raise ConfigError(f"{source}: {where}layer_types={layer_types!r}: expected a list")
     if len(layer_types) != num_layers:

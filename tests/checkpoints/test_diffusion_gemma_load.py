@@ -1,0 +1,183 @@
+"""DiffusionGemma checkpoints through `load_model`: a transformers `save_pretrained` directory
+(vision tower dropped), tied encoder copies checked, shape errors before anything is written,
+the hub layout written back bit for bit and read by transformers, orbax, hub ids."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import DiffusionGemmaConfig as HFConfig
+from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+
+from qdlm_jax import load_model
+from qdlm_jax.checkpoints.diffusion_gemma import ENCODER_TEXT
+from qdlm_jax.checkpoints.load import load_params, read_model_config
+from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from qdlm_jax.cli import main
+from qdlm_jax.errors import CheckpointError
+from qdlm_jax.models.diffusion_gemma import DiffusionGemma, init_cache
+from tests.models.test_diffusion_gemma import CASES, TINY_VISION, _hf_decode, _hf_encode, _randomize
+
+CONFIG = CASES["ssf"].config  # [S, S, F], 4 experts top-2
+GATE_UP = "model.decoder.layers.1.experts.gate_up_proj"
+ATOL = 1e-4
+
+
+def hf_logits(hf, ids, canvas, sc):
+    """transformers' decoder logits of `canvas` after encoding the prompt `ids` (no padding)."""
+    b, p = ids.shape
+    n = canvas.shape[1]
+    cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+    _hf_encode(hf, cache, torch.tensor(ids), torch.arange(p)[None], torch.ones(b, p, dtype=bool))
+    return _hf_decode(hf, cache, torch.tensor(canvas), torch.tensor(sc),
+                      torch.arange(p, p + n)[None], torch.ones(b, p + n, dtype=bool))
+
+
+@nnx.jit
+def our_logits(model, ids, canvas, sc):
+    b, p = ids.shape
+    cache = model.encode(ids, None, init_cache(model.config, b, p + canvas.shape[1]))
+    return model.decode(canvas, sc, cache)
+
+
+def inputs(config, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, config.vocab_size, (2, 7))
+    canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
+    sc = (3 * rng.standard_normal((2, config.canvas_length, config.vocab_size))).astype(np.float32)
+    return ids, canvas, sc
+
+
+def logits_of(model, config, seed=0):
+    ids, canvas, sc = inputs(config, seed)
+    return np.asarray(our_logits(model, jnp.asarray(ids), jnp.asarray(canvas), jnp.asarray(sc)))
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """(transformers model, its `save_pretrained` directory), fp32, with a tiny vision tower."""
+    torch.manual_seed(0)
+    hf = DiffusionGemmaForBlockDiffusion(
+        HFConfig(**{**CONFIG.to_hf(), "vision_config": TINY_VISION})).eval()
+    _randomize(hf, seed=1)
+    out = tmp_path_factory.mktemp("dg") / "hub"
+    hf.save_pretrained(out)
+    return hf, out
+
+
+def tensors_of(path):
+    f = SafetensorsFile(path / "model.safetensors")
+    return {k: np.array(f.get(k)) for k in f.keys()}
+
+
+def copy_with(src, dst, tensors):
+    """`src`'s files with model.safetensors replaced by `tensors`."""
+    shutil.copytree(src, dst)
+    write_safetensors(dst / "model.safetensors", tensors, {"format": "pt"})
+    return dst
+
+
+def test_save_pretrained_dir_loads_text_only_and_matches_transformers(hub, capfd):
+    hf, path = hub
+    model = load_model(path)
+    err = capfd.readouterr().err
+    vision = [k for k in tensors_of(path) if k.startswith(("model.encoder.vision_tower.",
+                                                             "model.encoder.embed_vision."))]
+    assert f"dropped {len(vision)} vision tower tensors" in err and "text only" in err
+    assert len([line for line in err.splitlines() if "vision" in line]) == 1
+    assert isinstance(model, DiffusionGemma) and model.config == CONFIG
+    # both layer-scalar sets, as transformers holds them
+    for i, layer in enumerate(model.layers):
+        assert float(layer.layer_scalar_encoder[...][0]) == float(
+            hf.model.encoder.language_model.layers[i].layer_scalar)
+        assert float(layer.layer_scalar_decoder[...][0]) == float(
+            hf.model.decoder.layers[i].layer_scalar)
+    # experts in our [E, in, out] layout
+    np.testing.assert_array_equal(
+        np.asarray(model.layers[1].experts.gate_up[...]),
+        hf.model.decoder.layers[1].experts.gate_up_proj.detach().numpy().transpose(0, 2, 1))
+    ours = logits_of(model, CONFIG)
+    ref = hf_logits(hf, *inputs(CONFIG))
+    assert np.max(np.abs(ours - ref)) <= ATOL
+
+
+def test_read_model_config_and_info_read_no_weights(hub, capsys):
+    _, path = hub
+    assert read_model_config(path) == CONFIG
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["family"] == "diffusion_gemma"
+
+
+def test_encoder_twins_equal_load_and_differing_twin_is_named(hub, tmp_path):
+    _, path = hub
+    t = tensors_of(path)
+    for k in list(t):
+        if k.startswith("model.decoder.") and "self_conditioning" not in k \
+                and not k.endswith("layer_scalar"):
+            t[ENCODER_TEXT + k[len("model.decoder."):]] = t[k].copy()
+    t["lm_head.weight"] = t["model.decoder.embed_tokens.weight"].copy()
+    twins = copy_with(path, tmp_path / "twins", t)
+    _, params = load_params(twins)
+    _, plain = load_params(path)
+    assert all(np.asarray(params[p]).tobytes() == np.asarray(v).tobytes()
+               for p, v in plain.items())
+
+    key = f"{ENCODER_TEXT}layers.2.experts.down_proj"
+    t[key] = t[key].copy()
+    t[key][1, 0, 0] += 1
+    bad = copy_with(path, tmp_path / "bad", t)
+    with pytest.raises(CheckpointError) as e:
+        load_model(bad)
+    text = str(e.value)
+    assert "\n" not in text
+    assert f"tensor {key!r} differs from 'model.decoder.layers.2.experts.down_proj'" in text
+
+
+def test_wrong_expert_shape_is_one_error_and_nothing_is_written(hub, tmp_path):
+    _, path = hub
+    t = tensors_of(path)
+    t[GATE_UP] = np.ascontiguousarray(t[GATE_UP].transpose(0, 2, 1))  # [E, H, 2I] by mistake
+    bad = copy_with(path, tmp_path / "bad", t)
+    with pytest.raises(CheckpointError) as e:
+        load_model(bad)
+    text = str(e.value)
+    assert "\n" not in text
+    assert f"tensor {GATE_UP!r} has shape [4, 32, 48], expected [4, 48, 32]" in text
+    out = tmp_path / "out"
+    assert main(["convert", str(bad), str(out)]) != 0
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype_or_casts(hub, tmp_path):
+    _, path = hub
+    t = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors_of(path).items()}
+    bf16 = copy_with(path, tmp_path / "bf16", t)
+    config, params = load_params(bf16)
+    assert config.param_dtype == "bfloat16" and config.dtype == "bfloat16"
+    gate_up = params[("layers", 1, "experts", "gate_up")]
+    assert gate_up.dtype == jnp.bfloat16
+    assert np.asarray(gate_up).tobytes() == np.ascontiguousarray(
+        t[GATE_UP].transpose(0, 2, 1)).tobytes()
+    config, params = load_params(bf16, dtype="float32")
+    assert config.param_dtype == "float32"
+    assert all(v.dtype == jnp.float32 for v in params.values())
+
+
+def test_hub_id_loads_from_the_cache_offline(hub, tmp_path, monkeypatch):
+    _, path = hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "hub" / "models--google--diffusiongemma-tiny-test"
+    shutil.copytree(path, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    monkeypatch.chdir(tmp_path)
+    model = load_model("google/diffusiongemma-tiny-test")
+    assert isinstance(model, DiffusionGemma) and model.config == CONFIG
