@@ -1,7 +1,8 @@
 """Our own checkpoints: orbax-saved params plus the model config, written atomically.
 
 Layout of a checkpoint directory:
-    qdlm_config.json   {"format": 1, "model": ModelConfig fields,
+    qdlm_config.json   {"format": 1, "model": the model config's fields (`ModelConfig`, or
+                        `DiffusionGemmaConfig` with "family": "diffusion_gemma"),
                         "quantized": {param name: static QuantizedArray fields}, "meta": {...}}
     params/            orbax StandardCheckpointer tree {"layers.0.q_proj.kernel": array, ...};
     params_0001/ ...   further parts of the same tree when it was written in parts (listed
@@ -33,6 +34,8 @@ import orbax.checkpoint as ocp
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
+from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
 from qdlm_jax.models.params import ParamPath, parse_path, path_str
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform
@@ -121,7 +124,7 @@ def _join_quantized(v: dict, static: dict):
                      kv_clip=v.get("kv_clip"))
 
 
-def save_checkpoint(path: str | os.PathLike, config: ModelConfig,
+def save_checkpoint(path: str | os.PathLike, config: ModelConfig | DiffusionGemmaConfig,
                     params: dict[ParamPath, object], *, extra_files: Iterable[Path] = (),
                     overwrite: bool = False, meta: dict | None = None,
                     parts: Iterable[dict[ParamPath, object]] = ()) -> Path:
@@ -172,17 +175,23 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{f}: cannot read checkpoint config ({e})") from None
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
+def read_config(path: str | os.PathLike) -> ModelConfig | DiffusionGemmaConfig:
+    """The model config a checkpoint records, of its family's config class."""
     f = Path(path) / CONFIG_FILE
     meta = read_meta(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{f}: format={meta.get('format')!r}, expected {FORMAT}")
-    return ModelConfig.from_dict(meta["model"], source=str(f))
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{f}: missing the \"model\" config object")
+    if model.get("family") == GEMMA_FAMILY:
+        return DiffusionGemmaConfig.from_dict(model, source=str(f))
+    return ModelConfig.from_dict(model, source=str(f))
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     sharding_fn: Callable | None = None
-                    ) -> tuple[ModelConfig, dict[ParamPath, jax.Array]]:
+                    ) -> tuple[ModelConfig | DiffusionGemmaConfig, dict[ParamPath, jax.Array]]:
     path = Path(path).absolute()
     config = read_config(path)
     about = read_meta(path)

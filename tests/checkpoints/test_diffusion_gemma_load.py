@@ -181,3 +181,40 @@ def test_hub_id_loads_from_the_cache_offline(hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = load_model("google/diffusiongemma-tiny-test")
     assert isinstance(model, DiffusionGemma) and model.config == CONFIG
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hub_to_qdlm_to_hub_is_bit_exact_and_transformers_loads_it(hub, tmp_path, dtype):
+    hf, path = hub
+    src = path
+    if dtype == "bfloat16":
+        src = copy_with(path, tmp_path / "src", {k: v.astype(ml_dtypes.bfloat16)
+                                                 for k, v in tensors_of(path).items()})
+    q, back = tmp_path / "q", tmp_path / "back"
+    assert main(["convert", str(src), str(q)]) == 0
+    assert main(["convert", str(q), str(back), "--to", "hf"]) == 0
+    assert (q / "generation_config.json").is_file()  # carried along for the sampler
+    assert (back / "generation_config.json").read_bytes() == \
+        (path / "generation_config.json").read_bytes()
+    hub_config = json.loads((back / "config.json").read_text())
+    assert hub_config == load_params(src)[0].to_hf()  # the stored dtype recorded
+    assert hub_config["dtype"] == dtype
+    # the text tensors save_pretrained wrote (decoder + encoder layer scalars), same bytes
+    written, source = tensors_of(back), tensors_of(src)
+    text = {k: v for k, v in source.items() if not k.startswith(
+        ("model.encoder.vision_tower.", "model.encoder.embed_vision."))}
+    assert sorted(written) == sorted(text)
+    for k, v in text.items():
+        assert written[k].dtype == v.dtype and written[k].tobytes() == v.tobytes(), k
+    reloaded = load_model(q)
+    assert isinstance(reloaded, DiffusionGemma)
+    if dtype != "float32":
+        return
+    np.testing.assert_array_equal(logits_of(reloaded, CONFIG), logits_of(load_model(path), CONFIG))
+    # the vision tower is not written: transformers initialises its default one
+    theirs, info = DiffusionGemmaForBlockDiffusion.from_pretrained(back, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert all(k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))
+               for k in info["missing_keys"])
+    args = inputs(CONFIG)
+    np.testing.assert_array_equal(hf_logits(theirs.eval(), *args), hf_logits(hf, *args))
