@@ -19,8 +19,10 @@ from qdlm_jax.checkpoints.diffusion_gemma import ENCODER_TEXT
 from qdlm_jax.checkpoints.load import load_params, read_model_config
 from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from qdlm_jax.cli import main
+from qdlm_jax.commands.info import moe_summary
 from qdlm_jax.errors import CheckpointError
-from qdlm_jax.models.diffusion_gemma import DiffusionGemma, init_cache
+from qdlm_jax.models.diffusion_gemma import DiffusionGemma, init_cache, param_shapes
+from qdlm_jax.models.gemma_config import diffusion_gemma_26b_a4b
 from tests.models.test_diffusion_gemma import CASES, TINY_VISION, _hf_decode, _hf_encode, _randomize
 
 CONFIG = CASES["ssf"].config  # [S, S, F], 4 experts top-2
@@ -106,12 +108,39 @@ def test_save_pretrained_dir_loads_text_only_and_matches_transformers(hub, capfd
     assert np.max(np.abs(ours - ref)) <= ATOL
 
 
-def test_read_model_config_and_info_read_no_weights(hub, capsys):
+def test_read_model_config_and_info(hub, capsys, tmp_path):
     _, path = hub
     assert read_model_config(path) == CONFIG
     assert main(["info", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["family"] == "diffusion_gemma"
+    moe = info["moe"]
+    assert (moe["layers"], moe["sliding_layers"], moe["full_layers"]) == (3, 2, [2])
+    assert (moe["experts"], moe["top_k"]) == (4, 2)
+    experts = 3 * 4 * (32 * 48 + 24 * 32)  # layers x E x (gate_up + down)
+    assert moe["expert_params"] == experts and info["params"] == 61_202
+    assert moe["expert_share"] == pytest.approx(experts / 61_202)
+    assert moe["active_params"] == 61_202 - experts // 2
+    assert info["dropped_vision_tensors"] > 0
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "family: diffusion_gemma" in text
+    assert "layers: 3 (2 sliding, window 4; 1 full: 2)" in text
+    assert f"experts: 4 per layer, top-2; expert params {experts:,} = 45.2% of all" in text
+    assert main(["convert", str(path), str(tmp_path / "q")]) == 0
+    assert main(["info", str(tmp_path / "q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["moe"] == moe
+
+
+def test_26b_a4b_parameter_summary():
+    """The published shapes: 25.25 B text parameters, 90% of them in the experts, 3.84 B used
+    per token (the "A4B")."""
+    c = diffusion_gemma_26b_a4b()
+    moe = moe_summary(c, param_shapes(c))
+    assert (moe["sliding_layers"], moe["full_layers"]) == (25, [5, 11, 17, 23, 29])
+    assert moe["expert_params"] == 30 * 128 * (2816 * 1408 + 704 * 2816)
+    assert round(moe["expert_share"], 3) == 0.904
+    assert round(moe["active_params"] / 1e9, 2) == 3.84
 
 
 def test_encoder_twins_equal_load_and_differing_twin_is_named(hub, tmp_path):
