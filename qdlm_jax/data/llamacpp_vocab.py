@@ -11,7 +11,15 @@ llama.cpp's reference tokenizer gives them), and chat templates in `models/templ
 as a Hugging Face `tokenizer.json`: the BPE model (tokens in id order, merges), the
 pre-tokenizer split of the vocabulary's family, ByteLevel without its own regex, the ByteLevel
 decoder, and every control / user-defined token as an added special token. For Qwen2 it
-reproduces llama.cpp's test vectors exactly (see `tests/data/test_llamacpp_vocab.py`).
+reproduces llama.cpp's test vectors exactly (`tests/test_real_checkpoints.py`).
+
+`gemma_tokenizer_json(gguf)` does the same for Gemma 4's vocabulary ("gemma4" tokenizer
+model: SentencePiece-style BPE over raw UTF-8): spaces normalised to U+2581, the text split
+only at newline runs (no token mixes newlines with other characters, so this changes no
+merge), BPE merges, unknown bytes as `<0xXX>` tokens (byte fallback); control tokens added as
+special, user-defined ones (tool-call markers) as plain added tokens. It reproduces llama.cpp's
+Gemma 4 test vectors (`tests/data/test_gemma_tokenizer.py`); `write_gemma_tokenizer` writes it
+with the chat template the vocabulary file carries, for DiffusionGemma checkpoints.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ __all__ = [
     "LLAMACPP_SDIST_URL",
     "bpe_tokenizer_json",
     "fetch_vocab_files",
+    "gemma_tokenizer_json",
     "read_gguf_metadata",
     "read_test_vectors",
     "write_dream_tokenizer",
+    "write_gemma_tokenizer",
 ]
 
 LLAMACPP_SDIST_FILENAME = "llama_cpp_python-0.3.36.tar.gz"
@@ -222,3 +232,71 @@ def write_dream_tokenizer(out_dir: str | Path) -> dict[str, Path]:
     for name, data in written.items():
         atomic_write_bytes(out / name, json.dumps(data, ensure_ascii=False).encode("utf-8"))
     return {name: out / name for name in written}
+
+
+GEMMA4_VOCAB = "ggml-vocab-gemma-4.gguf"
+_SPACE = "\u2581"  # SentencePiece's word-boundary mark
+
+
+def _gemma_merge(rule: str) -> list[str]:
+    """llama.cpp splits a merge rule at the first space after its first character."""
+    cut = rule.find(" ", 1)
+    if cut < 0:
+        raise DataSourceError(f"malformed merge rule {rule!r} (no space)")
+    return [rule[:cut], rule[cut + 1:]]
+
+
+def gemma_tokenizer_json(gguf: str | Path) -> dict:
+    """A Hugging Face `tokenizer.json` (as a dict) for a GGUF "gemma4" vocabulary (module
+    docstring)."""
+    meta = read_gguf_metadata(gguf)
+    if meta.get("tokenizer.ggml.model") != "gemma4":
+        raise DataSourceError(f"{gguf}: tokenizer model {meta.get('tokenizer.ggml.model')!r}; "
+                              "expected 'gemma4'")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 3)]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind == _CONTROL}
+             for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (_CONTROL, _USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"},
+                          "behavior": "Isolated", "invert": False},
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": _SPACE}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [_gemma_merge(m) for m in meta["tokenizer.ggml.merges"]]},
+    }
+
+
+def write_gemma_tokenizer(out_dir: str | Path) -> dict[str, Path]:
+    """Gemma 4's tokenizer in `out_dir` (DiffusionGemma uses Gemma 4's vocabulary):
+    `tokenizer.json` from llama.cpp's vocabulary file and `tokenizer_config.json` with the
+    special tokens (pad `<pad>` 0, eos `<eos>` 1, bos `<bos>` 2, unk `<unk>` 3; no mask: the
+    model's noise is a uniform vocabulary id) and the chat template the file carries."""
+    gguf = fetch_vocab_files([GEMMA4_VOCAB])[GEMMA4_VOCAB]
+    meta = read_gguf_metadata(gguf)
+    tok = gemma_tokenizer_json(gguf)
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def name(key, default):
+        return tokens[meta.get(f"tokenizer.ggml.{key}", default)]
+
+    config = {"tokenizer_class": "GemmaTokenizer", "bos_token": name("bos_token_id", 2),
+              "eos_token": name("eos_token_id", 1), "pad_token": name("padding_token_id", 0),
+              "unk_token": name("unknown_token_id", 3), "add_bos_token": True,
+              "add_eos_token": False, "model_max_length": 262144,
+              "clean_up_tokenization_spaces": False}
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    out = Path(out_dir)
+    written = {"tokenizer.json": tok, "tokenizer_config.json": config}
+    for file, data in written.items():
+        atomic_write_bytes(out / file, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    return {file: out / file for file in written}
