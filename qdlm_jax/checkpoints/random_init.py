@@ -183,6 +183,18 @@ def gemma_hf_tensors(config: DiffusionGemmaConfig, seed: int = 0) -> dict[str, n
     return out
 
 
+def gemma_generation_config(config: DiffusionGemmaConfig) -> dict:
+    """A `generation_config.json` with the sampler defaults transformers applies when a
+    checkpoint leaves them unset, spelled out as a published checkpoint does."""
+    eos = config.eos_token_ids
+    return {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else list(eos),
+            "max_new_tokens": 256, "max_denoising_steps": 48,
+            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+            "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1,
+            "confidence_threshold": 0.005, "return_dict_in_generate": True}
+
+
 def write_hf_checkpoint(out_dir: str | os.PathLike, config: ModelConfig | DiffusionGemmaConfig,
                         tensors: dict[str, np.ndarray] | None = None, *, seed: int = 0,
                         num_shards: int = 1, fmt: str = "safetensors") -> Path:
@@ -194,6 +206,9 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, config: ModelConfig | Diffus
     out.mkdir(parents=True, exist_ok=True)
     tensors = tensors if tensors is not None else hf_tensors(config, seed)
     (out / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+    if config.family == GEMMA_FAMILY:
+        (out / "generation_config.json").write_text(
+            json.dumps(gemma_generation_config(config), indent=2))
     names = list(tensors)
     groups = [names[i::num_shards] for i in range(num_shards)]
     ext = "safetensors" if fmt == "safetensors" else "bin"

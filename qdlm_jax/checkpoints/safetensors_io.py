@@ -15,7 +15,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -108,27 +108,59 @@ class SafetensorsFile:
         self._mmap = None
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]] | dict,
-                      metadata: dict[str, str] | None = None) -> None:
-    """Writes tensors (name -> array) to `path`. Arrays are written in the given order."""
-    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
+def _header(entries, metadata, path) -> bytes:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name, arr in items:
-        arr = np.asarray(arr)
-        if arr.dtype not in _NAMES:
-            raise CheckpointError(f"{path}: cannot store tensor {name!r} of dtype {arr.dtype}")
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+    for name, shape, dtype in entries:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise CheckpointError(f"{path}: cannot store tensor {name!r} of dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": [int(d) for d in shape],
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _little_endian_bytes(arr: np.ndarray) -> bytes:
+    return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]] | dict,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors (name -> array) to `path`. Arrays are written in the given order."""
+    items = [(name, np.asarray(arr)) for name, arr in
+             (tensors.items() if isinstance(tensors, dict) else tensors)]
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(_header([(n, a.shape, a.dtype) for n, a in items], metadata, path))
         for _, arr in items:
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"),
-                                                      copy=False).tobytes())
+            f.write(_little_endian_bytes(arr))
+
+
+def write_safetensors_chunked(path: str | os.PathLike,
+                              entries: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                              chunks: Callable[[str], Iterable[np.ndarray]],
+                              metadata: dict[str, str] | None = None) -> None:
+    """Writes the tensors `entries` lists (name, shape, dtype), in that order, whose data
+    `chunks(name)` yields as arrays of that dtype: consecutive pieces along the first axis,
+    concatenated in C order. One chunk is held at a time, so a file larger than memory can
+    be written (real-shape random checkpoints)."""
+    with open(path, "wb") as f:
+        f.write(_header(entries, metadata, path))
+        for name, shape, dtype in entries:
+            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            written = 0
+            for piece in chunks(name):
+                piece = np.asarray(piece)
+                if piece.dtype != np.dtype(dtype):
+                    raise CheckpointError(f"{path}: chunk of {name!r} has dtype {piece.dtype}, "
+                                          f"expected {np.dtype(dtype)}")
+                f.write(_little_endian_bytes(piece))
+                written += piece.nbytes
+            if written != want:
+                raise CheckpointError(f"{path}: tensor {name!r} got {written} bytes, its shape "
+                                      f"{list(shape)} needs {want}")

@@ -15,9 +15,14 @@ from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from qdlm_jax import load_model
-from qdlm_jax.checkpoints.diffusion_gemma import ENCODER_TEXT
+from qdlm_jax.checkpoints.diffusion_gemma import ENCODER_TEXT, key_map
 from qdlm_jax.checkpoints.load import load_params, read_model_config
-from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from qdlm_jax.checkpoints.random_init import gemma_hub_shapes, write_hf_checkpoint
+from qdlm_jax.checkpoints.safetensors_io import (
+    SafetensorsFile,
+    write_safetensors,
+    write_safetensors_chunked,
+)
 from qdlm_jax.cli import main
 from qdlm_jax.commands.info import moe_summary
 from qdlm_jax.errors import CheckpointError
@@ -72,9 +77,13 @@ def hub(tmp_path_factory):
     return hf, out
 
 
-def tensors_of(path):
-    f = SafetensorsFile(path / "model.safetensors")
+def tensors_of_file(path):
+    f = SafetensorsFile(path)
     return {k: np.array(f.get(k)) for k in f.keys()}
+
+
+def tensors_of(path):
+    return tensors_of_file(path / "model.safetensors")
 
 
 def copy_with(src, dst, tensors):
@@ -235,11 +244,14 @@ def test_hub_to_qdlm_to_hub_is_bit_exact_and_transformers_loads_it(hub, tmp_path
     assert sorted(written) == sorted(text)
     for k, v in text.items():
         assert written[k].dtype == v.dtype and written[k].tobytes() == v.tobytes(), k
-    reloaded = load_model(q)
-    assert isinstance(reloaded, DiffusionGemma)
+    assert isinstance(load_model(q), DiffusionGemma)
+    config, from_orbax = load_params(q)
+    assert config == load_params(src)[0]
+    for p, v in load_params(src)[1].items():
+        assert from_orbax[p].dtype == v.dtype
+        assert np.asarray(from_orbax[p]).tobytes() == np.asarray(v).tobytes(), p
     if dtype != "float32":
         return
-    np.testing.assert_array_equal(logits_of(reloaded, CONFIG), logits_of(load_model(path), CONFIG))
     # the vision tower is not written: transformers initialises its default one
     theirs, info = DiffusionGemmaForBlockDiffusion.from_pretrained(back, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -247,3 +259,106 @@ def test_hub_to_qdlm_to_hub_is_bit_exact_and_transformers_loads_it(hub, tmp_path
                for k in info["missing_keys"])
     args = inputs(CONFIG)
     np.testing.assert_array_equal(hf_logits(theirs.eval(), *args), hf_logits(hf, *args))
+
+
+# ---- random checkpoints ---------------------------------------------------------------------
+
+def _recipe(name):
+    """A module of converters/ (runnable recipes, not a package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "converters"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _random_checkpoint_module():
+    return _recipe("random_checkpoint")
+
+
+def _convert_module():
+    return _recipe("convert")
+
+
+def test_tiny_random_checkpoint_equals_transformers(tmp_path):
+    config = CONFIG  # the shapes of the tests above: their compiled forward is reused
+    path = write_hf_checkpoint(tmp_path / "tiny", config, seed=5)
+    model = load_model(path)
+    assert model.config == config
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    ours = logits_of(model, config, seed=1)
+    ref = hf_logits(hf, *inputs(config, seed=1))
+    assert np.abs(ref).max() > 1  # random weights of scale 1/sqrt(fan_in): real logits
+    assert np.max(np.abs(ours - ref)) <= ATOL
+
+
+def test_random_checkpoint_recipe_streams_the_hub_layout(tmp_path, monkeypatch):
+    """diffusion-gemma-tiny: sharded, written in pieces, the names and shapes transformers
+    loads (nothing missing but the vision tower, nothing unexpected), converted to qdlm on an
+    expert mesh and back bit for bit."""
+    rc = _random_checkpoint_module()
+    monkeypatch.setattr(rc, "_PIECE_VALUES", 100)  # several pieces per tensor
+    src = rc.write("diffusion-gemma-tiny", tmp_path / "src", max_shard_gb=0.00002)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((src / "generation_config.json").read_text())["max_denoising_steps"] == 48
+    original = {}
+    for f in sorted(src.glob("*.safetensors")):
+        original.update(tensors_of_file(f))
+    assert all(a.dtype == ml_dtypes.bfloat16 for a in original.values())
+    _, info = DiffusionGemmaForBlockDiffusion.from_pretrained(src, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert all(k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))
+               for k in info["missing_keys"])
+    convert = _convert_module()
+    assert convert.main([str(src), str(tmp_path / "q"), "--mesh", "8", "--expert", "4"]) == 0
+    assert convert.main([str(tmp_path / "q"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = tensors_of(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    for k, v in original.items():
+        assert back[k].tobytes() == v.tobytes(), k
+
+
+def test_real_shapes_of_the_random_checkpoint():
+    """diffusion-gemma-26b-a4b: 2 layers by default (one sliding, one full), the published
+    shapes (reference table), 4.8 GB in bf16; all 30 layers 25 sliding + 5 full."""
+    rc = _random_checkpoint_module()
+    config = rc.model_config("diffusion-gemma-26b-a4b", None, "bfloat16")
+    assert config.layer_types == ("sliding_attention", "full_attention")
+    shapes = gemma_hub_shapes(config)
+    d = "model.decoder."
+    assert shapes[d + "embed_tokens.weight"] == (262144, 2816)
+    assert [shapes[f"{d}layers.0.self_attn.{p}_proj.weight"] for p in "qkvo"] == \
+        [(4096, 2816), (2048, 2816), (2048, 2816), (2816, 4096)]
+    assert [shapes.get(f"{d}layers.1.self_attn.{p}_proj.weight") for p in "qkvo"] == \
+        [(8192, 2816), (1024, 2816), None, (2816, 8192)]
+    assert shapes[d + "layers.1.self_attn.k_norm.weight"] == (512,)
+    assert shapes[d + "layers.0.experts.gate_up_proj"] == (128, 1408, 2816)
+    assert shapes[d + "layers.0.experts.down_proj"] == (128, 2816, 704)
+    assert shapes[d + "layers.0.router.proj.weight"] == (128, 2816)
+    assert shapes[d + "self_conditioning.gate_proj.weight"] == (2112, 2816)
+    assert shapes["model.encoder.language_model.layers.1.layer_scalar"] == (1,)
+    assert sorted(shapes) == sorted(m.hf_name for m in key_map(config))
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    assert round(2 * n / 1e9, 1) == 4.8
+    full = rc.model_config("diffusion-gemma-26b-a4b", 30, "bfloat16")
+    assert full.full_layers == (5, 11, 17, 23, 29) and len(full.sliding_layers) == 25
+    assert sum(int(np.prod(s)) for s in gemma_hub_shapes(full).values()) == 25_250_986_812
+
+
+def test_chunked_writer_equals_the_plain_writer(tmp_path):
+    rng = np.random.default_rng(0)
+    t = {"a": rng.standard_normal((5, 3, 2)).astype(ml_dtypes.bfloat16),
+         "b": np.arange(7, dtype=np.int32)}
+    write_safetensors(tmp_path / "plain.safetensors", t, {"format": "pt"})
+    write_safetensors_chunked(tmp_path / "chunked.safetensors",
+                              [(k, v.shape, v.dtype) for k, v in t.items()],
+                              lambda k: np.array_split(t[k], 3), {"format": "pt"})
+    assert (tmp_path / "plain.safetensors").read_bytes() == \
+        (tmp_path / "chunked.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="'a' got 24 bytes"):
+        write_safetensors_chunked(tmp_path / "short.safetensors", [("a", (5, 3, 2), t["a"].dtype)],
+                                  lambda k: [t[k][:2]])

@@ -26,12 +26,16 @@ def gemma_dir(tmp_path_factory):
     return out
 
 
-def test_tokenizer_equals_llamacpp_vectors(gemma_dir):
+@pytest.fixture(scope="module")
+def tok(gemma_dir):
+    return load_tokenizer(gemma_dir)
+
+
+def test_tokenizer_equals_llamacpp_vectors(tok):
     from qdlm_jax.data.llamacpp_vocab import GEMMA4_VOCAB, fetch_vocab_files, read_test_vectors
     files = fetch_vocab_files([GEMMA4_VOCAB, GEMMA4_VOCAB + ".inp", GEMMA4_VOCAB + ".out"])
     vectors = read_test_vectors(files[GEMMA4_VOCAB])
     assert len(vectors) >= 40
-    tok = load_tokenizer(gemma_dir)
     for text, ids in vectors:
         assert tok.encode(text) == ids, text
         assert tok.decode(ids, skip_special_tokens=False) == text, text
@@ -40,8 +44,7 @@ def test_tokenizer_equals_llamacpp_vectors(gemma_dir):
     assert tok.encode("\x00") == [238]
 
 
-def test_special_ids_without_a_mask(gemma_dir):
-    tok = load_tokenizer(gemma_dir)
+def test_special_ids_without_a_mask(tok):
     s = tok.special
     assert (s.pad, s.eos, s.bos, s.mask) == (0, 1, 2, None)
     assert s.stops == (1,)
