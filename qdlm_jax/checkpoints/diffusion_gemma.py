@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from qdlm_jax.checkpoints.keymap import TensorMapping, linear, plain
+from qdlm_jax.checkpoints.keymap import TensorMapping, hub_shape, linear, plain
 from qdlm_jax.data.hf_tokenizer import SpecialIds
 from qdlm_jax.errors import ConfigError
 from qdlm_jax.models.diffusion_gemma import param_shapes
@@ -96,11 +96,6 @@ def key_map(config: DiffusionGemmaConfig) -> list[TensorMapping]:
         out.append(plain(f"{ENCODER_TEXT}layers.{i}.layer_scalar", "layers", i,
                          "layer_scalar_encoder"))
     return out
-
-
-def hub_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
-    """The hub shape of a tensor of our `shape` (the last two axes swapped if `transpose`)."""
-    return tuple(shape[:-2]) + tuple(shape[-2:])[::-1] if transpose else tuple(shape)
 
 
 def _to_ours(a: np.ndarray, transpose: bool) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.checkpoints import diffusion_gemma, dream, llada
-from qdlm_jax.checkpoints.keymap import ParamPath, TensorMapping
+from qdlm_jax.checkpoints.keymap import ParamPath, TensorMapping, hub_shape
 from qdlm_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from qdlm_jax.data.hf_tokenizer import SpecialIds, resolve_special_ids
 from qdlm_jax.errors import CheckpointError, ConfigError
@@ -54,12 +54,6 @@ LAYOUTS = {"llada": llada, "dream": dream, GEMMA_FAMILY: diffusion_gemma}
 
 def key_map(config: AnyConfig) -> list[TensorMapping]:
     return LAYOUTS[config.family].key_map(config)
-
-
-def hub_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
-    """The hub shape of a tensor of our `shape`: the last two axes swapped for a Linear weight
-    ([out, in]) or an expert tensor ([E, out, in])."""
-    return diffusion_gemma.hub_shape(shape, transpose)
 
 
 def _swap(a, transpose: bool):

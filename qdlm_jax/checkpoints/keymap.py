@@ -19,7 +19,14 @@ def hf_dtype(hf: dict[str, Any]) -> str:
 class TensorMapping:
     hf_name: str  # tensor name in the hub checkpoint
     path: ParamPath  # where it lives in our params
-    transpose: bool  # PyTorch Linear [out, in] <-> our kernel [in, out]
+    # PyTorch Linear [out, in] <-> our kernel [in, out]; expert tensors [E, out, in] <->
+    # [E, in, out]: the last two axes swap
+    transpose: bool
+
+
+def hub_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
+    """The hub shape of a tensor of our `shape` (the last two axes swapped if `transpose`)."""
+    return tuple(shape[:-2]) + tuple(shape[-2:])[::-1] if transpose else tuple(shape)
 
 
 def linear(hf_name: str, *path) -> TensorMapping:
