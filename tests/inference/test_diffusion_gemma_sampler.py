@@ -1,4 +1,5 @@
-"""The DiffusionGemma sampler against transformers' `generate`, token for token.
+"""The DiffusionGemma sampler against transformers' `generate`, token for token, and the
+answer score.
 
 One tiny config with both layer types ([S, S, F], sliding window 4 < prompt 7, canvas 6);
 transformers builds the weights (randomised as in tests/models/test_diffusion_gemma.py) and
@@ -23,13 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as G
 
 from qdlm_jax.checkpoints.diffusion_gemma import params_from_state_dict
 from qdlm_jax.inference.diffusion_gemma import GemmaSampleSettings, gemma_sample
-from qdlm_jax.models.diffusion_gemma import model_from_params
+from qdlm_jax.inference.gemma_likelihood import answer_score
+from qdlm_jax.models.diffusion_gemma import init_cache, model_from_params
 from qdlm_jax.models.gemma_config import FULL, SLIDING, DiffusionGemmaConfig
 
 CONFIG = DiffusionGemmaConfig(
@@ -305,3 +308,52 @@ def test_settings_from_generation_config():
         GemmaSampleSettings.from_generation_config({"max_length": 300})
     with pytest.raises(ValueError, match="t_min"):
         GemmaSampleSettings(t_min=0.9, t_max=0.8)
+
+
+@nnx.jit
+def _greedy_answer(model, prompt, start):
+    """Two canvases after `prompt`, each iterated a <- argmax Dec(a) (no self-conditioning)
+    from `start` [2, L] given the prompt and the canvas before it, as the sampler encodes it:
+    the decoder's own greedy answer, teacher-forced canvas by canvas."""
+    p = prompt.shape[0]
+    cache = model.encode(prompt[None], jnp.arange(p)[None], init_cache(model.config, 1, p + L))
+    answer = []
+    for c in range(2):
+        positions = jnp.arange(p + c * L, p + (c + 1) * L)[None]
+
+        def step(_, a):
+            return jnp.argmax(model.decode(a, None, cache, positions), -1).astype(jnp.int32)
+
+        a = jax.lax.fori_loop(0, 12, step, start[c][None])
+        answer.append(a[0])
+        cache = model.encode(a, positions, cache)
+    return jnp.concatenate(answer)
+
+
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_score_ranks_the_greedy_answer_above_shuffles(plain, self_condition):
+    """The decoder's greedy answer (two canvases) scores lower than shuffles of it that move at
+    least half its tokens: below their mean for every prompt, below each in most pairs. Low
+    noise levels: at high noise a random model's predictions say little about the answer."""
+    _, model = plain
+    levels = (0.1, 0.25, 0.5)
+    rng = np.random.default_rng(7)
+    wins = pairs = 0
+    for seed in range(4):
+        ids, _, noise = _inputs(seed, SETTINGS)
+        answer = np.asarray(_greedy_answer(model, jnp.asarray(ids[0]),
+                                           jnp.asarray(noise[:, 0, 0])))
+
+        def score(a, seed=seed, prompt=ids[0]):
+            return float(answer_score(model, prompt, a, key=jax.random.key(seed),
+                                      levels=levels, self_condition=self_condition))
+
+        own, others = score(answer), []
+        while len(others) < 4:
+            shuffled = rng.permutation(answer)
+            if np.sum(shuffled != answer) >= answer.size // 2:
+                others.append(score(shuffled))
+        assert own < np.mean(others), (seed, own, others)
+        wins += sum(own < o for o in others)
+        pairs += len(others)
+    assert wins >= 0.8 * pairs, (wins, pairs)
