@@ -11,7 +11,10 @@ import sys
 
 pid, nproc, port, src, out, method = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
                                       sys.argv[4], sys.argv[5], sys.argv[6])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+os.environ["XLA_FLAGS"] = " ".join(  # the test run's other XLA flags are kept
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={8 // nproc}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from qdlm_jax.models.distributed import initialize  # noqa: E402

@@ -24,8 +24,7 @@ def _free_port() -> int:
 
 def _run(nproc, src, out, method):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the worker sets its device count
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"),
                                str(i), str(nproc), str(port), str(src), str(out), method],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -38,6 +37,8 @@ def _run(nproc, src, out, method):
     return dict(np.load(out))
 
 
+# slow: `make test` checks the same equality through `qdlm quantize --distributed` below
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq"])
 def test_two_processes_equal_one(tmp_path, method):
     """The same (data 2, model 4) mesh of 8 CPU devices, as one process or as two processes
@@ -64,7 +65,10 @@ def _quantize_command(tmp_path, out, nproc, devices, mesh, distributed):
     port = _free_port()
     env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")},
            "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": " ".join(
+               [f for f in os.environ.get("XLA_FLAGS", "").split()
+                if not f.startswith("--xla_force_host_platform_device_count")]
+               + [f"--xla_force_host_platform_device_count={devices}"])}
     args = [sys.executable, "-m", "qdlm_jax", "quantize", "--mesh", mesh,
             f"--config.model={ROOT / 'assets' / 'tiny-llada'}", "--config.method=gptq",
             "--config.bits=4", "--config.group_size=64", "--config.calib.n_samples=8",

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from qdlm_jax import generate
 
@@ -78,6 +79,8 @@ def test_readme_command_line_runs_as_written(tmp_path, monkeypatch, capsys):
     shutil.rmtree(tmp_path / "runs")
 
 
+# slow: docs/evaluation.md's commands (the README's run in `make test`)
+@pytest.mark.slow
 def test_evaluation_page_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """docs/evaluation.md's first `qdlm eval` and `qdlm outliers` commands on the bundled
     model run as written (the others need files of the reader's own, or are the study)."""

@@ -7,6 +7,9 @@ several block lengths, thresholds, factors and a left-padded batch.
 The tiny random models are unsure (softmax over 256 tokens: confidences ~0.004-0.05), so the
 thresholds here are small enough that some steps commit several tokens and others one; the
 factors put the rule's threshold 1 - f / (j + 2) inside that range at some rank j.
+
+`make test` runs each case under one cache setting, the settings taken in turn so that each
+is covered; the full case x cache grid runs under `make test-slow`.
 """
 import dataclasses
 
@@ -97,6 +100,22 @@ def _case_id(c):
     return "gen{}_steps{}_block{}_{}".format(*c)
 
 
+CACHES = ("none", "prefix", "dual")
+
+
+def cache_grid(cases, case_id, runs=lambda case, cache: True):
+    """(case, cache) params over every pair: case i runs in `make test` under the i-th cache
+    setting it runs with (in turn), every other pair is marked slow."""
+    params = []
+    for i, case in enumerate(cases):
+        modes = [m for m in CACHES if runs(case, m)]
+        for cache in modes:
+            marks = () if cache == modes[i % len(modes)] else (pytest.mark.slow,)
+            params.append(pytest.param(case, cache, marks=marks,
+                                       id=f"{case_id(case)}-{cache}"))
+    return params
+
+
 def _check_llada(llada, cache, gen_length, steps, block_length, **rule):
     config, model, ref = llada
     ids, mask = _prompts(config)
@@ -117,20 +136,18 @@ def _check_llada(llada, cache, gen_length, steps, block_length, **rule):
     return nfe
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_llada_fast_decoding_matches_fast_dllm(llada, cache, case):
+# the plain loop (no cache, no rule) is tests/inference/test_generate.py's
+@pytest.mark.parametrize(("case", "cache"), cache_grid(
+    CASES, _case_id, runs=lambda case, cache: cache != "none" or case[3] is not None))
+def test_llada_fast_decoding_matches_fast_dllm(llada, case, cache):
     gen_length, steps, block_length, threshold = case
-    if cache == "none" and threshold is None:
-        pytest.skip("the plain loop (tests/inference/test_generate.py)")
     nfe = _check_llada(llada, cache, gen_length, steps, block_length, threshold=threshold)
     if threshold is None:
         assert nfe == steps
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-@pytest.mark.parametrize("case", FACTOR_CASES, ids=_case_id)
-def test_llada_factor_decoding_matches_fast_dllm(llada, cache, case):
+@pytest.mark.parametrize(("case", "cache"), cache_grid(FACTOR_CASES, _case_id))
+def test_llada_factor_decoding_matches_fast_dllm(llada, case, cache):
     gen_length, steps, block_length, factor = case
     _check_llada(llada, cache, gen_length, steps, block_length, factor=factor)
 
@@ -147,14 +164,13 @@ DREAM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-@pytest.mark.parametrize("case", DREAM_CASES,
-                         ids=lambda c: "gen{}_steps{}_block{}_tau{}_f{}_{}".format(*c))
-def test_dream_fast_decoding_matches_fast_dllm(dream, cache, case):
+# Dream's plain loop is tests/inference/test_generate.py's
+@pytest.mark.parametrize(("case", "cache"), cache_grid(
+    DREAM_CASES, lambda c: "gen{}_steps{}_block{}_tau{}_f{}_{}".format(*c),
+    runs=lambda case, cache: cache != "none" or case[3] is not None or case[4] is not None))
+def test_dream_fast_decoding_matches_fast_dllm(dream, case, cache):
     config, model, ref = dream
     gen_length, steps, block_length, threshold, factor, alg = case
-    if cache == "none" and threshold is None and factor is None:
-        pytest.skip("Dream's plain loop (tests/inference/test_generate.py)")
     ids, mask = _prompts(config)
     kw = dict(gen_length=gen_length, steps=steps, block_length=block_length, cache=cache,
               threshold=threshold, factor=factor, alg=alg)
@@ -256,6 +272,9 @@ def test_quantized_model_runs_with_every_cache_setting(llada):
             assert 1 <= nfe <= 8
 
 
+# slow: the same loop settings run quantized on LLaDA above; Dream's cached loops are
+# checked token for token against Fast-dLLM
+@pytest.mark.slow
 def test_quantized_dream_runs_with_every_cache_setting(dream):
     """RTN W4 packed Dream: every cache with a threshold, a factor and the step schedule."""
     from qdlm_jax.models.params import get_params, model_from_params

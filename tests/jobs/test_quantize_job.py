@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import pytest
 
 from qdlm_jax.checkpoints.load import load_params, param_summary, quantization_banner
 from qdlm_jax.jobs import quantize_report
@@ -91,6 +92,9 @@ def test_streaming_job_saves_the_same_packed_model_as_the_in_memory_job(tmp_path
                            Path(in_memory["run_dir"]) / "model")
 
 
+# slow: streaming on a mesh is checked in `make test` block by block
+# (tests/jobs/test_streaming.py), and the job's streaming path on one device above
+@pytest.mark.slow
 def test_streaming_job_on_a_mesh_saves_what_the_in_memory_mesh_job_saves(
         tmp_path, capsys, assert_same_checkpoint):
     """`qdlm quantize --mesh 2x4 --config.stream=true` in one process streams the blocks onto

@@ -67,6 +67,9 @@ def test_calibrated_methods_beat_rtn_on_block_output(method):
     assert isinstance(k, QuantizedArray) and k.bits == 3
 
 
+# slow: sharded GPTQ equal to one device is checked in `make test` by the streaming
+# pass on a mesh (tests/jobs/test_streaming.py) and by the two-process command
+@pytest.mark.slow
 def test_sharded_gptq_equals_single_device(tmp_path):
     config = tiny_config("llada", num_heads=8, num_kv_heads=8, hidden_size=128,
                          intermediate_size=256, num_layers=1)
