@@ -4,7 +4,9 @@ Override any field on the command line, e.g. `--config.gen.steps=64`. LLaDA read
 gen_length, block_length, temperature, cfg_scale, remasking, cache, threshold, factor; Dream
 reads steps, gen_length (as max_new_tokens), temperature, alg, alg_temp, top_p, top_k, eps,
 and cache, threshold, factor (Fast-dLLM's Dream block decoding, which also reads
-block_length). A field that does not apply must keep its default. See docs/generation.md.
+block_length). A field that does not apply must keep its default. DiffusionGemma reads
+the `gemma` section (None: the checkpoint's generation_config.json, then transformers'
+defaults) and gen.seed. See docs/generation.md.
 """
 
 import ml_collections
@@ -29,5 +31,15 @@ def get_config():
         factor=None,  # None or f > 0: Fast-dLLM's factor rule (not with a threshold)
         seed=0,  # PRNG seed of the sampling key
         chat=False,  # apply the checkpoint's chat template (each prompt one user message)
+    ))
+    c.gemma = ml_collections.ConfigDict(dict(
+        max_new_tokens=None,  # tokens to generate, in canvases of the model's canvas_length
+        steps=None,  # most denoising steps per canvas (transformers: max_denoising_steps)
+        entropy_bound=None,  # accept the lowest-entropy positions while their sum stays under
+        t_min=None,  # temperature at the last step (linear schedule from t_max)
+        t_max=None,  # temperature at the first step
+        stability_threshold=None,  # early stop: argmax canvas unchanged this many steps ...
+        confidence_threshold=None,  # ... and mean entropy below this
+        greedy=False,  # keep the argmax of each step's distribution instead of sampling
     ))
     return c

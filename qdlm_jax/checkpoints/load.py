@@ -3,6 +3,7 @@ ids and our own checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -111,6 +112,21 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig | DiffusionGemmaCo
     if (p / "config.json").is_file():
         return load_hf_config(p / "config.json")
     raise not_a_checkpoint(p)
+
+
+def read_generation_config(path: str | os.PathLike) -> dict:
+    """A checkpoint's `generation_config.json` as a dict ({} when it has none): HF dir, hub
+    id, or a `qdlm convert` / `qdlm quantize` output (which copies the file)."""
+    f = resolve_checkpoint(path) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def load_tokenizer(path: str | os.PathLike) -> CheckpointTokenizer:

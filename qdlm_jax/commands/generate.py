@@ -1,4 +1,5 @@
-"""qdlm generate --model PATH --prompt TEXT: sample with the LLaDA or Dream algorithm.
+"""qdlm generate --model PATH --prompt TEXT: sample with the model family's algorithm
+(LLaDA's or Dream's masked-diffusion sampler, DiffusionGemma's entropy-bound sampler).
 
 `--model` is a checkpoint directory or a hub id; the prompt is encoded by the checkpoint's
 tokenizer (`load_tokenizer`) and framed with its BOS, or, with `--chat` (`gen.chat=true`),
@@ -8,7 +9,9 @@ stop ids (EOS, the end of turn, its generation config's EOS ids).
 The generation settings come from an ml-collections config with a `gen` section
 (`--config configs/generate.py`, default: the built-in defaults, which are the same values),
 overridden with `--config.gen.KEY=VALUE`. They become a frozen `GenerationConfig` before the
-jitted loop is built. Stages are reported with timings: loading, compiling (ahead of time),
+jitted loop is built. A DiffusionGemma checkpoint's sampler takes its `generation_config.json`,
+overridden by the `gemma` section (`--config.gemma.steps=24`; None keeps the checkpoint's
+value), and `gen.seed`. Stages are reported with timings: loading, compiling (ahead of time),
 running (with a per-step bar driven by `jax.debug.callback` unless --no-progress).
 """
 
@@ -18,7 +21,8 @@ import dataclasses
 
 NAME = "generate"
 DEFAULT_CONFIG = "configs/generate.py"  # its keys are listed under --help
-HELP = "generate text with a LLaDA or Dream checkpoint (published samplers, one jitted loop)"
+HELP = ("generate text with a LLaDA, Dream or DiffusionGemma checkpoint (published samplers, "
+        "one jitted loop)")
 
 
 def add_arguments(p):
@@ -48,7 +52,23 @@ def default_config():
     c = ml_collections.ConfigDict()
     c.gen = ml_collections.ConfigDict(dataclasses.asdict(GenerationConfig()))
     c.gen.chat = False  # apply the tokenizer's chat template to the prompts
+    c.gemma = ml_collections.ConfigDict(GEMMA_DEFAULTS)
     return c
+
+
+# DiffusionGemma sampler overrides: None keeps the checkpoint's generation config value
+GEMMA_DEFAULTS = dict(max_new_tokens=None, steps=None, entropy_bound=None, t_min=None,
+                      t_max=None, stability_threshold=None, confidence_threshold=None,
+                      greedy=False)
+
+
+def gemma_overrides(config) -> tuple[tuple[str, object], ...]:
+    """The `gemma` section's settings that differ from GEMMA_DEFAULTS, as (name, value)."""
+    section = config.get("gemma")
+    if section is None:
+        return ()
+    items = section.to_dict()
+    return tuple((k, v) for k, v in items.items() if v != GEMMA_DEFAULTS.get(k, object()))
 
 
 def run(args, overrides):
@@ -69,7 +89,8 @@ def run(args, overrides):
         raise ConfigOverrideError(f"gen: {e}") from None
     texts = run_generate(GenerateSpec(model=args.model, prompts=tuple(args.prompt), gen=gen,
                                       chat=chat, dtype=args.dtype, bos=not args.no_bos,
-                                      progress=not args.no_progress))
+                                      progress=not args.no_progress,
+                                      gemma=gemma_overrides(config)))
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i} ---")

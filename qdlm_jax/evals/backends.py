@@ -7,11 +7,16 @@ whose preferences are known:
   log p(continuation | context). `TextModel.loglik` is the masked-diffusion Monte Carlo
   bound of `likelihood.log_likelihood` (LLaDA: stratified 1/t weighting; Dream: p_mask
   weighting with right-shifted logits), with prompt = [BOS] + tokens(context) and
-  answer = tokens(continuation) (+ [EOS] for Dream, as Dream's evaluation does).
+  answer = tokens(continuation) (+ [EOS] for Dream, as Dream's evaluation does). For
+  DiffusionGemma (no mask token) it is minus the answer's token count times its Monte Carlo
+  denoising cross-entropy (`gemma_likelihood.answer_score`), which ranks answers like a
+  log-likelihood without bounding it.
 - `GenerateFn(prompts: list[Prompt]) -> list[str]`: the completion of each prompt (text after
   the prompt, cut at the checkpoint's stop ids and at the task's stop strings).
   `TextModel.generate` runs the family's jitted denoising loop (`generate.generate`) on
-  left-padded batches.
+  left-padded batches; DiffusionGemma's entropy-bound sampler takes the checkpoint's
+  generation config (`gemma`) with the task's gen_length, seed and temperature 0 as greedy
+  draws (`generate.gemma_settings_for`).
 
 A prompt is text, or a chat as a list of `{"role", "content"}` messages. With `chat` on (or
 for a message list), the prompt is the tokenizer's chat template applied to the messages (a
@@ -38,14 +43,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.data.hf_tokenizer import stop_index
+from qdlm_jax.inference.common import bucket
+from qdlm_jax.inference.diffusion_gemma import gemma_sample
 from qdlm_jax.inference.generate import (
     DREAM_ONLY,
     LLADA_ONLY,
+    GemmaSampleSettings,
     GenerationConfig,
+    gemma_settings_for,
     generate_with_nfe,
     left_pad,
 )
-from qdlm_jax.inference.likelihood import bucket, log_likelihood
+from qdlm_jax.inference.likelihood import log_likelihood
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -82,8 +92,11 @@ def is_instruct_checkpoint(path) -> bool:
 def for_family(gen: GenerationConfig, family: str) -> GenerationConfig:
     """`gen` with the other family's fields reset to their defaults (a task's settings carry
     both LLaDA fields, e.g. block_length, and Dream fields, e.g. alg). Dream keeps
-    block_length under Fast-dLLM's block decoding (a cache, threshold or factor)."""
+    block_length under Fast-dLLM's block decoding (a cache, threshold or factor).
+    DiffusionGemma keeps only gen_length, temperature and seed."""
     other = DREAM_ONLY if family == "llada" else LLADA_ONLY
+    if family == GEMMA_FAMILY:
+        other = LLADA_ONLY + DREAM_ONLY + ("cache", "threshold", "factor")
     if family == "dream" and gen.fast:
         other = tuple(n for n in other if n != "block_length")
     default = GenerationConfig()
@@ -112,6 +125,8 @@ class TextModel:
     templated: bool = False  # text prompts are chat-templated already: encoded as they are
     # generated positions and forward passes (per real row) since `take_decode_stats`
     decode_counts: dict = dataclasses.field(default_factory=dict, repr=False)
+    # DiffusionGemma: the sampler settings of the checkpoint's generation config
+    gemma: GemmaSampleSettings | None = None
 
     @property
     def family(self) -> str:
@@ -194,11 +209,19 @@ class TextModel:
                 rows += [rows[0]] * (batch_size - n_real)
             ids, mask = left_pad(rows, pad, width=bucket(max(len(r) for r in rows)))
             key = jax.random.fold_in(jax.random.key(gen.seed), j)
-            tokens, nfe = generate_with_nfe(self.model, ids, mask, config=gen, key=key)
-            tokens = np.asarray(tokens)
             counts = self.decode_counts
-            counts["tokens"] = counts.get("tokens", 0) + n_real * gen.gen_length
-            counts["forward_passes"] = counts.get("forward_passes", 0) + n_real * int(nfe)
+            if self.family == GEMMA_FAMILY:
+                settings = gemma_settings_for(self.model, gen, self.gemma)
+                r = gemma_sample(self.model, ids, mask, settings=settings, key=key)
+                tokens = np.asarray(r.tokens)
+                n_tok = int(np.sum(tokens[:n_real, ids.shape[1]:] != settings.pad_id))
+                n_fwd = int(np.sum(np.asarray(r.forward_passes)[:n_real]))
+            else:
+                tokens, nfe = generate_with_nfe(self.model, ids, mask, config=gen, key=key)
+                tokens = np.asarray(tokens)
+                n_tok, n_fwd = n_real * gen.gen_length, n_real * int(nfe)
+            counts["tokens"] = counts.get("tokens", 0) + n_tok
+            counts["forward_passes"] = counts.get("forward_passes", 0) + n_fwd
             for row in tokens[:n_real, ids.shape[1]:]:
                 out.append(cut_at_stops(self.decode_completion(row), stops))
         return out
@@ -225,9 +248,18 @@ def load_text_model(path, *, dtype: str | None = "float32",
                     chat_template: str = "off") -> TextModel:
     """`load_model(path)` (HF dir, hub id, qdlm checkpoint or packed quantized checkpoint)
     with the checkpoint's tokenizer (`load_tokenizer`); `chat_template` auto | on | off."""
-    from qdlm_jax.checkpoints.load import load_model, load_tokenizer, resolve_checkpoint
+    from qdlm_jax.checkpoints.load import (
+        load_model,
+        load_tokenizer,
+        read_generation_config,
+        resolve_checkpoint,
+    )
 
     p = resolve_checkpoint(path)
-    tm = TextModel(load_model(p, dtype=dtype), load_tokenizer(p),
-                   instruct=is_instruct_checkpoint(p))
+    model = load_model(p, dtype=dtype)
+    gemma = None
+    if model.config.family == GEMMA_FAMILY:
+        gemma = GemmaSampleSettings.from_generation_config(read_generation_config(p),
+                                                           config=model.config)
+    tm = TextModel(model, load_tokenizer(p), instruct=is_instruct_checkpoint(p), gemma=gemma)
     return tm.with_chat(chat_template)

@@ -112,8 +112,10 @@ def arithmetic_accuracy(model, tokenizer, spec: ArithmeticEval = ArithmeticEval(
     if family == "llada":
         gen = GenerationConfig(steps=spec.steps, gen_length=spec.gen_length,
                                block_length=spec.gen_length, remasking="low_confidence")
-    else:
+    elif family == "dream":
         gen = GenerationConfig(steps=spec.steps, gen_length=spec.gen_length, alg="maskgit_plus")
+    else:  # DiffusionGemma: its sampler's own steps and early stop, greedy draws
+        gen = GenerationConfig(gen_length=spec.gen_length)
     correct, examples = 0, []
     for start in tqdm(range(0, len(problems), spec.batch_size), desc="arithmetic",
                       disable=not progress):

@@ -312,9 +312,10 @@ def _sample_loop(state, prompt, valid, key, noise, eos, *, graphdef, s: GemmaSam
                                                 passes)
         canvas, finished = _finalize(s, eos, canvas, finished)
         gen = jax.lax.dynamic_update_slice(gen, canvas, (0, c * length))
-        cache = jax.lax.cond((c + 1 < n_canvas) & ~jnp.all(finished),
-                             lambda cache: model.encode(canvas, positions, cache),
-                             lambda cache: cache, cache)
+        if n_canvas > 1:  # (one canvas: the cache holds the prompt alone, nothing to add)
+            cache = jax.lax.cond((c + 1 < n_canvas) & ~jnp.all(finished),
+                                 lambda cache: model.encode(canvas, positions, cache),
+                                 lambda cache: cache, cache)
         return c + 1, cache, gen, finished, passes, steps.at[c].set(taken)
 
     carry = (jnp.int32(0), cache, gen, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),

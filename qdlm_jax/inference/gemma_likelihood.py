@@ -21,7 +21,7 @@ noised nor scored. The S samples of a level run as one decoder batch.
 Random numbers: level l of canvas k uses `fold_in(fold_in(key, k), l)`, split into (mask key,
 ids key): `uniform(mask key, [S, L]) < t` and `randint(ids key, [S, L], 0, V)`.
 
-Compilation: the prompt is left-padded to `likelihood.bucket(P)` (padding masked; RoPE is
+Compilation: the prompt is left-padded to `common.bucket(P)` (padding masked; RoPE is
 relative, so the score does not change beyond float rounding) and the answer to whole
 canvases with its true length traced, so one program serves every (bucketed P, canvas count,
 settings).
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from qdlm_jax.inference.likelihood import bucket
+from qdlm_jax.inference.common import bucket
 from qdlm_jax.models.diffusion_gemma import DiffusionGemma, KVCache, init_cache
 
 __all__ = ["GemmaScoreSettings", "answer_score"]

@@ -1,4 +1,6 @@
-"""Masked-diffusion generation for LLaDA and Dream, each as one jitted loop.
+"""Generation for every model family, each as one jitted loop: LLaDA's and Dream's
+masked-diffusion samplers here, DiffusionGemma's entropy-bound block sampler in
+`inference.diffusion_gemma` (`generate` dispatches on `model.config.family`).
 
 Both samplers start from `x = [prompt | gen_length x MASK]` and, over `steps` denoising steps,
 commit predicted tokens into masked positions; a committed token is never changed again.
@@ -104,6 +106,7 @@ from typing import Callable
 import jax
 
 from qdlm_jax.inference.common import CACHE_MODES, check_cache_threshold, left_pad
+from qdlm_jax.inference.diffusion_gemma import GemmaSampleSettings, gemma_sample_call
 from qdlm_jax.inference.dream import (
     DREAM_ALGS,
     DreamSettings,
@@ -120,12 +123,14 @@ from qdlm_jax.inference.llada import (
     llada_settings,
     llada_transfer_schedule,
 )
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 
 __all__ = [
     "REMASKING", "DREAM_ALGS", "GenerationConfig", "LLaDASettings", "DreamSettings",
     "llada_generate", "dream_generate", "generate", "compile_generate", "generate_with_order",
     "llada_transfer_schedule", "dream_transfer_schedule", "left_pad", "LLADA_ONLY",
     "DREAM_ONLY", "settings_for", "CACHE_MODES", "generate_with_nfe", "tokens_per_step",
+    "GemmaSampleSettings", "gemma_settings_for",
 ]
 
 
@@ -189,9 +194,22 @@ def _check_unused(config: GenerationConfig, names, family):
                              f"{family} model")
 
 
-def settings_for(model, config: GenerationConfig, *, progress: bool = False,
-                 record_order: bool = False, return_nfe: bool = False):
-    """The static LLaDASettings / DreamSettings of `config` for this model's family."""
+def settings_for(model, config: GenerationConfig | GemmaSampleSettings, *,
+                 progress: bool = False, record_order: bool = False, return_nfe: bool = False):
+    """The static LLaDASettings / DreamSettings / GemmaSampleSettings of `config` for this
+    model's family (a DiffusionGemma model takes its sampler's settings as they are, or a
+    GenerationConfig through `gemma_settings_for`)."""
+    if model.config.family == GEMMA_FAMILY:
+        if record_order or return_nfe:
+            raise ValueError("a diffusion_gemma model reports its forward passes in "
+                             "GemmaSampleOutput (inference.diffusion_gemma.gemma_sample); "
+                             "record_order / return_nfe are LLaDA and Dream options")
+        if isinstance(config, GemmaSampleSettings):
+            return config
+        return gemma_settings_for(model, config)
+    if isinstance(config, GemmaSampleSettings):
+        raise ValueError(f"GemmaSampleSettings: the sampler of diffusion_gemma models, not of "
+                         f"a {model.config.family} model")
     settings = _settings_for(model, config, progress=progress)
     if record_order:
         settings = dataclasses.replace(settings, record_order=True)
@@ -224,13 +242,39 @@ def _settings_for(model, config: GenerationConfig, *, progress: bool = False):
     raise ValueError(f"model family {family!r}: expected 'llada' or 'dream'")
 
 
+def gemma_settings_for(model, config: GenerationConfig,
+                       base: GemmaSampleSettings | None = None) -> GemmaSampleSettings:
+    """DiffusionGemma sampler settings for a family-neutral `config` (an eval task's): the
+    sampler's own settings `base` (default: transformers' defaults with the model's canvas
+    length and special ids) with `max_new_tokens = gen_length`, the seed, and `greedy` when
+    `temperature == 0` (each step keeps the argmax of the tempered distribution instead of a
+    draw from it). `steps`, the schedule and the early stop stay the sampler's: the LLaDA /
+    Dream fields do not apply and must keep their defaults."""
+    default = GenerationConfig()
+    for name in LLADA_ONLY + DREAM_ONLY + ("cache", "threshold", "factor"):
+        value = getattr(config, name)
+        if value is not None and value != getattr(default, name):
+            raise ValueError(f"{name}={value!r} does not apply to a diffusion_gemma model "
+                             "(its sampler reads gen_length, temperature and seed)")
+    if base is None:
+        base = GemmaSampleSettings.from_generation_config({}, config=model.config)
+    return dataclasses.replace(base, max_new_tokens=config.gen_length, seed=config.seed,
+                               greedy=config.temperature == 0)
+
+
 def _call_for(model, input_ids, attention_mask, key, settings):
+    if isinstance(settings, GemmaSampleSettings):
+        return gemma_sample_call(model, input_ids, attention_mask, settings=settings, key=key)
     if isinstance(settings, LLaDASettings):
         return llada_call(model, input_ids, attention_mask, key, settings)
     return dream_call(model, input_ids, attention_mask, key, settings)
 
 
 def _resolve(model, config, kwargs, key):
+    if model.config.family == GEMMA_FAMILY and not isinstance(config, GenerationConfig):
+        config = config or GemmaSampleSettings.from_generation_config({}, config=model.config)
+        config = dataclasses.replace(config, **kwargs) if kwargs else config
+        return config, jax.random.key(config.seed) if key is None else key
     config = config or GenerationConfig()
     if kwargs:
         config = dataclasses.replace(config, **kwargs)
@@ -239,25 +283,32 @@ def _resolve(model, config, kwargs, key):
     return config, key
 
 
-def generate(model, input_ids, attention_mask=None, *, config: GenerationConfig | None = None,
-             key=None, progress: bool = False, **kwargs) -> jax.Array:
-    """Generates with the model's family sampler: `llada_generate` or `dream_generate`.
+def generate(model, input_ids, attention_mask=None, *,
+             config: GenerationConfig | GemmaSampleSettings | None = None, key=None,
+             progress: bool = False, **kwargs) -> jax.Array:
+    """Generates with the model's family sampler: `llada_generate`, `dream_generate` or
+    DiffusionGemma's `gemma_sample`.
 
-    `config` (a GenerationConfig) and/or keyword overrides of its fields set the algorithm;
-    `key` defaults to `jax.random.key(config.seed)`. Dream reads `gen_length` as
-    `max_new_tokens`. Returns `[batch, prompt_len + gen_length]`.
+    `config` (a GenerationConfig, or for DiffusionGemma also its GemmaSampleSettings) and/or
+    keyword overrides of its fields set the algorithm; `key` defaults to
+    `jax.random.key(config.seed)`. Dream reads `gen_length` as `max_new_tokens`. Returns
+    `[batch, prompt_len + gen_length]` (DiffusionGemma: prompt_len + whole canvases, pad
+    after an EOS).
     """
     config, key = _resolve(model, config, kwargs, key)
     settings = settings_for(model, config, progress=progress)
     fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)
-    return fn(*args, **static)
+    out = fn(*args, **static)
+    return out.tokens if isinstance(settings, GemmaSampleSettings) else out
 
 
 def compile_generate(model, input_ids, attention_mask=None, *,
-                     config: GenerationConfig | None = None, key=None, progress: bool = False,
-                     **kwargs) -> Callable[[], jax.Array]:
+                     config: GenerationConfig | GemmaSampleSettings | None = None, key=None,
+                     progress: bool = False, **kwargs) -> Callable[[], jax.Array]:
     """Ahead-of-time compiles `generate` for these inputs; returns a zero-argument function
-    that runs the compiled loop (to time compilation and running separately)."""
+    that runs the compiled loop (to time compilation and running separately). It returns
+    what the family's sampler returns: the tokens, or for DiffusionGemma the whole
+    `GemmaSampleOutput` (tokens, forward passes, tokens per forward)."""
     config, key = _resolve(model, config, kwargs, key)
     settings = settings_for(model, config, progress=progress)
     fn, args, static = _call_for(model, input_ids, attention_mask, key, settings)

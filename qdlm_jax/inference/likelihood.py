@@ -1,4 +1,6 @@
-"""Monte Carlo log-likelihood bounds of masked-diffusion LMs (LLaDA and Dream variants).
+"""Monte Carlo log-likelihood bounds of masked-diffusion LMs (LLaDA and Dream variants), and
+`log_likelihood`, the estimate the evals use for every family (DiffusionGemma, which has no
+mask token, through `gemma_likelihood.answer_score`).
 
 Both estimate the ELBO of `answer` given `prompt`: mask some answer tokens, score the masked
 ones, and reweight. Each returns a lower bound on log p(answer | prompt) (an unbiased
@@ -49,6 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from qdlm_jax.inference.common import bucket
+from qdlm_jax.inference.gemma_likelihood import GemmaScoreSettings, answer_score
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 
 __all__ = ["LikelihoodSettings", "log_likelihood", "llada_log_likelihood",
            "dream_log_likelihood", "perplexity_bound"]
@@ -108,15 +114,6 @@ def _answer_logits(model, seq, p, n, s: LikelihoodSettings, valid=None):
         cond, un = logits[:b], logits[b:]
         logits = un + (s.cfg_scale + 1.0) * (cond - un)
     return logits
-
-
-def bucket(x: int) -> int:
-    """`x` rounded up to a multiple of 2^max(3, floor(log2 x) - 2): 8, 16, ..., 64, 80, 96,
-    112, 128, 160, ... (0 stays 0; at most 12.5% padding above 64)."""
-    if x <= 0:
-        return 0
-    q = 1 << max(3, x.bit_length() - 3)
-    return -(-x // q) * q
 
 
 def _llada_masks(key, n, b: int, width: int | None = None):
@@ -242,8 +239,24 @@ def dream_log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128,
 
 def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_size: int = 32,
                    cfg_scale: float = 0.0, key, **kwargs) -> jax.Array:
-    """The model family's estimator: `llada_log_likelihood` or `dream_log_likelihood`
-    (kwargs: eps, keep_first_last for Dream)."""
+    """The model family's estimator: `llada_log_likelihood`, `dream_log_likelihood`
+    (kwargs: eps, keep_first_last for Dream), or for DiffusionGemma `-n * answer_score`, n the
+    answer's token count: the Monte Carlo denoising cross-entropy over the noise levels of
+    `GemmaScoreSettings` with ceil(mc_num / levels) samples per level (kwargs:
+    self_condition). That is not a bound on log p(answer | prompt), but it ranks answers the
+    same way a log-likelihood does (higher = more likely) and sums over tokens like one."""
+    if model.config.family == GEMMA_FAMILY:
+        if cfg_scale:
+            raise ValueError(f"cfg_scale={cfg_scale}: the diffusion_gemma score has no "
+                             "classifier-free guidance")
+        unknown = sorted(set(kwargs) - {"self_condition"})
+        if unknown:
+            raise ValueError(f"{unknown}: not options of the diffusion_gemma score")
+        levels = GemmaScoreSettings().levels
+        n = int(np.asarray(answer_ids).shape[0])
+        score = answer_score(model, prompt_ids, answer_ids, key=key, levels=levels,
+                             samples=-(-mc_num // len(levels)), **kwargs)
+        return -n * score
     if model.config.family == "llada":
         if kwargs:
             raise ValueError(f"{sorted(kwargs)}: not options of the LLaDA estimator")
@@ -264,6 +277,9 @@ def perplexity_bound(model, windows, *, mc_num: int = 128, batch_size: int = 32,
     Returns {"log_likelihood": [num_windows] bounds, "tokens": scored tokens,
     "nll_per_token", "ppl_bound": exp(nll_per_token)}.
     """
+    if model.config.family == GEMMA_FAMILY:
+        raise ValueError("perplexity_bound: a masked-diffusion ELBO; a diffusion_gemma model "
+                         "has no mask token (score answers with log_likelihood instead)")
     w = np.asarray(windows)
     if w.ndim != 2 or w.shape[1] < 2:
         raise ValueError(f"windows: expected [num_windows, window_len >= 2], got {w.shape}")

@@ -1,5 +1,10 @@
 """The generation job (`qdlm generate`): a checkpoint, prompts and settings in, texts out.
 
+LLaDA and Dream run with the `gen` settings (`GenerationConfig`); DiffusionGemma runs its
+entropy-bound sampler with the checkpoint's `generation_config.json` (transformers' defaults
+for what it leaves unset), overridden by the `gemma` settings, and reports the forward passes
+and tokens per forward pass of each row.
+
 The prompt is encoded by the checkpoint's tokenizer (`load_tokenizer`) and framed with its
 BOS, or, with `chat`, put through its chat template as one user message; a checkpoint
 without a tokenizer takes token ids ("1 2 3"). Stages are reported on stderr with timings:
@@ -22,11 +27,22 @@ from qdlm_jax.checkpoints.load import (
     load_model,
     load_tokenizer,
     quantization_banner,
+    read_generation_config,
     resolve_checkpoint,
 )
 from qdlm_jax.data.hf_tokenizer import stop_index
 from qdlm_jax.errors import CheckpointError, ConfigOverrideError
-from qdlm_jax.inference.generate import GenerationConfig, compile_generate, left_pad
+from qdlm_jax.inference.generate import (
+    GemmaSampleSettings,
+    GenerationConfig,
+    compile_generate,
+    left_pad,
+)
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
+
+# the DiffusionGemma sampler settings `qdlm generate` lets a user override (`gemma` section)
+GEMMA_OVERRIDABLE = ("max_new_tokens", "steps", "entropy_bound", "t_min", "t_max",
+                     "stability_threshold", "confidence_threshold", "greedy")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,7 +53,9 @@ class GenerateSpec:
     chat: bool = False  # apply the tokenizer's chat template (each prompt one user message)
     dtype: str | None = None  # param and compute dtype (None: the checkpoint's)
     bos: bool = True  # prepend the model's BOS (not with chat: the template frames it)
-    progress: bool = True  # per-step bar
+    progress: bool = True  # per-step bar (LLaDA, Dream)
+    # DiffusionGemma sampler overrides, (name, value) pairs of GEMMA_OVERRIDABLE fields
+    gemma: tuple[tuple[str, object], ...] = ()
 
 
 def _log(msg):
@@ -64,6 +82,31 @@ def _encode(prompts, tokenizer, bos, model_path, chat):
         rows.append(ids)
     return rows
 
+
+
+def gemma_settings(path, config, gen: GenerationConfig,
+                   overrides=()) -> GemmaSampleSettings:
+    """The DiffusionGemma sampler settings of a run: the checkpoint's generation config, then
+    `overrides`, with `gen`'s seed. Any other `gen` field set is an error (LLaDA / Dream
+    settings)."""
+    default = GenerationConfig()
+    for f in dataclasses.fields(GenerationConfig):
+        if f.name != "seed" and getattr(gen, f.name) != getattr(default, f.name):
+            raise ConfigOverrideError(
+                f"--config.gen.{f.name}={getattr(gen, f.name)!r}: a LLaDA / Dream setting; "
+                f"{path} is a diffusion_gemma model, whose sampler is set with "
+                f"--config.gemma.KEY=VALUE ({', '.join(GEMMA_OVERRIDABLE)})")
+    overrides = dict(overrides)
+    unknown = sorted(set(overrides) - set(GEMMA_OVERRIDABLE))
+    if unknown:
+        raise ConfigOverrideError(f"gemma: unknown keys {unknown}; known: "
+                                  f"{list(GEMMA_OVERRIDABLE)}")
+    try:
+        return GemmaSampleSettings.from_generation_config(
+            read_generation_config(path), config=config, seed=gen.seed, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigOverrideError(f"gemma: {e} ({path / 'generation_config.json'} and "
+                                  "--config.gemma.* overrides)") from None
 
 
 def run_generate(spec: GenerateSpec) -> list[str]:
@@ -93,6 +136,15 @@ def run_generate(spec: GenerateSpec) -> list[str]:
     if banner:
         _log(banner)
 
+    gemma = c.family == GEMMA_FAMILY
+    if gemma:
+        settings = gemma_settings(path, c, gen, spec.gemma)
+    elif spec.gemma:
+        raise ConfigOverrideError(f"--config.gemma.{spec.gemma[0][0]}: a DiffusionGemma "
+                                  f"sampler setting; {path} is a {c.family} model")
+    else:
+        settings = gen
+
     bos = c.bos_token_id if spec.bos and not chat else None
     rows = _encode(spec.prompts, tokenizer, bos, spec.model, chat)
     pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_id or 0)
@@ -101,24 +153,43 @@ def run_generate(spec: GenerateSpec) -> list[str]:
     key = jax.random.key(gen.seed)
 
     t0 = time.time()
-    _log(f"compiling: batch {ids.shape[0]}, prompt {ids.shape[1]}, gen_length "
-         f"{gen.gen_length}, steps {gen.steps}" +
-         (f", block_length {gen.block_length}" if c.family == "llada" else
-          f", alg {gen.alg}") + " ...")
+    if gemma:
+        _log(f"compiling: batch {ids.shape[0]}, prompt {ids.shape[1]}, max_new_tokens "
+             f"{settings.max_new_tokens} ({settings.num_canvases} canvas(es) of "
+             f"{settings.canvas_length}), up to {settings.steps} steps each, entropy_bound "
+             f"{settings.entropy_bound}{', greedy' if settings.greedy else ''} ...")
+    else:
+        _log(f"compiling: batch {ids.shape[0]}, prompt {ids.shape[1]}, gen_length "
+             f"{gen.gen_length}, steps {gen.steps}" +
+             (f", block_length {gen.block_length}" if c.family == "llada" else
+              f", alg {gen.alg}") + " ...")
     try:
-        runner = compile_generate(model, ids, mask, config=gen, key=key,
+        runner = compile_generate(model, ids, mask, config=settings, key=key,
                                   progress=spec.progress)
     except ValueError as e:
-        raise ConfigOverrideError(f"gen: {e}") from None
+        raise ConfigOverrideError(f"{'gemma' if gemma else 'gen'}: {e}") from None
     _log(f"compiled in {time.time() - t0:.1f}s")
 
     t0 = time.time()
-    _log("running ...")
-    out = np.asarray(jax.block_until_ready(runner()))
+    _log("running ..." + (" (no per-step bar: the canvas loop runs on the device)"
+                          if gemma and spec.progress else ""))
+    result = jax.block_until_ready(runner())
     dt = time.time() - t0
-    n_tok = ids.shape[0] * gen.gen_length
-    _log(f"generated {n_tok} tokens in {dt:.2f}s ({n_tok / dt:.1f} tokens/s, "
-         f"{gen.steps / dt:.1f} steps/s); total {time.time() - t_start:.1f}s")
+    if gemma:
+        out = np.asarray(result.tokens)
+        passes = np.asarray(result.forward_passes)
+        per_forward = np.asarray(result.tokens_per_forward)
+        n_tok = int(np.sum(out[:, ids.shape[1]:] != settings.pad_id))
+        _log(f"generated {n_tok} tokens in {dt:.2f}s ({n_tok / dt:.1f} tokens/s) with "
+             f"{int(np.sum(np.asarray(result.steps)))} decoder steps; forward passes per "
+             f"row {passes.tolist()}, tokens per forward "
+             f"{[round(float(x), 2) for x in per_forward]}; total "
+             f"{time.time() - t_start:.1f}s")
+    else:
+        out = np.asarray(result)
+        n_tok = ids.shape[0] * gen.gen_length
+        _log(f"generated {n_tok} tokens in {dt:.2f}s ({n_tok / dt:.1f} tokens/s, "
+             f"{gen.steps / dt:.1f} steps/s); total {time.time() - t_start:.1f}s")
 
     texts = []
     for i, row in enumerate(out):

@@ -4,10 +4,11 @@ answer score.
 One tiny config with both layer types ([S, S, F], sliding window 4 < prompt 7, canvas 6);
 transformers builds the weights (randomised as in tests/models/test_diffusion_gemma.py) and
 ours are read from its state dict. transformers runs in fp32 with its default DynamicCache,
-patched to be deterministic: `EntropyBoundSampler.initialize_canvas` returns the injected
-uniform ids (noise[c, 0] for canvas c's start, noise[c, j + 1] for step j's renoising),
-`torch.multinomial` takes the argmax of the probabilities (our `greedy` draw) and `torch.sort`
-is stable (as our argsort). Row 1 of every batch is left-padded.
+patched to be deterministic (tests/references/diffusion_gemma_reference.py):
+`EntropyBoundSampler.initialize_canvas` returns the injected uniform ids (noise[c, 0] for
+canvas c's start, noise[c, j + 1] for step j's renoising), `torch.multinomial` takes the
+argmax of the probabilities (our `greedy` draw) and `torch.sort` is stable (as our argsort).
+Row 1 of every batch is left-padded.
 
 Near ties: our logits differ from transformers' by ~1e-5, so a decision that rests on a
 smaller margin may go either way. While transformers runs, the margins of its rows still
@@ -27,13 +28,13 @@ import torch
 from flax import nnx
 from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion
-from transformers.models.diffusion_gemma import generation_diffusion_gemma as G
 
 from qdlm_jax.checkpoints.diffusion_gemma import params_from_state_dict
 from qdlm_jax.inference.diffusion_gemma import GemmaSampleSettings, gemma_sample
 from qdlm_jax.inference.gemma_likelihood import answer_score
 from qdlm_jax.models.diffusion_gemma import init_cache, model_from_params
 from qdlm_jax.models.gemma_config import FULL, SLIDING, DiffusionGemmaConfig
+from tests.references.diffusion_gemma_reference import hf_generate
 
 CONFIG = DiffusionGemmaConfig(
     vocab_size=96, hidden_size=32, num_layers=3, layer_types=(SLIDING, SLIDING, FULL),
@@ -49,7 +50,6 @@ BATCH, PROMPT, LEFT_PAD = 2, 7, 2
 SETTINGS = GemmaSampleSettings(max_new_tokens=2 * L - 1, steps=8, canvas_length=L, eos_ids=(),
                                pad_id=0, greedy=True)
 SEEDS = range(8)
-TIE_TOL = dict(gap=1e-3, bound=1e-4, confidence=1e-5)
 
 
 def _models(copy_input: bool):
@@ -82,90 +82,6 @@ def _models(copy_input: bool):
     return hf, model_from_params(CONFIG, {p: jnp.asarray(v) for p, v in params.items()})
 
 
-class _PatchedTransformers:
-    """transformers' sampler made deterministic (module docstring), recording the smallest
-    decision margins of the rows still denoising."""
-
-    def __init__(self, noise, s: GemmaSampleSettings):
-        self.noise, self.s = noise, s
-        self.canvas, self.draw, self.active = -1, 0, None
-        self.margins = dict(gap=np.inf, bound=np.inf, confidence=np.inf)
-
-    def __enter__(self):
-        mixin, sampler = G.DiffusionGemmaGenerationMixin, G.EntropyBoundSampler
-        self.saved = [(mixin, "_prepare_denoiser_inputs"), (mixin, "_denoising_step"),
-                      (sampler, "initialize_canvas"), (sampler, "accept_canvas"),
-                      (torch, "multinomial"), (torch, "sort")]
-        self.saved = [(obj, name, getattr(obj, name)) for obj, name in self.saved]
-        prepare, step, accept, sort = (self.saved[i][2] for i in (0, 1, 3, 5))
-        rec = self
-
-        def prepare_inputs(self, *args, **kwargs):
-            rec.canvas, rec.draw = rec.canvas + 1, 0
-            return prepare(self, *args, **kwargs)
-
-        def denoising_step(self, **kwargs):
-            rec.active = ~(kwargs["finished_denoising"].numpy())
-            return step(self, **kwargs)
-
-        def initialize_canvas(self, batch_size, device):
-            ids = torch.tensor(rec.noise[rec.canvas, rec.draw], dtype=torch.long)
-            rec.draw += 1
-            return ids
-
-        def accept_canvas(self, current, denoised, logits, cur_step):
-            rec.record(logits)
-            return accept(self, current, denoised, logits, cur_step)
-
-        mixin._prepare_denoiser_inputs = prepare_inputs
-        mixin._denoising_step = denoising_step
-        sampler.initialize_canvas = initialize_canvas
-        sampler.accept_canvas = accept_canvas
-        torch.multinomial = lambda probs, num_samples: probs.argmax(-1, keepdim=True)
-        torch.sort = lambda x, dim=-1, descending=False: sort(
-            x, dim=dim, descending=descending, stable=True)
-        return self
-
-    def __exit__(self, *exc):
-        for obj, name, value in self.saved:
-            setattr(obj, name, value)
-
-    def record(self, logits):
-        if not self.active.any():
-            return
-        z = logits.numpy()[self.active].astype(np.float64)
-        top2 = np.sort(z, axis=-1)[..., -2:]
-        h = torch.distributions.Categorical(logits=logits).entropy().numpy()[self.active]
-        hs = np.sort(h, axis=-1)
-        lower = np.cumsum(hs, axis=-1) - hs
-        m = self.margins
-        m["gap"] = min(m["gap"], float(np.min(top2[..., 1] - top2[..., 0])))
-        m["bound"] = min(m["bound"], float(np.min(np.abs(lower - self.s.entropy_bound))))
-        m["confidence"] = min(m["confidence"], float(np.min(np.abs(
-            h.mean(-1) - self.s.confidence_threshold))))
-
-    @property
-    def near_tie(self) -> bool:
-        return any(self.margins[k] < TIE_TOL[k] for k in TIE_TOL)
-
-
-def _hf_generate(hf, ids, mask, noise, s: GemmaSampleSettings):
-    """(sequences [B, P + C L] with pad after transformers' last canvas, tokens_per_forward,
-    near_tie)."""
-    with _PatchedTransformers(noise, s) as rec, torch.no_grad():
-        out = hf.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask),
-            max_new_tokens=s.max_new_tokens, max_denoising_steps=s.steps,
-            sampler_config=G.EntropyBoundSamplerConfig(entropy_bound=s.entropy_bound),
-            t_min=s.t_min, t_max=s.t_max, stability_threshold=s.stability_threshold,
-            confidence_threshold=s.confidence_threshold, pad_token_id=s.pad_id,
-            eos_token_id=list(s.eos_ids) or None)
-    seq = out.sequences.numpy()
-    full = np.full((seq.shape[0], ids.shape[1] + s.num_canvases * L), s.pad_id)
-    full[:, :seq.shape[1]] = seq
-    return full, out.tokens_per_forward.numpy(), rec.near_tie
-
-
 def _inputs(seed, s: GemmaSampleSettings):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, CONFIG.vocab_size, (BATCH, PROMPT))
@@ -179,7 +95,7 @@ def _inputs(seed, s: GemmaSampleSettings):
 def _compare(hf, model, s: GemmaSampleSettings, seed):
     """Our output for `seed` after asserting it equals transformers'; None on a near tie."""
     ids, mask, noise = _inputs(seed, s)
-    ref, ref_tpf, near_tie = _hf_generate(hf, ids, mask, noise, s)
+    ref, ref_tpf, near_tie = hf_generate(hf, ids, mask, noise, s)
     if near_tie:
         return None
     ours = gemma_sample(model, ids, mask, settings=s, noise=noise)
@@ -261,7 +177,7 @@ def test_eos_in_the_second_of_three_canvases(plain):
     checked = 0
     for seed in range(6):
         ids, mask, noise = _inputs(seed, s)
-        free, _, _ = _hf_generate(hf, ids, mask, noise, s)
+        free, _, _ = hf_generate(hf, ids, mask, noise, s)
         candidates = sorted(set(free[0, cut:cut + L]) - set(free[:, PROMPT:cut].ravel())
                             - {s.pad_id})
         if not candidates:
