@@ -90,6 +90,9 @@ def _quantize_command(tmp_path, out, nproc, devices, mesh, distributed):
     return model
 
 
+# slow: two processes compile every program twice on 2 cores (about a minute); the sharded
+# passes they run are checked on one process's 8-device mesh in `make test`
+@pytest.mark.slow
 def test_distributed_quantize_command_across_two_processes(tmp_path, assert_same_checkpoint):
     """`qdlm quantize --distributed` in two processes of 4 CPU devices (gloo) saves what one
     process of 8 devices saves, bit for bit, on the bundled tiny LLaDA (GPTQ flips a code on

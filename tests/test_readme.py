@@ -95,3 +95,28 @@ def test_evaluation_page_commands_run_as_written(tmp_path, monkeypatch, capsys):
         assert main(argv[1:]) == 0, argv
     out = capsys.readouterr().out
     assert "arithmetic" in out and "social_iqa" in out
+
+
+def test_readme_diffusion_gemma_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The DiffusionGemma block: the random tiny checkpoint is written, `info` and `generate`
+    run on it as written (the generated ids follow the prompt's)."""
+    import importlib
+    import shlex
+    import sys
+
+    from qdlm_jax.cli import main
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"### DiffusionGemma\n.*?```bash\n(.*?)```", text, re.S).group(1)
+    lines = [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line]
+    assert lines[0][:2] == ["python", "converters/random_checkpoint.py"]
+    sys.path.insert(0, str(ROOT / "converters"))
+    try:
+        recipe = importlib.import_module("random_checkpoint")
+    finally:
+        sys.path.pop(0)
+    assert recipe.main(lines[0][2:]) in (0, None)
+    for argv in lines[1:]:
+        assert argv[0] == "qdlm" and main(argv[1:]) == 0, argv
+    out = capsys.readouterr().out
+    assert re.search(r"^5 17 42( \d+)+", out, re.M), out

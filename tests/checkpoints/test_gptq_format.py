@@ -156,9 +156,15 @@ def tiny_dream():
     return str(Path(__file__).resolve().parents[2] / "assets" / "tiny-dream")
 
 
-@pytest.mark.parametrize("method,settings,expect", JOB_MODELS,
-                         ids=[f"{m}-{'-'.join(f'{k}{v}' for k, v in s.items() if '.' not in k)}"
-                              for m, s, _ in JOB_MODELS])
+# slow: the longest quantizations (DAQ, AWQ's grid, QuaRot); an exact export (RTN, GPTQ) and
+# a refusal before writing (SmoothQuant, DuQuant, A4) run in `make test`
+SLOW_JOB_MODELS = ("daq", "awq", "quarot")
+
+
+@pytest.mark.parametrize("method,settings,expect", [
+    pytest.param(m, s, e, marks=[pytest.mark.slow] if m in SLOW_JOB_MODELS else [],
+                 id=f"{m}-{'-'.join(f'{k}{v}' for k, v in s.items() if '.' not in k)}")
+    for m, s, e in JOB_MODELS])
 def test_every_job_model_exports_exactly_or_is_refused(tmp_path, tiny_dream, method, settings,
                                                        expect):
     """An export either computes what the packed model computes (weights and logits equal

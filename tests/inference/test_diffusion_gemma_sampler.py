@@ -246,7 +246,8 @@ def _greedy_answer(model, prompt, start):
     return jnp.concatenate(answer)
 
 
-@pytest.mark.parametrize("self_condition", [False, True])
+# slow: with self-conditioning (the score without it runs in `make test`)
+@pytest.mark.parametrize("self_condition", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_score_ranks_the_greedy_answer_above_shuffles(plain, self_condition):
     """The decoder's greedy answer (two canvases) scores lower than shuffles of it that move at
     least half its tokens: below their mean for every prompt, below each in most pairs. Low

@@ -79,6 +79,8 @@ def test_fp_evaluation_is_cached_across_runs_and_tables_carry_errors(tmp_path, c
     assert "unigram reference" in table  # the bundled model's card records it
 
 
+# slow: the streaming pass equals the in-memory one in tests/jobs/test_streaming.py (make test)
+@pytest.mark.slow
 def test_streaming_job_saves_the_same_packed_model_as_the_in_memory_job(tmp_path, capsys,
                                                                      assert_same_checkpoint):
     common = ("--config.method=gptq", "--config.calibration=masked", "--config.calib.n_samples=8",

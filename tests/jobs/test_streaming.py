@@ -54,7 +54,9 @@ def _setup(tmp_path, family, layers=3):
     return src, calib
 
 
-@pytest.mark.parametrize("family,method", [("llada", "gptq"), ("dream", "awq"),
+# slow: Dream with AWQ's grid (LLaDA with GPTQ and RTN run in `make test`)
+@pytest.mark.parametrize("family,method", [("llada", "gptq"),
+                                           pytest.param("dream", "awq", marks=pytest.mark.slow),
                                            ("llada", "rtn")])
 def test_streaming_equals_the_in_memory_pass(tmp_path, family, method):
     src, calib = _setup(tmp_path, family)

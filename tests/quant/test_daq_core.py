@@ -133,6 +133,8 @@ def test_error_compensation_lowers_the_output_error():
                                rtol=1e-6, atol=1e-9)
 
 
+# slow: DAQ's full driver; its core (RSR, ABMP, packing, compensation) runs in `make test`
+@pytest.mark.slow
 def test_driver_runs_saves_loads_and_beats_rtn_w2(tmp_path):
     from flax import nnx
 

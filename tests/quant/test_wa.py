@@ -74,6 +74,8 @@ def test_rotations_beat_smoothing_and_rtn_at_w4a4():
     assert err["duquant"] < min(err["rtn"], err["smoothquant"]), err
 
 
+# slow: a QuaRot W4A4 model saves and loads in tests/quant/test_kv_core.py (make test)
+@pytest.mark.slow
 def test_quantized_model_round_trips_through_a_checkpoint(tmp_path):
     model = _outlier_model()
     _, calib = _calib(model)

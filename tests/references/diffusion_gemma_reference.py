@@ -74,8 +74,9 @@ class PatchedTransformers:
         m = self.margins
         m["gap"] = min(m["gap"], float(np.min(top2[..., 1] - top2[..., 0])))
         m["bound"] = min(m["bound"], float(np.min(np.abs(lower - self.s.entropy_bound))))
-        m["confidence"] = min(m["confidence"], float(np.min(np.abs(
-            h.mean(-1) - self.s.confidence_threshold))))
+        if self.s.confidence_threshold is not None:
+            m["confidence"] = min(m["confidence"], float(np.min(np.abs(
+                h.mean(-1) - self.s.confidence_threshold))))
 
     @property
     def near_tie(self) -> bool:
