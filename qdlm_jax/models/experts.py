@@ -10,9 +10,18 @@ The fused layout keeps one kernel per expert input (gate and up see the same x).
 
 Computation (`moe`): the N*k (token, expert) pairs are sorted by expert (a stable argsort of
 the flattened choices), the group sizes are `bincount(choices, length=E)`, the tokens are
-gathered in that order, both matmuls run as `jax.lax.ragged_dot` over the groups (each row
-meets only its own expert's weights: k/E of the dense work), and the weighted rows are
+gathered in that order, both matmuls run as a grouped matmul over the groups (each row meets
+only its own expert's weights: k/E of the dense work), and the weighted rows are
 scatter-added back to their tokens in fp32. Every shape depends on N, k and E only.
+
+The grouped matmul has two backends behind `grouped_matmul`, chosen per platform with
+`jax.lax.platform_dependent`: `jax.lax.ragged_dot` on TPU and GPU, and on CPU (where XLA's
+ragged_dot is slower than computing every expert densely) a loop over (expert, chunk of
+`CPU_CHUNK` rows) pairs: pair p belongs to the expert whose cumulative chunk count first
+exceeds p, its rows are that expert's rows [start + c CPU_CHUNK, ...) of the sorted input, and
+one [CPU_CHUNK, in] x [in, out] dot per pair writes them (rows past the expert's end are
+masked). The pair count is at most ceil(M / CPU_CHUNK) + E for M sorted rows, so the loop
+has a static bound and the work is at most (M + E CPU_CHUNK) rows' worth.
 
 `expert_project(x, kernel, group_sizes)` is the one function both matmuls go through; a
 quantized per-expert kernel type registers its grouped matmul with
@@ -44,6 +53,49 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
+CPU_CHUNK = 16  # rows per dot of the CPU grouped matmul
+
+
+def grouped_matmul_chunked(x: Float[Array, "M In"], w: Float[Array, "E In Out"],
+                           group_sizes: Int[Array, " E"],
+                           chunk: int = CPU_CHUNK) -> Float[Array, "M Out"]:
+    """Row r of x (rows sorted by group, group_sizes[e] rows for group e) times w[group(r)],
+    one (group, chunk of `chunk` rows) pair per loop step (module docstring), accumulated in
+    fp32 and returned in fp32."""
+    m, d_in = x.shape
+    n_out = w.shape[-1]
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    chunks = (sizes + chunk - 1) // chunk
+    cum = jnp.cumsum(chunks)
+    xp = jnp.pad(x, ((0, chunk), (0, 0)))
+
+    def body(p, out):
+        g = jnp.minimum(jnp.searchsorted(cum, p, side="right"), w.shape[0] - 1)
+        row = starts[g] + (p - (cum[g] - chunks[g])) * chunk
+        rows = jax.lax.dynamic_slice(xp, (row, 0), (chunk, d_in))
+        y = jnp.dot(rows, jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False),
+                    preferred_element_type=jnp.float32)
+        keep = (jnp.arange(chunk) < starts[g] + sizes[g] - row) & (p < cum[-1])
+        cur = jax.lax.dynamic_slice(out, (row, 0), (chunk, n_out))
+        return jax.lax.dynamic_update_slice(out, jnp.where(keep[:, None], y, cur), (row, 0))
+
+    bound = -(-m // chunk) + w.shape[0]
+    out = jax.lax.fori_loop(0, bound, body, jnp.zeros((m + chunk, n_out), jnp.float32))
+    return out[:m]
+
+
+def grouped_matmul(x: Float[Array, "M In"], w: Float[Array, "E In Out"],
+                   group_sizes: Int[Array, " E"]) -> Float[Array, "M Out"]:
+    """Row r of x (sorted by group) times w[group(r)], accumulated in fp32, returned in fp32:
+    `jax.lax.ragged_dot` on TPU / GPU, `grouped_matmul_chunked` on CPU."""
+    def ragged(x, w, group_sizes):
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+    return jax.lax.platform_dependent(x, w, group_sizes, cpu=grouped_matmul_chunked,
+                                      default=ragged)
+
+
 def expert_project(x: Float[Array, "N In"], kernel: Any,
                    group_sizes: Int[Array, " E"]) -> Float[Array, "N Out"]:
     """Row r of x (rows sorted by expert, group_sizes[e] rows for expert e) times its expert's
@@ -52,9 +104,7 @@ def expert_project(x: Float[Array, "N In"], kernel: Any,
     matmul = _EXPERT_MATMULS.get(type(kernel))
     if matmul is not None:
         return matmul(x, kernel, group_sizes)
-    y = jax.lax.ragged_dot(x, kernel.astype(x.dtype), group_sizes,
-                           preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return grouped_matmul(x, kernel.astype(x.dtype), group_sizes).astype(x.dtype)
 
 
 def moe(x: Float[Array, "N H"], gate_up: Any, down: Any, top_ids: Int[Array, "N K"],
