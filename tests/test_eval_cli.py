@@ -30,6 +30,7 @@ def run(capsys, *argv):
       "--config.wa_quantize.act.kv.bitz=4"], "--config.wa_quantize.act.kv.bitz=4: checked "
                                              "against the main job's config"),
     (["outliers", "--model", MODEL, "--n-samples", "0"], "n_samples=0"),
+    (["outliers", "--model", MODEL, "--super-ratio", "0.5"], "ratio=0.5"),
     (["eval", "--model", MODEL, "--tasks", "arithmetic", "--threshold", "0.9", "--factor",
       "1"], "set one of them"),
     (["eval", "--model", MODEL, "--tasks", "arithmetic", "--threshold", "1.5"],

@@ -20,6 +20,10 @@ all N * T tokens and all D input channels of its input x:
 Moments are accumulated per forward chunk as (count, sum, central sums about the chunk
 mean) and combined exactly on the host in float64.
 
+The same forward passes record each block's output (the residual stream) for the
+super-outlier detector of `super_outliers.py`: channels many times the median channel that
+persist across consecutive layers (`stats.json`'s "super_outliers", the summary's section).
+
 `run_outliers` writes `stats.json`, `summary.md` and `heatmap.png` (rows: max |x| and
 kurtosis; columns: clean and masked; each panel layers x linear type, log colour scale
 shared by the two conditions) to the run dir.
@@ -39,6 +43,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from qdlm_jax.evals import super_outliers
+from qdlm_jax.evals.super_outliers import ResidualStats, SuperOutlierSpec
 from qdlm_jax.fsutil import atomic_file, atomic_write_text
 from qdlm_jax.models.capture import Capture
 
@@ -57,6 +63,7 @@ class OutlierSpec:
     top_k: int = 8
     batch_size: int = 8  # sequences per forward chunk
     massive_factor: float = 10.0
+    super_outlier: SuperOutlierSpec = SuperOutlierSpec()
 
     def __post_init__(self):
         for name in ("n_samples", "seq_len", "top_k", "batch_size"):
@@ -83,9 +90,9 @@ def _capture_fn(graphdef):
     @jax.jit
     def run(state, ids, mask):
         model = nnx.merge(graphdef, state)
-        cap = Capture(names=None, fn=_reduce)
+        cap = Capture(names=None, fn=_reduce, residual_fn=super_outliers.residual_reduce)
         model(ids, mask, capture=cap)  # the logits are unused (XLA drops the head matmul)
-        return cap.values
+        return cap.values, cap.residual
 
     return run
 
@@ -121,33 +128,39 @@ def _combine(chunks: list[dict], top_k: int, massive_factor: float) -> dict:
 
 
 def layer_stats(model, ids: np.ndarray, attention_mask: np.ndarray, spec: OutlierSpec, *,
-                desc: str = "activations") -> dict[str, dict]:
-    """{linear layer name: statistics} of the model's linear inputs on `ids` [N, T]."""
+                desc: str = "activations") -> tuple[dict[str, dict], ResidualStats]:
+    """({linear layer name: statistics} of the model's linear inputs, the residual stream's
+    per-channel sums) on `ids` [N, T]."""
     graphdef, state = nnx.split(model)
     fn = _capture_fn(graphdef)
     per_layer: dict[str, list] = {}
+    residual = []
     for start in tqdm(range(0, len(ids), spec.batch_size), desc=desc, leave=False):
-        vals = fn(state, jnp.asarray(ids[start:start + spec.batch_size]),
-                  jnp.asarray(attention_mask[start:start + spec.batch_size]))
-        vals = jax.device_get(vals)
+        vals, res = jax.device_get(fn(state, jnp.asarray(ids[start:start + spec.batch_size]),
+                                      jnp.asarray(attention_mask[start:start + spec.batch_size])))
+        residual.append(res)
         for name, v in vals.items():
             per_layer.setdefault(name, []).append(v)
-    return {name: _combine(chunks, spec.top_k, spec.massive_factor)
-            for name, chunks in per_layer.items()}
+    return ({name: _combine(chunks, spec.top_k, spec.massive_factor)
+             for name, chunks in per_layer.items()},
+            super_outliers.residual_stats(residual, int(np.asarray(ids).size)))
 
 
 def collect(model, tokenizer, spec: OutlierSpec) -> dict:
-    """{"clean": {layer: stats}, "masked": {...}, "mask_ratio_mean": ...}."""
+    """{"clean": {layer: stats}, "masked": {...}, "<cond>_mask_ratio_mean": ...,
+    "super_outliers": the detector's section over both conditions}."""
     from qdlm_jax.evals.basic import heldout_windows
     from qdlm_jax.quant.calibration import CalibSpec, build_calibration
     w = heldout_windows(tokenizer, source=spec.source, split="calib",
                         seq_len=spec.seq_len, n_windows=spec.n_samples, seed=0)
-    out = {}
+    out, residual = {}, {}
     for cond in CONDITIONS:
         batch = build_calibration(model, w, CalibSpec(mode=cond, n_samples=spec.n_samples,
                                                       seq_len=spec.seq_len, seed=spec.seed))
-        out[cond] = layer_stats(model, batch.ids, batch.attention_mask, spec, desc=cond)
+        out[cond], residual[cond] = layer_stats(model, batch.ids, batch.attention_mask, spec,
+                                                desc=cond)
         out[f"{cond}_mask_ratio_mean"] = float(np.mean(batch.mask_ratio))
+    out["super_outliers"] = super_outliers.report(residual, spec.super_outlier)
     return out
 
 
@@ -217,6 +230,7 @@ def markdown(result: dict, num_layers: int, model_name: str) -> str:
         top = sorted(result[c].items(), key=lambda kv: -kv[1]["max_abs"])[:5]
         lines += ["", f"Largest max |x| ({c}): " + ", ".join(
             f"`{k}` {v['max_abs']:.3g} (ch {v['top_channels'][0][0]})" for k, v in top)]
+    lines += ["", "## Super-outliers", "", *super_outliers.markdown(result["super_outliers"])]
     return "\n".join(lines) + "\n"
 
 

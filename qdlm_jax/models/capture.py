@@ -12,6 +12,10 @@ values are ordinary outputs of the jitted function:
 
 `fn` lets calibration reduce inputs on the fly (e.g. to a Gram matrix `x^T x`) instead of
 keeping every activation.
+
+With `residual_fn`, the dense model also records `residual_fn(h_i)` of each block's output
+(the residual stream after block i, `[batch, seq, hidden]`) in `residual[i]`; without it
+nothing is recorded there, so a plain `Capture()` holds the linear inputs alone.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class Capture:
     """Collects `fn(input)` of the linear layers whose name matches `names`."""
 
     def __init__(self, names: str | tuple[str, ...] | None = None,
-                 fn: Callable[[jax.Array], object] | None = None):
+                 fn: Callable[[jax.Array], object] | None = None, *,
+                 residual_fn: Callable[[jax.Array], object] | None = None):
         if isinstance(names, str):
             pattern = re.compile(names)
             self._wants = lambda n: pattern.fullmatch(n) is not None
@@ -36,7 +41,9 @@ class Capture:
             wanted = frozenset(names)
             self._wants = lambda n: n in wanted
         self._fn = fn if fn is not None else (lambda x: x)
+        self._residual_fn = residual_fn
         self.values: dict[str, object] = {}
+        self.residual: dict[int, object] = {}
 
     def wants(self, name: str) -> bool:
         return self._wants(name)
@@ -46,3 +53,9 @@ class Capture:
             if name in self.values:
                 raise ValueError(f"Capture: layer {name!r} was recorded twice in one pass")
             self.values[name] = self._fn(x)
+
+    def record_residual(self, layer: int, h: jax.Array) -> None:
+        if self._residual_fn is not None:
+            if layer in self.residual:
+                raise ValueError(f"Capture: block {layer}'s output was recorded twice in one pass")
+            self.residual[layer] = self._residual_fn(h)

@@ -206,6 +206,8 @@ class DLLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, key_bias, cos, sin, capture,
                       query_window if i == n_layers - 1 else None)
+            if capture is not None:
+                capture.record_residual(i, x)
         return self.final_norm(x)
 
     def _embed_and_mask(self, input_ids, attention_mask, position_ids):

@@ -57,5 +57,10 @@ def test_run_dir_on_a_local_source(tmp_path):
     s = stats["clean"]["layers.0.q_proj"]
     assert s["max_abs"] >= s["p99"] >= s["p50"] > 0 and s["tokens"] == 4 * 32
     assert "| down_proj |" in r["markdown"]
+    section = stats["super_outliers"]
+    assert section["conditions"] == ["clean", "masked"] and section["tokens"] == 2 * 4 * 32
+    assert section["spec"] == {"ratio": 20.0, "min_layers": 3}
+    assert section["found"] == bool(section["runs"]) and 0 <= section["largest"]["layer"] < n_layers
+    assert "## Super-outliers\n\nsuper-outliers: " in r["markdown"]
     png = (tmp_path / "run" / "heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

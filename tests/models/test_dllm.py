@@ -99,6 +99,14 @@ def test_capture_records_every_linear_input_under_jit(tiny):
     grams = Capture(names=("lm_head",), fn=lambda x: jnp.einsum("bti,btj->ij", x, x))
     model(ids, capture=grams)
     assert grams.values["lm_head"].shape == (d, d)
+    # Block outputs (the residual stream) only when asked for; the last one is what the final
+    # norm reads.
+    stream = Capture(names=(), residual_fn=lambda h: h)
+    h = model.hidden_states(ids, capture=stream)
+    assert not values.keys() & {0, 1} and sorted(stream.residual) == list(range(config.num_layers))
+    assert stream.values == {} and stream.residual[0].shape == (2, 5, d)
+    np.testing.assert_allclose(model.final_norm(stream.residual[config.num_layers - 1]), h,
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("make,expected", [(llada_8b, 8.02e9), (dream_7b, 7.62e9)])
