@@ -11,8 +11,9 @@
             duquant: T = R1 P R2 from m / s (duquant_core); W <- T^T W, T applied online
         weights: RTN on the configured grid, or GPTQ on Hessians of the inputs the weights
                  really see (after the online transforms, activations in float)
-        activations: every linear's input quantized per token (dynamic) or per tensor (static
-                 range calibrated here), after its online transform
+        activations: every linear's input quantized per token or per group of input
+                 channels (dynamic) or per tensor (static range calibrated here), after its
+                 online transform (so groups cut the rotated / smoothed input)
         K/V (`kv`, every method): keys after RoPE and values quantized inside attention
                  (`kv_core`); quarot first rotates q and k by H_hd online (`kv_rotate`);
                  IA-AQ (`iaaq`) searches each kv head's clip ratio of V (and of K with
@@ -238,11 +239,24 @@ def _add_kv_quant(block, inputs, x, spec: WASpec) -> dict:
     return info
 
 
+def check_act_widths(model: DLLM, spec: WASpec) -> None:
+    """ValueError naming the first linear whose input width the activation group size
+    (`per_group`) does not divide; the transforms keep every width, so the float model's
+    widths are the ones quantized."""
+    if spec.act is None:
+        return
+    linears = [(f"layers.0.{n}", getattr(model.layers[0], n)) for g in GROUPS for n in g]
+    linears += [("lm_head", model.lm_head)] if spec.quantize_lm_head else []
+    for name, lin in linears:
+        spec.act.check_width(inner_weight(lin.kernel[...]).shape[0], name)
+
+
 def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
                       progress: bool = True) -> tuple[DLLM, dict]:
     """Returns (transformed and quantized model, stats). The input model is not modified."""
     t0 = time.time()
     config = model.config
+    check_act_widths(model, spec)
     stats = {"method": spec.method, "weight_bits": spec.weight and spec.weight.bits,
              "act_bits": spec.act and spec.act.bits, "kv_bits": spec.kv and spec.kv.bits,
              "iaaq": spec.iaaq, "layers": {}}
@@ -281,7 +295,7 @@ def quantize_model_wa(model: DLLM, calib: CalibBatch | None, spec: WASpec, *,
             w = QuantizedArray.quantize(w, spec.weight, scale_dtype=w.dtype)
         if spec.act is not None and spec.act.granularity == "per_tensor":
             raise ValueError("quantize_lm_head with per_tensor activations is not supported; "
-                             "use per_token")
+                             "use per_token or per_group")
         head.kernel.value = ActKernel(weight=w, act=spec.act)
     stats["time_s"] = time.time() - t0
     return qmodel, stats
