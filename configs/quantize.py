@@ -19,7 +19,8 @@ def get_config():
     # smoothquant | quarot | duquant, or with rtn / gptq as the untransformed baseline.
     c.act_bits = 16  # 16 (float) | 8 | 4
     c.act = ml_collections.ConfigDict(dict(
-        granularity="per_token",  # per_token | per_tensor activation scales
+        granularity="per_token",  # per_token | per_group | per_tensor activation scales
+        group_size=128,  # per_group: consecutive input channels per scale (32 | 64 | 128)
         sym=True,  # symmetric activation grid
         clip_ratio=1.0))  # activation range shrink factor before rounding
     # K/V quantization inside attention (keys after RoPE; quarot rotates q/k by a Hadamard

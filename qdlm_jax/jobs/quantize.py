@@ -66,7 +66,7 @@ from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec, quantize_model
 from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
 from qdlm_jax.quant.quantizer_core import QuantSpec
-from qdlm_jax.quant.wa import WA_METHODS, WASpec, quantize_model_wa
+from qdlm_jax.quant.wa import WA_METHODS, WASpec, check_act_widths, quantize_model_wa
 
 ALL_METHODS = METHODS + tuple(m for m in WA_METHODS if m not in METHODS)
 
@@ -101,6 +101,12 @@ class JobSpec:
         return 16 if self.wa is None else self.wa.act.bits
 
     @property
+    def act_group_size(self) -> int | None:
+        """Input channels per activation scale (`per_group`), None otherwise."""
+        act = None if self.wa is None else self.wa.act
+        return act.group_size if act is not None and act.granularity == "per_group" else None
+
+    @property
     def needs_calibration(self) -> bool:
         return (self.ptq if self.wa is None else self.wa).needs_calibration
 
@@ -112,11 +118,13 @@ class JobSpec:
 
     @property
     def run_name(self) -> str:
-        """`<model>-<method>-w<bits>[a<bits>]g<group>-<calibration>-<config hash>`: two runs
-        share a directory only when every setting is the same."""
+        """`<model>-<method>-w<bits>[a<bits>[ag<act group>]]g<group>-<calibration>-<config
+        hash>`: two runs share a directory only when every setting is the same."""
         g = self.ptq.weight.group_size
         cal = self.calib.mode if self.needs_calibration else "nocal"
         a = "" if self.wa is None else f"a{self.act_bits}"
+        if self.act_group_size is not None:
+            a += f"ag{self.act_group_size}"
         if self.wa is not None and self.wa.kv is not None:
             a += f"kv{self.wa.kv.bits}" + ("-iaaq-" if self.wa.iaaq else "")
         return (f"{model_label(self.model)}-{self.method}-w{self.ptq.weight.bits}{a}g{g}-{cal}"
@@ -220,7 +228,8 @@ def _wa_spec(cfg: ml_collections.ConfigDict, weight: QuantSpec) -> WASpec | None
                          "duquant")
     a, w = cfg.act, cfg.wa
     act = None if act_bits == 16 else ActSpec(bits=act_bits, granularity=a.granularity,
-                                              sym=a.sym, clip_ratio=a.clip_ratio)
+                                              sym=a.sym, clip_ratio=a.clip_ratio,
+                                              group_size=a.get("group_size", 128))
     if act is None:
         raise ValueError(f"--config.method={cfg.method} needs --config.act_bits=8 or 4")
     method = cfg.method if cfg.method in WA_METHODS and cfg.method != "rtn" else "rtn"
@@ -244,6 +253,17 @@ def _check_widths(config, ptq: PTQSpec):
         except ValueError:
             raise ValueError(f"--config.group_size={ptq.weight.group_size} does not divide the "
                              f"model's {name}={width}; use -1 or a divisor of {width}") from None
+
+
+def _check_act_widths(model, spec: JobSpec) -> None:
+    """A per-group activation size that does not divide some linear's input width, as a flag
+    error naming the linear (before calibration or evaluation)."""
+    if spec.wa is None:
+        return
+    try:
+        check_act_widths(model, spec.wa)
+    except ValueError as e:
+        raise ConfigOverrideError(str(e).replace("ActSpec.", "--config.act.")) from None
 
 
 def _eval_tasks(value) -> tuple[str, ...]:
@@ -413,6 +433,7 @@ def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
     """The job's calibration + layer-wise quantization (shared with `qdlm study`):
     returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
 
+    _check_act_widths(model, spec)
     calib = None
     if spec.needs_calibration:
         calib = build_calibration(model, calibration_windows(tokenizer, spec), spec.calib)
@@ -474,6 +495,7 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
     result = {"model": spec.model, "run_dir": str(run_dir), "config": spec.config,
               "family": model.config.family, "method": spec.method,
               "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
+              "act_group_size": spec.act_group_size,
               "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
               "calibration": spec.calib.mode if calib else "none", "mesh": dict(mesh.shape),
               "processes": jax.process_count(), "fp": None, "quantized": None,
@@ -515,6 +537,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)
+    _check_act_widths(model, spec)
     tokenizer = load_tokenizer(spec.model)
     print(f"[quantize] tokenizer: {tokenizer.describe()}")
     seq = spec.calib.seq_len
@@ -522,7 +545,9 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
                               n_windows=spec.eval_windows)
     start_run_dir(run_dir, spec)
     print(f"[quantize] {spec.model}: {model.config.family}, method={spec.method} "
-          f"W{spec.ptq.weight.bits}A{spec.act_bits} g{spec.ptq.weight.group_size} calibration="
+          f"W{spec.ptq.weight.bits}A{spec.act_bits}"
+          + (f" (act groups of {spec.act_group_size})" if spec.act_group_size else "")
+          + f" g{spec.ptq.weight.group_size} calibration="
           f"{spec.calib.mode} -> {run_dir}")
 
     fp_key = (spec.model, spec.source, seq, spec.eval_windows, spec.eval_mc_num,
@@ -557,6 +582,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
         "family": model.config.family, "method": spec.method,
         "bits": spec.ptq.weight.bits, "act_bits": spec.act_bits,
+        "act_group_size": spec.act_group_size,
         "kv_bits": 16 if spec.wa is None or spec.wa.kv is None else spec.wa.kv.bits,
         "iaaq": bool(spec.wa is not None and spec.wa.iaaq),
         "group_size": spec.ptq.weight.group_size,
@@ -575,7 +601,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
                         qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
                         stored, overwrite=True, extra_files=tokenizer_files(spec.model),
                         meta={**{k: result[k] for k in ("method", "bits", "act_bits",
-                                                        "group_size", "sym", "calibration")},
+                                                        "act_group_size", "group_size", "sym",
+                                                        "calibration")},
                               "config_hash": spec.config_hash})
         result["packed_bytes"] = param_summary(stored)["bytes"]
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))

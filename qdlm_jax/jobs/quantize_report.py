@@ -13,8 +13,10 @@ def _kl_text(q) -> str:
     return format_pm(q.get("kl_to_fp_bits"), q.get("kl_to_fp_bits_se"), ".4f")
 
 
-def _act_text(act_bits: int, kv_bits: int = 16) -> str:
+def _act_text(act_bits: int, kv_bits: int = 16, act_group_size: int | None = None) -> str:
+    """"4", "4 g64" (activation scales per group of 64 input channels), "4, KV 4"."""
     text = "float" if act_bits >= 16 else str(act_bits)
+    text += f" g{act_group_size}" if act_group_size and act_bits < 16 else ""
     return text if kv_bits >= 16 else f"{text}, KV {kv_bits}"
 
 
@@ -59,8 +61,9 @@ def report(results: list[dict]) -> str:
         q = r["quantized"]
         label = r['method'].upper() + (f" + IA-AQ ({_iaaq_searched(r)})" if r.get("iaaq")
                                         else "")
+        ag = r.get("act_group_size")
         lines.append(f"| {Path(r['model']).name} | {label} | {r['bits']} | "
-                     f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16))} | "
+                     f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16), ag)} | "
                      f"{r['group_size']} | "
                      f"{r['calibration']} | "
                      f"{format_pm(q['bits_per_token'], q.get('bits_per_token_se'), '.3f')} | "
