@@ -143,7 +143,7 @@ def layer_stats(model, ids: np.ndarray, attention_mask: np.ndarray, spec: Outlie
             per_layer.setdefault(name, []).append(v)
     return ({name: _combine(chunks, spec.top_k, spec.massive_factor)
              for name, chunks in per_layer.items()},
-            super_outliers.residual_stats(residual, int(np.asarray(ids).size)))
+            super_outliers.residual_stats(residual))
 
 
 def collect(model, tokenizer, spec: OutlierSpec) -> dict:

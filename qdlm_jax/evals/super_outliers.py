@@ -42,11 +42,11 @@ class SuperOutlierSpec:
 
     def __post_init__(self):
         if not self.ratio > 1:
-            raise ValueError(f"super-outlier ratio={self.ratio!r}: expected a number > 1 (the "
-                             f"channel's max |h| against the median channel's)")
+            raise ValueError(f"super-outlier ratio={self.ratio!r} (--super-ratio): expected a "
+                             f"number > 1 (a channel's max |h| against the median channel's)")
         if not isinstance(self.min_layers, int) or self.min_layers <= 0:
-            raise ValueError(f"super-outlier min_layers={self.min_layers!r}: expected a "
-                             f"positive integer")
+            raise ValueError(f"super-outlier min_layers={self.min_layers!r} "
+                             f"(--super-min-layers): expected a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,17 +76,18 @@ def residual_reduce(h: Float[Array, "B T D"]) -> dict[str, Array]:
             "top_count": jnp.bincount(top, length=h.shape[-1]).astype(jnp.float32)}
 
 
-def residual_stats(chunks: list[dict[int, dict]], tokens: int) -> ResidualStats:
-    """Combines `residual_reduce` outputs ({layer: sums} per chunk) over `tokens` tokens."""
+def residual_stats(chunks: list[dict[int, dict]]) -> ResidualStats:
+    """Combines `residual_reduce` outputs ({layer: sums} per chunk)."""
     layers = sorted(chunks[0])
 
     def stack(key, combine):
         return np.stack([combine(np.stack([np.asarray(c[i][key], np.float64) for c in chunks]))
                          for i in layers])
 
+    top_count = stack("top_count", lambda a: a.sum(0))
     return ResidualStats(stack("channel_max", lambda a: a.max(0)),
-                         stack("share_sum", lambda a: a.sum(0)),
-                         stack("top_count", lambda a: a.sum(0)), tokens)
+                         stack("share_sum", lambda a: a.sum(0)), top_count,
+                         int(round(top_count[0].sum())))  # every token tops one channel
 
 
 def median_ratio(channel_max: Float[np.ndarray, "L D"]) -> Float[np.ndarray, "L D"]:

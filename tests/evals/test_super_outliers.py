@@ -67,7 +67,8 @@ def test_chunk_sums_combine_to_the_statistics():
     hs[2][0, 0] = 0.0  # a zero token holds no share
     chunks = [{i: so.residual_reduce(h[a:b]) for i, h in enumerate(hs)}
               for a, b in [(0, 2), (2, 3), (3, 6)]]
-    stats = so.residual_stats(chunks, tokens=60)
+    stats = so.residual_stats(chunks)
+    assert stats.tokens == 60
     for i, h in enumerate(hs):
         flat = h.reshape(-1, 16).astype(np.float64)
         norm2 = (flat ** 2).sum(1, keepdims=True)
