@@ -12,6 +12,15 @@ def get_config():
     c.overwrite = False  # a finished run of the same config is reused unless this is true
     c.method = "gptq"  # rtn | gptq | awq | daq | smoothquant | quarot | duquant
     c.bits = 4  # 2 | 3 | 4 | 8 (daq: the mean number of binary planes, 2 | 3 | 4)
+    # Mixed precision (rtn | gptq | awq): the mean width of the blocks' linear weights
+    # (parameter-weighted), spread over the blocks by sensitivity: each block alone is RTN-
+    # quantized at each of mixed.widths and the KL of the model's output to fp measured on
+    # mixed.samples calibration windows; an exact allocator picks the widths. The plan is
+    # saved as plan.json in the run dir and in the checkpoint (docs/quantization.md).
+    c.bits_budget = None  # e.g. 3.0 | 3.5; None: every block at `bits`
+    c.mixed = ml_collections.ConfigDict(dict(
+        widths=(2, 3, 4, 8),  # candidate widths of a block
+        samples=8))  # calibration windows the sensitivity KL is measured on
     c.group_size = 128  # 32 | 64 | 128 | -1 (per output channel)
     c.sym = False  # symmetric weight grid (no zero point)
     c.clip_ratio = 1.0  # weight range shrink factor before rounding (1.0: min / max)

@@ -169,7 +169,10 @@ def quantization_banner(path: str | os.PathLike, params: dict | None = None) -> 
     s = param_summary(params)
     act = q.get("act_bits", 16)
     group = q.get("group_size")
-    return (f"quantized: {q.get('method', '?')} W{q.get('bits', '?')}"
+    plan = q.get("bit_plan")
+    bits = q.get("bits", "?") if not plan else (
+        f"{plan['mean_bits']:.3g} (blocks at {'/'.join(map(str, plan['bits']))} bits)")
+    return (f"quantized: {q.get('method', '?')} W{bits}"
             f"{'' if act in (None, 16) else f'A{act}'} "
             f"{'per-channel' if group == -1 else f'g{group}'}, calibration "
             f"{q.get('calibration', '?')}; {s['bytes'] / 2**20:.1f} MiB = "

@@ -54,12 +54,14 @@ from qdlm_jax.jobs.streaming import (
     config_shim,
     quantize_streaming,
     save_packed,
+    stream_sensitivity,
 )
 from qdlm_jax.models.distributed import to_host
 from qdlm_jax.models.params import cast_floats, get_params, model_from_params
 from qdlm_jax.models.sharding import make_mesh
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import inner_weight
+from qdlm_jax.quant.bit_alloc import BitPlan, BudgetSpec, make_plan, model_sensitivity
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.quant.kv_core import KVSpec
@@ -87,6 +89,7 @@ class JobSpec:
     eval_tasks: tuple[str, ...] = ()  # built-in tasks scored beside the bound (`eval_task_specs`)
     eval_task_limit: int = 100
     wa: WASpec | None = None  # weight-activation PTQ (activations quantized) when set
+    budget: BudgetSpec | None = None  # mixed precision: widths per block from a bit plan
     config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
     overwrite: bool = False  # redo a finished run instead of reusing its results
 
@@ -111,15 +114,25 @@ class JobSpec:
         return (self.ptq if self.wa is None else self.wa).needs_calibration
 
     @property
+    def weight_bits(self) -> str:
+        """The weights' width as run names and logs show it: "3", or "mix3.5" under a bit
+        budget of 3.5."""
+        return (str(self.ptq.weight.bits) if self.budget is None
+                else f"mix{self.budget.budget:g}")
+
+    @property
     def config_hash(self) -> str:
         """8 hex digits of sha256 over the resolved config (where results go excluded)."""
         keyed = {k: v for k, v in self.config.items() if k not in ("out_dir", "overwrite")}
+        if keyed.get("bits_budget") is None:  # uniform runs keep the hash they had before
+            keyed = {k: v for k, v in keyed.items() if k not in ("bits_budget", "mixed")}
         return settings_digest(keyed, 8)
 
     @property
     def run_name(self) -> str:
         """`<model>-<method>-w<bits>[a<bits>[ag<act group>]]g<group>-<calibration>-<config
-        hash>`: two runs share a directory only when every setting is the same."""
+        hash>` (w<bits> is wmix<budget> under a bit budget): two runs share a directory only
+        when every setting is the same."""
         g = self.ptq.weight.group_size
         cal = self.calib.mode if self.needs_calibration else "nocal"
         a = "" if self.wa is None else f"a{self.act_bits}"
@@ -127,7 +140,7 @@ class JobSpec:
             a += f"ag{self.act_group_size}"
         if self.wa is not None and self.wa.kv is not None:
             a += f"kv{self.wa.kv.bits}" + ("-iaaq-" if self.wa.iaaq else "")
-        return (f"{model_label(self.model)}-{self.method}-w{self.ptq.weight.bits}{a}g{g}-{cal}"
+        return (f"{model_label(self.model)}-{self.method}-w{self.weight_bits}{a}g{g}-{cal}"
                 f"-{self.config_hash}")
 
 
@@ -144,7 +157,8 @@ def model_label(path: str) -> str:
 _FLAG_NAMES = {"QuantSpec.": "--config.", "CalibSpec.mode": "--config.calibration",
                "CalibSpec.": "--config.calib.", "ActSpec.bits": "--config.act_bits",
                "ActSpec.": "--config.act.", "KVSpec.": "--config.act.kv.",
-               "PTQSpec.": "--config."}
+               "PTQSpec.": "--config.", "BudgetSpec.budget": "--config.bits_budget",
+               "BudgetSpec.": "--config.mixed."}
 
 
 def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
@@ -192,8 +206,29 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                    eval_tasks=_eval_tasks(cfg.eval.get("tasks", ())),
                    eval_task_limit=int(cfg.eval.get("task_limit", 100)),
                    stream=_stream_setting(cfg.get("stream", "auto")),
-                   wa=wa, config={**cfg.to_dict(), "model": str(model)},
+                   wa=wa, budget=_budget_spec(cfg),
+                   config={**cfg.to_dict(), "model": str(model)},
                    overwrite=bool(cfg.get("overwrite", False)))
+
+
+def _budget_spec(cfg: ml_collections.ConfigDict) -> BudgetSpec | None:
+    """`--config.bits_budget` (None: uniform `bits`) with `--config.mixed.*`."""
+    value = cfg.get("bits_budget", None)
+    if value is None:
+        return None
+    if cfg.method not in ("rtn", "gptq", "awq") or cfg.get("act_bits", 16) != 16:
+        why = (" (daq's bits are a mean number of binary planes, which ABMP already moves "
+               "between each matrix's column blocks)" if cfg.method == "daq" else "")
+        raise ConfigOverrideError(f"--config.bits_budget={value}: mixed precision spreads the "
+                                  "widths of weight-only rtn, gptq or awq (act_bits 16); "
+                                  f"method={cfg.method} act_bits={cfg.get('act_bits', 16)} "
+                                  f"takes uniform --config.bits{why}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigOverrideError(f"--config.bits_budget={value!r}: expected a number of bits "
+                                  "(e.g. 3.5) or None")
+    mixed = cfg.get("mixed", None) or {}
+    return BudgetSpec(budget=float(value), widths=tuple(mixed.get("widths", (2, 3, 4, 8))),
+                      samples=int(mixed.get("samples", 8)), seed=cfg.calib.seed)
 
 
 def _stream_setting(value) -> str:
@@ -376,10 +411,13 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     tokenizer = load_tokenizer(spec.model)
     print(f"[quantize] tokenizer: {tokenizer.describe()}")
     print(f"[quantize] {spec.model}: {config.family}, streaming {spec.method} "
-          f"W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size} calibration={spec.calib.mode}"
+          f"W{spec.weight_bits} g{spec.ptq.weight.group_size} calibration={spec.calib.mode}"
           + (f" on a {dict(mesh.shape)} mesh" if mesh is not None else "")
           + f" -> {run_dir} (fp figures and KL to fp are skipped: the fp model is never "
           "resident; --config.stream=false computes them)")
+    spec, plan = with_bit_plan(  # before any block, so a resumed run has the same plan
+        spec, tokenizer,
+        lambda w: stream_sensitivity(spec.model, w, spec.budget, spec.ptq.weight), run_dir)
     calib = build_calibration(config_shim(config), calibration_windows(tokenizer, spec),
                               spec.calib)
     t_q = time.time()
@@ -389,6 +427,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
             "group_size": spec.ptq.weight.group_size, "sym": spec.ptq.weight.sym,
             "calibration": spec.calib.mode if spec.needs_calibration else "none",
             "config_hash": spec.config_hash}
+    record_plan(plan, meta)
     if spec.save:  # written one block at a time, then loaded back (the packed model is small)
         save_packed(spec.model, run_dir / "blocks", run_dir / "model",
                     extra_files=tokenizer_files(spec.model), meta=meta)
@@ -419,6 +458,7 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
         "stats": qstats,
         "tokenizer": tokenizer.describe(),
     }
+    record_plan(plan, result)
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
     if q is not None:
         atomic_write_text(run_dir / "report.md", report([result]))
@@ -429,11 +469,68 @@ def run_streaming(spec: JobSpec, run_dir: Path, t0: float, mesh=None) -> dict:
     return result
 
 
-def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
+PLAN_FILE = "plan.json"
+
+
+def plan_settings(spec: JobSpec) -> dict:
+    """What a bit plan depends on: a run dir's plan.json is reused only when they match."""
+    weight = {k: v for k, v in dataclasses.asdict(spec.ptq.weight).items() if k != "bits"}
+    return json.loads(json.dumps({"model": spec.model, "budget": dataclasses.asdict(spec.budget),
+                                  "weight": weight, "source": spec.source,
+                                  "seq_len": spec.calib.seq_len, "format": 1}))
+
+
+def with_bit_plan(spec: JobSpec, tokenizer, sensitivity, run_dir: Path | None = None
+                  ) -> tuple[JobSpec, BitPlan | None]:
+    """(spec with each block's width, the plan) under `--config.bits_budget`; (spec, None)
+    without one. The plan is `run_dir/plan.json` when that holds one made with these settings
+    (a resumed or repeated run uses the same plan); otherwise `sensitivity(windows)` (the
+    in-memory or the streaming pass) measures the table on the calibration windows, the
+    allocator makes the plan and it is written there before any block is quantized."""
+    if spec.budget is None:
+        return spec, None
+    settings, plan = plan_settings(spec), None
+    file = None if run_dir is None else Path(run_dir) / PLAN_FILE
+    if file is not None and file.is_file():
+        saved = BitPlan.from_json(json.loads(file.read_text()))
+        if saved.settings == settings:
+            plan = saved
+            print(f"[quantize] bit plan: {file} (made with these settings)")
+    if plan is None:
+        t0 = time.time()
+        table, params = sensitivity(calibration_windows(tokenizer, spec))
+        plan = make_plan(spec.budget, table, params, settings=settings,
+                         seconds=time.time() - t0)
+        if file is not None:
+            atomic_write_text(file, json.dumps(plan.to_json(), indent=2))
+    print(f"[quantize] bit plan for a budget of {plan.budget:g} bits: blocks at "
+          f"{' '.join(map(str, plan.bits))} bits, mean {plan.mean_bits:.4g}")
+    return dataclasses.replace(spec, ptq=dataclasses.replace(spec.ptq, block_bits=plan.bits)), plan
+
+
+def record_plan(plan: BitPlan | None, *records: dict) -> None:
+    """A planned run's `bits` is the plan's mean width, and the plan goes with it: into the
+    results and the checkpoint's metadata."""
+    for d in records if plan is not None else ():
+        d["bits"] = plan.mean_bits
+        d["bit_plan"] = plan.to_json()
+
+
+def stats_plan(qstats: dict) -> BitPlan | None:
+    """The bit plan `calibrate_and_quantize` ran with (None: uniform widths)."""
+    return BitPlan.from_json(qstats["bit_plan"]) if "bit_plan" in qstats else None
+
+
+def calibrate_and_quantize(model, tokenizer, spec: JobSpec, run_dir: Path | None = None):
     """The job's calibration + layer-wise quantization (shared with `qdlm study`):
-    returns (quantized model, stats, calibration batch or None, seconds spent quantizing)."""
+    returns (quantized model, stats, calibration batch or None, seconds spent quantizing).
+    Under a bit budget the plan (`with_bit_plan`, kept in `run_dir` when given) comes first
+    and is in stats["bit_plan"]."""
 
     _check_act_widths(model, spec)
+    spec, plan = with_bit_plan(
+        spec, tokenizer, lambda w: model_sensitivity(model, w, spec.budget, spec.ptq.weight),
+        run_dir)
     calib = None
     if spec.needs_calibration:
         calib = build_calibration(model, calibration_windows(tokenizer, spec), spec.calib)
@@ -442,6 +539,8 @@ def calibrate_and_quantize(model, tokenizer, spec: JobSpec):
         qmodel, qstats = quantize_model_wa(model, calib, spec.wa)
     else:
         qmodel, qstats = quantize_model(model, calib, spec.ptq)
+    if plan is not None:
+        qstats["bit_plan"] = plan.to_json()
     return qmodel, qstats, calib, time.time() - t_q
 
 
@@ -501,15 +600,19 @@ def run_on_mesh(spec: JobSpec, mesh_shape: tuple[int, int], t0: float) -> dict:
               "processes": jax.process_count(), "fp": None, "quantized": None,
               "quantize_s": quant_s, "total_s": time.time() - t0, "stats": qstats,
               "tokenizer": tokenizer.describe()}
+    meta = {"method": spec.method, "bits": spec.ptq.weight.bits,
+            "config_hash": spec.config_hash}
+    plan = stats_plan(qstats)
+    record_plan(plan, result, meta)
     if writer:
+        if plan is not None:  # every process made it (a collective pass); one writes it
+            atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2))
         if spec.save:
             stored = cast_floats(params, source_dtype)
             save_checkpoint(run_dir / "model",
                             qmodel.config.replace(param_dtype=source_dtype, dtype=source_dtype),
                             stored, overwrite=True,
-                            extra_files=tokenizer_files(spec.model),
-                            meta={"method": spec.method, "bits": spec.ptq.weight.bits,
-                                  "config_hash": spec.config_hash})
+                            extra_files=tokenizer_files(spec.model), meta=meta)
         atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
         print(f"[quantize] quantized in {quant_s:.1f}s; saved {run_dir / 'model'} (evaluate it "
               "with `qdlm eval`)")
@@ -545,7 +648,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
                               n_windows=spec.eval_windows)
     start_run_dir(run_dir, spec)
     print(f"[quantize] {spec.model}: {model.config.family}, method={spec.method} "
-          f"W{spec.ptq.weight.bits}A{spec.act_bits}"
+          f"W{spec.weight_bits}A{spec.act_bits}"
           + (f" (act groups of {spec.act_group_size})" if spec.act_group_size else "")
           + f" g{spec.ptq.weight.group_size} calibration="
           f"{spec.calib.mode} -> {run_dir}")
@@ -567,7 +670,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
             if fp_cache is not None:
                 fp_cache[fp_key] = fp
 
-    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec)
+    qmodel, qstats, calib, quant_s = calibrate_and_quantize(model, tokenizer, spec, run_dir)
     print("[quantize] evaluating the quantized model")
     q = evaluate(qmodel, tokenizer, windows, spec)
     kl = output_kl(model, qmodel, windows)
@@ -595,6 +698,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
         "total_s": time.time() - t0, "stats": qstats,
         "tokenizer": tokenizer.describe(),
     }
+    record_plan(stats_plan(qstats), result)
     if spec.save:  # unquantized tensors go back to the source checkpoint's dtype
         stored = cast_floats(params, source_dtype)
         save_checkpoint(run_dir / "model",
@@ -602,7 +706,8 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
                         stored, overwrite=True, extra_files=tokenizer_files(spec.model),
                         meta={**{k: result[k] for k in ("method", "bits", "act_bits",
                                                         "act_group_size", "group_size", "sym",
-                                                        "calibration")},
+                                                        "calibration")
+                                 + (("bit_plan",) if "bit_plan" in result else ())},
                               "config_hash": spec.config_hash})
         result["packed_bytes"] = param_summary(stored)["bytes"]
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))

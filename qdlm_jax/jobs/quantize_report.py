@@ -37,6 +37,30 @@ def _task_cells(ev: dict, names) -> str:
                    else "– | " for n in names)
 
 
+def _bits_text(result: dict) -> str:
+    plan = result.get("bit_plan")
+    return str(result["bits"]) if not plan else f"{plan['mean_bits']:.3g} mixed"
+
+
+def plan_table(result: dict) -> str:
+    """A mixed-precision run's bit plan: per block its width, its linear weights and its
+    sensitivity at every candidate width (the KL to fp of the model with that block alone
+    RTN-quantized; `quant/bit_alloc.py`)."""
+    p = result["bit_plan"]
+    b = p.get("settings", {}).get("budget", {})
+    lines = [f"Bit plan of {Path(result['run_dir']).name}: budget {p['budget']:g} bits, "
+             f"parameter-weighted mean {p['mean_bits']:.4g}. Sensitivity: KL(fp ‖ model with "
+             "the block alone RTN-quantized), bits per position, on "
+             f"{b.get('samples', '?')} calibration windows with "
+             f"{100 * b.get('mask_ratio', 0.5):.0f}% of positions masked.", "",
+             "| block | bits | linear weights | "
+             + " | ".join(f"KL at {w} bits" for w in p["widths"]) + " |",
+             "|---|---|---|" + "---|" * len(p["widths"])]
+    for i, (bits, n, row) in enumerate(zip(p["bits"], p["params"], p["sensitivity"])):
+        lines.append(f"| {i} | {bits} | {n:,} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(results: list[dict]) -> str:
     """Markdown table: FP baseline then one row per quantized run ("A bits" is "float" when
     activations are not quantized, weight-only PTQ and the FP model alike)."""
@@ -62,7 +86,7 @@ def report(results: list[dict]) -> str:
         label = r['method'].upper() + (f" + IA-AQ ({_iaaq_searched(r)})" if r.get("iaaq")
                                         else "")
         ag = r.get("act_group_size")
-        lines.append(f"| {Path(r['model']).name} | {label} | {r['bits']} | "
+        lines.append(f"| {Path(r['model']).name} | {label} | {_bits_text(r)} | "
                      f"{_act_text(r.get('act_bits', 16), r.get('kv_bits', 16), ag)} | "
                      f"{r['group_size']} | "
                      f"{r['calibration']} | "
@@ -87,4 +111,5 @@ def report(results: list[dict]) -> str:
             notes.append(f"{Path(r['model']).name}: tokenizer {r['tokenizer']}")
     footer = ("\n± is one standard error (over windows for the bound and KL, binomial for "
               "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
-    return "\n".join(lines) + "\n" + footer
+    plans = "".join(f"\n{plan_table(r)}" for r in results if r.get("bit_plan"))
+    return "\n".join(lines) + "\n" + footer + plans

@@ -48,9 +48,11 @@ from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath, block_from_params, cast_floats, flatten
 from qdlm_jax.models.sharding import activation_sharding, param_sharding
+from qdlm_jax.quant.bit_alloc import BudgetSpec, Head, block_sensitivity, sensitivity_batch
 from qdlm_jax.quant.block import block_inputs_from_x
 from qdlm_jax.quant.calibration import CalibBatch
 from qdlm_jax.quant.layerwise import PTQSpec, progress_bar, quantize_block
+from qdlm_jax.quant.quantizer_core import QuantSpec
 
 ACTIVATIONS = "x_next.npy"
 
@@ -77,8 +79,45 @@ def _settings_hash(src: Path, calib: CalibBatch, spec: PTQSpec, mesh=None) -> st
     return h.hexdigest()[:16]
 
 
-def _block_mappings(mappings, index: int):
-    return [m for m in mappings if m.path[:2] == ("layers", index)]
+def _embedded(ckpt: CheckpointDir, mappings, ids) -> np.ndarray:
+    """The embeddings of `ids` [N, T] in float32: only those rows of the memory-mapped
+    embedding are read, and its file pages are dropped after."""
+    x = np.asarray(ckpt.get(next(m.hf_name for m in mappings if m.path == ("embed",)))[
+        np.asarray(ids)], np.float32)
+    ckpt.drop_resident()
+    return x
+
+
+def _read_block(ckpt: CheckpointDir, mappings, config: ModelConfig, index: int, mesh=None):
+    """Block `index` in float32 (on `mesh` with the partition rules when given); its file
+    pages are dropped once it is copied out."""
+    block = block_from_params(config, index, read_tensors(
+        ckpt, [m for m in mappings if m.path[:2] == ("layers", index)], dtype="float32",
+        sharding_fn=None if mesh is None else param_sharding(mesh)))
+    ckpt.drop_resident()
+    return block
+
+
+def stream_sensitivity(src: str | Path, windows: np.ndarray, spec: BudgetSpec,
+                       weight_spec: QuantSpec, *, progress: bool = True
+                       ) -> tuple[np.ndarray, list[int]]:
+    """The bit plan's sensitivity table (`bit_alloc.block_sensitivity`) of the hub
+    checkpoint `src`, reading one fp block at a time from its memory maps (and the embedding
+    rows of the windows, the final norm and the LM head), as the in-memory pass computes it."""
+    ckpt = CheckpointDir(Path(src))
+    mappings = key_map(ckpt.config)
+    check_tensors(ckpt, mappings)
+    config = ckpt.config.replace(param_dtype="float32", dtype="float32")
+    batch = sensitivity_batch(windows, config.mask_token_id, spec)
+    x = _embedded(ckpt, mappings, batch.ids)
+    outer = read_tensors(ckpt, [m for m in mappings if m.path[0] in ("final_norm", "lm_head")],
+                         dtype="float32")
+    ckpt.drop_resident()
+    head = Head(outer[("final_norm", "scale")], outer[("lm_head", "kernel")],
+                config.rms_norm_eps)
+    blocks = (_read_block(ckpt, mappings, config, i) for i in range(config.num_layers))
+    return block_sensitivity(blocks, block_inputs_from_x(x, config, batch), head, weight_spec,
+                             spec.widths, progress=progress)
 
 
 def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
@@ -115,13 +154,12 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
     stats = {"method": spec.method, "bits": spec.weight.bits,
              "group_size": spec.weight.group_size, "sym": spec.weight.sym, "layers": {},
              "resumed_at": None}
+    if spec.block_bits is not None:
+        stats["block_bits"] = list(spec.block_bits)
     t0 = time.time()
-    embed = ckpt.get(next(m.hf_name for m in mappings if m.path == ("embed",)))
     place = (jnp.asarray if mesh is None  # activations between blocks
              else lambda a: jax.device_put(a, activation_sharding(mesh, a.shape)))
-    x = place(np.asarray(embed[np.asarray(calib.ids)], np.float32))  # only these rows
-    del embed
-    ckpt.drop_resident()
+    x = place(_embedded(ckpt, mappings, calib.ids))
     inputs = block_inputs_from_x(x, config, calib)
     bar = progress_bar(spec, config.num_layers, progress)
     for i in range(config.num_layers):
@@ -137,10 +175,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         if stats["resumed_at"] is None:
             stats["resumed_at"] = i
         t_read = time.time()
-        block = block_from_params(config, i, read_tensors(
-            ckpt, _block_mappings(mappings, i), dtype="float32",
-            sharding_fn=None if mesh is None else param_sharding(mesh)))
-        ckpt.drop_resident()  # the block is copied out: its file pages need not stay resident
+        block = _read_block(ckpt, mappings, config, i, mesh)
         t_quant = time.time()
         phases: dict = {}
         x, layer_stats = quantize_block(block, inputs, x, i, spec, bar=bar, timings=phases)

@@ -68,13 +68,30 @@ class PTQSpec:
     daq_refit: int = 1  # column compensation: scale refits on the values the loop met
     daq_abmp_check: bool = True  # keep ABMP only where it lowers the layer's output error
     chunk: int = 8  # calibration sequences per forward chunk
+    # Mixed precision: the width of each block's linears (a `bit_alloc.BitPlan`'s bits), in
+    # place of weight.bits; None: weight.bits everywhere.
+    block_bits: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.block_bits is not None and self.method == "daq":
+            raise ValueError("method=daq takes no per-block widths: its bits are a mean "
+                             "number of binary planes that ABMP already moves between a "
+                             "matrix's column blocks; use rtn, gptq or awq")
         if self.daq_compensate not in ("none", "block", "column"):
             raise ValueError(f"daq_compensate={self.daq_compensate!r}: expected none, block "
                              "or column")
+
+    def for_block(self, index: int) -> "PTQSpec":
+        """The spec block `index` is quantized with: weight.bits from `block_bits`."""
+        if self.block_bits is None:
+            return self
+        if not 0 <= index < len(self.block_bits):
+            raise ValueError(f"block_bits has {len(self.block_bits)} widths; block {index} "
+                             "has none (a bit plan for another model?)")
+        weight = dataclasses.replace(self.weight, bits=self.block_bits[index])
+        return dataclasses.replace(self, weight=weight, block_bits=None)
 
     @property
     def needs_calibration(self) -> bool:
@@ -95,8 +112,19 @@ def quantize_model(model: DLLM, calib: CalibBatch | None, spec: PTQSpec, *,
     config = model.config
     stats = {"method": spec.method, "bits": spec.weight.bits,
              "group_size": spec.weight.group_size, "sym": spec.weight.sym, "layers": {}}
+    if spec.block_bits is not None:
+        if len(spec.block_bits) != config.num_layers:
+            raise ValueError(f"block_bits has {len(spec.block_bits)} widths for a model of "
+                             f"{config.num_layers} blocks")
+        stats["block_bits"] = list(spec.block_bits)
     if spec.method == "rtn":
-        qmodel = model_from_params(config, rtn_quantize_params(get_params(model), spec.weight))
+        params = get_params(model)
+        if spec.block_bits is None:
+            params = rtn_quantize_params(params, spec.weight)
+        for i in range(config.num_layers if spec.block_bits is not None else 0):
+            params = rtn_quantize_params(params, spec.for_block(i).weight,
+                                         select=lambda p, _, i=i: p[:2] == ("layers", i))
+        qmodel = model_from_params(config, params)
         stats["time_s"] = time.time() - t0
         return qmodel, stats
     qmodel = model_from_params(config, dict(get_params(model)))  # a copy we may mutate
@@ -122,8 +150,9 @@ def daq_settings(spec: PTQSpec) -> dict:
 
 
 def progress_bar(spec: PTQSpec, num_layers: int, progress: bool = True):
+    bits = spec.weight.bits if spec.block_bits is None else "mixed"
     return tqdm(total=num_layers * len(GROUPS), unit="group", disable=not progress,
-                desc=f"{spec.method} W{spec.weight.bits} ({num_layers} blocks x "
+                desc=f"{spec.method} W{bits} ({num_layers} blocks x "
                      f"{len(GROUPS)} linear groups)")
 
 
@@ -155,6 +184,7 @@ def quantize_block(block, inputs: BlockInputs, x, index: int, spec: PTQSpec, *,
     block's forward, for the block error), capture_s (the group inputs and their Gram
     matrices), gptq_s (GPTQ calls), pack_s (packing and staging), output_s (the quantized
     block's output); AWQ and RTN time only the two forwards."""
+    spec = spec.for_block(index)
     runner = BlockRunner(block, inputs, spec.chunk)
     timed = _Timer(timings)
     prefix = f"layers.{index}."
