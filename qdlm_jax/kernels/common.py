@@ -8,11 +8,12 @@ Conventions (see docs/kernels.md):
              with uint8 codes packed along K (qdlm_jax.quant.packing)
     w_hat[n, k] = scale[n, g(k)] * (code[n, k] - zero[n, g(k)])      g(k) = k // group_size
 
-Activation quantization (`act_bits` = 8 or 4): dynamic, per token (row), symmetric,
+Activation quantization (`act_bits` = 8 or 4): dynamic, symmetric, per token (row) or, with
+`act_group_size` = ga, per group a of ga consecutive columns of a row (ga divides K):
 
     qmax  = 2**(act_bits - 1) - 1                (127, or 7: 4-bit values lie in [-7, 7])
-    s_x   = max_k |x[m, k]| / qmax               (1 for an all-zero row)
-    x_q   = clip(round(x / s_x), -qmax, qmax)    (round half to even, IEEE division)
+    s_x[m, a] = max_{k in a} |x[m, k]| / qmax    (1 for an all-zero group; one group = K)
+    x_q   = clip(round(x / s_x[m, k // ga]), -qmax, qmax)   (round half to even, IEEE div.)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Support(NamedTuple):
         return self.ok
 
 
-def check_operands(x, w, act_bits) -> None:
+def check_operands(x, w, act_bits, act_group_size=None) -> None:
     """ValueError unless `x @ w` is well formed (any implementation's precondition)."""
     if not isinstance(w, (QuantizedArray, BinaryPlanesArray)):
         raise ValueError(f"qmatmul: w must be a QuantizedArray or BinaryPlanesArray, got "
@@ -61,30 +62,43 @@ def check_operands(x, w, act_bits) -> None:
         raise ValueError(f"qmatmul: x has shape {tuple(x.shape)}, expected [..., {w.shape[0]}] "
                          f"to contract with a weight of logical shape {w.shape} "
                          f"({w.orientation})")
+    if act_group_size is not None:
+        k = w.shape[0]
+        if act_bits is None:
+            raise ValueError(f"qmatmul: act_group_size={act_group_size!r} needs act_bits "
+                             "(8 or 4): it groups the quantized activations")
+        if (isinstance(act_group_size, bool) or not isinstance(act_group_size, int)
+                or act_group_size <= 0 or k % act_group_size):
+            raise ValueError(f"qmatmul: act_group_size={act_group_size!r} must be a positive "
+                             f"divisor of K={k} (or None: one scale per token)")
 
 
-def checked_dims(name: str, supports, x, w, act_bits) -> tuple[int, int, int]:
+def checked_dims(name: str, supports, x, w, act_bits, act_group_size=None
+                 ) -> tuple[int, int, int]:
     """(M, N, K) of a call that `supports` accepts; ValueError naming the kernel otherwise."""
-    check_operands(x, w, act_bits)
-    ok, reason = supports(x, w, act_bits)
+    check_operands(x, w, act_bits, act_group_size)
+    ok, reason = supports(x, w, act_bits, act_group_size)
     if not ok:
         raise ValueError(f"{name}.qmatmul: unsupported call: {reason}")
     k, n = w.shape
     return math.prod(x.shape[:-1]), n, k
 
 
-def quantize_activations(x: Float[Array, "*rows k"], bits: int
-                         ) -> tuple[Int8[Array, "*rows k"], Float[Array, "*rows 1"]]:
-    """Per-row symmetric quantization (module docstring): (x_q int8, s_x float32)."""
+def quantize_activations(x: Float[Array, "*rows k"], bits: int, group_size: int | None = None
+                         ) -> tuple[Int8[Array, "*rows k"], Float[Array, "*rows groups"]]:
+    """Symmetric quantization per row, or per group of `group_size` consecutive columns of a
+    row (module docstring): (x_q int8, s_x float32 with one column per group)."""
     qmax = 2 ** (bits - 1) - 1
-    xf = x.astype(jnp.float32)
+    k = x.shape[-1]
+    gs = k if group_size is None else group_size
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], k // gs, gs)
     amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
     s_x = jnp.where(amax > 0, exact_div(amax, jnp.full_like(amax, qmax)), 1.0)
     x_q = jnp.clip(jnp.round(exact_div(xf, s_x)), -qmax, qmax).astype(jnp.int8)
-    return x_q, s_x
+    return x_q.reshape(x.shape), s_x[..., 0]
 
 
-def basic_support(x, w, act_bits, *, dtypes) -> Support:
+def basic_support(x, w, act_bits, *, dtypes, act_group_size=None) -> Support:
     """Rules shared by the Pallas kernels (bits, orientation, groups map, dtypes)."""
     if not isinstance(w, QuantizedArray):
         return Support(False, f"w is a {type(w).__name__}, not a QuantizedArray")
@@ -105,6 +119,9 @@ def basic_support(x, w, act_bits, *, dtypes) -> Support:
     if act_bits is not None and (w.n_groups != 1 or not w.sym):
         return Support(False, "act_bits needs per-channel (group_size == K) symmetric weights; "
                               f"got {w.n_groups} groups, sym={w.sym}")
+    if act_group_size is not None and (act_bits is None or x.shape[-1] % act_group_size):
+        return Support(False, f"act_group_size={act_group_size} needs act_bits and must "
+                              f"divide K={x.shape[-1]}")
     return Support(True)
 
 
@@ -135,7 +152,9 @@ class Operands(NamedTuple):
     xs       activations [Mp, Kp] (x, or x_q int8 when act_bits), split into its even and
              odd columns ([Mp, Kp/2] each) when bits == 4 so they meet the low and high
              nibbles of each packed byte
-    s_x      [Mp, 1] float32 per-token activation scales (None for weight-only)
+    s_x      [Mp, 1] float32 per-token activation scales, or [Mp, Kp / act_group_size] per
+             group (group a covers x columns a*ga .. (a+1)*ga - 1; padded rows and groups
+             are 0); None for weight-only
     packed   uint8 [Np, Kp * bits / 8]
     scale    float32 [Np, Gp]; padded rows/groups are 0 so padded weights dequantize to 0
     zero     float32 [Np, Gp], None when symmetric (zero point 2**(bits-1))
@@ -151,7 +170,8 @@ class Operands(NamedTuple):
     n: int  # N before padding
 
 
-def prepare(x, w: QuantizedArray, act_bits, *, m_pad: int, n_pad: int, k_pad: int) -> Operands:
+def prepare(x, w: QuantizedArray, act_bits, *, m_pad: int, n_pad: int, k_pad: int,
+            act_group_size: int | None = None) -> Operands:
     """Flatten x to rows, quantize it if act_bits, pad M/N/K, split even/odd for 4 bits."""
     k, n = w.shape
     lead = tuple(x.shape[:-1])
@@ -159,8 +179,10 @@ def prepare(x, w: QuantizedArray, act_bits, *, m_pad: int, n_pad: int, k_pad: in
     rows = x2.shape[0]
     s_x = None
     if act_bits is not None:
-        x2, s_x = quantize_activations(x2, act_bits)
+        x2, s_x = quantize_activations(x2, act_bits, act_group_size)
         s_x = pad_to(s_x, 0, m_pad)
+        if act_group_size is not None:
+            s_x = pad_to(s_x, 1, k_pad // act_group_size)
     x2 = pad_to(pad_to(x2, 0, m_pad), 1, k_pad)
     xs = (x2[:, 0::2], x2[:, 1::2]) if w.bits == 4 else (x2,)
     per_byte = 8 // w.bits

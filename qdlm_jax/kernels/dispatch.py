@@ -3,13 +3,15 @@
     y = qmatmul(x, w)                    # x[..., K] @ w (QuantizedArray, logical [K, N];
                                          # or BinaryPlanesArray: XLA path only)
     y = qmatmul(x, w, act_bits=8)        # W8A8: per-token int8 activations
+    y = qmatmul(x, w, act_bits=4, act_group_size=128)   # W4A4, a scale per 128 columns
     with use_implementation("pallas_tpu", interpret=True):
         y = model(ids)                   # every quantized linear runs the TPU kernel
 
 Implementations (`IMPLEMENTATIONS`): "xla" (everywhere, every QuantizedArray; defines the
 semantics), "pallas_tpu" (Mosaic), "pallas_gpu" (Triton). "auto" picks by the default
 backend: tpu -> pallas_tpu, gpu -> pallas_gpu, anything else -> xla. A Pallas
-implementation whose `supports(x, w, act_bits)` says no falls back to "xla" silently;
+implementation whose `supports(x, w, act_bits, act_group_size)` says no falls back to "xla"
+silently;
 `select_implementation` tells which one runs and why.
 
 Which implementation runs, in order of precedence: the `implementation=` argument, the
@@ -98,6 +100,7 @@ def platform_default() -> str:
 
 
 def select_implementation(x, w, *, act_bits: int | None = None,
+                          act_group_size: int | None = None,
                           implementation: str | None = None) -> tuple[str, str]:
     """(name, reason): the implementation `qmatmul` runs for these operands and why.
 
@@ -110,30 +113,35 @@ def select_implementation(x, w, *, act_bits: int | None = None,
         return "xla", "binary planes (DAQ) have an XLA implementation only"
     if name == "xla":
         return "xla", f"requested {requested!r}"
-    ok, reason = _KERNELS[name].supports(x, w, act_bits)
+    ok, reason = _KERNELS[name].supports(x, w, act_bits, act_group_size)
     if not ok:
         return "xla", f"{name} does not support this call: {reason}"
     return name, f"requested {requested!r}"
 
 
 def qmatmul(x: Float[Array, "... k"], w: QuantizedArray, *, act_bits: int | None = None,
-            implementation: str | None = None, interpret: bool | None = None
-            ) -> Float[Array, "... n"]:
+            act_group_size: int | None = None, implementation: str | None = None,
+            interpret: bool | None = None) -> Float[Array, "... n"]:
     """y[..., n] = x[..., k] @ w_logical[k, n] with a packed low-bit weight.
 
     act_bits=None: weight-only, y = x @ w_hat (w_hat = scale * (code - zero), cast to
     x.dtype; fp32 accumulation). act_bits=8 or 4: x is quantized per token,
     x_q = clip(round(x / s_x), -qmax, qmax) with s_x = max|x| / qmax, qmax = 2**(act_bits-1)-1,
     and y = (sum_k x_q * (code - zero)) * s_w * s_x with integer accumulation
-    (qdlm_jax/kernels/xla.py states the grouped case). Output dtype: x.dtype.
+    (qdlm_jax/kernels/xla.py states the grouped case). `act_group_size` (needs act_bits, a
+    divisor of k): one s_x per group of that many consecutive columns of a token instead of
+    per token; the integer sums run per group and each is scaled by its s_x. Output dtype:
+    x.dtype.
 
     `implementation`: "auto", "xla", "pallas_tpu" or "pallas_gpu" (default: the current
     setting, module docstring); `interpret` overrides the setting's interpret flag.
     """
-    common.check_operands(x, w, act_bits)
-    name, _ = select_implementation(x, w, act_bits=act_bits, implementation=implementation)
+    common.check_operands(x, w, act_bits, act_group_size)
+    name, _ = select_implementation(x, w, act_bits=act_bits, act_group_size=act_group_size,
+                                    implementation=implementation)
     if name == "xla":
-        return xla.qmatmul(x, w, act_bits=act_bits)
+        return xla.qmatmul(x, w, act_bits=act_bits, act_group_size=act_group_size)
     if interpret is None:
         interpret = current_setting().interpret
-    return _KERNELS[name].qmatmul(x, w, act_bits=act_bits, interpret=bool(interpret))
+    return _KERNELS[name].qmatmul(x, w, act_bits=act_bits, act_group_size=act_group_size,
+                                  interpret=bool(interpret))

@@ -1,5 +1,5 @@
 """Pallas GPU kernels for `qmatmul` on the Triton backend: W4A16 / W8A16 with group-wise
-scales, W8A8 / W4A4 with per-token activations and per-channel weights.
+scales, W8A8 / W4A4 with per-token or per-group activations and per-channel weights.
 
 Why Triton and not Mosaic GPU (jax 0.10.2, see docs/kernels.md): both lower for "cuda" on a
 CPU-only machine, but only the Triton form runs in Pallas interpret mode here, so only it
@@ -16,10 +16,15 @@ step are one [bn, 1] column:
                 acc += x_even @ w_lo.T + x_odd @ w_hi.T           (fp32 accumulation)
   act_bits      acc_i32 += x_q_even @ (codes_lo - 2**(bits-1)).T + ...   (int8 dot, int32)
                 y = ((acc * s_w[1, bn]) * s_x[bm, 1]).astype(x.dtype)
+  act groups    (act_group_size ga; bk divides ga) the K loop runs group by group: an int32
+                acc_a over the ga / bk steps of group a, then
+                f32 acc += (acc_a * s_w[1, bn]) * s_x[bm, a] (s_x's column a of the row block)
 
 S > 1 (split-K, chosen for decode so that at least ~one program per H100 SM is busy)
 writes raw fp32 / int32 partial accumulators [S, M, N]; XLA sums them (int32 sums stay
-exact) and applies the same epilogue. Block sizes (`choose_blocks`) are untuned starting
+exact) and applies the same epilogue. With act groups each program takes whole groups and
+its partial is already scaled (fp32), so XLA only sums: the result equals the fused one up
+to the order of the float additions. Block sizes (`choose_blocks`) are untuned starting
 points, not measured on a GPU.
 """
 
@@ -53,7 +58,8 @@ class Blocks(NamedTuple):
 
 
 def _step_codes(group_size: int, n_groups: int) -> int | None:
-    """Largest power of two <= MAX_BK dividing the group size (K steps stay in a group)."""
+    """Largest power of two <= MAX_BK dividing the group size (K steps stay in a group; the
+    weight's group, or the activations' with act groups)."""
     if n_groups == 1:
         return MAX_BK
     bk = MAX_BK
@@ -64,15 +70,20 @@ def _step_codes(group_size: int, n_groups: int) -> int | None:
     return None
 
 
-def choose_blocks(m: int, n: int, k: int, *, group_size: int, n_groups: int) -> Blocks | None:
-    """GPU block sizes for x[m, k] @ w[k, n]; None if no K step fits the group size."""
+def choose_blocks(m: int, n: int, k: int, *, group_size: int, n_groups: int,
+                  act_group_size: int | None = None) -> Blocks | None:
+    """GPU block sizes for x[m, k] @ w[k, n]; None if no K step fits the group size.
+    With `act_group_size` (per-channel weights) the K step lies in one activation group and
+    split-K shares out whole groups."""
+    if act_group_size is not None:
+        group_size, n_groups = act_group_size, k // act_group_size
     bk = _step_codes(group_size, n_groups)
     if bk is None:
         return None
     bm = next((c for c in (16, 32, 64) if m <= c), 128)
     bn = 64 if bm <= 32 else 128
     tiles = -(-m // bm) * -(-n // bn)
-    n_k = -(-k // bk)
+    n_k = -(-k // bk) if act_group_size is None else n_groups  # units split-K shares out
     split = 1
     while (bm <= 64 and split < MAX_SPLIT and tiles * split < TARGET_PROGRAMS
            and n_k % (2 * split) == 0):
@@ -80,26 +91,32 @@ def choose_blocks(m: int, n: int, k: int, *, group_size: int, n_groups: int) -> 
     return Blocks(bm=bm, bn=bn, bk=bk, split=split)
 
 
-def supports(x, w, act_bits=None) -> Support:
+def supports(x, w, act_bits=None, act_group_size=None) -> Support:
     """Whether these kernels take the call (else `qmatmul` falls back to XLA).
 
     Rules: QuantizedArray "in_out" without g_idx; 4- or 8-bit codes; x bf16, f16 or f32;
-    group_size == K or a multiple of 32; with act_bits, per-channel symmetric weights.
-    Shapes need not divide the blocks (M, N, K are padded).
+    group_size == K or a multiple of 32; with act_bits, per-channel symmetric weights; with
+    act_group_size, a multiple of 32 dividing K. Shapes need not divide the blocks (M, N, K
+    are padded).
     """
-    basic = common.basic_support(x, w, act_bits, dtypes=DTYPES)
+    basic = common.basic_support(x, w, act_bits, dtypes=DTYPES, act_group_size=act_group_size)
     if not basic:
         return basic
     if _step_codes(w.group_size, w.n_groups) is None:
         return Support(False, f"group_size={w.group_size} (needs a multiple of {MIN_BK}, or K)")
+    if act_group_size is not None and act_group_size % MIN_BK:
+        return Support(False, f"act_group_size={act_group_size} (needs a multiple of "
+                              f"{MIN_BK})")
     return Support(True)
 
 
 # ----- kernels ---------------------------------------------------------------------------
 
 
-def _kernel(*refs, bits, n_x, act, sym, bk, group_size, per_channel, steps, fused):
-    """One (split, row block, column block) program; see the module docstring."""
+def _kernel(*refs, bits, n_x, act, sym, bk, group_size, per_channel, steps, fused,
+            act_group_steps=None):
+    """One (split, row block, column block) program; see the module docstring.
+    `act_group_steps`: K steps per activation group (None: per-token activations)."""
     x_refs, p_ref = refs[:n_x], refs[n_x]
     rest = refs[n_x + 1:]
     if act:
@@ -109,8 +126,7 @@ def _kernel(*refs, bits, n_x, act, sym, bk, group_size, per_channel, steps, fuse
     lanes = bk * bits // 8  # packed bytes per step = x columns per half
     first = pl.program_id(0) * steps
 
-    def step(t, acc):
-        kk = first + t
+    def dots(kk, acc):  # acc += the products of K step kk (an absolute step index)
         k0 = kk * lanes
         codes = common.split_codes(p_ref[:, pl.ds(k0, lanes)], bits)
         if act:
@@ -126,8 +142,22 @@ def _kernel(*refs, bits, n_x, act, sym, bk, group_size, per_channel, steps, fuse
                                        preferred_element_type=acc.dtype)
         return acc
 
+    if act_group_steps is not None:
+        def group(a, acc):
+            g = first // act_group_steps + a
+            part = jax.lax.fori_loop(0, act_group_steps,
+                                     lambda t, p: dots(g * act_group_steps + t, p),
+                                     jnp.zeros(o_ref.shape, jnp.int32))
+            return acc + (part.astype(jnp.float32) * sw_ref[...]) * sx_ref[:, pl.ds(g, 1)]
+
+        acc = jax.lax.fori_loop(0, steps // act_group_steps, group,
+                                jnp.zeros(o_ref.shape, jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)  # fp32 partials when split (not fused)
+        return
+
     acc_dtype = jnp.int32 if act else jnp.float32
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, acc_dtype))
+    acc = jax.lax.fori_loop(0, steps, lambda t, a: dots(first + t, a),
+                            jnp.zeros(o_ref.shape, acc_dtype))
     if not fused:
         o_ref[...] = acc
     elif act:
@@ -150,21 +180,27 @@ def _check_blocks(blocks: Blocks, bits: int, group_size: int, n_groups: int) -> 
         raise ValueError(f"pallas_gpu: bk={bk} must divide group_size={group_size}")
 
 
-def qmatmul(x, w, *, act_bits: int | None = None, interpret: bool = False,
-            blocks: Blocks | None = None):
-    """y = x @ w on the Triton kernels (module docstring); `supports(x, w, act_bits)` must hold.
+def qmatmul(x, w, *, act_bits: int | None = None, act_group_size: int | None = None,
+            interpret: bool = False, blocks: Blocks | None = None):
+    """y = x @ w on the Triton kernels (module docstring); `supports(x, w, act_bits,
+    act_group_size)` must hold.
 
     `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU).
-    `blocks` overrides `choose_blocks`.
+    `blocks` overrides `choose_blocks` (with act_group_size, bk must divide it).
     """
-    m, n, k = common.checked_dims("pallas_gpu", supports, x, w, act_bits)
+    m, n, k = common.checked_dims("pallas_gpu", supports, x, w, act_bits, act_group_size)
     if blocks is None:
-        blocks = choose_blocks(m, n, k, group_size=w.group_size, n_groups=w.n_groups)
+        blocks = choose_blocks(m, n, k, group_size=w.group_size, n_groups=w.n_groups,
+                               act_group_size=act_group_size)
     _check_blocks(blocks, w.bits, w.group_size, w.n_groups)
     bm, bn, bk, split = blocks
     k_unit = bk * split if w.n_groups == 1 else math.lcm(bk * split, w.group_size)
+    if act_group_size is not None:
+        if act_group_size % bk:
+            raise ValueError(f"pallas_gpu: bk={bk} must divide act_group_size={act_group_size}")
+        k_unit = act_group_size * split  # whole groups per split
     ops = common.prepare(x, w, act_bits, m_pad=round_up(m, bm), n_pad=round_up(n, bn),
-                         k_pad=round_up(k, k_unit))
+                         k_pad=round_up(k, k_unit), act_group_size=act_group_size)
     m_pad, k_half = ops.xs[0].shape
     n_pad = ops.packed.shape[0]
     steps = k_half * len(ops.xs) // bk // split
@@ -180,8 +216,8 @@ def qmatmul(x, w, *, act_bits: int | None = None, interpret: bool = False,
     else:
         extra = [ops.scale.T, ops.s_x]
         extra_specs = [pl.BlockSpec((1, bn), lambda s, i, j: (0, j)),
-                       pl.BlockSpec((bm, 1), lambda s, i, j: (i, 0))]
-        acc_dtype = jnp.int32
+                       pl.BlockSpec((bm, ops.s_x.shape[1]), lambda s, i, j: (i, 0))]
+        acc_dtype = jnp.int32 if act_group_size is None else jnp.float32
     if fused:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_pad), x.dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda s, i, j: (i, j))
@@ -190,7 +226,8 @@ def qmatmul(x, w, *, act_bits: int | None = None, interpret: bool = False,
         out_spec = pl.BlockSpec((None, bm, bn), lambda s, i, j: (s, i, j))
     kernel = functools.partial(
         _kernel, bits=w.bits, n_x=n_x, act=act_bits is not None, sym=ops.zero is None, bk=bk,
-        group_size=w.group_size, per_channel=w.n_groups == 1, steps=steps, fused=fused)
+        group_size=w.group_size, per_channel=w.n_groups == 1, steps=steps, fused=fused,
+        act_group_steps=None if act_group_size is None else act_group_size // bk)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -203,7 +240,7 @@ def qmatmul(x, w, *, act_bits: int | None = None, interpret: bool = False,
     )(*ops.xs, ops.packed, *extra)
     if not fused:
         y = y.sum(axis=0)
-        if act_bits is not None:
+        if act_bits is not None and act_group_size is None:
             y = (y.astype(jnp.float32) * ops.scale.T) * ops.s_x
         y = y.astype(x.dtype)
     return common.finish(y, ops)

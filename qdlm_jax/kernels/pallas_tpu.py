@@ -1,5 +1,5 @@
 """Pallas TPU (Mosaic) kernels for `qmatmul`: W4A16 / W8A16 with group-wise scales, and
-W8A8 / W4A4 with per-token activations and per-channel weights.
+W8A8 / W4A4 with per-token or per-group activations and per-channel weights.
 
 Grid ``(M / bm, N / bn, K / bk)``, K innermost ("arbitrary"), a float32 (or int32) VMEM
 accumulator; the output block is written at the last K step. Per grid step:
@@ -14,6 +14,14 @@ accumulator; the output block is written at the last K step. Per grid step:
   act_bits      x_q (int8, quantized per token ahead of the kernel, common.py), codes - 2**(bits-1)
                 as int8; acc_i32 += x_q_even @ w_lo.T + ... (int8 MXU, int32 accumulation);
                 last step: y = ((acc * s_w[1, bn]) * s_x[bm, 1]).astype(x.dtype)
+  act groups    (act_group_size ga: bk is a multiple of ga, at most 8 groups a block) per
+                group a of the block, the codes outside a's lanes are set to 0 (a lane iota
+                select, as for weight groups) and acc_a = x_q @ w_a.T (int32) is exact for
+                that group alone; f32 acc += (acc_a * s_w[1, bn]) * s_x_a[bm, 1], group after
+                group; s_x_a arrives as a [bm, 1] column (one input per group position, from
+                a [Ga, M, 1] view of s_x). Each group costs one dot over the whole block, so
+                the MXU work is bk / ga times that of per-token activations (2x for 4-bit
+                weights with ga = 128, 1x for 8-bit; bk is the smallest block that fits)
 
 The x columns are split into even/odd halves outside the kernel (one XLA pass over x),
 so the packed bytes never need interleaving inside it.
@@ -78,18 +86,32 @@ def choose_blocks(m: int, n: int, k: int, *, bits: int, group_size: int,
     return Blocks(bm=bm, bn=_fewest_padded(n, _BN), bk=_fewest_padded(k, bks))
 
 
-def supports(x, w, act_bits=None) -> Support:
+def act_group_block(bits: int, act_group_size: int) -> int | None:
+    """The K block (codes) for per-group activations: the smallest of `_BK[bits]` that holds
+    a whole number of groups, at most MAX_GROUPS_PER_BLOCK of them; None if none does."""
+    fits = [c for c in _BK[bits] if c % act_group_size == 0
+            and c // act_group_size <= MAX_GROUPS_PER_BLOCK]
+    return min(fits) if fits else None
+
+
+def supports(x, w, act_bits=None, act_group_size=None) -> Support:
     """Whether these kernels take the call (else `qmatmul` falls back to XLA).
 
     Rules: QuantizedArray "in_out" without g_idx; 4- or 8-bit codes; x bf16 or f32;
     group_size == K, or a multiple of 128 that a K block (1024/512/256 codes, also 128 for
     8 bits) either holds at most 8 times or divides (e.g. 128, 256, 512, 1024, 2048; not
-    384 for 4 bits); with act_bits, per-channel symmetric weights. Shapes need not divide
-    the blocks (M, N, K are padded).
+    384 for 4 bits); with act_bits, per-channel symmetric weights; with act_group_size, a
+    divisor of K and of a K block holding at most 8 groups (32, 64, 128, 256 for 4-bit
+    weights; 16 to 128 dividing 128, and 256 for 8-bit). Shapes need not divide the blocks
+    (M, N, K are padded).
     """
-    basic = common.basic_support(x, w, act_bits, dtypes=DTYPES)
+    basic = common.basic_support(x, w, act_bits, dtypes=DTYPES, act_group_size=act_group_size)
     if not basic:
         return basic
+    if act_group_size is not None and act_group_block(w.bits, act_group_size) is None:
+        return Support(False, f"act_group_size={act_group_size} fits no K block of "
+                              f"{_BK[w.bits]} (a multiple of it, at most "
+                              f"{MAX_GROUPS_PER_BLOCK} groups)")
     if w.n_groups > 1 and w.group_size % 128:
         return Support(False, f"group_size={w.group_size} (needs a multiple of 128, or K)")
     k, n = w.shape
@@ -160,6 +182,34 @@ def _act_quant_kernel(*refs, bits, n_x, n_k):
         o_ref[...] = y.astype(o_ref.dtype)
 
 
+def _act_group_kernel(*refs, bits, n_x, n_cols, group_lanes, n_k):
+    x_refs, p_ref, sw_ref = refs[:n_x], refs[n_x], refs[n_x + 1]
+    sx_refs = refs[n_x + 2:n_x + 2 + n_cols]
+    o_ref, acc_ref = refs[-2:]
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    ws = [c - 2 ** (bits - 1) for c in common.split_codes(p_ref[...], bits)]
+    lane = jax.lax.broadcasted_iota(jnp.int32, ws[0].shape, 1)
+    acc = acc_ref[...]
+    for g in range(n_cols):
+        inside = (lane >= g * group_lanes) & (lane < (g + 1) * group_lanes)
+        part = None
+        for w, x_ref in zip(ws, x_refs):
+            w_g = jnp.where(inside, w, 0).astype(jnp.int8)
+            d = jax.lax.dot_general(x_ref[...], w_g, _DIMS, preferred_element_type=jnp.int32)
+            part = d if part is None else part + d
+        acc = acc + (part.astype(jnp.float32) * sw_ref[...]) * sx_refs[g][...]
+    acc_ref[...] = acc
+
+    @pl.when(k == n_k - 1)
+    def _store():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
 # ----- wrapper ---------------------------------------------------------------------------
 
 
@@ -174,31 +224,42 @@ def _check_blocks(blocks: Blocks, bits: int, group_size: int, n_groups: int) -> 
                          "groups, or group_size % bk == 0)")
 
 
-def _group_index_maps(bk: int, group_size: int, n_groups: int):
-    """Index maps of the [G, N, 1] scale view, one per group position in a K block."""
+def _group_index_maps(bk: int, group_size: int, n_groups: int, *, rows: bool = False):
+    """Index maps of a [G, N, 1] scale view (weights; or [G, M, 1] for activations with
+    `rows`), one per group position in a K block."""
+    def at(g, i, j):
+        return (g, i if rows else j, 0)
     if n_groups == 1:
-        return [lambda i, j, k: (0, j, 0)]
+        return [lambda i, j, k: at(0, i, j)]
     if group_size >= bk:
-        return [lambda i, j, k: ((k * bk) // group_size, j, 0)]
+        return [lambda i, j, k: at((k * bk) // group_size, i, j)]
     per = bk // group_size
-    return [functools.partial(lambda g, i, j, k: (k * per + g, j, 0), g) for g in range(per)]
+    return [functools.partial(lambda g, i, j, k: at(k * per + g, i, j), g) for g in range(per)]
 
 
-def qmatmul(x, w, *, act_bits: int | None = None, interpret: bool = False,
-            blocks: Blocks | None = None):
-    """y = x @ w on the TPU kernels (module docstring); `supports(x, w, act_bits)` must hold.
+def qmatmul(x, w, *, act_bits: int | None = None, act_group_size: int | None = None,
+            interpret: bool = False, blocks: Blocks | None = None):
+    """y = x @ w on the TPU kernels (module docstring); `supports(x, w, act_bits,
+    act_group_size)` must hold.
 
     `interpret=True` runs the kernel through the Pallas interpreter (any backend, e.g. CPU).
-    `blocks` overrides `choose_blocks` (bm % 32 == 0, bn % 128 == 0, bk*bits/8 % 128 == 0).
+    `blocks` overrides `choose_blocks` (bm % 32 == 0, bn % 128 == 0, bk*bits/8 % 128 == 0;
+    with act_group_size, bk a multiple of it holding at most 8 groups).
     """
-    m, n, k = common.checked_dims("pallas_tpu", supports, x, w, act_bits)
+    m, n, k = common.checked_dims("pallas_tpu", supports, x, w, act_bits, act_group_size)
     if blocks is None:
         blocks = choose_blocks(m, n, k, bits=w.bits, group_size=w.group_size,
                                n_groups=w.n_groups)
+        if act_group_size is not None:
+            blocks = blocks._replace(bk=act_group_block(w.bits, act_group_size))
     _check_blocks(blocks, w.bits, w.group_size, w.n_groups)
     bm, bn, bk = blocks
+    if act_group_size is not None and (bk % act_group_size
+                                       or bk // act_group_size > MAX_GROUPS_PER_BLOCK):
+        raise ValueError(f"pallas_tpu: bk={bk} must hold a whole number of activation groups "
+                         f"of {act_group_size}, at most {MAX_GROUPS_PER_BLOCK}")
     ops = common.prepare(x, w, act_bits, m_pad=round_up(m, bm), n_pad=round_up(n, bn),
-                         k_pad=round_up(k, bk))
+                         k_pad=round_up(k, bk), act_group_size=act_group_size)
     m_pad, n_pad = ops.xs[0].shape[0], ops.packed.shape[0]
     k_pad = ops.xs[0].shape[1] * len(ops.xs)
     grid = (m_pad // bm, n_pad // bn, k_pad // bk)
@@ -222,12 +283,20 @@ def qmatmul(x, w, *, act_bits: int | None = None, interpret: bool = False,
         inputs = [*ops.xs, ops.packed, *cols]
         in_specs = [x_spec] * n_x + [p_spec] + col_specs
         acc_dtype = jnp.float32
-    else:
+    elif act_group_size is None:
         kernel = functools.partial(_act_quant_kernel, bits=w.bits, n_x=n_x, n_k=grid[2])
         inputs = [*ops.xs, ops.packed, ops.scale.T, ops.s_x]
         in_specs = [x_spec] * n_x + [p_spec, pl.BlockSpec((1, bn), lambda i, j, k: (0, j)),
                                      pl.BlockSpec((bm, 1), lambda i, j, k: (i, 0))]
         acc_dtype = jnp.int32
+    else:
+        maps = _group_index_maps(bk, act_group_size, ops.s_x.shape[1], rows=True)
+        kernel = functools.partial(_act_group_kernel, bits=w.bits, n_x=n_x, n_cols=len(maps),
+                                   group_lanes=act_group_size * w.bits // 8, n_k=grid[2])
+        inputs = [*ops.xs, ops.packed, ops.scale.T] + [ops.s_x.T[:, :, None]] * len(maps)
+        in_specs = [x_spec] * n_x + [p_spec, pl.BlockSpec((1, bn), lambda i, j, k: (0, j))] + [
+            pl.BlockSpec((None, bm, 1), f) for f in maps]
+        acc_dtype = jnp.float32
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), x.dtype),

@@ -16,6 +16,16 @@ With one group per channel (group_size == K) that is ``y = (acc * s_w) * s_x``, 
 the kernels use, so integer-accumulating kernels match it bit for bit. It equals the
 fake-quant formula ``(x_q * s_x) @ w_hat.T`` up to float rounding.
 
+Per-group activation scales (`act_group_size` = ga: s_x[m, a] per group a of ga columns,
+common.py) need the activation and weight groups to nest (one size divides the other); the
+sums run over the finer of the two, u (size min(ga, gs)), in order:
+
+    acc_u[m, n] = sum_{k in u} x_q[m, k] * (code[n, k] - zero[n, g(u)])         (int32)
+    y[m, n] = sum_u (acc_u[m, n] * scale[n, g(u)]) * s_x[m, a(u)]              (float32)
+
+the order the kernels use for per-channel weights (u = a; each act group's integer dot
+scaled by s_w then by its s_x, added group after group).
+
 A `BinaryPlanesArray` (DAQ's sum of sign planes with row and column scales) is served here
 only (weight-only): ``y = x @ w_hat`` with ``w_hat = sum_k diag(r_k) B_k diag(c_k)`` summed
 in fp32 and cast to x.dtype, then the same fp32-accumulated dot.
@@ -33,9 +43,10 @@ from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 
 
-def supports(x, w, act_bits=None) -> Support:
-    """XLA takes every QuantizedArray, except act_bits with g_idx or "out_in" weights, and
-    every BinaryPlanesArray without act_bits."""
+def supports(x, w, act_bits=None, act_group_size=None) -> Support:
+    """XLA takes every QuantizedArray, except act_bits with g_idx or "out_in" weights or with
+    activation groups that do not nest with the weight groups, and every BinaryPlanesArray
+    without act_bits."""
     if isinstance(w, BinaryPlanesArray):
         return Support(act_bits is None, "" if act_bits is None else
                        "a BinaryPlanesArray is weight-only")
@@ -44,6 +55,10 @@ def supports(x, w, act_bits=None) -> Support:
                               "contraction axis)")
     if act_bits is not None and w.g_idx is not None:
         return Support(False, "act_bits with an act-order group map (g_idx)")
+    if act_group_size is not None and (max(act_group_size, w.group_size)
+                                       % min(act_group_size, w.group_size)):
+        return Support(False, f"act_group_size={act_group_size} and the weight's group_size="
+                              f"{w.group_size} do not nest (one must divide the other)")
     return Support(True)
 
 
@@ -76,12 +91,14 @@ def weight_only_matmul(x: Float[Array, "... k"],
     return jnp.einsum(eq, x, w_s, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def act_quant_matmul(x: Float[Array, "... k"], w: QuantizedArray, act_bits: int
-                     ) -> Float[Array, "... n"]:
-    """Integer matmul of per-token quantized activations with the codes (module docstring)."""
-    ok, reason = supports(x, w, act_bits)
+def act_quant_matmul(x: Float[Array, "... k"], w: QuantizedArray, act_bits: int,
+                     act_group_size: int | None = None) -> Float[Array, "... n"]:
+    """Integer matmul of quantized activations with the codes (module docstring)."""
+    ok, reason = supports(x, w, act_bits, act_group_size)
     if not ok:
         raise ValueError(f"qmatmul(act_bits={act_bits}): {reason} is not supported")
+    if act_group_size is not None:
+        return _act_group_matmul(x, after_input(x, w), act_bits, act_group_size)
     k, n = w.shape
     w = after_input(x, w)
     x_q, s_x = quantize_activations(x.reshape(-1, k), act_bits)
@@ -103,11 +120,35 @@ def act_quant_matmul(x: Float[Array, "... k"], w: QuantizedArray, act_bits: int
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def qmatmul(x: Float[Array, "... k"], w: QuantizedArray, *, act_bits: int | None = None
-            ) -> Float[Array, "... n"]:
+def _act_group_matmul(x, w: QuantizedArray, act_bits: int, ga: int):
+    """Per-group activation scales: sums over the finer of the nested groups, in order."""
+    k, n = w.shape
+    x_q, s_x = quantize_activations(x.reshape(-1, k), act_bits, ga)  # s_x [rows, k / ga]
+    rows, gs = x_q.shape[0], w.group_size
+    unit = min(ga, gs)
+    units = k // unit
+    zero = jnp.round(w.zeros()).astype(jnp.int32)  # [n, k / gs]
+    w_int = (w.codes().astype(jnp.int32).reshape(n, k // gs, gs) - zero[:, :, None])
+    w_u = w_int.reshape(n, units, unit).transpose(1, 0, 2)  # [units, n, unit]
+    x_u = x_q.reshape(rows, units, unit).transpose(1, 0, 2)  # [units, rows, unit]
+    s_w = jnp.repeat(w.scale.astype(jnp.float32).T, gs // unit, axis=0)  # [units, n]
+    s_a = jnp.repeat(s_x.T, ga // unit, axis=0)[:, :, None]  # [units, rows, 1]
+
+    def add_unit(acc, part):
+        xq_u, wq_u, sw_u, sx_u = part
+        acc_u = lax.dot_general(xq_u, wq_u, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+        return acc + (acc_u.astype(jnp.float32) * sw_u[None, :]) * sx_u, None
+
+    y, _ = lax.scan(add_unit, jnp.zeros((rows, n), jnp.float32), (x_u, w_u, s_w, s_a))
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def qmatmul(x: Float[Array, "... k"], w: QuantizedArray, *, act_bits: int | None = None,
+            act_group_size: int | None = None) -> Float[Array, "... n"]:
     """The XLA implementation (module docstring)."""
-    check_operands(x, w, act_bits)
+    check_operands(x, w, act_bits, act_group_size)
     if act_bits is None:
         return weight_only_matmul(x, w)
-    return act_quant_matmul(x, w, act_bits)
+    return act_quant_matmul(x, w, act_bits, act_group_size)
 

@@ -32,6 +32,7 @@ class Case:
     act_bits: int | None = None
     dtype: str = "float32"
     scale_dtype: str = "float32"
+    act_group_size: int | None = None  # activation scales per group of columns (act_bits)
 
 
 # Small and non-multiple shapes for the fast suite: M, N and K that need padding, several
@@ -44,22 +45,35 @@ FAST_CASES = (
     Case("w8a8_channel_bf16", (17,), 256, 128, 8, -1, True, act_bits=8, dtype="bfloat16"),
     Case("w4a4_channel_kpad", (3,), 768, 130, 4, -1, True, act_bits=4),
 )
+# Per-group activation scales (per-channel weights): groups of 32 / 64 / 128 columns,
+# several groups per K block, M / N / K padding, bf16, leading dims.
+ACT_GROUP_CASES = (
+    Case("w4a4_ag32_edges", (5,), 512, 200, 4, -1, True, act_bits=4, act_group_size=32),
+    Case("w8a8_ag64_bf16", (17,), 256, 128, 8, -1, True, act_bits=8, dtype="bfloat16",
+         act_group_size=64),
+    Case("w4a4_ag128_kpad_lead", (3, 1), 768, 130, 4, -1, True, act_bits=4,
+         act_group_size=128),
+    Case("w8a8_ag128_kpad", (9,), 384, 136, 8, -1, True, act_bits=8, act_group_size=128),
+)
 
 
 def make_operands(case: Case, seed: int = 0):
     rng = np.random.default_rng(seed)
     w = ref.random_weight(rng, case.k, case.n, bits=case.bits, group_size=case.group_size,
                           sym=case.sym, scale_dtype=jnp.dtype(case.scale_dtype))
-    x = jnp.asarray(rng.standard_normal((*case.lead, case.k)), jnp.dtype(case.dtype))
-    return x, w
+    x = rng.standard_normal((*case.lead, case.k))
+    if case.act_group_size is not None:  # outlier columns, so groups' scales differ a lot
+        x[..., 3::97] *= 30.0
+    return jnp.asarray(x, jnp.dtype(case.dtype)), w
 
 
-def interpreted(kernel_module, blocks=None):
+def interpreted(kernel_module, blocks=None, act_group_size=None):
     """fn(x, w, act_bits): the module's qmatmul in interpret mode, jitted (so each case
     compiles once instead of dispatching every op eagerly)."""
     @functools.partial(jax.jit, static_argnames="act_bits")
     def run(x, w, act_bits):
-        return kernel_module.qmatmul(x, w, act_bits=act_bits, interpret=True, blocks=blocks)
+        return kernel_module.qmatmul(x, w, act_bits=act_bits, act_group_size=act_group_size,
+                                     interpret=True, blocks=blocks)
     return lambda x, w, act_bits: run(x, w, act_bits=act_bits)
 
 
@@ -70,12 +84,15 @@ def first_columns(w: QuantizedArray, n: int) -> QuantizedArray:
 
 
 def check_against_xla_and_numpy(kernel_fns, case: Case, *, numpy_rows: int | None = None,
-                                numpy_cols: int | None = None):
+                                numpy_cols: int | None = None, float_sums: bool = False):
     """Each kernel_fn(x, w, act_bits) vs the XLA path (exact for integer accumulation,
-    within float / bf16 rounding otherwise), and the XLA path vs the NumPy statement (on
-    the first `numpy_rows` x `numpy_cols` outputs: a row's result only needs its row)."""
+    within float / bf16 rounding otherwise, or with `float_sums`, where a kernel adds scaled
+    fp32 partials in another order: within a few ulps of fp32), and the XLA path vs the
+    NumPy statement (on the first `numpy_rows` x `numpy_cols` outputs: a row's result only
+    needs its row)."""
     x, w = make_operands(case)
-    y_xla = jax.jit(xla.qmatmul, static_argnames="act_bits")(x, w, act_bits=case.act_bits)
+    y_xla = jax.jit(xla.qmatmul, static_argnames=("act_bits", "act_group_size"))(
+        x, w, act_bits=case.act_bits, act_group_size=case.act_group_size)
     y_xla = np.asarray(y_xla.astype(jnp.float32)).reshape(-1, case.n)
     scale = np.abs(y_xla).max()
     eps = 2.0 ** -7 if case.dtype == "bfloat16" else 1e-5  # bf16: one rounding of the output
@@ -83,7 +100,10 @@ def check_against_xla_and_numpy(kernel_fns, case: Case, *, numpy_rows: int | Non
         y = kernel_fn(x, w, case.act_bits)
         assert y.shape == (*case.lead, case.n) and y.dtype == x.dtype
         y = np.asarray(y.astype(jnp.float32)).reshape(-1, case.n)
-        if case.act_bits is not None:
+        if float_sums:
+            rtol = 2.0 ** -7 if case.dtype == "bfloat16" else 1e-6  # bf16: a rounding flip
+            np.testing.assert_allclose(y, y_xla, rtol=rtol, atol=rtol * scale)
+        elif case.act_bits is not None:
             np.testing.assert_array_equal(y, y_xla)
         else:
             np.testing.assert_allclose(y, y_xla, rtol=eps, atol=eps * scale)
@@ -91,7 +111,7 @@ def check_against_xla_and_numpy(kernel_fns, case: Case, *, numpy_rows: int | Non
     cols = slice(0, numpy_cols)
     w_sub = w if numpy_cols is None else first_columns(w, numpy_cols)
     if case.act_bits is not None:
-        expect = ref.act_quant(x2, w_sub, case.act_bits)
+        expect = ref.act_quant(x2, w_sub, case.act_bits, case.act_group_size)
         expect = np.asarray(jnp.asarray(expect).astype(x.dtype).astype(jnp.float32))
         np.testing.assert_array_equal(y_xla[:numpy_rows, cols], expect)
     else:
@@ -131,12 +151,23 @@ def export_cases():
     return cases
 
 
+# Per-group activations (per-channel weights): prefill W4A4 / W8A8 and decode W4A4, with a
+# group count that is not a power of two (3584 / 128 = 28).
+def export_act_group_cases():
+    return [("llada8b_4096x12288_w4a4_ag128_m2048", 2048, 4096, 12288, 4, -1, True, 4, 128),
+            ("llada8b_12288x4096_w8a8_ag64_m256", 256, 12288, 4096, 8, -1, True, 8, 64),
+            ("dream7b_3584x18944_w4a4_ag128_m16", 16, 3584, 18944, 4, -1, True, 4, 128),
+            ("dream7b_3584x512_w4a4_ag32_m1", 1, 3584, 512, 4, -1, True, 4, 32)]
+
+
 def export_kernel(qmatmul_fn, platform: str, case, **export_kwargs):
-    """jax.export of qmatmul_fn for one platform on ShapeDtypeStruct inputs; the module text."""
-    _, m, k, n, bits, group_size, sym, act_bits = case
+    """jax.export of qmatmul_fn for one platform on ShapeDtypeStruct inputs; the module text.
+    A case is (name, m, k, n, bits, group_size, sym, act_bits[, act_group_size])."""
+    _, m, k, n, bits, group_size, sym, act_bits, *act_group = case
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     w = abstract_weight(k, n, bits=bits, group_size=group_size, sym=sym)
-    fn = jax.jit(lambda x, w: qmatmul_fn(x, w, act_bits=act_bits))
+    fn = jax.jit(lambda x, w: qmatmul_fn(x, w, act_bits=act_bits,
+                                         act_group_size=act_group[0] if act_group else None))
     exported = jax.export.export(fn, platforms=[platform], **export_kwargs)(x, w)
     assert exported.platforms == (platform,)
     assert exported.out_avals[0].shape == (m, n)

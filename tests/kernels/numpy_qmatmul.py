@@ -6,6 +6,8 @@
     weight-only: y = x @ w_hat.T                                          (float64 here)
     act_bits:    qmax = 2**(a-1) - 1, s_x = max|x_row| / qmax, x_q = clip(round(x / s_x))
                  y = (sum_g int(x_q_g . (code_g - zero_g)) * scale_g) * s_x   (float32 steps)
+    act groups:  s_x[m, a] = max|x[m, group a]| / qmax; over the finer nested groups u,
+                 y = sum_u (int(x_q_u . (code_u - zero_g(u))) * scale_g(u)) * s_x_a(u)
 """
 
 from __future__ import annotations
@@ -66,17 +68,28 @@ def weight_only(x, w: QuantizedArray) -> np.ndarray:
     return x64 @ dequantize(w).T
 
 
-def quantize_activations(x, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_activations(x, bits: int, group_size: int | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(x_q [rows, k], s_x [rows, groups]): one scale per row, or per `group_size` columns."""
     qmax = np.float32(2 ** (bits - 1) - 1)
     xf = np.asarray(jnp.asarray(x).astype(jnp.float32))
-    amax = np.max(np.abs(xf), axis=-1, keepdims=True)
-    s_x = np.where(amax > 0, amax / qmax, np.float32(1)).astype(np.float32)
-    x_q = np.clip(np.round(xf / s_x), -qmax, qmax).astype(np.int64)
+    gs = xf.shape[-1] if group_size is None else group_size
+    x_q = np.empty(xf.shape, np.int64)
+    s_x = np.empty((xf.shape[0], xf.shape[-1] // gs), np.float32)
+    for a in range(s_x.shape[1]):
+        cols = slice(a * gs, (a + 1) * gs)
+        amax = np.max(np.abs(xf[:, cols]), axis=-1, keepdims=True)
+        s = np.where(amax > 0, amax / qmax, np.float32(1)).astype(np.float32)
+        x_q[:, cols] = np.clip(np.round(xf[:, cols] / s), -qmax, qmax)
+        s_x[:, a] = s[:, 0]
     return x_q, s_x
 
 
-def act_quant(x, w: QuantizedArray, act_bits: int) -> np.ndarray:
+def act_quant(x, w: QuantizedArray, act_bits: int, act_group_size: int | None = None
+              ) -> np.ndarray:
     """The integer formula, float32 result (before the cast to x's dtype)."""
+    if act_group_size is not None:
+        return _act_group_quant(x, w, act_bits, act_group_size)
     x_q, s_x = quantize_activations(x, act_bits)
     codes, scale, zero = grid(w)
     gs = w.group_size
@@ -86,3 +99,17 @@ def act_quant(x, w: QuantizedArray, act_bits: int) -> np.ndarray:
         acc_g = x_q[:, cols] @ (codes[:, cols] - zero[:, g:g + 1]).T  # exact int64
         acc = acc + acc_g.astype(np.float32) * scale[:, g][None, :]
     return acc * s_x
+
+
+def _act_group_quant(x, w: QuantizedArray, act_bits: int, ga: int) -> np.ndarray:
+    x_q, s_x = quantize_activations(x, act_bits, ga)
+    codes, scale, zero = grid(w)
+    gs = w.group_size
+    unit = min(ga, gs)
+    acc = np.zeros((x_q.shape[0], codes.shape[0]), np.float32)
+    for u in range(codes.shape[1] // unit):
+        cols = slice(u * unit, (u + 1) * unit)
+        g, a = u * unit // gs, u * unit // ga
+        acc_u = x_q[:, cols] @ (codes[:, cols] - zero[:, g:g + 1]).T  # exact int64
+        acc = acc + (acc_u.astype(np.float32) * scale[:, g][None, :]) * s_x[:, a:a + 1]
+    return acc

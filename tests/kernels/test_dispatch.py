@@ -87,6 +87,22 @@ def test_unsupported_calls_fall_back_to_xla_without_error():
                                  implementation="pallas_tpu")[0] == "pallas_tpu"
 
 
+def test_act_groups_dispatch_to_the_kernels_or_fall_back():
+    rng = np.random.default_rng(1)
+    w = ref.random_weight(rng, 256, 128, bits=4, group_size=-1, sym=True)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    expect = np.asarray(qmatmul(x, w, act_bits=4, act_group_size=64, implementation="xla"))
+    with use_implementation("pallas_tpu", interpret=True):
+        assert select_implementation(x, w, act_bits=4, act_group_size=64)[0] == "pallas_tpu"
+        assert _has_pallas(lambda x, w: qmatmul(x, w, act_bits=4, act_group_size=64), x, w)
+        np.testing.assert_array_equal(
+            np.asarray(qmatmul(x, w, act_bits=4, act_group_size=64)), expect)
+        name, reason = select_implementation(x, w, act_bits=4, act_group_size=16)
+        assert name == "xla" and "act_group_size=16" in reason
+    with pytest.raises(ValueError, match="act_group_size=100"):
+        qmatmul(x, w, act_bits=4, act_group_size=100)
+
+
 def test_jitted_functions_retrace_when_the_setting_changes():
     x, w = _operands()
     traced = []

@@ -1,5 +1,6 @@
-"""Pallas TPU kernels: interpret mode on CPU vs the XLA path and NumPy, capability rules on
-ShapeDtypeStructs, and lowering (jax.export for "tpu") at the real layer shapes."""
+"""Pallas TPU kernels: interpret mode on CPU vs the XLA path and NumPy (per-token and
+per-group activation scales), capability rules on ShapeDtypeStructs, and lowering
+(jax.export for "tpu") at the real layer shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,38 @@ BLOCKS = {"w4a16_asym_g128_edges": pallas_tpu.Blocks(32, 128, 256),
 @pytest.mark.parametrize("case", kc.FAST_CASES, ids=lambda c: c.name)
 def test_interpret_matches_xla_and_numpy(case):
     kc.check_against_xla_and_numpy([kc.interpreted(pallas_tpu, BLOCKS.get(case.name))], case)
+
+
+@pytest.mark.parametrize("case", kc.ACT_GROUP_CASES, ids=lambda c: c.name)
+def test_interpret_with_act_groups_equals_xla_and_numpy(case):
+    """Default blocks: 8 groups a K step for ag32 (two steps), 2 for ag64 / ag128; a 512-code
+    block holds 4 groups of 128 and pads K = 768 with a whole padded block."""
+    fns = [kc.interpreted(pallas_tpu, act_group_size=case.act_group_size)]
+    if case.name == "w4a4_ag128_kpad_lead":
+        fns.append(kc.interpreted(pallas_tpu, pallas_tpu.Blocks(32, 128, 512), 128))
+    kc.check_against_xla_and_numpy(fns, case)
+
+
+def test_act_group_rules():
+    x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
+    w4 = kc.abstract_weight(4096, 512, bits=4, group_size=-1, sym=True)
+    w8 = kc.abstract_weight(4096, 512, bits=8, group_size=-1, sym=True)
+    for w, ags, block in ((w4, 32, 256), (w4, 128, 256), (w4, 512, 512), (w8, 64, 128),
+                          (w8, 256, 256)):
+        assert pallas_tpu.supports(x, w, 4, ags), (w.bits, ags)
+        assert pallas_tpu.act_group_block(w.bits, ags) == block
+    x3 = jax.ShapeDtypeStruct((16, 3072), jnp.bfloat16)  # 3072 = 32 groups of 96
+    w3 = kc.abstract_weight(3072, 512, bits=4, group_size=-1, sym=True)
+    refused = {"fits no K block": (x, w4, 4, 16), "fits no K block of (1024": (x3, w3, 4, 96),
+               "must divide K": (x, w4, 4, 3000), "needs act_bits": (x, w4, None, 128),
+               "per-channel": (x, kc.abstract_weight(4096, 512, sym=True), 4, 128)}
+    for needle, (xs, w, bits, ags) in refused.items():
+        ok, reason = pallas_tpu.supports(xs, w, bits, ags)
+        assert not ok and needle in reason, (needle, reason)
+    x2, w2 = kc.make_operands(kc.ACT_GROUP_CASES[0])
+    with pytest.raises(ValueError, match="whole number of activation groups of 128"):
+        pallas_tpu.qmatmul(x2, w2, act_bits=4, act_group_size=128, interpret=True,
+                           blocks=pallas_tpu.Blocks(32, 128, 1024 + 256))
 
 
 def test_supports_on_shape_dtype_structs():
@@ -64,6 +97,6 @@ def test_bad_blocks_raise():
 
 
 def test_exports_for_tpu_at_llada_and_dream_layer_shapes():
-    for case in kc.export_cases():
+    for case in kc.export_cases() + kc.export_act_group_cases():
         text = kc.export_kernel(pallas_tpu.qmatmul, "tpu", case)
         assert text.count("tpu_custom_call") == 1, case[0]

@@ -89,6 +89,48 @@ def test_act_quant_matches_integer_formula_and_fake_quant(act_bits, w_bits, grou
     np.testing.assert_allclose(y, fake, rtol=1e-5, atol=1e-5 * np.abs(fake).max())
 
 
+@pytest.mark.parametrize("act_bits, w_bits, group_size, ags", [
+    (4, 4, -1, 32), (8, 8, -1, 128), (4, 4, 128, 32), (8, 4, 32, 128), (4, 8, 64, 64)])
+def test_act_groups_match_the_numpy_statement(act_bits, w_bits, group_size, ags):
+    """Per-channel weights, activation groups finer and coarser than the weight groups."""
+    rng = np.random.default_rng(act_bits + ags + group_size)
+    w = ref.random_weight(rng, 256, 48, bits=w_bits, group_size=group_size, sym=True)
+    x = rng.standard_normal((7, 256)).astype(np.float32)
+    x[:, 3::97] *= 30.0
+    x[4, 32:64] = 0.0  # an all-zero group: scale 1, zero codes
+    x_q, s_x = quantize_activations(jnp.asarray(x), act_bits, ags)
+    e_q, e_s = ref.quantize_activations(x, act_bits, ags)
+    assert s_x.shape == (7, 256 // ags)
+    np.testing.assert_array_equal(np.asarray(x_q), e_q)
+    np.testing.assert_array_equal(np.asarray(s_x), e_s)
+    fn = jax.jit(xla.qmatmul, static_argnames=("act_bits", "act_group_size"))
+    y = np.asarray(fn(jnp.asarray(x), w, act_bits=act_bits, act_group_size=ags))
+    np.testing.assert_array_equal(y, ref.act_quant(x, w, act_bits, ags))
+    fake = (e_q * np.repeat(e_s, ags, axis=1).astype(np.float64)) @ ref.dequantize(w).T
+    np.testing.assert_allclose(y, fake, rtol=1e-5, atol=1e-5 * np.abs(fake).max())
+    per_token = np.asarray(fn(jnp.asarray(x), w, act_bits=act_bits))
+    one_group = np.asarray(fn(jnp.asarray(x), w, act_bits=act_bits, act_group_size=256))
+    if group_size == -1:  # one group per row is the per-token formula, bit for bit
+        np.testing.assert_array_equal(one_group, per_token)
+    else:
+        np.testing.assert_allclose(one_group, per_token, rtol=1e-6,
+                                   atol=1e-6 * np.abs(per_token).max())
+
+
+def test_act_group_errors_name_the_value():
+    rng = np.random.default_rng(3)
+    x = jnp.ones((2, 192), jnp.float32)
+    w = ref.random_weight(rng, 192, 16, bits=4, group_size=64, sym=True)
+    with pytest.raises(ValueError, match="act_group_size=48 and the weight's group_size=64 "
+                                         "do not nest"):
+        xla.qmatmul(x, w, act_bits=4, act_group_size=48)
+    with pytest.raises(ValueError, match="act_group_size=128 must be a positive divisor of "
+                                         "K=192"):
+        xla.qmatmul(x, w, act_bits=4, act_group_size=128)
+    with pytest.raises(ValueError, match="needs act_bits"):
+        xla.qmatmul(x, w, act_group_size=64)
+
+
 def test_act_quant_bf16_output_dtype_and_leading_dims():
     rng = np.random.default_rng(1)
     w = ref.random_weight(rng, 128, 32, bits=8, group_size=-1, sym=True)
