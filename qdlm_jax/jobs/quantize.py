@@ -175,6 +175,14 @@ def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
         raise ConfigOverrideError(text) from None
 
 
+def check_family(spec: JobSpec) -> None:
+    """Refuses a checkpoint of a family the quantize passes do not handle (one line)."""
+    family = read_model_config(spec.model).family
+    if family not in ("llada", "dream"):
+        raise ConfigOverrideError(f"--config.model={spec.model}: a {family} model; qdlm "
+                                  "quantize handles LLaDA and Dream checkpoints")
+
+
 def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
     if cfg.method not in ALL_METHODS:
         raise ValueError(f"--config.method={cfg.method!r}: expected one of {ALL_METHODS}")
@@ -298,7 +306,8 @@ def _check_act_widths(model, spec: JobSpec) -> None:
     try:
         check_act_widths(model, spec.wa)
     except ValueError as e:
-        raise ConfigOverrideError(str(e).replace("ActSpec.", "--config.act.")) from None
+        raise ConfigOverrideError(str(e).replace("ActSpec.", "--config.act.").replace(
+            "KVSpec.", "--config.act.kv.")) from None
 
 
 def _eval_tasks(value) -> tuple[str, ...]:
@@ -549,6 +558,7 @@ def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
     evaluation or saving; `model` (the fp model of cfg.model) skips loading it again."""
 
     spec = job_spec(cfg)
+    check_family(spec)
     if model is None:
         model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)
@@ -627,6 +637,7 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
 
 
     spec = job_spec(cfg)
+    check_family(spec)
     if mesh_shape is not None:
         return run_on_mesh(spec, mesh_shape, time.time())
     run_dir = Path(spec.out_dir) / spec.run_name
