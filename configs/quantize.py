@@ -34,12 +34,13 @@ def get_config():
         clip_ratio=1.0))  # activation range shrink factor before rounding
     # K/V quantization inside attention (keys after RoPE; quarot rotates q/k by a Hadamard
     # first), for every weight-activation method: bits 16 = float | 8 | 4; granularity
-    # per_head (per token and head) | per_token_group (per channel over group_size tokens).
+    # per_head (per token and head) | per_channel_group (per token, head and group_size
+    # channels of the head) | per_token_group (per channel over group_size tokens).
     c.act.kv = ml_collections.ConfigDict(dict(
         bits=16,  # K/V bits: 16 = float | 8 | 4
-        granularity="per_head",  # per_head (per token and head) | per_token_group
+        granularity="per_head",  # per_head | per_channel_group | per_token_group
         sym=False,  # symmetric K/V grid
-        group_size=64))  # per_token_group: tokens sharing a scale, per channel
+        group_size=64))  # per_token_group: tokens; per_channel_group: channels of a head
     # DLLMQuant's IA-AQ: per kv head, the clip ratio of V (and of K with search_keys) on a grid
     # of `grid` points from 1.0 down to `lowest`, minimising the attention-output error
     # weighted by each token's attention importance, on the calibration data.

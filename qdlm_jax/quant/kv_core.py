@@ -7,6 +7,9 @@ clip ratio c per kv head (1 = no clipping):
 
     granularity  one (scale, zero) per
     per_head     (token, head): over the head's hd channels (QuaRot's K/V groups)
+    per_channel_group
+                 (token, head, group of `group_size` consecutive channels of the head):
+                 `group_size` divides hd; group_size = hd is `per_head`
     per_token_group
                  (group of `group_size` consecutive tokens, head, channel): KIVI-style, one
                  range per channel over a token group (the last group may be shorter)
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-KV_GRANULARITIES = ("per_head", "per_token_group")
+KV_GRANULARITIES = ("per_head", "per_channel_group", "per_token_group")
 _MIN_RANGE = 1e-5
 
 
@@ -57,7 +60,7 @@ class KVSpec:
     bits: int = 8  # 16 = float
     granularity: str = "per_head"
     sym: bool = False
-    group_size: int = 64  # tokens per group (per_token_group)
+    group_size: int = 64  # per_token_group: tokens; per_channel_group: channels of a head
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 5, 6, 7, 8, 16):
@@ -84,10 +87,15 @@ def kv_fake_quant(x: Float[Array, "B T H D"], spec: KVSpec | None,
     xf = x.astype(jnp.float32)
     c = jnp.ones((h,), jnp.float32) if clip is None else jnp.broadcast_to(
         jnp.asarray(clip, jnp.float32), (h,))
-    if spec.granularity == "per_head":
+    if spec.granularity == "per_channel_group" and d % spec.group_size:
+        raise ValueError(f"KVSpec.group_size={spec.group_size} does not divide the head dim "
+                         f"{d} (per_channel_group); use a divisor of {d}")
+    if spec.granularity != "per_token_group":  # ranges over (groups of) a head's channels
+        g = d if spec.granularity == "per_head" else spec.group_size
+        xf = xf.reshape(b, t, h, d // g, g)
         lo = jnp.min(xf, axis=-1, keepdims=True)
         hi = jnp.max(xf, axis=-1, keepdims=True)
-        c = c[:, None]
+        c = c[:, None, None]
     else:
         g = spec.group_size
         pad = (-t) % g
@@ -100,13 +108,13 @@ def kv_fake_quant(x: Float[Array, "B T H D"], spec: KVSpec | None,
         qmax = 2 ** (spec.bits - 1) - 1
         s = jnp.maximum(c * jnp.maximum(-lo, hi), _MIN_RANGE) / qmax
         q = jnp.clip(jnp.round(xf / s), -qmax - 1, qmax)
-        return (s * q).astype(x.dtype)
+        return (s * q).reshape(x.shape).astype(x.dtype)
     maxq = 2 ** spec.bits - 1
     lo, hi = c * lo, c * hi
     s = jnp.maximum(hi - lo, _MIN_RANGE) / maxq
     z = jnp.round(-lo / s)
     q = jnp.clip(jnp.round(xf / s) + z, 0, maxq)
-    return (s * (q - z)).astype(x.dtype)
+    return (s * (q - z)).reshape(x.shape).astype(x.dtype)
 
 
 def attention_probs(q: Float[Array, "B Tq H D"], k: Float[Array, "B T KV D"],

@@ -241,8 +241,12 @@ def _add_kv_quant(block, inputs, x, spec: WASpec) -> dict:
 
 def check_act_widths(model: DLLM, spec: WASpec) -> None:
     """ValueError naming the first linear whose input width the activation group size
-    (`per_group`) does not divide; the transforms keep every width, so the float model's
-    widths are the ones quantized."""
+    (`per_group`) does not divide (the transforms keep every width, so the float model's
+    widths are the ones quantized), or when K/V channel groups do not divide the head dim."""
+    kv, hd = spec.kv, model.config.head_dim
+    if kv is not None and kv.granularity == "per_channel_group" and hd % kv.group_size:
+        raise ValueError(f"KVSpec.group_size={kv.group_size} does not divide the head dim "
+                         f"{hd} (per_channel_group); use a divisor of {hd}")
     if spec.act is None:
         return
     linears = [(f"layers.0.{n}", getattr(model.layers[0], n)) for g in GROUPS for n in g]

@@ -1,6 +1,7 @@
 """The quantize job with per-group activation scales: the flags reach the spec, per-token and
 per-group runs get different run directories, the report shows the group, and bad values
-are one-line flag errors (a group size that does not divide a linear names the linear)."""
+are one-line flag errors (a group size that does not divide a linear names the linear, K/V
+channel groups must divide the head dim)."""
 
 from pathlib import Path
 
@@ -51,3 +52,7 @@ def test_bad_activation_groups_are_flag_errors(tmp_path):
                                                   r"divide the width 128 of layers\.0\.q_proj"):
         run(_cfg(tmp_path, *W4A4, "--config.act.granularity=per_group",
                  "--config.act.group_size=96"))
+    with pytest.raises(ConfigOverrideError, match=r"^--config\.act\.kv\.group_size=64 does "
+                                                  r"not divide the head dim 32"):
+        run(_cfg(tmp_path, *W4A4, "--config.act.kv.bits=4",
+                 "--config.act.kv.granularity=per_channel_group"))

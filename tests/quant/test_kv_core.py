@@ -97,6 +97,30 @@ def test_kv_fake_quant_16_bits_is_the_identity_and_bounds_the_error():
         np_fake_quant(np.asarray(x), 4, False, np.full(3, 0.8)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_per_channel_group_is_per_head_on_each_channel_slice(sym):
+    """Each slice of `group_size` channels of a head is quantized as its own head (the
+    per-head NumPy statement on the slice), with the head's clip ratio; group_size = hd is
+    per_head bit for bit."""
+    x = np.random.default_rng(2).normal(size=(2, 6, 3, 16)).astype(np.float32)
+    x[..., 5] *= 20.0  # an outlier channel: only its group's grid coarsens
+    clip = np.array([1.0, 0.9, 0.8], np.float32)
+    spec = KVSpec(bits=4, granularity="per_channel_group", sym=sym, group_size=4)
+    ours = np.asarray(kv_core.kv_fake_quant(jnp.asarray(x), spec, jnp.asarray(clip)))
+    ref = np.concatenate([np_fake_quant(x[..., a:a + 4], 4, sym, clip)
+                          for a in range(0, 16, 4)], axis=-1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+    per_head = kv_core.kv_fake_quant(jnp.asarray(x), KVSpec(bits=4, sym=sym))
+    whole = kv_core.kv_fake_quant(jnp.asarray(x), KVSpec(bits=4, sym=sym, group_size=16,
+                                                         granularity="per_channel_group"))
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(per_head))
+    grouped = np.asarray(kv_core.kv_fake_quant(jnp.asarray(x), spec))  # no clipping either
+    assert np.sum((grouped - x) ** 2) < 0.5 * np.sum((np.asarray(per_head) - x) ** 2)
+    with pytest.raises(ValueError, match="group_size=6 does not divide the head dim 16"):
+        kv_core.kv_fake_quant(jnp.asarray(x), KVSpec(bits=4, granularity="per_channel_group",
+                                                     group_size=6))
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_kv_16_is_identity_8_bits_changes_logits_little_4_bits_more(family):
     model = _model(family)
