@@ -31,11 +31,11 @@ quantized per-expert kernel type registers its grouped matmul with
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 # {kernel type: fn(x [N, in], kernel, group_sizes [E]) -> [N, out]} for non-array kernels.
 _EXPERT_MATMULS: dict[type, Callable[[jax.Array, Any, jax.Array], jax.Array]] = {}
@@ -56,6 +56,38 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 CPU_CHUNK = 16  # rows per dot of the CPU grouped matmul
 
 
+class ChunkPairs(NamedTuple):
+    """The (group, chunk) pairs of rows sorted by group (module docstring): group g's rows
+    are [starts[g], starts[g] + sizes[g]), cut into chunks[g] chunks; pair p belongs to the
+    first group whose cumulative chunk count `cum` exceeds p."""
+
+    starts: Int[Array, " E"]
+    sizes: Int[Array, " E"]
+    chunks: Int[Array, " E"]
+    cum: Int[Array, " E"]
+    chunk: int
+
+    @classmethod
+    def of(cls, group_sizes: Int[Array, " E"], chunk: int) -> "ChunkPairs":
+        sizes = group_sizes.astype(jnp.int32)
+        chunks = (sizes + chunk - 1) // chunk
+        return cls(starts=jnp.cumsum(sizes) - sizes, sizes=sizes, chunks=chunks,
+                   cum=jnp.cumsum(chunks), chunk=chunk)
+
+    def bound(self, rows: int) -> int:
+        """A static upper bound of the pair count for `rows` sorted rows."""
+        return -(-rows // self.chunk) + self.sizes.shape[0]
+
+    def at(self, p) -> tuple[jax.Array, jax.Array, Bool[Array, " chunk"]]:
+        """(group, first row, which of the chunk's rows are the group's) of pair p; past the
+        last pair every row is masked."""
+        g = jnp.minimum(jnp.searchsorted(self.cum, p, side="right"), self.cum.shape[0] - 1)
+        row = self.starts[g] + (p - (self.cum[g] - self.chunks[g])) * self.chunk
+        keep = ((jnp.arange(self.chunk) < self.starts[g] + self.sizes[g] - row)
+                & (p < self.cum[-1]))
+        return g, row, keep
+
+
 def grouped_matmul_chunked(x: Float[Array, "M In"], w: Float[Array, "E In Out"],
                            group_sizes: Int[Array, " E"],
                            chunk: int = CPU_CHUNK) -> Float[Array, "M Out"]:
@@ -64,24 +96,19 @@ def grouped_matmul_chunked(x: Float[Array, "M In"], w: Float[Array, "E In Out"],
     fp32 and returned in fp32."""
     m, d_in = x.shape
     n_out = w.shape[-1]
-    sizes = group_sizes.astype(jnp.int32)
-    starts = jnp.cumsum(sizes) - sizes
-    chunks = (sizes + chunk - 1) // chunk
-    cum = jnp.cumsum(chunks)
+    pairs = ChunkPairs.of(group_sizes, chunk)
     xp = jnp.pad(x, ((0, chunk), (0, 0)))
 
     def body(p, out):
-        g = jnp.minimum(jnp.searchsorted(cum, p, side="right"), w.shape[0] - 1)
-        row = starts[g] + (p - (cum[g] - chunks[g])) * chunk
+        g, row, keep = pairs.at(p)
         rows = jax.lax.dynamic_slice(xp, (row, 0), (chunk, d_in))
         y = jnp.dot(rows, jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False),
                     preferred_element_type=jnp.float32)
-        keep = (jnp.arange(chunk) < starts[g] + sizes[g] - row) & (p < cum[-1])
         cur = jax.lax.dynamic_slice(out, (row, 0), (chunk, n_out))
         return jax.lax.dynamic_update_slice(out, jnp.where(keep[:, None], y, cur), (row, 0))
 
-    bound = -(-m // chunk) + w.shape[0]
-    out = jax.lax.fori_loop(0, bound, body, jnp.zeros((m + chunk, n_out), jnp.float32))
+    out = jax.lax.fori_loop(0, pairs.bound(m), body,
+                            jnp.zeros((m + chunk, n_out), jnp.float32))
     return out[:m]
 
 
@@ -107,17 +134,25 @@ def expert_project(x: Float[Array, "N In"], kernel: Any,
     return grouped_matmul(x, kernel.astype(x.dtype), group_sizes).astype(x.dtype)
 
 
+def sort_by_expert(top_ids: Int[Array, "N K"], num_experts: int
+                   ) -> tuple[Int[Array, " NK"], Int[Array, " NK"], Int[Array, " E"]]:
+    """(order, token, group_sizes) of the N*K (token, choice) pairs sorted by expert (stable):
+    sorted pair r is flat choice order[r] of token token[r]; expert e has group_sizes[e]
+    consecutive pairs."""
+    k = top_ids.shape[1]
+    flat = top_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, order // k, group_sizes
+
+
 def moe(x: Float[Array, "N H"], gate_up: Any, down: Any, top_ids: Int[Array, "N K"],
         top_weights: Float[Array, "N K"],
         activation: Callable[[jax.Array], jax.Array] = gelu_tanh) -> Float[Array, "N H"]:
     """sum_j w_{t,j} * down_e(act(gate_e x_t) * up_e x_t) over each token's chosen experts,
     computed on the expert-sorted (token, expert) pairs (module docstring)."""
     n, k = top_ids.shape
-    num_experts = gate_up.shape[0]
-    flat = top_ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    order, token, group_sizes = sort_by_expert(top_ids, gate_up.shape[0])
     h = expert_project(x[token], gate_up, group_sizes)
     inter = h.shape[-1] // 2
     h = activation(h[:, :inter]) * h[:, inter:]
