@@ -16,6 +16,10 @@ keeping every activation.
 With `residual_fn`, the dense model also records `residual_fn(h_i)` of each block's output
 (the residual stream after block i, `[batch, seq, hidden]`) in `residual[i]`; without it
 nothing is recorded there, so a plain `Capture()` holds the linear inputs alone.
+
+With `experts_fn`, a mixture-of-experts model records `experts_fn(x, top_ids, top_weights)`
+of each layer's routed experts in `experts[i]`: `x` the experts' input `[batch, seq, hidden]`
+(after its norm), `top_ids` / `top_weights` `[batch, seq, k]` the router's choices.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class Capture:
 
     def __init__(self, names: str | tuple[str, ...] | None = None,
                  fn: Callable[[jax.Array], object] | None = None, *,
-                 residual_fn: Callable[[jax.Array], object] | None = None):
+                 residual_fn: Callable[[jax.Array], object] | None = None,
+                 experts_fn: Callable[[jax.Array, jax.Array, jax.Array], object] | None = None):
         if isinstance(names, str):
             pattern = re.compile(names)
             self._wants = lambda n: pattern.fullmatch(n) is not None
@@ -44,6 +49,8 @@ class Capture:
         self._residual_fn = residual_fn
         self.values: dict[str, object] = {}
         self.residual: dict[int, object] = {}
+        self._experts_fn = experts_fn
+        self.experts: dict[int, object] = {}
 
     def wants(self, name: str) -> bool:
         return self._wants(name)
@@ -59,3 +66,11 @@ class Capture:
             if layer in self.residual:
                 raise ValueError(f"Capture: block {layer}'s output was recorded twice in one pass")
             self.residual[layer] = self._residual_fn(h)
+
+    def record_experts(self, layer: int, x: jax.Array, top_ids: jax.Array,
+                       top_weights: jax.Array) -> None:
+        if self._experts_fn is not None:
+            if layer in self.experts:
+                raise ValueError(f"Capture: layer {layer}'s experts were recorded twice in one "
+                                 "pass")
+            self.experts[layer] = self._experts_fn(x, top_ids, top_weights)

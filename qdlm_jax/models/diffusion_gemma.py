@@ -282,8 +282,11 @@ class Layer(nnx.Module):
         top_ids, top_weights = self.router(r, capture)
         if routes is not None:
             routes[self.index] = (top_ids, top_weights)
+        expert_in = self.pre_feedforward_layernorm_2(r)
+        if capture is not None:
+            capture.record_experts(self.index, expert_in, top_ids, top_weights)
         routed = self.post_feedforward_layernorm_2(
-            self.experts(self.pre_feedforward_layernorm_2(r), top_ids, top_weights))
+            self.experts(expert_in, top_ids, top_weights))
         out = r + self.post_feedforward_layernorm(dense + routed)
         return out * scalar.astype(out.dtype)
 
