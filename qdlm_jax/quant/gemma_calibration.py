@@ -1,0 +1,140 @@
+"""Two-mode calibration statistics of DiffusionGemma: its one weight stack runs as a causal
+encoder over clean prompts and as a bidirectional decoder over noisy canvases with
+self-conditioning, and the calibration sees both uses.
+
+With prompts P [B, p] and clean canvases C [B, L] (the text that follows each prompt):
+
+    encoder   Enc(P) over the clean prompts (causal; every token counted)
+    decoder   cache = Enc(P); for each noise level t:
+                  x  = where(u < t, U{0..V-1}, C),   u ~ U[0, 1)^{B x L}
+                  sc = Dec(x, none, cache) / T_t,    T_t = t_min + (t_max - t_min) t
+                       (the sampler's logits fed back at its temperature for step n/N = t;
+                       none without `self_condition`)
+                  Dec(x, sc, cache)                  <- the recorded pass
+
+`modes` chooses "encoder", "decoder" or "both". For each recorded linear the statistic is
+its input's Gram matrix and token count summed over every recorded pass,
+
+    gram = sum_passes sum_tokens x x^T,      count = number of tokens,
+
+and for each recorded MoE layer the experts' input rows with the router's choices
+(`Capture(experts_fn=)`), concatenated over the passes: per-expert statistics depend on
+which expert each row was routed to (`gptq_experts_core`).
+
+Random numbers: level j uses `fold_in(key(seed), j)`, split into (mask key, ids key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from qdlm_jax.models.capture import Capture
+from qdlm_jax.models.diffusion_gemma import DiffusionGemma, init_cache
+
+MODES = ("encoder", "decoder", "both")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GemmaCalibSpec:
+    """Which passes the calibration records (module docstring)."""
+
+    modes: str = "both"  # encoder | decoder | both
+    levels: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # decoder noise levels t in (0, 1]
+    self_condition: bool = True  # the recorded decoder pass gets a first pass's logits
+    t_min: float = 0.4  # T_t = t_min + (t_max - t_min) t for the self-conditioning logits
+    t_max: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels", tuple(float(t) for t in self.levels))
+        if self.modes not in MODES:
+            raise ValueError(f"modes={self.modes!r}: expected one of {MODES}")
+        if self.modes != "encoder" and (not self.levels
+                                        or not all(0 < t <= 1 for t in self.levels)):
+            raise ValueError(f"levels={self.levels!r}: expected noise levels in (0, 1]")
+        if not 0 < self.t_min <= self.t_max:
+            raise ValueError(f"t_min={self.t_min!r}, t_max={self.t_max!r}: expected "
+                             "0 < t_min <= t_max")
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """What the recorded passes saw: {linear name: (gram [in, in], tokens)} and {MoE layer:
+    (expert input rows [M, H], top_ids [M, k], top_weights [M, k])}."""
+
+    grams: dict[str, tuple[jax.Array, int]]
+    experts: dict[int, tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def _gram(x):
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return jnp.einsum("ti,tj->ij", flat, flat, precision=jax.lax.Precision.HIGHEST), \
+        flat.shape[0]
+
+
+def _rows(x, top_ids, top_weights):
+    k = top_ids.shape[-1]
+    return (x.reshape(-1, x.shape[-1]), top_ids.reshape(-1, k), top_weights.reshape(-1, k))
+
+
+def noised_canvases(canvases: Int[Array, "B L"], level: float, key, vocab: int):
+    """`canvases` with each token replaced by a uniform id with probability `level`."""
+    k_mask, k_ids = jax.random.split(key)
+    noise = jax.random.uniform(k_mask, canvases.shape) < level
+    ids = jax.random.randint(k_ids, canvases.shape, 0, vocab, jnp.int32)
+    return jnp.where(noise, ids, canvases)
+
+
+def gemma_layer_stats(model: DiffusionGemma, prompts: Int[Array, "B P"],
+                      canvases: Int[Array, "B L"], spec: GemmaCalibSpec, *,
+                      names: tuple[str, ...] = (),
+                      expert_layers: tuple[int, ...] = ()) -> LayerStats:
+    """The statistics of the linears `names` (hook names, `diffusion_gemma.linear_names`)
+    and of the MoE layers `expert_layers` over the passes of `spec` (module docstring)."""
+    c = model.config
+    prompts = jnp.asarray(prompts, jnp.int32)
+    canvases = jnp.asarray(canvases, jnp.int32)
+    b, p = prompts.shape
+    wanted = frozenset(expert_layers)
+
+    def capture():
+        def experts_fn(x, top_ids, top_weights):
+            return _rows(x, top_ids, top_weights)
+        return Capture(names=tuple(names), fn=_gram,
+                       experts_fn=experts_fn if wanted else None)
+
+    passes: list[Capture] = []
+    if spec.modes in ("encoder", "both"):
+        cap = capture()
+        model.encode(prompts, None, init_cache(c, b, p), capture=cap)
+        passes.append(cap)
+    if spec.modes in ("decoder", "both"):
+        cache = model.encode(prompts, None, init_cache(c, b, p))
+        emb_dtype = model.embed[...].dtype
+        for j, level in enumerate(spec.levels):
+            x = noised_canvases(canvases, level,
+                                jax.random.fold_in(jax.random.key(spec.seed), j), c.vocab_size)
+            sc = None
+            if spec.self_condition:
+                temperature = spec.t_min + (spec.t_max - spec.t_min) * level
+                sc = (model.decode(x, None, cache) / temperature).astype(emb_dtype)
+            cap = capture()
+            model.decode(x, sc, cache, capture=cap)
+            passes.append(cap)
+
+    grams: dict[str, tuple[jax.Array, int]] = {}
+    for cap in passes:
+        for name, (g, n) in cap.values.items():
+            if name in grams:
+                grams[name] = (grams[name][0] + g, grams[name][1] + n)
+            else:
+                grams[name] = (g, n)
+    experts = {}
+    for i in sorted(wanted):
+        parts = [cap.experts[i] for cap in passes]
+        experts[i] = tuple(jnp.concatenate([part[j] for part in parts]) for j in range(3))
+    return LayerStats(grams=grams, experts=experts)
