@@ -12,6 +12,9 @@ Layout of a checkpoint directory:
                        of real packed integers (a W4 checkpoint stores half a byte a weight);
                        a DAQ kernel (`BinaryPlanesArray`) is a sub-tree {"signs", "row", "col",
                        "slot_block"} with static fields {"kind": "binary_planes", ...};
+                       packed MoE experts (`QuantizedExperts`) a sub-tree {"packed", "scale"[,
+                       "zero"]} with static fields {"kind": "experts", "bits", "group_size",
+                       "shape"};
                        an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
                        (array or packed sub-tree)[, "r1", "perm", "r2", "act_range",
                        "kv_clip"]} whose static fields ("kind": "act_kernel", transform kind,
@@ -42,6 +45,7 @@ from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.qexperts import QuantizedExperts
 
 CONFIG_FILE = "qdlm_config.json"
 FORMAT = 1
@@ -55,9 +59,14 @@ _QLEAVES = ("packed", "scale", "zero", "g_idx")
 _QSTATIC = ("bits", "group_size", "shape", "orientation")
 _BLEAVES = ("signs", "row", "col", "slot_block")
 _BSTATIC = ("block", "shape", "orientation")
+_EXPERT_LEAVES = ("packed", "scale", "zero")
 
 
 def _split_qarray(v):
+    if isinstance(v, QuantizedExperts):
+        return ({f: getattr(v, f) for f in _EXPERT_LEAVES if getattr(v, f) is not None},
+                {"kind": "experts", "bits": v.bits, "group_size": v.group_size,
+                 "shape": list(v.shape)})
     if isinstance(v, BinaryPlanesArray):
         return ({f: getattr(v, f) for f in _BLEAVES},
                 {"kind": "binary_planes", "block": v.block, "shape": list(v.shape),
@@ -71,7 +80,7 @@ def _split_quantized(params):
     tree, quantized = {}, {}
     for p, v in params.items():
         k = path_str(p)
-        if isinstance(v, (QuantizedArray, BinaryPlanesArray)):
+        if isinstance(v, (QuantizedArray, BinaryPlanesArray, QuantizedExperts)):
             tree[k], quantized[k] = _split_qarray(v)
         elif isinstance(v, ActKernel):
             sub, static = {}, {"kind": "act_kernel", "weight": None, "transform": None,
@@ -106,8 +115,11 @@ def _join_quantized(v: dict, static: dict):
     def qarray(leaves, fields):
         fields = dict(fields)
         fields["shape"] = tuple(fields["shape"])
-        if fields.pop("kind", None) == "binary_planes":
+        kind = fields.pop("kind", None)
+        if kind == "binary_planes":
             return BinaryPlanesArray(**dict(leaves), **fields)
+        if kind == "experts":
+            return QuantizedExperts(**dict(leaves), **fields)
         return QuantizedArray(**dict(leaves), **fields)
 
     if static.get("kind") != "act_kernel":

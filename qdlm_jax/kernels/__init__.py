@@ -5,7 +5,8 @@ Importing this package binds the quantized types to their ops in `qdlm_jax.model
 a linear layer whose kernel is a `QuantizedArray` or `BinaryPlanesArray` runs `qmatmul`, one whose
 kernel is an
 `ActKernel` runs its input stage and then projects with the inner weight (and, on k_proj /
-v_proj, its K/V quantization inside attention). The quantized
+v_proj, its K/V quantization inside attention); routed experts held as `QuantizedExperts`
+run its grouped matmul (`models.experts.expert_project`). The quantized
 types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
 the root package `qdlm_jax` imports this package, so any quantized model finds its op however
 the package is entered, and the implementation setting (a JAX config state in the jit key)
@@ -24,14 +25,17 @@ from qdlm_jax.kernels.dispatch import (
     set_implementation,
     use_implementation,
 )
+from qdlm_jax.models.experts import register_expert_kernel_type
 from qdlm_jax.models.project import register_kernel_type
 from qdlm_jax.quant.act_kernel import ActKernel, act_matmul, attention_stage, input_stage
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.qexperts import QuantizedExperts, experts_matmul
 
 register_kernel_type(QuantizedArray, qmatmul)
 register_kernel_type(BinaryPlanesArray, qmatmul)  # DAQ: served by the XLA path
 register_kernel_type(ActKernel, act_matmul, input_stage, attention_stage)
+register_expert_kernel_type(QuantizedExperts, experts_matmul)  # MoE experts: XLA path
 
 __all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "platform_default",
            "qmatmul", "quantize_activations", "select_implementation", "set_implementation",

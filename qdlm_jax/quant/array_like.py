@@ -1,4 +1,5 @@
-"""`PackedMatrix`: the array-like surface every quantized 2-D weight type shares.
+"""`PackedMatrix`: the array-like surface every quantized 2-D weight type shares;
+`AffineCodes`: what the types on a scale / zero-point grid add to it.
 
 A quantized weight (`QuantizedArray`, `BinaryPlanesArray`, `ActKernel`) sits where a float
 kernel [in, out] would, inside an `nnx.Param`. Flax and the model read it only as a whole
@@ -32,3 +33,23 @@ class OrientedMatrix(PackedMatrix):
         """(out, in) of the stored values."""
         a, b = self.shape
         return (b, a) if self.orientation == "in_out" else (a, b)
+
+
+class AffineCodes:
+    """Mixin for packed codes on an affine grid: leaves `scale` and `zero` (None when
+    symmetric); every leaf is stored data."""
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    @property
+    def sym(self) -> bool:
+        return self.zero is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored (every leaf: packed codes, scales, zero points, ...)."""
+        import jax
+
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self)))

@@ -39,7 +39,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from qdlm_jax.quant import packing
-from qdlm_jax.quant.array_like import OrientedMatrix
+from qdlm_jax.quant.array_like import AffineCodes, OrientedMatrix
 from qdlm_jax.quant.quantizer_core import SUPPORTED_BITS, QuantSpec, resolve_group_size, rtn_codes
 
 Orientation = Literal["in_out", "out_in"]
@@ -47,7 +47,7 @@ _ORIENTATIONS = ("in_out", "out_in")
 
 
 @flax.struct.dataclass
-class QuantizedArray(OrientedMatrix):
+class QuantizedArray(OrientedMatrix, AffineCodes):
     """A packed quantized 2-D weight (layout in the module docstring)."""
 
     packed: jax.Array
@@ -109,22 +109,8 @@ class QuantizedArray(OrientedMatrix):
     # ----- array-like ---------------------------------------------------------------------
 
     @property
-    def dtype(self):
-        return self.scale.dtype
-
-    @property
-    def sym(self) -> bool:
-        return self.zero is None
-
-    @property
     def n_groups(self) -> int:
         return self.storage_shape[1] // self.group_size
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored (packed codes + scales + zero points + g_idx)."""
-        leaves = [self.packed, self.scale, self.zero, self.g_idx]
-        return int(sum(x.size * x.dtype.itemsize for x in leaves if x is not None))
 
     def codes(self) -> jax.Array:
         """Unpacked codes, uint8 [out, in]."""

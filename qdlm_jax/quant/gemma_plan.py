@@ -1,0 +1,133 @@
+"""What weight-only PTQ does to each tensor of a DiffusionGemma model (the family's
+description for the quantization passes).
+
+Every param has a kind (from its path in `models/diffusion_gemma.py`):
+
+    kind                    params                                     default action
+    expert gate_up          layers.i.experts.gate_up    [E, H, 2I]     quantized (QuantizedExperts)
+    expert down             layers.i.experts.down       [E, I, H]      quantized (QuantizedExperts)
+    attention               layers.i.self_attn.{q,k,v,o}_proj.kernel   quantized (QuantizedArray)
+    dense MLP               layers.i.mlp.{gate,up,down}_proj.kernel    quantized (QuantizedArray)
+    self-conditioning MLP   self_conditioning.mlp.*.kernel             quantized (QuantizedArray)
+    router                  layers.i.router.proj.kernel                kept; quantized with
+                                                                       `quantize_router`
+                            layers.i.router.{scale, per_expert_scale}  kept
+    norm                    every RMSNorm weight (layer norms, q/k norms, the final norm,
+                            self-conditioning's pre norm)              kept
+    layer scalar            layers.i.layer_scalar_{encoder,decoder}    kept
+    embedding               embed (also the tied LM head)              kept
+
+Routers stay exact by default: a router quantized to 4 bits (a tiny share of the
+parameters) changes many expert choices, and every later layer sees them. A path this
+table does not know is an error, so a new param cannot go unplanned. `GemmaPTQSpec(weight=
+None)` is the 16-bit plan: every tensor kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qdlm_jax.models.params import ParamPath, path_str
+from qdlm_jax.quant.coverage import CoveragePlan, make_plan
+from qdlm_jax.quant.quantizer_core import QuantSpec
+
+EXPERT_GATE_UP = "expert gate_up"
+EXPERT_DOWN = "expert down"
+ATTENTION = "attention"
+DENSE_MLP = "dense MLP"
+SELF_CONDITIONING = "self-conditioning MLP"
+ROUTER = "router"
+NORM = "norm"
+LAYER_SCALAR = "layer scalar"
+EMBEDDING = "embedding"
+KINDS = (EXPERT_GATE_UP, EXPERT_DOWN, ATTENTION, DENSE_MLP, SELF_CONDITIONING, ROUTER, NORM,
+         LAYER_SCALAR, EMBEDDING)
+
+METHODS = ("rtn", "gptq")
+_LINEAR_KINDS = (ATTENTION, DENSE_MLP, SELF_CONDITIONING)
+_KEPT_REASON = {ROUTER: "router: expert choices stay exact", NORM: "norm weight",
+                LAYER_SCALAR: "residual scale", EMBEDDING: "embedding and tied LM head"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GemmaPTQSpec:
+    """Weight-only PTQ of a DiffusionGemma model."""
+
+    method: str = "rtn"  # one of METHODS
+    weight: QuantSpec | None = QuantSpec()  # bits, group, symmetry; None: 16 bits (all kept)
+    quantize_router: bool = False  # quantize the router projections with `weight` too
+    scale_dtype: str | None = None  # dtype of the scales (None: each weight's own dtype)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"GemmaPTQSpec.method={self.method!r}: expected one of {METHODS}")
+        if self.weight is not None and not isinstance(self.weight, QuantSpec):
+            raise ValueError(f"GemmaPTQSpec.weight={self.weight!r}: expected a QuantSpec or "
+                             "None (16 bits)")
+        if not isinstance(self.quantize_router, bool):
+            raise ValueError(f"GemmaPTQSpec.quantize_router={self.quantize_router!r}: expected "
+                             "True or False")
+
+
+def tensor_kind(path: ParamPath) -> str:
+    """The kind of a DiffusionGemma param (module docstring); ValueError for a path the
+    table does not know."""
+    head, tail = path[0], path[-1]
+    if path == ("embed",):
+        return EMBEDDING
+    if head == "final_norm" or (head == "self_conditioning" and path[1] == "pre_norm"):
+        return NORM
+    if head == "self_conditioning" and path[1] == "mlp" and tail == "kernel":
+        return SELF_CONDITIONING
+    if head == "layers" and len(path) >= 3:
+        part = path[2]
+        if path[2:] == ("experts", "gate_up"):
+            return EXPERT_GATE_UP
+        if path[2:] == ("experts", "down"):
+            return EXPERT_DOWN
+        if part == "self_attn":
+            return ATTENTION if tail == "kernel" else NORM
+        if part == "mlp" and tail == "kernel":
+            return DENSE_MLP
+        if part == "router":
+            return ROUTER
+        if str(part).startswith("layer_scalar"):
+            return LAYER_SCALAR
+        if "layernorm" in str(part) and tail == "scale":
+            return NORM
+    raise ValueError(f"{path_str(path)}: not a DiffusionGemma tensor the quantization plan "
+                     "knows; add its kind to quant/gemma_plan.py")
+
+
+def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict:
+    kind = tensor_kind(path)
+    if spec.weight is None:
+        return {"kind": kind, "packed_type": None, "reason": "16 bits"}
+    if kind in (EXPERT_GATE_UP, EXPERT_DOWN):
+        packed = "QuantizedExperts"
+    elif kind in _LINEAR_KINDS or (kind == ROUTER and path[-2:] == ("proj", "kernel")
+                                   and spec.quantize_router):
+        packed = "QuantizedArray"
+    else:
+        reason = _KEPT_REASON[kind]
+        if kind == ROUTER and path[-1] != "kernel":
+            reason = "router scale vector"
+        return {"kind": kind, "packed_type": None, "reason": reason}
+    try:
+        group = spec.weight.check_width(shape[-2])
+    except ValueError as e:
+        raise ValueError(f"{path_str(path)} ({kind}, input width {shape[-2]}): {e}") from None
+    return {"kind": kind, "packed_type": packed, "method": spec.method,
+            "bits": spec.weight.bits, "group_size": group}
+
+
+def gemma_plan(shapes: dict[ParamPath, tuple[int, ...]], spec: GemmaPTQSpec) -> CoveragePlan:
+    """The plan for params of these shapes (`models.diffusion_gemma.param_shapes(config)`,
+    or the shapes of loaded params). A group size that does not divide some quantized
+    tensor's input width raises ValueError naming the tensor, before any work."""
+    return make_plan(shapes, lambda p, s: _decide(p, s, spec), KINDS)
+
+
+__all__ = ["ATTENTION", "DENSE_MLP", "EMBEDDING", "EXPERT_DOWN", "EXPERT_GATE_UP", "KINDS",
+           "LAYER_SCALAR", "METHODS", "NORM", "ROUTER", "SELF_CONDITIONING", "GemmaPTQSpec",
+           "gemma_plan", "tensor_kind"]
