@@ -9,6 +9,8 @@
         drop the block
     save_packed: the checkpoint is written part by part (the final norm, the embedding,
         each block from work_dir, then the LM head), never holding the whole packed model
+    stream_sensitivity: a bit plan's sensitivity table (`quant/bit_alloc.py`) from the same
+        memory maps, one fp block at a time, before the blocks are quantized
 
 Peak memory is one float block plus the calibration activations `[N, T, D]`; the packed
 blocks already done stay on disk, not in memory. On a mesh (one process, several devices:
