@@ -56,6 +56,10 @@ def get_config():
         online_heads=True,  # quarot: Hadamard across heads before o_proj
         quantize_lm_head=False,  # quantize the LM head's weights and input too
         seed=0))  # quarot's random signs, duquant's rotations
+    # MoE models (DiffusionGemma: rtn only): routers stay exact unless quantize_router; every
+    # expert tensor is packed per expert; the report ends with the coverage table.
+    c.moe = ml_collections.ConfigDict(dict(
+        quantize_router=False))  # quantize the router projections with the weight method too
     c.calibration = "clean"  # clean | masked | trajectory
     c.calib = ml_collections.ConfigDict(dict(
         source="bigbench-wikipedia",  # a data.sources name or a local text / JSONL file

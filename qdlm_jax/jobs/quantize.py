@@ -8,7 +8,8 @@ Bad config values are rejected before any work starts.
 
 One module past 500 lines: its three run paths (in memory, on a mesh across processes,
 streaming block by block) share the spec, the calibration, the tokenizer and the result
-record, and differ in a few lines each; the report is `quantize_report`.
+record, and differ in a few lines each; the report is `quantize_report`. A DiffusionGemma
+checkpoint (RTN only) runs `quantize_gemma.run_gemma` after the same spec and run directory.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from qdlm_jax.evals.basic import (
 from qdlm_jax.evals.tasks import BUILTIN, MCTask, run_task
 from qdlm_jax.fsutil import atomic_write_text, settings_digest
 from qdlm_jax.jobs.config_flags import project_path
+from qdlm_jax.jobs.quantize_gemma import check_gemma, gemma_ptq_spec, run_gemma
 from qdlm_jax.jobs.quantize_report import report
 from qdlm_jax.jobs.streaming import (
     assemble,
@@ -57,6 +59,7 @@ from qdlm_jax.jobs.streaming import (
     stream_sensitivity,
 )
 from qdlm_jax.models.distributed import to_host
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 from qdlm_jax.models.params import cast_floats, get_params, model_from_params
 from qdlm_jax.models.sharding import make_mesh
 from qdlm_jax.quant.act_core import ActSpec
@@ -64,6 +67,7 @@ from qdlm_jax.quant.act_kernel import inner_weight
 from qdlm_jax.quant.bit_alloc import BitPlan, BudgetSpec, make_plan, model_sensitivity
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.calibration import CalibSpec, build_calibration
+from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
 from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec, quantize_model
 from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
@@ -92,6 +96,7 @@ class JobSpec:
     budget: BudgetSpec | None = None  # mixed precision: widths per block from a bit plan
     config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
     overwrite: bool = False  # redo a finished run instead of reusing its results
+    quantize_router: bool = False  # MoE models: quantize the router projections too
 
     @property
     def method(self) -> str:
@@ -126,6 +131,8 @@ class JobSpec:
         keyed = {k: v for k, v in self.config.items() if k not in ("out_dir", "overwrite")}
         if keyed.get("bits_budget") is None:  # uniform runs keep the hash they had before
             keyed = {k: v for k, v in keyed.items() if k not in ("bits_budget", "mixed")}
+        if not (keyed.get("moe") or {}).get("quantize_router"):  # so do runs without it
+            keyed = {k: v for k, v in keyed.items() if k != "moe"}
         return settings_digest(keyed, 8)
 
     @property
@@ -175,12 +182,21 @@ def job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
         raise ConfigOverrideError(text) from None
 
 
-def check_family(spec: JobSpec) -> None:
-    """Refuses a checkpoint of a family the quantize passes do not handle (one line)."""
-    family = read_model_config(spec.model).family
+def check_family(spec: JobSpec) -> str:
+    """The checkpoint's family; refuses, in one line, a family the quantize passes do not
+    handle and, on DiffusionGemma, what its pass does not do yet (`check_gemma`)."""
+    config = read_model_config(spec.model)
+    family = config.family
+    if family == GEMMA_FAMILY:
+        check_gemma(spec, config)
+        return family
     if family not in ("llada", "dream"):
         raise ConfigOverrideError(f"--config.model={spec.model}: a {family} model; qdlm "
-                                  "quantize handles LLaDA and Dream checkpoints")
+                                  "quantize handles LLaDA, Dream and DiffusionGemma checkpoints")
+    if spec.quantize_router:
+        raise ConfigOverrideError(f"--config.moe.quantize_router=true: {spec.model} is a "
+                                  f"{family} model, which has no router")
+    return family
 
 
 def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
@@ -216,7 +232,16 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                    stream=_stream_setting(cfg.get("stream", "auto")),
                    wa=wa, budget=_budget_spec(cfg),
                    config={**cfg.to_dict(), "model": str(model)},
-                   overwrite=bool(cfg.get("overwrite", False)))
+                   overwrite=bool(cfg.get("overwrite", False)),
+                   quantize_router=_quantize_router(cfg))
+
+
+def _quantize_router(cfg: ml_collections.ConfigDict) -> bool:
+    value = (cfg.get("moe", None) or {}).get("quantize_router", False)
+    if not isinstance(value, bool):
+        raise ConfigOverrideError(f"--config.moe.quantize_router={value!r}: expected true or "
+                                  "false")
+    return value
 
 
 def _budget_spec(cfg: ml_collections.ConfigDict) -> BudgetSpec | None:
@@ -558,7 +583,10 @@ def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
     evaluation or saving; `model` (the fp model of cfg.model) skips loading it again."""
 
     spec = job_spec(cfg)
-    check_family(spec)
+    if check_family(spec) == GEMMA_FAMILY:
+        model = model if model is not None else load_model(spec.model, dtype="float32")
+        qmodel, plan = rtn_quantize_gemma_model(model, gemma_ptq_spec(spec))
+        return qmodel, {"coverage": plan.rows()}
     if model is None:
         model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)
@@ -637,7 +665,10 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
 
 
     spec = job_spec(cfg)
-    check_family(spec)
+    gemma = check_family(spec) == GEMMA_FAMILY
+    if gemma and mesh_shape is not None:
+        raise ConfigOverrideError(f"--mesh on {GEMMA_FAMILY}: not yet (the pass runs in "
+                                  "memory on one device)")
     if mesh_shape is not None:
         return run_on_mesh(spec, mesh_shape, time.time())
     run_dir = Path(spec.out_dir) / spec.run_name
@@ -646,6 +677,9 @@ def run(cfg: ml_collections.ConfigDict, *, fp_cache: dict | None = None,
               "results (--config.overwrite=true runs it again)")
         return json.loads((run_dir / "results.json").read_text())
     t0 = time.time()
+    if gemma:
+        start_run_dir(run_dir, spec)
+        return run_gemma(spec, run_dir, t0, tasks=eval_task_specs(spec))
     if use_streaming(spec):
         return run_streaming(spec, run_dir, t0)
     source_dtype = read_model_config(spec.model).param_dtype

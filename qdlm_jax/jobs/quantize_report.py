@@ -1,12 +1,14 @@
 """The quantize job's `report.md`: FP then one row per quantized run, every figure with its
 standard error (`format_pm`), the extra tasks' columns, and notes on what each figure was
-measured on (windows, Monte Carlo samples, problems, the tokenizer and special ids)."""
+measured on (windows, Monte Carlo samples, problems, the tokenizer and special ids); a
+DiffusionGemma run's report (`gemma_report`) ends with its coverage table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from qdlm_jax.evals.basic import format_pm
+from qdlm_jax.quant.coverage import coverage_table
 
 
 def _kl_text(q) -> str:
@@ -113,3 +115,46 @@ def report(results: list[dict]) -> str:
               "accuracy).\n" + "".join(f"{n}.\n" for n in notes))
     plans = "".join(f"\n{plan_table(r)}" for r in results if r.get("bit_plan"))
     return "\n".join(lines) + "\n" + footer + plans
+
+
+def gemma_report(result: dict) -> str:
+    """A DiffusionGemma run's report: FP and quantized rows (KL to fp on held-out canvases;
+    2-digit addition and the extra tasks when the checkpoint has a tokenizer), the packed size
+    against bf16, notes, then the coverage table: what happened to every tensor kind."""
+    fp, q = result.get("fp") or {}, result["quantized"]
+    task_names = list(dict.fromkeys([*fp.get("tasks", {}), *q.get("tasks", {})]))
+    name = Path(result["model"]).name
+
+    def acc(ev):
+        return (f"{format_pm(ev['arith_acc'], ev.get('arith_se'), '.1f', 100)}%"
+                if "arith_acc" in ev else "–")
+
+    lines = ["| model | method | W bits | group | router | KL to FP, bits (↓) | 2-digit add acc | "
+             + "".join(f"{_TASK_HEAD.get(t, t)} | " for t in task_names)
+             + "bytes vs bf16 | experts vs bf16 | quantize s |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(task_names) + "---|---|---|"]
+    if fp:
+        lines.append(f"| {name} | FP | float | – | float | – | {acc(fp)} | "
+                     f"{_task_cells(fp, task_names)}1.000 | 1.000 | – |")
+    router = "W" + str(result["bits"]) if result.get("quantize_router") else "float"
+    lines.append(f"| {name} | {result['method'].upper()} | {result['bits']} | "
+                 f"{result['group_size']} | {router} | {_kl_text(q)} | {acc(q)} | "
+                 f"{_task_cells(q, task_names)}{result['bytes_vs_bf16']:.3f} | "
+                 f"{result['expert_bytes_vs_bf16']:.3f} | {result['quantize_s']:.1f} |")
+    notes = list(result.get("notes", []))
+    if "kl_to_fp_bits" in q:
+        notes.append(f"KL to FP on {q['kl_windows']} held-out windows ({q['kl_input']}): a "
+                     f"clean prompt of {q['kl_prompt_len']} tokens, then a canvas of "
+                     f"{q['kl_canvas_length']} tokens, each position uniform noise with "
+                     "probability 1/2, decoded without and with self-conditioning "
+                     "(evals/canvas_kl.py)")
+    if "arith_acc" in q:
+        notes.append(f"2-digit addition on {q['arith_n']} held-out problems")
+    notes.append(f"packed {result['packed_bytes'] / 2**20:.2f} MiB against "
+                 f"{result['bf16_bytes'] / 2**20:.2f} MiB in bf16 (every tensor counted; "
+                 "unquantized ones in the source dtype)")
+    if result.get("tokenizer"):
+        notes.append(f"tokenizer {result['tokenizer']}")
+    return ("\n".join(lines) + "\n\n± is one standard error.\n" + "".join(f"{n}.\n" for n in notes)
+            + f"\nCoverage of {name} (every tensor, planned before quantizing and checked "
+            "after):\n\n" + coverage_table(result["coverage"]))

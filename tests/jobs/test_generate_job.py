@@ -2,7 +2,7 @@
 checkpoint's generation_config.json with `--config.gemma.*` overrides, the printed text is
 the sampler's tokens (the sampler itself is checked against transformers in
 tests/inference), the tokens per forward pass are reported, and settings of the other
-families are refused with the key named; `qdlm quantize` refuses the family in one line."""
+families are refused with the key named."""
 
 import json
 
@@ -84,12 +84,3 @@ def test_other_familys_settings_are_refused_with_the_key(gemma_dir, capsys, tmp_
     assert main(["generate", "--model", str(llada), "--prompt", "3 4",
                  "--config.gemma.steps=3"]) == 2
     assert "--config.gemma.steps: a DiffusionGemma sampler setting" in capsys.readouterr().err
-
-
-def test_quantize_refuses_the_family_in_one_line(gemma_dir, capsys, tmp_path):
-    assert main(["quantize", "--config", "configs/quantize.py", f"--config.model={gemma_dir}",
-                 "--config.group_size=-1", f"--config.out_dir={tmp_path}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("a diffusion_gemma model; qdlm quantize handles LLaDA and Dream "
-                            "checkpoints")
-    assert not any(tmp_path.iterdir())

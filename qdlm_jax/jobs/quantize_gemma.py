@@ -1,0 +1,199 @@
+"""`qdlm quantize` on a DiffusionGemma checkpoint: weight-only RTN, every tensor accounted for.
+
+    plan  (quant/gemma_plan.py)  every param: kind, share, action; refused before any work when
+                                 the group size does not divide a quantized tensor's width
+    load  fp32 (the quantization and both models' evaluation run in fp32)
+    RTN   (quant/gemma_rtn.py)   dense kernels -> QuantizedArray, experts -> QuantizedExperts,
+                                 then the coverage guard (an unplanned tensor is an error)
+    eval  KL to fp on held-out canvases (evals/canvas_kl.py): text windows encoded by the
+          checkpoint's tokenizer, or windows of random token ids when it has none (said in
+          the log and the report); with a tokenizer also 2-digit addition and
+          --config.eval.tasks on both models (without one they are skipped, said likewise)
+    save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
+          (with the per-tensor plan), report.md ending with the coverage table
+
+Only `rtn` at act_bits 16 runs here; `check_gemma` refuses the rest in one line before any
+work. The run is in memory (no streaming, no mesh).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qdlm_jax.checkpoints.load import (
+    load_model,
+    load_tokenizer,
+    param_summary,
+    read_model_config,
+)
+from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+from qdlm_jax.data.hf_tokenizer import tokenizer_files
+from qdlm_jax.errors import CheckpointError, ConfigOverrideError
+from qdlm_jax.evals.backends import TextModel
+from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_windows
+from qdlm_jax.evals.canvas_kl import canvas_kl
+from qdlm_jax.evals.tasks import run_task
+from qdlm_jax.fsutil import atomic_write_text
+from qdlm_jax.jobs.quantize_report import gemma_report
+from qdlm_jax.models.diffusion_gemma import param_shapes
+from qdlm_jax.models.gemma_config import FAMILY
+from qdlm_jax.models.params import cast_floats, get_params
+from qdlm_jax.quant.gemma_plan import EXPERT_DOWN, EXPERT_GATE_UP, GemmaPTQSpec, gemma_plan
+from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
+
+
+def gemma_ptq_spec(spec) -> GemmaPTQSpec:
+    """The PTQ spec of a job spec (`jobs.quantize.JobSpec`)."""
+    return GemmaPTQSpec(method=spec.method, weight=spec.ptq.weight,
+                        quantize_router=spec.quantize_router)
+
+
+def check_gemma(spec, config) -> None:
+    """Refuses, in one line and before any work, what this pass does not do on the family,
+    and a group size that does not divide some quantized tensor's input width."""
+    where = f"on {FAMILY}: not yet"
+    if spec.method != "rtn":
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn only)")
+    if spec.act_bits != 16:
+        raise ConfigOverrideError(f"--config.act_bits={spec.act_bits} {where} (weight-only, "
+                                  "act_bits 16)")
+    if spec.budget is not None:
+        raise ConfigOverrideError(f"--config.bits_budget={spec.budget.budget:g} {where} "
+                                  "(uniform --config.bits)")
+    if spec.stream == "true":
+        raise ConfigOverrideError(f"--config.stream=true {where} (the pass runs in memory; "
+                                  "drop --config.stream)")
+    try:
+        gemma_plan(param_shapes(config), gemma_ptq_spec(spec))
+    except ValueError as e:
+        raise ConfigOverrideError(f"--config.group_size={spec.ptq.weight.group_size}: {e}"
+                                  ) from None
+
+
+def _log(msg: str) -> None:
+    print(f"[quantize] {msg}", flush=True)
+
+
+def _tokenizer(path: str):
+    """The checkpoint's tokenizer, or None (with a line) when it has none."""
+    try:
+        return load_tokenizer(path)
+    except CheckpointError as e:
+        if "no tokenizer" not in str(e):
+            raise
+        return None
+
+
+def kl_windows(spec, config, tokenizer) -> np.ndarray:
+    """`eval_windows` windows of `calib.seq_len` prompt tokens plus one canvas: held-out text
+    encoded by the tokenizer, or uniform random token ids (seed 0) without one."""
+    n, width = spec.eval_windows, spec.calib.seq_len + config.canvas_length
+    if tokenizer is None:
+        return np.random.default_rng(0).integers(0, config.vocab_size, (n, width))
+    return heldout_windows(tokenizer, source=spec.source, seq_len=width, n_windows=n)
+
+
+def evaluate_text(model, tokenizer, spec, tasks) -> dict:
+    """2-digit addition and the extra tasks (they need a tokenizer)."""
+    out = {"tasks": {}}
+    if spec.eval_arith_n:
+        a = arithmetic_accuracy(model, tokenizer, ArithmeticEval(n=spec.eval_arith_n),
+                                progress=False)
+        out.update(arith_acc=a["accuracy"], arith_se=a["se"], arith_n=a["n"])
+    tm = TextModel(model, tokenizer)
+    for t in tasks:
+        r = run_task(tm, t, progress=False)
+        out["tasks"][t.name] = {"metric": r["metric"], "value": r["value"], "se": r["se"],
+                                "n": r["n"]}
+    return out
+
+
+def _bytes_vs_bf16(params: dict) -> float | None:
+    s = param_summary(params)
+    return s["bytes"] / s["bf16_bytes"] if s["bf16_bytes"] else None
+
+
+def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
+    """The job on a DiffusionGemma checkpoint (module docstring); `run_dir` exists.
+    `tasks`: the built-in task specs of `--config.eval.tasks`."""
+    source_dtype = read_model_config(spec.model).param_dtype
+    model = load_model(spec.model, dtype="float32")
+    config = model.config
+    gspec = gemma_ptq_spec(spec)
+    tokenizer = _tokenizer(spec.model)
+    notes = []
+    if tokenizer is None:
+        notes.append(f"{spec.model} has no tokenizer: KL to fp on windows of random token "
+                     "ids; 2-digit addition and --config.eval.tasks skipped (they need one)")
+        _log(notes[-1])
+    else:
+        _log(f"tokenizer: {tokenizer.describe()}")
+    _log(f"{spec.model}: {FAMILY}, method={spec.method} W{spec.ptq.weight.bits}A16 "
+         f"g{spec.ptq.weight.group_size}, router "
+         f"{'quantized' if spec.quantize_router else 'kept'} -> {run_dir}")
+
+    fp = None
+    if tokenizer is not None and not spec.skip_fp:
+        _log("evaluating the FP model")
+        fp = evaluate_text(model, tokenizer, spec, tasks)
+
+    t_q = time.time()
+    qmodel, plan = rtn_quantize_gemma_model(model, gspec)
+    quant_s = time.time() - t_q
+    _log(f"quantized in {quant_s:.1f}s; {100 * plan.quantized_share:.2f}% of the parameters "
+         "packed, every planned tensor checked")
+
+    q = {"tasks": {}}
+    if tokenizer is not None:
+        _log("evaluating the quantized model")
+        q = evaluate_text(qmodel, tokenizer, spec, tasks)
+    if spec.eval_windows:
+        kl = canvas_kl(model, qmodel, kl_windows(spec, config, tokenizer))
+        q.update(kl_to_fp_bits=kl["kl_bits"], kl_to_fp_bits_se=kl["kl_bits_se"],
+                 kl_windows=kl["n_windows"], kl_prompt_len=kl["prompt_len"],
+                 kl_canvas_length=kl["canvas_length"],
+                 kl_input="text" if tokenizer is not None else "random token ids")
+
+    stored = cast_floats(get_params(qmodel), source_dtype)
+    packed = {p: stored[p] for p in plan.paths()}
+    experts = {p: stored[p] for p in plan.paths("QuantizedExperts")}
+    summary = param_summary(stored)
+    w = spec.ptq.weight
+    result = {
+        "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
+        "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": 16,
+        "group_size": w.group_size, "sym": w.sym, "calibration": "none",
+        "quantize_router": spec.quantize_router, "fp": fp, "quantized": q,
+        "quantize_s": quant_s, "packed_bytes": summary["bytes"],
+        "bf16_bytes": summary["bf16_bytes"],
+        "bytes_vs_bf16": summary["bytes"] / summary["bf16_bytes"],
+        "linear_bytes_vs_bf16": _bytes_vs_bf16(packed),
+        "expert_bytes_vs_bf16": _bytes_vs_bf16(experts),
+        "coverage": plan.rows(), "coverage_tensors": plan.to_json(),
+        "experts_quantized": all(t.quantized for t in plan.tensors
+                                 if t.kind in (EXPERT_GATE_UP, EXPERT_DOWN)),
+        "notes": notes,
+        "tokenizer": tokenizer.describe() if tokenizer is not None else None,
+    }
+    if spec.save:
+        meta = {k: result[k] for k in ("method", "bits", "act_bits", "group_size", "sym",
+                                       "calibration", "quantize_router", "coverage")}
+        save_checkpoint(run_dir / "model",
+                        config.replace(param_dtype=source_dtype, dtype=source_dtype), stored,
+                        overwrite=True, extra_files=tokenizer_files(spec.model),
+                        meta={**meta, "config_hash": spec.config_hash})
+    result["total_s"] = time.time() - t0
+    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+    text = gemma_report(result)
+    atomic_write_text(run_dir / "report.md", text)
+    print(text)
+    _log(f"packed model {summary['bytes'] / 2**20:.2f} MiB = {result['bytes_vs_bf16']:.3f}x "
+         f"bf16 -> {run_dir}")
+    return result
+
+
+__all__ = ["check_gemma", "evaluate_text", "gemma_ptq_spec", "kl_windows", "run_gemma"]
