@@ -1,0 +1,167 @@
+"""GPTQ of a DiffusionGemma model, layer by layer, with per-expert Hessians (thin driver).
+
+    plan = gemma_plan(shapes, spec)                 every tensor: kind, share, action
+    for part in [self-conditioning MLP, layer 0, layer 1, ...]:
+        stats = gemma_layer_stats(model with every earlier part quantized, ...)
+                                                    two-mode calibration: encoder over clean
+                                                    prompts, decoder over noised canvases
+                                                    (gemma_calibration); the routing is the
+                                                    quantized upstream's
+        dense linears the plan quantizes:  H = hessian(gram, tokens), gptq_core.gptq
+        experts (layer i): the recorded rows sorted by expert (models.experts.sort_by_expert)
+            gate_up:  gram_e of the rows routed to e, gptq_experts_core.gptq_experts
+            down:     rows a_e = act(x G^_e) * (x U^_e) through the *quantized* gate_up,
+                      their gram_e, gptq_experts
+    check_coverage(plan, params, result)            CoverageError naming any departure
+
+Within a layer every dense linear sees the layer's input as the previous parts left it (the
+attention, dense MLP and router inputs are recorded in one set of passes); the experts' down
+projection sees the quantized gate_up's output, as GPTQ's sequential order within a block
+does. Thin experts follow `ThinExperts` (gptq_experts_core); with its "all_tokens" fallback
+each expert's all-token gram is computed from every recorded row through that expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from qdlm_jax.models import diffusion_gemma
+from qdlm_jax.models.experts import gelu_tanh, grouped_matmul, sort_by_expert
+from qdlm_jax.models.params import ParamPath, get_params, path_str
+from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
+from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec, gemma_layer_stats
+from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, gemma_plan
+from qdlm_jax.quant.gptq_core import gptq, hessian
+from qdlm_jax.quant.gptq_experts_core import ThinExperts, expert_grams, gptq_experts
+from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.qexperts import QuantizedExperts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GemmaGPTQSettings:
+    """GPTQ's own settings beside the plan's `GemmaPTQSpec`."""
+
+    damp: float = 0.01  # fraction of mean diag(H) added to the diagonal
+    block_size: int = 128
+    thin: ThinExperts = ThinExperts()  # experts with few routed rows
+    calib: GemmaCalibSpec = GemmaCalibSpec()
+
+
+def hook_name(path: ParamPath) -> str:
+    """The capture hook of a dense kernel's path (`diffusion_gemma.linear_names`)."""
+    parts = [str(p) for p in path[:-1] if p != "mlp" or path[0] != "self_conditioning"]
+    return ".".join(parts)
+
+
+def _parts(config, dense: list[ParamPath], experts: list[ParamPath]):
+    """[(label, dense paths, expert layer or None)] in forward order."""
+    out = [("self-conditioning", [p for p in dense if p[0] == "self_conditioning"], None)]
+    for i in range(config.num_layers):
+        mine = [p for p in dense if p[0] == "layers" and p[1] == i]
+        has_experts = any(p[1] == i for p in experts)
+        out.append((f"layer {i}", mine, i if has_experts else None))
+    return [part for part in out if part[1] or part[2] is not None]
+
+
+def _pack_dense(kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSettings):
+    w = spec.weight
+    r = gptq(jnp.asarray(kernel, jnp.float32).T, hessian(gram, tokens), bits=w.bits,
+             group_size=w.group_size, sym=w.sym, damp=s.damp, block_size=s.block_size)
+    return QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=w.bits,
+                                     group_size=w.group_size, sym=w.sym,
+                                     scale_dtype=spec.scale_dtype or kernel.dtype)
+
+
+def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings,
+                  all_rows=None):
+    """(QuantizedExperts, how each Hessian was formed) of kernels [E, in, out] given the
+    expert-sorted input rows [M, in] (and, for the all-token rule, the unsorted rows)."""
+    w = spec.weight
+    grams, counts = expert_grams(rows, sizes)
+    all_grams = all_counts = None
+    if s.thin.fallback == "all_tokens":
+        all_grams, all_counts = all_rows
+    results, how = gptq_experts(jnp.swapaxes(jnp.asarray(kernels, jnp.float32), 1, 2), grams,
+                                counts, bits=w.bits, group_size=w.group_size, sym=w.sym,
+                                damp=s.damp, rule=s.thin, all_grams=all_grams,
+                                all_counts=all_counts, block_size=s.block_size)
+    packed = QuantizedExperts.from_codes(
+        jnp.stack([r.codes for r in results]), jnp.stack([r.scales for r in results]),
+        jnp.stack([r.zeros for r in results]), bits=w.bits, group_size=w.group_size,
+        sym=w.sym, scale_dtype=spec.scale_dtype or kernels.dtype)
+    return packed, how
+
+
+def _all_token_grams(x, kernels_or_none, num_experts, inter=None):
+    """Every recorded row through every expert (the "all_tokens" rule's grams): the rows
+    themselves for gate_up, act(x G_e) * (x U_e) per expert for down."""
+    n = x.shape[0]
+    if kernels_or_none is None:
+        g = jnp.einsum("ti,tj->ij", x, x)
+        return jnp.broadcast_to(g, (num_experts,) + g.shape), jnp.full((num_experts,), n)
+    grams = []
+    for e in range(num_experts):
+        h = x @ kernels_or_none[e]
+        a = gelu_tanh(h[:, :inter]) * h[:, inter:]
+        grams.append(a.T @ a)
+    return jnp.stack(grams), jnp.full((num_experts,), n)
+
+
+def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases,
+                        spec: GemmaPTQSpec, settings: GemmaGPTQSettings = GemmaGPTQSettings(),
+                        *, progress: bool = False
+                        ) -> tuple[dict[ParamPath, object], CoveragePlan, dict]:
+    """(quantized params, plan, {expert path: how each expert's Hessian was formed}) of a
+    DiffusionGemma model calibrated on `prompts` [B, P] and their clean continuations
+    `canvases` [B, L] (module docstring)."""
+    if spec.weight is None:
+        raise ValueError("gptq_quantize_gemma: spec.weight is None (16 bits): nothing to do")
+    config = model.config
+    params = get_params(model)
+    plan = gemma_plan({p: tuple(v.shape) for p, v in params.items()}, spec)
+    dense = plan.paths("QuantizedArray")
+    experts = plan.paths("QuantizedExperts")
+    out = dict(params)
+    how: dict[str, list[str]] = {}
+    inter = config.moe_intermediate_size
+    for label, paths, layer in tqdm(_parts(config, dense, experts), desc="gptq",
+                                    disable=not progress, unit="part"):
+        current = diffusion_gemma.model_from_params(config, out)
+        stats = gemma_layer_stats(current, prompts, canvases, settings.calib,
+                                  names=tuple(hook_name(p) for p in paths),
+                                  expert_layers=() if layer is None else (layer,))
+        for p in paths:
+            name = hook_name(p)
+            if name not in stats.grams:
+                raise ValueError(f"{path_str(p)}: no calibration input was recorded for "
+                                 f"{name} (modes={settings.calib.modes!r})")
+            gram, tokens = stats.grams[name]
+            out[p] = _pack_dense(params[p], gram, tokens, spec, settings)
+        if layer is None:
+            continue
+        x, top_ids, _ = stats.experts[layer]
+        x = x.astype(jnp.float32)
+        _, token, sizes = sort_by_expert(top_ids, config.num_experts)
+        rows = x[token]
+        gu_path, down_path = ("layers", layer, "experts", "gate_up"), \
+            ("layers", layer, "experts", "down")
+        all_tok = settings.thin.fallback == "all_tokens"
+        gate_up = params[gu_path]
+        if gu_path in experts:
+            out[gu_path], how[path_str(gu_path)] = _pack_experts(
+                gate_up, rows, sizes, spec, settings,
+                _all_token_grams(x, None, config.num_experts) if all_tok else None)
+        gu_hat = out[gu_path]
+        gu_hat = gu_hat.dequantize(jnp.float32) if isinstance(gu_hat, QuantizedExperts) \
+            else jnp.asarray(gu_hat, jnp.float32)
+        if down_path in experts:
+            h = grouped_matmul(rows, gu_hat, sizes)
+            a = gelu_tanh(h[:, :inter]) * h[:, inter:]
+            out[down_path], how[path_str(down_path)] = _pack_experts(
+                params[down_path], a, sizes, spec, settings,
+                _all_token_grams(x, gu_hat, config.num_experts, inter) if all_tok else None)
+    check_coverage(plan, params, out)
+    return out, plan, how
