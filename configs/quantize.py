@@ -59,7 +59,13 @@ def get_config():
     # MoE models (DiffusionGemma: rtn only): routers stay exact unless quantize_router; every
     # expert tensor is packed per expert; the report ends with the coverage table.
     c.moe = ml_collections.ConfigDict(dict(
-        quantize_router=False))  # quantize the router projections with the weight method too
+        quantize_router=False,  # quantize the router projections with the weight method too
+        calib_modes="both",  # gptq: encoder (clean prompts) | decoder (noised canvases) | both
+        levels=(0.25, 0.5, 0.75, 1.0),  # gptq: the decoder calibration's noise levels
+        self_condition=True,  # gptq: the decoder calibration pass is self-conditioned
+        thin_min_rows=16,  # gptq: an expert routed fewer rows is thin
+        thin_fallback="damp",  # gptq, thin experts: damp (more dampening) | all_tokens
+        thin_damp=0.1))  # gptq: the damp fallback's dampening
     c.calibration = "clean"  # clean | masked | trajectory
     c.calib = ml_collections.ConfigDict(dict(
         source="bigbench-wikipedia",  # a data.sources name or a local text / JSONL file

@@ -582,3 +582,12 @@ def token_windows(
     if max_windows is not None:
         n = min(n, max_windows)
     return stream[: n * seq_len].reshape(n, seq_len)
+
+
+def calibration_windows(tokenizer: Any, source: str, seq_len: int, n: int) -> np.ndarray:
+    """The calibration split's token windows [n, seq_len] of `source`, encoded by a checkpoint
+    tokenizer (`data.hf_tokenizer.CheckpointTokenizer`) and framed by its BOS / EOS ids."""
+    special = tokenizer.special
+    docs = load_split(source, "calib", seed=0)
+    return token_windows(docs, tokenizer, seq_len, bos_id=special.bos, eos_id=special.eos,
+                         max_windows=n)

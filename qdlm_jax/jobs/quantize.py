@@ -9,7 +9,7 @@ Bad config values are rejected before any work starts.
 One module past 500 lines: its three run paths (in memory, on a mesh across processes,
 streaming block by block) share the spec, the calibration, the tokenizer and the result
 record, and differ in a few lines each; the report is `quantize_report`. A DiffusionGemma
-checkpoint (RTN only) runs `quantize_gemma.run_gemma` after the same spec and run directory.
+checkpoint (RTN or GPTQ) runs `quantize_gemma.run_gemma` after the same spec and run directory.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from qdlm_jax.checkpoints.load import (
 from qdlm_jax.checkpoints.orbax_format import load_checkpoint, save_checkpoint
 from qdlm_jax.data import sources
 from qdlm_jax.data.hf_tokenizer import tokenizer_files
-from qdlm_jax.errors import ConfigOverrideError
+from qdlm_jax.errors import CheckpointError, ConfigOverrideError
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import (
     ArithmeticEval,
@@ -48,7 +48,7 @@ from qdlm_jax.evals.basic import (
 from qdlm_jax.evals.tasks import BUILTIN, MCTask, run_task
 from qdlm_jax.fsutil import atomic_write_text, settings_digest
 from qdlm_jax.jobs.config_flags import project_path
-from qdlm_jax.jobs.quantize_gemma import check_gemma, gemma_ptq_spec, run_gemma
+from qdlm_jax.jobs.quantize_gemma import check_gemma, quantize_gemma, run_gemma
 from qdlm_jax.jobs.quantize_report import report
 from qdlm_jax.jobs.streaming import (
     assemble,
@@ -67,7 +67,9 @@ from qdlm_jax.quant.act_kernel import inner_weight
 from qdlm_jax.quant.bit_alloc import BitPlan, BudgetSpec, make_plan, model_sensitivity
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.calibration import CalibSpec, build_calibration
-from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
+from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec
+from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings
+from qdlm_jax.quant.gptq_experts_core import ThinExperts
 from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec, quantize_model
 from qdlm_jax.quant.qarray import QuantizedArray, quantized_param_bytes
@@ -97,6 +99,7 @@ class JobSpec:
     config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
     overwrite: bool = False  # redo a finished run instead of reusing its results
     quantize_router: bool = False  # MoE models: quantize the router projections too
+    moe_gptq: GemmaGPTQSettings = GemmaGPTQSettings()  # MoE models: GPTQ's calibration
 
     @property
     def method(self) -> str:
@@ -131,7 +134,7 @@ class JobSpec:
         keyed = {k: v for k, v in self.config.items() if k not in ("out_dir", "overwrite")}
         if keyed.get("bits_budget") is None:  # uniform runs keep the hash they had before
             keyed = {k: v for k, v in keyed.items() if k not in ("bits_budget", "mixed")}
-        if not (keyed.get("moe") or {}).get("quantize_router"):  # so do runs without it
+        if _moe_at_defaults(keyed.get("moe")):  # so do runs with the MoE settings' defaults
             keyed = {k: v for k, v in keyed.items() if k != "moe"}
         return settings_digest(keyed, 8)
 
@@ -233,7 +236,35 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                    wa=wa, budget=_budget_spec(cfg),
                    config={**cfg.to_dict(), "model": str(model)},
                    overwrite=bool(cfg.get("overwrite", False)),
-                   quantize_router=_quantize_router(cfg))
+                   quantize_router=_quantize_router(cfg), moe_gptq=_moe_gptq(cfg))
+
+
+# `--config.moe` as the config file sets it: a run at these values keeps the hash it had
+# before the MoE settings existed
+MOE_DEFAULTS = dict(quantize_router=False, calib_modes="both", levels=(0.25, 0.5, 0.75, 1.0),
+                    self_condition=True, thin_min_rows=16, thin_fallback="damp",
+                    thin_damp=0.1)
+
+
+def _moe_at_defaults(moe) -> bool:
+    moe = dict(moe or {})
+    if "levels" in moe:
+        moe["levels"] = tuple(moe["levels"])
+    return all(moe.get(k, v) == v for k, v in MOE_DEFAULTS.items())
+
+
+def _moe_gptq(cfg: ml_collections.ConfigDict) -> GemmaGPTQSettings:
+    """GPTQ's MoE settings (`--config.moe.*` with `--config.gptq.damp / block_size`)."""
+    moe = {**MOE_DEFAULTS, **dict(cfg.get("moe", None) or {})}
+    try:
+        thin = ThinExperts(min_rows=moe["thin_min_rows"], fallback=moe["thin_fallback"],
+                           thin_damp=moe["thin_damp"])
+        calib = GemmaCalibSpec(modes=moe["calib_modes"], levels=tuple(moe["levels"]),
+                               self_condition=bool(moe["self_condition"]), seed=cfg.calib.seed)
+    except ValueError as e:
+        raise ConfigOverrideError(f"--config.moe: {e}") from None
+    return GemmaGPTQSettings(damp=cfg.gptq.damp, block_size=cfg.gptq.block_size, thin=thin,
+                             calib=calib)
 
 
 def _quantize_router(cfg: ml_collections.ConfigDict) -> bool:
@@ -397,12 +428,10 @@ def unigram_reference(model_path: str) -> float | None:
 
 
 def calibration_windows(tokenizer, spec: JobSpec):
-    """The calibration split's token windows [n_samples, seq_len], encoded by the checkpoint's
-    tokenizer and framed by its BOS / EOS ids."""
-    special = tokenizer.special
-    docs = sources.load_split(spec.source, "calib", seed=0)
-    return sources.token_windows(docs, tokenizer, spec.calib.seq_len, bos_id=special.bos,
-                                 eos_id=special.eos, max_windows=spec.calib.n_samples)
+    """The calibration split's token windows [n_samples, seq_len] (`sources.calibration_
+    windows`)."""
+    return sources.calibration_windows(tokenizer, spec.source, spec.calib.seq_len,
+                                       spec.calib.n_samples)
 
 
 def use_streaming(spec: JobSpec) -> bool:
@@ -585,8 +614,15 @@ def quantize_from_config(cfg: ml_collections.ConfigDict, *, model=None):
     spec = job_spec(cfg)
     if check_family(spec) == GEMMA_FAMILY:
         model = model if model is not None else load_model(spec.model, dtype="float32")
-        qmodel, plan = rtn_quantize_gemma_model(model, gemma_ptq_spec(spec))
-        return qmodel, {"coverage": plan.rows()}
+        tokenizer = None
+        if spec.method != "rtn":
+            try:
+                tokenizer = load_tokenizer(spec.model)
+            except CheckpointError as e:
+                if "no tokenizer" not in str(e):
+                    raise
+        qmodel, plan, qstats = quantize_gemma(model, spec, tokenizer)
+        return qmodel, {"coverage": plan.rows(), **qstats}
     if model is None:
         model = load_model(spec.model, dtype="float32")
     _check_widths(model.config, spec.ptq)

@@ -1,10 +1,17 @@
-"""`qdlm quantize` on a DiffusionGemma checkpoint: weight-only RTN, every tensor accounted for.
+"""`qdlm quantize` on a DiffusionGemma checkpoint: weight-only RTN or GPTQ, every tensor
+accounted for.
 
     plan  (quant/gemma_plan.py)  every param: kind, share, action; refused before any work when
                                  the group size does not divide a quantized tensor's width
     load  fp32 (the quantization and both models' evaluation run in fp32)
     RTN   (quant/gemma_rtn.py)   dense kernels -> QuantizedArray, experts -> QuantizedExperts,
                                  then the coverage guard (an unplanned tensor is an error)
+    GPTQ  (quant/gemma_gptq.py)  the same, part by part, on calibration windows of
+                                 calib.seq_len prompt tokens plus one canvas (the calib split
+                                 encoded by the tokenizer, or random ids without one): two-mode
+                                 statistics (--config.moe.calib_modes / levels /
+                                 self_condition), per-expert Hessians with the thin-expert
+                                 rule (--config.moe.thin_*)
     eval  KL to fp on held-out canvases (evals/canvas_kl.py): text windows encoded by the
           checkpoint's tokenizer, or windows of random token ids when it has none (said in
           the log and the report); with a tokenizer also 2-digit addition and
@@ -12,8 +19,8 @@
     save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
           (with the per-tensor plan), report.md ending with the coverage table
 
-Only `rtn` at act_bits 16 runs here; `check_gemma` refuses the rest in one line before any
-work. The run is in memory (no streaming, no mesh).
+Only `rtn` and `gptq` at act_bits 16 with clean calibration run here; `check_gemma` refuses
+the rest in one line before any work. The run is in memory (no streaming, no mesh).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from qdlm_jax.checkpoints.load import (
     read_model_config,
 )
 from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+from qdlm_jax.data import sources
 from qdlm_jax.data.hf_tokenizer import tokenizer_files
 from qdlm_jax.errors import CheckpointError, ConfigOverrideError
 from qdlm_jax.evals.backends import TextModel
@@ -39,9 +47,10 @@ from qdlm_jax.evals.canvas_kl import canvas_kl
 from qdlm_jax.evals.tasks import run_task
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.jobs.quantize_report import gemma_report
-from qdlm_jax.models.diffusion_gemma import param_shapes
+from qdlm_jax.models.diffusion_gemma import model_from_params, param_shapes
 from qdlm_jax.models.gemma_config import FAMILY
 from qdlm_jax.models.params import cast_floats, get_params
+from qdlm_jax.quant.gemma_gptq import gptq_quantize_gemma
 from qdlm_jax.quant.gemma_plan import EXPERT_DOWN, EXPERT_GATE_UP, GemmaPTQSpec, gemma_plan
 from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
 
@@ -56,8 +65,11 @@ def check_gemma(spec, config) -> None:
     """Refuses, in one line and before any work, what this pass does not do on the family,
     and a group size that does not divide some quantized tensor's input width."""
     where = f"on {FAMILY}: not yet"
-    if spec.method != "rtn":
-        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn only)")
+    if spec.method not in ("rtn", "gptq"):
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn or gptq)")
+    if spec.method == "gptq" and spec.calib.mode != "clean":
+        raise ConfigOverrideError(f"--config.calibration={spec.calib.mode} {where} (its "
+                                  "calibration is two-mode: --config.moe.calib_modes)")
     if spec.act_bits != 16:
         raise ConfigOverrideError(f"--config.act_bits={spec.act_bits} {where} (weight-only, "
                                   "act_bits 16)")
@@ -112,6 +124,32 @@ def evaluate_text(model, tokenizer, spec, tasks) -> dict:
     return out
 
 
+def gemma_calibration_windows(spec, config, tokenizer) -> np.ndarray:
+    """`calib.n_samples` windows of `calib.seq_len` prompt tokens plus one canvas from the
+    calibration split, or uniform random ids (seed 1) without a tokenizer."""
+    n, width = spec.calib.n_samples, spec.calib.seq_len + config.canvas_length
+    if tokenizer is None:
+        return np.random.default_rng(1).integers(0, config.vocab_size, (n, width))
+    return sources.calibration_windows(tokenizer, spec.source, width, n)
+
+
+def quantize_gemma(model, spec, tokenizer):
+    """(quantized model, plan, stats) of the job's method (module docstring)."""
+    gspec = gemma_ptq_spec(spec)
+    if spec.method == "rtn":
+        qmodel, plan = rtn_quantize_gemma_model(model, gspec)
+        return qmodel, plan, {}
+    windows = gemma_calibration_windows(spec, model.config, tokenizer)
+    seq = spec.calib.seq_len
+    qparams, plan, how = gptq_quantize_gemma(model, windows[:, :seq], windows[:, seq:], gspec,
+                                             spec.moe_gptq, progress=True)
+    counts = {}
+    for kinds in how.values():
+        for k in kinds:
+            counts[k] = counts.get(k, 0) + 1
+    return model_from_params(model.config, qparams), plan, {"expert_hessians": counts}
+
+
 def _bytes_vs_bf16(params: dict) -> float | None:
     s = param_summary(params)
     return s["bytes"] / s["bf16_bytes"] if s["bf16_bytes"] else None
@@ -123,7 +161,6 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
     config = model.config
-    gspec = gemma_ptq_spec(spec)
     tokenizer = _tokenizer(spec.model)
     notes = []
     if tokenizer is None:
@@ -142,8 +179,10 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         fp = evaluate_text(model, tokenizer, spec, tasks)
 
     t_q = time.time()
-    qmodel, plan = rtn_quantize_gemma_model(model, gspec)
+    qmodel, plan, qstats = quantize_gemma(model, spec, tokenizer)
     quant_s = time.time() - t_q
+    if qstats:
+        _log(f"expert Hessians: {qstats['expert_hessians']}")
     _log(f"quantized in {quant_s:.1f}s; {100 * plan.quantized_share:.2f}% of the parameters "
          "packed, every planned tensor checked")
 
@@ -166,7 +205,10 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
     result = {
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
         "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": 16,
-        "group_size": w.group_size, "sym": w.sym, "calibration": "none",
+        "group_size": w.group_size, "sym": w.sym,
+        "calibration": "none" if spec.method == "rtn" else
+        f"two-mode ({spec.moe_gptq.calib.modes}), {spec.calib.n_samples} windows",
+        **qstats,
         "quantize_router": spec.quantize_router, "fp": fp, "quantized": q,
         "quantize_s": quant_s, "packed_bytes": summary["bytes"],
         "bf16_bytes": summary["bf16_bytes"],
@@ -196,4 +238,5 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
     return result
 
 
-__all__ = ["check_gemma", "evaluate_text", "gemma_ptq_spec", "kl_windows", "run_gemma"]
+__all__ = ["check_gemma", "evaluate_text", "gemma_calibration_windows", "gemma_ptq_spec",
+           "kl_windows", "quantize_gemma", "run_gemma"]

@@ -94,7 +94,12 @@ def test_qdlm_generate_runs_on_the_packed_model(rtn_run, capsys):
 
 def test_what_the_pass_does_not_do_is_refused_in_one_line(gemma_dir, tmp_path, capsys):
     for flags, line in [
-            ((), "--config.method=gptq on diffusion_gemma: not yet (rtn only)"),
+            (("--config.method=awq",), "--config.method=awq on diffusion_gemma: not yet "
+             "(rtn or gptq)"),
+            (("--config.method=gptq", "--config.calibration=masked"),
+             "--config.calibration=masked on diffusion_gemma: not yet"),
+            (("--config.method=gptq", "--config.moe.thin_fallback=shared"),
+             "--config.moe: fallback='shared'"),
             (("--config.method=rtn", "--config.act_bits=8"),
              "--config.act_bits=8 on diffusion_gemma: not yet"),
             (("--config.method=rtn", "--config.group_size=16"),
@@ -123,3 +128,23 @@ def test_with_a_tokenizer_kl_is_on_text_and_the_text_tasks_run(tmp_path, capsys)
     assert result["fp"]["arith_n"] == result["quantized"]["arith_n"] == 2
     assert "no tokenizer" not in capsys.readouterr().out
     assert (run_dir / "model" / "tokenizer.json").is_file()
+
+
+# slow: GPTQ compiles for every linear and expert shape (about a minute); its driver's
+# parts run in `make test` (tests/quant)
+@pytest.mark.slow
+def test_gptq_packs_every_expert_and_counts_the_expert_hessians(gemma_dir, tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert quantize(gemma_dir, tmp_path, "--config.method=gptq", "--config.bits=4",
+                        "--config.group_size=8", "--config.calib.n_samples=4",
+                        "--config.moe.thin_min_rows=4") == 0
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["experts_quantized"] and result["method"] == "gptq"
+    assert result["calibration"] == "two-mode (both), 4 windows"
+    # 2 layers x 2 expert tensors x 4 experts, each Hessian formed one way or another
+    assert sum(result["expert_hessians"].values()) == 16
+    _, params = load_params(run_dir / "model")
+    experts = [v for p, v in params.items() if len(p) > 2 and p[-2] == "experts"]
+    assert len(experts) == 4 and all(isinstance(v, QuantizedExperts) for v in experts)
