@@ -1,4 +1,4 @@
-"""How far a quantized DiffusionGemma's denoising predictions are from the fp model's, without
+r"""How far a quantized DiffusionGemma's denoising predictions are from the fp model's, without
 Monte Carlo noise (the family has no mask token, so `basic.output_kl` does not apply).
 
 Each window w of P + L tokens (L = canvas_length) is a clean prompt w[:P] and a canvas
@@ -16,6 +16,16 @@ to the embedding dtype, so the self-conditioning MLP is exercised (without sc it
          / ln 2                                                          bits per position
 
 with its standard error over windows.
+
+`route_changes` counts, on the same prompts and noisy canvases, how many of the fp model's
+top-k expert choices the other model does not make: each model routes its own forward
+(the encoder over the prompt, the decoder's first step over the canvas), and
+
+    changed = sum over (layer, token, pass) of |top_k_fp \ top_k_model| / (layers x tokens x
+              passes x k)
+
+the fraction of choices that changed (a token whose k experts are the same in another order
+counts none).
 """
 
 from __future__ import annotations
@@ -68,6 +78,41 @@ def split_windows(windows: np.ndarray, canvas_length: int, vocab_size: int, *,
     return jnp.asarray(w[:, :-canvas_length], jnp.int32), canvases
 
 
+def _routes(state, prompt, canvas, *, graphdef):
+    """{(pass, layer): top_ids} of the encoder over the prompt and the decoder's first step."""
+    model = nnx.merge(graphdef, state)
+    b, p = prompt.shape
+    enc, dec = {}, {}
+    cache = model.encode(prompt, None, init_cache(model.config, b, p + canvas.shape[1]),
+                         routes=enc)
+    model.decode(canvas, None, cache, routes=dec)
+    return ({("encoder", i): v[0] for i, v in enc.items()}
+            | {("decoder", i): v[0] for i, v in dec.items()})
+
+
+_routes_jit = jax.jit(_routes, static_argnames="graphdef")
+
+
+def route_changes(reference, model, windows: np.ndarray, *, noise_ratio: float = 0.5,
+                  batch_size: int = 8, seed: int = 0) -> dict:
+    """The fraction of the reference's top-k expert choices `model` does not make (module
+    docstring) on `windows` [n, P + L]."""
+    c = reference.config
+    prompts, canvases = split_windows(windows, c.canvas_length, c.vocab_size,
+                                      noise_ratio=noise_ratio, seed=seed)
+    (g_ref, s_ref), (g_model, s_model) = nnx.split(reference), nnx.split(model)
+    changed = total = 0
+    for i in range(0, len(prompts), batch_size):
+        p, x = prompts[i:i + batch_size], canvases[i:i + batch_size]
+        a = _routes_jit(s_ref, p, x, graphdef=g_ref)
+        b = _routes_jit(s_model, p, x, graphdef=g_model)
+        for key, ids in a.items():
+            same = jnp.any(ids[..., :, None] == b[key][..., None, :], axis=-1)
+            changed += int(jnp.sum(~same))
+            total += int(same.size)
+    return {"changed_fraction": changed / total, "choices": total}
+
+
 def canvas_kl(reference, model, windows: np.ndarray, *, noise_ratio: float = 0.5,
               batch_size: int = 8, seed: int = 0) -> dict:
     """Mean KL(reference || model) in bits per canvas position (module docstring) on
@@ -90,4 +135,4 @@ def canvas_kl(reference, model, windows: np.ndarray, *, noise_ratio: float = 0.5
             "canvas_length": int(canvases.shape[1])}
 
 
-__all__ = ["SC_TEMPERATURE", "canvas_kl", "split_windows"]
+__all__ = ["SC_TEMPERATURE", "canvas_kl", "route_changes", "split_windows"]

@@ -12,7 +12,9 @@ accounted for.
                                  statistics (--config.moe.calib_modes / levels /
                                  self_condition), per-expert Hessians with the thin-expert
                                  rule (--config.moe.thin_*)
-    eval  KL to fp on held-out canvases (evals/canvas_kl.py): text windows encoded by the
+    eval  KL to fp on held-out canvases (evals/canvas_kl.py; with --config.moe.quantize_router
+          also the fraction of the fp model's expert choices that changed): text windows
+          encoded by the
           checkpoint's tokenizer, or windows of random token ids when it has none (said in
           the log and the report); with a tokenizer also 2-digit addition and
           --config.eval.tasks on both models (without one they are skipped, said likewise)
@@ -43,7 +45,7 @@ from qdlm_jax.data.hf_tokenizer import tokenizer_files
 from qdlm_jax.errors import CheckpointError, ConfigOverrideError
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_windows
-from qdlm_jax.evals.canvas_kl import canvas_kl
+from qdlm_jax.evals.canvas_kl import canvas_kl, route_changes
 from qdlm_jax.evals.tasks import run_task
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.jobs.quantize_report import gemma_report
@@ -191,11 +193,18 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         _log("evaluating the quantized model")
         q = evaluate_text(qmodel, tokenizer, spec, tasks)
     if spec.eval_windows:
-        kl = canvas_kl(model, qmodel, kl_windows(spec, config, tokenizer))
+        windows = kl_windows(spec, config, tokenizer)
+        kl = canvas_kl(model, qmodel, windows)
         q.update(kl_to_fp_bits=kl["kl_bits"], kl_to_fp_bits_se=kl["kl_bits_se"],
                  kl_windows=kl["n_windows"], kl_prompt_len=kl["prompt_len"],
                  kl_canvas_length=kl["canvas_length"],
                  kl_input="text" if tokenizer is not None else "random token ids")
+        if spec.quantize_router:
+            rc = route_changes(model, qmodel, windows)
+            q.update(router_changed_fraction=rc["changed_fraction"],
+                     router_choices=rc["choices"])
+            _log(f"quantized routers changed {100 * rc['changed_fraction']:.2f}% of the fp "
+                 "model's expert choices")
 
     stored = cast_floats(get_params(qmodel), source_dtype)
     packed = {p: stored[p] for p in plan.paths()}

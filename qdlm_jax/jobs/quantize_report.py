@@ -150,6 +150,11 @@ def gemma_report(result: dict) -> str:
                      "(evals/canvas_kl.py)")
     if "arith_acc" in q:
         notes.append(f"2-digit addition on {q['arith_n']} held-out problems")
+    if "router_changed_fraction" in q:
+        notes.append(f"quantized routers: {100 * q['router_changed_fraction']:.2f}% of the fp "
+                     f"model's top-k expert choices changed ({q['router_choices']} choices on "
+                     "the KL windows: the encoder over the prompt, the decoder's first step "
+                     "over the canvas)")
     notes.append(f"packed {result['packed_bytes'] / 2**20:.2f} MiB against "
                  f"{result['bf16_bytes'] / 2**20:.2f} MiB in bf16 (every tensor counted; "
                  "unquantized ones in the source dtype)")

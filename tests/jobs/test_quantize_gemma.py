@@ -148,3 +148,16 @@ def test_gptq_packs_every_expert_and_counts_the_expert_hessians(gemma_dir, tmp_p
     _, params = load_params(run_dir / "model")
     experts = [v for p, v in params.items() if len(p) > 2 and p[-2] == "experts"]
     assert len(experts) == 4 and all(isinstance(v, QuantizedExperts) for v in experts)
+
+
+def test_quantized_routers_report_the_changed_expert_choices(gemma_dir, tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert quantize(gemma_dir, tmp_path, "--config.method=rtn", "--config.bits=2",
+                        "--config.group_size=8", "--config.moe.quantize_router=true") == 0
+    (run_dir,) = tmp_path.iterdir()
+    q = json.loads((run_dir / "results.json").read_text())["quantized"]
+    assert 0 < q["router_changed_fraction"] < 1
+    assert q["router_choices"] == 2 * 2 * (8 + 8) * 2  # windows x layers x tokens x k
+    assert "of the fp model's top-k expert choices changed" in \
+        (run_dir / "report.md").read_text()
