@@ -141,6 +141,9 @@ def test_instruct_detection_and_auto_chat(dream_dir, llada_dir):
         bundled.with_chat("on")
 
 
+# slow: Dream through every command; LLaDA with real token names runs every command in
+# `make test`
+@pytest.mark.slow
 def test_dream_quantize_generate_eval_study(dream_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     code, out = run(capsys, "quantize", "--config", ROOT / "configs" / "quantize.py",

@@ -100,6 +100,9 @@ def test_bundled_task_file_is_the_builtin_tasks():
     assert {s.name: s for s in specs} == BUILTIN
 
 
+# slow: lm-eval's own evaluator end to end (the adapter's requests are tested in
+# tests/evals/test_lm_eval_adapter.py)
+@pytest.mark.slow
 def test_shipped_lm_eval_example_runs_offline_and_prints_a_table(tmp_path):
     pytest.importorskip("lm_eval")
     r = subprocess.run([sys.executable, "-m", "qdlm_jax", "eval", "--model",

@@ -30,6 +30,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Int
 
 from qdlm_jax.models.capture import Capture
@@ -89,52 +90,59 @@ def noised_canvases(canvases: Int[Array, "B L"], level: float, key, vocab: int):
     return jnp.where(noise, ids, canvases)
 
 
+def _pass(state, prompts, canvases, key, level, temperature, *, graphdef, names,
+          expert_layers, decoder: bool, self_condition: bool):
+    """({name: (gram, tokens)}, {layer: expert rows}) of one recorded pass (module doc)."""
+    model = nnx.merge(graphdef, state)
+    c = model.config
+    b, p = prompts.shape
+    cap = Capture(names=names, fn=_gram, experts_fn=_rows if expert_layers else None)
+    if not decoder:
+        model.encode(prompts, None, init_cache(c, b, p), capture=cap)
+    else:
+        cache = model.encode(prompts, None, init_cache(c, b, p))
+        x = noised_canvases(canvases, level, key, c.vocab_size)
+        sc = None
+        if self_condition:
+            sc = (model.decode(x, None, cache) / temperature).astype(model.embed[...].dtype)
+        model.decode(x, sc, cache, capture=cap)
+    return cap.values, {i: v for i, v in cap.experts.items() if i in expert_layers}
+
+
+_pass_jit = jax.jit(_pass, static_argnames=("graphdef", "names", "expert_layers", "decoder",
+                                            "self_condition"))
+
+
 def gemma_layer_stats(model: DiffusionGemma, prompts: Int[Array, "B P"],
                       canvases: Int[Array, "B L"], spec: GemmaCalibSpec, *,
                       names: tuple[str, ...] = (),
                       expert_layers: tuple[int, ...] = ()) -> LayerStats:
     """The statistics of the linears `names` (hook names, `diffusion_gemma.linear_names`)
     and of the MoE layers `expert_layers` over the passes of `spec` (module docstring)."""
-    c = model.config
     prompts = jnp.asarray(prompts, jnp.int32)
     canvases = jnp.asarray(canvases, jnp.int32)
-    b, p = prompts.shape
-    wanted = frozenset(expert_layers)
-
-    def capture():
-        def experts_fn(x, top_ids, top_weights):
-            return _rows(x, top_ids, top_weights)
-        return Capture(names=tuple(names), fn=_gram,
-                       experts_fn=experts_fn if wanted else None)
-
-    passes: list[Capture] = []
+    graphdef, state = nnx.split(model)
+    static = dict(graphdef=graphdef, names=tuple(names), expert_layers=tuple(expert_layers))
+    passes = []
     if spec.modes in ("encoder", "both"):
-        cap = capture()
-        model.encode(prompts, None, init_cache(c, b, p), capture=cap)
-        passes.append(cap)
+        passes.append(_pass_jit(state, prompts, canvases, jax.random.key(0), 0.0, 1.0,
+                                decoder=False, self_condition=False, **static))
     if spec.modes in ("decoder", "both"):
-        cache = model.encode(prompts, None, init_cache(c, b, p))
-        emb_dtype = model.embed[...].dtype
         for j, level in enumerate(spec.levels):
-            x = noised_canvases(canvases, level,
-                                jax.random.fold_in(jax.random.key(spec.seed), j), c.vocab_size)
-            sc = None
-            if spec.self_condition:
-                temperature = spec.t_min + (spec.t_max - spec.t_min) * level
-                sc = (model.decode(x, None, cache) / temperature).astype(emb_dtype)
-            cap = capture()
-            model.decode(x, sc, cache, capture=cap)
-            passes.append(cap)
-
+            temperature = spec.t_min + (spec.t_max - spec.t_min) * level
+            passes.append(_pass_jit(state, prompts, canvases,
+                                    jax.random.fold_in(jax.random.key(spec.seed), j), level,
+                                    temperature, decoder=True,
+                                    self_condition=spec.self_condition, **static))
     grams: dict[str, tuple[jax.Array, int]] = {}
-    for cap in passes:
-        for name, (g, n) in cap.values.items():
+    for values, _ in passes:
+        for name, (g, n) in values.items():
             if name in grams:
                 grams[name] = (grams[name][0] + g, grams[name][1] + n)
             else:
                 grams[name] = (g, n)
     experts = {}
-    for i in sorted(wanted):
-        parts = [cap.experts[i] for cap in passes]
+    for i in sorted(expert_layers):
+        parts = [recorded[i] for _, recorded in passes]
         experts[i] = tuple(jnp.concatenate([part[j] for part in parts]) for j in range(3))
     return LayerStats(grams=grams, experts=experts)

@@ -35,6 +35,9 @@ def _report(out: Path) -> dict:
     return json.loads((out / "accel_report.json").read_text())
 
 
+# slow: every section of the hardware check on CPU (its pieces have their own fast tests);
+# `make test-slow` and `make accel-check` run it
+@pytest.mark.slow
 def test_smoke_mode_runs_every_section(tmp_path, capsys):
     # No --cpu-smoke: a machine without a GPU or TPU says so in one line and runs the smoke.
     rc = check.main(["--out", str(tmp_path)])

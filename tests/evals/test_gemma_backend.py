@@ -25,7 +25,7 @@ def test_bucketed_generation_equals_the_sampler_on_the_bare_prompt(tiny_gemma):
     drawn for the batch, so rows are compared one per batch.)"""
     tm = tiny_gemma
     gen = GenerationConfig(gen_length=16, block_length=8, alg="maskgit_plus")  # a task's
-    prompts = ["The city of", "Question: 12+30=? Answer:", "In 1990 the band released its"]
+    prompts = ["In 1990 the band released its"]
     batched = tm.generate(prompts, gen, batch_size=1, progress=False)
     settings = GemmaSampleSettings(max_new_tokens=16, steps=4, canvas_length=8,
                                    eos_ids=(2,), pad_id=0, greedy=True)

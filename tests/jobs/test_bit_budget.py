@@ -68,6 +68,9 @@ def test_a_budget_run_packs_each_block_at_its_planned_width_and_generates(tmp_pa
         run(_cfg(tmp_path, "--config.bits_budget=1.5"))
 
 
+# slow: streaming with a plan and a resumed run (the in-memory budget run is in `make test`;
+# streaming resumes are checked without a plan in tests/jobs/test_streaming.py)
+@pytest.mark.slow
 def test_streaming_makes_the_same_plan_and_a_resumed_run_keeps_it(tmp_path, monkeypatch,
                                                                   assert_same_checkpoint):
     from qdlm_jax.jobs import quantize, streaming

@@ -150,6 +150,8 @@ def test_gptq_packs_every_expert_and_counts_the_expert_hessians(gemma_dir, tmp_p
     assert len(experts) == 4 and all(isinstance(v, QuantizedExperts) for v in experts)
 
 
+# slow: a second quantize run; the count itself is checked in tests/evals/test_canvas_kl.py
+@pytest.mark.slow
 def test_quantized_routers_report_the_changed_expert_choices(gemma_dir, tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -388,28 +388,25 @@ def test_prompt_shorter_than_the_window(pair):
 
 def test_capture_records_each_layers_expert_inputs_and_choices():
     """Capture(experts_fn=) sees each layer's experts' input and the router's choices (those
-    `routes` reports), in both modes, without changing the output."""
+    `routes` reports) in a decoder pass (the encoder runs the same layer code)."""
     from qdlm_jax.checkpoints.random_init import tiny_config
     from qdlm_jax.models.capture import Capture
     from qdlm_jax.models.diffusion_gemma import init_model
     config = tiny_config("diffusion_gemma")
     model = init_model(config, seed=1)
-    ids = jnp.asarray(np.arange(5, 11, dtype=np.int32)[None])
-    cache = model.encode(ids, None, init_cache(config, 1, 6))
-    canvas = jnp.asarray(np.arange(20, 28, dtype=np.int32)[None])
-    plain = model.decode(canvas, None, cache)
-    for mode in ("encode", "decode"):
+    cache = model.encode(jnp.asarray(np.arange(5, 11, dtype=np.int32)[None]), None,
+                         init_cache(config, 1, 6))
+    @nnx.jit
+    def record(model, cache, canvas):
         cap = Capture(names=(), experts_fn=lambda x, t, w: (x, t, w))
         routes = {}
-        if mode == "encode":
-            model.encode(ids, None, init_cache(config, 1, 6), capture=cap, routes=routes)
-        else:
-            np.testing.assert_array_equal(
-                np.asarray(model.decode(canvas, None, cache, capture=cap, routes=routes)),
-                np.asarray(plain))
-        assert sorted(cap.experts) == list(range(config.num_layers))
-        for i, (x, top, w) in cap.experts.items():
-            np.testing.assert_array_equal(np.asarray(top), np.asarray(routes[i][0]))
-            np.testing.assert_array_equal(np.asarray(w), np.asarray(routes[i][1]))
-            assert x.shape == (1, ids.shape[1] if mode == "encode" else 8, config.hidden_size)
-            assert not cap.values  # names=(): no linear recorded
+        model.decode(canvas, None, cache, capture=cap, routes=routes)
+        assert not cap.values  # names=(): no linear recorded
+        return cap.experts, routes
+
+    experts, routes = record(model, cache, jnp.asarray(np.arange(20, 28, dtype=np.int32)[None]))
+    assert sorted(experts) == list(range(config.num_layers))
+    for i, (x, top, w) in experts.items():
+        np.testing.assert_array_equal(np.asarray(top), np.asarray(routes[i][0]))
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(routes[i][1]))
+        assert x.shape == (1, 8, config.hidden_size)
