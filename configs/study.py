@@ -27,6 +27,28 @@ docs/weight_activation.md "In the demo and the study"):
     qdlm study --config configs/study.py --config.methods= --config.wa_methods=quarot \\
         --config.wa_bits=4 --config.out_dir=runs/study_kv
 
+Activation granularity: every weight-activation method at W4A4 and W4A8 (per-channel
+weights), with per-token activation scales and per-group scales of 128 and 32 input
+channels (rows `quarot-w4a4`, `quarot-w4a4-ag128`, `quarot-w4a4-ag32`, `quarot-w4a8`, ...:
+24 rows and fp), on the tasks the tiny models can do (`TINY_TASKS`):
+
+    qdlm study --config configs/study.py --config.models=assets/tiny-llada \\
+        --config.methods= --config.wa_rows= --config.wa_bits=4 --config.wa_act_bits=4,8 \\
+        --config.act_granularities=per_token,g128,g32 --config.only_tasks=$TINY_TASKS \\
+        --config.out_dir=runs/study_actgroups
+
+Bit allocation: RTN and GPTQ at uniform W4 and W3 against mixed precision at a mean of 3.0
+and 3.5 bits (rows `gptq-wmix3`, `gptq-wmix3.5`; uniform widths cannot average 3.5, so
+that row stands between W3 and W4):
+
+    qdlm study --config configs/study.py --config.models=assets/tiny-llada \\
+        --config.methods=rtn,gptq --config.bits=4,3 --config.bits_budgets=3.0,3.5 \\
+        --config.wa_methods= --config.wa_rows= --config.only_tasks=$TINY_TASKS \\
+        --config.out_dir=runs/study_budgets
+
+with TINY_TASKS=wikipedia_bound,arithmetic,arithmetic_subtract,synthetic_code,synthetic_compare
+(2026-12-05, tiny-llada: 25 and 9 variants x 5 tasks; docs/results_tiny.md).
+
 """
 
 import ml_collections
@@ -35,6 +57,9 @@ N_ITEMS = 8  # items per task (small, for 2 CPU cores)
 SYNTH_ITEMS = 200  # items of the synthetic math tasks (half that for code and choices)
 MC = dict(limit=N_ITEMS, mc_num=16, batch_size=16)
 SHORT_GEN = dict(steps=32, gen_length=32, block_length=32)
+# The tasks the tiny models score above chance / 0 on (the others stay there for every row)
+TINY_TASKS = ("wikipedia_bound,arithmetic,arithmetic_subtract,synthetic_code,"
+              "synthetic_compare")
 
 
 def get_config():
@@ -42,6 +67,9 @@ def get_config():
     c.models = ("assets/tiny-llada", "assets/tiny-dream")
     c.methods = ("rtn", "gptq", "awq")  # any method `qdlm quantize` knows, passed through
     c.bits = (8, 4, 3)
+    # Mixed precision: for every method, a row per budget (the blocks' mean weight bits,
+    # spread by sensitivity: the job's --config.bits_budget; rtn, gptq, awq), e.g. 3.0,3.5.
+    c.bits_budgets = ()
     c.include_fp = True
     c.out_dir = "runs/study"
     c.dtype = "float32"
@@ -56,6 +84,13 @@ def get_config():
     # with `wa_quantize` on top of `quantize` (QDLM's W8A8/W4A4 use per-channel weights).
     c.wa_methods = ("rtn", "smoothquant", "quarot", "duquant")
     c.wa_bits = (8, 4)
+    # Activation bits of those rows (empty: each row's weight bits, W8A8 / W4A4); e.g.
+    # wa_bits=4 with wa_act_bits=4,8 gives W4A4 and W4A8.
+    c.wa_act_bits = ()
+    # Activation granularities of those rows, each a row of its own: per_token, or g<N>
+    # (per-group scales of N consecutive input channels, labelled `<method>-w4a4-agN`; N
+    # must divide every linear's input width). Not applied to `wa_rows`.
+    c.act_granularities = ("per_token",)
     c.wa_quantize = ml_collections.ConfigDict(dict(group_size=-1))
     # Any main-job key may be set here from the command line, e.g. 4-bit K/V for every WA row:
     # --config.wa_quantize.act.kv.bits=4 (checked against configs/quantize.py).
@@ -88,4 +123,7 @@ def get_config():
         {"base": "synthetic_code", "limit": SYNTH_ITEMS // 2},
         {"base": "synthetic_compare", "limit": SYNTH_ITEMS // 2, "mc_num": 16, "batch_size": 16},
     ]
+    # Run only these of `tasks`, by name, at the sizes above (empty: all), e.g. the tasks the
+    # tiny models can do: TINY_TASKS.
+    c.only_tasks = ()
     return c

@@ -3,14 +3,17 @@ sweep and its results store. The cells are specified in `study_spec`, the table 
 written by `study_report`; this module re-exports both modules' public names.
 
 Cells: for each model, the fp model, every weight-only (method, bits) quantization of it
-and every weight-activation (wa_method, WxAx) quantization (activations at the weight
-bit width, `act_bits = bits`), each on every task. A quantized model is made by the main
-job's own path (`jobs.quantize.quantize_from_config` on `configs/quantize.py`'s config with `model`,
-`method`, `bits` and the study's `quantize` overrides set), so any method the job knows
-works here by name. Method names are passed through untouched. Extra weight-activation rows
-(`wa_rows`: e.g. QuaRot W4A4 with 4-bit K/V, and with IA-AQ on top) add their own main-job
-overrides; the table labels them by what ran inside attention (`W4A4, KV4`,
-`QUAROT + IA-AQ (K,V; masked)`) and names each row's overrides below it.
+(and, with `bits_budgets`, every (method, bit budget): mixed precision at that mean width)
+and every weight-activation (wa_method, W<b>A<a>) quantization (activations at the weight
+bit width, `act_bits = bits`, unless `wa_act_bits` lists others; per token, or also per
+group of input channels for each `act_granularities` entry g<N>), each on every task. A
+quantized model is made by the main job's own path (`jobs.quantize.quantize_from_config` on
+`configs/quantize.py`'s config with `model`, `method`, `bits` or `bits_budget` and the
+study's `quantize` overrides set), so any method the job knows works here by name. Method
+names are passed through untouched. Extra weight-activation rows (`wa_rows`: e.g. QuaRot
+W4A4 with 4-bit K/V, and with IA-AQ on top) add their own main-job overrides; the table
+labels them by what ran inside attention (`W4A4, KV4`, `QUAROT + IA-AQ (K,V; masked)`) and
+names each row's overrides below it.
 
 Resumable: every finished cell is appended to `<out_dir>/results.jsonl` as one complete
 line, written with a single write + flush + fsync. On start, a torn last line (a kill
@@ -18,8 +21,8 @@ mid-write) is dropped, lines are deduplicated by cell key (the last wins), and c
 already present are skipped; a (model, method, bits) whose cells are all done is not
 quantized again. The cell key is
 
-    model | method | w<bits>[a<act_bits>] | <hash of the study's quantize settings>
-          | task | <task spec hash>
+    model | method | w<bits>[a<act_bits>][-ag<act group>] or wmix<budget>
+          | <hash of the study's quantize settings> | task | <task spec hash>
 
 so changing a task's settings or the study's quantizer settings (`quantize`,
 `method_overrides`) makes new cells instead of reusing old ones. Defaults inside
@@ -27,9 +30,10 @@ configs/quantize.py are not part of the key (a new key added there with a defaul
 throw away hours of finished cells); every line records the full resolved config.
 
 Outputs in `out_dir`: `results.jsonl`, `table.md` (rows model x method x bits with the fp
-row first; columns the tasks grouped by category, as in the QDLM paper's tables) and
-`plot_<model>.png` (metric against bits, one line per method, one panel per category, fp
-as a dashed reference line), all written through temp files + rename.
+row first, bits `4`, `mix3.5 (4 3 3 4)` (a budget and the blocks' widths), `W4A8`, `W4A4
+ag32` (activation groups of 32 channels); columns the tasks grouped by category, as in the
+QDLM paper's tables) and `plot_<model>.png` (metric against bits, one line per method, one
+panel per category, fp as a dashed reference line), all written through temp files + rename.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from qdlm_jax.jobs.study_spec import (
     Decoding,
     StudySpec,
     Variant,
+    act_granularities,
     apply_study_overrides,
     cell_key,
     decoding_setting,
@@ -70,11 +75,21 @@ from qdlm_jax.jobs.study_spec import (
 )
 
 # The study's public names, one import away (`from qdlm_jax.jobs import study`).
-__all__ = ["CATEGORY_TITLES", "FP", "PASS_THROUGH", "RESULTS", "WA_ROWS", "Decoding",
-           "StudySpec", "Variant", "append_line", "apply_study_overrides", "axis_limits",
-           "cell_key", "decoding_setting", "evaluate_task", "fp_can_do", "kv_settings",
-           "markdown_table", "plot_model", "quant_hash", "quant_overrides", "quantize_config",
-           "read_results", "repair_results", "run_study", "study_spec", "wa_row"]
+__all__ = ["CATEGORY_TITLES", "FP", "PASS_THROUGH", "RESULTS", "WA_ROWS", "Decoding", "Made",
+           "StudySpec", "Variant", "act_granularities", "act_settings", "append_line",
+           "apply_study_overrides", "axis_limits", "cell_key", "decoding_setting",
+           "evaluate_task", "fp_can_do", "kv_settings", "markdown_table", "plot_model",
+           "quant_hash", "quant_overrides", "quantize_config", "read_results",
+           "repair_results", "run_study", "study_spec", "wa_row"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Made:
+    """What `make_variant` may return instead of the bare text model: the model and what its
+    quantization decided that the records keep (`bit_plan`: a budget row's block widths)."""
+
+    tm: object
+    info: dict = dataclasses.field(default_factory=dict)
 
 # ---- results.jsonl -----------------------------------------------------------------------
 
@@ -129,8 +144,8 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
     """Runs every missing cell; returns {"out_dir", "records", "table", "plots", "ran"}.
 
     `evaluate(text_model, task) -> result dict` (default `tasks.run_task`) and
-    `make_variant(spec, model_path, variant, fp_text_model) -> text_model` (default: load /
-    quantize through the main job) are injectable for tests.
+    `make_variant(spec, model_path, variant, fp_text_model) -> text_model` or `Made`
+    (default: load / quantize through the main job) are injectable for tests.
     """
     evaluate = evaluate or (lambda tm, task: evaluate_task(tm, task, progress=spec.progress))
     make_variant = make_variant or _make_variant
@@ -157,8 +172,10 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 continue
             if fp_tm is None:
                 fp_tm = make_variant(spec, model, Variant(FP), None)
+                fp_tm = fp_tm.tm if isinstance(fp_tm, Made) else fp_tm
             t0 = time.time()
-            tm = fp_tm if v.method == FP else make_variant(spec, model, v, fp_tm)
+            made = Made(fp_tm) if v.method == FP else make_variant(spec, model, v, fp_tm)
+            tm, info = (made.tm, made.info) if isinstance(made, Made) else (made, {})
             qcfg = None if v.method == FP else quantize_config(spec, model, v).to_dict()
             make_s = time.time() - t0
             _log(f"{Path(model).name} {v.label}: {len(todo)} tasks to run "
@@ -168,10 +185,12 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                 t1 = time.time()
                 r = evaluate(tm, task)
                 rec = {"key": cell_key(model, v, qhash, task), "model": model,
-                       "model_name": Path(model).name, "method": v.method, "bits": v.bits,
+                       "model_name": Path(model).name, "method": v.method,
+                       "bits": v.bits if v.budget is None else v.budget,
                        "act_bits": v.act_bits, "variant": v.name,
                        "overrides": dict(v.overrides) if v.overrides else None,
-                       **kv_settings(qcfg),
+                       "bits_budget": v.budget, "bit_plan": info.get("bit_plan"),
+                       **kv_settings(qcfg), **act_settings(qcfg),
                        "quant_hash": qhash, "task": task.name, "category": task.category,
                        "metric": r["metric"], "value": r["value"],
                        "higher_is_better": r["higher_is_better"], "n": r.get("n"),
@@ -226,11 +245,25 @@ def kv_settings(qcfg: dict | None) -> dict:
     return {"kv": kv, "iaaq": ia}
 
 
+def act_settings(qcfg: dict | None) -> dict:
+    """{"act_granularity", "act_group_size"} of a resolved main-job config: how a
+    weight-activation cell scaled its activations (per_token, per_group with its group
+    size, per_tensor); None for weight-only cells and fp."""
+    if not qcfg or qcfg.get("act_bits", 16) >= 16:
+        return {"act_granularity": None, "act_group_size": None}
+    act = qcfg.get("act", {})
+    granularity = act.get("granularity", "per_token")
+    return {"act_granularity": granularity,
+            "act_group_size": act.get("group_size") if granularity == "per_group" else None}
+
+
 def _make_variant(spec: StudySpec, model: str, v: Variant, fp_tm):
 
     from qdlm_jax.evals.backends import load_text_model
     if v.method == FP:
         return load_text_model(model, dtype=spec.dtype)
     from qdlm_jax.jobs.quantize import quantize_from_config
-    qmodel, _ = quantize_from_config(quantize_config(spec, model, v), model=fp_tm.model)
-    return dataclasses.replace(fp_tm, model=qmodel, decode_counts={})
+    qmodel, stats = quantize_from_config(quantize_config(spec, model, v), model=fp_tm.model)
+    plan = (stats or {}).get("bit_plan")
+    return Made(dataclasses.replace(fp_tm, model=qmodel, decode_counts={}),
+                {"bit_plan": list(plan["bits"]) if plan else None})

@@ -41,22 +41,38 @@ def _fmt(rec: dict | None) -> str:
 
 
 def _row(r: dict) -> tuple:
-    """(model, method, weight bits, activation bits or None, extra row name or "") of a
+    """(model, method, weight bits (a budget row: the budget), activation bits or None,
+    extra row name or "", activation granularity text or "", bit budget or None) of a
     record."""
-    return (r["model_name"], r["method"], r["bits"], r.get("act_bits"), r.get("variant") or "")
+    return (r["model_name"], r["method"], r["bits"], r.get("act_bits"), r.get("variant") or "",
+            _act_text(r), r.get("bits_budget"))
+
+
+def _act_text(r: dict) -> str:
+    """"" for per-token activations (and weight-only rows), "ag32" for groups of 32 input
+    channels, "per-tensor" for static per-tensor scales."""
+    if r.get("act_group_size"):
+        return f"ag{r['act_group_size']}"
+    return "per-tensor" if r.get("act_granularity") == "per_tensor" else ""
 
 
 def _row_order(records: list[dict]) -> list[tuple]:
     """fp first, then weight-only rows, then weight-activation rows; within each, methods in
-    first-seen order and bits descending, a method's extra rows (`wa_rows`) after its plain
-    row of the same bits."""
+    first-seen order, weight bits descending (a budget row after the uniform row of its
+    width), activation bits descending, per-token activations before groups (largest
+    first), a method's extra rows (`wa_rows`) after its plain row of the same bits."""
     rows = list(dict.fromkeys(_row(r) for r in records))
     models = list(dict.fromkeys(r[0] for r in rows))
     methods = list(dict.fromkeys(r[1] for r in rows if r[1] != FP))
     extras = [""] + list(dict.fromkeys(r[4] for r in rows if r[4]))
+
+    def act_rank(text: str) -> float:
+        return 0.0 if not text else 1.0 / int(text[2:]) if text.startswith("ag") else 2.0
+
     return sorted(rows, key=lambda r: (models.index(r[0]), r[1] != FP, r[3] is not None,
                                        methods.index(r[1]) if r[1] != FP else -1,
-                                       -(r[2] or 0), extras.index(r[4])))
+                                       -(r[2] or 0), r[6] is not None, -(r[3] or 0),
+                                       act_rank(r[5]), extras.index(r[4])))
 
 
 def _kv_text(kv: dict | None) -> str:
@@ -79,10 +95,16 @@ def _iaaq_text(ia: dict | None) -> str:
             f"{ia.get('calibration')}{grid})")
 
 
-def _bits_cell(bits, act_bits, kv: dict | None = None) -> str:
+def _bits_cell(bits, act_bits, kv: dict | None = None, act: str = "",
+               budget: float | None = None, plan: Sequence[int] | None = None) -> str:
+    """4 | mix3.5 (4 3 3 4) | W4A8 | W4A4 ag32 | W4A4, KV4."""
+    if budget is not None:
+        return f"mix{budget:g}" + (f" ({' '.join(map(str, plan))})" if plan else "")
     if bits is None:
         return "–"
-    return str(bits) if act_bits is None else f"W{bits}A{act_bits}{_kv_text(kv)}"
+    if act_bits is None:
+        return str(bits)
+    return f"W{bits}A{act_bits}" + (f" {act}" if act else "") + _kv_text(kv)
 
 
 def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
@@ -105,12 +127,12 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
         first.setdefault(_row(r), r)
     overridden = []
     for row in _row_order(records):
-        model, method, bits, act_bits, extra = row
+        model, method, bits, act_bits, extra, act, budget = row
         cells = [_fmt(by.get((*row, t.name))) for t in tasks]
         r0 = first[row]
         label = "FP" if method == FP else method.upper() + _iaaq_text(r0.get("iaaq"))
-        lines.append(f"| {model} | {label} | {_bits_cell(bits, act_bits, r0.get('kv'))} | "
-                     + " | ".join(cells) + " |")
+        bits_text = _bits_cell(bits, act_bits, r0.get("kv"), act, budget, r0.get("bit_plan"))
+        lines.append(f"| {model} | {label} | {bits_text} | " + " | ".join(cells) + " |")
         if extra and r0.get("overrides") and extra not in [o[0] for o in overridden]:
             overridden.append((extra, f"{method}-w{bits}a{act_bits}+{extra}",
                                r0["overrides"]))
@@ -125,6 +147,14 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
              "split (a trained model must be below it)."]
     notes += [f"{name}: unigram reference {u:.3f} bits/token (its model card)."
               for name, u in unigrams if u is not None]
+    if any(r.get("bits_budget") is not None for r in records):
+        notes.append("Bits `mix<B>`: mixed precision (`bits_budgets`), the blocks' weights at "
+                     "a mean of B bits (parameter-weighted), spread by each block's measured "
+                     "sensitivity; in brackets the width of each block, first to last.")
+    if any(r.get("act_bits") is not None for r in records) and any(
+            _act_text(r) for r in records):
+        notes.append("Bits `W<b>A<a> ag<g>`: activation scales per group of g consecutive "
+                     "input channels (`act_granularities`); W<b>A<a> alone: per token.")
     if any(r.get("decoding") for r in records):
         notes.append("Columns `<task>@<setting>`: the task under Fast-dLLM decoding "
                      "(`<cache>-tau<threshold>` / `-f<factor>`), cells with the mean tokens "
@@ -177,6 +207,23 @@ def fp_can_do(task: TaskSpec, records: list[dict], model_name: str) -> bool:
     return fp[0]["value"] >= (fp[0].get("chance") or 0.0) + 0.05
 
 
+def _series(r: dict) -> tuple:
+    """A record's line in the plots: (method, activation bits: None weight-only, "=" at the
+    weight bits, else the number, activation granularity text, extra row name, whether a
+    bit-budget row); its points are the rows' (weight or budget) bits."""
+    a = r.get("act_bits")
+    act = None if a is None else "=" if a == r.get("bits") else a
+    return (r["method"], act, _act_text(r), r.get("variant") or "",
+            r.get("bits_budget") is not None)
+
+
+def _series_label(ser: tuple) -> str:
+    method, act, act_text, extra, budget = ser
+    return (method.upper() + ("" if act is None else " W=A" if act == "=" else f" A{act}")
+            + (f" {act_text}" if act_text else "") + (" mix" if budget else "")
+            + (f" +{extra}" if extra else ""))
+
+
 def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path: Path) -> Path:
     """Metric against bits per method, one panel per category (mean over the category's
     tasks the fp model can do, `fp_can_do`; accuracies in %), fp as a dashed horizontal
@@ -193,8 +240,7 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
     cats += sorted({t.category for t in tasks} - set(cats))
     fig, axes = plt.subplots(1, max(1, len(cats)), figsize=(4.2 * max(1, len(cats)), 3.8),
                              squeeze=False)
-    series = list(dict.fromkeys((r["method"], r.get("act_bits") is not None,
-                                 r.get("variant") or "") for r in recs if r["method"] != FP))
+    series = list(dict.fromkeys(_series(r) for r in recs if r["method"] != FP))
     for ax, cat in zip(axes[0], cats):
         all_ctasks = [t for t in tasks if t.category == cat]
         ctasks = [t for t in all_ctasks if fp_can_do(t, recs, name)] or all_ctasks
@@ -202,33 +248,32 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         pct = ctasks[0].higher_is_better
         scale = 100.0 if pct else 1.0
 
-        def mean_se_of(method, bits, wa=False, extra=""):
+        def mean_se_of(series, bits):
             """(category mean, its standard error) or (None, None)."""
-            rs = [r for r in recs if r["method"] == method and r["bits"] == bits
-                  and (r.get("act_bits") is not None) == wa
-                  and (r.get("variant") or "") == extra
+            rs = [r for r in recs if _series(r) == series and r["bits"] == bits
                   and r["task"] in {t.name for t in ctasks}]
             if len(rs) != len(ctasks):
                 return None, None
             se = float(np.sqrt(sum((r.get("se") or 0.0) ** 2 for r in rs))) / len(rs)
             return scale * float(np.mean([r["value"] for r in rs])), scale * se
 
-        fp, fp_se = mean_se_of(FP, None)
+        fp, fp_se = mean_se_of(_series({"method": FP}), None)
         shown = [fp] if fp is not None else []
         if fp is not None:
             ax.axhline(fp, color="black", linestyle="--", linewidth=1.2, label="fp")
             if fp_se:
                 ax.axhspan(fp - fp_se, fp + fp_se, color="black", alpha=0.08)
         all_bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
-        for m, wa, extra in series:
-            pts = [(b, *mean_se_of(m, b, wa, extra)) for b in all_bits]
+        for ser in series:
+            pts = [(b, *mean_se_of(ser, b)) for b in all_bits]
             pts = [(b, y, e) for b, y, e in pts if y is not None]
             if pts:
+                wa = ser[1] is not None
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                             yerr=[p[2] or 0.0 for p in pts], capsize=3,
-                            marker="s" if wa else "o", linestyle=":" if wa else "-",
-                            label=(f"{m.upper()} W=A" if wa else m.upper())
-                            + (f" +{extra}" if extra else ""))
+                            marker="s" if wa else "^" if ser[4] else "o",
+                            linestyle=":" if wa else "--" if ser[4] else "-",
+                            label=_series_label(ser))
                 shown += [p[1] + s * (p[2] or 0.0) for p in pts for s in (-1, 1)]
         if shown:
             ax.set_ylim(*axis_limits(shown, percent=pct))
@@ -236,7 +281,7 @@ def plot_model(records: list[dict], tasks: Sequence[TaskSpec], model: str, path:
         if all_bits:
             ax.set_xlim(max(all_bits) + 0.5, min(all_bits) - 0.5)  # fewer bits to the right
         ax.set_xlabel("bits (weights; W=A: weights and activations)"
-                      if any(wa for _, wa, _ in series) else "weight bits")
+                      if any(ser[1] is not None for ser in series) else "weight bits")
         metric = ctasks[0].metric
         ylabel = f"{metric} (%)" if pct else f"{metric} (lower is better)"
         if len(ctasks) > 1:

@@ -1,12 +1,13 @@
 """The study's cells: what a study config asks for, as frozen specs.
 
 `study_spec(cfg)` turns a `configs/study.py` config (with `apply_study_overrides`) into a
-`StudySpec`: the models, the variants (fp, every weight-only (method, bits), every
-weight-activation (wa_method, WxAx) and the extra `wa_rows`), the tasks and the decoding
-settings. Each variant's main-job config is `quantize_config`; a cell is keyed by
+`StudySpec`: the models, the variants (fp, every weight-only (method, bits) and (method, bit
+budget), every weight-activation (wa_method, W<b>A<a>, activation granularity) and the extra
+`wa_rows`), the tasks and the decoding settings. Each variant's main-job config is
+`quantize_config`; a cell is keyed by
 
-    model | method | w<bits>[a<act_bits>] | <hash of the study's quantize settings>
-          | task | <task spec hash>
+    model | method | w<bits>[a<act_bits>][-ag<act group>] or wmix<budget>
+          | <hash of the study's quantize settings> | task | <task spec hash>
 
 (`cell_key`), so changing a task's settings or the study's quantizer settings (`quantize`,
 `method_overrides`) makes new cells instead of reusing old ones. Defaults inside
@@ -40,11 +41,23 @@ class Variant:
     # job's config, as sorted (dotted key, value) pairs, e.g. (("act.kv.bits", 4),).
     name: str | None = None
     overrides: tuple = ()
+    # Activation scales per group of this many input channels (`act_granularities`: g<N>);
+    # None: the config's granularity (per token unless `wa_quantize` says otherwise).
+    act_group: int | None = None
+    # Mixed precision (`bits_budgets`): the blocks' mean weight width, spread by sensitivity
+    # (`bits` is then None: the job does not use it).
+    budget: float | None = None
 
     @property
     def bits_text(self) -> str:
-        text = "-" if self.bits is None else (
-            f"w{self.bits}" if self.act_bits is None else f"w{self.bits}a{self.act_bits}")
+        """w4, w4a8, w4a4-ag32, wmix3.5, w4a4+kv4: the part of the label after the method."""
+        if self.budget is not None:
+            text = f"wmix{self.budget:g}"
+        else:
+            text = "-" if self.bits is None else (
+                f"w{self.bits}" if self.act_bits is None else f"w{self.bits}a{self.act_bits}")
+        if self.act_group is not None:
+            text += f"-ag{self.act_group}"
         return text if self.name is None else f"{text}+{self.name}"
 
     @property
@@ -123,6 +136,11 @@ class StudySpec:
     wa_bits: tuple[int, ...] = ()
     wa_quantize: dict = dataclasses.field(default_factory=dict)  # overrides for WA variants
     wa_rows: tuple[Variant, ...] = ()  # extra named WA rows (K/V bits, IA-AQ, ...): wa_row()
+    # Activation bits of the WA rows (empty: each row's weight bits, W<b>A<b>).
+    wa_act_bits: tuple[int, ...] = ()
+    # Activation granularities of the WA rows: None per token, g per group of g channels.
+    act_groups: tuple[int | None, ...] = (None,)
+    bits_budgets: tuple[float, ...] = ()  # mixed-precision rows of every weight-only method
     dtype: str = "float32"
     progress: bool = True
     # The decoding dimension: each setting runs every generation task again on the rows
@@ -148,8 +166,11 @@ class StudySpec:
     @property
     def variants(self) -> list[Variant]:
         v = [Variant(FP)] if self.include_fp else []
-        v += [Variant(m, b) for m in self.methods for b in self.bits]
-        return v + [Variant(m, b, b) for m in self.wa_methods for b in self.wa_bits] + list(
+        for m in self.methods:
+            v += [Variant(m, b) for b in self.bits]
+            v += [Variant(m, budget=x) for x in self.bits_budgets]
+        return v + [Variant(m, b, a, act_group=g) for m in self.wa_methods for b in self.wa_bits
+                    for a in (self.wa_act_bits or (b,)) for g in self.act_groups] + list(
             self.wa_rows)
 
 
@@ -170,21 +191,48 @@ def study_spec(cfg) -> StudySpec:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"--config.tasks: duplicate task names {names}")
+    only = tuple(str(n).strip() for n in cfg.get("only_tasks", ()) if str(n).strip())
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"--config.only_tasks: {unknown} are not tasks of --config.tasks "
+                         f"({', '.join(names)})")
+    if only:
+        tasks = tuple(t for t in tasks if t.name in only)
     bits = tuple(int(b) for b in cfg.bits)
     wa_bits = tuple(int(b) for b in cfg.get("wa_bits", ()))
     wa_methods = tuple(cfg.get("wa_methods", ()))
     if wa_methods and not wa_bits:
         raise ValueError(f"--config.wa_methods={','.join(wa_methods)}: expected "
                          "--config.wa_bits too (e.g. 8,4 for W8A8 and W4A4)")
+    wa_act_bits = _ints(cfg.get("wa_act_bits", ()), "--config.wa_act_bits")
+    act_groups = act_granularities(cfg.get("act_granularities", (PER_TOKEN,)))
+    bits_budgets = _budgets(cfg.get("bits_budgets", ()))
+    methods = tuple(cfg.methods)
+    if (wa_act_bits or act_groups != (None,)) and not wa_methods:
+        key = "--config.wa_act_bits" if wa_act_bits else "--config.act_granularities"
+        raise ValueError(f"{key}: sets the weight-activation rows (--config.wa_methods), and "
+                         "there are none")
+    if bits_budgets:
+        text = "--config.bits_budgets=" + ",".join(f"{b:g}" for b in bits_budgets)
+        if not methods:
+            raise ValueError(f"{text}: adds mixed-precision rows to the weight-only methods "
+                             "(--config.methods), and there are none")
+        other = [m for m in methods if m not in BUDGET_METHODS]
+        if other:
+            raise ValueError(f"{text}: mixed precision spreads the widths of "
+                             f"{', '.join(BUDGET_METHODS)}; --config.methods also has "
+                             f"{', '.join(other)} (run it in a study of its own)")
+
     def to_dict(x):
         return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
-    spec = StudySpec(models=models, methods=tuple(cfg.methods), bits=bits, tasks=tasks,
+    spec = StudySpec(models=models, methods=methods, bits=bits, tasks=tasks,
                      include_fp=bool(cfg.include_fp), out_dir=str(cfg.out_dir),
                      quantize_config=str(cfg.quantize_config),
                      quantize=to_dict(cfg.quantize), method_overrides={
                          k: to_dict(v) for k, v in to_dict(cfg.method_overrides).items()},
-                     wa_methods=wa_methods, wa_bits=wa_bits,
+                     wa_methods=wa_methods, wa_bits=wa_bits, wa_act_bits=wa_act_bits,
+                     act_groups=act_groups, bits_budgets=bits_budgets,
                      wa_quantize=to_dict(cfg.get("wa_quantize", {})),
                      wa_rows=tuple(wa_row(r, f"--config.wa_rows[{i}]")
                                    for i, r in enumerate(cfg.get("wa_rows", ()))),
@@ -206,6 +254,8 @@ def study_spec(cfg) -> StudySpec:
         names = [d.name for d in spec.decoding]
         if len(set(names)) != len(names):
             raise ValueError(f"--config.decoding: duplicate setting names {names}")
+    if act_groups != (None,):
+        _check_act_groups(spec)
     rows = {v: f"--config.wa_rows[{i}] ({v.label})" for i, v in enumerate(spec.wa_rows)}
     for v in spec.variants:  # the job validates method / bits / overrides up front
         if v.method != FP:
@@ -213,10 +263,113 @@ def study_spec(cfg) -> StudySpec:
             try:
                 job_spec(quantize_config(spec, models[0], v))
             except ValueError as e:
-                if v not in rows:
-                    raise
-                raise ConfigOverrideError(f"{rows[v]}: {e}") from None
+                if v in rows:
+                    raise ConfigOverrideError(f"{rows[v]}: {e}") from None
+                if v.budget is not None:
+                    raise ConfigOverrideError(f"--config.bits_budgets={v.budget:g} (row "
+                                              f"{v.label}): {e}") from None
+                if v.act_bits is not None and (spec.wa_act_bits or v.act_group is not None):
+                    raise ConfigOverrideError(f"row {v.label}: {e}") from None
+                raise
     return spec
+
+
+PER_TOKEN = "per_token"
+BUDGET_METHODS = ("rtn", "gptq", "awq")  # the job's mixed precision (`--config.bits_budget`)
+
+
+def act_granularities(values) -> tuple[int | None, ...]:
+    """`--config.act_granularities`: per_token -> None, g<N> -> N (per-group activation
+    scales of N consecutive input channels), in the given order."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    out = []
+    for i, value in enumerate(values):
+        text = str(value).strip()
+        where = f"--config.act_granularities[{i}]={text!r}"
+        if text == PER_TOKEN:
+            out.append(None)
+            continue
+        try:
+            if not text.startswith("g"):
+                raise ValueError
+            group = int(text[1:])
+        except ValueError:
+            raise ValueError(f"{where}: expected per_token or g<group size> (per-group "
+                             "activation scales, e.g. g128, g32)") from None
+        if group < 2:
+            raise ValueError(f"{where}: a group holds at least 2 input channels")
+        out.append(group)
+    if not out:
+        raise ValueError("--config.act_granularities: expected at least one (per_token for "
+                         "the usual per-token rows)")
+    if len(set(out)) != len(out):
+        raise ValueError(f"--config.act_granularities={','.join(map(str, values))}: "
+                         "duplicate entries")
+    return tuple(out)
+
+
+def _ints(values, key: str) -> tuple[int, ...]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, bool) or float(v) != int(float(v)):
+                raise ValueError
+            out.append(int(float(v)))
+        except ValueError:
+            raise ValueError(f"{key}[{i}]={v!r}: expected an integer number of bits") from None
+    if len(set(out)) != len(out):
+        raise ValueError(f"{key}={','.join(map(str, out))}: duplicate entries")
+    return tuple(out)
+
+
+def _budgets(values) -> tuple[float, ...]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            b = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"--config.bits_budgets[{i}]={v!r}: expected a mean number of "
+                             "weight bits, e.g. 3.0 or 3.5") from None
+        if not b > 0:
+            raise ValueError(f"--config.bits_budgets[{i}]={v!r}: expected a positive number "
+                             "of bits")
+        out.append(b)
+    if len(set(out)) != len(out):
+        raise ValueError(f"--config.bits_budgets={','.join(f'{b:g}' for b in out)}: duplicate "
+                         "entries")
+    return tuple(out)
+
+
+def _check_act_groups(spec: StudySpec) -> None:
+    """Every activation group size divides every linear input width of every model (the
+    job checks the same after loading the model; here before any cell runs), and the
+    granularity is set by `act_granularities` alone."""
+    from qdlm_jax.checkpoints.load import read_model_config
+    for key, where in (("wa_quantize", spec.wa_quantize), *(
+            (f"method_overrides.{m}", spec.method_overrides.get(m, {}))
+            for m in spec.wa_methods)):
+        act = where.get("act", {}) if isinstance(where.get("act"), dict) else {}
+        set_here = [k for k in ("granularity", "group_size") if k in act] + [
+            k[len("act."):] for k in where if k in ("act.granularity", "act.group_size")]
+        if set_here:
+            raise ValueError(f"--config.{key}.act.{set_here[0]}: the activation granularity "
+                             "of the weight-activation rows is --config.act_granularities' "
+                             "(per_token,g128,...); set it there only")
+    for model in spec.models:
+        c = read_model_config(model)
+        widths = {"hidden_size": getattr(c, "hidden_size", None),
+                  "attention output (heads x head dim)":
+                      getattr(c, "num_heads", 0) * getattr(c, "head_dim", 0) or None,
+                  "intermediate_size": getattr(c, "intermediate_size", None)}
+        for g in (g for g in spec.act_groups if g is not None):
+            for name, width in widths.items():
+                if width and width % g:
+                    raise ValueError(f"--config.act_granularities: g{g} does not divide "
+                                     f"{Path(model).name}'s {name} {width} (a linear's input "
+                                     "width); use a divisor of it")
 
 
 # Extra weight-activation rows by name (`--config.wa_rows=quarot-w4a4+kv4,...`); a row may
@@ -370,12 +523,16 @@ def _nest(flat) -> dict:
 
 def quant_overrides(spec: StudySpec, v: Variant) -> dict:
     """What the study sets on the main job's config for one variant (a weight-activation
-    variant adds `act_bits` and the study's `wa_quantize` overrides; an extra row its own
+    variant adds `act_bits` and the study's `wa_quantize` overrides, then its activation
+    groups; a budget row sets `bits_budget` instead of `bits`; an extra row its own
     overrides last)."""
-    out = {"method": v.method, "bits": v.bits, **spec.quantize}
+    width = {"bits": v.bits} if v.budget is None else {"bits_budget": v.budget}
+    out = {"method": v.method, **width, **spec.quantize}
     if v.act_bits is not None:
         out = _merge(out, {"act_bits": v.act_bits, **spec.wa_quantize})
     out = _merge(out, spec.method_overrides.get(v.method, {}))
+    if v.act_group is not None:
+        out = _merge(out, {"act": {"granularity": "per_group", "group_size": v.act_group}})
     return _merge(out, _nest(v.overrides))
 
 

@@ -1,4 +1,5 @@
-"""The study sweep: resumable cells, deduplicated results, the table and the plots."""
+"""The study sweep: resumable cells, deduplicated results, the table and the plots; the
+activation-granularity and bit-budget dimensions (labels, job configs, one-line errors)."""
 
 import json
 from pathlib import Path
@@ -460,3 +461,151 @@ def test_plot_means_leave_out_tasks_the_fp_model_cannot_do():
              "chance": None}]
     assert study.fp_can_do(tasks[0], recs, "m") and not study.fp_can_do(tasks[1], recs, "m")
     assert study.fp_can_do(BUILTIN["wikipedia_bound"], recs, "m")  # no fp record: kept
+
+
+# ---- the activation-granularity and bit-budget dimensions (the spec; no quantization) ----
+
+def wa_config(**kw):
+    return config(**{"methods": (), "wa_methods": ("rtn", "quarot"), "wa_bits": (4,),
+                     "wa_act_bits": (4, 8), "act_granularities": ("per_token", "g128", "g32"),
+                     "wa_rows": [], **kw})
+
+
+def budget_config(**kw):
+    return config(**{"methods": ("rtn", "gptq"), "bits": (4, 3), "bits_budgets": (3.0, 3.5),
+                     "wa_methods": (), "wa_rows": [], **kw})
+
+
+def test_activation_granularities_expand_into_labelled_rows_with_their_job_configs():
+    spec = study.study_spec(wa_config())
+    assert [v.label for v in spec.variants] == ["fp"] + [
+        f"{m}-w4a{a}{g}" for m in ("rtn", "quarot") for a in (4, 8)
+        for g in ("", "-ag128", "-ag32")]
+    for v in spec.variants[1:]:
+        job = _job(spec, v)
+        assert (job.method, job.ptq.weight.bits, job.ptq.weight.group_size, job.act_bits) == \
+            (v.method, 4, -1, v.act_bits)  # per-channel weights, A4 or A8
+        assert job.act_group_size == v.act_group
+        assert job.wa.act.granularity == ("per_token" if v.act_group is None else "per_group")
+    keys = {study.cell_key(spec.models[0], v, study.quant_hash(spec, spec.models[0], v),
+                           spec.tasks[0]) for v in spec.variants}
+    assert len(keys) == len(spec.variants)
+    assert "|quarot|w4a4-ag32|" in next(k for k in keys if "ag32" in k and "quarot" in k
+                                         and "w4a4" in k)
+
+
+def test_per_token_rows_keep_the_default_studys_cells():
+    """The per-token rows of a granularity study are the default study's rows: same main-job
+    settings, same cell keys (a study sharing its out_dir reuses them)."""
+    default = study.study_spec(config())
+    grouped = study.study_spec(wa_config(wa_methods=("rtn", "smoothquant", "quarot",
+                                                     "duquant"), wa_act_bits=()))
+    m = default.models[0]
+    for method in ("rtn", "smoothquant", "quarot", "duquant"):
+        v = study.Variant(method, 4, 4)
+        assert v in default.variants and v in grouped.variants
+        assert study.quant_hash(default, m, v) == study.quant_hash(grouped, m, v)
+        assert "act" not in study.quant_overrides(default, v)
+    assert all(v.act_group is None and v.budget is None for v in default.variants)
+    assert default.act_groups == (None,) and default.bits_budgets == () \
+        and default.wa_act_bits == ()
+
+
+def test_bit_budgets_expand_into_mixed_precision_rows():
+    spec = study.study_spec(budget_config())
+    assert [v.label for v in spec.variants] == [
+        "fp", "rtn-w4", "rtn-w3", "rtn-wmix3", "rtn-wmix3.5",
+        "gptq-w4", "gptq-w3", "gptq-wmix3", "gptq-wmix3.5"]
+    mix = study.Variant("gptq", budget=3.5)
+    assert mix in spec.variants
+    over = study.quant_overrides(spec, mix)
+    assert over["bits_budget"] == 3.5 and "bits" not in over
+    job = _job(spec, mix)
+    assert (job.method, job.budget.budget, job.ptq.weight.group_size, job.act_bits) == \
+        ("gptq", 3.5, 128, 16)
+    uniform3 = _job(spec, study.Variant("gptq", 3))
+    assert uniform3.budget is None and uniform3.ptq.weight.bits == 3
+    m = spec.models[0]
+    assert study.quant_hash(spec, m, study.Variant("rtn", budget=3.0)) != \
+        study.quant_hash(spec, m, study.Variant("rtn", 3))
+    assert study.cell_key(m, mix, "h", spec.tasks[0]).split("|")[1:3] == ["gptq", "wmix3.5"]
+
+
+def test_study_flags_parse_from_the_command_line():
+    cfg = study.apply_study_overrides(config(), [
+        "--config.methods=rtn", "--config.bits=3", "--config.bits_budgets=3.0,3.5",
+        "--config.wa_methods=quarot", "--config.wa_bits=4", "--config.wa_act_bits=4,8",
+        "--config.act_granularities=per_token,g32", "--config.wa_rows=",
+        "--config.only_tasks=arithmetic,synthetic_code"])
+    spec = study.study_spec(cfg)
+    assert [v.label for v in spec.variants] == [
+        "fp", "rtn-w3", "rtn-wmix3", "rtn-wmix3.5", "quarot-w4a4", "quarot-w4a4-ag32",
+        "quarot-w4a8", "quarot-w4a8-ag32"]
+    assert [t.name for t in spec.tasks] == ["arithmetic", "synthetic_code"]
+
+
+def test_table_labels_activation_groups_and_budget_rows(tmp_path):
+    spec = study.StudySpec(
+        models=(str(ROOT / "assets" / "tiny-llada"),), methods=("gptq",), bits=(4, 3),
+        bits_budgets=(3.5,), wa_methods=("quarot",), wa_bits=(4,), wa_act_bits=(8, 4),
+        act_groups=(None, 32), tasks=(BUILTIN["arithmetic"],), out_dir=str(tmp_path),
+        quantize_config=str(ROOT / "configs" / "quantize.py"), progress=False)
+
+    def make_variant(sp, model, v, fp):
+        return study.Made(v.label, {"bit_plan": [4, 3, 3, 4]} if v.budget else {})
+
+    r = study.run_study(spec, make_variant=make_variant, evaluate=lambda label, t: {
+        "metric": t.metric, "value": 0.5, "higher_is_better": True, "n": 1})
+    rows = [[c.strip() for c in row.split("|")[2:4]] for row in r["table"].splitlines()[3:]
+            if row.startswith("| tiny")]
+    assert rows == [["FP", "–"], ["GPTQ", "4"], ["GPTQ", "mix3.5 (4 3 3 4)"], ["GPTQ", "3"],
+                    ["QUAROT", "W4A8"], ["QUAROT", "W4A8 ag32"], ["QUAROT", "W4A4"],
+                    ["QUAROT", "W4A4 ag32"]]
+    assert "`mix<B>`" in r["table"] and "`W<b>A<a> ag<g>`" in r["table"]
+    recs = {(x["method"], x["bits"], x["act_bits"], x["act_group_size"]): x
+            for x in r["records"]}
+    assert recs["gptq", 3.5, None, None]["bit_plan"] == [4, 3, 3, 4]
+    assert recs["gptq", 3.5, None, None]["bits_budget"] == 3.5
+    assert recs["quarot", 4, 4, 32]["act_granularity"] == "per_group"
+    assert recs["quarot", 4, 8, None]["act_granularity"] == "per_token"
+    assert Path(r["plots"][0]).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(act_granularities=("per_token", "per_group")),
+     r"^--config.act_granularities\[1\]='per_group': expected per_token or g<group size>"),
+    (dict(act_granularities=("g1",)), r"^--config.act_granularities\[0\]='g1': a group"),
+    (dict(act_granularities=("g32", "g32")), r"^--config.act_granularities=g32,g32: dupl"),
+    (dict(act_granularities=()), r"^--config.act_granularities: expected at least one"),
+    (dict(act_granularities=("g96",)),
+     r"^--config.act_granularities: g96 does not divide tiny-llada's hidden_size 128"),
+    (dict(wa_methods=()), r"^--config.wa_act_bits: sets the weight-activation rows"),
+    (dict(wa_methods=(), wa_act_bits=()), r"^--config.act_granularities: sets the weight-"),
+    (dict(wa_act_bits=("eight",)), r"^--config.wa_act_bits\[0\]='eight': expected an integ"),
+    (dict(wa_act_bits=(3,)), r"^row rtn-w4a3: --config.act_bits=3"),
+    (dict(wa_quantize={"group_size": -1, "act": {"granularity": "per_group"}}),
+     r"^--config.wa_quantize.act.granularity: the activation granularity .* "
+     r"--config.act_granularities"),
+    (dict(only_tasks=("arithmetc",)), r"^--config.only_tasks: \['arithmetc'\] are not tasks"),
+])
+def test_bad_activation_dimension_values_are_one_line_errors(kw, message):
+    with pytest.raises(ValueError, match=message) as e:
+        study.study_spec(wa_config(**kw))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(bits_budgets=("three",)), r"^--config.bits_budgets\[0\]='three': expected a mean"),
+    (dict(bits_budgets=(0.0,)), r"^--config.bits_budgets\[0\]=0.0: expected a positive"),
+    (dict(bits_budgets=(3.5, 3.5)), r"^--config.bits_budgets=3.5,3.5: duplicate"),
+    (dict(bits_budgets=(1.5,)), r"^--config.bits_budgets=1.5 \(row rtn-wmix1.5\): .*below "
+                                r"the narrowest candidate width 2"),
+    (dict(methods=("rtn", "daq")), r"^--config.bits_budgets=3,3.5: mixed precision spreads "
+                                   r"the widths of rtn, gptq, awq; --config.methods also has "
+                                   r"daq"),
+    (dict(methods=()), r"^--config.bits_budgets=3,3.5: adds mixed-precision rows"),
+])
+def test_bad_bit_budgets_are_one_line_errors(kw, message):
+    with pytest.raises(ValueError, match=message) as e:
+        study.study_spec(budget_config(**kw))
+    assert "\n" not in str(e.value)
