@@ -191,6 +191,9 @@ def test_dream_quantize_generate_eval_study(dream_dir, tmp_path, capsys):
     assert r["ran"] == 2 and all(rec.get("value") is not None for rec in r["records"])
 
 
+# slow: lm-eval's own command line on Dream; the adapter's chat-template requests are tested
+# in tests/evals/test_lm_eval_adapter.py
+@pytest.mark.slow
 def test_lm_eval_command_line_with_chat_template(dream_dir, tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     from transformers import AutoTokenizer

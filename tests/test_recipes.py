@@ -27,7 +27,10 @@ def _tensors(d: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family", ["llada", pytest.param("dream", marks=pytest.mark.slow)])
+# slow: the recipes' round trip at test size (the conversions and transformers parity of
+# both families are tested in tests/checkpoints)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llada", "dream"])
 def test_random_checkpoint_convert_round_trip_and_parity(tmp_path, family):
     src = tmp_path / "random"
     r = _recipe("random_checkpoint.py", f"{family}-tiny", src, "--max-shard-gb", "0.00005")

@@ -386,6 +386,9 @@ def test_prompt_shorter_than_the_window(pair):
     assert np.max(np.abs(np.asarray(ours) - ref)) <= ATOL
 
 
+# slow: the experts' capture is exercised in `make test` by the calibration statistics
+# (tests/quant/test_gemma_calibration.py)
+@pytest.mark.slow
 def test_capture_records_each_layers_expert_inputs_and_choices():
     """Capture(experts_fn=) sees each layer's experts' input and the router's choices (those
     `routes` reports) in a decoder pass (the encoder runs the same layer code)."""
