@@ -51,6 +51,7 @@ from qdlm_jax.models.params import ParamPath
 from qdlm_jax.quant.act_kernel import ActKernel, inner_weight
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.qexperts import QuantizedExperts
 
 GPTQ_BITS = (2, 4, 8)
 # What the layout holds and what it lacks (the module docstring; `qdlm export --help`).
@@ -71,6 +72,9 @@ def check_representable(params: dict) -> None:
         where = _name(path)
         if isinstance(inner_weight(v), BinaryPlanesArray):
             features.setdefault("DAQ's binary planes (sums of sign matrices)", []).append(where)
+        if isinstance(v, QuantizedExperts):
+            features.setdefault("routed experts packed per expert (QuantizedExperts: one 3-D "
+                                "tensor per layer)", []).append(where)
         if not isinstance(v, ActKernel):
             continue
         if v.transform is not None:

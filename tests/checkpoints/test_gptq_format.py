@@ -220,3 +220,18 @@ def test_export_command_refuses_a_quarot_model_in_one_line(tmp_path, capsys, tin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "online hadamard transforms" in err[0], err
     assert not (tmp_path / "gptq").exists()
+
+
+def test_packed_experts_are_refused_naming_the_tensor():
+    """The GPTQ layout has no 3-D per-expert tensors: a model with packed experts is refused
+    in one line naming one, before anything is written."""
+    from qdlm_jax.checkpoints.gptq_format import check_representable
+    from qdlm_jax.errors import CheckpointError
+    from qdlm_jax.quant.qexperts import QuantizedExperts
+    from qdlm_jax.quant.quantizer_core import QuantSpec
+    experts = QuantizedExperts.quantize(
+        jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 8)), jnp.float32),
+        QuantSpec(bits=4, group_size=8))
+    with pytest.raises(CheckpointError, match=r"routed experts packed per expert .* \(e\.g\. "
+                                              r"layers\.0\.experts\.down, 1 tensors\)"):
+        check_representable({("layers", 0, "experts", "down"): experts})
