@@ -14,7 +14,12 @@ One module answers "give me documents" for every stage of the pipeline:
   imported lazily and is not a dependency of this project.
 * **The offline default** ``bigbench-wikipedia`` (alias ``wikipedia``): English
   Wikipedia articles taken from the BIG-bench task ``paragraph_segmentation``
-  (fetched and cached by :mod:`qdlm_jax.data.bigbench`).
+  (fetched and cached by :mod:`qdlm_jax.data.bigbench`). Where the BIG-bench sdist
+  cannot be fetched (PyPI no longer serves ``bigbench==1.0.0`` to every index), the
+  default falls back to ``austen`` with one line on stderr: :func:`resolve_source`
+  says which one a run uses, and jobs record that name.
+* ``austen``: the chapters of Jane Austen's six novels (:mod:`qdlm_jax.data.austen`,
+  from Debian's mirror; public-domain text).
 
 Documents are split deterministically into train / calibration / held-out
 parts by hashing each document's text (:func:`split_documents`), so the text
@@ -33,12 +38,14 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from qdlm_jax.data.austen import load_austen
 from qdlm_jax.data.bigbench import (
     BIGBENCH_PREFETCH_TASKS,
     BIGBENCH_SDIST_FILENAME,
@@ -61,6 +68,7 @@ __all__ = [
     "BIGBENCH_PREFETCH_TASKS",
     "BIGBENCH_SDIST_FILENAME",
     "BIGBENCH_SDIST_SHA256",
+    "AUSTEN_SOURCE",
     "DEFAULT_SOURCE",
     "DataSourceError",
     "DocumentSplit",
@@ -78,6 +86,7 @@ __all__ = [
     "is_english",
     "load_bigbench_wikipedia",
     "load_documents",
+    "resolve_source",
     "load_hf_documents",
     "load_split",
     "paragraph_segmentation_documents",
@@ -97,6 +106,8 @@ __all__ = [
 
 DEFAULT_SOURCE = "bigbench-wikipedia"
 WIKIPEDIA_SOURCES = ("bigbench-wikipedia", "wikipedia")
+AUSTEN_SOURCE = "austen"
+_BIGBENCH_STATE: dict[str, str] = {}  # "error": why BIG-bench could not be fetched; "ok"
 
 # Function words that are frequent in English and rare as standalone words in
 # the other languages of paragraph_segmentation (de, es, fr, it, nl, pl, pt,
@@ -396,15 +407,19 @@ def load_documents(
 
     ``source`` is one of:
 
-    * ``"bigbench-wikipedia"`` / ``"wikipedia"`` -- the offline default;
+    * ``"bigbench-wikipedia"`` / ``"wikipedia"`` -- the offline default (``"austen"``
+      where BIG-bench cannot be fetched, see :func:`resolve_source`);
+    * ``"austen"`` -- Jane Austen's novels, one chapter per document;
     * ``"wikitext2"``, ``"c4"``, ``"pile"`` -- Hugging Face datasets (online);
     * a ``.jsonl`` / ``.jsonl.gz`` file (documents in field ``text_field``);
     * a text file (one document, or blank-line separated if ``split_blank_lines``);
     * a directory of ``*.txt`` files.
     """
-    key = os.fspath(source)
+    key = resolve_source(source)
     if key in WIKIPEDIA_SOURCES:
         return load_bigbench_wikipedia()
+    if key == AUSTEN_SOURCE:
+        return load_austen()
     if key in HF_SOURCES:
         return load_hf_documents(key)
     path = Path(key).expanduser()
@@ -416,8 +431,28 @@ def load_documents(
         return read_text_file(path, split_blank_lines=split_blank_lines)
     raise DataSourceError(
         f"unknown data source {key!r}: not an existing file or directory, and not one of the named "
-        f"sources {list(WIKIPEDIA_SOURCES) + sorted(HF_SOURCES)}"
+        f"sources {[*WIKIPEDIA_SOURCES, AUSTEN_SOURCE, *sorted(HF_SOURCES)]}"
     )
+
+
+def resolve_source(source: str | os.PathLike[str]) -> str:
+    """The source a run reads: ``source`` itself, except that the Wikipedia default becomes
+    ``"austen"`` (with one line on stderr, once per process) when the BIG-bench documents are
+    neither cached nor fetchable. Jobs record the resolved name, so results from the two
+    corpora never share a cache key."""
+    key = os.fspath(source)
+    if key not in WIKIPEDIA_SOURCES:
+        return key
+    if not _BIGBENCH_STATE:
+        try:
+            load_bigbench_wikipedia()
+            _BIGBENCH_STATE["ok"] = key
+        except DataSourceError as exc:
+            _BIGBENCH_STATE["error"] = reason = str(exc).splitlines()[0]
+            print(f"[qdlm] {key}: BIG-bench is not available ({reason}); using "
+                  f"{AUSTEN_SOURCE!r} (Jane Austen's novels) as the text source",
+                  file=sys.stderr, flush=True)
+    return key if "ok" in _BIGBENCH_STATE else AUSTEN_SOURCE
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 from typing import Mapping, Union
 
+from qdlm_jax.data import sources
 from qdlm_jax.fsutil import settings_digest
 from qdlm_jax.inference.generate import GenerationConfig
 
@@ -303,6 +304,7 @@ def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
                             seq_len=spec.seq_len, n_windows=spec.n_windows, seed=spec.seed)
         r = lm.score_windows(tm.model, w, mc_num=spec.mc_num, batch_size=spec.batch_size,
                              seed=spec.seed)
+        r = {**r, "source": sources.resolve_source(spec.source)}
     elif isinstance(spec, MCTask):
         from qdlm_jax.evals import multiple_choice as mc
         items = mc.read_items(spec.path, spec.format)

@@ -227,7 +227,8 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
         model = resolve_checkpoint(cfg.model)
         if not model.exists():
             raise FileNotFoundError(f"--config.model={cfg.model}: no such checkpoint directory")
-    return JobSpec(model=str(model), out_dir=cfg.out_dir, ptq=ptq, calib=calib, source=c.source,
+    return JobSpec(model=str(model), out_dir=cfg.out_dir, ptq=ptq, calib=calib,
+                   source=sources.resolve_source(c.source),
                    eval_windows=cfg.eval.n_windows, eval_mc_num=cfg.eval.mc_num,
                    eval_arith_n=cfg.eval.arith_n, skip_fp=cfg.eval.skip_fp, save=cfg.save,
                    eval_tasks=_eval_tasks(cfg.eval.get("tasks", ())),

@@ -233,6 +233,7 @@ def fake_bigbench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
         return out
 
     monkeypatch.setattr(bigbench, "download_bigbench_sdist", fake_download)
+    monkeypatch.setattr(sources, "_BIGBENCH_STATE", {})  # resolve the default afresh
     return {"cache": cache, "fake": fake, "calls": calls}
 
 
