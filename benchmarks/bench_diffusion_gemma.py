@@ -116,7 +116,7 @@ def bench_experts(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qdlm_jax.models.experts import moe, moe_dense_reference
+    from qdlm_jax.models.experts import moe, moe_dense
     from qdlm_jax.models.gemma_config import diffusion_gemma_26b_a4b
 
     c = diffusion_gemma_26b_a4b()
@@ -130,7 +130,7 @@ def bench_experts(args) -> dict:
     weights = weights / weights.sum(-1, keepdims=True)
     out = {}
     results = {}
-    for name, f in (("ragged_dot", moe), ("dense", moe_dense_reference)):
+    for name, f in (("ragged_dot", moe), ("dense", moe_dense)):
         fn = jax.jit(f).lower(x, gate_up, down, top, weights).compile()
         results[name] = jax.block_until_ready(fn(x, gate_up, down, top, weights))
         best = np.inf

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 NAME = "train"
-HELP = "train a tiny dLLM with the masked-diffusion objective (resumable)"
+HELP = ("train a tiny dLLM (masked diffusion for LLaDA / Dream, uniform-state for "
+        "DiffusionGemma; resumable)")
 
 
 def add_arguments(p):
     p.add_argument("--config", required=True, help="ml-collections config file "
-                   "(configs/train_tiny_llada.py or configs/train_tiny_dream.py)")
+                   "(configs/train_tiny_llada.py, train_tiny_dream.py or "
+                   "train_tiny_diffusiongemma.py)")
     p.add_argument("--tokenizer-only", action="store_true",
                    help="only train (or find) the tokenizer: OUT_DIR/tokenizer.json")
 

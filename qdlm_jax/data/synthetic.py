@@ -27,7 +27,9 @@ not seen in training in another order either.
 
 :func:`sft_rows` turns (prompt, answer) pairs into LLaDA-SFT rows: ``[BOS] prompt`` (never
 masked) then an answer field of fixed length (the answer's tokens, then EOS padding, as in
-LLaDA's SFT data), right-padded with PAD that attention does not see.
+LLaDA's SFT data), right-padded with PAD that attention does not see. :func:`canvas_rows`
+turns them into a block-diffusion model's rows: the prompt for the encoder, the answer on the
+canvas.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ __all__ = [
     "CODE_OPS",
     "CODE_TEST_INPUTS",
     "TASKS",
+    "CanvasRows",
     "CodeProblem",
     "CompareItem",
     "SftRows",
+    "canvas_rows",
     "check_code_answer",
     "code_problems",
     "compare_items",
@@ -296,3 +300,38 @@ def sft_rows(pairs: Sequence[tuple[str, str]], tokenizer, *, seq_len: int, answe
         answer[i, 1 + len(p):len(row)] = True
         valid[i, :len(row)] = True
     return SftRows(tokens, answer, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanvasRows:
+    """Rows of a block-diffusion model (DiffusionGemma): a prompt read by the causal encoder
+    and one canvas the decoder denoises."""
+
+    prompt: np.ndarray  # int32 [n, P]: [BOS] prompt, left-padded with PAD
+    prompt_valid: np.ndarray  # bool [n, P]: False on the left padding
+    canvas: np.ndarray  # int32 [n, L]: answer, EOS, then PAD to the canvas length
+    answer: np.ndarray  # bool [n, L]: the positions noised and scored
+
+
+def canvas_rows(pairs: Sequence[tuple[str, str]], tokenizer, *, prompt_len: int,
+                canvas_length: int, bos_id: int, eos_id: int, pad_id: int) -> CanvasRows:
+    """One row per pair: prompt ``PAD.. [BOS] prompt`` (`prompt_len` tokens) and canvas
+    ``answer EOS PAD..`` (`canvas_length` tokens), every canvas position scored: the sampler
+    writes PAD after the first EOS, so the model learns to be sure of those positions too. A
+    pair that does not fit raises ValueError."""
+    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
+    answers = tokenizer.encode_batch([a for _, a in pairs], add_special_tokens=False)
+    n = len(pairs)
+    prompt = np.full((n, prompt_len), pad_id, np.int32)
+    valid = np.zeros((n, prompt_len), bool)
+    canvas = np.full((n, canvas_length), pad_id, np.int32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        p, a = [bos_id, *p.ids], [*a.ids, eos_id]
+        if len(p) > prompt_len or len(a) > canvas_length:
+            raise ValueError(f"pair {pairs[i]!r}: [BOS] + prompt {len(p)} tokens and answer + "
+                             f"EOS {len(a)} tokens do not fit prompt_len={prompt_len}, "
+                             f"canvas_length={canvas_length}")
+        prompt[i, prompt_len - len(p):] = p
+        valid[i, prompt_len - len(p):] = True
+        canvas[i, :len(a)] = a
+    return CanvasRows(prompt, valid, canvas, np.ones((n, canvas_length), bool))

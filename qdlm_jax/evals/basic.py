@@ -1,7 +1,16 @@
 """The two quality measures used by the model cards and the quantization job.
 
 - `heldout_bound`: the Monte Carlo masked-likelihood bound (nats and bits per token) on
-  held-out windows of a text source, via `likelihood.perplexity_bound`.
+  held-out windows of a text source, via `likelihood.perplexity_bound`. DiffusionGemma has no
+  mask token; for it the same call gives the continuation cross-entropy instead: each window
+  is a prompt (all but its last canvas_length tokens, through the causal encoder) and one
+  canvas of uniform noise (t = 1, no self-conditioning), and
+
+      CE = mean over windows, noise draws and canvas positions of -log p(x_i | prompt, noise)
+
+  in nats (`gemma_likelihood.answer_score` at the single level 1.0). Every canvas position
+  is predicted from the prompt alone, as a unigram model predicts from nothing, so it is
+  compared with `unigram_entropy`; it is not a bound on the windows' likelihood.
 - `arithmetic_accuracy`: exact match of the denoising loop's answers to held-out arithmetic
   problems (`Question: 47+38=? Answer:` -> first integer of the generated text).
 - `unigram_entropy`: the entropy of a unigram model fitted on the train split, the
@@ -25,7 +34,9 @@ from tqdm.auto import tqdm
 from qdlm_jax.data import arithmetic, sources
 from qdlm_jax.data.hf_tokenizer import stop_index
 from qdlm_jax.inference.generate import GenerationConfig, generate
+from qdlm_jax.inference.gemma_likelihood import answer_score
 from qdlm_jax.inference.likelihood import perplexity_bound
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 
 LN2 = math.log(2.0)
 
@@ -47,7 +58,11 @@ def heldout_windows(tokenizer, *, source: str = sources.DEFAULT_SOURCE, seq_len:
 
 def heldout_bound(model, windows: np.ndarray, *, mc_num: int = 32, batch_size: int = 16,
                   seed: int = 0, progress: bool = True) -> dict:
-    """Per-token negative ELBO on `windows` (lower is better): nats, bits, perplexity bound."""
+    """Per-token negative ELBO on `windows` (lower is better): nats, bits, perplexity bound;
+    for DiffusionGemma the continuation cross-entropy (module docstring; `mc_num` noise
+    draws per window)."""
+    if model.config.family == GEMMA_FAMILY:
+        return continuation_ce(model, windows, samples=mc_num, seed=seed, progress=progress)
     r = perplexity_bound(model, windows, mc_num=mc_num, batch_size=min(batch_size, mc_num),
                          key=jax.random.key(seed), progress=progress)
     per_window = -np.asarray(r["log_likelihood"], np.float64) / (r["tokens"] / len(windows))
@@ -55,6 +70,29 @@ def heldout_bound(model, windows: np.ndarray, *, mc_num: int = 32, batch_size: i
             "bits_per_token_se": mean_se(per_window / LN2), "ppl_bound": r["ppl_bound"],
             "tokens": r["tokens"], "mc_num": mc_num, "n_windows": int(len(windows)),
             "seq_len": int(np.asarray(windows).shape[1])}
+
+
+def continuation_ce(model, windows: np.ndarray, *, samples: int = 32, seed: int = 0,
+                    progress: bool = True) -> dict:
+    """DiffusionGemma's continuation cross-entropy on `windows` [n, P + canvas_length] (module
+    docstring), with the keys of `heldout_bound` (`ppl_bound` is exp(CE), a perplexity of
+    the per-position predictions, not a bound) and `measure`."""
+    w = np.asarray(windows)
+    length = model.config.canvas_length
+    if w.ndim != 2 or w.shape[1] <= length:
+        raise ValueError(f"windows: expected [n, P + {length}] with P > 0 (the model's "
+                         f"canvas_length is {length}), got {w.shape}")
+    key = jax.random.key(seed)
+    per_window = np.asarray([float(answer_score(
+        model, w[i, :-length], w[i, -length:], key=jax.random.fold_in(key, i), levels=(1.0,),
+        samples=samples)) for i in tqdm(range(len(w)), desc="continuation CE", unit="window",
+                                        disable=not progress)], np.float64)
+    nats = float(per_window.mean())
+    return {"nll_nats": nats, "bits_per_token": nats / LN2,
+            "bits_per_token_se": mean_se(per_window / LN2), "ppl_bound": math.exp(nats),
+            "tokens": int(len(w) * length), "mc_num": samples, "n_windows": int(len(w)),
+            "seq_len": int(w.shape[1]),
+            "measure": f"continuation cross-entropy of the last {length} tokens, fully noised"}
 
 
 def mean_se(values) -> float:

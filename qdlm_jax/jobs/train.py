@@ -14,6 +14,11 @@
    `text_shift` (the same for the text rows alone: shifted text beside unshifted tasks);
    Without `phases`: Wikipedia windows plus rows of packed arithmetic problems
    (`arith_frac` of each batch, the older recipe);
+   For `family = "diffusion_gemma"` the rows are `CanvasBatch`es instead (uniform-state
+   objective, `training/uniform_objective.py`): task rows put ``[BOS] prompt`` (left-padded
+   to the phase's `task_prompt_len`) through the causal encoder and ``answer EOS PAD..`` on
+   the canvas; text rows are windows of `text_prompt_len` + canvas_length tokens, the
+   prefix as the prompt and the rest on the canvas;
 3. train (`train.py`), exporting the newest checkpoint in the family's hub layout
    (`out_dir/hf`: config.json + bf16 model.safetensors + tokenizer.json) at every checkpoint;
 4. loss curve PNG and `summary.json` (wall time, tokens, final loss).
@@ -21,6 +26,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,12 +35,23 @@ import ml_collections
 import numpy as np
 
 from qdlm_jax.checkpoints.hf import load_hf_params, save_hf
+from qdlm_jax.checkpoints.load import build_model
 from qdlm_jax.data import arithmetic, sources, synthetic
 from qdlm_jax.data import tokenizer as tok_lib
+from qdlm_jax.models import diffusion_gemma
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM, init_model
-from qdlm_jax.models.params import get_params, model_from_params
-from qdlm_jax.training.trainer import MixedBatch, TrainSpec, plot_loss, train, write_json
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
+from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
+from qdlm_jax.models.params import get_params
+from qdlm_jax.training.trainer import (
+    CanvasBatch,
+    MixedBatch,
+    TrainSpec,
+    plot_loss,
+    train,
+    write_json,
+)
 
 
 def model_config(cfg: ml_collections.ConfigDict, special: tok_lib.SpecialTokenIds,
@@ -48,6 +65,16 @@ def model_config(cfg: ml_collections.ConfigDict, special: tok_lib.SpecialTokenId
         rope_full_precision=cfg.family == "llada", mask_token_id=special.mask,
         pad_token_id=special.pad, eos_token_id=special.eos, bos_token_id=special.bos,
         max_position_embeddings=m.max_position_embeddings)
+
+
+def gemma_model_config(cfg: ml_collections.ConfigDict, special: tok_lib.SpecialTokenIds,
+                       vocab_size: int) -> DiffusionGemmaConfig:
+    """The DiffusionGemma config of `cfg.model` (its fields by name) with the tokenizer's
+    vocabulary and PAD / EOS / BOS ids."""
+    m = cfg.model.to_dict()
+    m["layer_types"] = tuple(m["layer_types"])
+    return DiffusionGemmaConfig(vocab_size=vocab_size, pad_token_id=special.pad,
+                                eos_token_ids=(special.eos,), bos_token_id=special.bos, **m)
 
 
 def prepare_tokenizer(cfg, out_dir: Path):
@@ -141,6 +168,40 @@ def mixed_batches(phases, wiki: np.ndarray, tokenizer, special, *, task_seq_len:
     return batches
 
 
+def canvas_batches(phases, text: np.ndarray, tokenizer, special, *, canvas_length: int,
+                   text_prompt_len: int, task_prompt_len: int, seed: int):
+    """`batches(step) -> CanvasBatch` of the phased data mix for a block-diffusion model:
+    `text` windows [n, text_prompt_len + canvas_length] split into prompt and canvas, task
+    rows from `synthetic.canvas_rows` (a phase may set `task_prompt_len`)."""
+    def batches(step: int) -> CanvasBatch:
+        _, ph = phase_at(phases, step)
+        rng = np.random.default_rng([seed, step])
+        text_rows = None
+        if ph["text_rows"]:
+            w = text[rng.integers(0, len(text), ph["text_rows"])]
+            text_rows = synthetic.CanvasRows(
+                w[:, :text_prompt_len], np.ones((len(w), text_prompt_len), bool),
+                w[:, text_prompt_len:], np.ones((len(w), canvas_length), bool))
+        if not ph["task_rows"]:
+            return CanvasBatch(text_rows)
+        names = sorted(ph["mix"])
+        weights = np.asarray([float(ph["mix"][k]) for k in names])
+        counts = rng.multinomial(ph["task_rows"], weights / weights.sum())
+        parts = []
+        for task, k in zip(names, counts):
+            if k:
+                pairs = synthetic.task_pairs(task, int(k), seed=int(rng.integers(0, 2**31)),
+                                             split="train")
+                parts.append(synthetic.canvas_rows(
+                    pairs, tokenizer, prompt_len=int(ph.get("task_prompt_len", task_prompt_len)),
+                    canvas_length=canvas_length, bos_id=special.bos, eos_id=special.eos,
+                    pad_id=special.pad))
+        return CanvasBatch(text_rows, synthetic.CanvasRows(
+            *(np.concatenate([getattr(r, f) for r in parts])
+              for f in ("prompt", "prompt_valid", "canvas", "answer"))))
+    return batches
+
+
 def packed_arithmetic_batches(cfg, spec: TrainSpec, wiki, tokenizer, special):
     """The older recipe: `arith_frac` of each batch are packed arithmetic rows."""
     d = cfg.data
@@ -181,11 +242,17 @@ def initial_model(cfg: ml_collections.ConfigDict, config: ModelConfig,
     init = cfg.get("init", None)
     from_dir = str(init.get("from_dir", "")) if init is not None else ""
     if not from_dir:
+        if config.family == GEMMA_FAMILY:
+            return diffusion_gemma.init_model(config, seed=spec.seed), 0
         return init_model(config, seed=spec.seed), 0
     step = int(init.get("step", 0))
     saved_config, params = load_hf_params(from_dir, dtype=config.param_dtype)
-    fields = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-              "intermediate_size", "qkv_bias", "mask_token_id")
+    if config.family == GEMMA_FAMILY and saved_config.family == GEMMA_FAMILY:
+        fields = tuple(f.name for f in dataclasses.fields(config)
+                       if f.name not in ("dtype", "param_dtype", "expert_compute"))
+    else:
+        fields = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                  "num_kv_heads", "intermediate_size", "qkv_bias", "mask_token_id")
     differ = [f"{f}: {getattr(saved_config, f)!r} there, {getattr(config, f)!r} in the config"
               for f in fields if getattr(saved_config, f) != getattr(config, f)]
     if differ:
@@ -196,7 +263,7 @@ def initial_model(cfg: ml_collections.ConfigDict, config: ModelConfig,
                          f"to, in (0, train.steps={spec.steps})")
     print(f"[train] initial weights: {from_dir} at step {step}, fresh optimizer state "
           "(a checkpoint in out_dir, if any, takes precedence)")
-    return model_from_params(config, params), step
+    return build_model(config, params), step
 
 
 def run(cfg: ml_collections.ConfigDict) -> Path:
@@ -206,32 +273,46 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
     t0 = time.time()
     tok_path, tokenizer = prepare_tokenizer(cfg, out_dir)
     special = tok_lib.special_token_ids(tokenizer, source=str(tok_path))
-    config = model_config(cfg, special, tokenizer.get_vocab_size())
-    spec = TrainSpec(seq_len=d.seq_len, **cfg.train.to_dict())
+    gemma = cfg.family == GEMMA_FAMILY
+    config = (gemma_model_config if gemma else model_config)(cfg, special,
+                                                              tokenizer.get_vocab_size())
+    seq_len = (d.text_prompt_len + config.canvas_length) if gemma else d.seq_len
+    spec = TrainSpec(seq_len=seq_len, **cfg.train.to_dict())
 
-    cache = out_dir / f"wiki_train_{d.seq_len}.npy"
+    cache = out_dir / f"wiki_train_{seq_len}.npy"
     if cache.is_file():
         wiki = np.load(cache)
     else:
         docs = sources.load_split(d.source, "train", seed=d.seed)
-        wiki = sources.token_windows(docs, tokenizer, d.seq_len, bos_id=special.bos,
+        wiki = sources.token_windows(docs, tokenizer, seq_len, bos_id=special.bos,
                                      eos_id=special.eos)
         np.save(cache, wiki)
     phases = [dict(ph) for ph in d.get("phases", None) or ()]
     if phases:
         check_phases(phases, spec.steps)
-        batches = mixed_batches(phases, wiki, tokenizer, special,
-                                task_seq_len=d.task_seq_len, seed=d.seed)
+        if gemma:
+            batches = canvas_batches(phases, wiki, tokenizer, special,
+                                     canvas_length=config.canvas_length,
+                                     text_prompt_len=d.text_prompt_len,
+                                     task_prompt_len=d.task_prompt_len, seed=d.seed)
+        else:
+            batches = mixed_batches(phases, wiki, tokenizer, special,
+                                    task_seq_len=d.task_seq_len, seed=d.seed)
         print(f"[train] {config.family}: {wiki.shape[0]} wiki rows; phases " + "; ".join(
             f"until {ph['until']}: {ph['text_rows']} text + {ph['task_rows']} task rows "
             f"{dict(ph['mix'])}" for ph in phases))
+    elif gemma:
+        raise ValueError(f"family={cfg.family!r}: the packed-arithmetic recipe is for the "
+                         "masked families; set data.phases")
     else:
         batches = packed_arithmetic_batches(cfg, spec, wiki, tokenizer, special)
 
     hf_dir = out_dir / "hf"
 
-    def export(step: int, model: DLLM):
+    def export(step: int, model):
         bf16 = config.replace(param_dtype="bfloat16", dtype="bfloat16")
+        if gemma:
+            bf16 = bf16.replace(expert_compute="grouped")
         params = {p: v.astype("bfloat16") for p, v in get_params(model).items()}
         save_hf(bf16, params, hf_dir, extra_files=[tok_path], overwrite=True)
 
@@ -239,7 +320,8 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
     _, records = train(model, spec, batches, out_dir, on_checkpoint=export,
                        start_step=start_step)
     plot_loss(records, out_dir / "loss.png",
-              f"tiny {config.family}: masked-diffusion training loss")
+              f"tiny {config.family}: " + ("uniform-state" if gemma else "masked-diffusion")
+              + " training loss")
     if phases:
         per_phase, start = [], 0
         for ph in phases:
@@ -251,13 +333,16 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
                 "steps": [start, end], "before_start": end <= start_step,
                 "text_rows": ph["text_rows"],
                 "task_rows": ph["task_rows"], "mix": dict(ph["mix"]),
-                "task_seq_len": int(ph.get("task_seq_len", d.task_seq_len)),
-                "text_tokens": (end - start) * ph["text_rows"] * d.seq_len,
+                "task_seq_len": (int(ph.get("task_prompt_len", d.get("task_prompt_len", 0)))
+                                 + config.canvas_length if gemma
+                                 else int(ph.get("task_seq_len", d.task_seq_len))),
+                "text_tokens": (end - start) * ph["text_rows"] * seq_len,
                 "task_rows_seen": (end - start) * ph["task_rows"],
                 "train_time_s": training_time(recs),
                 "final_loss": recs[-1]["loss"] if recs else None,
                 "final_text_loss": recs[-1].get("text_loss") if recs else None,
-                "final_sft_loss": recs[-1].get("sft_loss") if recs else None})
+                "final_sft_loss": recs[-1].get("sft_loss" if not gemma else "task_loss")
+                if recs else None})
             start = end
         tokens = sum(p["text_tokens"] + p["task_rows_seen"] * p["task_seq_len"] for p in per_phase)
     else:

@@ -63,7 +63,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.dllm import Linear
-from qdlm_jax.models.experts import gelu_tanh, moe
+from qdlm_jax.models.experts import gelu_tanh, moe, moe_dense
 from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
 from qdlm_jax.models.layers import apply_rope, attention, mask_bias, rms_normalize, rope_angles
 from qdlm_jax.models.params import ParamPath, flatten, get_params, path_str, unflatten
@@ -213,7 +213,9 @@ class Router(nnx.Module):
         self.per_expert_scale = nnx.Param(jnp.ones((c.num_experts,), c.storage_dtype))
 
     def __call__(self, r, capture: Capture | None = None):
-        """(top_ids [..., k] int32, top_weights [..., k] fp32) of the residual stream `r`."""
+        """(top_ids [..., k] int32, top_weights [..., k] fp32, probs [..., E] fp32) of the
+        residual stream `r`: the chosen experts, their weights, and the full softmax (what
+        a load-balancing loss reads)."""
         c = self.config
         z = rms_norm_no_scale(r, c.rms_norm_eps)
         z = z * self.scale[...].astype(z.dtype)
@@ -222,7 +224,7 @@ class Router(nnx.Module):
         top_weights, top_ids = jax.lax.top_k(probs, c.top_k)
         top_weights = top_weights / jnp.sum(top_weights, axis=-1, keepdims=True)
         scale = self.per_expert_scale[...][top_ids].astype(jnp.float32)
-        return top_ids.astype(jnp.int32), top_weights * scale
+        return top_ids.astype(jnp.int32), top_weights * scale, probs
 
 
 class Experts(nnx.Module):
@@ -230,6 +232,7 @@ class Experts(nnx.Module):
 
     def __init__(self, config: DiffusionGemmaConfig, *, rngs: nnx.Rngs):
         c = config
+        self.config = c
         init = nnx.initializers.normal(_INIT_STD)
         e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
         self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * i), c.storage_dtype))
@@ -237,7 +240,8 @@ class Experts(nnx.Module):
 
     def __call__(self, x, top_ids, top_weights):
         lead = x.shape[:-1]
-        flat = moe(x.reshape(-1, x.shape[-1]), self.gate_up[...], self.down[...],
+        combine = moe_dense if self.config.expert_compute == "dense" else moe
+        flat = combine(x.reshape(-1, x.shape[-1]), self.gate_up[...], self.down[...],
                    top_ids.reshape(-1, top_ids.shape[-1]),
                    top_weights.reshape(-1, top_weights.shape[-1]))
         return flat.reshape(*lead, -1)
@@ -279,9 +283,9 @@ class Layer(nnx.Module):
         r = x
         dense = self.post_feedforward_layernorm_1(
             self.mlp(self.pre_feedforward_layernorm(r), capture))
-        top_ids, top_weights = self.router(r, capture)
+        top_ids, top_weights, probs = self.router(r, capture)
         if routes is not None:
-            routes[self.index] = (top_ids, top_weights)
+            routes[self.index] = (top_ids, top_weights, probs)
         expert_in = self.pre_feedforward_layernorm_2(r)
         if capture is not None:
             capture.record_experts(self.index, expert_in, top_ids, top_weights)
@@ -348,7 +352,8 @@ class DiffusionGemma(nnx.Module):
         with index in (q - W, q]. `valid` [B, T] is False on (left-)padding tokens, which no
         query attends to; `positions` [B, T] feed RoPE (default: the token indices). The
         caller keeps length + T <= cache.max_len (a write past the end is clamped by XLA).
-        `routes`, when a dict, receives {layer: (top_ids [B, T, k], weights)}.
+        `routes`, when a dict, receives {layer: (top_ids [B, T, k], weights [B, T, k],
+        router probabilities [B, T, E])}.
         """
         c = self.config
         b, t = ids.shape

@@ -26,7 +26,9 @@ has a static bound and the work is at most (M + E CPU_CHUNK) rows' worth.
 `expert_project(x, kernel, group_sizes)` is the one function both matmuls go through; a
 quantized per-expert kernel type registers its grouped matmul with
 `register_expert_kernel_type`, as `project.register_kernel_type` does for dense linears.
-`moe_dense_reference` computes every expert for every token; it exists for tests.
+`moe_dense` computes every expert for every token (E/k times the work, in large dense
+matmuls): the test reference of `moe`, and the faster choice for training a small float
+model on CPU (`DiffusionGemmaConfig.expert_compute = "dense"`).
 """
 
 from __future__ import annotations
@@ -162,12 +164,15 @@ def moe(x: Float[Array, "N H"], gate_up: Any, down: Any, top_ids: Int[Array, "N 
     return out.astype(x.dtype)
 
 
-def moe_dense_reference(x: Float[Array, "N H"], gate_up: jax.Array, down: jax.Array,
+def moe_dense(x: Float[Array, "N H"], gate_up: jax.Array, down: jax.Array,
                         top_ids: Int[Array, "N K"], top_weights: Float[Array, "N K"],
                         activation: Callable[[jax.Array], jax.Array] = gelu_tanh
                         ) -> Float[Array, "N H"]:
     """`moe` computed densely: every expert on every token, combined with the weights of the
-    chosen ones (zero elsewhere). E/k times the work; for tests."""
+    chosen ones (zero elsewhere). E/k times the work; float experts only."""
+    if not (isinstance(gate_up, jax.Array) and isinstance(down, jax.Array)):
+        raise TypeError(f"moe_dense: float expert arrays only, got {type(gate_up).__name__} / "
+                        f"{type(down).__name__} (packed experts run through `moe`)")
     num_experts = gate_up.shape[0]
     inter = gate_up.shape[-1] // 2
     h = jnp.einsum("nh,ehi->eni", x, gate_up, preferred_element_type=jnp.float32)

@@ -34,6 +34,7 @@ MODEL_TYPE = "diffusion_gemma"  # `model_type` of the top-level hub config
 TEXT_MODEL_TYPE = "diffusion_gemma_text"
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 HIDDEN_ACTIVATION = "gelu_pytorch_tanh"
+EXPERT_COMPUTE = ("grouped", "dense")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,10 @@ class DiffusionGemmaConfig:
     max_position_embeddings: int = 131_072
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of float params
+    # How the routed experts compute (not a hub field): "grouped" runs each token through its
+    # k experts only (`experts.moe`); "dense" runs every expert on every token and weights the
+    # chosen ones (`experts.moe_dense`: E/k the work, faster for small float models on CPU).
+    expert_compute: str = "grouped"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -112,6 +117,9 @@ class DiffusionGemmaConfig:
             self._check_id(name, getattr(self, name))
         for t in self.eos_token_ids:
             self._check_id("eos_token_ids", t)
+        if self.expert_compute not in EXPERT_COMPUTE:
+            raise ConfigError(f"expert_compute={self.expert_compute!r}: expected one of "
+                              f"{EXPERT_COMPUTE}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of "

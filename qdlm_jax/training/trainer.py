@@ -1,6 +1,7 @@
 """Training driver: AdamW with warmup + cosine decay, jitted step, resumable orbax checkpoints.
 
-The loss is in `train_core.py`. The train state is a plain pytree (params, optimizer state,
+The losses are in `objective.py` (masked diffusion: LLaDA, Dream) and `uniform_objective.py`
+(uniform-state block diffusion: DiffusionGemma); the batch type picks the step. The train state is a plain pytree (params, optimizer state,
 step, PRNG key) saved every `ckpt_every` steps by an orbax CheckpointManager; restarting the
 same command after a kill resumes from the newest checkpoint, with the data stream advanced
 to the same step (the stream is a pure function of the step).
@@ -22,11 +23,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from qdlm_jax.checkpoints.load import build_model
+from qdlm_jax.data.synthetic import CanvasRows
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.dllm import DLLM
-from qdlm_jax.models.params import flatten, model_from_params
+from qdlm_jax.models.params import flatten
 from qdlm_jax.training.objective import diffusion_loss, mask_tokens, sft_loss
+from qdlm_jax.training.uniform_objective import gemma_task_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,26 @@ class MixedBatch:
         return text, task
 
 
+@dataclasses.dataclass(frozen=True)
+class CanvasBatch:
+    """One step's rows for a block-diffusion model (DiffusionGemma), in two groups with their
+    own prompt lengths: `text` (a window's prefix as the prompt, its continuation on the
+    canvas) and `task` (prompt and answer); either may be None. Each group's loss
+    (`uniform_objective.gemma_task_loss`) is weighted by its share of the rows."""
+
+    text: CanvasRows | None
+    task: CanvasRows | None = None
+
+    def arrays(self):
+        groups = tuple(None if g is None else (
+            jnp.asarray(g.prompt, jnp.int32), jnp.asarray(g.prompt_valid, jnp.bool_),
+            jnp.asarray(g.canvas, jnp.int32), jnp.asarray(g.answer, jnp.bool_))
+            for g in (self.text, self.task))
+        if groups == (None, None):
+            raise ValueError("CanvasBatch: no rows")
+        return groups
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSpec:
     steps: int  # optimizer steps
@@ -78,6 +102,10 @@ class TrainSpec:
     # Length of the warmup + cosine schedule; None = `steps`. A run that stops early on a
     # longer schedule (the first part of a two-objective run) sets it.
     schedule_steps: int | None = None
+    # DiffusionGemma's objective: the probability of a self-conditioned step, and the weight
+    # of the experts' load-balancing loss (`uniform_objective`).
+    sc_prob: float = 0.5
+    aux_weight: float = 0.01
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "ckpt_every", "log_every"):
@@ -181,13 +209,36 @@ def make_mixed_step(graphdef, config: ModelConfig, spec: TrainSpec, tx, *,
     return optimizer_step(loss_fn, tx)
 
 
+def make_canvas_step(graphdef, config, spec: TrainSpec, tx):
+    """The step of `CanvasBatch` rows: the uniform-state loss of each group, weighted by its
+    share of the rows, plus the load-balancing term (`spec.aux_weight`)."""
+    def loss_fn(params, text, task, key):
+        model = nnx.merge(graphdef, params)
+        keys = jax.random.split(key)
+        sizes = [0 if g is None else g[0].shape[0] for g in (text, task)]
+        loss, metrics = 0.0, {}
+        for name, group, k, n in zip(("text", "task"), (text, task), keys, sizes):
+            if group is None:
+                continue
+            l_g, m = gemma_task_loss(model, k, *group, sc_prob=spec.sc_prob, eps=spec.eps,
+                                     aux_weight=spec.aux_weight)
+            loss += l_g * n / sum(sizes)
+            metrics.update({f"{name}_loss": m["ce_loss"], f"{name}_aux": m["aux_loss"],
+                            f"{name}_expert_share_max": m["expert_share_max"]})
+        metrics["loss"] = loss
+        return loss, metrics
+
+    return optimizer_step(loss_fn, tx)
+
+
 def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], out_dir: Path,
           *, on_checkpoint: Callable[[int, DLLM], None] | None = None,
           start_step: int = 0) -> tuple[DLLM, list]:
     """Trains `model` for `spec.steps`; `batches(step)` returns int32 tokens [B, seq_len],
     or a pair (tokens, maskable) where maskable [B, seq_len] is 1 on the positions the noise
     may mask (0 keeps a position always visible, e.g. the prompt of an instruction row),
-    or a `MixedBatch` (text rows + SFT task rows; its shapes may change between phases).
+    or a `MixedBatch` (text rows + SFT task rows; its shapes may change between phases), or
+    for a DiffusionGemma `model` a `CanvasBatch`.
 
     Checkpoints go to `out_dir/ckpt`; the log (one JSON line per logged step) to
     `out_dir/log.jsonl`. Returns the trained model and the log records.
@@ -220,7 +271,7 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
                        if json.loads(line)["step"] <= int(state["step"])]
         print(f"[train] resumed from {out_dir / 'ckpt'} at step {int(state['step'])}")
 
-    step_fn = make_train_step(graphdef, config, spec, tx)
+    step_fn = canvas_fn = None  # built at their first batch
     mixed_fns = {}  # one jitted step per objective pair (shift, text_shift) the batches ask for
     start = int(state["step"])
     tokens_per_step = spec.batch_size * spec.seq_len
@@ -228,7 +279,13 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
     t_last, n_last = time.time(), start
     for step in range(start, spec.steps):
         batch = batches(step)
-        if isinstance(batch, MixedBatch):
+        if isinstance(batch, CanvasBatch):
+            text, task = batch.arrays()
+            tokens_per_step = sum(g[0].size + g[2].size for g in (text, task) if g is not None)
+            if canvas_fn is None:
+                canvas_fn = make_canvas_step(graphdef, config, spec, tx)
+            state, metrics = canvas_fn(state, text, task)
+        elif isinstance(batch, MixedBatch):
             text, task = batch.arrays()
             tokens_per_step = sum(x.size for x in (text, task and task[0]) if x is not None)
             objective = (spec.shift if batch.shift is None else batch.shift, batch.text_shift)
@@ -245,6 +302,8 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
             if tokens.shape != (spec.batch_size, spec.seq_len) or maskable.shape != tokens.shape:
                 raise ValueError(f"batches({step}) returned shapes {tokens.shape} / "
                                  f"{maskable.shape}, expected {(spec.batch_size, spec.seq_len)}")
+            if step_fn is None:
+                step_fn = make_train_step(graphdef, config, spec, tx)
             state, metrics = step_fn(state, tokens, maskable)
         done = step + 1
         if done % spec.log_every == 0 or done == spec.steps:
@@ -265,7 +324,7 @@ def train(model: DLLM, spec: TrainSpec, batches: Callable[[int], np.ndarray], ou
                 on_checkpoint(done, nnx.merge(graphdef, state["params"]))
     bar.close()
     manager.close()
-    trained = model_from_params(config, flatten(nnx.to_pure_dict(state["params"])))
+    trained = build_model(config, flatten(nnx.to_pure_dict(state["params"])))
     return trained, records
 
 
@@ -290,9 +349,11 @@ def plot_loss(records: list[dict], path: Path, title: str) -> None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(steps, [r["loss"] for r in records], label="training loss (row-weighted)")
-    for key, label in (("text_loss", "text rows: diffusion loss (ELBO / token)"),
+    for key, label in (("text_loss", "text rows: diffusion loss (ELBO / token; "
+                                     "uniform-state CE for DiffusionGemma)"),
                        ("masked_nll", "text rows: NLL of masked tokens"),
-                       ("sft_loss", "task rows: SFT loss (per answer token)")):
+                       ("sft_loss", "task rows: SFT loss (per answer token)"),
+                       ("task_loss", "task rows: uniform-state CE (per canvas token)")):
         pts = [(r["step"], r[key]) for r in records if key in r]
         if pts:
             ax.plot(*zip(*pts), label=label, alpha=0.7)

@@ -18,8 +18,14 @@ Every answer position is scored, noised or not: uniform-state diffusion must als
 keep a correct token, since any token of the canvas may be noise. The self-conditioning
 draw is per step (one `lax.cond`), so a step runs either one decoder pass or two.
 
-The MoE's expert balance is not part of this loss: `uniform_state_loss` returns the
-per-position CE only, and a router's auxiliary loss is added by the caller.
+The experts are kept in use by the Switch Transformer's load-balancing loss (Fedus et al.,
+2021), per layer l and pass (the encoder over the valid prompt tokens, the decoder pass the
+CE reads over the canvas), with N tokens, k choices each and router probabilities p_te:
+
+    f_e  = 1/(N k) sum_t sum_j [e_tj = e]        (share of the choices; no gradient)
+    P_e  = 1/N sum_t p_te                         (mean router probability)
+    aux  = mean over (pass, layer) of  E sum_e f_e P_e      (1 when balanced, E at collapse)
+    total = loss + aux_weight * aux
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from qdlm_jax.models.diffusion_gemma import DiffusionGemma, init_cache
 
-__all__ = ["gemma_task_loss", "sc_temperature", "uniform_noise", "uniform_state_loss"]
+__all__ = ["gemma_task_loss", "load_balance_loss", "sc_temperature", "uniform_noise",
+           "uniform_state_loss"]
 
 
 def uniform_noise(key: jax.Array, tokens: Int[Array, "B L"], answer: Bool[Array, "B L"],
@@ -69,12 +76,34 @@ def uniform_state_loss(logits: Float[Array, "B L V"], tokens: Int[Array, "B L"],
     return loss, metrics
 
 
+def load_balance_loss(routes: dict, num_experts: int,
+                      valid: Bool[Array, "B T"] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(mean over layers of E sum_e f_e P_e, f [layers, E]) of one pass's `routes` ({layer:
+    (top_ids [B, T, k], weights, probs [B, T, E])}, as `encode` / `decode` fill them), over
+    the tokens where `valid` (default: all)."""
+    terms, shares = [], []
+    for layer in sorted(routes):
+        top_ids, _, probs = routes[layer]
+        w = (jnp.ones(top_ids.shape[:2], jnp.float32) if valid is None
+             else valid.astype(jnp.float32))
+        n = jnp.maximum(w.sum(), 1.0)
+        chosen = jax.nn.one_hot(top_ids, num_experts, dtype=jnp.float32).sum(axis=2)
+        f = jax.lax.stop_gradient((chosen * w[..., None]).sum((0, 1)) / (n * top_ids.shape[-1]))
+        p = (probs.astype(jnp.float32) * w[..., None]).sum((0, 1)) / n
+        terms.append(num_experts * jnp.sum(f * p))
+        shares.append(f)
+    return jnp.mean(jnp.stack(terms)), jnp.stack(shares)
+
+
 def gemma_task_loss(model: DiffusionGemma, key: jax.Array, prompt: Int[Array, "B P"],
                     prompt_valid: Bool[Array, "B P"], canvas: Int[Array, "B L"],
                     answer: Bool[Array, "B L"], *, sc_prob: float = 0.5, eps: float = 1e-3,
-                    t_min: float = 0.4, t_max: float = 0.8) -> tuple[jax.Array, dict]:
-    """The loss of the module docstring for a batch of (prompt, canvas) rows; differentiable
-    in the model's parameters (encoder and decoder passes share them)."""
+                    t_min: float = 0.4, t_max: float = 0.8,
+                    aux_weight: float = 0.0) -> tuple[jax.Array, dict]:
+    """The total loss of the module docstring for a batch of (prompt, canvas) rows;
+    differentiable in the model's parameters (encoder and decoder passes share them).
+    Metrics: `loss` (the total), `ce_loss`, `aux_loss`, `expert_share_max` (the largest f_e
+    times E, averaged over layers and passes: 1 when balanced), and the noise statistics."""
     c = model.config
     b, p = prompt.shape
     n = canvas.shape[1]
@@ -84,21 +113,32 @@ def gemma_task_loss(model: DiffusionGemma, key: jax.Array, prompt: Int[Array, "B
     k_noise, k_sc = jax.random.split(key)
     x, noised, t = uniform_noise(k_noise, canvas, answer, c.vocab_size, eps=eps)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    cache = model.encode(prompt, positions, init_cache(c, b, p), prompt_valid)
+    enc_routes = {}
+    cache = model.encode(prompt, positions, init_cache(c, b, p), prompt_valid,
+                         routes=enc_routes)
+    enc_aux, enc_share = load_balance_loss(enc_routes, c.num_experts, prompt_valid)
     canvas_positions = jnp.broadcast_to(p + jnp.arange(n, dtype=jnp.int32), (b, n))
     emb_dtype = model.embed[...].dtype
 
+    def decode(sc):
+        routes = {}
+        logits = model.decode(x, sc, cache, canvas_positions, routes=routes)
+        return (logits, *load_balance_loss(routes, c.num_experts))
+
     def plain():
-        return model.decode(x, None, cache, canvas_positions)
+        return decode(None)
 
     def self_conditioned():
-        first = jax.lax.stop_gradient(plain())
+        first = jax.lax.stop_gradient(model.decode(x, None, cache, canvas_positions))
         temperature = sc_temperature(t, t_min, t_max)[:, None, None]
-        return model.decode(x, (first / temperature).astype(emb_dtype), cache,
-                            canvas_positions)
+        return decode((first / temperature).astype(emb_dtype))
 
     use_sc = jax.random.uniform(k_sc, ()) < sc_prob
-    logits = jax.lax.cond(use_sc, self_conditioned, plain)
-    loss, metrics = uniform_state_loss(logits, canvas, answer, noised)
-    return loss, {**metrics, "self_conditioned": use_sc.astype(jnp.float32),
-                  "t_mean": t.mean()}
+    logits, dec_aux, dec_share = jax.lax.cond(use_sc, self_conditioned, plain)
+    ce, metrics = uniform_state_loss(logits, canvas, answer, noised)
+    aux = (enc_aux + dec_aux) / 2
+    share_max = (enc_share.max(-1).mean() + dec_share.max(-1).mean()) / 2 * c.num_experts
+    loss = ce + aux_weight * aux
+    return loss, {**metrics, "loss": loss, "ce_loss": ce, "aux_loss": aux,
+                  "expert_share_max": share_max,
+                  "self_conditioned": use_sc.astype(jnp.float32), "t_mean": t.mean()}

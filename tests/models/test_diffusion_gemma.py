@@ -29,7 +29,7 @@ from qdlm_jax.models.diffusion_gemma import (
     linear_names,
     model_from_params,
 )
-from qdlm_jax.models.experts import moe, moe_dense_reference
+from qdlm_jax.models.experts import moe, moe_dense
 from qdlm_jax.models.gemma_config import FULL, SLIDING, DiffusionGemmaConfig
 
 ATOL = 1e-4
@@ -272,7 +272,7 @@ def test_ragged_experts_equal_dense_reference():
     ids = jnp.asarray(np.stack([rng.choice(e - 1, k, replace=False) for _ in range(n)]))
     weights = jnp.asarray(rng.random((n, k)), jnp.float32)  # expert e-1 gets no token
     ragged = jax.jit(moe)(x, gate_up, down, ids, weights)
-    dense = moe_dense_reference(x, gate_up, down, ids, weights)
+    dense = moe_dense(x, gate_up, down, ids, weights)
     np.testing.assert_allclose(np.asarray(ragged), np.asarray(dense), rtol=1e-5, atol=1e-5)
 
 
