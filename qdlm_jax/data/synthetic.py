@@ -319,14 +319,14 @@ def canvas_rows(pairs: Sequence[tuple[str, str]], tokenizer, *, prompt_len: int,
     ``answer EOS PAD..`` (`canvas_length` tokens), every canvas position scored: the sampler
     writes PAD after the first EOS, so the model learns to be sure of those positions too. A
     pair that does not fit raises ValueError."""
-    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
-    answers = tokenizer.encode_batch([a for _, a in pairs], add_special_tokens=False)
+    prompts = _encode_texts(tokenizer, [p for p, _ in pairs])
+    answers = _encode_texts(tokenizer, [a for _, a in pairs])
     n = len(pairs)
     prompt = np.full((n, prompt_len), pad_id, np.int32)
     valid = np.zeros((n, prompt_len), bool)
     canvas = np.full((n, canvas_length), pad_id, np.int32)
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        p, a = [bos_id, *p.ids], [*a.ids, eos_id]
+        p, a = [bos_id, *p], [*a, eos_id]
         if len(p) > prompt_len or len(a) > canvas_length:
             raise ValueError(f"pair {pairs[i]!r}: [BOS] + prompt {len(p)} tokens and answer + "
                              f"EOS {len(a)} tokens do not fit prompt_len={prompt_len}, "
@@ -335,3 +335,11 @@ def canvas_rows(pairs: Sequence[tuple[str, str]], tokenizer, *, prompt_len: int,
         valid[i, prompt_len - len(p):] = True
         canvas[i, :len(a)] = a
     return CanvasRows(prompt, valid, canvas, np.ones((n, canvas_length), bool))
+
+
+def _encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text without special tokens, from a `tokenizers.Tokenizer` (batched) or a
+    checkpoint's tokenizer (`encode(text) -> ids`)."""
+    if hasattr(tokenizer, "encode_batch"):
+        return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    return [list(tokenizer.encode(t)) for t in texts]

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from qdlm_jax.data import arithmetic, sources
 from qdlm_jax.data.hf_tokenizer import stop_index
-from qdlm_jax.inference.generate import GenerationConfig, generate
 from qdlm_jax.inference.gemma_likelihood import answer_score
+from qdlm_jax.inference.generate import GenerationConfig, generate
 from qdlm_jax.inference.likelihood import perplexity_bound
 from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 

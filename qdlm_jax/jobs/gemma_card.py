@@ -29,8 +29,8 @@ from qdlm_jax.data import synthetic
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import continuation_ce, heldout_windows, unigram_entropy
 from qdlm_jax.evals.tasks import BUILTIN, run_task
-from qdlm_jax.models.dllm import count_params
 from qdlm_jax.models.diffusion_gemma import init_cache
+from qdlm_jax.models.dllm import count_params
 
 # The card's tasks (held-out items) and its changes to the built-in settings.
 TASKS = ("arithmetic", "arithmetic_subtract", "arithmetic_3digit", "synthetic_code",
@@ -45,7 +45,9 @@ def task_scores(model, tokenizer, names=TASKS) -> dict:
     out = {}
     for name in names:
         spec = dataclasses.replace(BUILTIN[name], **CARD_SETTINGS.get(name, {}))
+        tm.take_decode_stats()
         r = run_task(tm, spec, progress=False)
+        r.update(tm.take_decode_stats())
         out[name] = {"metric": r["metric"], "value": r["value"], "se": r["se"], "n": r["n"],
                      **CARD_SETTINGS.get(name, {}),
                      **({"tokens_per_step": r["tokens_per_step"]}
@@ -84,8 +86,7 @@ def expert_load(model, tokenizer, *, n_per_task: int = 64, noise: float = 0.5,
     rows = [synthetic.canvas_rows(
         synthetic.task_pairs(t, n_per_task, seed=seed, split="heldout"), tokenizer,
         prompt_len=32, canvas_length=c.canvas_length, bos_id=special.bos,
-        eos_id=special.eos_ids[0] if hasattr(special, "eos_ids") else special.eos,
-        pad_id=special.pad) for t in LOAD_TASKS]
+        eos_id=special.eos, pad_id=special.pad) for t in LOAD_TASKS]
     prompt = np.concatenate([r.prompt for r in rows])
     valid = np.concatenate([r.prompt_valid for r in rows])
     canvas = np.concatenate([r.canvas for r in rows])
@@ -118,8 +119,9 @@ def plot_expert_load(load: dict, path: Path) -> None:
         ax.set_title(f"{name} pass")
         ax.grid(alpha=0.3, axis="y")
     np.atleast_1d(axes)[0].set_ylabel("share of top-k choices")
-    np.atleast_1d(axes)[-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

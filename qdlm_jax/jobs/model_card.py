@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qdlm_jax.checkpoints.load import load_model, load_tokenizer
+from qdlm_jax.jobs import gemma_card
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import (
     ArithmeticEval,
@@ -36,6 +37,7 @@ from qdlm_jax.evals.tasks import BUILTIN, run_task
 from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import family_shifts_logits
 from qdlm_jax.models.dllm import count_params
+from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
 from qdlm_jax.training.trainer import step_objective
 
 _LAYOUT = {"llada": "LLaDA (`model_type: llada`, `model.transformer.blocks.*` keys)",
@@ -230,6 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="markdown line added to 'Data and training'")
     args = p.parse_args(argv)
     hf = args.run_dir / "hf"
+    summary = json.loads((args.run_dir / "summary.json").read_text())
+    if summary["family"] == GEMMA_FAMILY:
+        return _ship_gemma(args, hf, summary)
     r = evaluate(hf, args.run_dir, n_windows=args.n_windows, mc_num=args.mc_num,
                  n_arith=args.n_arith)
     family = r["train"]["family"]
@@ -239,6 +244,23 @@ def main(argv=None) -> int:
             shutil.copy2(hf / f, tmp / f)
         shutil.copy2(args.run_dir / "loss.png", tmp / "loss.png")
         (tmp / "README.md").write_text(card(family, r, args.note))
+        (tmp / "eval.json").write_text(json.dumps({k: v for k, v in r.items()
+                                                   if k != "train"}, indent=2))
+    print(f"wrote {args.dest}")
+    return 0
+
+
+def _ship_gemma(args, hf: Path, summary: dict) -> int:
+    model = load_model(hf, dtype="float32")
+    r = gemma_card.evaluate(model, load_tokenizer(hf), args.run_dir, summary,
+                            n_windows=args.n_windows, mc_num=args.mc_num)
+    print(json.dumps({k: v for k, v in r.items() if k != "train"}, indent=2))
+    with atomic_dir(args.dest, overwrite=True) as tmp:
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            shutil.copy2(hf / f, tmp / f)
+        shutil.copy2(args.run_dir / "loss.png", tmp / "loss.png")
+        gemma_card.plot_expert_load(r["expert_load"], tmp / "expert_load.png")
+        (tmp / "README.md").write_text(gemma_card.card(r, args.note))
         (tmp / "eval.json").write_text(json.dumps({k: v for k, v in r.items()
                                                    if k != "train"}, indent=2))
     print(f"wrote {args.dest}")

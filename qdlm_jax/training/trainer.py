@@ -1,7 +1,9 @@
 """Training driver: AdamW with warmup + cosine decay, jitted step, resumable orbax checkpoints.
 
 The losses are in `objective.py` (masked diffusion: LLaDA, Dream) and `uniform_objective.py`
-(uniform-state block diffusion: DiffusionGemma); the batch type picks the step. The train state is a plain pytree (params, optimizer state,
+(uniform-state block diffusion: DiffusionGemma); the batch type picks the step.
+
+The train state is a plain pytree (params, optimizer state,
 step, PRNG key) saved every `ckpt_every` steps by an orbax CheckpointManager; restarting the
 same command after a kill resumes from the newest checkpoint, with the data stream advanced
 to the same step (the stream is a pure function of the step).

@@ -107,3 +107,30 @@ def test_sft_rows_layout():
         assert (ids[~val] == sp.pad).all()
     with pytest.raises(ValueError, match="fit"):
         S.sft_rows(pairs, tok, seq_len=20, answer_len=16, bos_id=1, eos_id=2, pad_id=0)
+
+
+class _CharTokenizer:
+    """One id per character (ord), for layout tests."""
+
+    class _Enc:
+        def __init__(self, text):
+            self.ids = [ord(ch) for ch in text]
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [self._Enc(t) for t in texts]
+
+
+def test_canvas_rows_layout():
+    pairs = [("ab", "xyz"), ("abcd", "q")]
+    r = S.canvas_rows(pairs, _CharTokenizer(), prompt_len=6, canvas_length=5, bos_id=2,
+                      eos_id=1, pad_id=0)
+    assert r.prompt.tolist() == [[0, 0, 0, 2, 97, 98], [0, 2, 97, 98, 99, 100]]
+    assert r.prompt_valid.tolist() == [[False] * 3 + [True] * 3, [False] + [True] * 5]
+    assert r.canvas.tolist() == [[120, 121, 122, 1, 0], [113, 1, 0, 0, 0]]
+    assert r.answer.all()  # every canvas position is scored (the sampler pads after EOS)
+    with pytest.raises(ValueError, match="canvas_length=3"):
+        S.canvas_rows([("a", "xyz")], _CharTokenizer(), prompt_len=6, canvas_length=3,
+                      bos_id=2, eos_id=1, pad_id=0)
+    with pytest.raises(ValueError, match="prompt_len=2"):
+        S.canvas_rows([("abc", "x")], _CharTokenizer(), prompt_len=2, canvas_length=3,
+                      bos_id=2, eos_id=1, pad_id=0)

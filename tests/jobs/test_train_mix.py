@@ -99,3 +99,56 @@ def test_initial_model_starts_from_a_saved_model_at_its_step():
     cfg.init.step = 5700
     with pytest.raises(ValueError, match="num_kv_heads"):
         J.initial_model(cfg, config.replace(num_kv_heads=4), spec)
+
+
+def test_canvas_batches_follow_the_phases(tok):
+    """DiffusionGemma rows: text windows split into prompt and canvas, task rows with the
+    phase's prompt length, `[BOS] prompt` at the right end and `answer EOS PAD..` on the
+    canvas."""
+    sp = special_token_ids(tok)
+    text = np.arange(40 * 20, dtype=np.int32).reshape(40, 20)
+    phases = [dict(until=2, text_rows=0, task_rows=5, task_prompt_len=14, mix=dict(add2=1.0)),
+              dict(until=4, text_rows=3, task_rows=4, mix=dict(compare=1.0, code1=1.0))]
+    batches = J.canvas_batches(phases, text, tok, sp, canvas_length=12, text_prompt_len=8,
+                               task_prompt_len=40, seed=0)
+    b0 = batches(0)
+    assert b0.text is None and b0.task.prompt.shape == (5, 14) and b0.task.canvas.shape == (5, 12)
+    assert (b0.task.prompt[:, -1] != sp.pad).all()  # left-padded: the prompt ends the row
+    for p, v, c in zip(b0.task.prompt, b0.task.prompt_valid, b0.task.canvas):
+        assert p[v][0] == sp.bos and "Answer:" in tok.decode(p[v].tolist())
+        eos = list(c).index(sp.eos)
+        assert (c[eos + 1:] == sp.pad).all() and tok.decode(c[:eos].tolist()).strip().isdigit()
+    b3 = batches(3)
+    assert b3.task.prompt.shape == (4, 40) and b3.text.prompt.shape == (3, 8)
+    np.testing.assert_array_equal(np.concatenate([b3.text.prompt, b3.text.canvas], 1) % 20,
+                                  np.tile(np.arange(20), (3, 1)))  # whole windows, in order
+    assert b3.text.prompt_valid.all() and b3.text.answer.all()
+    np.testing.assert_array_equal(batches(3).task.canvas, b3.task.canvas)  # deterministic
+
+
+@pytest.mark.slow  # about 60 s of compilation; test_canvas_batches_follow_the_phases covers
+def test_gemma_training_runs_resumes_and_exports(tmp_path):  # the rows
+    """`qdlm train` on a 2-layer DiffusionGemma: the loss falls on a fixed task, a second run
+    of the same command resumes at the checkpoint, and the export loads as the family."""
+    import json
+
+    from qdlm_jax.checkpoints.load import load_model
+
+    cfg, root = _config("train_tiny_diffusiongemma")
+    cfg.out_dir = str(tmp_path / "run")
+    cfg.data.tokenizer = str(root / "assets" / "tiny-llada" / "tokenizer.json")
+    cfg.model.update(dict(hidden_size=32, num_layers=2,
+                          layer_types=("sliding_attention", "full_attention"),
+                          head_dim=8, global_head_dim=16, intermediate_size=32,
+                          moe_intermediate_size=16))
+    cfg.data.phases = [dict(until=40, text_rows=0, task_rows=16, task_prompt_len=12,
+                            mix=dict(add1=1.0))]
+    cfg.train.update(dict(steps=20, ckpt_every=20, log_every=10, warmup_steps=2, lr=1e-2))
+    J.run(cfg)
+    cfg.train.steps = 40
+    J.run(cfg)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20, 30, 40]  # resumed at 20, not restarted
+    assert log[-1]["task_loss"] < 0.7 * log[0]["task_loss"]
+    model = load_model(tmp_path / "run" / "hf")
+    assert model.config.family == "diffusion_gemma" and model.config.num_experts == 8

@@ -12,6 +12,7 @@ from qdlm_jax.models.diffusion_gemma import init_cache, init_model
 from qdlm_jax.models.gemma_config import FULL, SLIDING, DiffusionGemmaConfig
 from qdlm_jax.training.uniform_objective import (
     gemma_task_loss,
+    load_balance_loss,
     sc_temperature,
     uniform_noise,
     uniform_state_loss,
@@ -129,3 +130,32 @@ def test_gradient_reaches_the_self_conditioning_and_the_prompt_matters(batch) ->
         gemma_task_loss(model, jax.random.key(2), other, valid, canvas, answer, sc_prob=0.0)[0])
     with pytest.raises(ValueError, match="canvas_length"):
         gemma_task_loss(model, jax.random.key(0), prompt, valid, canvas[:, :4], answer[:, :4])
+
+
+def test_load_balance_loss_equals_numpy() -> None:
+    """E sum_e f_e P_e per layer (f from the top-k choices of valid tokens, P the mean
+    router probability), averaged over layers; 1 when perfectly balanced."""
+    rng = np.random.default_rng(4)
+    b, t, k, e = 3, 5, 2, 4
+    routes, valid = {}, rng.random((b, t)) < 0.7
+    valid[0, 0] = True
+    for layer in range(2):
+        logits = rng.normal(size=(b, t, e)) * 2
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+        routes[layer] = (jnp.asarray(top, jnp.int32), None, jnp.asarray(probs, jnp.float32))
+    aux, shares = load_balance_loss(routes, e, jnp.asarray(valid))
+    expected, expected_f = [], []
+    for layer in range(2):
+        top, _, probs = (np.asarray(a) if a is not None else None for a in routes[layer])
+        f = np.array([(top[valid] == j).sum() for j in range(e)]) / (valid.sum() * k)
+        p = np.asarray(probs)[valid].mean(0)
+        expected.append(e * (f * p).sum())
+        expected_f.append(f)
+    np.testing.assert_allclose(float(aux), np.mean(expected), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(shares), np.stack(expected_f), rtol=1e-6)
+    # balanced: every expert chosen equally, uniform probabilities
+    top = np.tile(np.arange(e).reshape(2, 2), (3, 1))[None]  # [1, 6, 2]: each expert 3 times
+    uniform = jnp.full((1, 6, e), 1 / e)
+    aux1, _ = load_balance_loss({0: (jnp.asarray(top), None, uniform)}, e)
+    np.testing.assert_allclose(float(aux1), 1.0, rtol=1e-6)
