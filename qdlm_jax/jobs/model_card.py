@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from qdlm_jax.checkpoints.load import load_model, load_tokenizer
-from qdlm_jax.jobs import gemma_card
 from qdlm_jax.evals.backends import TextModel
 from qdlm_jax.evals.basic import (
     ArithmeticEval,
@@ -35,6 +34,7 @@ from qdlm_jax.evals.basic import (
 )
 from qdlm_jax.evals.tasks import BUILTIN, run_task
 from qdlm_jax.fsutil import atomic_dir
+from qdlm_jax.jobs import gemma_card
 from qdlm_jax.models.config import family_shifts_logits
 from qdlm_jax.models.dllm import count_params
 from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
