@@ -35,8 +35,10 @@ retrain-tiny: $(STAMP)
 	$(BIN)/qdlm train --config configs/train_tiny_llada.py --config.data.tokenizer=runs/tokenizer.json & \
 	$(BIN)/qdlm train --config configs/train_tiny_dream.py --config.data.tokenizer=runs/tokenizer.json & \
 	wait
+	$(BIN)/qdlm train --config configs/train_tiny_diffusiongemma.py --config.data.tokenizer=runs/tokenizer.json
 	$(BIN)/python converters/export_tiny.py runs/train_tiny_llada assets/tiny-llada
 	$(BIN)/python converters/export_tiny.py runs/train_tiny_dream assets/tiny-dream
+	$(BIN)/python converters/export_tiny.py runs/train_tiny_diffusiongemma assets/tiny-diffusiongemma
 
 # The hardware check (docs/hardware.md). Where $(PY)'s JAX has a GPU or TPU, the project is
 # installed beside it (pip --no-deps; only absent dependencies are added; that JAX is never
