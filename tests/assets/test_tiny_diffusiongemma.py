@@ -58,13 +58,20 @@ def test_samplers_give_the_same_tokens(models):
                             pad_id=c.pad_token_id, greedy=True)
     ids = np.asarray([[c.bos_token_id, *tok.encode(PROMPT)]])
     mask = np.ones_like(ids, bool)
-    noise = np.random.default_rng(1).integers(0, c.vocab_size,
-                                              (s.num_canvases, s.steps + 1, 1, c.canvas_length))
-    ref, ref_tpf, near_tie = hf_generate(hf, ids, mask, noise, s)
-    assert not near_tie
-    ours = gemma_sample(model, ids, mask, settings=s, noise=noise)
-    np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
-    np.testing.assert_array_equal(np.asarray(ours.tokens_per_forward), ref_tpf)
-    answer = tok.decode([int(t) for t in np.asarray(ours.tokens)[0, ids.shape[1]:]
-                         if t not in (c.pad_token_id, *c.eos_token_ids)])
-    assert answer.strip() == "85"  # the trained model answers; both samplers agree on it
+    checked = 0
+    for seed in range(4):  # a draw whose decisions rest on a float-rounding margin is skipped
+        noise = np.random.default_rng(seed).integers(
+            0, c.vocab_size, (s.num_canvases, s.steps + 1, 1, c.canvas_length))
+        ref, ref_tpf, near_tie = hf_generate(hf, ids, mask, noise, s)
+        if near_tie:
+            continue
+        ours = gemma_sample(model, ids, mask, settings=s, noise=noise)
+        np.testing.assert_array_equal(np.asarray(ours.tokens), ref, err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(np.asarray(ours.tokens_per_forward), ref_tpf)
+        answer = tok.decode([int(t) for t in np.asarray(ours.tokens)[0, ids.shape[1]:]
+                             if t not in (c.pad_token_id, *c.eos_token_ids)])
+        assert answer.strip() == "85"  # the trained model answers; both samplers agree on it
+        checked += 1
+        if checked == 2:
+            break
+    assert checked == 2, f"only {checked} of the noise draws were checked"
