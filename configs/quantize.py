@@ -60,9 +60,9 @@ def get_config():
     # expert tensor is packed per expert; the report ends with the coverage table.
     c.moe = ml_collections.ConfigDict(dict(
         quantize_router=False,  # quantize the router projections with the weight method too
-        calib_modes="both",  # gptq: encoder (clean prompts) | decoder (noised canvases) | both
-        levels=(0.25, 0.5, 0.75, 1.0),  # gptq: the decoder calibration's noise levels
-        self_condition=True,  # gptq: the decoder calibration pass is self-conditioned
+        calib_modes="both",  # gptq, awq: encoder (clean prompts) | decoder (noised canvases) | both
+        levels=(0.25, 0.5, 0.75, 1.0),  # gptq, awq: the decoder calibration's noise levels
+        self_condition=True,  # gptq, awq: the decoder calibration pass is self-conditioned
         thin_min_rows=16,  # gptq: an expert routed fewer rows is thin
         thin_fallback="damp",  # gptq, thin experts: damp (more dampening) | all_tokens
         thin_damp=0.1))  # gptq: the damp fallback's dampening

@@ -1,5 +1,5 @@
-"""`qdlm quantize` on a DiffusionGemma checkpoint: weight-only RTN or GPTQ, every tensor
-accounted for.
+"""`qdlm quantize` on a DiffusionGemma checkpoint: weight-only RTN, GPTQ or AWQ, every
+tensor accounted for.
 
     plan  (quant/gemma_plan.py)  every param: kind, share, action; refused before any work when
                                  the group size does not divide a quantized tensor's width
@@ -12,6 +12,10 @@ accounted for.
                                  statistics (--config.moe.calib_modes / levels /
                                  self_condition), per-expert Hessians with the thin-expert
                                  rule (--config.moe.thin_*)
+    AWQ   (quant/gemma_awq.py)   part by part on the same windows and two-mode calibration:
+                                 scales folded where an exact fold exists (one scale shared by
+                                 every expert's gate_up, one per expert for down), then clip
+                                 (--config.awq.grid / clip) and llm-awq's grid
     eval  KL to fp on held-out canvases (evals/canvas_kl.py; with --config.moe.quantize_router
           also the fraction of the fp model's expert choices that changed): text windows
           encoded by the
@@ -21,7 +25,7 @@ accounted for.
     save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
           (with the per-tensor plan), report.md ending with the coverage table
 
-Only `rtn` and `gptq` at act_bits 16 with clean calibration run here; `check_gemma` refuses
+Only `rtn`, `gptq` and `awq` at act_bits 16 with clean calibration run here; `check_gemma` refuses
 the rest in one line before any work. The run is in memory (no streaming, no mesh).
 """
 
@@ -52,6 +56,7 @@ from qdlm_jax.jobs.quantize_report import gemma_report
 from qdlm_jax.models.diffusion_gemma import model_from_params, param_shapes
 from qdlm_jax.models.gemma_config import FAMILY
 from qdlm_jax.models.params import cast_floats, get_params
+from qdlm_jax.quant.gemma_awq import GemmaAWQSettings, awq_quantize_gemma
 from qdlm_jax.quant.gemma_gptq import gptq_quantize_gemma
 from qdlm_jax.quant.gemma_plan import EXPERT_DOWN, EXPERT_GATE_UP, GemmaPTQSpec, gemma_plan
 from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
@@ -67,9 +72,9 @@ def check_gemma(spec, config) -> None:
     """Refuses, in one line and before any work, what this pass does not do on the family,
     and a group size that does not divide some quantized tensor's input width."""
     where = f"on {FAMILY}: not yet"
-    if spec.method not in ("rtn", "gptq"):
-        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn or gptq)")
-    if spec.method == "gptq" and spec.calib.mode != "clean":
+    if spec.method not in ("rtn", "gptq", "awq"):
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq or awq)")
+    if spec.method in ("gptq", "awq") and spec.calib.mode != "clean":
         raise ConfigOverrideError(f"--config.calibration={spec.calib.mode} {where} (its "
                                   "calibration is two-mode: --config.moe.calib_modes)")
     if spec.act_bits != 16:
@@ -143,6 +148,13 @@ def quantize_gemma(model, spec, tokenizer):
         return qmodel, plan, {}
     windows = gemma_calibration_windows(spec, model.config, tokenizer)
     seq = spec.calib.seq_len
+    if spec.method == "awq":
+        settings = GemmaAWQSettings(n_grid=spec.ptq.awq_grid, clip=spec.ptq.awq_clip,
+                                    calib=spec.moe_gptq.calib)
+        qparams, plan, info = awq_quantize_gemma(model, windows[:, :seq], windows[:, seq:],
+                                                 gspec, settings, progress=True)
+        empty = sum(len(v) for v in info["empty_experts"].values())
+        return model_from_params(model.config, qparams), plan, {"empty_experts": empty}
     qparams, plan, how = gptq_quantize_gemma(model, windows[:, :seq], windows[:, seq:], gspec,
                                              spec.moe_gptq, progress=True)
     counts = {}
@@ -183,8 +195,11 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
     t_q = time.time()
     qmodel, plan, qstats = quantize_gemma(model, spec, tokenizer)
     quant_s = time.time() - t_q
-    if qstats:
+    if "expert_hessians" in qstats:
         _log(f"expert Hessians: {qstats['expert_hessians']}")
+    if "empty_experts" in qstats:
+        _log(f"experts with no routed calibration row (quantized without scales or clip): "
+             f"{qstats['empty_experts']}")
     _log(f"quantized in {quant_s:.1f}s; {100 * plan.quantized_share:.2f}% of the parameters "
          "packed, every planned tensor checked")
 

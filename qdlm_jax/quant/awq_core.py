@@ -151,11 +151,15 @@ def _stacked_linears(x, weights):
 
 def search_scales(x: Float[Array, "tokens in"], weights: Sequence[Float[Array, "out in"]], *,
                   bits: int, group_size: int, sym: bool, n_grid: int = 20,
-                  block_fn: Callable | None = None, grid: Grid = "awq"):
+                  block_fn: Callable | None = None, grid: Grid = "awq", n_valid=None):
     """Best AWQ input-channel scales for linears sharing input `x` (see module doc).
 
     Returns ``(s [in], best_ratio, losses [n_grid])``. `block_fn(x, weights) -> y` is the
     module whose output error is minimised (default: the linears' stacked outputs).
+    `n_valid` (may be traced): only the first n_valid rows of `x` are tokens, the rest are
+    zero padding (a fixed row count compiles once for many token counts). ``a`` and the
+    losses are then sums over every row divided by n_valid: exact when ``block_fn(0) = 0``
+    row by row, as for linears and routed experts.
     """
     _check_bits(bits)
     for w in weights:
@@ -164,7 +168,10 @@ def search_scales(x: Float[Array, "tokens in"], weights: Sequence[Float[Array, "
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     weights = [w.astype(jnp.float32) for w in weights]
     y_ref = f(x, weights)
-    a = activation_scale(x)
+    if n_valid is None:
+        a = activation_scale(x)
+    else:
+        a = exact_div(jnp.sum(jnp.abs(x), axis=0), jnp.asarray(n_valid, jnp.float32))
 
     ratios = _grid_ratios(n_grid)
 
@@ -173,7 +180,9 @@ def search_scales(x: Float[Array, "tokens in"], weights: Sequence[Float[Array, "
         wq = [exact_div(pseudo_quantize(w * s, bits=bits, group_size=group_size, sym=sym,
                                         grid=grid), s) for w in weights]
         d = (y_ref - f(x, wq)).astype(jnp.float32)
-        return jnp.mean(d * d)
+        if n_valid is None:
+            return jnp.mean(d * d)
+        return exact_div(jnp.sum(d * d), jnp.asarray(n_valid, jnp.float32) * d.shape[-1])
 
     losses = lax.map(loss_for, ratios)
     best = jnp.argmin(losses)  # first minimum, like llm-awq's strict `<`

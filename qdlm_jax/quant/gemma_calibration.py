@@ -17,9 +17,10 @@ its input's Gram matrix and token count summed over every recorded pass,
 
     gram = sum_passes sum_tokens x x^T,      count = number of tokens,
 
-and for each recorded MoE layer the experts' input rows with the router's choices
-(`Capture(experts_fn=)`), concatenated over the passes: per-expert statistics depend on
-which expert each row was routed to (`gptq_experts_core`).
+or, with `rows=True`, the input rows themselves [tokens, in] concatenated over the passes
+(what AWQ's searches read); for each recorded MoE layer the experts' input rows with the
+router's choices (`Capture(experts_fn=)`), concatenated over the passes: per-expert
+statistics depend on which expert each row was routed to (`gptq_experts_core`).
 
 Random numbers: level j uses `fold_in(key(seed), j)`, split into (mask key, ids key).
 """
@@ -64,17 +65,23 @@ class GemmaCalibSpec:
 
 @dataclasses.dataclass
 class LayerStats:
-    """What the recorded passes saw: {linear name: (gram [in, in], tokens)} and {MoE layer:
+    """What the recorded passes saw: {linear name: (gram [in, in], tokens)}, or with
+    `rows=True` {linear name: input rows [tokens, in]} in `inputs` instead, and {MoE layer:
     (expert input rows [M, H], top_ids [M, k], top_weights [M, k])}."""
 
     grams: dict[str, tuple[jax.Array, int]]
     experts: dict[int, tuple[jax.Array, jax.Array, jax.Array]]
+    inputs: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 def _gram(x):
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     return jnp.einsum("ti,tj->ij", flat, flat, precision=jax.lax.Precision.HIGHEST), \
         flat.shape[0]
+
+
+def _flat(x):
+    return x.reshape(-1, x.shape[-1])
 
 
 def _rows(x, top_ids, top_weights):
@@ -91,12 +98,13 @@ def noised_canvases(canvases: Int[Array, "B L"], level: float, key, vocab: int):
 
 
 def _pass(state, prompts, canvases, key, level, temperature, *, graphdef, names,
-          expert_layers, decoder: bool, self_condition: bool):
+          expert_layers, decoder: bool, self_condition: bool, rows: bool):
     """({name: (gram, tokens)}, {layer: expert rows}) of one recorded pass (module doc)."""
     model = nnx.merge(graphdef, state)
     c = model.config
     b, p = prompts.shape
-    cap = Capture(names=names, fn=_gram, experts_fn=_rows if expert_layers else None)
+    cap = Capture(names=names, fn=_flat if rows else _gram,
+                  experts_fn=_rows if expert_layers else None)
     if not decoder:
         model.encode(prompts, None, init_cache(c, b, p), capture=cap)
     else:
@@ -110,19 +118,21 @@ def _pass(state, prompts, canvases, key, level, temperature, *, graphdef, names,
 
 
 _pass_jit = jax.jit(_pass, static_argnames=("graphdef", "names", "expert_layers", "decoder",
-                                            "self_condition"))
+                                            "self_condition", "rows"))
 
 
 def gemma_layer_stats(model: DiffusionGemma, prompts: Int[Array, "B P"],
                       canvases: Int[Array, "B L"], spec: GemmaCalibSpec, *,
                       names: tuple[str, ...] = (),
-                      expert_layers: tuple[int, ...] = ()) -> LayerStats:
+                      expert_layers: tuple[int, ...] = (), rows: bool = False) -> LayerStats:
     """The statistics of the linears `names` (hook names, `diffusion_gemma.linear_names`)
-    and of the MoE layers `expert_layers` over the passes of `spec` (module docstring)."""
+    and of the MoE layers `expert_layers` over the passes of `spec` (module docstring);
+    `rows`: the linears' input rows instead of their Gram matrices."""
     prompts = jnp.asarray(prompts, jnp.int32)
     canvases = jnp.asarray(canvases, jnp.int32)
     graphdef, state = nnx.split(model)
-    static = dict(graphdef=graphdef, names=tuple(names), expert_layers=tuple(expert_layers))
+    static = dict(graphdef=graphdef, names=tuple(names), expert_layers=tuple(expert_layers),
+                  rows=rows)
     passes = []
     if spec.modes in ("encoder", "both"):
         passes.append(_pass_jit(state, prompts, canvases, jax.random.key(0), 0.0, 1.0,
@@ -134,6 +144,11 @@ def gemma_layer_stats(model: DiffusionGemma, prompts: Int[Array, "B P"],
                                     jax.random.fold_in(jax.random.key(spec.seed), j), level,
                                     temperature, decoder=True,
                                     self_condition=spec.self_condition, **static))
+    if rows:
+        names_seen = sorted({name for values, _ in passes for name in values})
+        inputs = {name: jnp.concatenate([values[name] for values, _ in passes
+                                         if name in values]) for name in names_seen}
+        return LayerStats(grams={}, experts=_expert_rows(passes, expert_layers), inputs=inputs)
     grams: dict[str, tuple[jax.Array, int]] = {}
     for values, _ in passes:
         for name, (g, n) in values.items():
@@ -141,8 +156,12 @@ def gemma_layer_stats(model: DiffusionGemma, prompts: Int[Array, "B P"],
                 grams[name] = (grams[name][0] + g, grams[name][1] + n)
             else:
                 grams[name] = (g, n)
+    return LayerStats(grams=grams, experts=_expert_rows(passes, expert_layers))
+
+
+def _expert_rows(passes, expert_layers) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
     experts = {}
     for i in sorted(expert_layers):
         parts = [recorded[i] for _, recorded in passes]
         experts[i] = tuple(jnp.concatenate([part[j] for part in parts]) for j in range(3))
-    return LayerStats(grams=grams, experts=experts)
+    return experts

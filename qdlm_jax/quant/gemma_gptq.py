@@ -33,7 +33,7 @@ from qdlm_jax.models.experts import gelu_tanh, grouped_matmul, sort_by_expert
 from qdlm_jax.models.params import ParamPath, get_params, path_str
 from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec, gemma_layer_stats
-from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, gemma_plan
+from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, forward_parts, gemma_plan, hook_name
 from qdlm_jax.quant.gptq_core import gptq, hessian
 from qdlm_jax.quant.gptq_experts_core import ThinExperts, expert_grams, gptq_experts
 from qdlm_jax.quant.qarray import QuantizedArray
@@ -48,22 +48,6 @@ class GemmaGPTQSettings:
     block_size: int = 128
     thin: ThinExperts = ThinExperts()  # experts with few routed rows
     calib: GemmaCalibSpec = GemmaCalibSpec()
-
-
-def hook_name(path: ParamPath) -> str:
-    """The capture hook of a dense kernel's path (`diffusion_gemma.linear_names`)."""
-    parts = [str(p) for p in path[:-1] if p != "mlp" or path[0] != "self_conditioning"]
-    return ".".join(parts)
-
-
-def _parts(config, dense: list[ParamPath], experts: list[ParamPath]):
-    """[(label, dense paths, expert layer or None)] in forward order."""
-    out = [("self-conditioning", [p for p in dense if p[0] == "self_conditioning"], None)]
-    for i in range(config.num_layers):
-        mine = [p for p in dense if p[0] == "layers" and p[1] == i]
-        has_experts = any(p[1] == i for p in experts)
-        out.append((f"layer {i}", mine, i if has_experts else None))
-    return [part for part in out if part[1] or part[2] is not None]
 
 
 def _pack_dense(kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSettings):
@@ -122,12 +106,11 @@ def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases
     config = model.config
     params = get_params(model)
     plan = gemma_plan({p: tuple(v.shape) for p, v in params.items()}, spec)
-    dense = plan.paths("QuantizedArray")
     experts = plan.paths("QuantizedExperts")
     out = dict(params)
     how: dict[str, list[str]] = {}
     inter = config.moe_intermediate_size
-    for label, paths, layer in tqdm(_parts(config, dense, experts), desc="gptq",
+    for label, paths, layer in tqdm(forward_parts(config.num_layers, plan), desc="gptq",
                                     disable=not progress, unit="part"):
         current = diffusion_gemma.model_from_params(config, out)
         stats = gemma_layer_stats(current, prompts, canvases, settings.calib,

@@ -43,7 +43,7 @@ EMBEDDING = "embedding"
 KINDS = (EXPERT_GATE_UP, EXPERT_DOWN, ATTENTION, DENSE_MLP, SELF_CONDITIONING, ROUTER, NORM,
          LAYER_SCALAR, EMBEDDING)
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 _LINEAR_KINDS = (ATTENTION, DENSE_MLP, SELF_CONDITIONING)
 _KEPT_REASON = {ROUTER: "router: expert choices stay exact", NORM: "norm weight",
                 LAYER_SCALAR: "residual scale", EMBEDDING: "embedding and tied LM head"}
@@ -121,6 +121,27 @@ def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict
             "bits": spec.weight.bits, "group_size": group}
 
 
+def hook_name(path: ParamPath) -> str:
+    """The capture hook of a dense kernel's path (`diffusion_gemma.linear_names`)."""
+    parts = [str(p) for p in path[:-1] if p != "mlp" or path[0] != "self_conditioning"]
+    return ".".join(parts)
+
+
+def forward_parts(num_layers: int, plan: CoveragePlan
+                  ) -> list[tuple[str, list[ParamPath], int | None]]:
+    """[(label, the part's planned dense kernels, its MoE layer or None)] in forward order:
+    the self-conditioning MLP, then each layer; parts with nothing planned are left out.
+    Layer-by-layer passes (GPTQ, AWQ) quantize one part at a time in this order."""
+    dense = plan.paths("QuantizedArray")
+    experts = plan.paths("QuantizedExperts")
+    out = [("self-conditioning", [p for p in dense if p[0] == "self_conditioning"], None)]
+    for i in range(num_layers):
+        mine = [p for p in dense if p[0] == "layers" and p[1] == i]
+        has_experts = any(p[1] == i for p in experts)
+        out.append((f"layer {i}", mine, i if has_experts else None))
+    return [part for part in out if part[1] or part[2] is not None]
+
+
 def gemma_plan(shapes: dict[ParamPath, tuple[int, ...]], spec: GemmaPTQSpec) -> CoveragePlan:
     """The plan for params of these shapes (`models.diffusion_gemma.param_shapes(config)`,
     or the shapes of loaded params). A group size that does not divide some quantized
@@ -130,4 +151,4 @@ def gemma_plan(shapes: dict[ParamPath, tuple[int, ...]], spec: GemmaPTQSpec) -> 
 
 __all__ = ["ATTENTION", "DENSE_MLP", "EMBEDDING", "EXPERT_DOWN", "EXPERT_GATE_UP", "KINDS",
            "LAYER_SCALAR", "METHODS", "NORM", "ROUTER", "SELF_CONDITIONING", "GemmaPTQSpec",
-           "gemma_plan", "tensor_kind"]
+           "forward_parts", "gemma_plan", "hook_name", "tensor_kind"]

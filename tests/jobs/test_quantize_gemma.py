@@ -83,6 +83,22 @@ def test_rtn_packs_every_expert_and_says_so(rtn_run):
 
 
 @pytest.mark.slow
+def test_awq_packs_every_expert(gemma_dir, tmp_path, capsys):
+    assert quantize(gemma_dir, tmp_path, "--config.method=awq", "--config.bits=4",
+                    "--config.group_size=8", "--config.calib.n_samples=4",
+                    "--config.moe.levels=1.0") == 0
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["experts_quantized"] and 0 < result["quantized"]["kl_to_fp_bits"] < 1
+    _, params = load_params(run_dir / "model")
+    for i in range(2):
+        for name in ("gate_up", "down"):
+            assert isinstance(params[("layers", i, "experts", name)], QuantizedExperts)
+        assert isinstance(params[("layers", i, "self_attn", "o_proj", "kernel")],
+                          QuantizedArray)
+
+
+@pytest.mark.slow
 def test_qdlm_generate_runs_on_the_packed_model(rtn_run, capsys):
     run_dir, _ = rtn_run
     assert main(["generate", "--model", str(run_dir / "model"), "--prompt", "17 33 5",
@@ -94,8 +110,8 @@ def test_qdlm_generate_runs_on_the_packed_model(rtn_run, capsys):
 
 def test_what_the_pass_does_not_do_is_refused_in_one_line(gemma_dir, tmp_path, capsys):
     for flags, line in [
-            (("--config.method=awq",), "--config.method=awq on diffusion_gemma: not yet "
-             "(rtn or gptq)"),
+            (("--config.method=daq", "--config.bits=2"), "--config.method=daq on "
+             "diffusion_gemma: not yet (rtn, gptq or awq)"),
             (("--config.method=gptq", "--config.calibration=masked"),
              "--config.calibration=masked on diffusion_gemma: not yet"),
             (("--config.method=gptq", "--config.moe.thin_fallback=shared"),

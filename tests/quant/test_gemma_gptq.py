@@ -19,8 +19,8 @@ from qdlm_jax.quant.gemma_calibration import (
     gemma_layer_stats,
     noised_canvases,
 )
-from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings, gptq_quantize_gemma, hook_name
-from qdlm_jax.quant.gemma_plan import GemmaPTQSpec
+from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings, gptq_quantize_gemma
+from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, hook_name
 from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma
 from qdlm_jax.quant.gptq_experts_core import ThinExperts, expert_grams, gptq_experts
 from qdlm_jax.quant.qexperts import QuantizedExperts
