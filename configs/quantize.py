@@ -56,10 +56,12 @@ def get_config():
         online_heads=True,  # quarot: Hadamard across heads before o_proj
         quantize_lm_head=False,  # quantize the LM head's weights and input too
         seed=0))  # quarot's random signs, duquant's rotations
-    # MoE models (DiffusionGemma: rtn only): routers stay exact unless quantize_router; every
+    # MoE models (DiffusionGemma): routers stay exact unless quantize_router; every
     # expert tensor is packed per expert; the report ends with the coverage table.
     c.moe = ml_collections.ConfigDict(dict(
         quantize_router=False,  # quantize the router projections with the weight method too
+        router_bits=0,  # a quantized router's width (0: --config.bits)
+        parts=("experts", "attention", "dense_mlp", "self_conditioning"),  # quantized; rest kept
         calib_modes="both",  # gptq, awq: encoder (clean prompts) | decoder (noised canvases) | both
         levels=(0.25, 0.5, 0.75, 1.0),  # gptq, awq: the decoder calibration's noise levels
         self_condition=True,  # gptq, awq: the decoder calibration pass is self-conditioned

@@ -100,6 +100,10 @@ def get_config():
     # QuaRot W4A4 with 4-bit K/V (act.kv.bits=4, per head, asymmetric), and the same with
     # DLLMQuant's IA-AQ on K and V (act.iaaq.enabled/search_keys, masked calibration).
     c.wa_rows = ["quarot-w4a4+kv4", "quarot-w4a4+kv4-iaaq"]
+    # Extra weight-only rows: names from qdlm_jax/jobs/study_spec.py WO_ROWS (MoE models:
+    # experts-only, attention-only, router8, router4, router4-only) or mappings {name,
+    # method, bits, quantize: {main-job key: value}} (configs/study_moe.py uses them).
+    c.rows = []
     # The decoding dimension (Fast-dLLM, docs/generation.md): each setting, a name
     # `<cache>[-tau<threshold>|-f<factor>]` or a mapping {cache, threshold, factor}, runs
     # every generation task again as `<task>@<setting>` on the rows named in decoding_rows

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.data.hf_tokenizer import stop_index
+from qdlm_jax.evals.basic import mean_se
 from qdlm_jax.inference.common import bucket
 from qdlm_jax.inference.diffusion_gemma import gemma_sample
 from qdlm_jax.inference.generate import (
@@ -215,27 +216,32 @@ class TextModel:
                 r = gemma_sample(self.model, ids, mask, settings=settings, key=key)
                 tokens = np.asarray(r.tokens)
                 n_tok = int(np.sum(tokens[:n_real, ids.shape[1]:] != settings.pad_id))
-                n_fwd = int(np.sum(np.asarray(r.forward_passes)[:n_real]))
+                per_row = np.asarray(r.forward_passes)[:n_real].tolist()
             else:
                 tokens, nfe = generate_with_nfe(self.model, ids, mask, config=gen, key=key)
                 tokens = np.asarray(tokens)
-                n_tok, n_fwd = n_real * gen.gen_length, n_real * int(nfe)
+                n_tok, per_row = n_real * gen.gen_length, [int(nfe)] * n_real
             counts["tokens"] = counts.get("tokens", 0) + n_tok
-            counts["forward_passes"] = counts.get("forward_passes", 0) + n_fwd
+            counts.setdefault("per_row", []).extend(int(n) for n in per_row)
             for row in tokens[:n_real, ids.shape[1]:]:
                 out.append(cut_at_stops(self.decode_completion(row), stops))
         return out
 
     def take_decode_stats(self) -> dict:
         """{"tokens_per_step": generated positions per forward pass (mean over the rows),
-        "forward_passes": per row, summed} of the generation since the last call (empty if
-        none), and resets the counts: what a cached / parallel decoding setting saved."""
+        "forward_passes": per row, summed, "forward_passes_per_row" and "..._se": their
+        mean and its standard error (for DiffusionGemma, the sampler steps to each row's
+        early stop)} of the generation since the last call (empty if none), and resets the
+        counts: what a cached / parallel decoding setting saved."""
         counts = dict(self.decode_counts)
         self.decode_counts.clear()
-        if not counts.get("forward_passes"):
+        per_row = counts.get("per_row", [])
+        if not sum(per_row):
             return {}
-        return {"tokens_per_step": counts["tokens"] / counts["forward_passes"],
-                "forward_passes": counts["forward_passes"]}
+        return {"tokens_per_step": counts["tokens"] / sum(per_row),
+                "forward_passes": sum(per_row),
+                "forward_passes_per_row": sum(per_row) / len(per_row),
+                "forward_passes_per_row_se": mean_se(per_row)}
 
     def generate_fn(self, gen: GenerationConfig, *, stops: Sequence[str] = (),
                     batch_size: int = 8, progress: bool = True,

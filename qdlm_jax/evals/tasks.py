@@ -9,7 +9,12 @@ A task is one of
 - `MathTask` (category `math`): few-shot generation + answer extraction, exact match
   (metric `exact_match`; `evals/math_gen.py`);
 - `CodeTask` (category `code`): HumanEval-format generation run in the sandbox, pass@1
-  (metric `pass@1`; `evals/code_gen.py`).
+  (metric `pass@1`; `evals/code_gen.py`);
+- `FidelityTask` (category `fidelity`): KL of the model's predictions to a reference (the fp
+  model) on held-out windows, half noised (metric `kl_bits`, lower is better; LLaDA / Dream:
+  `basic.output_kl` with the mask token, DiffusionGemma: `canvas_kl.canvas_kl` on a clean
+  prompt and a noised canvas, plus the share of the reference's top-k expert choices that
+  change, `canvas_kl.route_changes`). It needs `run_task(..., reference=)`.
 
 Generation settings are a `generate.GenerationConfig` per task holding both families'
 fields (LLaDA: steps, gen_length, block_length, remasking; Dream: steps, gen_length as
@@ -36,7 +41,7 @@ from qdlm_jax.data import sources
 from qdlm_jax.fsutil import settings_digest
 from qdlm_jax.inference.generate import GenerationConfig
 
-CATEGORIES = ("language_modeling", "multiple_choice", "math", "code")
+CATEGORIES = ("language_modeling", "multiple_choice", "math", "code", "fidelity")
 
 QDLM_GSM8K_GEN = GenerationConfig(steps=256, gen_length=256, block_length=32,
                                   remasking="low_confidence", alg="entropy")
@@ -155,9 +160,31 @@ class CodeTask:
                ("limit", "tree_memory_mb"))
 
 
-TaskSpec = Union[LMTask, MCTask, MathTask, CodeTask]
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FidelityTask:
+    name: str
+    category: str = "fidelity"
+    source: str = "bigbench-wikipedia"  # a data.sources name or a local text/JSONL path
+    split: str = "heldout"
+    seq_len: int = 48  # tokens per window (DiffusionGemma: prompt + one canvas)
+    n_windows: int = 16
+    noise_ratio: float = 0.5  # share of positions masked / replaced by uniform noise
+    batch_size: int = 8
+    seed: int = 0
+    type: str = dataclasses.field(default="fidelity", init=False)
+    metric = "kl_bits"
+    higher_is_better = False
+
+    def __post_init__(self):
+        _check(self, ("seq_len", "n_windows", "batch_size"))
+        if not 0.0 < self.noise_ratio <= 1.0:
+            raise ValueError(f"task {self.name!r}: noise_ratio={self.noise_ratio!r}: expected "
+                             "a value in (0, 1]")
+
+
+TaskSpec = Union[LMTask, MCTask, MathTask, CodeTask, FidelityTask]
 TYPES: dict[str, type] = {"lm": LMTask, "multiple_choice": MCTask, "math": MathTask,
-                          "code": CodeTask}
+                          "code": CodeTask, "fidelity": FidelityTask}
 
 BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
     LMTask(name="wikipedia_bound"),
@@ -176,6 +203,7 @@ BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
     CodeTask(name="synthetic_code", source="synthetic_code", gen=SYNTHETIC_CODE_GEN,
              stops=("\n",), batch_size=50, limit=200),
     MCTask(name="synthetic_compare", path="synthetic:compare", limit=200),
+    FidelityTask(name="kl_to_fp"),
 )}
 SYNTHETIC_TASKS = ("arithmetic", "arithmetic_subtract", "arithmetic_3digit", "synthetic_code",
                    "synthetic_compare")
@@ -235,7 +263,7 @@ def task_from_mapping(d: Mapping, where: str = "task") -> TaskSpec:
 
 def resolve_task(item, where: str = "tasks") -> TaskSpec:
     """A built-in task name, a spec, or a config mapping -> spec."""
-    if isinstance(item, (LMTask, MCTask, MathTask, CodeTask)):
+    if isinstance(item, tuple(TYPES.values())):
         return item
     if isinstance(item, str):
         if item in BUILTIN:
@@ -292,12 +320,19 @@ def spec_hash(spec: TaskSpec) -> str:
     return settings_digest(spec_dict(spec), 10)
 
 
-def run_task(tm, spec: TaskSpec, *, progress: bool = True) -> dict:
+def run_task(tm, spec: TaskSpec, *, progress: bool = True, reference=None) -> dict:
     """Evaluates `tm` (a `backends.TextModel`) on one task. Returns a dict with `task`,
     `type`, `category`, `metric`, `value` (the metric), `higher_is_better`, `n`, `time_s`,
     the family's other figures and a few `examples`. Prompts of the generation and
-    multiple-choice tasks go through the chat template as `spec.chat_template` says."""
-    if isinstance(spec, LMTask):
+    multiple-choice tasks go through the chat template as `spec.chat_template` says. A
+    `FidelityTask` compares `tm` with `reference` (a TextModel: the fp model)."""
+    if isinstance(spec, FidelityTask):
+        if reference is None:
+            raise ValueError(f"task {spec.name!r}: a fidelity task compares two models; "
+                             "pass reference= (the fp model)")
+        from qdlm_jax.evals.fidelity import fidelity
+        r = fidelity(reference, tm, spec)
+    elif isinstance(spec, LMTask):
         from qdlm_jax.evals import lm
         from qdlm_jax.evals.basic import heldout_windows
         w = heldout_windows(tm.tokenizer, source=spec.source, split=spec.split,
@@ -350,4 +385,6 @@ def standard_error(spec: TaskSpec, r: dict) -> float:
     from qdlm_jax.evals.basic import binomial_se
     if isinstance(spec, LMTask):
         return r["bits_per_token_se"]
+    if isinstance(spec, FidelityTask):
+        return r["kl_bits_se"]
     return binomial_se(r[spec.metric], r["n"])

@@ -1,4 +1,4 @@
-"""`make demo`: the main job on the bundled tiny LLaDA.
+"""`make demo`: the main job on the bundled tiny LLaDA (`--moe`: the tiny DiffusionGemma).
 
 Runs `qdlm quantize` (configs/quantize.py) for RTN, GPTQ and AWQ at W4 and W3 and for RTN
 and GPTQ at W2 (group 128), evaluating the FP model once, and prints one table: held-out
@@ -14,6 +14,13 @@ Override any config field as with `qdlm quantize`, e.g.
 QuaRot and DuQuant at W8A8 and W4A4 (per-channel weights, per-token activations), then QuaRot
 W4A4 with 4-bit K/V (per head, asymmetric) and the same with DLLMQuant's IA-AQ (clip search
 of K and V on masked calibration), into `runs/demo_wa/`.
+
+`python -m qdlm_jax.jobs.demo --moe` runs the study's MoE rows on the bundled tiny
+DiffusionGemma (`qdlm study --config configs/study_moe.py`: fp, RTN / GPTQ / AWQ at W4 / W3 /
+W2, the parts and router rows) into `runs/study_moe/` and prints `table_moe.md`: accuracy per
+task, the text score, KL to fp, the share of expert choices changed, and the entropy-bound
+sampler's tokens per forward pass and forward passes per item. Finished cells are kept, so
+a second run prints the table at once; `--config.*` flags are the study's.
 
 `python -m qdlm_jax.jobs.demo --w2` runs the 2-bit table: RTN and GPTQ W2 g128 and
 Quant-dLLM's DAQ + ABMP (an average of 2.0 binary planes, masked calibration, ABMP ratio
@@ -71,11 +78,14 @@ def main(argv=None) -> int:
     if "-h" in args or "--help" in args:
         print(__doc__)
         return 0
-    wa, w2 = "--wa" in args, "--w2" in args
-    if wa and w2:
-        print("demo: --wa and --w2 are two separate tables; run one at a time", file=sys.stderr)
+    wa, w2, moe = "--wa" in args, "--w2" in args, "--moe" in args
+    if wa + w2 + moe > 1:
+        print("demo: --wa, --w2 and --moe are separate tables; run one at a time",
+              file=sys.stderr)
         return 2
-    _, overrides = split_config_args([a for a in args if a not in ("--wa", "--w2")])
+    _, overrides = split_config_args([a for a in args if a not in ("--wa", "--w2", "--moe")])
+    if moe:
+        return moe_table(overrides)
     t0 = time.time()
     fp_cache: dict = {}
     results = []
@@ -93,6 +103,22 @@ def main(argv=None) -> int:
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=str))
     print("\n" + table)
     print(f"[demo] {len(results)} runs in {time.time() - t0:.0f}s; report: {out_dir / 'report.md'}")
+    return 0
+
+
+def moe_table(overrides: list[str]) -> int:
+    """The study's MoE rows (configs/study_moe.py with `overrides`); prints table_moe.md."""
+    from qdlm_jax.jobs.study import apply_study_overrides, run_study, study_spec
+
+    t0 = time.time()
+    cfg = apply_study_overrides(load_config_file(ROOT / "configs" / "study_moe.py"),
+                                [f"--config.out_dir={ROOT / 'runs' / 'study_moe'}",
+                                 *overrides])
+    result = run_study(study_spec(cfg))
+    out = Path(result["out_dir"])
+    print("\n" + (out / "table_moe.md").read_text())
+    print(f"[demo] {result['ran']} cells run in {time.time() - t0:.0f}s; tables: "
+          f"{out / 'table_moe.md'}, {out / 'table.md'}")
     return 0
 
 

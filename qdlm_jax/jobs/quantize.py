@@ -70,6 +70,7 @@ from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec
 from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings
+from qdlm_jax.quant.gemma_plan import PARTS
 from qdlm_jax.quant.gptq_experts_core import ThinExperts
 from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.layerwise import METHODS, PTQSpec, quantize_model
@@ -100,6 +101,8 @@ class JobSpec:
     config: dict = dataclasses.field(default_factory=dict, compare=False)  # resolved config
     overwrite: bool = False  # redo a finished run instead of reusing its results
     quantize_router: bool = False  # MoE models: quantize the router projections too
+    router_bits: int = 0  # MoE models: a quantized router's width (0: the weight bits)
+    moe_parts: tuple[str, ...] = tuple(PARTS)  # MoE models: the parts quantized
     moe_gptq: GemmaGPTQSettings = GemmaGPTQSettings()  # MoE models: GPTQ's calibration
 
     @property
@@ -200,6 +203,9 @@ def check_family(spec: JobSpec) -> str:
     if spec.quantize_router:
         raise ConfigOverrideError(f"--config.moe.quantize_router=true: {spec.model} is a "
                                   f"{family} model, which has no router")
+    if spec.moe_parts != tuple(PARTS):
+        raise ConfigOverrideError(f"--config.moe.parts={','.join(spec.moe_parts)}: {spec.model} "
+                                  f"is a {family} model, which has no experts")
     return family
 
 
@@ -238,14 +244,15 @@ def _job_spec(cfg: ml_collections.ConfigDict) -> JobSpec:
                    wa=wa, budget=_budget_spec(cfg),
                    config={**cfg.to_dict(), "model": str(model)},
                    overwrite=bool(cfg.get("overwrite", False)),
-                   quantize_router=_quantize_router(cfg), moe_gptq=_moe_gptq(cfg))
+                   quantize_router=_quantize_router(cfg), moe_gptq=_moe_gptq(cfg),
+                   **_moe_plan(cfg))
 
 
 # `--config.moe` as the config file sets it: a run at these values keeps the hash it had
 # before the MoE settings existed
-MOE_DEFAULTS = dict(quantize_router=False, calib_modes="both", levels=(0.25, 0.5, 0.75, 1.0),
-                    self_condition=True, thin_min_rows=16, thin_fallback="damp",
-                    thin_damp=0.1)
+MOE_DEFAULTS = dict(quantize_router=False, router_bits=0, parts=tuple(PARTS),
+                    calib_modes="both", levels=(0.25, 0.5, 0.75, 1.0), self_condition=True,
+                    thin_min_rows=16, thin_fallback="damp", thin_damp=0.1)
 
 
 def _moe_at_defaults(moe) -> bool:
@@ -267,6 +274,23 @@ def _moe_gptq(cfg: ml_collections.ConfigDict) -> GemmaGPTQSettings:
         raise ConfigOverrideError(f"--config.moe: {e}") from None
     return GemmaGPTQSettings(damp=cfg.gptq.damp, block_size=cfg.gptq.block_size, thin=thin,
                              calib=calib)
+
+
+def _moe_plan(cfg: ml_collections.ConfigDict) -> dict:
+    """{"router_bits", "moe_parts"} of `--config.moe.router_bits / parts`, checked."""
+    moe = {**MOE_DEFAULTS, **dict(cfg.get("moe", None) or {})}
+    bits, parts = moe["router_bits"], moe["parts"]
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    if bits not in (0, 2, 3, 4, 8) or isinstance(bits, bool):
+        raise ConfigOverrideError(f"--config.moe.router_bits={bits!r}: expected 0 (the weight "
+                                  "bits), 2, 3, 4 or 8")
+    if bits and not moe["quantize_router"]:
+        raise ConfigOverrideError(f"--config.moe.router_bits={bits}: the routers are kept; "
+                                  "add --config.moe.quantize_router=true")
+    if any(p not in PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigOverrideError(f"--config.moe.parts={','.join(parts)}: expected distinct "
+                                  f"names among {','.join(PARTS)}")
+    return {"router_bits": int(bits), "moe_parts": parts}
 
 
 def _quantize_router(cfg: ml_collections.ConfigDict) -> bool:

@@ -16,9 +16,8 @@ tensor accounted for.
                                  scales folded where an exact fold exists (one scale shared by
                                  every expert's gate_up, one per expert for down), then clip
                                  (--config.awq.grid / clip) and llm-awq's grid
-    eval  KL to fp on held-out canvases (evals/canvas_kl.py; with --config.moe.quantize_router
-          also the fraction of the fp model's expert choices that changed): text windows
-          encoded by the
+    eval  KL to fp on held-out canvases and the fraction of the fp model's top-k expert
+          choices that changed (evals/canvas_kl.py): text windows encoded by the
           checkpoint's tokenizer, or windows of random token ids when it has none (said in
           the log and the report); with a tokenizer also 2-digit addition and
           --config.eval.tasks on both models (without one they are skipped, said likewise)
@@ -31,6 +30,7 @@ the rest in one line before any work. The run is in memory (no streaming, no mes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -64,8 +64,11 @@ from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
 
 def gemma_ptq_spec(spec) -> GemmaPTQSpec:
     """The PTQ spec of a job spec (`jobs.quantize.JobSpec`)."""
+    router = (dataclasses.replace(spec.ptq.weight, bits=spec.router_bits)
+              if spec.router_bits else None)
     return GemmaPTQSpec(method=spec.method, weight=spec.ptq.weight,
-                        quantize_router=spec.quantize_router)
+                        quantize_router=spec.quantize_router, router_weight=router,
+                        parts=spec.moe_parts)
 
 
 def check_gemma(spec, config) -> None:
@@ -214,12 +217,10 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
                  kl_windows=kl["n_windows"], kl_prompt_len=kl["prompt_len"],
                  kl_canvas_length=kl["canvas_length"],
                  kl_input="text" if tokenizer is not None else "random token ids")
-        if spec.quantize_router:
-            rc = route_changes(model, qmodel, windows)
-            q.update(router_changed_fraction=rc["changed_fraction"],
-                     router_choices=rc["choices"])
-            _log(f"quantized routers changed {100 * rc['changed_fraction']:.2f}% of the fp "
-                 "model's expert choices")
+        rc = route_changes(model, qmodel, windows)
+        q.update(expert_choices_changed=rc["changed_fraction"], expert_choices=rc["choices"])
+        _log(f"{100 * rc['changed_fraction']:.2f}% of the fp model's expert choices changed "
+             f"(routers {'quantized' if spec.quantize_router else 'kept'})")
 
     stored = cast_floats(get_params(qmodel), source_dtype)
     packed = {p: stored[p] for p in plan.paths()}

@@ -150,9 +150,10 @@ def gemma_report(result: dict) -> str:
                      "(evals/canvas_kl.py)")
     if "arith_acc" in q:
         notes.append(f"2-digit addition on {q['arith_n']} held-out problems")
-    if "router_changed_fraction" in q:
-        notes.append(f"quantized routers: {100 * q['router_changed_fraction']:.2f}% of the fp "
-                     f"model's top-k expert choices changed ({q['router_choices']} choices on "
+    if "expert_choices_changed" in q:
+        routers = "quantized" if result.get("quantize_router") else "kept"
+        notes.append(f"{100 * q['expert_choices_changed']:.2f}% of the fp model's top-k expert "
+                     f"choices changed (routers {routers}; {q['expert_choices']} choices on "
                      "the KL windows: the encoder over the prompt, the decoder's first step "
                      "over the canvas)")
     notes.append(f"packed {result['packed_bytes'] / 2**20:.2f} MiB against "

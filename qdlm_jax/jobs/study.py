@@ -29,11 +29,18 @@ so changing a task's settings or the study's quantizer settings (`quantize`,
 configs/quantize.py are not part of the key (a new key added there with a default must not
 throw away hours of finished cells); every line records the full resolved config.
 
+Extra weight-only rows (`rows`: e.g. a MoE model's experts alone, or its routers at 4 bits)
+add their own main-job overrides likewise. A fidelity task (`kl_to_fp`) compares each row
+with the fp model of the same checkpoint.
+
 Outputs in `out_dir`: `results.jsonl`, `table.md` (rows model x method x bits with the fp
 row first, bits `4`, `mix3.5 (4 3 3 4)` (a budget and the blocks' widths), `W4A8`, `W4A4
 ag32` (activation groups of 32 channels); columns the tasks grouped by category, as in the
 QDLM paper's tables) and `plot_<model>.png` (metric against bits, one line per method, one
-panel per category, fp as a dashed reference line), all written through temp files + rename.
+panel per category, fp as a dashed reference line), and for a MoE model `table_moe.md`
+(`study_report.moe_table`: the scores beside the share of expert choices changed and the
+sampler's tokens per forward pass and forward passes per item), all written through temp
+files + rename.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from qdlm_jax.jobs.study_report import (
     axis_limits,
     fp_can_do,
     markdown_table,
+    moe_table,
     plot_model,
 )
 from qdlm_jax.jobs.study_spec import (
@@ -78,7 +86,7 @@ from qdlm_jax.jobs.study_spec import (
 __all__ = ["CATEGORY_TITLES", "FP", "PASS_THROUGH", "RESULTS", "WA_ROWS", "Decoding", "Made",
            "StudySpec", "Variant", "act_granularities", "act_settings", "append_line",
            "apply_study_overrides", "axis_limits", "cell_key", "decoding_setting",
-           "evaluate_task", "fp_can_do", "kv_settings", "markdown_table", "plot_model",
+           "evaluate_task", "fp_can_do", "kv_settings", "markdown_table", "moe_table", "plot_model",
            "quant_hash", "quant_overrides", "quantize_config", "read_results",
            "repair_results", "run_study", "study_spec", "wa_row"]
 
@@ -143,11 +151,11 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
               make_variant: Callable | None = None) -> dict:
     """Runs every missing cell; returns {"out_dir", "records", "table", "plots", "ran"}.
 
-    `evaluate(text_model, task) -> result dict` (default `tasks.run_task`) and
+    `evaluate(text_model, task) -> result dict` (default `evaluate_task`, fidelity tasks
+    against the fp model) and
     `make_variant(spec, model_path, variant, fp_text_model) -> text_model` or `Made`
     (default: load / quantize through the main job) are injectable for tests.
     """
-    evaluate = evaluate or (lambda tm, task: evaluate_task(tm, task, progress=spec.progress))
     make_variant = make_variant or _make_variant
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +191,8 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                  f"{Path(model).name} fp: {len(todo)} tasks to run")
             for task in todo:
                 t1 = time.time()
-                r = evaluate(tm, task)
+                r = (evaluate(tm, task) if evaluate is not None else
+                     evaluate_task(tm, task, progress=spec.progress, reference=fp_tm))
                 rec = {"key": cell_key(model, v, qhash, task), "model": model,
                        "model_name": Path(model).name, "method": v.method,
                        "bits": v.bits if v.budget is None else v.budget,
@@ -197,6 +206,9 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
                        "se": r.get("se"), "chance": r.get("chance"),
                        "decoding": task.name.partition("@")[2] or None,
                        "tokens_per_step": r.get("tokens_per_step"),
+                       "forward_passes_per_row": r.get("forward_passes_per_row"),
+                       "forward_passes_per_row_se": r.get("forward_passes_per_row_se"),
+                       "expert_choices_changed": r.get("expert_choices_changed"),
                        "eval_s": time.time() - t1, "quantize_s": make_s,
                        "task_spec": spec_dict(task), "quantize_config": qcfg, "result": r}
                 append_line(path, rec)
@@ -213,6 +225,8 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
     records = [done[k] for k in keys if k in done]
     table = markdown_table(records, spec.all_tasks)
     atomic_write_text(out / "table.md", table)
+    if any(r.get("expert_choices_changed") is not None for r in records):
+        atomic_write_text(out / "table_moe.md", moe_table(records, spec.tasks))
     plots = [plot_model(records, spec.tasks, m, out / f"plot_{Path(m).name}.png")
              for m in spec.models]
     _log(f"ran {ran} cells in {time.time() - t_start:.1f}s; table: {out / 'table.md'}")
@@ -220,14 +234,15 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
             "plots": [str(p) for p in plots], "ran": ran}
 
 
-def evaluate_task(tm, task: TaskSpec, *, progress: bool = True) -> dict:
-    """`tasks.run_task` plus the decoding figures of its generation (`tokens_per_step`,
-    `forward_passes`; TextModel.take_decode_stats), when the model keeps them."""
+def evaluate_task(tm, task: TaskSpec, *, progress: bool = True, reference=None) -> dict:
+    """`tasks.run_task` (a fidelity task against `reference`) plus the decoding figures of
+    its generation (`tokens_per_step`, `forward_passes`, `forward_passes_per_row`;
+    TextModel.take_decode_stats), when the model keeps them."""
     from qdlm_jax.evals.tasks import run_task
     take = getattr(tm, "take_decode_stats", None)
     if take is not None:
         take()  # drop counts from before this task
-    r = run_task(tm, task, progress=progress)
+    r = run_task(tm, task, progress=progress, reference=reference)
     return {**r, **(take() if take is not None else {})}
 
 

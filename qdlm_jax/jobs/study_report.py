@@ -20,7 +20,8 @@ from qdlm_jax.jobs.study_spec import FP
 # ---- table and plots ---------------------------------------------------------------------
 
 CATEGORY_TITLES = {"language_modeling": "Language modelling", "multiple_choice":
-                   "Multiple choice", "math": "Math", "code": "Code"}
+                   "Multiple choice", "math": "Math", "code": "Code",
+                   "fidelity": "Fidelity to fp"}
 
 
 def _ordered_tasks(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
@@ -37,7 +38,7 @@ def _fmt(rec: dict | None) -> str:
         return format_pm(v, se, ".1f", 100) + f" ({tps:.2f} tok/step)"
     if rec["higher_is_better"]:
         return format_pm(v, se, ".1f", 100)
-    return format_pm(v, se, ".3f")
+    return format_pm(v, se, ".4f" if rec.get("category") == "fidelity" else ".3f")
 
 
 def _row(r: dict) -> tuple:
@@ -116,8 +117,8 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     for t in tasks:
         cats.append(CATEGORY_TITLES.get(t.category, t.category) if t.category != prev else "")
         prev = t.category
-    unit = {t.name: ("bits/tok ↓" if not t.higher_is_better else f"{t.metric} %")
-            for t in tasks}
+    unit = {t.name: ("KL bits ↓" if t.category == "fidelity" else "bits/tok ↓"
+                     if not t.higher_is_better else f"{t.metric} %") for t in tasks}
     lines = ["| | | | " + " | ".join(cats) + " |",
              "|---|---|---|" + "---|" * len(tasks),
              "| **model** | **method** | **bits** | " +
@@ -132,10 +133,12 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
         r0 = first[row]
         label = "FP" if method == FP else method.upper() + _iaaq_text(r0.get("iaaq"))
         bits_text = _bits_cell(bits, act_bits, r0.get("kv"), act, budget, r0.get("bit_plan"))
+        if extra and act_bits is None:  # a named weight-only row (`rows`)
+            bits_text += f" +{extra}"
         lines.append(f"| {model} | {label} | {bits_text} | " + " | ".join(cells) + " |")
         if extra and r0.get("overrides") and extra not in [o[0] for o in overridden]:
-            overridden.append((extra, f"{method}-w{bits}a{act_bits}+{extra}",
-                               r0["overrides"]))
+            overridden.append((extra, f"{method}-{_variant_bits(bits, act_bits)}+{extra}",
+                               r0["overrides"], "rows" if act_bits is None else "wa_rows"))
     models = sorted({r["model_name"]: r.get("model", r["model_name"]) for r in records}.items())
     unigrams = [(name, _unigram(path)) for name, path in models]
     lines.append("| *reference* | chance / unigram | – | " + " | ".join(
@@ -159,14 +162,66 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
         notes.append("Columns `<task>@<setting>`: the task under Fast-dLLM decoding "
                      "(`<cache>-tau<threshold>` / `-f<factor>`), cells with the mean tokens "
                      "committed per forward pass; – where the row was not run that way.")
-    notes += [f"Row {label} (`wa_rows`) sets, on top of the study's weight-activation "
-              "settings: " + ", ".join(f"`{k}={v}`" for k, v in ov.items()) + "."
-              for _, label, ov in overridden]
+    notes += [f"Row {label} (`{key}`) sets, on top of the study's "
+              f"{'weight-activation ' if key == 'wa_rows' else ''}settings: " + ", ".join(
+                  f"`{k}={v}`" for k, v in ov.items()) + "." for _, label, ov, key in overridden]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def moe_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
+    """The MoE rows at a glance, one line per row of the models whose records hold expert
+    choices (DiffusionGemma): each scored task (accuracies in %, the text score in bits per
+    token, KL to fp in bits per position, ± one standard error), the share of the fp
+    model's top-k expert choices that changed (the fidelity task), and the sampler's figures
+    pooled over the row's generation tasks: tokens committed per forward pass, and forward
+    passes per item (for the entropy-bound sampler, the steps to its early stop) ± one
+    standard error over items."""
+    moe_models = {r["model_name"] for r in records if r.get("expert_choices_changed") is not None}
+    records = [r for r in records if r["model_name"] in moe_models]
+    tasks = _ordered_tasks(tasks)
+    by = {(*_row(r), r["task"]): r for r in records}
+    unit = {t.name: ("KL bits ↓" if t.category == "fidelity" else "bits/tok ↓"
+                     if not t.higher_is_better else "%") for t in tasks}
+    lines = ["| **model** | **row** | " + " | ".join(f"**{t.name}** ({unit[t.name]})"
+                                                    for t in tasks)
+             + " | **expert choices changed** (%) | **tokens / forward** | "
+               "**forwards / item** |",
+             "|---|---|" + "---|" * (len(tasks) + 3)]
+    for row in _row_order(records):
+        model, method, bits, act_bits, extra, act, budget = row
+        mine = [r for r in records if _row(r) == row]
+        label = "FP" if method == FP else f"{method.upper()} {_bits_cell(bits, act_bits)}" + (
+            f" +{extra}" if extra else "")
+        cells = [_fmt(by.get((*row, t.name))) for t in tasks]
+        changed = [r["expert_choices_changed"] for r in mine
+                   if r.get("expert_choices_changed") is not None]
+        cells.append(f"{100 * changed[0]:.2f}" if changed else "–")
+        cells += _decode_cells([r for r in mine if r.get("tokens_per_step") is not None
+                                and not r.get("decoding")])
+        lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _decode_cells(recs: list[dict]) -> list[str]:
+    """[tokens per forward pass, forwards per item ± se] pooled over generation records."""
+    if not recs or any(r.get("forward_passes_per_row") is None for r in recs):
+        return ["–", "–"]
+    passes = [r["result"]["forward_passes"] for r in recs]
+    items = [p / r["forward_passes_per_row"] for p, r in zip(passes, recs)]
+    tokens = sum(r["tokens_per_step"] * p for r, p in zip(recs, passes))
+    se = sum((n * (r.get("forward_passes_per_row_se") or 0.0)) ** 2
+             for n, r in zip(items, recs)) ** 0.5 / sum(items)
+    return [f"{tokens / sum(passes):.2f}", format_pm(sum(passes) / sum(items), se, ".2f")]
+
+
+def _variant_bits(bits, act_bits) -> str:
+    return f"w{bits}" if act_bits is None else f"w{bits}a{act_bits}"
 
 
 def _reference(task: TaskSpec, records: list[dict],
                unigrams: Sequence[tuple[str, float | None]] = ()) -> str:
+    if task.category == "fidelity":
+        return "fp: 0"
     if not task.higher_is_better:
         known = [f"{u:.3f}" + (f" ({name})" if len(unigrams) > 1 else "")
                  for name, u in unigrams if u is not None]

@@ -136,6 +136,7 @@ class StudySpec:
     wa_bits: tuple[int, ...] = ()
     wa_quantize: dict = dataclasses.field(default_factory=dict)  # overrides for WA variants
     wa_rows: tuple[Variant, ...] = ()  # extra named WA rows (K/V bits, IA-AQ, ...): wa_row()
+    rows: tuple[Variant, ...] = ()  # extra named weight-only rows (MoE parts, ...): wa_row()
     # Activation bits of the WA rows (empty: each row's weight bits, W<b>A<b>).
     wa_act_bits: tuple[int, ...] = ()
     # Activation granularities of the WA rows: None per token, g per group of g channels.
@@ -169,9 +170,9 @@ class StudySpec:
         for m in self.methods:
             v += [Variant(m, b) for b in self.bits]
             v += [Variant(m, budget=x) for x in self.bits_budgets]
-        return v + [Variant(m, b, a, act_group=g) for m in self.wa_methods for b in self.wa_bits
-                    for a in (self.wa_act_bits or (b,)) for g in self.act_groups] + list(
-            self.wa_rows)
+        return v + list(self.rows) + [
+            Variant(m, b, a, act_group=g) for m in self.wa_methods for b in self.wa_bits
+            for a in (self.wa_act_bits or (b,)) for g in self.act_groups] + list(self.wa_rows)
 
 
 def study_spec(cfg) -> StudySpec:
@@ -236,13 +237,15 @@ def study_spec(cfg) -> StudySpec:
                      wa_quantize=to_dict(cfg.get("wa_quantize", {})),
                      wa_rows=tuple(wa_row(r, f"--config.wa_rows[{i}]")
                                    for i, r in enumerate(cfg.get("wa_rows", ()))),
+                     rows=tuple(wa_row(r, f"--config.rows[{i}]", weight_only=True)
+                                for i, r in enumerate(cfg.get("rows", ()))),
                      dtype=str(cfg.dtype), progress=bool(cfg.get("progress", True)),
                      decoding=tuple(decoding_setting(d, f"--config.decoding[{i}]")
                                     for i, d in enumerate(cfg.get("decoding", ()))),
                      decoding_rows=tuple(str(r) for r in cfg.get("decoding_rows", ())))
     labels = [v.label for v in spec.variants]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--config.wa_rows: two rows share a label: {labels}")
+        raise ValueError(f"--config.rows / wa_rows: two rows share a label: {labels}")
     if spec.decoding:
         unknown = sorted(set(spec.decoding_rows) - set(labels))
         if unknown:
@@ -257,6 +260,7 @@ def study_spec(cfg) -> StudySpec:
     if act_groups != (None,):
         _check_act_groups(spec)
     rows = {v: f"--config.wa_rows[{i}] ({v.label})" for i, v in enumerate(spec.wa_rows)}
+    rows.update({v: f"--config.rows[{i}] ({v.label})" for i, v in enumerate(spec.rows)})
     for v in spec.variants:  # the job validates method / bits / overrides up front
         if v.method != FP:
             from qdlm_jax.jobs.quantize import job_spec
@@ -384,23 +388,43 @@ WA_ROWS = {
         "calibration": "masked"}),
 }
 _ROW_KEYS = ("name", "method", "bits", "act_bits", "quantize")
+_WO_ROW_KEYS = ("name", "method", "bits", "quantize")
+
+# Extra weight-only rows by name (`--config.rows=router4,...`): which parts of a MoE model are
+# quantized (`--config.moe.parts`, the rest kept in float) and the routers' width
+# (`--config.moe.quantize_router / router_bits`), each beside RTN at W4; a row may also be a
+# mapping {name, method, bits, quantize: {main-job key: value}}.
+WO_ROWS = {
+    "experts-only": dict(name="experts-only", method="rtn", bits=4,
+                         quantize={"moe.parts": ("experts",)}),
+    "attention-only": dict(name="attention-only", method="rtn", bits=4,
+                           quantize={"moe.parts": ("attention",)}),
+    "router8": dict(name="router8", method="rtn", bits=4,
+                    quantize={"moe.quantize_router": True, "moe.router_bits": 8}),
+    "router4": dict(name="router4", method="rtn", bits=4,
+                    quantize={"moe.quantize_router": True, "moe.router_bits": 4}),
+    "router4-only": dict(name="router4-only", method="rtn", bits=4, quantize={
+        "moe.quantize_router": True, "moe.router_bits": 4, "moe.parts": ()}),
+}
 
 
-def wa_row(entry, where: str) -> Variant:
-    """One extra weight-activation row: a `WA_ROWS` name or a mapping (see there). Keys of
-    `quantize` are the main job's (`configs/quantize.py`), dotted or nested; the study
-    checks them against that config (`study_spec`)."""
+def wa_row(entry, where: str, *, weight_only: bool = False) -> Variant:
+    """One extra row: a `WA_ROWS` name or a mapping (see there); with `weight_only` (the
+    study's `rows`) a `WO_ROWS` name or a mapping without `act_bits`. Keys of `quantize` are
+    the main job's (`configs/quantize.py`), dotted or nested; the study checks them against
+    that config (`study_spec`)."""
+    named, keys = (WO_ROWS, _WO_ROW_KEYS) if weight_only else (WA_ROWS, _ROW_KEYS)
     if isinstance(entry, str):
-        if entry not in WA_ROWS:
+        if entry not in named:
             raise ValueError(f"{where}={entry!r}: unknown row; built-in rows: "
-                             f"{sorted(WA_ROWS)} (or a mapping with keys {_ROW_KEYS})")
-        entry = WA_ROWS[entry]
+                             f"{sorted(named)} (or a mapping with keys {keys})")
+        entry = named[entry]
     entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected a row name or a mapping, got {entry!r}")
     for k in entry:
-        if k not in _ROW_KEYS:
-            raise ValueError(f"{where}.{k}: unknown key; expected {_ROW_KEYS}")
+        if k not in keys:
+            raise ValueError(f"{where}.{k}: unknown key; expected {keys}")
     for k in ("name", "method", "bits"):
         if k not in entry:
             raise ValueError(f"{where}: missing {k!r} (keys: {_ROW_KEYS})")
@@ -411,7 +435,8 @@ def wa_row(entry, where: str) -> Variant:
     quantize = quantize.to_dict() if hasattr(quantize, "to_dict") else dict(quantize)
     bits = int(entry["bits"])
     flat = {k: tuple(v) if isinstance(v, list) else v for k, v in _flatten(quantize).items()}
-    return Variant(str(entry["method"]), bits, int(entry.get("act_bits", bits)), name=name,
+    act_bits = None if weight_only else int(entry.get("act_bits", bits))
+    return Variant(str(entry["method"]), bits, act_bits, name=name,
                    overrides=tuple(sorted(flat.items())))  # hashable: a Variant keys dicts
 
 

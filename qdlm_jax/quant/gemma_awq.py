@@ -270,16 +270,16 @@ def _quantize_groups(params: dict, out: dict, groups: list[Group], inputs: dict,
                      spec: GemmaPTQSpec, settings: GemmaAWQSettings) -> dict[str, float]:
     """Steps 1-4 for the dense groups of one part; `out` is updated in place (folded
     producers, packed members). Returns {first member: the chosen ratio}."""
-    w = spec.weight
-    ws = dict(bits=w.bits, group_size=w.group_size, sym=w.sym, n_grid=settings.n_grid)
     feats = {g: inputs[hook_name(g.members[0])].astype(jnp.float32) for g in groups}
     found, ratios = [], {}
     for g in groups:
         if g.producer is None:
             continue
         down = None if g.down is None else params[g.down]
+        w = spec.weight_for(g.members[0])  # a router is alone in its group
         s, ratio, _ = _search(feats[g], tuple(params[m] for m in g.members), down, None,
-                              inspect=g.inspect, **ws)
+                              inspect=g.inspect, bits=w.bits, group_size=w.group_size,
+                              sym=w.sym, n_grid=settings.n_grid)
         found.append((g, s))
         ratios[path_str(g.members[0])] = float(ratio)
     for g, s in found:
@@ -287,6 +287,7 @@ def _quantize_groups(params: dict, out: dict, groups: list[Group], inputs: dict,
         feats[g] = exact_div(feats[g], s[None, :])
     for g in groups:
         for m in g.members:
+            w = spec.weight_for(m)
             clip = settings.clip and m[-2] not in NO_CLIP
             codes, scale, zero = clip_and_codes(out[m], feats[g], w, clip=clip,
                                                 n_grid=settings.n_grid)

@@ -50,8 +50,8 @@ class GemmaGPTQSettings:
     calib: GemmaCalibSpec = GemmaCalibSpec()
 
 
-def _pack_dense(kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSettings):
-    w = spec.weight
+def _pack_dense(path, kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSettings):
+    w = spec.weight_for(path)
     r = gptq(jnp.asarray(kernel, jnp.float32).T, hessian(gram, tokens), bits=w.bits,
              group_size=w.group_size, sym=w.sym, damp=s.damp, block_size=s.block_size)
     return QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=w.bits,
@@ -122,7 +122,7 @@ def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases
                 raise ValueError(f"{path_str(p)}: no calibration input was recorded for "
                                  f"{name} (modes={settings.calib.modes!r})")
             gram, tokens = stats.grams[name]
-            out[p] = _pack_dense(params[p], gram, tokens, spec, settings)
+            out[p] = _pack_dense(p, params[p], gram, tokens, spec, settings)
         if layer is None:
             continue
         x, top_ids, _ = stats.experts[layer]

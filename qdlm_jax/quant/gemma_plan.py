@@ -18,9 +18,12 @@ Every param has a kind (from its path in `models/diffusion_gemma.py`):
     embedding               embed (also the tied LM head)              kept
 
 Routers stay exact by default: a router quantized to 4 bits (a tiny share of the
-parameters) changes many expert choices, and every later layer sees them. A path this
-table does not know is an error, so a new param cannot go unplanned. `GemmaPTQSpec(weight=
-None)` is the 16-bit plan: every tensor kept.
+parameters) changes many expert choices, and every later layer sees them; `router_weight`
+gives a quantized router its own width (e.g. 8 bits beside 4-bit experts). `parts` chooses
+which of the quantized kinds are quantized (PARTS: experts, attention, dense_mlp,
+self_conditioning; the others are kept, and the plan says why), so that one part's damage
+can be measured alone. A path this table does not know is an error, so a new param cannot go
+unplanned. `GemmaPTQSpec(weight=None)` is the 16-bit plan: every tensor kept.
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ KINDS = (EXPERT_GATE_UP, EXPERT_DOWN, ATTENTION, DENSE_MLP, SELF_CONDITIONING, R
          LAYER_SCALAR, EMBEDDING)
 
 METHODS = ("rtn", "gptq", "awq")
+# The parts `GemmaPTQSpec.parts` may name, and the kinds each holds.
+PARTS = {"experts": (EXPERT_GATE_UP, EXPERT_DOWN), "attention": (ATTENTION,),
+         "dense_mlp": (DENSE_MLP,), "self_conditioning": (SELF_CONDITIONING,)}
 _LINEAR_KINDS = (ATTENTION, DENSE_MLP, SELF_CONDITIONING)
+_PART_OF = {kind: part for part, kinds in PARTS.items() for kind in kinds}
 _KEPT_REASON = {ROUTER: "router: expert choices stay exact", NORM: "norm weight",
                 LAYER_SCALAR: "residual scale", EMBEDDING: "embedding and tied LM head"}
 
@@ -55,7 +62,9 @@ class GemmaPTQSpec:
 
     method: str = "rtn"  # one of METHODS
     weight: QuantSpec | None = QuantSpec()  # bits, group, symmetry; None: 16 bits (all kept)
-    quantize_router: bool = False  # quantize the router projections with `weight` too
+    quantize_router: bool = False  # quantize the router projections too
+    router_weight: QuantSpec | None = None  # the routers' width etc. (None: `weight`'s)
+    parts: tuple[str, ...] = tuple(PARTS)  # the parts quantized (PARTS); the rest kept
     scale_dtype: str | None = None  # dtype of the scales (None: each weight's own dtype)
 
     def __post_init__(self):
@@ -67,6 +76,20 @@ class GemmaPTQSpec:
         if not isinstance(self.quantize_router, bool):
             raise ValueError(f"GemmaPTQSpec.quantize_router={self.quantize_router!r}: expected "
                              "True or False")
+        if self.router_weight is not None and not isinstance(self.router_weight, QuantSpec):
+            raise ValueError(f"GemmaPTQSpec.router_weight={self.router_weight!r}: expected a "
+                             "QuantSpec or None (the weight spec)")
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or len(set(self.parts)) != len(self.parts):
+            raise ValueError(f"GemmaPTQSpec.parts={self.parts!r}: expected distinct names "
+                             f"among {tuple(PARTS)}")
+
+    def weight_for(self, path: ParamPath) -> QuantSpec:
+        """The QuantSpec of a quantized tensor: `router_weight` for a router's projection
+        (when set), `weight` for every other."""
+        if self.router_weight is not None and tensor_kind(path) == ROUTER:
+            return self.router_weight
+        return self.weight
 
 
 def tensor_kind(path: ParamPath) -> str:
@@ -103,6 +126,10 @@ def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict
     kind = tensor_kind(path)
     if spec.weight is None:
         return {"kind": kind, "packed_type": None, "reason": "16 bits"}
+    if kind in _PART_OF and _PART_OF[kind] not in spec.parts:
+        return {"kind": kind, "packed_type": None,
+                "reason": f"{_PART_OF[kind]} not in parts "
+                          f"({','.join(spec.parts) or 'none'})"}
     if kind in (EXPERT_GATE_UP, EXPERT_DOWN):
         packed = "QuantizedExperts"
     elif kind in _LINEAR_KINDS or (kind == ROUTER and path[-2:] == ("proj", "kernel")
@@ -113,12 +140,13 @@ def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict
         if kind == ROUTER and path[-1] != "kernel":
             reason = "router scale vector"
         return {"kind": kind, "packed_type": None, "reason": reason}
+    weight = spec.weight_for(path)
     try:
-        group = spec.weight.check_width(shape[-2])
+        group = weight.check_width(shape[-2])
     except ValueError as e:
         raise ValueError(f"{path_str(path)} ({kind}, input width {shape[-2]}): {e}") from None
     return {"kind": kind, "packed_type": packed, "method": spec.method,
-            "bits": spec.weight.bits, "group_size": group}
+            "bits": weight.bits, "group_size": group}
 
 
 def hook_name(path: ParamPath) -> str:
@@ -150,5 +178,5 @@ def gemma_plan(shapes: dict[ParamPath, tuple[int, ...]], spec: GemmaPTQSpec) -> 
 
 
 __all__ = ["ATTENTION", "DENSE_MLP", "EMBEDDING", "EXPERT_DOWN", "EXPERT_GATE_UP", "KINDS",
-           "LAYER_SCALAR", "METHODS", "NORM", "ROUTER", "SELF_CONDITIONING", "GemmaPTQSpec",
-           "forward_parts", "gemma_plan", "hook_name", "tensor_kind"]
+           "LAYER_SCALAR", "METHODS", "NORM", "PARTS", "ROUTER", "SELF_CONDITIONING",
+           "GemmaPTQSpec", "forward_parts", "gemma_plan", "hook_name", "tensor_kind"]

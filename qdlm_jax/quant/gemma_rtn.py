@@ -24,7 +24,7 @@ def _quantize_each(params: dict[ParamPath, object], paths: list[ParamPath], quan
     out = {}
     for p in paths:
         try:
-            out[p] = quantize(params[p])
+            out[p] = quantize(p, params[p])
         except ValueError as e:
             raise ValueError(f"{path_str(p)}: {e}") from None
     return out
@@ -33,15 +33,15 @@ def _quantize_each(params: dict[ParamPath, object], paths: list[ParamPath], quan
 def quantize_dense(params: dict[ParamPath, object], paths: list[ParamPath],
                    spec: GemmaPTQSpec) -> dict[ParamPath, QuantizedArray]:
     """{path: QuantizedArray} of the dense kernels [in, out] at `paths`."""
-    return _quantize_each(params, paths, lambda k: QuantizedArray.quantize(
-        k, spec.weight, scale_dtype=spec.scale_dtype))
+    return _quantize_each(params, paths, lambda p, k: QuantizedArray.quantize(
+        k, spec.weight_for(p), scale_dtype=spec.scale_dtype))
 
 
 def quantize_experts(params: dict[ParamPath, object], paths: list[ParamPath],
                      spec: GemmaPTQSpec) -> dict[ParamPath, QuantizedExperts]:
     """{path: QuantizedExperts} of the expert tensors [E, in, out] at `paths`."""
-    return _quantize_each(params, paths, lambda k: QuantizedExperts.quantize(
-        k, spec.weight, scale_dtype=spec.scale_dtype))
+    return _quantize_each(params, paths, lambda p, k: QuantizedExperts.quantize(
+        k, spec.weight_for(p), scale_dtype=spec.scale_dtype))
 
 
 def rtn_quantize_gemma(params: dict[ParamPath, object], spec: GemmaPTQSpec

@@ -53,3 +53,4 @@ def test_w2_table_compares_daq_with_rtn_and_gptq():
 def test_wa_and_w2_together_are_refused(capsys):
     assert demo.main(["--wa", "--w2"]) == 2
     assert "one at a time" in capsys.readouterr().err
+    assert demo.main(["--moe", "--w2"]) == 2

@@ -434,13 +434,13 @@ def test_evaluate_task_adds_the_decoding_figures(monkeypatch):
             out, self.counts = self.counts, {}
             return out
 
-    def run_task(tm, task, progress=True):
+    def run_task(tm, task, progress=True, reference=None):
         tm.counts = {"tokens_per_step": 3.0, "forward_passes": 8}
-        return {"value": 0.5}
+        return {"value": 0.5, "reference": reference}
 
     monkeypatch.setattr(tasks_mod, "run_task", run_task)
-    r = study.evaluate_task(Stub(), BUILTIN["arithmetic"])
-    assert r == {"value": 0.5, "tokens_per_step": 3.0, "forward_passes": 8}
+    r = study.evaluate_task(Stub(), BUILTIN["arithmetic"], reference="fp")
+    assert r == {"value": 0.5, "reference": "fp", "tokens_per_step": 3.0, "forward_passes": 8}
 
 
 def test_study_prints_its_plan_and_time_left(tmp_path, capsys):

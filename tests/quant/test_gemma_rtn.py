@@ -153,3 +153,38 @@ def test_packed_model_saves_and_loads_with_identical_logits(fp_model, w4, tmp_pa
     q = logits(model_from_params(CONFIG, qparams))
     np.testing.assert_array_equal(logits(loaded), q)
     assert 0 < np.max(np.abs(q - logits(fp_model))) < 1.0  # quantized, and close
+
+
+def test_parts_and_router_width_choose_what_is_quantized_and_how(w4):
+    params = w4[0]
+    shapes = {p: v.shape for p, v in params.items()}
+    experts_only = gemma_plan(shapes, GemmaPTQSpec(weight=QuantSpec(bits=4, group_size=8),
+                                                   parts=("experts",)))
+    assert {t.kind for t in experts_only.tensors if t.quantized} == {"expert gate_up",
+                                                                     "expert down"}
+    action = {t.name: t.action for t in experts_only.tensors}
+    assert action["layers.0.self_attn.q_proj.kernel"] == "kept (attention not in parts " \
+                                                          "(experts))"
+    assert action["self_conditioning.mlp.up_proj.kernel"].startswith(
+        "kept (self_conditioning not in parts")
+    attention_only = gemma_plan(shapes, GemmaPTQSpec(weight=QuantSpec(bits=4, group_size=8),
+                                                     parts=("attention",)))
+    assert {t.kind for t in attention_only.tensors if t.quantized} == {"attention"}
+
+    spec = GemmaPTQSpec(weight=QuantSpec(bits=4, group_size=8), quantize_router=True,
+                        router_weight=QuantSpec(bits=8, group_size=8), parts=("experts",))
+    out, plan = gemma_rtn.rtn_quantize_gemma(params, spec)
+    router = ("layers", 1, "router", "proj", "kernel")
+    assert {t.name: t.action for t in plan.tensors}["layers.1.router.proj.kernel"] == \
+        "rtn W8 g8"
+    assert out[router].bits == 8 and out[("layers", 1, "experts", "down")].bits == 4
+    w = np.asarray(params[router], np.float64)
+    err8 = np.abs(np.asarray(out[router].dequantize(), np.float64) - w).max()
+    err4 = np.abs(np.asarray(QuantizedArray.quantize(params[router], W4.weight).dequantize(),
+                             np.float64) - w).max()
+    assert err8 < err4 / 8  # 8 bits: 17x finer steps than 4
+    q_proj = ("layers", 0, "self_attn", "q_proj", "kernel")
+    assert out[q_proj] is params[q_proj]  # attention not in parts: the fp array itself
+    with pytest.raises(ValueError, match=r"parts=\('experts', 'mlp'\): expected distinct "
+                                         r"names among"):
+        GemmaPTQSpec(parts=("experts", "mlp"))
