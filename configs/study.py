@@ -100,7 +100,7 @@ def get_config():
     # QuaRot W4A4 with 4-bit K/V (act.kv.bits=4, per head, asymmetric), and the same with
     # DLLMQuant's IA-AQ on K and V (act.iaaq.enabled/search_keys, masked calibration).
     c.wa_rows = ["quarot-w4a4+kv4", "quarot-w4a4+kv4-iaaq"]
-    # Extra weight-only rows: names from qdlm_jax/jobs/study_spec.py WO_ROWS (MoE models:
+    # Extra weight-only rows: names from qdlm_jax/jobs/study_rows.py WO_ROWS (MoE models:
     # experts-only, attention-only, router8, router4, router4-only) or mappings {name,
     # method, bits, quantize: {main-job key: value}} (configs/study_moe.py uses them).
     c.rows = []

@@ -4,7 +4,7 @@ ARGS=--moe`, which prints `table_moe.md`).
 On the bundled tiny DiffusionGemma (8 experts top-2, router kept in float unless a row says
 otherwise): fp; RTN, GPTQ and AWQ at W4 / W3 / W2 (group 32, two-mode calibration); and, at
 RTN W4, the parts one at a time: experts only, attention only, the routers at 8 and 4 bits
-beside everything else, and the routers at 4 bits alone (`rows`, qdlm_jax/jobs/study_spec.py
+beside everything else, and the routers at 4 bits alone (`rows`, qdlm_jax/jobs/study_rows.py
 WO_ROWS). Each row is scored on held-out 2-digit addition and subtraction, synthetic code
 pass@1, 4-way comparisons, the continuation cross-entropy of held-out text, and KL to fp with
 the share of the fp model's expert choices that change; its generation tasks record the

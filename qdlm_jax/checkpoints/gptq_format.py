@@ -1,5 +1,5 @@
-"""The Hugging Face GPTQ checkpoint layout (what transformers' GPTQ integration, GPTQModel and
-vLLM load), written from and read into packed `QuantizedArray`s.
+"""The Hugging Face GPTQ checkpoint layout (what transformers' GPTQ integration and GPTQModel
+load), written from and read into packed `QuantizedArray`s.
 
 Every quantized linear `P.weight` ([out, in] in the hub layout) becomes, with
 `pack = 32 // bits` values per int32 (bits 2, 4 or 8):

@@ -1,6 +1,7 @@
 """The four-dimension study: bits x method x task category x model (`qdlm study`): the
 sweep and its results store. The cells are specified in `study_spec`, the table and plots
-written by `study_report`; this module re-exports both modules' public names.
+written by `study_report`, the rows parsed by `study_rows`; this module re-exports their
+public names.
 
 Cells: for each model, the fp model, every weight-only (method, bits) quantization of it
 (and, with `bits_budgets`, every (method, bit budget): mixed precision at that mean width)
@@ -63,30 +64,34 @@ from qdlm_jax.jobs.study_report import (
     moe_table,
     plot_model,
 )
-from qdlm_jax.jobs.study_spec import (
+from qdlm_jax.jobs.study_rows import (
     FP,
-    PASS_THROUGH,
-    RESULTS,
     WA_ROWS,
+    WO_ROWS,
     Decoding,
-    StudySpec,
     Variant,
     act_granularities,
+    decoding_setting,
+    wa_row,
+)
+from qdlm_jax.jobs.study_spec import (
+    PASS_THROUGH,
+    RESULTS,
+    StudySpec,
     apply_study_overrides,
     cell_key,
-    decoding_setting,
     quant_hash,
     quant_overrides,
     quantize_config,
     study_spec,
-    wa_row,
 )
 
 # The study's public names, one import away (`from qdlm_jax.jobs import study`).
-__all__ = ["CATEGORY_TITLES", "FP", "PASS_THROUGH", "RESULTS", "WA_ROWS", "Decoding", "Made",
-           "StudySpec", "Variant", "act_granularities", "act_settings", "append_line",
-           "apply_study_overrides", "axis_limits", "cell_key", "decoding_setting",
-           "evaluate_task", "fp_can_do", "kv_settings", "markdown_table", "moe_table", "plot_model",
+__all__ = ["CATEGORY_TITLES", "FP", "PASS_THROUGH", "RESULTS", "WA_ROWS", "WO_ROWS",
+           "Decoding", "Made", "StudySpec", "Variant", "act_granularities", "act_settings",
+           "append_line", "apply_study_overrides", "axis_limits", "cell_key",
+           "decoding_setting", "evaluate_task", "fp_can_do", "kv_settings", "markdown_table",
+           "moe_table", "plot_model",
            "quant_hash", "quant_overrides", "quantize_config", "read_results",
            "repair_results", "run_study", "study_spec", "wa_row"]
 

@@ -15,7 +15,7 @@ from typing import Sequence
 from qdlm_jax.evals.basic import format_pm
 from qdlm_jax.evals.tasks import CATEGORIES, TaskSpec
 from qdlm_jax.fsutil import atomic_file
-from qdlm_jax.jobs.study_spec import FP
+from qdlm_jax.jobs.study_rows import FP
 
 # ---- table and plots ---------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """DiffusionGemma (block diffusion, MoE) as one Flax NNX weight stack with two modes.
 
+One module of just over 500 lines: the two modes run the same layers, cache and attention
+code, so they stay together.
+
 transformers' `DiffusionGemmaForBlockDiffusion` (text part) ties an encoder and a decoder to
 the same weights; only the per-layer `layer_scalar`s and the decoder's self-conditioning
 module differ. Here one stack runs as

@@ -206,6 +206,8 @@ def test_every_job_model_exports_exactly_or_is_refused(tmp_path, tiny_dream, met
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# slow: a QuaRot job before the refusal (other refusals run in `make test`)
+@pytest.mark.slow
 def test_export_command_refuses_a_quarot_model_in_one_line(tmp_path, capsys, tiny_dream):
     from qdlm_jax.checkpoints.orbax_format import save_checkpoint
     from qdlm_jax.jobs.config_flags import load_config_file

@@ -32,8 +32,10 @@ def small(name: str):
     return dataclasses.replace(spec, limit=n, **extra)
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-@pytest.mark.parametrize("name", sorted(SAMPLES))
+# slow: Dream's comparisons (Monte Carlo scores of 4 options; LLaDA's run in `make test`)
+@pytest.mark.parametrize("family,name", [
+    pytest.param(f, n, marks=[pytest.mark.slow] if (f, n) == ("dream", "synthetic_compare")
+                 else []) for n in sorted(SAMPLES) for f in ("llada", "dream")])
 def test_shipped_model_scores_far_above_chance(name, family, tiny_llada, tiny_dream):
     tm = tiny_llada if family == "llada" else tiny_dream
     r = run_task(tm, small(name), progress=False)

@@ -254,6 +254,8 @@ def test_generation_config_and_errors(llada):
             G.generate(model, ids, mask, gen_length=8, steps=8, block_length=4, **kw)
 
 
+# slow: a quantized model under every cache setting (the float model's settings run in `make test`)
+@pytest.mark.slow
 def test_quantized_model_runs_with_every_cache_setting(llada):
     """RTN W4 packed weights: keys and values come from the quantized projections."""
     from qdlm_jax.models.params import get_params, model_from_params

@@ -41,6 +41,8 @@ def _widths(model_dir: Path) -> tuple[dict, Fraction]:
     return per_block, Fraction(weighted, total)
 
 
+# slow: a whole budget job (the plan and its per-block widths are tested without one)
+@pytest.mark.slow
 def test_a_budget_run_packs_each_block_at_its_planned_width_and_generates(tmp_path):
     r = run(_cfg(tmp_path))
     run_dir = Path(r["run_dir"])

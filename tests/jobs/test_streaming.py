@@ -70,6 +70,8 @@ def test_streaming_equals_the_in_memory_pass(tmp_path, family, method):
     _assert_bit_equal(get_params(qmodel), params)
 
 
+# slow: on an 8-device mesh (the single-device streaming pass runs in `make test`)
+@pytest.mark.slow
 def test_streaming_on_a_mesh_holds_a_share_of_each_block_and_equals_the_in_memory_pass(
         tmp_path, monkeypatch):
     """On a (data 2, model 4) mesh of this process's 8 CPU devices: each block is read onto
@@ -111,6 +113,8 @@ def test_streaming_on_a_mesh_holds_a_share_of_each_block_and_equals_the_in_memor
     _assert_bit_equal(get_params(qmodel), assemble(src, tmp_path / "work")[1])
 
 
+# slow: a second streamed job that saves packed blocks
+@pytest.mark.slow
 def test_save_packed_writes_block_by_block_what_assemble_holds(tmp_path):
     """The checkpoint written one part at a time loads to the assembled model with its
     unquantized tensors in the source dtype (bf16 here), bit for bit."""

@@ -311,6 +311,8 @@ def test_bad_wa_row_is_rejected_up_front(row, message):
         study.study_spec(config(wa_rows=[row]))
 
 
+# slow: a real quantization (the rows' job configs are checked without one)
+@pytest.mark.slow
 def test_real_kv4_row_quantizes_attention(tmp_path):
     """End to end on the bundled tiny LLaDA through the study's own quantize path: the KV4
     row's model is further from fp (KL on fixed masked inputs) than the plain QuaRot W4A4

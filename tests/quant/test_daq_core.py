@@ -76,7 +76,10 @@ def test_abmp_average_is_exactly_the_requested_planes(n_blocks, ratio):
         assert scores[hi].min() >= scores[~hi].max()
 
 
-@pytest.mark.parametrize("shape, block", [((24, 256), 128), ((8, 96), 32), ((5, 64), -1)])
+# slow: the two larger matrices (the whole-row case without blocks runs in `make test`)
+@pytest.mark.parametrize("shape, block", [pytest.param((24, 256), 128, marks=pytest.mark.slow),
+                                          pytest.param((8, 96), 32, marks=pytest.mark.slow),
+                                          ((5, 64), -1)])
 def test_abmp_on_whole_matrices_and_packing_round_trip(shape, block):
     w = _w(shape, seed=1)
     x = np.random.default_rng(2).normal(size=(200, shape[1])).astype(np.float32)

@@ -143,6 +143,8 @@ def test_the_guard_names_a_tensor_the_pass_skipped(w4, monkeypatch):
         check_coverage(plan, params, missing)
 
 
+# slow: a save and load (the job's packed model is loaded and run in tests/jobs)
+@pytest.mark.slow
 def test_packed_model_saves_and_loads_with_identical_logits(fp_model, w4, tmp_path):
     _, qparams, _ = w4
     save_checkpoint(tmp_path / "q", CONFIG, qparams)

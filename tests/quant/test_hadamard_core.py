@@ -29,6 +29,8 @@ def test_non_power_of_two_widths_are_orthogonal(n):
     np.testing.assert_allclose(back, x, atol=2e-5)
 
 
+# slow: the 8B models' widths (the non-power-of-two construction runs at smaller widths)
+@pytest.mark.slow
 def test_real_model_widths():
     assert H.hadamard_factor(4096) == (1, 4096)  # LLaDA-8B hidden
     assert H.hadamard_factor(12288) == (12, 1024)  # LLaDA-8B FFN

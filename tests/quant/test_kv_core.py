@@ -165,6 +165,8 @@ def test_iaaq_search_returns_the_lowest_weighted_error_grid_point(which, sym):
     np.testing.assert_array_equal(best, grid[np.argmin(ref, axis=0)])
 
 
+# slow: a whole QuaRot + IA-AQ job with save and load
+@pytest.mark.slow
 def test_quarot_w4a4_kv4_with_iaaq_runs_saves_and_loads(tmp_path):
     model = _model("dream")
     windows = np.random.default_rng(0).integers(0, 240, (8, 24))

@@ -270,6 +270,8 @@ def test_a_batch_can_set_the_steps_objective(tmp_path):
     assert any(not np.array_equal(asked[k], plain[k]) for k in asked)
 
 
+# slow: two short training runs
+@pytest.mark.slow
 def test_text_shift_sets_the_text_rows_objective_alone():
     """`text_shift` shifts the text rows only: on text-only batches a step ends exactly where
     the shifted step does; on task-only batches it changes nothing (the task rows keep the
