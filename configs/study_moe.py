@@ -2,15 +2,17 @@
 ARGS=--moe`, which prints `table_moe.md`).
 
 On the bundled tiny DiffusionGemma (8 experts top-2, router kept in float unless a row says
-otherwise): fp; RTN, GPTQ and AWQ at W4 / W3 / W2 (group 32, two-mode calibration); and, at
-RTN W4, the parts one at a time: experts only, attention only, the routers at 8 and 4 bits
-beside everything else, and the routers at 4 bits alone (`rows`, qdlm_jax/jobs/study_rows.py
-WO_ROWS). Each row is scored on held-out 2-digit addition and subtraction, synthetic code
-pass@1, 4-way comparisons, the continuation cross-entropy of held-out text, and KL to fp with
-the share of the fp model's expert choices that change; its generation tasks record the
-entropy-bound sampler's tokens per forward pass and forward passes per item
-(docs/results_tiny.md, "MoE rows"). Weight-activation rows (W8A8, W4A8) are not run: the
-DiffusionGemma pass is weight-only.
+otherwise): fp; RTN, GPTQ and AWQ at W4 / W3 / W2 (group 32, two-mode calibration); RTN
+W8A8 and W4A8; and, at RTN W4, the parts one at a time: experts only, attention only, the
+routers at 8 and 4 bits beside everything else, and the routers at 4 bits alone (`rows`,
+qdlm_jax/jobs/study_rows.py WO_ROWS). Each row is scored on held-out 2-digit addition and
+subtraction, synthetic code pass@1, 4-way comparisons, the continuation cross-entropy of
+held-out text, and KL to fp with the share of the fp model's expert choices that change;
+its generation tasks record the entropy-bound sampler's tokens per forward pass and forward
+passes per item
+(docs/results_tiny.md, "MoE rows"). W8A8 and W4A8 are RTN weights (per output channel)
+with 8-bit per-token inputs to every quantized tensor; SmoothQuant, QuaRot and DuQuant do not
+run on DiffusionGemma yet.
 
 Settings are those of configs/study.py with the overrides below; any of them can be changed
 from the command line as there (e.g. `--config.rows=router4 --config.methods=rtn`).
@@ -34,8 +36,11 @@ def get_config():
     c.quantize.group_size = 32
     c.quantize.calib.source = TEXT
     c.rows = ["experts-only", "attention-only", "router8", "router4", "router4-only"]
-    c.wa_methods = ()
-    c.wa_bits = ()
+    # W8A8 and W4A8: RTN weights per output channel (the study's wa_quantize), every
+    # quantized tensor's inputs per token (the experts' rows one by one)
+    c.wa_methods = ("rtn",)
+    c.wa_bits = (8, 4)
+    c.wa_act_bits = (8,)
     c.wa_rows = []
     c.decoding = []
     c.decoding_rows = []

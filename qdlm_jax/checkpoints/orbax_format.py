@@ -16,7 +16,7 @@ Layout of a checkpoint directory:
                        "zero"]} with static fields {"kind": "experts", "bits", "group_size",
                        "shape"};
                        an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
-                       (array or packed sub-tree)[, "r1", "perm", "r2", "act_range",
+                       (array, packed or packed-experts sub-tree)[, "r1", "perm", "r2", "act_range",
                        "kv_clip"]} whose static fields ("kind": "act_kernel", transform kind,
                        ActSpec, KVSpec and kv_rotate of K/V quantization) are in "quantized"
     tokenizer.json     (copied from the source when there is one)
@@ -85,7 +85,7 @@ def _split_quantized(params):
         elif isinstance(v, ActKernel):
             sub, static = {}, {"kind": "act_kernel", "weight": None, "transform": None,
                                "act": None}
-            if isinstance(v.weight, (QuantizedArray, BinaryPlanesArray)):
+            if isinstance(v.weight, (QuantizedArray, BinaryPlanesArray, QuantizedExperts)):
                 sub["weight"], static["weight"] = _split_qarray(v.weight)
             else:
                 sub["weight"] = v.weight

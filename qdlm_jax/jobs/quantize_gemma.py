@@ -24,8 +24,10 @@ tensor accounted for.
     save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
           (with the per-tensor plan), report.md ending with the coverage table
 
-Only `rtn`, `gptq` and `awq` at act_bits 16 with clean calibration run here; `check_gemma` refuses
-the rest in one line before any work. The run is in memory (no streaming, no mesh).
+`rtn`, `gptq` and `awq` with clean calibration run here, `rtn` and `gptq` also with
+--config.act_bits 8 or 4 (every quantized tensor's inputs quantized per token or per group,
+`gemma_plan.attach_act`: W8A8, W4A8); `check_gemma` refuses the rest in one line before any
+work. The run is in memory (no streaming, no mesh).
 """
 
 from __future__ import annotations
@@ -68,21 +70,32 @@ def gemma_ptq_spec(spec) -> GemmaPTQSpec:
               if spec.router_bits else None)
     return GemmaPTQSpec(method=spec.method, weight=spec.ptq.weight,
                         quantize_router=spec.quantize_router, router_weight=router,
-                        parts=spec.moe_parts)
+                        parts=spec.moe_parts, act=None if spec.wa is None else spec.wa.act)
 
 
 def check_gemma(spec, config) -> None:
     """Refuses, in one line and before any work, what this pass does not do on the family,
     and a group size that does not divide some quantized tensor's input width."""
     where = f"on {FAMILY}: not yet"
+    if spec.method in ("smoothquant", "quarot", "duquant"):
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (its smoothing and "
+                                  "rotation folds are not written for the Gemma post-norms and "
+                                  "the fused experts; W8A8 / W4A8 run with rtn or gptq weights "
+                                  "and --config.act_bits)")
     if spec.method not in ("rtn", "gptq", "awq"):
         raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq or awq)")
     if spec.method in ("gptq", "awq") and spec.calib.mode != "clean":
         raise ConfigOverrideError(f"--config.calibration={spec.calib.mode} {where} (its "
                                   "calibration is two-mode: --config.moe.calib_modes)")
-    if spec.act_bits != 16:
-        raise ConfigOverrideError(f"--config.act_bits={spec.act_bits} {where} (weight-only, "
-                                  "act_bits 16)")
+    if spec.wa is not None:
+        if spec.wa.kv is not None or spec.wa.iaaq:
+            kv_bits = spec.wa.kv.bits if spec.wa.kv is not None else 16
+            raise ConfigOverrideError(f"--config.act.kv.bits={kv_bits} / act.iaaq {where} "
+                                      "(K/V stay in float; --config.act_bits quantizes the "
+                                      "linear inputs)")
+        if spec.wa.act.granularity == "per_tensor":
+            raise ConfigOverrideError(f"--config.act.granularity=per_tensor {where} (dynamic "
+                                      "per_token or per_group scales)")
     if spec.budget is not None:
         raise ConfigOverrideError(f"--config.bits_budget={spec.budget.budget:g} {where} "
                                   "(uniform --config.bits)")
@@ -186,7 +199,7 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         _log(notes[-1])
     else:
         _log(f"tokenizer: {tokenizer.describe()}")
-    _log(f"{spec.model}: {FAMILY}, method={spec.method} W{spec.ptq.weight.bits}A16 "
+    _log(f"{spec.model}: {FAMILY}, method={spec.method} W{spec.ptq.weight.bits}A{spec.act_bits} "
          f"g{spec.ptq.weight.group_size}, router "
          f"{'quantized' if spec.quantize_router else 'kept'} -> {run_dir}")
 
@@ -229,12 +242,13 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
     w = spec.ptq.weight
     result = {
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
-        "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": 16,
+        "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": spec.act_bits,
         "group_size": w.group_size, "sym": w.sym,
         "calibration": "none" if spec.method == "rtn" else
         f"two-mode ({spec.moe_gptq.calib.modes}), {spec.calib.n_samples} windows",
         **qstats,
-        "quantize_router": spec.quantize_router, "fp": fp, "quantized": q,
+        "quantize_router": spec.quantize_router, "router_bits": spec.router_bits,
+        "moe_parts": list(spec.moe_parts), "fp": fp, "quantized": q,
         "quantize_s": quant_s, "packed_bytes": summary["bytes"],
         "bf16_bytes": summary["bf16_bytes"],
         "bytes_vs_bf16": summary["bytes"] / summary["bf16_bytes"],

@@ -136,8 +136,11 @@ def gemma_report(result: dict) -> str:
     if fp:
         lines.append(f"| {name} | FP | float | – | float | – | {acc(fp)} | "
                      f"{_task_cells(fp, task_names)}1.000 | 1.000 | – |")
-    router = "W" + str(result["bits"]) if result.get("quantize_router") else "float"
-    lines.append(f"| {name} | {result['method'].upper()} | {result['bits']} | "
+    router = (f"W{result.get('router_bits') or result['bits']}"
+              if result.get("quantize_router") else "float")
+    act = result.get("act_bits", 16)
+    bits = f"{result['bits']}" + (f" (A{act})" if act < 16 else "")
+    lines.append(f"| {name} | {result['method'].upper()} | {bits} | "
                  f"{result['group_size']} | {router} | {_kl_text(q)} | {acc(q)} | "
                  f"{_task_cells(q, task_names)}{result['bytes_vs_bf16']:.3f} | "
                  f"{result['expert_bytes_vs_bf16']:.3f} | {result['quantize_s']:.1f} |")

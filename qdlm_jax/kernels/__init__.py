@@ -27,7 +27,13 @@ from qdlm_jax.kernels.dispatch import (
 )
 from qdlm_jax.models.experts import register_expert_kernel_type
 from qdlm_jax.models.project import register_kernel_type
-from qdlm_jax.quant.act_kernel import ActKernel, act_matmul, attention_stage, input_stage
+from qdlm_jax.quant.act_kernel import (
+    ActKernel,
+    act_expert_matmul,
+    act_matmul,
+    attention_stage,
+    input_stage,
+)
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts, experts_matmul
@@ -36,6 +42,7 @@ register_kernel_type(QuantizedArray, qmatmul)
 register_kernel_type(BinaryPlanesArray, qmatmul)  # DAQ: served by the XLA path
 register_kernel_type(ActKernel, act_matmul, input_stage, attention_stage)
 register_expert_kernel_type(QuantizedExperts, experts_matmul)  # MoE experts: XLA path
+register_expert_kernel_type(ActKernel, act_expert_matmul)  # experts with quantized inputs
 
 __all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "platform_default",
            "qmatmul", "quantize_activations", "select_implementation", "set_implementation",

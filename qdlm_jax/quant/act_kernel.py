@@ -15,7 +15,9 @@ leaves the float layer unchanged:
                     (x @ P)[..., j] = x[..., perm[j]])
 
 The model's `Linear` calls `prepare_input`, which runs T and Q_a, records the result at the
-hook point and multiplies it by W through `project`.
+hook point and multiplies it by W through `project`. Around a MoE layer's experts (W a float
+[E, in, out] array or `QuantizedExperts`), `act_expert_matmul` quantizes the expert-sorted
+input rows and runs the grouped matmul (`experts.expert_project`).
 
 K/V quantization (`kv_core`) rides on the k_proj / v_proj kernels: `kv` (a `KVSpec`) and
 `kv_clip` (one clip ratio per kv head, IA-AQ's search result) on k_proj's kernel quantize the
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qdlm_jax.models.experts import expert_project
 from qdlm_jax.models.project import project
 from qdlm_jax.quant import act_core, hadamard_core, kv_core
 from qdlm_jax.quant.array_like import PackedMatrix
@@ -114,6 +117,15 @@ def input_stage(x: jax.Array, k: ActKernel) -> tuple[jax.Array, Any]:
 def act_matmul(x: jax.Array, k: ActKernel) -> jax.Array:
     x, w = input_stage(x, k)
     return project(x, w)
+
+
+def act_expert_matmul(x: jax.Array, k: ActKernel, group_sizes: jax.Array) -> jax.Array:
+    """The experts' grouped matmul (`experts.expert_project`) on quantized input rows: each
+    row (a token, or a (token, expert) pair) scaled on its own. No online transform."""
+    if k.transform is not None or k.act_range is not None:
+        raise ValueError("ActKernel around experts: only dynamic input quantization (act) is "
+                         "supported, not an online transform or a static range")
+    return expert_project(act_core.fake_quant(x, k.act), k.weight, group_sizes)
 
 
 def attention_stage(q, k, v, k_kernel, v_kernel):

@@ -6,7 +6,8 @@ must end up as) or keep (and why). After quantizing, `check_coverage` compares t
 with the plan:
 
   - a tensor the plan quantizes must be of the planned packed type, at the planned bits and
-    group size, with its logical shape;
+    group size, with its logical shape; with planned activation bits, wrapped in an
+    `ActKernel` quantizing its inputs to those bits (and without, not wrapped);
   - a tensor the plan keeps must still be a plain array of its shape and dtype;
   - the result holds exactly the plan's tensors.
 
@@ -44,6 +45,7 @@ class TensorPlan:
     method: str | None = None  # quantized: "rtn", ...
     bits: int | None = None
     group_size: int | None = None  # resolved (the input width when per channel)
+    act_bits: int | None = None  # quantized inputs (ActKernel around the packed weight)
     reason: str = ""  # kept: why
 
     @property
@@ -56,11 +58,13 @@ class TensorPlan:
 
     @property
     def action(self) -> str:
-        """"rtn W4 g128" (per channel: "rtn W4 per-channel"), or "kept (reason)"."""
+        """"rtn W4 g128" (per channel: "rtn W4 per-channel"; quantized inputs: "rtn W4A8
+        g128"), or "kept (reason)"."""
         if not self.quantized:
             return f"kept ({self.reason})" if self.reason else "kept"
         group = "per-channel" if self.group_size == self.shape[-2] else f"g{self.group_size}"
-        return f"{self.method} W{self.bits} {group}"
+        act = f"A{self.act_bits}" if self.act_bits else ""
+        return f"{self.method} W{self.bits}{act} {group}"
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
@@ -140,6 +144,12 @@ def check_coverage(plan: CoveragePlan, before: dict[ParamPath, object],
 def _departure(t: TensorPlan, before, v) -> str:
     """What is wrong with `v` as the result of `t`'s action ("" when nothing)."""
     if t.quantized:
+        wrapped = type(v).__name__ == "ActKernel"
+        act_bits = v.act.bits if wrapped and v.act is not None else None
+        if act_bits != t.act_bits:
+            return (f"planned {t.action}, but the result's inputs are "
+                    f"{'float' if act_bits is None else f'{act_bits}-bit'}")
+        v = v.weight if wrapped else v
         if type(v).__name__ != t.packed_type:
             return (f"planned {t.action} as {t.packed_type}, but the result holds a "
                     f"{_describe(v)}; it was not quantized")

@@ -60,7 +60,13 @@ from qdlm_jax.models.params import ParamPath, get_params, path_str
 from qdlm_jax.quant import awq_core
 from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec, gemma_layer_stats
-from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, forward_parts, gemma_plan, hook_name
+from qdlm_jax.quant.gemma_plan import (
+    GemmaPTQSpec,
+    attach_act,
+    forward_parts,
+    gemma_plan,
+    hook_name,
+)
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 from qdlm_jax.quant.quantizer_core import QuantSpec, exact_div
@@ -345,6 +351,7 @@ def awq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases,
         empty = [e for e, n in enumerate(r.rows.tolist()) if n == 0]
         if empty:
             info["empty_experts"][path_str(gu_path)] = empty
+    attach_act(out, plan, spec.act)
     check_coverage(plan, params, out)
     return out, plan, info
 

@@ -33,7 +33,13 @@ from qdlm_jax.models.experts import gelu_tanh, grouped_matmul, sort_by_expert
 from qdlm_jax.models.params import ParamPath, get_params, path_str
 from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec, gemma_layer_stats
-from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, forward_parts, gemma_plan, hook_name
+from qdlm_jax.quant.gemma_plan import (
+    GemmaPTQSpec,
+    attach_act,
+    forward_parts,
+    gemma_plan,
+    hook_name,
+)
 from qdlm_jax.quant.gptq_core import gptq, hessian
 from qdlm_jax.quant.gptq_experts_core import ThinExperts, expert_grams, gptq_experts
 from qdlm_jax.quant.qarray import QuantizedArray
@@ -146,5 +152,6 @@ def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases
             out[down_path], how[path_str(down_path)] = _pack_experts(
                 params[down_path], a, sizes, spec, settings,
                 _all_token_grams(x, gu_hat, config.num_experts, inter) if all_tok else None)
+    attach_act(out, plan, spec.act)
     check_coverage(plan, params, out)
     return out, plan, how

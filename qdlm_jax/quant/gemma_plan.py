@@ -22,8 +22,10 @@ parameters) changes many expert choices, and every later layer sees them; `route
 gives a quantized router its own width (e.g. 8 bits beside 4-bit experts). `parts` chooses
 which of the quantized kinds are quantized (PARTS: experts, attention, dense_mlp,
 self_conditioning; the others are kept, and the plan says why), so that one part's damage
-can be measured alone. A path this table does not know is an error, so a new param cannot go
-unplanned. `GemmaPTQSpec(weight=None)` is the 16-bit plan: every tensor kept.
+can be measured alone. With `act` every quantized tensor's inputs are quantized too
+(`attach_act`: dynamic per-token or per-group scales; W8A8, W4A8). A path this table does
+not know is an error, so a new param cannot go unplanned. `GemmaPTQSpec(weight=None)` is the
+16-bit plan: every tensor kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 
 from qdlm_jax.models.params import ParamPath, path_str
+from qdlm_jax.quant.act_core import ActSpec
+from qdlm_jax.quant.act_kernel import ActKernel
 from qdlm_jax.quant.coverage import CoveragePlan, make_plan
 from qdlm_jax.quant.quantizer_core import QuantSpec
 
@@ -66,6 +70,7 @@ class GemmaPTQSpec:
     router_weight: QuantSpec | None = None  # the routers' width etc. (None: `weight`'s)
     parts: tuple[str, ...] = tuple(PARTS)  # the parts quantized (PARTS); the rest kept
     scale_dtype: str | None = None  # dtype of the scales (None: each weight's own dtype)
+    act: ActSpec | None = None  # every quantized tensor's inputs quantized too (None: float)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -76,6 +81,10 @@ class GemmaPTQSpec:
         if not isinstance(self.quantize_router, bool):
             raise ValueError(f"GemmaPTQSpec.quantize_router={self.quantize_router!r}: expected "
                              "True or False")
+        if self.act is not None and (not isinstance(self.act, ActSpec)
+                                     or self.act.granularity == "per_tensor"):
+            raise ValueError(f"GemmaPTQSpec.act={self.act!r}: expected an ActSpec with dynamic "
+                             "scales (per_token or per_group) or None")
         if self.router_weight is not None and not isinstance(self.router_weight, QuantSpec):
             raise ValueError(f"GemmaPTQSpec.router_weight={self.router_weight!r}: expected a "
                              "QuantSpec or None (the weight spec)")
@@ -145,8 +154,25 @@ def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict
         group = weight.check_width(shape[-2])
     except ValueError as e:
         raise ValueError(f"{path_str(path)} ({kind}, input width {shape[-2]}): {e}") from None
+    if spec.act is not None:
+        try:
+            spec.act.check_width(shape[-2], "its input")
+        except ValueError as e:
+            raise ValueError(f"{path_str(path)} ({kind}): {e}") from None
     return {"kind": kind, "packed_type": packed, "method": spec.method,
-            "bits": weight.bits, "group_size": group}
+            "bits": weight.bits, "group_size": group,
+            "act_bits": None if spec.act is None else spec.act.bits}
+
+
+def attach_act(params: dict, plan: CoveragePlan, act: ActSpec | None) -> None:
+    """In place: every tensor the plan quantizes wrapped in an `ActKernel` that quantizes its
+    inputs with `act` (dense kernels through `project`, experts through `expert_project`:
+    per token, or per (token, expert) row for the experts' down projection); nothing when
+    `act` is None."""
+    if act is None:
+        return
+    for p in plan.paths():
+        params[p] = ActKernel(weight=params[p], act=act)
 
 
 def hook_name(path: ParamPath) -> str:
@@ -178,5 +204,6 @@ def gemma_plan(shapes: dict[ParamPath, tuple[int, ...]], spec: GemmaPTQSpec) -> 
 
 
 __all__ = ["ATTENTION", "DENSE_MLP", "EMBEDDING", "EXPERT_DOWN", "EXPERT_GATE_UP", "KINDS",
+           "attach_act",
            "LAYER_SCALAR", "METHODS", "NORM", "PARTS", "ROUTER", "SELF_CONDITIONING",
            "GemmaPTQSpec", "forward_parts", "gemma_plan", "hook_name", "tensor_kind"]

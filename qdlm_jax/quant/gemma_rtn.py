@@ -15,7 +15,7 @@ from __future__ import annotations
 from qdlm_jax.models import diffusion_gemma
 from qdlm_jax.models.params import ParamPath, get_params, path_str
 from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
-from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, gemma_plan
+from qdlm_jax.quant.gemma_plan import GemmaPTQSpec, attach_act, gemma_plan
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 
@@ -52,6 +52,7 @@ def rtn_quantize_gemma(params: dict[ParamPath, object], spec: GemmaPTQSpec
     out = dict(params)
     out.update(quantize_dense(params, plan.paths("QuantizedArray"), spec))
     out.update(quantize_experts(params, plan.paths("QuantizedExperts"), spec))
+    attach_act(out, plan, spec.act)
     check_coverage(plan, params, out)
     return out, plan
 

@@ -116,8 +116,11 @@ def test_what_the_pass_does_not_do_is_refused_in_one_line(gemma_dir, tmp_path, c
              "--config.calibration=masked on diffusion_gemma: not yet"),
             (("--config.method=gptq", "--config.moe.thin_fallback=shared"),
              "--config.moe: fallback='shared'"),
-            (("--config.method=rtn", "--config.act_bits=8"),
-             "--config.act_bits=8 on diffusion_gemma: not yet"),
+            (("--config.method=quarot", "--config.act_bits=8", "--config.group_size=-1"),
+             "--config.method=quarot on diffusion_gemma: not yet (its smoothing and rotation "
+             "folds"),
+            (("--config.method=rtn", "--config.act_bits=8", "--config.act.kv.bits=4"),
+             "--config.act.kv.bits=4 / act.iaaq on diffusion_gemma: not yet"),
             (("--config.method=rtn", "--config.group_size=16"),
              "--config.group_size=16: layers.0.experts.down (expert down, input width 24): "
              "group_size=16 does not divide")]:
@@ -179,3 +182,21 @@ def test_quantized_routers_report_the_changed_expert_choices(gemma_dir, tmp_path
     assert q["expert_choices"] == 2 * 2 * (8 + 8) * 2  # windows x layers x tokens x k
     assert "of the fp model's top-k expert choices changed (routers quantized" in \
         (run_dir / "report.md").read_text()
+
+
+# slow: a second quantize run (the wrapping and the experts' numerics are tested in
+# tests/quant/test_gemma_rtn.py)
+@pytest.mark.slow
+def test_w4a8_run_quantizes_every_input_and_its_model_loads(gemma_dir, tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert quantize(gemma_dir, tmp_path, "--config.method=rtn", "--config.bits=4",
+                        "--config.group_size=8", "--config.act_bits=8") == 0
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["act_bits"] == 8 and result["experts_quantized"]
+    report = (run_dir / "report.md").read_text()
+    assert "| RTN | 4 (A8) | 8 |" in report and "rtn W4A8 g8" in report
+    _, params = load_params(run_dir / "model")
+    gate_up = params[("layers", 0, "experts", "gate_up")]
+    assert isinstance(gate_up.weight, QuantizedExperts) and gate_up.act.bits == 8

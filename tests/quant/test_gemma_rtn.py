@@ -2,6 +2,8 @@
 fp model bit for bit, the guard fails naming a tensor the pass skipped, and the packed model
 saves and loads back with identical logits."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -156,6 +158,14 @@ def test_packed_model_saves_and_loads_with_identical_logits(fp_model, w4, tmp_pa
     np.testing.assert_array_equal(logits(loaded), q)
     assert 0 < np.max(np.abs(q - logits(fp_model))) < 1.0  # quantized, and close
 
+    from qdlm_jax.quant.act_core import ActSpec  # W4A8: the experts' ActKernel round trip
+    a8, _ = gemma_rtn.rtn_quantize_gemma(w4[0], dataclasses.replace(W4, act=ActSpec(bits=8)))
+    save_checkpoint(tmp_path / "a8", CONFIG, a8)
+    loaded = load_model(tmp_path / "a8")
+    gate_up = loaded.layers[1].experts.gate_up[...]
+    assert isinstance(gate_up.weight, QuantizedExperts) and gate_up.act.bits == 8
+    np.testing.assert_array_equal(logits(loaded), logits(model_from_params(CONFIG, a8)))
+
 
 def test_parts_and_router_width_choose_what_is_quantized_and_how(w4):
     params = w4[0]
@@ -190,3 +200,55 @@ def test_parts_and_router_width_choose_what_is_quantized_and_how(w4):
     with pytest.raises(ValueError, match=r"parts=\('experts', 'mlp'\): expected distinct "
                                          r"names among"):
         GemmaPTQSpec(parts=("experts", "mlp"))
+
+
+def test_activation_bits_quantize_the_inputs_of_every_quantized_tensor(fp_model, w4):
+    """W4A8: every planned tensor wrapped so its inputs are quantized (the plan says A8, the
+    guard fails a tensor left with float inputs); the experts' rows are quantized one by one
+    (NumPy statement of the routed layer); A8 stays closer to A16 than A4."""
+    from qdlm_jax.models.experts import moe
+    from qdlm_jax.quant.act_core import ActSpec
+    from qdlm_jax.quant.act_kernel import ActKernel
+    from tests.quant.test_act_core import _numpy_fake_quant
+    from tests.quant.test_gemma_awq import _gelu
+
+    params, qparams, _ = w4
+    spec8 = GemmaPTQSpec(weight=QuantSpec(bits=4, group_size=8), act=ActSpec(bits=8))
+    out, plan = gemma_rtn.rtn_quantize_gemma(params, spec8)
+    assert {t.action for t in plan.tensors if t.quantized} == {"rtn W4A8 g8"}
+    for t in plan.tensors:
+        v = out[t.path]
+        assert isinstance(v, ActKernel) == t.quantized
+        if t.quantized:
+            assert v.act.bits == 8 and type(v.weight) is type(qparams[t.path])
+    path = ("layers", 1, "experts", "down")
+    with pytest.raises(CoverageError, match=r"layers.1.experts.down \(expert down, 3,072 "
+                                            r"params\): planned rtn W4A8 g8, but the result's "
+                                            r"inputs are float"):
+        check_coverage(plan, params, {**out, path: out[path].weight})
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 32)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 4, (6, 2)), jnp.int32)
+    wts = jnp.asarray(rng.uniform(0.2, 1.0, (6, 2)), jnp.float32)
+    gu, dn = out[("layers", 1, "experts", "gate_up")], out[path]
+    got = np.asarray(moe(x, gu, dn, ids, wts))
+    gu_w = np.asarray(gu.weight.dequantize(jnp.float32), np.float64)
+    dn_w = np.asarray(dn.weight.dequantize(jnp.float32), np.float64)
+    xq, _ = _numpy_fake_quant(np.asarray(x), 8, True, 1.0, True)
+    want = np.zeros((6, 32))
+    for t in range(6):
+        for e, w in zip(np.asarray(ids[t]), np.asarray(wts[t])):
+            h = xq[t] @ gu_w[e]
+            a = _gelu(h[:24]).astype(np.float64) * h[24:]
+            aq, _ = _numpy_fake_quant(a[None], 8, True, 1.0, True)
+            want[t] += w * (aq[0] @ dn_w[e])
+    # a tenth of what quantizing the rows changes (float inputs miss by about 1% of the
+    # output's scale here)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+    a16 = logits(model_from_params(CONFIG, qparams))
+    a8 = logits(model_from_params(CONFIG, out))
+    a4 = logits(model_from_params(CONFIG, gemma_rtn.rtn_quantize_gemma(
+        params, dataclasses.replace(spec8, act=ActSpec(bits=4)))[0]))
+    assert 0 < np.abs(a8 - a16).max() < np.abs(a4 - a16).max()
