@@ -40,7 +40,8 @@ ag32` (activation groups of 32 channels); columns the tasks grouped by category,
 QDLM paper's tables) and `plot_<model>.png` (metric against bits, one line per method, one
 panel per category, fp as a dashed reference line), and for a MoE model `table_moe.md`
 (`study_report.moe_table`: the scores beside the share of expert choices changed and the
-sampler's tokens per forward pass and forward passes per item), all written through temp
+sampler's tokens per forward pass and forward passes per item) with `decoding_<model>.png`
+(forward passes per item against KL to fp, one point per row), all written through temp
 files + rename.
 """
 
@@ -64,6 +65,7 @@ from qdlm_jax.jobs.study_report import (
     fp_can_do,
     markdown_table,
     moe_table,
+    plot_decoding,
     plot_model,
 )
 from qdlm_jax.jobs.study_rows import (
@@ -93,7 +95,7 @@ __all__ = ["CATEGORY_TITLES", "FP", "PASS_THROUGH", "RESULTS", "WA_ROWS", "WO_RO
            "Decoding", "Made", "StudySpec", "Variant", "act_granularities", "act_settings",
            "append_line", "apply_study_overrides", "axis_limits", "cell_key",
            "decoding_setting", "evaluate_task", "fp_can_do", "kv_settings", "markdown_table",
-           "moe_table", "plot_model",
+           "moe_table", "plot_decoding", "plot_model",
            "quant_hash", "quant_overrides", "quantize_config", "read_results",
            "repair_results", "run_study", "study_spec", "wa_row"]
 
@@ -237,10 +239,12 @@ def run_study(spec: StudySpec, *, evaluate: Callable | None = None,
     records = [done[k] for k in keys if k in done]
     table = markdown_table(records, spec.all_tasks)
     atomic_write_text(out / "table.md", table)
-    if any(r.get("expert_choices_changed") is not None for r in records):
-        atomic_write_text(out / "table_moe.md", moe_table(records, spec.tasks))
     plots = [plot_model(records, spec.tasks, m, out / f"plot_{Path(m).name}.png")
              for m in spec.models]
+    if any(r.get("expert_choices_changed") is not None for r in records):
+        atomic_write_text(out / "table_moe.md", moe_table(records, spec.tasks))
+        plots += [plot_decoding(records, m, out / f"decoding_{Path(m).name}.png")
+                  for m in spec.models]
     _log(f"ran {ran} cells in {time.time() - t_start:.1f}s; table: {out / 'table.md'}")
     return {"out_dir": str(out), "records": records, "table": table,
             "plots": [str(p) for p in plots], "ran": ran}

@@ -164,7 +164,8 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
                      "committed per forward pass; – where the row was not run that way.")
     notes += [f"Row {label} (`{key}`) sets, on top of the study's "
               f"{'weight-activation ' if key == 'wa_rows' else ''}settings: " + ", ".join(
-                  f"`{k}={v}`" for k, v in ov.items()) + "." for _, label, ov, key in overridden]
+                  f"`{k}={_value_text(v)}`" for k, v in ov.items()) + "."
+              for _, label, ov, key in overridden]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -202,16 +203,74 @@ def moe_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _decode_cells(recs: list[dict]) -> list[str]:
-    """[tokens per forward pass, forwards per item ± se] pooled over generation records."""
+def decode_stats(recs: list[dict]) -> tuple[float, float, float] | None:
+    """(tokens per forward pass, forwards per item, its standard error) pooled over a row's
+    generation records (`moe_table`), or None when they hold no sampler figures."""
     if not recs or any(r.get("forward_passes_per_row") is None for r in recs):
-        return ["–", "–"]
+        return None
     passes = [r["result"]["forward_passes"] for r in recs]
     items = [p / r["forward_passes_per_row"] for p, r in zip(passes, recs)]
     tokens = sum(r["tokens_per_step"] * p for r, p in zip(recs, passes))
     se = sum((n * (r.get("forward_passes_per_row_se") or 0.0)) ** 2
              for n, r in zip(items, recs)) ** 0.5 / sum(items)
-    return [f"{tokens / sum(passes):.2f}", format_pm(sum(passes) / sum(items), se, ".2f")]
+    return tokens / sum(passes), sum(passes) / sum(items), se
+
+
+def plot_decoding(records: list[dict], model: str, path: Path) -> Path:
+    """Forwards per item of the sampler (± one standard error) against KL to fp, one point
+    per row of `model` (a MoE study's `kl_to_fp` fidelity task), fp as a dashed line: does
+    a row that is further from fp decode slower? PNG via Agg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = Path(model).name
+    recs = [r for r in records if r["model_name"] == name]
+    points = []
+    for row in _row_order(recs):
+        mine = [r for r in recs if _row(r) == row]
+        kl = [r for r in mine if r.get("category") == "fidelity"]
+        stats = decode_stats([r for r in mine if r.get("tokens_per_step") is not None
+                              and not r.get("decoding")])
+        if kl and stats:
+            _, method, bits, act_bits, extra, _, _ = row
+            label = "fp" if method == FP else f"{method.upper()} {_bits_cell(bits, act_bits)}" \
+                + (f" +{extra}" if extra else "")
+            points.append((label, kl[0]["value"], kl[0].get("se") or 0.0, *stats[1:]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, kl, kl_se, fwd, fwd_se in points:
+        if label == "fp":
+            ax.axhline(fwd, color="black", linestyle="--", linewidth=1, label="fp")
+            continue
+        ax.errorbar(max(kl, 1e-4), fwd, xerr=kl_se, yerr=fwd_se, marker="o", capsize=3,
+                    linestyle="none")
+        ax.annotate(label, (max(kl, 1e-4), fwd), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL to fp (bits per canvas position, log scale)")
+    ax.set_ylabel("sampler forward passes per item")
+    ax.set_title(f"{name}: distance from fp against decoding steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _decode_cells(recs: list[dict]) -> list[str]:
+    """[tokens per forward pass, forwards per item ± se] pooled over generation records."""
+    stats = decode_stats(recs)
+    if stats is None:
+        return ["–", "–"]
+    return [f"{stats[0]:.2f}", format_pm(stats[1], stats[2], ".2f")]
+
+
+def _value_text(v) -> str:
+    """An override's value as the command line writes it (a sequence comma-joined)."""
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def _variant_bits(bits, act_bits) -> str:
