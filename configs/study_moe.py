@@ -52,7 +52,8 @@ def get_config():
         {"base": "arithmetic_subtract", "limit": ITEMS},
         {"base": "synthetic_code", "limit": ITEMS},
         {"base": "synthetic_compare", "limit": ITEMS, "mc_num": 16, "batch_size": 16},
-        {"base": "kl_to_fp", "source": TEXT, "seq_len": 64, "n_windows": 32},
+        {"type": "fidelity", "name": "kl_to_fp", "source": TEXT, "seq_len": 64,
+         "n_windows": 32},
     ]
     c.only_tasks = ()
     return c

@@ -10,11 +10,13 @@ A task is one of
   (metric `exact_match`; `evals/math_gen.py`);
 - `CodeTask` (category `code`): HumanEval-format generation run in the sandbox, pass@1
   (metric `pass@1`; `evals/code_gen.py`);
-- `FidelityTask` (category `fidelity`): KL of the model's predictions to a reference (the fp
-  model) on held-out windows, half noised (metric `kl_bits`, lower is better; LLaDA / Dream:
-  `basic.output_kl` with the mask token, DiffusionGemma: `canvas_kl.canvas_kl` on a clean
-  prompt and a noised canvas, plus the share of the reference's top-k expert choices that
-  change, `canvas_kl.route_changes`). It needs `run_task(..., reference=)`.
+- `FidelityTask` (category `fidelity`, type `fidelity`): KL of the model's predictions to a
+  reference (the fp model) on held-out windows, half noised (metric `kl_bits`, lower is
+  better; LLaDA / Dream: `basic.output_kl` with the mask token, DiffusionGemma:
+  `canvas_kl.canvas_kl` on a clean prompt and a noised canvas, plus the share of the
+  reference's top-k expert choices that change, `canvas_kl.route_changes`). It needs
+  `run_task(..., reference=)`, which the study passes; it is not a built-in task of
+  `qdlm eval`, which scores one model.
 
 Generation settings are a `generate.GenerationConfig` per task holding both families'
 fields (LLaDA: steps, gen_length, block_length, remasking; Dream: steps, gen_length as
@@ -203,7 +205,6 @@ BUILTIN: dict[str, TaskSpec] = {t.name: t for t in (
     CodeTask(name="synthetic_code", source="synthetic_code", gen=SYNTHETIC_CODE_GEN,
              stops=("\n",), batch_size=50, limit=200),
     MCTask(name="synthetic_compare", path="synthetic:compare", limit=200),
-    FidelityTask(name="kl_to_fp"),
 )}
 SYNTHETIC_TASKS = ("arithmetic", "arithmetic_subtract", "arithmetic_3digit", "synthetic_code",
                    "synthetic_compare")

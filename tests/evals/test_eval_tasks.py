@@ -17,7 +17,8 @@ def test_builtin_defaults_are_qdlm_settings():
     he = tasks.BUILTIN["humaneval"]
     assert (he.gen.gen_length, he.gen.steps, he.gen.block_length) == (512, 512, 32)
     assert tasks.BUILTIN["social_iqa"].mc_num == 128
-    assert {t.category for t in tasks.BUILTIN.values()} == set(tasks.CATEGORIES)
+    # every category has a built-in task but fidelity (it compares two models: the study's)
+    assert {t.category for t in tasks.BUILTIN.values()} == set(tasks.CATEGORIES) - {"fidelity"}
 
 
 def test_from_mapping_with_base_and_gen_overrides():
@@ -145,3 +146,18 @@ def test_code_task_sandbox_limits_reach_the_sandbox(monkeypatch):
     assert (seen["limits"].max_processes, seen["limits"].tree_memory_bytes) == (16, 512 << 20)
     with pytest.raises(ValueError, match="max_processes=0"):
         task_from_mapping({"base": "humaneval", "max_processes": 0})
+
+
+def test_fidelity_tasks_come_from_mappings_and_need_a_reference():
+    from qdlm_jax.evals.tasks import FidelityTask, run_task, task_from_mapping
+
+    spec = task_from_mapping({"type": "fidelity", "name": "kl", "n_windows": 4,
+                              "source": "austen"})
+    assert isinstance(spec, FidelityTask) and (spec.metric, spec.higher_is_better) == (
+        "kl_bits", False)
+    assert (spec.category, spec.seq_len, spec.noise_ratio) == ("fidelity", 48, 0.5)
+    with pytest.raises(ValueError, match=r"noise_ratio=0.0: expected a value in \(0, 1\]"):
+        task_from_mapping({"type": "fidelity", "name": "kl", "noise_ratio": 0.0})
+    with pytest.raises(ValueError, match="a fidelity task compares two models; pass "
+                                         "reference="):
+        run_task(object(), spec)
