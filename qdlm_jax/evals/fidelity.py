@@ -9,7 +9,7 @@ on held-out text windows with a share `noise_ratio` of positions noised.
 
 Both models see the same windows and the same noise; the result is `kl_bits` (bits per
 position) with its standard error over windows, and for DiffusionGemma
-`expert_choices_changed`.
+`expert_choices_changed`. The reference compared with itself scores 0 without a forward.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ def fidelity(reference, tm, spec) -> dict:
                          f"the canvas of {config.canvas_length} tokens; expected more")
     w = heldout_windows(reference.tokenizer, source=spec.source, split=spec.split,
                         seq_len=spec.seq_len, n_windows=spec.n_windows, seed=spec.seed)
-    if config.family == GEMMA_FAMILY:
+    if tm.model is reference.model:  # the reference itself (the study's fp row): exactly 0
+        r = {"kl_bits": 0.0, "kl_bits_se": 0.0, "noise_ratio": spec.noise_ratio,
+             "n_windows": int(len(w)), "reference_itself": True}
+        if config.family == GEMMA_FAMILY:
+            r.update(expert_choices_changed=0.0, expert_choices=None)
+    elif config.family == GEMMA_FAMILY:
         r = canvas_kl(reference.model, tm.model, w, noise_ratio=spec.noise_ratio,
                       batch_size=spec.batch_size, seed=spec.seed)
         rc = route_changes(reference.model, tm.model, w, noise_ratio=spec.noise_ratio,
