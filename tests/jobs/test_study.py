@@ -354,7 +354,8 @@ def test_real_kv4_row_quantizes_attention(tmp_path):
 @pytest.mark.slow
 def test_real_tiny_study(tmp_path):
     cfg = config(methods=("rtn",), bits=(4,), out_dir=str(tmp_path / "s"), progress=False,
-                 tasks=[{"base": "arithmetic", "limit": 2}])
+                 tasks=[{"base": "arithmetic", "limit": 2}], wa_methods=(), wa_bits=(),
+                 wa_rows=[])
     r = study.run_study(study.study_spec(cfg))
     assert r["ran"] == 2 and len(r["records"]) == 2
 
