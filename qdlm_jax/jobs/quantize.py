@@ -262,9 +262,14 @@ def _moe_at_defaults(moe) -> bool:
     return all(moe.get(k, v) == v for k, v in MOE_DEFAULTS.items())
 
 
+def _moe_settings(cfg: ml_collections.ConfigDict) -> dict:
+    """`--config.moe` over MOE_DEFAULTS (a config without the section gets the defaults)."""
+    return {**MOE_DEFAULTS, **dict(cfg.get("moe", None) or {})}
+
+
 def _moe_gptq(cfg: ml_collections.ConfigDict) -> GemmaGPTQSettings:
     """GPTQ's MoE settings (`--config.moe.*` with `--config.gptq.damp / block_size`)."""
-    moe = {**MOE_DEFAULTS, **dict(cfg.get("moe", None) or {})}
+    moe = _moe_settings(cfg)
     try:
         thin = ThinExperts(min_rows=moe["thin_min_rows"], fallback=moe["thin_fallback"],
                            thin_damp=moe["thin_damp"])
@@ -278,7 +283,7 @@ def _moe_gptq(cfg: ml_collections.ConfigDict) -> GemmaGPTQSettings:
 
 def _moe_plan(cfg: ml_collections.ConfigDict) -> dict:
     """{"router_bits", "moe_parts"} of `--config.moe.router_bits / parts`, checked."""
-    moe = {**MOE_DEFAULTS, **dict(cfg.get("moe", None) or {})}
+    moe = _moe_settings(cfg)
     bits, parts = moe["router_bits"], moe["parts"]
     parts = (parts,) if isinstance(parts, str) else tuple(parts)
     if bits not in (0, 2, 3, 4, 8) or isinstance(bits, bool):

@@ -117,8 +117,7 @@ def markdown_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     for t in tasks:
         cats.append(CATEGORY_TITLES.get(t.category, t.category) if t.category != prev else "")
         prev = t.category
-    unit = {t.name: ("KL bits ↓" if t.category == "fidelity" else "bits/tok ↓"
-                     if not t.higher_is_better else f"{t.metric} %") for t in tasks}
+    unit = {t.name: _unit(t, f"{t.metric} %") for t in tasks}
     lines = ["| | | | " + " | ".join(cats) + " |",
              "|---|---|---|" + "---|" * len(tasks),
              "| **model** | **method** | **bits** | " +
@@ -181,31 +180,43 @@ def moe_table(records: list[dict], tasks: Sequence[TaskSpec]) -> str:
     records = [r for r in records if r["model_name"] in moe_models]
     tasks = _ordered_tasks(tasks)
     by = {(*_row(r), r["task"]): r for r in records}
-    unit = {t.name: ("KL bits ↓" if t.category == "fidelity" else "bits/tok ↓"
-                     if not t.higher_is_better else "%") for t in tasks}
+    unit = {t.name: _unit(t, "%") for t in tasks}
     lines = ["| **model** | **row** | " + " | ".join(f"**{t.name}** ({unit[t.name]})"
                                                     for t in tasks)
              + " | **expert choices changed** (%) | **tokens / forward** | "
                "**forwards / item** |",
              "|---|---|" + "---|" * (len(tasks) + 3)]
     for row in _row_order(records):
-        model, method, bits, act_bits, extra, act, budget = row
         mine = [r for r in records if _row(r) == row]
-        label = "FP" if method == FP else f"{method.upper()} {_bits_cell(bits, act_bits)}" + (
-            f" +{extra}" if extra else "")
         cells = [_fmt(by.get((*row, t.name))) for t in tasks]
         changed = [r["expert_choices_changed"] for r in mine
                    if r.get("expert_choices_changed") is not None]
         cells.append(f"{100 * changed[0]:.2f}" if changed else "–")
-        cells += _decode_cells([r for r in mine if r.get("tokens_per_step") is not None
-                                and not r.get("decoding")])
-        lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+        cells += _decode_cells(mine)
+        lines.append(f"| {row[0]} | {_row_label(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _unit(t: TaskSpec, accuracy: str) -> str:
+    """A task column's unit: KL bits for fidelity, bits/token for the bound, else `accuracy`."""
+    if t.category == "fidelity":
+        return "KL bits ↓"
+    return "bits/tok ↓" if not t.higher_is_better else accuracy
+
+
+def _row_label(row: tuple) -> str:
+    """FP, or `RTN 4`, `RTN W4A8`, `RTN 4 +router4` (a named row)."""
+    _, method, bits, act_bits, extra, _, _ = row
+    if method == FP:
+        return "FP"
+    return f"{method.upper()} {_bits_cell(bits, act_bits)}" + (f" +{extra}" if extra else "")
+
+
 def decode_stats(recs: list[dict]) -> tuple[float, float, float] | None:
-    """(tokens per forward pass, forwards per item, its standard error) pooled over a row's
-    generation records (`moe_table`), or None when they hold no sampler figures."""
+    """(tokens per forward pass, forwards per item, its standard error) pooled over the
+    generation records among a row's records (`moe_table`), or None when they hold no
+    sampler figures."""
+    recs = [r for r in recs if r.get("tokens_per_step") is not None and not r.get("decoding")]
     if not recs or any(r.get("forward_passes_per_row") is None for r in recs):
         return None
     passes = [r["result"]["forward_passes"] for r in recs]
@@ -230,16 +241,13 @@ def plot_decoding(records: list[dict], model: str, path: Path) -> Path:
     for row in _row_order(recs):
         mine = [r for r in recs if _row(r) == row]
         kl = [r for r in mine if r.get("category") == "fidelity"]
-        stats = decode_stats([r for r in mine if r.get("tokens_per_step") is not None
-                              and not r.get("decoding")])
+        stats = decode_stats(mine)
         if kl and stats:
-            _, method, bits, act_bits, extra, _, _ = row
-            label = "fp" if method == FP else f"{method.upper()} {_bits_cell(bits, act_bits)}" \
-                + (f" +{extra}" if extra else "")
-            points.append((label, kl[0]["value"], kl[0].get("se") or 0.0, *stats[1:]))
+            points.append((_row_label(row), kl[0]["value"], kl[0].get("se") or 0.0,
+                           *stats[1:]))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, kl, kl_se, fwd, fwd_se in points:
-        if label == "fp":
+        if label == "FP":
             ax.axhline(fwd, color="black", linestyle="--", linewidth=1, label="fp")
             continue
         ax.errorbar(max(kl, 1e-4), fwd, xerr=kl_se, yerr=fwd_se, marker="o", capsize=3,
@@ -261,7 +269,7 @@ def plot_decoding(records: list[dict], model: str, path: Path) -> Path:
 
 
 def _decode_cells(recs: list[dict]) -> list[str]:
-    """[tokens per forward pass, forwards per item ± se] pooled over generation records."""
+    """[tokens per forward pass, forwards per item ± se] of a row's records (`decode_stats`)."""
     stats = decode_stats(recs)
     if stats is None:
         return ["–", "–"]
