@@ -118,6 +118,8 @@ def test_data_source_errors_are_one_line_without_traceback(capsys, monkeypatch):
         raise DataSourceError("bigbench-wikipedia: archive not reachable\nsecond line")
 
     monkeypatch.setattr("qdlm_jax.jobs.study.run_study", fail)
+    # the spec is not built: resolving the default text source prints its own line
+    monkeypatch.setattr("qdlm_jax.jobs.study.study_spec", lambda cfg: None)
     assert main(["study"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "qdlm study: error: bigbench-wikipedia: archive not reachable"

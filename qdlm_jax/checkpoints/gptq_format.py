@@ -42,10 +42,14 @@ from typing import Iterable
 
 import numpy as np
 
-from qdlm_jax.checkpoints.hf import CheckpointDir, config_to_hf, key_map, read_tensors
-from qdlm_jax.checkpoints.safetensors_io import write_safetensors
+from qdlm_jax.checkpoints.export_common import (
+    group_of,
+    one_setting,
+    packed_linears,
+    write_quantized_dir,
+)
+from qdlm_jax.checkpoints.hf import CheckpointDir, key_map, read_tensors
 from qdlm_jax.errors import CheckpointError
-from qdlm_jax.fsutil import atomic_dir
 from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath
 from qdlm_jax.quant.act_kernel import ActKernel, inner_weight
@@ -92,12 +96,6 @@ def check_representable(params: dict) -> None:
                               "else (weight-only RTN / GPTQ / AWQ models export)")
 
 
-def _group_of(q: QuantizedArray) -> int | None:
-    """The group size of one packed linear, None when it holds one group over its input."""
-    n_in = q.storage_shape[1]
-    return None if q.group_size in (-1, n_in) else q.group_size
-
-
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     """int32 [rows // pack, cols]: `pack` consecutive rows per int32, row j at bits*j."""
     pack = 32 // bits
@@ -121,28 +119,16 @@ def _linear_prefix(hf_name: str) -> str:
     return hf_name[: -len(".weight")]
 
 
-def _quantized(params: dict) -> dict[ParamPath, QuantizedArray]:
-    return {p: inner_weight(v) for p, v in params.items()
-            if isinstance(inner_weight(v), QuantizedArray)}
-
-
 def quantization_config(params: dict) -> dict:
     """The `quantization_config` of a packed model; one bits / group / symmetry for all."""
     check_representable(params)
-    quantized = _quantized(params)
+    quantized = packed_linears(params)
     if not quantized:
         raise CheckpointError("export --format gptq: the model has no quantized linear "
                               "(quantize it first: qdlm quantize)")
     qs = list(quantized.values())
-    for field in ("bits", "sym"):
-        by = {}
-        for p, q in quantized.items():
-            by.setdefault(getattr(q, field), _name(p))
-        if len(by) > 1:
-            raise CheckpointError(f"export --format gptq: linears mix {field} (e.g. {by}); "
-                                  f"the GPTQ layout has one {field} per model")
-    bits, sym = qs[0].bits, qs[0].sym
-    groups = {g for g in map(_group_of, qs) if g is not None}
+    bits, sym = (one_setting(quantized, f, "--format gptq") for f in ("bits", "sym"))
+    groups = {g for g in map(group_of, qs) if g is not None}
     if len(groups) > 1:
         raise CheckpointError(f"export --format gptq: linears use group sizes {sorted(groups)};"
                               " the GPTQ layout has one per model (quantize with one "
@@ -150,7 +136,7 @@ def quantization_config(params: dict) -> dict:
     group = groups.pop() if groups else -1
     if group != -1:  # single-group linears fit only where their width is that group
         odd = [(_name(p), q.storage_shape[1]) for p, q in quantized.items()
-               if _group_of(q) is None and q.storage_shape[1] != group]
+               if group_of(q) is None and q.storage_shape[1] != group]
         if odd:
             raise CheckpointError(
                 f"export --format gptq: {odd[0][0]} is one group over its {odd[0][1]} inputs "
@@ -185,7 +171,7 @@ def save_gptq(config: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
               extra_files: Iterable[Path] = (), overwrite: bool = False) -> Path:
     """Writes the packed model in the GPTQ layout (one safetensors file + config.json)."""
     qcfg = quantization_config(params)
-    quantized = _quantized(params)
+    quantized = packed_linears(params)
     tensors: dict[str, np.ndarray] = {}
     for m in key_map(config):
         v = params[m.path]
@@ -194,12 +180,8 @@ def save_gptq(config: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
             continue
         arr = np.asarray(inner_weight(v))
         tensors[m.hf_name] = np.ascontiguousarray(arr.T if m.transpose else arr)
-    with atomic_dir(out_dir, overwrite=overwrite, extra_files=extra_files) as tmp:
-        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
-        hf = config_to_hf(config)
-        hf["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    return Path(out_dir).absolute()
+    return write_quantized_dir(config, tensors, qcfg, out_dir, extra_files=extra_files,
+                               overwrite=overwrite)
 
 
 def is_gptq_checkpoint(path: str | os.PathLike) -> bool:
