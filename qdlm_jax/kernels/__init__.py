@@ -6,7 +6,8 @@ a linear layer whose kernel is a `QuantizedArray` or `BinaryPlanesArray` runs `q
 kernel is an
 `ActKernel` runs its input stage and then projects with the inner weight (and, on k_proj /
 v_proj, its K/V quantization inside attention); routed experts held as `QuantizedExperts`
-run its grouped matmul (`models.experts.expert_project`). The quantized
+run `expert_qmatmul` (the grouped kernels of `kernels.grouped`, or the XLA path), through
+`models.experts.expert_project`. The quantized
 types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
 the root package `qdlm_jax` imports this package, so any quantized model finds its op however
 the package is entered, and the implementation setting (a JAX config state in the jit key)
@@ -19,8 +20,10 @@ from qdlm_jax.kernels.dispatch import (
     IMPLEMENTATIONS,
     Setting,
     current_setting,
+    expert_qmatmul,
     platform_default,
     qmatmul,
+    select_expert_implementation,
     select_implementation,
     set_implementation,
     use_implementation,
@@ -36,14 +39,14 @@ from qdlm_jax.quant.act_kernel import (
 )
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
-from qdlm_jax.quant.qexperts import QuantizedExperts, experts_matmul
+from qdlm_jax.quant.qexperts import QuantizedExperts
 
 register_kernel_type(QuantizedArray, qmatmul)
 register_kernel_type(BinaryPlanesArray, qmatmul)  # DAQ: served by the XLA path
 register_kernel_type(ActKernel, act_matmul, input_stage, attention_stage)
-register_expert_kernel_type(QuantizedExperts, experts_matmul)  # MoE experts: XLA path
+register_expert_kernel_type(QuantizedExperts, expert_qmatmul)  # MoE experts: grouped kernels
 register_expert_kernel_type(ActKernel, act_expert_matmul)  # experts with quantized inputs
 
-__all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "platform_default",
-           "qmatmul", "quantize_activations", "select_implementation", "set_implementation",
-           "use_implementation"]
+__all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "expert_qmatmul",
+           "platform_default", "qmatmul", "quantize_activations", "select_expert_implementation",
+           "select_implementation", "set_implementation", "use_implementation"]

@@ -185,13 +185,21 @@ def prepare(x, w: QuantizedArray, act_bits, *, m_pad: int, n_pad: int, k_pad: in
             s_x = pad_to(s_x, 1, k_pad // act_group_size)
     x2 = pad_to(pad_to(x2, 0, m_pad), 1, k_pad)
     xs = (x2[:, 0::2], x2[:, 1::2]) if w.bits == 4 else (x2,)
+    packed, scale, zero = prepare_weight(w, n_pad=n_pad, k_pad=k_pad)
+    return Operands(xs=xs, s_x=s_x, packed=packed, scale=scale, zero=zero, rows=rows,
+                    lead=lead, n=n)
+
+
+def prepare_weight(w: QuantizedArray, *, n_pad: int, k_pad: int):
+    """(packed uint8 [Np, Kp * bits / 8], scale f32 [Np, Gp], zero f32 [Np, Gp] or None when
+    symmetric): w's storage padded to whole blocks (padded scales are 0, so padded weights
+    dequantize to 0)."""
     per_byte = 8 // w.bits
     packed = pad_to(pad_to(w.packed, 0, n_pad), 1, k_pad // per_byte)
     g_pad = 1 if w.n_groups == 1 else k_pad // w.group_size
     scale = pad_to(pad_to(w.scale.astype(jnp.float32), 0, n_pad), 1, g_pad)
     zero = None if w.sym else pad_to(pad_to(w.zeros(), 0, n_pad), 1, g_pad)
-    return Operands(xs=xs, s_x=s_x, packed=packed, scale=scale, zero=zero, rows=rows,
-                    lead=lead, n=n)
+    return packed, scale, zero
 
 
 def finish(y: jax.Array, ops: Operands) -> jax.Array:

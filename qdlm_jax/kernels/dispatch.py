@@ -31,9 +31,10 @@ import jax
 from jax._src import config as jax_config  # config states that take part in jit keys
 from jaxtyping import Array, Float
 
-from qdlm_jax.kernels import common, pallas_gpu, pallas_tpu, xla
+from qdlm_jax.kernels import common, grouped, pallas_gpu, pallas_tpu, xla
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.qarray import QuantizedArray
+from qdlm_jax.quant.qexperts import QuantizedExperts, experts_matmul
 
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
 _CHOICES = ("auto",) + IMPLEMENTATIONS
@@ -145,3 +146,33 @@ def qmatmul(x: Float[Array, "... k"], w: QuantizedArray, *, act_bits: int | None
         interpret = current_setting().interpret
     return _KERNELS[name].qmatmul(x, w, act_bits=act_bits, act_group_size=act_group_size,
                                   interpret=bool(interpret))
+
+
+def select_expert_implementation(x, q: QuantizedExperts, *, implementation: str | None = None
+                                 ) -> tuple[str, str]:
+    """(name, reason): the implementation `expert_qmatmul` runs for these operands and why
+    (the same setting as `qmatmul`; a Pallas kernel that does not take the call falls back
+    to "xla")."""
+    requested = _parse(implementation).name if implementation is not None \
+        else current_setting().name
+    name = platform_default() if requested == "auto" else requested
+    if name == "xla":
+        return "xla", f"requested {requested!r}"
+    ok, reason = grouped.supports(x, q, name)
+    if not ok:
+        return "xla", f"{name} does not support this call: {reason}"
+    return name, f"requested {requested!r}"
+
+
+def expert_qmatmul(x: Float[Array, "m k"], q: QuantizedExperts, group_sizes,
+                   *, implementation: str | None = None,
+                   interpret: bool | None = None) -> Float[Array, "m n"]:
+    """Rows of x sorted by expert (group_sizes[e] rows for expert e) times their expert's
+    packed weight: the grouped Pallas kernel of the selected implementation
+    (`kernels.grouped`), or the XLA path (`qexperts.experts_matmul`). Output dtype: x.dtype."""
+    name, _ = select_expert_implementation(x, q, implementation=implementation)
+    if name == "xla":
+        return experts_matmul(x, q, group_sizes)
+    if interpret is None:
+        interpret = current_setting().interpret
+    return grouped.grouped_qmatmul(x, q, group_sizes, backend=name, interpret=bool(interpret))

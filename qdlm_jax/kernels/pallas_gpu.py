@@ -47,7 +47,7 @@ MIN_BK = 32  # codes; int8 tensor-core dots want k >= 32, 4-bit halves k >= 16
 MAX_BK = 128
 TARGET_PROGRAMS = 132  # H100 SXM streaming multiprocessors
 MAX_SPLIT = 8
-_DIMS = (((1,), (1,)), ((), ()))  # a[m, k] . b[n, k] -> [m, n]
+DIMS = (((1,), (1,)), ((), ()))  # a[m, k] . b[n, k] -> [m, n]
 
 
 class Blocks(NamedTuple):
@@ -138,7 +138,7 @@ def _kernel(*refs, bits, n_x, act, sym, bk, group_size, per_channel, steps, fuse
             ws = [((c.astype(jnp.float32) - zero) * scale).astype(x_refs[0].dtype)
                   for c in codes]
         for w, x_ref in zip(ws, x_refs):
-            acc += jax.lax.dot_general(x_ref[:, pl.ds(k0, lanes)], w, _DIMS,
+            acc += jax.lax.dot_general(x_ref[:, pl.ds(k0, lanes)], w, DIMS,
                                        preferred_element_type=acc.dtype)
         return acc
 

@@ -135,7 +135,7 @@ def _spread(col_refs, shape, group_lanes):
     return out
 
 
-def _weight_only_kernel(*refs, bits, n_x, n_cols, sym, group_lanes, n_k):
+def weight_only_kernel(*refs, bits, n_x, n_cols, sym, group_lanes, n_k):
     x_refs, p_ref = refs[:n_x], refs[n_x]
     s_refs = refs[n_x + 1:n_x + 1 + n_cols]
     z_refs = refs[n_x + 1 + n_cols:n_x + 1 + 2 * n_cols] if not sym else ()
@@ -224,17 +224,22 @@ def _check_blocks(blocks: Blocks, bits: int, group_size: int, n_groups: int) -> 
                          "groups, or group_size % bk == 0)")
 
 
+def group_positions(bk: int, group_size: int, n_groups: int) -> list:
+    """One function per group position in a K block: K step k -> the group index (row of a
+    [G, ...] scale view) that the position's lanes use."""
+    if n_groups == 1:
+        return [lambda k: 0]
+    if group_size >= bk:
+        return [lambda k: (k * bk) // group_size]
+    per = bk // group_size
+    return [functools.partial(lambda g, k: k * per + g, g) for g in range(per)]
+
+
 def _group_index_maps(bk: int, group_size: int, n_groups: int, *, rows: bool = False):
     """Index maps of a [G, N, 1] scale view (weights; or [G, M, 1] for activations with
     `rows`), one per group position in a K block."""
-    def at(g, i, j):
-        return (g, i if rows else j, 0)
-    if n_groups == 1:
-        return [lambda i, j, k: at(0, i, j)]
-    if group_size >= bk:
-        return [lambda i, j, k: at((k * bk) // group_size, i, j)]
-    per = bk // group_size
-    return [functools.partial(lambda g, i, j, k: at(k * per + g, i, j), g) for g in range(per)]
+    return [functools.partial(lambda f, i, j, k: (f(k), i if rows else j, 0), f)
+            for f in group_positions(bk, group_size, n_groups)]
 
 
 def qmatmul(x, w, *, act_bits: int | None = None, act_group_size: int | None = None,
@@ -278,7 +283,7 @@ def qmatmul(x, w, *, act_bits: int | None = None, act_group_size: int | None = N
             cols += [ops.zero.T[:, :, None]] * len(maps)
             col_specs = col_specs * 2
         kernel = functools.partial(
-            _weight_only_kernel, bits=w.bits, n_x=n_x, n_cols=len(maps), sym=ops.zero is None,
+            weight_only_kernel, bits=w.bits, n_x=n_x, n_cols=len(maps), sym=ops.zero is None,
             group_lanes=w.group_size * w.bits // 8, n_k=grid[2])
         inputs = [*ops.xs, ops.packed, *cols]
         in_specs = [x_spec] * n_x + [p_spec] + col_specs
