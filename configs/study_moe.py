@@ -6,8 +6,8 @@ otherwise): fp; RTN, GPTQ and AWQ at W4 / W3 / W2 (group 32, two-mode calibratio
 W8A8 and W4A8; and, at RTN W4, the parts one at a time: experts only, attention only, the
 routers at 8 and 4 bits beside everything else, and the routers at 4 bits alone (`rows`,
 qdlm_jax/jobs/study_rows.py WO_ROWS). Each row is scored on held-out 2-digit addition and
-subtraction, synthetic code pass@1, 4-way comparisons, the continuation cross-entropy of
-held-out text, and KL to fp with the share of the fp model's expert choices that change;
+subtraction, synthetic code pass@1, 4-way comparisons, the left-to-right continuation NLL
+of held-out text, and KL to fp with the share of the fp model's expert choices that change;
 its generation tasks record the entropy-bound sampler's tokens per forward pass and forward
 passes per item
 (docs/results_tiny.md, "MoE rows"). W8A8 and W4A8 are RTN weights (per output channel)
@@ -45,7 +45,7 @@ def get_config():
     c.decoding = []
     c.decoding_rows = []
     c.tasks = [
-        {"base": "wikipedia_bound", "name": "text_ce", "source": TEXT, "seq_len": 64,
+        {"base": "wikipedia_bound", "name": "text_nll", "source": TEXT, "seq_len": 64,
          "n_windows": 32,
          "mc_num": 8, "batch_size": 8},
         {"base": "arithmetic", "limit": ITEMS},

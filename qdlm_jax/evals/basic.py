@@ -2,15 +2,15 @@
 
 - `heldout_bound`: the Monte Carlo masked-likelihood bound (nats and bits per token) on
   held-out windows of a text source, via `likelihood.perplexity_bound`. DiffusionGemma has no
-  mask token; for it the same call gives the continuation cross-entropy instead: each window
-  is a prompt (all but its last canvas_length tokens, through the causal encoder) and one
-  canvas of uniform noise (t = 1, no self-conditioning), and
-
-      CE = mean over windows, noise draws and canvas positions of -log p(x_i | prompt, noise)
-
-  in nats (`gemma_likelihood.answer_score` at the single level 1.0). Every canvas position
-  is predicted from the prompt alone, as a unigram model predicts from nothing, so it is
-  compared with `unigram_entropy`; it is not a bound on the windows' likelihood.
+  mask token; for it the same call gives the continuation NLL instead: each window is a
+  prompt (all but its last canvas_length tokens, through the causal encoder) and one canvas,
+  scored left to right (`gemma_likelihood.left_to_right_nll`): position i predicted with the
+  canvas before it clean and the rest uniform noise,
+      NLL = mean over windows, positions and noise draws of -log p(x_i | prompt, x_<i, noise)
+  in nats. It is the likelihood of decoding the window's end one token per step, a proper
+  sequence likelihood, so it is compared with `unigram_entropy`. `order="parallel"` scores
+  every position from the prompt and a fully noised canvas instead (t = 1: the sampler's
+  first step; a product of per-position marginals).
 - `arithmetic_accuracy`: exact match of the denoising loop's answers to held-out arithmetic
   problems (`Question: 47+38=? Answer:` -> first integer of the generated text).
 - `unigram_entropy`: the entropy of a unigram model fitted on the train split, the
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from qdlm_jax.data import arithmetic, sources
 from qdlm_jax.data.hf_tokenizer import stop_index
-from qdlm_jax.inference.gemma_likelihood import answer_score
+from qdlm_jax.inference.gemma_likelihood import answer_score, left_to_right_nll
 from qdlm_jax.inference.generate import GenerationConfig, generate
 from qdlm_jax.inference.likelihood import perplexity_bound
 from qdlm_jax.models.gemma_config import FAMILY as GEMMA_FAMILY
@@ -73,26 +73,37 @@ def heldout_bound(model, windows: np.ndarray, *, mc_num: int = 32, batch_size: i
 
 
 def continuation_ce(model, windows: np.ndarray, *, samples: int = 32, seed: int = 0,
-                    progress: bool = True) -> dict:
-    """DiffusionGemma's continuation cross-entropy on `windows` [n, P + canvas_length] (module
-    docstring), with the keys of `heldout_bound` (`ppl_bound` is exp(CE), a perplexity of
-    the per-position predictions, not a bound) and `measure`."""
+                    progress: bool = True, order: str = "left_to_right") -> dict:
+    """DiffusionGemma's continuation NLL on `windows` [n, P + canvas_length] (module
+    docstring; `order` "left_to_right" or "parallel", `samples` noise draws per window), with
+    the keys of `heldout_bound` (`ppl_bound` is exp(NLL), a perplexity, not a bound) and
+    `measure`."""
     w = np.asarray(windows)
     length = model.config.canvas_length
     if w.ndim != 2 or w.shape[1] <= length:
         raise ValueError(f"windows: expected [n, P + {length}] with P > 0 (the model's "
                          f"canvas_length is {length}), got {w.shape}")
+    if order not in ("left_to_right", "parallel"):
+        raise ValueError(f"order={order!r}: expected 'left_to_right' or 'parallel'")
     key = jax.random.key(seed)
-    per_window = np.asarray([float(answer_score(
-        model, w[i, :-length], w[i, -length:], key=jax.random.fold_in(key, i), levels=(1.0,),
-        samples=samples)) for i in tqdm(range(len(w)), desc="continuation CE", unit="window",
-                                        disable=not progress)], np.float64)
+
+    def score(i):
+        prompt, canvas, k = w[i, :-length], w[i, -length:], jax.random.fold_in(key, i)
+        if order == "parallel":
+            return answer_score(model, prompt, canvas, key=k, levels=(1.0,), samples=samples)
+        return left_to_right_nll(model, prompt, canvas, key=k, samples=samples)
+
+    per_window = np.asarray([float(score(i)) for i in tqdm(
+        range(len(w)), desc="continuation NLL", unit="window", disable=not progress)],
+        np.float64)
     nats = float(per_window.mean())
+    measure = (f"left-to-right NLL of the last {length} tokens (later positions noised)"
+               if order == "left_to_right" else
+               f"cross-entropy of the last {length} tokens, fully noised")
     return {"nll_nats": nats, "bits_per_token": nats / LN2,
             "bits_per_token_se": mean_se(per_window / LN2), "ppl_bound": math.exp(nats),
             "tokens": int(len(w) * length), "mc_num": samples, "n_windows": int(len(w)),
-            "seq_len": int(w.shape[1]),
-            "measure": f"continuation cross-entropy of the last {length} tokens, fully noised"}
+            "seq_len": int(w.shape[1]), "measure": measure, "order": order}
 
 
 def mean_se(values) -> float:

@@ -1,4 +1,5 @@
-"""A Monte Carlo answer score for DiffusionGemma (uniform-state block diffusion).
+"""Monte Carlo scores for DiffusionGemma (uniform-state block diffusion): `answer_score`
+(below) and `left_to_right_nll` (a text likelihood; its docstring).
 
 DiffusionGemma's noise replaces a token by a uniform vocabulary id; there is no mask token,
 so the masked-diffusion ELBO of `likelihood.py` does not apply. `answer_score` is instead the
@@ -40,7 +41,7 @@ from jaxtyping import Array, Float, Int
 from qdlm_jax.inference.common import bucket
 from qdlm_jax.models.diffusion_gemma import DiffusionGemma, KVCache, init_cache
 
-__all__ = ["GemmaScoreSettings", "answer_score"]
+__all__ = ["GemmaScoreSettings", "answer_score", "left_to_right_nll"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,3 +162,61 @@ def answer_score(model: DiffusionGemma, prompt_ids: Int[Array, " P"],
     graphdef, state = nnx.split(model)
     return _score_jit(state, prompt, prompt_valid, answer, jnp.int32(n), key,
                       graphdef=graphdef, s=s)
+
+
+def _left_to_right(state, prompt, prompt_valid, canvas, key, *, graphdef, samples: int):
+    model = nnx.merge(graphdef, state)
+    vocab, length = model.config.vocab_size, canvas.shape[0]
+    p = prompt.shape[0]
+    cache = init_cache(model.config, 1, p)
+    cache = model.encode(prompt[None], jnp.arange(p, dtype=jnp.int32)[None], cache,
+                         prompt_valid[None])
+    rows = length * samples  # row (i, s): canvas positions < i clean, >= i noise draw s
+    noise = jax.random.randint(key, (length, samples, length), 0, vocab, jnp.int32)
+    step = jnp.arange(length, dtype=jnp.int32)[:, None, None]
+    x = jnp.where(jnp.arange(length)[None, None, :] < step, canvas[None, None, :], noise)
+    positions = jnp.broadcast_to(p + jnp.arange(length, dtype=jnp.int32), (rows, length))
+    logits = model.decode(x.reshape(rows, length), None, _broadcast(cache, rows), positions)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = logp.reshape(length, samples, length, vocab)
+    i = jnp.arange(length)
+    own = logp[i, :, i, :]  # [length, samples, vocab]: row i's prediction at position i
+    ce = -jnp.take_along_axis(own, canvas[:, None, None], axis=-1)[..., 0]
+    return jnp.mean(ce)
+
+
+_left_to_right_jit = jax.jit(_left_to_right, static_argnames=("graphdef", "samples"))
+
+
+def left_to_right_nll(model: DiffusionGemma, prompt_ids: Int[Array, " P"],
+                      canvas_ids: Int[Array, " L"], *, key,
+                      samples: int = 4) -> Float[Array, ""]:
+    """The left-to-right negative log-likelihood of one canvas after a prompt, in nats per
+    canvas token (a scalar):
+
+        NLL = 1/L sum_i 1/S sum_s -log p(c_i | prompt, c_<i, u^(s)_>=i)
+
+    position i predicted with the canvas positions before it clean and the rest uniform noise
+    u (S draws, `jax.random.randint(key, [L, S, L], 0, V)`, row i's draw s at [i, s]; no
+    self-conditioning). The conditionals are normalized, so exp(-L NLL) is (by Jensen, at
+    most) the probability of the canvas under left-to-right decoding one token per step: a
+    proper sequence likelihood, comparable with a unigram model's. All L * S rows run as one
+    decoder batch; the prompt is left-padded to `common.bucket(P)`."""
+    if key is None:
+        raise ValueError("key=None: the Monte Carlo score needs key=jax.random.key(seed)")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
+        raise ValueError(f"samples={samples!r}: expected a positive integer")
+    prompt = _ids_1d("prompt_ids", prompt_ids)
+    canvas = _ids_1d("canvas_ids", canvas_ids)
+    c = model.config
+    if canvas.shape[0] > c.canvas_length:
+        raise ValueError(f"canvas_ids: {canvas.shape[0]} tokens, more than the model's "
+                         f"canvas_length {c.canvas_length}")
+    pad = 0 if c.pad_token_id is None else c.pad_token_id
+    p = prompt.shape[0]
+    width = bucket(p)
+    prompt_valid = jnp.arange(width) >= width - p
+    prompt = jnp.pad(prompt, (width - p, 0), constant_values=pad)
+    graphdef, state = nnx.split(model)
+    return _left_to_right_jit(state, prompt, prompt_valid, canvas, key, graphdef=graphdef,
+                              samples=samples)

@@ -2,9 +2,10 @@
 
 Measured on held-out data with the family's own entropy-bound sampler (greedy draws):
 
-- text: the continuation cross-entropy of held-out windows (`evals.basic.continuation_ce`:
-  the last canvas fully noised, predicted from the prompt) against the entropy of a unigram
-  model fitted on the train windows, both in bits per token;
+- text: the continuation NLL of held-out windows (`evals.basic.continuation_ce`: the last
+  canvas scored left to right, each position with the true tokens before it and noise after
+  it) against the entropy of a unigram model fitted on the train windows, both in bits per
+  token; and the fully noised (parallel) score of the sampler's first step beside it;
 - the synthetic tasks of `evals.tasks` (2-digit addition and subtraction, 3-digit addition,
   synthetic code pass@1, 4-way comparisons by the denoising score), each with its standard
   error and the sampler's tokens per forward pass;
@@ -138,7 +139,9 @@ def evaluate(model, tokenizer, train_dir: Path, summary: dict, *, n_windows: int
     windows = heldout_windows(tokenizer, source=c["data"]["source"], seq_len=seq_len,
                               n_windows=n_windows)
     text = continuation_ce(model, windows, samples=mc_num)
+    parallel = continuation_ce(model, windows, samples=mc_num, order="parallel")
     return {"params": count_params(model), "unigram_entropy": uni, "text": text,
+            "text_parallel": parallel,
             "text_vs_unigram_bits": text["bits_per_token"] - uni["bits_per_token"],
             "tasks": task_scores(model, tokenizer), "expert_load": expert_load(model, tokenizer),
             "eval_time_s": time.time() - t0, "train": summary}
@@ -161,7 +164,7 @@ def card(r: dict, note: str = "") -> str:
     s = r["train"]
     c = s["config"]
     m, t = c["model"], c["train"]
-    u, x = r["unigram_entropy"], r["text"]
+    u, x, xp = r["unigram_entropy"], r["text"], r.get("text_parallel")
     load = r["expert_load"]
     n_exp = m["num_experts"]
     kinds = ", ".join(f"{m['layer_types'].count(k)} {k.split('_')[0]}"
@@ -212,21 +215,28 @@ def card(r: dict, note: str = "") -> str:
         "## Evaluation (held-out data, the entropy-bound sampler, greedy draws)",
         "| measure | value | tokens per forward pass |",
         "|---|---|---|",
-        f"| text: continuation cross-entropy, last {m['canvas_length']} of "
-        f"{x['seq_len']} tokens fully noised ({x['n_windows']} windows, {x['mc_num']} noise "
-        f"draws) | {x['bits_per_token']:.3f} ± {x['bits_per_token_se']:.3f} bits/token | – |",
+        f"| text: left-to-right NLL of the last {m['canvas_length']} of {x['seq_len']} tokens "
+        f"({x['n_windows']} windows, {x['mc_num']} noise draws per position) | "
+        f"{x['bits_per_token']:.3f} ± {x['bits_per_token_se']:.3f} bits/token | – |",
         f"| unigram entropy fitted on the train windows | {u['bits_per_token']:.3f} bits/token "
         "| – |",
         f"| text against unigram | {r['text_vs_unigram_bits']:+.3f} bits/token "
         f"({x['bits_per_token'] / u['bits_per_token'] - 1:+.1%}) | – |",
+        *([f"| text, the same tokens fully noised (the sampler's first step; each position "
+           f"from the prompt alone) | {xp['bits_per_token']:.3f} ± "
+           f"{xp['bits_per_token_se']:.3f} bits/token | – |"] if xp else []),
         *[f"| `{k}` {v['metric']} (n={v['n']}"
           f"{', mc_num=%d' % v['mc_num'] if 'mc_num' in v else ''}) | {v['value']:.1%} ± "
           f"{100 * v['se']:.1f} | "
           f"{'%.2f' % v['tokens_per_step'] if 'tokens_per_step' in v else '–'} |"
           for k, v in r["tasks"].items()],
         "",
-        "± is one standard error. `arithmetic` is 2-digit addition; the comparisons rank the "
-        "4 options by the denoising score (`gemma_likelihood.answer_score`).",
+        "± is one standard error. Left to right, position i is predicted with the true tokens "
+        "before it on the canvas and uniform noise after it (`gemma_likelihood."
+        "left_to_right_nll`): the likelihood of decoding the text one token per step, a proper "
+        "sequence likelihood like the unigram model's. `arithmetic` is 2-digit addition; the "
+        "comparisons rank the 4 options by the denoising score "
+        "(`gemma_likelihood.answer_score`).",
         "",
         "## Expert load",
         f"Share of the top-{m['top_k']} choices per expert (balanced: {1 / n_exp:.3f}), on "
