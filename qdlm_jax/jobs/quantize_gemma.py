@@ -1,11 +1,14 @@
-"""`qdlm quantize` on a DiffusionGemma checkpoint: weight-only RTN, GPTQ or AWQ, every
-tensor accounted for.
+"""`qdlm quantize` on a DiffusionGemma checkpoint: RTN, GPTQ, AWQ or QuaRot, every tensor
+accounted for.
 
     plan  (quant/gemma_plan.py)  every param: kind, share, action; refused before any work when
                                  the group size does not divide a quantized tensor's width
     load  fp32 (the quantization and both models' evaluation run in fp32)
     RTN   (quant/gemma_rtn.py)   dense kernels -> QuantizedArray, experts -> QuantizedExperts,
                                  then the coverage guard (an unplanned tensor is an error)
+    QuaRot (quant/gemma_rtn.py)  RTN of H^T W behind an online Hadamard transform of every
+                                 quantized tensor's input (no fold: the post-norms and fused
+                                 experts leave no place for one)
     GPTQ  (quant/gemma_gptq.py)  the same, part by part, on calibration windows of
                                  calib.seq_len prompt tokens plus one canvas (the calib split
                                  encoded by the tokenizer, or random ids without one): two-mode
@@ -24,10 +27,10 @@ tensor accounted for.
     save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
           (with the per-tensor plan), report.md ending with the coverage table
 
-`rtn`, `gptq` and `awq` with clean calibration run here, `rtn` and `gptq` also with
---config.act_bits 8 or 4 (every quantized tensor's inputs quantized per token or per group,
-`gemma_plan.attach_act`: W8A8, W4A8); `check_gemma` refuses the rest in one line before any
-work. The run is in memory (no streaming, no mesh).
+`rtn`, `gptq`, `awq` (clean calibration) and `quarot` run here, `rtn`, `gptq` and `quarot`
+also with --config.act_bits 8 or 4 (every quantized tensor's inputs quantized per token or
+per group, `gemma_plan.attach_act`: W8A8, W4A8); `check_gemma` refuses the rest in one line
+before any work. The run is in memory (no streaming, no mesh).
 """
 
 from __future__ import annotations
@@ -77,13 +80,14 @@ def check_gemma(spec, config) -> None:
     """Refuses, in one line and before any work, what this pass does not do on the family,
     and a group size that does not divide some quantized tensor's input width."""
     where = f"on {FAMILY}: not yet"
-    if spec.method in ("smoothquant", "quarot", "duquant"):
+    if spec.method in ("smoothquant", "duquant"):
         raise ConfigOverrideError(f"--config.method={spec.method} {where} (its smoothing and "
                                   "rotation folds are not written for the Gemma post-norms and "
-                                  "the fused experts; W8A8 / W4A8 run with rtn or gptq weights "
-                                  "and --config.act_bits)")
-    if spec.method not in ("rtn", "gptq", "awq"):
-        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq or awq)")
+                                  "the fused experts; W8A8 / W4A8 run with rtn, gptq or quarot "
+                                  "(online Hadamard transforms) and --config.act_bits)")
+    if spec.method not in ("rtn", "gptq", "awq", "quarot"):
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq, awq or "
+                                  "quarot)")
     if spec.method in ("gptq", "awq") and spec.calib.mode != "clean":
         raise ConfigOverrideError(f"--config.calibration={spec.calib.mode} {where} (its "
                                   "calibration is two-mode: --config.moe.calib_modes)")
@@ -159,7 +163,7 @@ def gemma_calibration_windows(spec, config, tokenizer) -> np.ndarray:
 def quantize_gemma(model, spec, tokenizer):
     """(quantized model, plan, stats) of the job's method (module docstring)."""
     gspec = gemma_ptq_spec(spec)
-    if spec.method == "rtn":
+    if spec.method in ("rtn", "quarot"):
         qmodel, plan = rtn_quantize_gemma_model(model, gspec)
         return qmodel, plan, {}
     windows = gemma_calibration_windows(spec, model.config, tokenizer)
@@ -244,7 +248,7 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
         "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": spec.act_bits,
         "group_size": w.group_size, "sym": w.sym,
-        "calibration": "none" if spec.method == "rtn" else
+        "calibration": "none" if spec.method in ("rtn", "quarot") else
         f"two-mode ({spec.moe_gptq.calib.modes}), {spec.calib.n_samples} windows",
         **qstats,
         "quantize_router": spec.quantize_router, "router_bits": spec.router_bits,

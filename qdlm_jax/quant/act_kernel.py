@@ -120,12 +120,17 @@ def act_matmul(x: jax.Array, k: ActKernel) -> jax.Array:
 
 
 def act_expert_matmul(x: jax.Array, k: ActKernel, group_sizes: jax.Array) -> jax.Array:
-    """The experts' grouped matmul (`experts.expert_project`) on quantized input rows: each
-    row (a token, or a (token, expert) pair) scaled on its own. No online transform."""
-    if k.transform is not None or k.act_range is not None:
-        raise ValueError("ActKernel around experts: only dynamic input quantization (act) is "
-                         "supported, not an online transform or a static range")
-    return expert_project(act_core.fake_quant(x, k.act), k.weight, group_sizes)
+    """The experts' grouped matmul (`experts.expert_project`) on transformed and / or
+    quantized input rows: the online transform T (every expert's weight paired with it),
+    then each row (a token, or a (token, expert) pair) quantized on its own."""
+    if k.act_range is not None or (k.act is not None and k.act.granularity == "per_tensor"):
+        raise ValueError("ActKernel around experts: dynamic input quantization only, not a "
+                         "static range")
+    if k.transform is not None:
+        x = k.transform(x)
+    if k.act is not None:
+        x = act_core.fake_quant(x, k.act)
+    return expert_project(x, k.weight, group_sizes)
 
 
 def attention_stage(q, k, v, k_kernel, v_kernel):

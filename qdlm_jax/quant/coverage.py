@@ -46,6 +46,7 @@ class TensorPlan:
     bits: int | None = None
     group_size: int | None = None  # resolved (the input width when per channel)
     act_bits: int | None = None  # quantized inputs (ActKernel around the packed weight)
+    transform: str | None = None  # online input transform of the ActKernel (e.g. "hadamard")
     reason: str = ""  # kept: why
 
     @property
@@ -149,6 +150,10 @@ def _departure(t: TensorPlan, before, v) -> str:
         if act_bits != t.act_bits:
             return (f"planned {t.action}, but the result's inputs are "
                     f"{'float' if act_bits is None else f'{act_bits}-bit'}")
+        transform = v.transform.kind if wrapped and v.transform is not None else None
+        if transform != t.transform:
+            return (f"planned {t.action} with input transform {t.transform}, but the result "
+                    f"has {transform}")
         v = v.weight if wrapped else v
         if type(v).__name__ != t.packed_type:
             return (f"planned {t.action} as {t.packed_type}, but the result holds a "

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 
 from qdlm_jax.models.params import ParamPath, path_str
+from qdlm_jax.quant import hadamard_core
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel
 from qdlm_jax.quant.coverage import CoveragePlan, make_plan
@@ -50,7 +51,9 @@ EMBEDDING = "embedding"
 KINDS = (EXPERT_GATE_UP, EXPERT_DOWN, ATTENTION, DENSE_MLP, SELF_CONDITIONING, ROUTER, NORM,
          LAYER_SCALAR, EMBEDDING)
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "quarot")
+# Methods whose quantized tensors read their inputs through an online transform.
+TRANSFORMS = {"quarot": "hadamard"}
 # The parts `GemmaPTQSpec.parts` may name, and the kinds each holds.
 PARTS = {"experts": (EXPERT_GATE_UP, EXPERT_DOWN), "attention": (ATTENTION,),
          "dense_mlp": (DENSE_MLP,), "self_conditioning": (SELF_CONDITIONING,)}
@@ -159,20 +162,26 @@ def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict
             spec.act.check_width(shape[-2], "its input")
         except ValueError as e:
             raise ValueError(f"{path_str(path)} ({kind}): {e}") from None
+    transform = TRANSFORMS.get(spec.method)
+    if transform == "hadamard" and not hadamard_core.supports(shape[-2]):
+        raise ValueError(f"{path_str(path)} ({kind}): no Hadamard transform of its input width "
+                         f"{shape[-2]} (widths K * 2^m with K = 1 or a Paley order)")
     return {"kind": kind, "packed_type": packed, "method": spec.method,
             "bits": weight.bits, "group_size": group,
-            "act_bits": None if spec.act is None else spec.act.bits}
+            "act_bits": None if spec.act is None else spec.act.bits, "transform": transform}
 
 
 def attach_act(params: dict, plan: CoveragePlan, act: ActSpec | None) -> None:
     """In place: every tensor the plan quantizes wrapped in an `ActKernel` that quantizes its
     inputs with `act` (dense kernels through `project`, experts through `expert_project`:
-    per token, or per (token, expert) row for the experts' down projection); nothing when
-    `act` is None."""
+    per token, or per (token, expert) row for the experts' down projection); a tensor already
+    wrapped (an online transform) gets `act` in its wrapper. Nothing when `act` is None."""
     if act is None:
         return
     for p in plan.paths():
-        params[p] = ActKernel(weight=params[p], act=act)
+        v = params[p]
+        params[p] = v.replace(act=act) if isinstance(v, ActKernel) else ActKernel(weight=v,
+                                                                                   act=act)
 
 
 def hook_name(path: ParamPath) -> str:
