@@ -160,6 +160,28 @@ def _phase_table(s: dict) -> list[str]:
     return lines
 
 
+# The asset's targets on held-out items: (task, lowest accepted score, what it is).
+TARGETS = (("arithmetic", 0.90, "2-digit addition"),
+           ("synthetic_code", 0.50, "synthetic code pass@1"),
+           ("synthetic_compare", 0.80, "4-way comparisons"))
+
+
+def targets(r: dict) -> list[str]:
+    """The card's targets table: each task target and the text one (at least two standard
+    errors below the unigram entropy), measured value, met or not."""
+    lines = ["## Targets", "| target | measured | met |", "|---|---|---|"]
+    for task, floor, what in TARGETS:
+        v = r["tasks"][task]
+        lines.append(f"| {what} >= {floor:.0%} | {v['value']:.1%} ± {100 * v['se']:.1f} | "
+                     f"{'yes' if v['value'] >= floor else 'no'} |")
+    x, u = r["text"], r["unigram_entropy"]
+    diff, se = x["bits_per_token"] - u["bits_per_token"], x["bits_per_token_se"]
+    lines.append(f"| held-out text clearly better than a unigram model (by more than two "
+                 f"standard errors) | {diff:+.3f} bits/token, {diff / se:+.1f} standard errors "
+                 f"| {'yes' if diff < -2 * se else 'no'} |")
+    return lines
+
+
 def card(r: dict, note: str = "") -> str:
     s = r["train"]
     c = s["config"]
@@ -237,6 +259,8 @@ def card(r: dict, note: str = "") -> str:
         "sequence likelihood like the unigram model's. `arithmetic` is 2-digit addition; the "
         "comparisons rank the 4 options by the denoising score "
         "(`gemma_likelihood.answer_score`).",
+        "",
+        *targets(r),
         "",
         "## Expert load",
         f"Share of the top-{m['top_k']} choices per expert (balanced: {1 / n_exp:.3f}), on "
