@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check qdlm_jax tests benchmarks converters configs experiments
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --timeout=3600
