@@ -1,11 +1,13 @@
-"""`qdlm quantize` on a DiffusionGemma checkpoint: RTN, GPTQ, AWQ or QuaRot, every tensor
-accounted for.
+"""`qdlm quantize` on a DiffusionGemma checkpoint: RTN, GPTQ, AWQ, SmoothQuant or QuaRot,
+every tensor accounted for.
 
     plan  (quant/gemma_plan.py)  every param: kind, share, action; refused before any work when
                                  the group size does not divide a quantized tensor's width
     load  fp32 (the quantization and both models' evaluation run in fp32)
     RTN   (quant/gemma_rtn.py)   dense kernels -> QuantizedArray, experts -> QuantizedExperts,
                                  then the coverage guard (an unplanned tensor is an error)
+    SmoothQuant (quant/gemma_smoothquant.py)  per-channel scales from the two-mode
+                                 calibration folded where AWQ folds its scales, then RTN
     QuaRot (quant/gemma_rtn.py)  RTN of H^T W behind an online Hadamard transform of every
                                  quantized tensor's input (no fold: the post-norms and fused
                                  experts leave no place for one)
@@ -27,10 +29,11 @@ accounted for.
     save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
           (with the per-tensor plan), report.md ending with the coverage table
 
-`rtn`, `gptq`, `awq` (clean calibration) and `quarot` run here, `rtn`, `gptq` and `quarot`
-also with --config.act_bits 8 or 4 (every quantized tensor's inputs quantized per token or
-per group, `gemma_plan.attach_act`: W8A8, W4A8); `check_gemma` refuses the rest in one line
-before any work. The run is in memory (no streaming, no mesh).
+`rtn`, `gptq` and `awq` (clean calibration) run here, `rtn` and `gptq` also with
+--config.act_bits 8 or 4, `smoothquant` and `quarot` with it (every quantized tensor's
+inputs quantized per token or per group, `gemma_plan.attach_act`: W8A8, W4A8);
+`check_gemma` refuses the rest in one line before any work. The run is in memory (no
+streaming, no mesh).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from qdlm_jax.quant.gemma_awq import GemmaAWQSettings, awq_quantize_gemma
 from qdlm_jax.quant.gemma_gptq import gptq_quantize_gemma
 from qdlm_jax.quant.gemma_plan import EXPERT_DOWN, EXPERT_GATE_UP, GemmaPTQSpec, gemma_plan
 from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
+from qdlm_jax.quant.gemma_smoothquant import smoothquant_gemma
 
 
 def gemma_ptq_spec(spec) -> GemmaPTQSpec:
@@ -80,15 +84,19 @@ def check_gemma(spec, config) -> None:
     """Refuses, in one line and before any work, what this pass does not do on the family,
     and a group size that does not divide some quantized tensor's input width."""
     where = f"on {FAMILY}: not yet"
-    if spec.method in ("smoothquant", "duquant"):
-        raise ConfigOverrideError(f"--config.method={spec.method} {where} (its smoothing and "
-                                  "rotation folds are not written for the Gemma post-norms and "
-                                  "the fused experts; W8A8 / W4A8 run with rtn, gptq or quarot "
-                                  "(online Hadamard transforms) and --config.act_bits)")
-    if spec.method not in ("rtn", "gptq", "awq", "quarot"):
-        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq, awq or "
-                                  "quarot)")
-    if spec.method in ("gptq", "awq") and spec.calib.mode != "clean":
+    if spec.method == "duquant":
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (its rotation folds "
+                                  "are not written for the Gemma post-norms and the fused "
+                                  "experts; W8A8 / W4A8 run with rtn, gptq, smoothquant or "
+                                  "quarot and --config.act_bits)")
+    if spec.method not in ("rtn", "gptq", "awq", "quarot", "smoothquant"):
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq, awq, "
+                                  "smoothquant or quarot)")
+    if (spec.method in ("smoothquant", "quarot") and spec.wa is not None
+            and spec.wa.weight_quantizer != "rtn"):
+        raise ConfigOverrideError(f"--config.wa.weight_quantizer={spec.wa.weight_quantizer} "
+                                  f"with {spec.method} {where} (rtn)")
+    if spec.method in ("gptq", "awq", "smoothquant") and spec.calib.mode != "clean":
         raise ConfigOverrideError(f"--config.calibration={spec.calib.mode} {where} (its "
                                   "calibration is two-mode: --config.moe.calib_modes)")
     if spec.wa is not None:
@@ -168,6 +176,10 @@ def quantize_gemma(model, spec, tokenizer):
         return qmodel, plan, {}
     windows = gemma_calibration_windows(spec, model.config, tokenizer)
     seq = spec.calib.seq_len
+    if spec.method == "smoothquant":
+        qparams, plan = smoothquant_gemma(model, windows[:, :seq], windows[:, seq:], gspec,
+                                          alpha=spec.wa.alpha, calib=spec.moe_gptq.calib)
+        return model_from_params(model.config, qparams), plan, {}
     if spec.method == "awq":
         settings = GemmaAWQSettings(n_grid=spec.ptq.awq_grid, clip=spec.ptq.awq_clip,
                                     calib=spec.moe_gptq.calib)

@@ -51,7 +51,7 @@ EMBEDDING = "embedding"
 KINDS = (EXPERT_GATE_UP, EXPERT_DOWN, ATTENTION, DENSE_MLP, SELF_CONDITIONING, ROUTER, NORM,
          LAYER_SCALAR, EMBEDDING)
 
-METHODS = ("rtn", "gptq", "awq", "quarot")
+METHODS = ("rtn", "gptq", "awq", "quarot", "smoothquant")
 # Methods whose quantized tensors read their inputs through an online transform.
 TRANSFORMS = {"quarot": "hadamard"}
 # The parts `GemmaPTQSpec.parts` may name, and the kinds each holds.

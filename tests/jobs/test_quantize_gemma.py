@@ -111,14 +111,15 @@ def test_qdlm_generate_runs_on_the_packed_model(rtn_run, capsys):
 def test_what_the_pass_does_not_do_is_refused_in_one_line(gemma_dir, tmp_path, capsys):
     for flags, line in [
             (("--config.method=daq", "--config.bits=2"), "--config.method=daq on "
-             "diffusion_gemma: not yet (rtn, gptq, awq or quarot)"),
+             "diffusion_gemma: not yet (rtn, gptq, awq, smoothquant or quarot)"),
             (("--config.method=gptq", "--config.calibration=masked"),
              "--config.calibration=masked on diffusion_gemma: not yet"),
             (("--config.method=gptq", "--config.moe.thin_fallback=shared"),
              "--config.moe: fallback='shared'"),
-            (("--config.method=smoothquant", "--config.act_bits=8", "--config.group_size=-1"),
-             "--config.method=smoothquant on diffusion_gemma: not yet (its smoothing and "
-             "rotation folds"),
+            (("--config.method=duquant", "--config.act_bits=8", "--config.group_size=-1"),
+             "--config.method=duquant on diffusion_gemma: not yet (its rotation folds"),
+            (("--config.method=quarot", "--config.act_bits=8", "--config.wa.weight_quantizer=gptq"),
+             "--config.wa.weight_quantizer=gptq with quarot on diffusion_gemma: not yet (rtn)"),
             (("--config.method=rtn", "--config.act_bits=8", "--config.act.kv.bits=4"),
              "--config.act.kv.bits=4 / act.iaaq on diffusion_gemma: not yet"),
             (("--config.method=rtn", "--config.group_size=16"),
