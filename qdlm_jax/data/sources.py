@@ -39,6 +39,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -62,7 +63,7 @@ from qdlm_jax.data.bigbench import (
     verify_sha256,
 )
 from qdlm_jax.errors import DataSourceError
-from qdlm_jax.fsutil import atomic_write_bytes
+from qdlm_jax.fsutil import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "BIGBENCH_PREFETCH_TASKS",
@@ -435,20 +436,56 @@ def load_documents(
     )
 
 
+BIGBENCH_RETRY_S = 24 * 3600  # a failed BIG-bench fetch is not retried for this long
+
+
+def _unavailable_marker() -> Path:
+    return cache_dir() / "bigbench-unavailable.json"
+
+
+def _recent_failure() -> str | None:
+    """The reason of a failed BIG-bench fetch recorded less than BIGBENCH_RETRY_S ago (None
+    when there is none, it is older, or QDLM_RETRY_BIGBENCH=1 asks for a new try)."""
+    if os.environ.get("QDLM_RETRY_BIGBENCH") == "1":
+        return None
+    try:
+        rec = json.loads(_unavailable_marker().read_text())
+        if time.time() - float(rec["time"]) < BIGBENCH_RETRY_S:
+            return str(rec["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def resolve_source(source: str | os.PathLike[str]) -> str:
     """The source a run reads: ``source`` itself, except that the Wikipedia default becomes
     ``"austen"`` (with one line on stderr, once per process) when the BIG-bench documents are
-    neither cached nor fetchable. Jobs record the resolved name, so results from the two
+    neither cached nor fetchable. A failed fetch is recorded in the cache
+    (``bigbench-unavailable.json``) and not tried again for BIGBENCH_RETRY_S (a day; set
+    QDLM_RETRY_BIGBENCH=1 to try now). Jobs record the resolved name, so results from the two
     corpora never share a cache key."""
     key = os.fspath(source)
     if key not in WIKIPEDIA_SOURCES:
         return key
     if not _BIGBENCH_STATE:
+        recorded = _recent_failure()
+        if recorded is not None:
+            _BIGBENCH_STATE["error"] = recorded
+            print(f"[qdlm] {key}: BIG-bench was not available in the last day ({recorded}; "
+                  f"QDLM_RETRY_BIGBENCH=1 tries again); using {AUSTEN_SOURCE!r} (Jane "
+                  "Austen's novels) as the text source", file=sys.stderr, flush=True)
+            return AUSTEN_SOURCE
         try:
             load_bigbench_wikipedia()
             _BIGBENCH_STATE["ok"] = key
+            _unavailable_marker().unlink(missing_ok=True)
         except DataSourceError as exc:
             _BIGBENCH_STATE["error"] = reason = str(exc).splitlines()[0]
+            try:
+                atomic_write_text(_unavailable_marker(),
+                                  json.dumps({"time": time.time(), "reason": reason}))
+            except OSError:
+                pass  # a read-only cache: the next process tries again
             print(f"[qdlm] {key}: BIG-bench is not available ({reason}); using "
                   f"{AUSTEN_SOURCE!r} (Jane Austen's novels) as the text source",
                   file=sys.stderr, flush=True)

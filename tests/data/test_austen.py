@@ -164,7 +164,24 @@ def test_the_wikipedia_default_falls_back_to_austen(fake_mirror, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(tries) == 1 and len(err) == 1 and "cannot be downloaded" in err[0], err
 
+    # the failure is recorded: a new process within a day does not try again
+    marker = sources.cache_dir() / "bigbench-unavailable.json"
+    assert "cannot be downloaded" in marker.read_text()
     monkeypatch.setattr(sources, "_BIGBENCH_STATE", {})
+    monkeypatch.delenv("QDLM_RETRY_BIGBENCH", raising=False)
+    assert sources.resolve_source("wikipedia") == "austen" and len(tries) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available in the last day" in err[0], err
+    # QDLM_RETRY_BIGBENCH=1 tries now; a success removes the record
+    monkeypatch.setattr(sources, "_BIGBENCH_STATE", {})
+    monkeypatch.setenv("QDLM_RETRY_BIGBENCH", "1")
     monkeypatch.setattr(sources, "load_bigbench_wikipedia", lambda **_: ["a wiki doc"])
     assert sources.resolve_source("wikipedia") == "wikipedia"
     assert sources.load_documents("wikipedia") == ["a wiki doc"]
+    assert not marker.exists()
+    # a record older than a day is retried without the variable
+    monkeypatch.delenv("QDLM_RETRY_BIGBENCH")
+    marker.write_text('{"time": %f, "reason": "old"}' % (
+        __import__("time").time() - sources.BIGBENCH_RETRY_S - 1))
+    monkeypatch.setattr(sources, "_BIGBENCH_STATE", {})
+    assert sources.resolve_source("wikipedia") == "wikipedia"
