@@ -51,6 +51,7 @@ import numpy as np
 
 from qdlm_jax.checkpoints.export_common import (
     group_of,
+    module_name,
     one_setting,
     packed_linears,
     write_quantized_dir,
@@ -132,7 +133,7 @@ def quantization_config(config, params: dict, *, dequantize_experts: bool = Fals
         "num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
         "observer": None}
     fmt = "int-quantized" if bits == 8 else "pack-quantized"
-    kept = sorted(_module(m.hf_name) for m in key_map(config)
+    kept = sorted(module_name(m.hf_name) for m in key_map(config)
                   if m.transpose and m.hf_name.endswith(".weight") and m.path not in linears)
     if isinstance(config, DiffusionGemmaConfig):
         kept += list(VISION_IGNORE)
@@ -142,10 +143,6 @@ def quantization_config(config, params: dict, *, dequantize_experts: bool = Fals
                                           "input_activations": activations,
                                           "output_activations": None, "format": fmt}},
             "ignore": ["lm_head"] + kept}
-
-
-def _module(hf_name: str) -> str:
-    return hf_name[: -len(".weight")] if hf_name.endswith(".weight") else hf_name
 
 
 def describe(config, params: dict) -> str:
@@ -220,7 +217,7 @@ def save_compressed_tensors(config, params: dict, out_dir: str | os.PathLike, *,
     tensors: dict[str, np.ndarray] = {}
     for m in key_map(config):
         if m.path in linears:
-            tensors.update(linear_tensors(_module(m.hf_name), linears[m.path], fmt))
+            tensors.update(linear_tensors(module_name(m.hf_name), linears[m.path], fmt))
             continue
         w = inner_weight(params[m.path])
         arr = np.asarray(w.dequantize() if isinstance(w, QuantizedExperts) else w)

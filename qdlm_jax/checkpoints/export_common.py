@@ -1,6 +1,6 @@
 """What the serving-layout writers (`gptq_format`, `ct_format`) share: the packed linears of a
-model, their group size, the check that a setting is the same for all of them, and the
-atomic write of the directory."""
+model, a tensor's module name, their group size, the check that a setting is the same for
+all of them, and the atomic write of the directory."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def packed_linears(params: dict) -> dict[ParamPath, QuantizedArray]:
     """{path: QuantizedArray} of the packed linears (inside an `ActKernel` or bare)."""
     return {p: inner_weight(v) for p, v in params.items()
             if isinstance(inner_weight(v), QuantizedArray)}
+
+
+def module_name(hf_name: str) -> str:
+    """The module of a hub tensor name: `a.b.q_proj.weight` -> `a.b.q_proj` (a name without
+    the `.weight` suffix is returned as is)."""
+    return hf_name[: -len(".weight")] if hf_name.endswith(".weight") else hf_name
 
 
 def group_of(q: QuantizedArray) -> int | None:

@@ -44,6 +44,7 @@ import numpy as np
 
 from qdlm_jax.checkpoints.export_common import (
     group_of,
+    module_name,
     one_setting,
     packed_linears,
     write_quantized_dir,
@@ -115,10 +116,6 @@ def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
     return out.reshape(p.shape[0] * pack, p.shape[1]).astype(np.uint8)
 
 
-def _linear_prefix(hf_name: str) -> str:
-    return hf_name[: -len(".weight")]
-
-
 def quantization_config(params: dict) -> dict:
     """The `quantization_config` of a packed model; one bits / group / symmetry for all."""
     check_representable(params)
@@ -176,7 +173,7 @@ def save_gptq(config: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     for m in key_map(config):
         v = params[m.path]
         if m.path in quantized:
-            tensors.update(gptq_tensors(_linear_prefix(m.hf_name), quantized[m.path]))
+            tensors.update(gptq_tensors(module_name(m.hf_name), quantized[m.path]))
             continue
         arr = np.asarray(inner_weight(v))
         tensors[m.hf_name] = np.ascontiguousarray(arr.T if m.transpose else arr)
@@ -213,7 +210,7 @@ def load_gptq(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Mod
     config = ckpt.config
     plain, params = [], {}
     for m in key_map(config):
-        prefix = _linear_prefix(m.hf_name) if m.transpose else None
+        prefix = module_name(m.hf_name) if m.transpose else None
         if prefix is None or f"{prefix}.qweight" not in ckpt.where:
             if m.hf_name not in ckpt.where:
                 raise CheckpointError(f"{path}: missing tensor {m.hf_name!r} (and no "

@@ -100,6 +100,14 @@ def platform_default() -> str:
     return "xla"
 
 
+def _requested(implementation: str | None) -> tuple[str, str]:
+    """(the setting asked for: the argument or the current one, the implementation it stands
+    for on this backend)."""
+    requested = _parse(implementation).name if implementation is not None \
+        else current_setting().name
+    return requested, platform_default() if requested == "auto" else requested
+
+
 def select_implementation(x, w, *, act_bits: int | None = None,
                           act_group_size: int | None = None,
                           implementation: str | None = None) -> tuple[str, str]:
@@ -107,9 +115,7 @@ def select_implementation(x, w, *, act_bits: int | None = None,
 
     `x` may be a `jax.ShapeDtypeStruct`; only shapes, dtypes and w's static fields are read.
     """
-    requested = _parse(implementation).name if implementation is not None \
-        else current_setting().name
-    name = platform_default() if requested == "auto" else requested
+    requested, name = _requested(implementation)
     if isinstance(w, BinaryPlanesArray):
         return "xla", "binary planes (DAQ) have an XLA implementation only"
     if name == "xla":
@@ -153,9 +159,7 @@ def select_expert_implementation(x, q: QuantizedExperts, *, implementation: str 
     """(name, reason): the implementation `expert_qmatmul` runs for these operands and why
     (the same setting as `qmatmul`; a Pallas kernel that does not take the call falls back
     to "xla")."""
-    requested = _parse(implementation).name if implementation is not None \
-        else current_setting().name
-    name = platform_default() if requested == "auto" else requested
+    requested, name = _requested(implementation)
     if name == "xla":
         return "xla", f"requested {requested!r}"
     ok, reason = grouped.supports(x, q, name)

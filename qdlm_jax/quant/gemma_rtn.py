@@ -81,12 +81,12 @@ def rtn_quantize_gemma(params: dict[ParamPath, object], spec: GemmaPTQSpec
     out = dict(params)
     if spec.method == "quarot":
         rotated = hadamard_rotate(params, plan.paths())
-        scale_dtype = {p: spec.scale_dtype or params[p].dtype for p in rotated}
-        for p, k in rotated.items():
-            quantize = QuantizedExperts.quantize if k.weight.ndim == 3 else \
-                QuantizedArray.quantize
-            out[p] = k.replace_weight(quantize(k.weight, spec.weight_for(p),
-                                               scale_dtype=scale_dtype[p]))
+        packed = _quantize_each({p: k.weight for p, k in rotated.items()}, list(rotated),
+                                lambda p, w: (QuantizedExperts if w.ndim == 3 else
+                                              QuantizedArray).quantize(
+                                    w, spec.weight_for(p),
+                                    scale_dtype=spec.scale_dtype or params[p].dtype))
+        out.update({p: rotated[p].replace_weight(q) for p, q in packed.items()})
     else:
         out.update(quantize_dense(params, plan.paths("QuantizedArray"), spec))
         out.update(quantize_experts(params, plan.paths("QuantizedExperts"), spec))
