@@ -698,14 +698,11 @@ class _PolledTree:
         """(pid, start time, threads, resident bytes) of each process in the tree."""
         children, stats = {}, {}
         page = os.sysconf("SC_PAGE_SIZE")
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            stat = _stat(int(name))
+        for pid in _pids():
+            stat = _stat(pid)
             if stat is None:
                 continue
             # stat[k - 3] is field k of proc(5): ppid 4, threads 20, start time 22, rss 24
-            pid = int(name)
             children.setdefault(int(stat[1]), []).append(pid)
             stats[pid] = (int(stat[19]), int(stat[17]), int(stat[21]) * page)
         out, todo = [], list(children.get(self.root, []))
@@ -898,20 +895,37 @@ def _kill(proc: subprocess.Popen, contained: bool) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    _wait_group_gone(proc.pid)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Waits until no live process is left in process group `pgid` (SIGKILLing it again
+    meanwhile): a killed process exits a little later, on a busy host much later, and the
+    run must not return while any of its tree still runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # stat[2] is field 5 of proc(5), the process group
+        members = [pid for pid in _pids()
+                   if (stat := _stat(pid)) is not None and int(stat[2]) == pgid
+                   and stat[0] not in (b"Z", b"X")]
+        if not members:
+            return
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+
+
+def _pids() -> list[int]:
+    """Every pid in /proc."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def _children(pid: int) -> list[int]:
     """Host pids whose parent is `pid` (from /proc/*/stat)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(name))
-    return out
+    return [child for child in _pids()
+            if (stat := _stat(child)) is not None and int(stat[1]) == pid]
 
 
 def _tail(err) -> str:
