@@ -70,6 +70,12 @@ from qdlm_jax.quant.gemma_plan import EXPERT_DOWN, EXPERT_GATE_UP, GemmaPTQSpec,
 from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
 from qdlm_jax.quant.gemma_smoothquant import smoothquant_gemma
 
+# The methods this pass runs on the family: those without calibration data, and those that
+# rotate or smooth the linear inputs and so quantize them too (--config.act_bits).
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "quarot")
+UNCALIBRATED = ("rtn", "quarot")
+WEIGHT_ACTIVATION = ("smoothquant", "quarot")
+
 
 def gemma_ptq_spec(spec) -> GemmaPTQSpec:
     """The PTQ spec of a job spec (`jobs.quantize.JobSpec`)."""
@@ -89,14 +95,14 @@ def check_gemma(spec, config) -> None:
                                   "are not written for the Gemma post-norms and the fused "
                                   "experts; W8A8 / W4A8 run with rtn, gptq, smoothquant or "
                                   "quarot and --config.act_bits)")
-    if spec.method not in ("rtn", "gptq", "awq", "quarot", "smoothquant"):
-        raise ConfigOverrideError(f"--config.method={spec.method} {where} (rtn, gptq, awq, "
-                                  "smoothquant or quarot)")
-    if (spec.method in ("smoothquant", "quarot") and spec.wa is not None
+    if spec.method not in METHODS:
+        raise ConfigOverrideError(f"--config.method={spec.method} {where} "
+                                  f"({', '.join(METHODS[:-1])} or {METHODS[-1]})")
+    if (spec.method in WEIGHT_ACTIVATION and spec.wa is not None
             and spec.wa.weight_quantizer != "rtn"):
         raise ConfigOverrideError(f"--config.wa.weight_quantizer={spec.wa.weight_quantizer} "
                                   f"with {spec.method} {where} (rtn)")
-    if spec.method in ("gptq", "awq", "smoothquant") and spec.calib.mode != "clean":
+    if spec.method not in UNCALIBRATED and spec.calib.mode != "clean":
         raise ConfigOverrideError(f"--config.calibration={spec.calib.mode} {where} (its "
                                   "calibration is two-mode: --config.moe.calib_modes)")
     if spec.wa is not None:
@@ -171,7 +177,7 @@ def gemma_calibration_windows(spec, config, tokenizer) -> np.ndarray:
 def quantize_gemma(model, spec, tokenizer):
     """(quantized model, plan, stats) of the job's method (module docstring)."""
     gspec = gemma_ptq_spec(spec)
-    if spec.method in ("rtn", "quarot"):
+    if spec.method in UNCALIBRATED:
         qmodel, plan = rtn_quantize_gemma_model(model, gspec)
         return qmodel, plan, {}
     windows = gemma_calibration_windows(spec, model.config, tokenizer)
@@ -260,7 +266,7 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
         "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": spec.act_bits,
         "group_size": w.group_size, "sym": w.sym,
-        "calibration": "none" if spec.method in ("rtn", "quarot") else
+        "calibration": "none" if spec.method in UNCALIBRATED else
         f"two-mode ({spec.moe_gptq.calib.modes}), {spec.calib.n_samples} windows",
         **qstats,
         "quantize_router": spec.quantize_router, "router_bits": spec.router_bits,

@@ -119,8 +119,12 @@ def _sylvester_butterflies(x: jax.Array) -> jax.Array:
     return x
 
 
+@functools.partial(jax.jit, static_argnames="normalize")
 def hadamard_transform(x: Float[Array, "... n"], *, normalize: bool = True) -> jax.Array:
-    """x @ H_n (/ sqrt(n) if `normalize`) on the last axis, in fp32, cast back to x.dtype."""
+    """x @ H_n (/ sqrt(n) if `normalize`) on the last axis, in fp32, cast back to x.dtype.
+
+    Jitted: called eagerly (rotating weights, tests) its log2(n) butterfly stages would each
+    dispatch and compile five small ops; jitted they compile once per shape."""
     n = x.shape[-1]
     k, p = hadamard_factor(n)
     y = x.astype(jnp.float32).reshape(*x.shape[:-1], k, p)

@@ -101,8 +101,10 @@ def test_packing_matches_the_packages_packer(bits):
         np.testing.assert_array_equal(unpack_int32(ours, bits, shape[1]), codes)
 
 
+# slow: 3 bits (packed like 4 bits; the packer test covers every width)
 @pytest.mark.parametrize("bits,group,sym,dtype", [(4, 32, False, "float32"),
-                                                  (3, 32, False, "float32"),
+                                                  pytest.param(3, 32, False, "float32",
+                                                               marks=pytest.mark.slow),
                                                   (8, -1, True, "float32"),
                                                   (4, 64, True, "bfloat16")])
 def test_the_packages_decompressor_gives_our_weights_bit_for_bit(tiny, tmp_path, bits, group,
@@ -140,7 +142,9 @@ def test_the_packages_decompressor_gives_our_weights_bit_for_bit(tiny, tmp_path,
     assert n_linears == 4 * 3 + 3 + 4 * 3 + 3  # attention (q, k, [v], o), dense MLPs, SC MLP
 
 
-@pytest.mark.parametrize("row", ["w4a16", "w8a8"])
+# slow: W8A8 (its int-quantized weights read back bit for bit by the package's own
+# decompressor in `make test`)
+@pytest.mark.parametrize("row", ["w4a16", pytest.param("w8a8", marks=pytest.mark.slow)])
 def test_transformers_loads_the_export_to_our_weights_and_logits(tiny, tmp_path, row):
     config, params = tiny
     if row == "w4a16":

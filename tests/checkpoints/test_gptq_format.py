@@ -54,9 +54,11 @@ def _packed_params(family, bits, group, sym, act_order=False):
     return config, out
 
 
+# slow: LLaDA at 2 bits (the same layout as at 4 bits, with 2-bit codes)
 @pytest.mark.parametrize("family,bits,group,sym,act_order", [
     ("llada", 4, 32, False, False), ("dream", 8, -1, True, False),
-    ("llada", 2, 64, False, False), ("dream", 4, 32, False, True)])
+    pytest.param("llada", 2, 64, False, False, marks=pytest.mark.slow),
+    ("dream", 4, 32, False, True)])
 def test_export_reads_back_in_pytorch_and_in_qdlm(tmp_path, family, bits, group, sym,
                                                   act_order):
     config, params = _packed_params(family, bits, group, sym, act_order)
@@ -156,14 +158,19 @@ def tiny_dream():
     return str(Path(__file__).resolve().parents[2] / "assets" / "tiny-dream")
 
 
-# slow: the longest quantizations (DAQ, AWQ's grid, QuaRot); an exact export (RTN, GPTQ) and
-# a refusal before writing (SmoothQuant, DuQuant, A4) run in `make test`
-SLOW_JOB_MODELS = ("daq", "awq", "quarot")
+# slow: the longest quantizations (DAQ, AWQ's grid, QuaRot) and GPTQ's second setting; an
+# exact export (RTN, GPTQ W4) and a refusal before writing (SmoothQuant, DuQuant, A4) run in
+# `make test`
+def _job_id(method, settings):
+    return f"{method}-{'-'.join(f'{k}{v}' for k, v in settings.items() if '.' not in k)}"
+
+
+SLOW_JOB_MODELS = ("daq", "awq", "quarot", "gptq-bits8-group_size-1-symTrue")
 
 
 @pytest.mark.parametrize("method,settings,expect", [
-    pytest.param(m, s, e, marks=[pytest.mark.slow] if m in SLOW_JOB_MODELS else [],
-                 id=f"{m}-{'-'.join(f'{k}{v}' for k, v in s.items() if '.' not in k)}")
+    pytest.param(m, s, e, marks=[pytest.mark.slow] if {m, _job_id(m, s)} & set(SLOW_JOB_MODELS)
+                 else [], id=_job_id(m, s))
     for m, s, e in JOB_MODELS])
 def test_every_job_model_exports_exactly_or_is_refused(tmp_path, tiny_dream, method, settings,
                                                        expect):

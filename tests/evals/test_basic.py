@@ -18,7 +18,7 @@ def _perturbed(model, bits):
     return model_from_params(model.config, params)
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", pytest.param("dream", marks=pytest.mark.slow)])
 def test_output_kl_matches_numpy_and_orders_bit_widths(family, tiny_llada, tiny_dream):
     import jax
 

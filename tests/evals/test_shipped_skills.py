@@ -32,10 +32,15 @@ def small(name: str):
     return dataclasses.replace(spec, limit=n, **extra)
 
 
-# slow: Dream's comparisons (Monte Carlo scores of 4 options; LLaDA's run in `make test`)
+# slow: the second family of code, subtraction and the comparisons (Monte Carlo scores of 4
+# options); `make test` checks every category on at least one family, addition on both
+SLOW_SKILLS = {("dream", "synthetic_compare"), ("llada", "synthetic_code"),
+               ("dream", "arithmetic_subtract")}
+
+
 @pytest.mark.parametrize("family,name", [
-    pytest.param(f, n, marks=[pytest.mark.slow] if (f, n) == ("dream", "synthetic_compare")
-                 else []) for n in sorted(SAMPLES) for f in ("llada", "dream")])
+    pytest.param(f, n, marks=[pytest.mark.slow] if (f, n) in SLOW_SKILLS else [])
+    for n in sorted(SAMPLES) for f in ("llada", "dream")])
 def test_shipped_model_scores_far_above_chance(name, family, tiny_llada, tiny_dream):
     tm = tiny_llada if family == "llada" else tiny_dream
     r = run_task(tm, small(name), progress=False)

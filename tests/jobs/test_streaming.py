@@ -54,10 +54,11 @@ def _setup(tmp_path, family, layers=3):
     return src, calib
 
 
-# slow: Dream with AWQ's grid (LLaDA with GPTQ and RTN run in `make test`)
+# slow: Dream with AWQ's grid and LLaDA with RTN (LLaDA with GPTQ, the same block driver with
+# Hessians, runs in `make test`)
 @pytest.mark.parametrize("family,method", [("llada", "gptq"),
                                            pytest.param("dream", "awq", marks=pytest.mark.slow),
-                                           ("llada", "rtn")])
+                                           pytest.param("llada", "rtn", marks=pytest.mark.slow)])
 def test_streaming_equals_the_in_memory_pass(tmp_path, family, method):
     src, calib = _setup(tmp_path, family)
     spec = PTQSpec(method=method, weight=QuantSpec(bits=4, group_size=64), awq_grid=4)

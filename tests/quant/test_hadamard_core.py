@@ -17,7 +17,7 @@ def test_matches_scipy_on_powers_of_two(n):
     np.testing.assert_allclose(ours, x @ scipy.linalg.hadamard(n) / np.sqrt(n), atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [12, 20, 28, 48, 148, 3584])
+@pytest.mark.parametrize("n", [12, 20, 28, 48, 148, pytest.param(3584, marks=pytest.mark.slow)])
 def test_non_power_of_two_widths_are_orthogonal(n):
     m = H.hadamard_matrix(n).astype(np.float64)
     assert set(np.unique(m)) == {-1.0, 1.0}

@@ -153,9 +153,9 @@ def _block_and_runner(family, seed=0):
 
 @pytest.mark.parametrize("family, group, inspect", [
     ("llada", ("q_proj", "k_proj", "v_proj"), "block"),
-    ("llada", ("gate_proj", "up_proj"), "block"),
+    pytest.param("llada", ("gate_proj", "up_proj"), "block", marks=pytest.mark.slow),
     ("dream", ("q_proj", "k_proj", "v_proj"), "attention"),
-    ("dream", ("gate_proj", "up_proj"), "mlp"),
+    pytest.param("dream", ("gate_proj", "up_proj"), "mlp", marks=pytest.mark.slow),
 ])
 def test_awq_scale_search_scores_the_module_llm_awq_inspects(family, group, inspect):
     """LLaDA: the whole block (fed the group's captured input, as llm-awq's module2inspect=
@@ -195,7 +195,7 @@ def test_awq_scale_search_scores_the_module_llm_awq_inspects(family, group, insp
     assert abs(float(stacked[0]) - loss0) > 1e-3 * loss0
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", pytest.param("dream", marks=pytest.mark.slow)])
 def test_awq_driver_clips_neither_q_nor_k_and_uses_every_token(family, monkeypatch):
     from qdlm_jax.quant import awq
 

@@ -31,7 +31,8 @@ def _calib(model, n=8, t=32, seed=0):
     return windows, build_calibration(model, windows, CalibSpec(n_samples=n, seq_len=t))
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+# slow: Dream (LLaDA's run in `make test`; Dream's W4A4 transforms in test_rotations_*)
+@pytest.mark.parametrize("family", ["llada", pytest.param("dream", marks=pytest.mark.slow)])
 def test_transforms_leave_the_float_model_unchanged(family):
     """Smoothing folds, QuaRot's norm folding + rotations + online Hadamards, DuQuant's online
     rotations: before any rounding, the logits of the bundled fp32 model do not move."""

@@ -49,7 +49,8 @@ def _rel_err(q, ids, ref) -> float:
 
 # smoothquant / duquant calibrate and search, several seconds each: slow (make test-slow)
 @pytest.mark.parametrize("method", [
-    "rtn", "quarot", pytest.param("smoothquant", marks=pytest.mark.slow),
+    "rtn", pytest.param("quarot", marks=pytest.mark.slow),
+    pytest.param("smoothquant", marks=pytest.mark.slow),
     pytest.param("duquant", marks=pytest.mark.slow)])
 def test_every_method_runs_per_group_and_a4_groups_beat_per_token(outlier_setup, method):
     """Float weights, so the output error is the activations' alone (A8 runs with rtn
@@ -104,7 +105,7 @@ def tiny_llada():
     return load_model("assets/tiny-llada", dtype="float32")
 
 
-@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("group_size", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_tiny_llada_rtn_w4a4_per_group_saves_and_loads(tmp_path, tiny_llada, group_size):
     model = tiny_llada
     act = ActSpec(bits=4, granularity="per_group", group_size=group_size)
