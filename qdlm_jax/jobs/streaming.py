@@ -202,7 +202,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
         layer_stats["seconds"]["write_s"] = time.time() - t_write
         if timings is not None:
             timings.setdefault("blocks", []).append({"block": i, **layer_stats["seconds"],
-                                                     **_memory_gib()})
+                                                     **memory_gib()})
         del block, params
         release_memory()
     bar.close()
@@ -221,7 +221,7 @@ def release_memory() -> None:
         pass
 
 
-def _memory_gib() -> dict:
+def memory_gib() -> dict:
     """Peak resident memory of this process so far, the current resident set split into
     anonymous memory and file pages (Linux), and, where the backend reports it (GPU, TPU),
     the first local device's peak bytes in use, in GiB."""

@@ -329,9 +329,7 @@ class DiffusionGemma(nnx.Module):
     # ---- pieces -----------------------------------------------------------------------------
     def embed_tokens(self, ids: Int[Array, "B T"]) -> Float[Array, "B T H"]:
         """E[ids] * sqrt(H), the scale cast to the weight dtype, in the compute dtype."""
-        table = self.embed[...]
-        x = jnp.take(table, ids, axis=0) * self.config.embed_scale.astype(table.dtype)
-        return x.astype(self.config.compute_dtype)
+        return scaled_embedding(self.config, jnp.take(self.embed[...], ids, axis=0))
 
     def _rope(self, positions):
         """{layer type: (cos, sin)} for the positions (only the types the model has)."""
@@ -358,15 +356,26 @@ class DiffusionGemma(nnx.Module):
         `routes`, when a dict, receives {layer: (top_ids [B, T, k], weights [B, T, k],
         router probabilities [B, T, E])}.
         """
+        return self.encode_hidden(self.embed_tokens(ids), positions, cache, valid,
+                                  capture=capture, routes=routes)[0]
+
+    def encode_hidden(self, x: Float[Array, "B T H"], positions: Int[Array, "B T"] | None,
+                      cache: KVCache, valid: Bool[Array, "B T"] | None = None, *,
+                      capture: Capture | None = None, routes: dict | None = None,
+                      layers: tuple[int, ...] | None = None
+                      ) -> tuple[KVCache, Float[Array, "B T H"]]:
+        """`encode` from the tokens' input hidden states x (what `embed_tokens` gives, or a
+        previous layer's output): (cache, the last layer's output). `layers` runs only those
+        layers (in order; default all): the others are neither read nor written, so a model
+        holding one layer's weights runs that layer alone (layer-by-layer streaming)."""
         c = self.config
-        b, t = ids.shape
+        b, t = x.shape[:2]
         n0 = cache.length
         q_idx = n0 + jnp.arange(t, dtype=jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(q_idx, (b, t))
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
         valid_all = jax.lax.dynamic_update_slice(cache.valid, valid, (0, n0))
-        x = self.embed_tokens(ids)
         rope = self._rope(positions)
 
         # full layers: the whole buffer, causal over token indices
@@ -386,7 +395,8 @@ class DiffusionGemma(nnx.Module):
         ring_slots = jnp.mod(n0 + jnp.arange(t0, t, dtype=jnp.int32), c.ring_size)
 
         sk, sv, fk, fv = cache.sliding_k, cache.sliding_v, cache.full_k, cache.full_v
-        for i, layer in enumerate(self.layers):
+        for i in range(c.num_layers) if layers is None else layers:
+            layer = self.layers[i]
             sliding = c.is_sliding(i)
             cos, sin = rope[sliding]
             q, k, v = layer.qkv(x, cos, sin, capture)
@@ -406,7 +416,7 @@ class DiffusionGemma(nnx.Module):
             x = layer.finish(x, q, keys.astype(x.dtype), values.astype(x.dtype), bias,
                              layer.layer_scalar_encoder[...], capture, routes)
         return KVCache(sliding_k=sk, sliding_v=sv, full_k=fk, full_v=fv, valid=valid_all,
-                       length=n0 + t)
+                       length=n0 + t), x
 
     # ---- decoder mode -----------------------------------------------------------------------
     def decoder_inputs(self, canvas: Int[Array, "B L"],
@@ -414,15 +424,16 @@ class DiffusionGemma(nnx.Module):
                        capture: Capture | None = None) -> Float[Array, "B L H"]:
         """rms(E[c] sqrt(H) + SC(soft)), soft = (softmax_fp32(sc_logits) @ E) sqrt(H) or 0."""
         e = self.embed_tokens(canvas)
-        if sc_logits is None:
-            soft = jnp.zeros_like(e)
-        else:
-            table = self.embed[...]
-            probs = jax.nn.softmax(sc_logits.astype(jnp.float32), axis=-1).astype(table.dtype)
-            soft = jnp.einsum("blv,vh->blh", probs, table, preferred_element_type=jnp.float32)
-            soft = (soft.astype(table.dtype) * self.config.embed_scale.astype(table.dtype))
-            soft = soft.astype(e.dtype)
-        return self.self_conditioning(e, soft, capture)
+        soft = jnp.zeros_like(e) if sc_logits is None else self.soft_embedding(sc_logits)
+        return self.self_conditioning(e, soft.astype(e.dtype), capture)
+
+    def soft_embedding(self, sc_logits: Float[Array, "B L V"]) -> Float[Array, "B L H"]:
+        """(softmax_fp32(sc_logits) @ E) sqrt(H) in the weight dtype: the self-conditioning
+        input that `decoder_inputs` feeds the SC MLP."""
+        table = self.embed[...]
+        probs = jax.nn.softmax(sc_logits.astype(jnp.float32), axis=-1).astype(table.dtype)
+        soft = jnp.einsum("blv,vh->blh", probs, table, preferred_element_type=jnp.float32)
+        return soft.astype(table.dtype) * self.config.embed_scale.astype(table.dtype)
 
     def decode(self, canvas: Int[Array, "B L"], sc_logits: Float[Array, "B L V"] | None,
                cache: KVCache, positions: Int[Array, "B L"] | None = None, *,
@@ -433,11 +444,21 @@ class DiffusionGemma(nnx.Module):
 
         `positions` default to length..length+L-1; `routes` as in `encode`.
         """
+        x = self.decode_hidden(self.decoder_inputs(canvas, sc_logits, capture), cache,
+                               positions, capture=capture, routes=routes)
+        return self.logits(self.final_norm(x), capture)
+
+    def decode_hidden(self, x: Float[Array, "B L H"], cache: KVCache,
+                      positions: Int[Array, "B L"] | None = None, *,
+                      capture: Capture | None = None, routes: dict | None = None,
+                      layers: tuple[int, ...] | None = None) -> Float[Array, "B L H"]:
+        """`decode` from the canvas's input hidden states x (`decoder_inputs`, or a previous
+        layer's output): the last layer's output, before the final norm; `layers` as in
+        `encode_hidden`."""
         c = self.config
-        b, n = canvas.shape
+        b, n = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(cache.length + jnp.arange(n, dtype=jnp.int32), (b, n))
-        x = self.decoder_inputs(canvas, sc_logits, capture)
         rope = self._rope(positions)
         canvas_ok = jnp.ones((b, n), bool)
         full_ok = (jnp.arange(cache.max_len) < cache.length)[None, :] & cache.valid
@@ -446,7 +467,8 @@ class DiffusionGemma(nnx.Module):
         ring_ok = (ring_idx >= 0)[None, :] & jnp.take(cache.valid, jnp.maximum(ring_idx, 0),
                                                       axis=1)
         sliding_bias = mask_bias(jnp.concatenate([ring_ok, canvas_ok], axis=1))
-        for i, layer in enumerate(self.layers):
+        for i in range(c.num_layers) if layers is None else layers:
+            layer = self.layers[i]
             sliding = c.is_sliding(i)
             cos, sin = rope[sliding]
             q, k, v = layer.qkv(x, cos, sin, capture)
@@ -460,7 +482,7 @@ class DiffusionGemma(nnx.Module):
             values = jnp.concatenate([cv.astype(x.dtype), v], axis=1)
             x = layer.finish(x, q, keys, values, bias, layer.layer_scalar_decoder[...], capture,
                              routes)
-        return self.logits(self.final_norm(x), capture)
+        return x
 
     def logits(self, hidden: Float[Array, "B L H"],
                capture: Capture | None = None) -> Float[Array, "B L V"]:
@@ -475,6 +497,12 @@ class DiffusionGemma(nnx.Module):
 
 
 # ---- building and params ----------------------------------------------------------------------
+
+def scaled_embedding(config: DiffusionGemmaConfig, rows: Float[Array, "... H"]) -> jax.Array:
+    """Embedding rows E[ids] times sqrt(H) (the scale cast to the rows' dtype), in the compute
+    dtype: `embed_tokens` from rows already gathered (e.g. from a memory-mapped table)."""
+    return (rows * config.embed_scale.astype(rows.dtype)).astype(config.compute_dtype)
+
 
 def init_model(config: DiffusionGemmaConfig, seed: int = 0) -> DiffusionGemma:
     """A randomly initialised model (normal(0.02) kernels and experts, unit norms, router
@@ -502,6 +530,22 @@ def model_from_params(config: DiffusionGemmaConfig,
     if missing or extra:
         raise KeyError(f"model_from_params: missing params {missing[:5]}, unexpected {extra[:5]}")
     nnx.replace_by_pure_dict(state, unflatten(params))
+    return nnx.merge(graphdef, state)
+
+
+def partial_model(config: DiffusionGemmaConfig,
+                  params: dict[ParamPath, object]) -> DiffusionGemma:
+    """A model holding `params` (some of the model's) and an empty float32 array for every
+    other param: it runs what needs only those weights (one layer through
+    `encode_hidden` / `decode_hidden` with `layers=`, `self_conditioning`, `logits`), so a
+    model larger than memory is run part by part. Raises KeyError on an unknown path."""
+    graphdef, state = nnx.split(abstract_model(config))
+    expected = flatten(nnx.to_pure_dict(state))
+    extra = sorted(path_str(p) for p in params if p not in expected)
+    if extra:
+        raise KeyError(f"partial_model: unexpected params {extra[:5]}")
+    empty = jnp.zeros((0,), jnp.float32)
+    nnx.replace_by_pure_dict(state, unflatten({p: params.get(p, empty) for p in expected}))
     return nnx.merge(graphdef, state)
 
 

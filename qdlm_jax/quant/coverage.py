@@ -95,6 +95,12 @@ class CoveragePlan:
     def by_path(self) -> dict[ParamPath, TensorPlan]:
         return {t.path: t for t in self.tensors}
 
+    def subset(self, paths) -> "CoveragePlan":
+        """The plan of `paths` alone (a part of the model checked as it is quantized)."""
+        keep = set(paths)
+        return dataclasses.replace(self, tensors=tuple(t for t in self.tensors
+                                                       if t.path in keep))
+
     def rows(self) -> list[dict]:
         """One row per (kind, action), kinds in `kinds` order: tensors, params, share."""
         rows: dict[tuple[str, str], dict] = {}

@@ -23,6 +23,12 @@ router's choices (`Capture(experts_fn=)`), concatenated over the passes: per-exp
 statistics depend on which expert each row was routed to (`gptq_experts_core`).
 
 Random numbers: level j uses `fold_in(key(seed), j)`, split into (mask key, ids key).
+
+Layer by layer (`hidden_layer_stats` / `hidden_layer_forward`, for streaming): the same passes
+from the hidden states entering layer i, Enc_i over x_enc [B, p, H] (giving layer i's keys and
+values) and Dec_i over each level's x_dec [B, L, H]; `sc_stats` / `sc_forward` do the same for
+the decoder's self-conditioning input. Given the hidden states that the whole-model passes
+feed layer i, they record the same statistics and produce the next layer's inputs.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from qdlm_jax.models.capture import Capture
 from qdlm_jax.models.diffusion_gemma import DiffusionGemma, init_cache
@@ -144,6 +150,11 @@ def gemma_layer_stats(model: DiffusionGemma, prompts: Int[Array, "B P"],
                                     jax.random.fold_in(jax.random.key(spec.seed), j), level,
                                     temperature, decoder=True,
                                     self_condition=spec.self_condition, **static))
+    return _combine(passes, expert_layers, rows)
+
+
+def _combine(passes, expert_layers, rows: bool) -> LayerStats:
+    """The passes' records summed (grams) or concatenated (rows), in pass order."""
     if rows:
         names_seen = sorted({name for values, _ in passes for name in values})
         inputs = {name: jnp.concatenate([values[name] for values, _ in passes
@@ -165,3 +176,91 @@ def _expert_rows(passes, expert_layers) -> dict[int, tuple[jax.Array, jax.Array,
         parts = [recorded[i] for _, recorded in passes]
         experts[i] = tuple(jnp.concatenate([part[j] for part in parts]) for j in range(3))
     return experts
+
+
+def _layer_pass(state, x_enc, x_decs, *, graphdef, layer, names, experts, record_encoder,
+                record_decoder):
+    """(records of the recorded passes, layer `layer`'s encoder output, its decoder outputs)."""
+    model = nnx.merge(graphdef, state)
+    b, p = x_enc.shape[:2]
+
+    def capture(on):
+        return Capture(names=names, fn=_gram, experts_fn=_rows if experts else None) if on \
+            else None
+
+    passes = []
+    cap = capture(record_encoder)
+    cache, x_next = model.encode_hidden(x_enc, None, init_cache(model.config, b, p),
+                                        capture=cap, layers=(layer,))
+    if cap is not None:
+        passes.append((cap.values, cap.experts))
+    outs = []
+    for j in range(x_decs.shape[0]):
+        cap = capture(record_decoder)
+        outs.append(model.decode_hidden(x_decs[j], cache, capture=cap, layers=(layer,)))
+        if cap is not None:
+            passes.append((cap.values, cap.experts))
+    return passes, x_next, jnp.stack(outs) if outs else x_decs
+
+
+_layer_pass_jit = jax.jit(_layer_pass, static_argnames=(
+    "graphdef", "layer", "names", "experts", "record_encoder", "record_decoder"))
+
+
+def hidden_layer_stats(model: DiffusionGemma, layer: int, x_enc: Float[Array, "B P H"],
+                       x_decs: Float[Array, "N B L H"], spec: GemmaCalibSpec, *,
+                       names: tuple[str, ...], experts: bool) -> LayerStats:
+    """The statistics of layer `layer`'s linears `names` (and of its experts with `experts`)
+    over `spec`'s passes, from the hidden states entering the layer: x_enc over the prompts,
+    x_decs[j] over level j's canvases (module docstring). `model` needs only that layer's
+    weights (`diffusion_gemma.partial_model`)."""
+    graphdef, state = nnx.split(model)
+    passes, _, _ = _layer_pass_jit(
+        state, jnp.asarray(x_enc), jnp.asarray(x_decs), graphdef=graphdef, layer=layer,
+        names=tuple(names), experts=experts, record_encoder=spec.modes in ("encoder", "both"),
+        record_decoder=spec.modes in ("decoder", "both"))
+    return _combine(passes, (layer,) if experts else (), rows=False)
+
+
+def hidden_layer_forward(model: DiffusionGemma, layer: int, x_enc: Float[Array, "B P H"],
+                         x_decs: Float[Array, "N B L H"]) -> tuple[jax.Array, jax.Array]:
+    """(encoder output, decoder outputs) of layer `layer` given its inputs."""
+    graphdef, state = nnx.split(model)
+    _, x_next, dec_next = _layer_pass_jit(
+        state, jnp.asarray(x_enc), jnp.asarray(x_decs), graphdef=graphdef, layer=layer,
+        names=(), experts=False, record_encoder=False, record_decoder=False)
+    return x_next, dec_next
+
+
+def _sc_pass(state, embeds, soft, *, graphdef, names, record):
+    model = nnx.merge(graphdef, state)
+    passes, outs = [], []
+    for j in range(embeds.shape[0]):
+        cap = Capture(names=names, fn=_gram) if record else None
+        outs.append(model.self_conditioning(embeds[j], soft[j].astype(embeds.dtype), cap))
+        if cap is not None:
+            passes.append((cap.values, {}))
+    return passes, jnp.stack(outs)
+
+
+_sc_pass_jit = jax.jit(_sc_pass, static_argnames=("graphdef", "names", "record"))
+
+
+def sc_stats(model: DiffusionGemma, embeds: Float[Array, "N B L H"],
+             soft: Float[Array, "N B L H"], *, names: tuple[str, ...]) -> LayerStats:
+    """The self-conditioning MLP's statistics over each level's decoder input: the noised
+    canvas's scaled embeddings `embeds[j]` and the self-conditioning input `soft[j]`
+    (`DiffusionGemma.soft_embedding` of the first pass's logits / T_j), as the decoder
+    passes record them. `model` needs only the self-conditioning weights."""
+    graphdef, state = nnx.split(model)
+    passes, _ = _sc_pass_jit(state, jnp.asarray(embeds), jnp.asarray(soft),
+                             graphdef=graphdef, names=tuple(names), record=True)
+    return _combine(passes, (), rows=False)
+
+
+def sc_forward(model: DiffusionGemma, embeds: Float[Array, "N B L H"],
+               soft: Float[Array, "N B L H"]) -> jax.Array:
+    """Each level's decoder input hidden states [N, B, L, H] (`decoder_inputs`)."""
+    graphdef, state = nnx.split(model)
+    return _sc_pass_jit(state, jnp.asarray(embeds), jnp.asarray(soft), graphdef=graphdef,
+                        names=(), record=False)[1]

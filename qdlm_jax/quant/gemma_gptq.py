@@ -100,6 +100,49 @@ def _all_token_grams(x, kernels_or_none, num_experts, inter=None):
     return jnp.stack(grams), jnp.full((num_experts,), n)
 
 
+def gptq_part(params: dict[ParamPath, object], paths: list[ParamPath], layer: int | None,
+              stats, config, spec: GemmaPTQSpec, settings: GemmaGPTQSettings,
+              expert_paths: set[ParamPath]) -> tuple[dict[ParamPath, object], dict]:
+    """({path: packed}, {expert path: how each expert's Hessian was formed}) of one part (the
+    dense kernels `paths`, and MoE layer `layer`'s planned expert tensors `expert_paths`)
+    from its recorded statistics `stats` (`LayerStats`); `params` holds the part's float
+    tensors."""
+    out: dict[ParamPath, object] = {}
+    how: dict[str, list[str]] = {}
+    for p in paths:
+        name = hook_name(p)
+        if name not in stats.grams:
+            raise ValueError(f"{path_str(p)}: no calibration input was recorded for "
+                             f"{name} (modes={settings.calib.modes!r})")
+        gram, tokens = stats.grams[name]
+        out[p] = _pack_dense(p, params[p], gram, tokens, spec, settings)
+    if layer is None:
+        return out, how
+    inter = config.moe_intermediate_size
+    x, top_ids, _ = stats.experts[layer]
+    x = x.astype(jnp.float32)
+    _, token, sizes = sort_by_expert(top_ids, config.num_experts)
+    rows = x[token]
+    gu_path, down_path = ("layers", layer, "experts", "gate_up"), \
+        ("layers", layer, "experts", "down")
+    all_tok = settings.thin.fallback == "all_tokens"
+    gate_up = params[gu_path]
+    if gu_path in expert_paths:
+        out[gu_path], how[path_str(gu_path)] = _pack_experts(
+            gate_up, rows, sizes, spec, settings,
+            _all_token_grams(x, None, config.num_experts) if all_tok else None)
+    gu_hat = out.get(gu_path, gate_up)
+    gu_hat = gu_hat.dequantize(jnp.float32) if isinstance(gu_hat, QuantizedExperts) \
+        else jnp.asarray(gu_hat, jnp.float32)
+    if down_path in expert_paths:
+        h = grouped_matmul(rows, gu_hat, sizes)
+        a = gelu_tanh(h[:, :inter]) * h[:, inter:]
+        out[down_path], how[path_str(down_path)] = _pack_experts(
+            params[down_path], a, sizes, spec, settings,
+            _all_token_grams(x, gu_hat, config.num_experts, inter) if all_tok else None)
+    return out, how
+
+
 def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases,
                         spec: GemmaPTQSpec, settings: GemmaGPTQSettings = GemmaGPTQSettings(),
                         *, progress: bool = False
@@ -112,46 +155,19 @@ def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases
     config = model.config
     params = get_params(model)
     plan = gemma_plan({p: tuple(v.shape) for p, v in params.items()}, spec)
-    experts = plan.paths("QuantizedExperts")
+    experts = set(plan.paths("QuantizedExperts"))
     out = dict(params)
     how: dict[str, list[str]] = {}
-    inter = config.moe_intermediate_size
     for label, paths, layer in tqdm(forward_parts(config.num_layers, plan), desc="gptq",
                                     disable=not progress, unit="part"):
         current = diffusion_gemma.model_from_params(config, out)
         stats = gemma_layer_stats(current, prompts, canvases, settings.calib,
                                   names=tuple(hook_name(p) for p in paths),
                                   expert_layers=() if layer is None else (layer,))
-        for p in paths:
-            name = hook_name(p)
-            if name not in stats.grams:
-                raise ValueError(f"{path_str(p)}: no calibration input was recorded for "
-                                 f"{name} (modes={settings.calib.modes!r})")
-            gram, tokens = stats.grams[name]
-            out[p] = _pack_dense(p, params[p], gram, tokens, spec, settings)
-        if layer is None:
-            continue
-        x, top_ids, _ = stats.experts[layer]
-        x = x.astype(jnp.float32)
-        _, token, sizes = sort_by_expert(top_ids, config.num_experts)
-        rows = x[token]
-        gu_path, down_path = ("layers", layer, "experts", "gate_up"), \
-            ("layers", layer, "experts", "down")
-        all_tok = settings.thin.fallback == "all_tokens"
-        gate_up = params[gu_path]
-        if gu_path in experts:
-            out[gu_path], how[path_str(gu_path)] = _pack_experts(
-                gate_up, rows, sizes, spec, settings,
-                _all_token_grams(x, None, config.num_experts) if all_tok else None)
-        gu_hat = out[gu_path]
-        gu_hat = gu_hat.dequantize(jnp.float32) if isinstance(gu_hat, QuantizedExperts) \
-            else jnp.asarray(gu_hat, jnp.float32)
-        if down_path in experts:
-            h = grouped_matmul(rows, gu_hat, sizes)
-            a = gelu_tanh(h[:, :inter]) * h[:, inter:]
-            out[down_path], how[path_str(down_path)] = _pack_experts(
-                params[down_path], a, sizes, spec, settings,
-                _all_token_grams(x, gu_hat, config.num_experts, inter) if all_tok else None)
+        packed, part_how = gptq_part(params, paths, layer, stats, config, spec, settings,
+                                     experts)
+        out.update(packed)
+        how.update(part_how)
     attach_act(out, plan, spec.act)
     check_coverage(plan, params, out)
     return out, plan, how
