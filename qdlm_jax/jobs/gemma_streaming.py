@@ -53,6 +53,7 @@ from qdlm_jax.models.diffusion_gemma import (
     scaled_embedding,
 )
 from qdlm_jax.models.params import ParamPath, cast_floats
+from qdlm_jax.models.sharding import param_sharding
 from qdlm_jax.quant.coverage import check_coverage
 from qdlm_jax.quant.gemma_calibration import (
     hidden_layer_forward,
@@ -81,15 +82,16 @@ def _part_dir(work: Path, layer: int | None) -> Path:
 class _Source:
     """The hub checkpoint's tensors by param path, read from its memory maps in float32."""
 
-    def __init__(self, src: Path):
+    def __init__(self, src: Path, mesh=None):
         self.ckpt = CheckpointDir(src)
         self.mappings = key_map(self.ckpt.config)
         check_tensors(self.ckpt, self.mappings)
         self.config = self.ckpt.config.replace(param_dtype="float32", dtype="float32")
+        self.sharding_fn = None if mesh is None else param_sharding(mesh)
 
     def read(self, keep) -> dict[ParamPath, jax.Array]:
         params = read_tensors(self.ckpt, [m for m in self.mappings if keep(m.path)],
-                              dtype="float32")
+                              dtype="float32", sharding_fn=self.sharding_fn)
         self.ckpt.drop_resident()
         return params
 
@@ -145,8 +147,9 @@ def _soft_row(head, x, temperature):
 
 
 def _settings(src: Path, prompts, canvases, spec: GemmaPTQSpec,
-              settings: GemmaGPTQSettings) -> str:
+              settings: GemmaGPTQSettings, mesh) -> str:
     return settings_digest({"src": str(src.resolve()), "spec": dataclasses.asdict(spec),
+                            "mesh": None if mesh is None else dict(mesh.shape),
                             "gptq": dataclasses.asdict(settings),
                             "prompts": settings_digest(np.asarray(prompts).tolist(), 16),
                             "canvases": settings_digest(np.asarray(canvases).tolist(), 16)}, 16)
@@ -168,22 +171,30 @@ def _commit(work: Path, layer: int | None, config, packed: dict, arrays: dict, s
 
 def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
                          settings: GemmaGPTQSettings, work_dir: str | Path, *,
-                         progress: bool = True, timings: dict | None = None) -> dict:
+                         progress: bool = True, timings: dict | None = None,
+                         mesh=None) -> dict:
     """GPTQ of the DiffusionGemma hub checkpoint `src` part by part into `work_dir`, calibrated
     on `prompts` [B, P] and their continuations `canvases` [B, L] (module docstring). Returns
     stats: per part the seconds (read, statistics, GPTQ, forward, write) and, in `timings`
-    when given, the peak memory after each part."""
+    when given, the peak memory after each part. `mesh`: this process's devices to hold each
+    layer on, with the model's partition rules (`models/sharding.py`: the experts' E dim over
+    an "expert" axis, their intermediate dim and the dense kernels over "model"); a work dir
+    is resumed only on the mesh shape it was started with."""
     if spec.weight is None:
         raise ValueError("gptq_streaming_gemma: spec.weight is None (16 bits): nothing to do")
+    if mesh is not None and not all(d.process_index == jax.process_index()
+                                    for d in mesh.devices.flat):
+        raise ValueError("gptq_streaming_gemma: the mesh spans several processes; streaming "
+                         "runs on one process's devices")
     src, work = Path(src), Path(work_dir)
-    source = _Source(src)
+    source = _Source(src, mesh)
     config = source.config
     prompts, canvases = np.asarray(prompts, np.int32), np.asarray(canvases, np.int32)
     plan = gemma_plan(param_shapes(config), spec)
     experts = set(plan.paths("QuantizedExperts"))
     work.mkdir(parents=True, exist_ok=True)
     state_file = work / "state.json"
-    digest = _settings(src, prompts, canvases, spec, settings)
+    digest = _settings(src, prompts, canvases, spec, settings, mesh)
     if state_file.is_file():
         recorded = json.loads(state_file.read_text()).get("settings")
         if recorded != digest:
@@ -200,10 +211,14 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
     calib = settings.calib
     if calib.self_condition and levels.shape[0]:
         if not (work / SOFT).is_file():
+            t = time.time()
             soft = _float_soft(source, prompts, levels, settings, progress)
             tmp = work / f".{SOFT}"
             np.save(tmp, soft)
             tmp.rename(work / SOFT)
+            stats["float_pass_s"] = time.time() - t
+            if timings is not None:
+                timings["float_pass"] = {"seconds": stats["float_pass_s"], **memory_gib()}
         soft = jnp.asarray(np.load(work / SOFT))
     else:
         soft = jnp.zeros(levels.shape + (config.hidden_size,), jnp.float32)
@@ -280,21 +295,33 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
     return stats
 
 
+def part_dirs(work_dir: str | Path, num_layers: int) -> list[Path]:
+    """The committed parts of a streamed run, in forward order (the SC part, each layer)."""
+    return [_part_dir(Path(work_dir), None)] + [_part_dir(Path(work_dir), i)
+                                                for i in range(num_layers)]
+
+
+def outer_params(src: str | Path) -> dict[ParamPath, jax.Array]:
+    """The hub checkpoint's embedding and final norm in their stored dtype (what the
+    streamed parts do not hold)."""
+    ckpt = CheckpointDir(Path(src))
+    params = read_tensors(ckpt, [m for m in key_map(ckpt.config)
+                                 if m.path[0] in ("embed", "final_norm")])
+    ckpt.drop_resident()
+    return params
+
+
 def save_packed_gemma(src: str | Path, work_dir: str | Path, dest: str | Path, *,
                       extra_files=(), meta: dict | None = None, progress: bool = True):
     """Writes the packed model of `work_dir` to the checkpoint `dest` (atomically) part by
     part: the embedding and final norm (source dtype), the self-conditioning part, then each
     layer; float tensors stay in the source dtype. Returns the config."""
-    src, work = Path(src), Path(work_dir)
-    ckpt = CheckpointDir(src)
-    config = ckpt.config
-    done = [_part_dir(work, None)] + [_part_dir(work, i) for i in range(config.num_layers)]
+    config = CheckpointDir(Path(src)).config
+    done = part_dirs(work_dir, config.num_layers)
     for d in done:  # refuse before writing anything
         if not (d / X_DEC).is_file():
             raise CheckpointError(f"{d}: not finished; run the quantization again to resume")
-    mappings = key_map(config)
-    outer = read_tensors(ckpt, [m for m in mappings if m.path[0] in ("embed", "final_norm")])
-    ckpt.drop_resident()
+    outer = outer_params(src)
     dtype = np.dtype(outer[("embed",)].dtype).name
 
     def parts():

@@ -32,13 +32,15 @@ every tensor accounted for.
 `rtn`, `gptq` and `awq` (clean calibration) run here, `rtn` and `gptq` also with
 --config.act_bits 8 or 4, `smoothquant` and `quarot` with it (every quantized tensor's
 inputs quantized per token or per group, `gemma_plan.attach_act`: W8A8, W4A8);
-`check_gemma` refuses the rest in one line before any work. The run is in memory (no
-streaming, no mesh).
+`check_gemma` refuses the rest in one line before any work. The run is in memory (no mesh),
+except `gptq` with --config.stream=true (`run_gemma_streaming`: layer by layer from the hub
+checkpoint's memory maps, `jobs/gemma_streaming.py`; nothing evaluated).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -51,7 +53,7 @@ from qdlm_jax.checkpoints.load import (
     param_summary,
     read_model_config,
 )
-from qdlm_jax.checkpoints.orbax_format import save_checkpoint
+from qdlm_jax.checkpoints.orbax_format import load_checkpoint, save_checkpoint
 from qdlm_jax.data import sources
 from qdlm_jax.data.hf_tokenizer import tokenizer_files
 from qdlm_jax.errors import CheckpointError, ConfigOverrideError
@@ -60,7 +62,14 @@ from qdlm_jax.evals.basic import ArithmeticEval, arithmetic_accuracy, heldout_wi
 from qdlm_jax.evals.canvas_kl import canvas_kl, route_changes
 from qdlm_jax.evals.tasks import run_task
 from qdlm_jax.fsutil import atomic_write_text
+from qdlm_jax.jobs.gemma_streaming import (
+    gptq_streaming_gemma,
+    outer_params,
+    part_dirs,
+    save_packed_gemma,
+)
 from qdlm_jax.jobs.quantize_report import gemma_report
+from qdlm_jax.jobs.streaming import can_stream
 from qdlm_jax.models.diffusion_gemma import model_from_params, param_shapes
 from qdlm_jax.models.gemma_config import FAMILY
 from qdlm_jax.models.params import cast_floats, get_params
@@ -117,9 +126,12 @@ def check_gemma(spec, config) -> None:
     if spec.budget is not None:
         raise ConfigOverrideError(f"--config.bits_budget={spec.budget.budget:g} {where} "
                                   "(uniform --config.bits)")
-    if spec.stream == "true":
-        raise ConfigOverrideError(f"--config.stream=true {where} (the pass runs in memory; "
-                                  "drop --config.stream)")
+    if spec.stream == "true" and (spec.method != "gptq" or spec.wa is not None
+                                  or not can_stream(spec.model)):
+        raise ConfigOverrideError(f"--config.stream=true with method={spec.method} "
+                                  f"act_bits={spec.act_bits} {where} (streaming runs "
+                                  "weight-only gptq on a hub checkpoint directory; drop "
+                                  "--config.stream for the in-memory pass)")
     try:
         gemma_plan(param_shapes(config), gemma_ptq_spec(spec))
     except ValueError as e:
@@ -210,6 +222,8 @@ def _bytes_vs_bf16(params: dict) -> float | None:
 def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
     """The job on a DiffusionGemma checkpoint (module docstring); `run_dir` exists.
     `tasks`: the built-in task specs of `--config.eval.tasks`."""
+    if spec.stream == "true":
+        return run_gemma_streaming(spec, run_dir, t0)
     source_dtype = read_model_config(spec.model).param_dtype
     model = load_model(spec.model, dtype="float32")
     config = model.config
@@ -301,3 +315,81 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
 
 __all__ = ["check_gemma", "evaluate_text", "gemma_calibration_windows", "gemma_ptq_spec",
            "kl_windows", "quantize_gemma", "run_gemma"]
+
+
+def _stored_summary(params: dict, dtype: str, plan) -> dict:
+    """param_summary of one part as saved (floats in `dtype`), of its packed tensors and of
+    its packed experts."""
+    stored = cast_floats(params, dtype)
+    packed = set(plan.paths())
+    experts = set(plan.paths("QuantizedExperts"))
+    return {"all": param_summary(stored),
+            "packed": param_summary({p: v for p, v in stored.items() if p in packed}),
+            "experts": param_summary({p: v for p, v in stored.items() if p in experts})}
+
+
+def run_gemma_streaming(spec, run_dir: Path, t0: float) -> dict:
+    """`--config.stream=true`: GPTQ layer by layer from the hub checkpoint's memory maps
+    (`jobs.gemma_streaming`), the packed model written part by part; the model is never
+    resident, so the run evaluates nothing (`qdlm eval` the saved model)."""
+    config = read_model_config(spec.model)
+    source_dtype = config.param_dtype
+    tokenizer = _tokenizer(spec.model)
+    windows = gemma_calibration_windows(spec, config, tokenizer)
+    seq = spec.calib.seq_len
+    gspec = gemma_ptq_spec(spec)
+    plan = gemma_plan(param_shapes(config), gspec)
+    work = run_dir / "parts"
+    _log(f"{spec.model}: {FAMILY}, gptq W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size}"
+         f" streamed layer by layer -> {work}")
+    t_q = time.time()
+    stats = gptq_streaming_gemma(spec.model, windows[:, :seq], windows[:, seq:], gspec,
+                                 spec.moe_gptq, work, progress=True)
+    quant_s = time.time() - t_q
+    counts: dict[str, int] = {}
+    for kinds in stats["how"].values():
+        for k in kinds:
+            counts[k] = counts.get(k, 0) + 1
+    _log(f"quantized in {quant_s:.1f}s (resumed at {stats['resumed_at']}); expert Hessians: "
+         f"{counts}")
+    total = {k: {"params": 0, "bytes": 0, "bf16_bytes": 0} for k in ("all", "packed",
+                                                                     "experts")}
+    parts = (load_checkpoint(d)[1] for d in part_dirs(work, config.num_layers))
+    for params in itertools.chain([outer_params(spec.model)], parts):  # one at a time
+        for k, v in _stored_summary(params, source_dtype, plan).items():
+            for f in total[k]:
+                total[k][f] += v[f]
+    w = spec.ptq.weight
+    result = {
+        "model": spec.model, "run_dir": str(run_dir), "config": spec.config,
+        "family": FAMILY, "method": spec.method, "bits": w.bits, "act_bits": spec.act_bits,
+        "group_size": w.group_size, "sym": w.sym, "streaming": True,
+        "calibration": f"two-mode ({spec.moe_gptq.calib.modes}), {spec.calib.n_samples} "
+                       "windows, self-conditioning logits of the float model",
+        "expert_hessians": counts, "quantize_router": spec.quantize_router,
+        "router_bits": spec.router_bits, "moe_parts": list(spec.moe_parts), "fp": None,
+        "quantized": {"tasks": {}}, "quantize_s": quant_s, "parts": stats["parts"],
+        "packed_bytes": total["all"]["bytes"], "bf16_bytes": total["all"]["bf16_bytes"],
+        "bytes_vs_bf16": total["all"]["bytes"] / total["all"]["bf16_bytes"],
+        "linear_bytes_vs_bf16": total["packed"]["bytes"] / total["packed"]["bf16_bytes"],
+        "expert_bytes_vs_bf16": (total["experts"]["bytes"] / total["experts"]["bf16_bytes"]
+                                 if total["experts"]["bf16_bytes"] else None),
+        "coverage": plan.rows(), "coverage_tensors": plan.to_json(),
+        "experts_quantized": all(t.quantized for t in plan.tensors
+                                 if t.kind in (EXPERT_GATE_UP, EXPERT_DOWN)),
+        "notes": ["streamed layer by layer: nothing evaluated (the float model is never "
+                  "resident); `qdlm eval` the saved model"],
+        "tokenizer": tokenizer.describe() if tokenizer is not None else None,
+    }
+    if spec.save:
+        meta = {k: result[k] for k in ("method", "bits", "act_bits", "group_size", "sym",
+                                       "calibration", "quantize_router", "coverage")}
+        save_packed_gemma(spec.model, work, run_dir / "model",
+                          extra_files=tokenizer_files(spec.model),
+                          meta={**meta, "config_hash": spec.config_hash})
+    result["total_s"] = time.time() - t0
+    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+    text = gemma_report(result)
+    atomic_write_text(run_dir / "report.md", text)
+    print(text)
+    return result

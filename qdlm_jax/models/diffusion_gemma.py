@@ -1,6 +1,6 @@
 """DiffusionGemma (block diffusion, MoE) as one Flax NNX weight stack with two modes.
 
-One module of just over 500 lines: the two modes run the same layers, cache and attention
+One module of about 560 lines: the two modes run the same layers, cache and attention
 code, so they stay together.
 
 transformers' `DiffusionGemmaForBlockDiffusion` (text part) ties an encoder and a decoder to
@@ -45,13 +45,17 @@ transformers' DynamicCache keeps; a full layer keeps `max_len` slots, written in
 tokens encoded so far (the same for every row). The encoder's sliding window is by token
 index, positions only feed RoPE.
 
+Layer by layer: `encode_hidden` / `decode_hidden` run the stack (or, with `layers=`, some of
+its layers) from hidden states instead of token ids, and `partial_model` holds only some of
+the weights, so a model larger than memory runs one layer at a time (streaming PTQ).
+
 Every dense linear is `dllm.Linear` (hook names `layers.{i}.self_attn.q_proj`,
 `layers.{i}.mlp.gate_proj`, `layers.{i}.router.proj`, `self_conditioning.gate_proj`, ...),
 so quantized kernels drop in through `project`; the experts go through
 `experts.expert_project`. Params are stored as the project does: kernels [in, out], experts
 `gate_up` [E, H, 2I] (gate columns first) and `down` [E, I, H] (see `experts`).
 
-The cache and both modes stay in one file (~500 lines): `encode` writes and `decode` reads
+The cache and both modes stay in one file (~560 lines): `encode` writes and `decode` reads
 the same slot layout, and splitting them would spread one invariant over two rooms.
 """
 

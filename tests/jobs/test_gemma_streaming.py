@@ -4,6 +4,7 @@ a run stopped mid-way resumes to the uninterrupted result, and the assembled che
 with every planned tensor packed."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.errors import CheckpointError
 from qdlm_jax.jobs import gemma_streaming
 from qdlm_jax.jobs.gemma_streaming import gptq_streaming_gemma, save_packed_gemma
+from qdlm_jax.models.params import path_str
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec
 from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings, gptq_quantize_gemma
 from qdlm_jax.quant.gemma_plan import GemmaPTQSpec
@@ -23,6 +25,7 @@ from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 from qdlm_jax.quant.quantizer_core import QuantSpec
 
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = GemmaPTQSpec(weight=QuantSpec(bits=4, group_size=8))
 
 
@@ -107,3 +110,77 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monk
         gptq_streaming_gemma(src, prompts, canvases, other, settings, tmp_path / "cut",
                              progress=False)
     assert jax.tree.leaves(stats["parts"])
+
+
+def test_qdlm_quantize_streams_gptq_and_the_packed_model_generates(setup, tmp_path, capsys):
+    import json
+
+    from qdlm_jax.checkpoints.load import load_params
+    from qdlm_jax.cli import main
+
+    src, _, _ = setup
+    common = ["quantize", "--config", str(ROOT / "configs/quantize.py"),
+              f"--config.model={src}", f"--config.out_dir={tmp_path}", "--config.bits=4",
+              "--config.group_size=8", "--config.calib.seq_len=8",
+              "--config.calib.n_samples=4", "--config.stream=true"]
+    assert main(common + ["--config.method=gptq"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["streaming"] and result["experts_quantized"]
+    assert sum(result["expert_hessians"].values()) == 2 * 2 * 4  # layers x tensors x experts
+    assert "| expert gate_up |" in (run_dir / "report.md").read_text()
+    _, params = load_params(run_dir / "model")
+    by_name = {path_str(p): v for p, v in params.items()}
+    assert set(by_name) == {t["name"] for t in result["coverage_tensors"]}
+    for t in result["coverage_tensors"]:
+        if not t["action"].startswith("kept"):
+            want = QuantizedExperts if t["kind"].startswith("expert") else QuantizedArray
+            assert isinstance(by_name[t["name"]], want), t["name"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run_dir / "model"), "--prompt", "17 33 5",
+                 "--config.gemma.max_new_tokens=8", "--config.gemma.steps=2"]) == 0
+    captured = capsys.readouterr()
+    assert "quantized: gptq W4 g8" in captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("17 33 5 ")
+    assert main(common + ["--config.method=rtn", f"--config.out_dir={tmp_path / 'r'}"]) == 2
+    assert "--config.stream=true with method=rtn" in capsys.readouterr().err
+
+
+# slow: on an 8-device mesh (the single-device streaming pass runs in `make test`)
+@pytest.mark.slow
+def test_on_an_expert_mesh_each_layer_is_sharded_and_the_result_is_the_in_memory_pass(
+        setup, tmp_path, monkeypatch):
+    """On an (expert 4, model 2) mesh of 8 CPU devices: each layer is read onto the mesh with
+    whole experts on the expert axis, and the packed model equals the in-memory pass on a
+    model loaded onto the same mesh; a work dir started on another mesh is refused."""
+    from jax.sharding import PartitionSpec as P
+
+    from qdlm_jax.models.sharding import make_mesh
+
+    src, prompts, canvases = setup
+    settings = _settings(False)
+    mesh = make_mesh(model=2, expert=4)
+    model = load_model(src, dtype="float32", mesh=mesh)
+    want, plan, _ = gptq_quantize_gemma(model, prompts, canvases, SPEC, settings)
+    real, seen = gemma_streaming.gptq_part, []
+
+    def spy(params, paths, layer, *a, **k):
+        if layer is not None:
+            w = params[("layers", layer, "experts", "gate_up")]
+            seen.append((w.sharding.spec, w.addressable_shards[0].data.shape, w.shape))
+        return real(params, paths, layer, *a, **k)
+
+    monkeypatch.setattr(gemma_streaming, "gptq_part", spy)
+    gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, tmp_path / "work",
+                         progress=False, mesh=mesh)
+    assert len(seen) == 2
+    for spec, shard, full in seen:
+        assert spec == P("expert", None, "model")
+        assert shard == (full[0] // 4, full[1], full[2] // 2)
+    save_packed_gemma(src, tmp_path / "work", tmp_path / "packed", progress=False)
+    _, got = load_checkpoint(tmp_path / "packed")
+    for p in plan.paths():
+        np.testing.assert_array_equal(_dequantized(got[p]), _dequantized(want[p]))
+    with pytest.raises(CheckpointError, match="other settings"):
+        gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, tmp_path / "work",
+                             progress=False, mesh=make_mesh(model=8))
