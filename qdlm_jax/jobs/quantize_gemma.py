@@ -297,17 +297,11 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         "tokenizer": tokenizer.describe() if tokenizer is not None else None,
     }
     if spec.save:
-        meta = {k: result[k] for k in ("method", "bits", "act_bits", "group_size", "sym",
-                                       "calibration", "quantize_router", "coverage")}
         save_checkpoint(run_dir / "model",
                         config.replace(param_dtype=source_dtype, dtype=source_dtype), stored,
                         overwrite=True, extra_files=tokenizer_files(spec.model),
-                        meta={**meta, "config_hash": spec.config_hash})
-    result["total_s"] = time.time() - t0
-    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
-    text = gemma_report(result)
-    atomic_write_text(run_dir / "report.md", text)
-    print(text)
+                        meta=_model_meta(result, spec))
+    _write_results(run_dir, result, t0)
     _log(f"packed model {summary['bytes'] / 2**20:.2f} MiB = {result['bytes_vs_bf16']:.3f}x "
          f"bf16 -> {run_dir}")
     return result
@@ -315,6 +309,22 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
 
 __all__ = ["check_gemma", "evaluate_text", "gemma_calibration_windows", "gemma_ptq_spec",
            "kl_windows", "quantize_gemma", "run_gemma"]
+
+
+def _model_meta(result: dict, spec) -> dict:
+    """What the saved model's metadata records of how it was quantized."""
+    return {**{k: result[k] for k in ("method", "bits", "act_bits", "group_size", "sym",
+                                      "calibration", "quantize_router", "coverage")},
+            "config_hash": spec.config_hash}
+
+
+def _write_results(run_dir: Path, result: dict, t0: float) -> None:
+    """results.json and report.md (printed), with the run's total seconds."""
+    result["total_s"] = time.time() - t0
+    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
+    text = gemma_report(result)
+    atomic_write_text(run_dir / "report.md", text)
+    print(text)
 
 
 def _stored_summary(params: dict, dtype: str, plan) -> dict:
@@ -382,14 +392,7 @@ def run_gemma_streaming(spec, run_dir: Path, t0: float) -> dict:
         "tokenizer": tokenizer.describe() if tokenizer is not None else None,
     }
     if spec.save:
-        meta = {k: result[k] for k in ("method", "bits", "act_bits", "group_size", "sym",
-                                       "calibration", "quantize_router", "coverage")}
         save_packed_gemma(spec.model, work, run_dir / "model",
-                          extra_files=tokenizer_files(spec.model),
-                          meta={**meta, "config_hash": spec.config_hash})
-    result["total_s"] = time.time() - t0
-    atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2, default=str))
-    text = gemma_report(result)
-    atomic_write_text(run_dir / "report.md", text)
-    print(text)
+                          extra_files=tokenizer_files(spec.model), meta=_model_meta(result, spec))
+    _write_results(run_dir, result, t0)
     return result

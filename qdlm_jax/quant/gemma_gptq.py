@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.models import diffusion_gemma
@@ -65,23 +66,41 @@ def _pack_dense(path, kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSett
                                      scale_dtype=spec.scale_dtype or kernel.dtype)
 
 
+# Experts are quantized a group at a time, their Gram matrices [G, in, in] held for that
+# group only: at most this many bytes of them (16 experts at 26B-A4B's width 2816).
+GRAM_BYTES = 2**29
+
+
 def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings,
                   all_rows=None):
     """(QuantizedExperts, how each Hessian was formed) of kernels [E, in, out] given the
-    expert-sorted input rows [M, in] (and, for the all-token rule, the unsorted rows)."""
+    expert-sorted input rows [M, in] (and, for the all-token rule, every expert's all-token
+    (grams, counts)). Experts go a group at a time (`GRAM_BYTES`), each keeping only its
+    codes (uint8), scales and zeros."""
     w = spec.weight
-    grams, counts = expert_grams(rows, sizes)
-    all_grams = all_counts = None
-    if s.thin.fallback == "all_tokens":
-        all_grams, all_counts = all_rows
-    results, how = gptq_experts(jnp.swapaxes(jnp.asarray(kernels, jnp.float32), 1, 2), grams,
-                                counts, bits=w.bits, group_size=w.group_size, sym=w.sym,
-                                damp=s.damp, rule=s.thin, all_grams=all_grams,
-                                all_counts=all_counts, block_size=s.block_size)
+    n_experts, n_in = kernels.shape[0], kernels.shape[1]
+    group = max(1, GRAM_BYTES // (4 * n_in * n_in))
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes))])
+    codes, scales, zeros, how = [], [], [], []
+    for e0 in range(0, n_experts, group):
+        e1 = min(e0 + group, n_experts)
+        grams, counts = expert_grams(rows[offsets[e0]:offsets[e1]], sizes[e0:e1])
+        all_grams = all_counts = None
+        if s.thin.fallback == "all_tokens":
+            all_grams, all_counts = (a[e0:e1] for a in all_rows)
+        results, part_how = gptq_experts(
+            jnp.swapaxes(jnp.asarray(kernels[e0:e1], jnp.float32), 1, 2), grams, counts,
+            bits=w.bits, group_size=w.group_size, sym=w.sym, damp=s.damp, rule=s.thin,
+            all_grams=all_grams, all_counts=all_counts, block_size=s.block_size)
+        del grams
+        codes += [r.codes.astype(jnp.uint8) for r in results]
+        scales += [r.scales for r in results]
+        zeros += [r.zeros for r in results]
+        how += part_how
+        del results
     packed = QuantizedExperts.from_codes(
-        jnp.stack([r.codes for r in results]), jnp.stack([r.scales for r in results]),
-        jnp.stack([r.zeros for r in results]), bits=w.bits, group_size=w.group_size,
-        sym=w.sym, scale_dtype=spec.scale_dtype or kernels.dtype)
+        jnp.stack(codes), jnp.stack(scales), jnp.stack(zeros), bits=w.bits,
+        group_size=w.group_size, sym=w.sym, scale_dtype=spec.scale_dtype or kernels.dtype)
     return packed, how
 
 
