@@ -31,11 +31,12 @@ SPEC = GemmaPTQSpec(weight=QuantSpec(bits=4, group_size=8))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(hub dir, prompts [4, 10], canvases [4, L]) of a tiny float32 DiffusionGemma."""
+    """(hub dir, prompts [4, 8], canvases [4, L]) of a tiny float32 DiffusionGemma (the
+    shapes of the job's calibration below, so the compiled passes are shared)."""
     config = tiny_config("diffusion_gemma")
     src = write_hf_checkpoint(tmp_path_factory.mktemp("dg") / "tiny", config, seed=5)
     rng = np.random.default_rng(0)
-    prompts = rng.integers(0, config.vocab_size, (4, 10))
+    prompts = rng.integers(0, config.vocab_size, (4, 8))
     canvases = rng.integers(0, config.vocab_size, (4, config.canvas_length))
     return src, prompts, canvases
 
@@ -52,23 +53,27 @@ def _dequantized(v):
         else None
 
 
-@pytest.mark.parametrize("self_condition", [False, True])
-def test_streaming_equals_the_in_memory_pass(setup, tmp_path, self_condition):
-    src, prompts, canvases = setup
+def _both_passes(src, prompts, canvases, work, self_condition):
+    """(in-memory params, plan, how; streamed stats, the saved packed params)."""
     settings = _settings(self_condition)
-    model = load_model(src, dtype="float32")
-    want, plan, how = gptq_quantize_gemma(model, prompts, canvases, SPEC, settings)
-    stats = gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, tmp_path / "work",
+    want, plan, how = gptq_quantize_gemma(load_model(src, dtype="float32"), prompts, canvases,
+                                          SPEC, settings)
+    stats = gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, work / "work",
                                  progress=False)
-    save_packed_gemma(src, tmp_path / "work", tmp_path / "packed", progress=False)
-    _, got = load_checkpoint(tmp_path / "packed")
+    save_packed_gemma(src, work / "work", work / "packed", progress=False)
+    return want, plan, how, stats, load_checkpoint(work / "packed")[1]
+
+
+@pytest.fixture(scope="module")
+def streamed(setup, tmp_path_factory):
+    """`_both_passes` without self-conditioning, and the directory of the streamed run."""
+    work = tmp_path_factory.mktemp("streamed")
+    return (*_both_passes(*setup, work, False), work)
+
+
+def _assert_equal(got, want, plan, paths):
     assert set(got) == set(want)
-    assert stats["how"] == how
-    # With self-conditioning the streamed pass takes the SC logits from the float model for
-    # every part; the in-memory pass does so only for the SC MLP, quantized first.
-    same = [p for p in plan.paths() if not self_condition or p[0] == "self_conditioning"]
-    assert len(same) >= 3
-    for p in same:
+    for p in paths:
         a, b = _dequantized(got[p]), _dequantized(want[p])
         assert a is not None and np.array_equal(a, b), p
     for p in plan.paths():
@@ -78,14 +83,28 @@ def test_streaming_equals_the_in_memory_pass(setup, tmp_path, self_condition):
             np.testing.assert_array_equal(np.asarray(got[t.path]), np.asarray(want[t.path]))
 
 
-def test_a_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monkeypatch,
-                                                           assert_same_checkpoint):
-    src, prompts, canvases = setup
-    settings = _settings(True)
-    gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, tmp_path / "full",
-                         progress=False)
-    save_packed_gemma(src, tmp_path / "full", tmp_path / "a", progress=False)
+def test_streaming_equals_the_in_memory_pass(streamed):
+    want, plan, how, stats, got, _ = streamed
+    assert stats["how"] == how
+    _assert_equal(got, want, plan, plan.paths())
 
+
+# slow: self-conditioning on (the pass without it runs in `make test`, every part equal)
+@pytest.mark.slow
+def test_with_self_conditioning_the_sc_mlp_equals_the_in_memory_pass(setup, tmp_path):
+    """The streamed pass takes the SC logits from the float model for every part; the
+    in-memory pass does so only for the SC MLP, quantized first."""
+    want, plan, how, stats, got = _both_passes(*setup, tmp_path, True)
+    sc = [p for p in plan.paths() if p[0] == "self_conditioning"]
+    assert len(sc) == 3
+    _assert_equal(got, want, plan, sc)
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(setup, streamed, tmp_path,
+                                                           monkeypatch, assert_same_checkpoint):
+    src, prompts, canvases = setup
+    full = streamed[-1]
+    settings = _settings(False)
     real, calls = gemma_streaming.hidden_layer_stats, []
 
     def stop_at_layer_1(model, layer, *a, **k):
@@ -104,7 +123,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monk
                                  progress=False)
     assert stats["resumed_at"] == "layer 1"
     save_packed_gemma(src, tmp_path / "cut", tmp_path / "b", progress=False)
-    assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
+    assert_same_checkpoint(full / "packed", tmp_path / "b")
     other = dataclasses.replace(SPEC, weight=QuantSpec(bits=3, group_size=8))
     with pytest.raises(CheckpointError, match="other settings"):
         gptq_streaming_gemma(src, prompts, canvases, other, settings, tmp_path / "cut",
@@ -122,7 +141,9 @@ def test_qdlm_quantize_streams_gptq_and_the_packed_model_generates(setup, tmp_pa
     common = ["quantize", "--config", str(ROOT / "configs/quantize.py"),
               f"--config.model={src}", f"--config.out_dir={tmp_path}", "--config.bits=4",
               "--config.group_size=8", "--config.calib.seq_len=8",
-              "--config.calib.n_samples=4", "--config.stream=true"]
+              "--config.calib.n_samples=4", "--config.stream=true",
+              "--config.moe.levels=0.5,1.0", "--config.moe.self_condition=false",
+              "--config.moe.thin_min_rows=4"]
     assert main(common + ["--config.method=gptq"]) == 0
     (run_dir,) = tmp_path.iterdir()
     result = json.loads((run_dir / "results.json").read_text())
