@@ -90,9 +90,16 @@ class _Source:
         self.sharding_fn = None if mesh is None else param_sharding(mesh)
 
     def read(self, keep) -> dict[ParamPath, jax.Array]:
-        params = read_tensors(self.ckpt, [m for m in self.mappings if keep(m.path)],
-                              dtype="float32", sharding_fn=self.sharding_fn)
-        self.ckpt.drop_resident()
+        """The tensors whose path `keep` accepts, in float32: read in the stored dtype and
+        cast on the device, one at a time (no float32 host copy beside the device's)."""
+        params = {}
+        for m in self.mappings:
+            if keep(m.path):
+                (v,) = read_tensors(self.ckpt, [m], sharding_fn=self.sharding_fn).values()
+                params[m.path] = v.astype(jnp.float32) if jnp.issubdtype(
+                    v.dtype, jnp.floating) else v
+                del v
+                self.ckpt.drop_resident()
         return params
 
     def layer(self, i: int) -> dict[ParamPath, jax.Array]:
