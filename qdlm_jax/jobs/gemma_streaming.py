@@ -23,9 +23,10 @@ far. Without self-conditioning (or for the SC part itself, quantized first) the 
 the same statistics. Peak memory is one float32 layer, its routed rows and the Gram
 matrices of one group of experts (`gemma_gptq.GRAM_BYTES`), plus the activations
 [B, P + N L, H]; the float pre-pass also holds the float32 embedding for the logits
-(docs/scale.md has the figures at 26B-A4B's shapes). With a mesh, each layer is held on it. A killed run resumes at the first part without a
-committed directory; each committed part stores the exact float32 activations it produced, so
-the resumed run computes what an uninterrupted one does. `work_dir/state.json` records the
+(docs/scale.md has the figures at 26B-A4B's shapes). With a mesh, each layer is held on it.
+A killed run resumes at the first part without a committed directory; each committed part
+stores the exact float32 activations it produced, so the resumed run computes what an
+uninterrupted one does. `work_dir/state.json` records the
 settings: a work dir made with others is refused.
 """
 
