@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 from qdlm_jax.checkpoints import orbax_format
 from qdlm_jax.checkpoints.hf import CheckpointDir, check_tensors, key_map, read_tensors
 from qdlm_jax.errors import CheckpointError
-from qdlm_jax.fsutil import atomic_write_text, settings_digest
-from qdlm_jax.jobs.streaming import memory_gib, release_memory
+from qdlm_jax.fsutil import settings_digest
+from qdlm_jax.jobs.streaming import claim_work_dir, memory_gib, outer_params, release_memory
 from qdlm_jax.models.diffusion_gemma import (
     param_shapes,
     partial_model,
@@ -201,18 +201,7 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
     prompts, canvases = np.asarray(prompts, np.int32), np.asarray(canvases, np.int32)
     plan = gemma_plan(param_shapes(config), spec)
     experts = set(plan.paths("QuantizedExperts"))
-    work.mkdir(parents=True, exist_ok=True)
-    state_file = work / "state.json"
-    digest = _settings(src, prompts, canvases, spec, settings, mesh)
-    if state_file.is_file():
-        recorded = json.loads(state_file.read_text()).get("settings")
-        if recorded != digest:
-            raise CheckpointError(f"{work}: holds a streaming run with other settings "
-                                  f"({recorded} != {digest}); remove it or use another out_dir")
-    else:
-        atomic_write_text(state_file, json.dumps({"settings": digest}))
-    for leftover in work.glob(".staging_*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    claim_work_dir(work, _settings(src, prompts, canvases, spec, settings, mesh))
 
     t0 = time.time()
     levels = _levels(settings, canvases, config.vocab_size)
@@ -237,11 +226,11 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
     shapes = param_shapes(config)
     planned = {label: (paths, layer) for label, paths, layer
                in forward_parts(config.num_layers, plan)}
-    labels = ["self-conditioning"] + [f"layer {i}" for i in range(config.num_layers)]
-    for label in tqdm(labels, desc="gptq (streaming)", unit="part", disable=not progress):
+    for key in tqdm([None, *range(config.num_layers)], desc="gptq (streaming)", unit="part",
+                    disable=not progress):  # the SC part, then each layer
+        is_sc = key is None
+        label = "self-conditioning" if is_sc else f"layer {key}"
         paths, layer = planned.get(label, ([], None))  # every part runs, planned or not
-        is_sc = label == "self-conditioning"
-        key = None if is_sc else int(label.split()[-1])
         done = _part_dir(work, key)
         if (done / X_DEC).is_file():
             x_enc, x_dec = np.load(done / X_ENC), np.load(done / X_DEC)
@@ -278,10 +267,10 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
         seconds["gptq_s"] = time.time() - t
         del part_stats
         out = {**params, **packed}
-        mine = [p for p in shapes if p[0] == SC] if is_sc else \
-            [p for p in shapes if p[:2] == ("layers", key)]
-        attach_act(out, plan.subset(mine), spec.act)
-        check_coverage(plan.subset(mine), params, out)
+        mine = plan.subset([p for p in shapes if p[0] == SC] if is_sc else
+                           [p for p in shapes if p[:2] == ("layers", key)])
+        attach_act(out, mine, spec.act)
+        check_coverage(mine, params, out)
         t = time.time()
         qmodel = partial_model(config, out)
         if is_sc:
@@ -310,14 +299,10 @@ def part_dirs(work_dir: str | Path, num_layers: int) -> list[Path]:
                                                 for i in range(num_layers)]
 
 
-def outer_params(src: str | Path) -> dict[ParamPath, jax.Array]:
+def gemma_outer_params(ckpt: CheckpointDir) -> dict[ParamPath, jax.Array]:
     """The hub checkpoint's embedding and final norm in their stored dtype (what the
     streamed parts do not hold)."""
-    ckpt = CheckpointDir(Path(src))
-    params = read_tensors(ckpt, [m for m in key_map(ckpt.config)
-                                 if m.path[0] in ("embed", "final_norm")])
-    ckpt.drop_resident()
-    return params
+    return outer_params(ckpt, key_map(ckpt.config), ("embed", "final_norm"))
 
 
 def save_packed_gemma(src: str | Path, work_dir: str | Path, dest: str | Path, *,
@@ -325,12 +310,13 @@ def save_packed_gemma(src: str | Path, work_dir: str | Path, dest: str | Path, *
     """Writes the packed model of `work_dir` to the checkpoint `dest` (atomically) part by
     part: the embedding and final norm (source dtype), the self-conditioning part, then each
     layer; float tensors stay in the source dtype. Returns the config."""
-    config = CheckpointDir(Path(src)).config
+    ckpt = CheckpointDir(Path(src))
+    config = ckpt.config
     done = part_dirs(work_dir, config.num_layers)
     for d in done:  # refuse before writing anything
         if not (d / X_DEC).is_file():
             raise CheckpointError(f"{d}: not finished; run the quantization again to resume")
-    outer = outer_params(src)
+    outer = gemma_outer_params(ckpt)
     dtype = np.dtype(outer[("embed",)].dtype).name
 
     def parts():

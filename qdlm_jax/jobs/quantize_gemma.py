@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qdlm_jax.checkpoints.hf import CheckpointDir
 from qdlm_jax.checkpoints.load import (
     load_model,
     load_tokenizer,
@@ -63,8 +64,8 @@ from qdlm_jax.evals.canvas_kl import canvas_kl, route_changes
 from qdlm_jax.evals.tasks import run_task
 from qdlm_jax.fsutil import atomic_write_text
 from qdlm_jax.jobs.gemma_streaming import (
+    gemma_outer_params,
     gptq_streaming_gemma,
-    outer_params,
     part_dirs,
     save_packed_gemma,
 )
@@ -365,7 +366,8 @@ def run_gemma_streaming(spec, run_dir: Path, t0: float) -> dict:
     total = {k: {"params": 0, "bytes": 0, "bf16_bytes": 0} for k in ("all", "packed",
                                                                      "experts")}
     parts = (load_checkpoint(d)[1] for d in part_dirs(work, config.num_layers))
-    for params in itertools.chain([outer_params(spec.model)], parts):  # one at a time
+    outer = gemma_outer_params(CheckpointDir(Path(spec.model)))
+    for params in itertools.chain([outer], parts):  # one at a time
         for k, v in _stored_summary(params, source_dtype, plan).items():
             for f in total[k]:
                 total[k][f] += v[f]

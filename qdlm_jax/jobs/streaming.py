@@ -122,6 +122,24 @@ def stream_sensitivity(src: str | Path, windows: np.ndarray, spec: BudgetSpec,
                              spec.widths, progress=progress)
 
 
+def claim_work_dir(work: Path, settings: str, **record) -> None:
+    """Starts or resumes a streamed run in `work`: a work dir whose state.json records other
+    settings is refused (never silently mixed); a new one records `settings` (and `record`);
+    a killed run's unfinished temp dirs (`.block_*`, `.staging_*`) are removed."""
+    state_file = work / "state.json"
+    if state_file.is_file():
+        recorded = json.loads(state_file.read_text()).get("settings")
+        if recorded != settings:
+            raise CheckpointError(f"{work}: holds a streaming run with other settings "
+                                  f"({recorded} != {settings}); remove it or use another "
+                                  "out_dir")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state_file, json.dumps({"settings": settings, **record}))
+    for leftover in list(work.glob(".block_*")) + list(work.glob(".staging_*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
                        work_dir: str | Path, *, progress: bool = True,
                        timings: dict | None = None, mesh=None) -> tuple[ModelConfig, dict]:
@@ -140,19 +158,7 @@ def quantize_streaming(src: str | Path, calib: CalibBatch, spec: PTQSpec,
     mappings = key_map(ckpt.config)
     check_tensors(ckpt, mappings)
     config = ckpt.config.replace(param_dtype="float32", dtype="float32")
-    state_file = work / "state.json"
-    settings = _settings_hash(src, calib, spec, mesh)
-    if state_file.is_file():
-        recorded = json.loads(state_file.read_text()).get("settings")
-        if recorded != settings:
-            raise CheckpointError(f"{work}: holds a streaming run with other settings "
-                                  f"({recorded} != {settings}); remove it or use another "
-                                  "out_dir")
-    else:
-        atomic_write_text(state_file, json.dumps({"settings": settings,
-                                                  "layers": config.num_layers}))
-    for leftover in list(work.glob(".block_*")) + list(work.glob(".staging_*")):
-        shutil.rmtree(leftover, ignore_errors=True)  # a killed run's unfinished temp dirs
+    claim_work_dir(work, _settings_hash(src, calib, spec, mesh), layers=config.num_layers)
     stats = {"method": spec.method, "bits": spec.weight.bits,
              "group_size": spec.weight.group_size, "sym": spec.weight.sym, "layers": {},
              "resumed_at": None}
@@ -251,7 +257,7 @@ def _finished_block(work: Path, i: int) -> Path:
     return done
 
 
-def _outer_params(ckpt: CheckpointDir, mappings, names: tuple[str, ...]) -> dict:
+def outer_params(ckpt: CheckpointDir, mappings, names: tuple[str, ...]) -> dict:
     """The non-block tensors whose first path entry is in `names` ("embed", "final_norm",
     "lm_head"; absent ones, e.g. a tied head, are skipped), in the stored dtype; their file
     pages are dropped once copied."""
@@ -267,7 +273,7 @@ def assemble(src: str | Path, work_dir: str | Path) -> tuple[ModelConfig, dict]:
     src, work = Path(src), Path(work_dir)
     ckpt = CheckpointDir(src)
     mappings = key_map(ckpt.config)
-    params: dict[ParamPath, object] = _outer_params(
+    params: dict[ParamPath, object] = outer_params(
         ckpt, mappings, tuple({m.path[0] for m in mappings} - {"layers"}))
     for i in range(ckpt.config.num_layers):
         params.update(orbax_format.load_checkpoint(_finished_block(work, i))[1])
@@ -291,17 +297,17 @@ def save_packed(src: str | Path, work_dir: str | Path, dest: str | Path, *,
     dtype = np.dtype(ckpt.get(next(m.hf_name for m in mappings
                                    if m.path == ("embed",))).dtype).name
     config = ckpt.config.replace(param_dtype=dtype, dtype=dtype)
-    first = _outer_params(ckpt, mappings, ("final_norm",))  # small: nothing big stays held
+    first = outer_params(ckpt, mappings, ("final_norm",))  # small: nothing big stays held
 
     def rest():  # each part is released before the next is read
-        yield _outer_params(ckpt, mappings, ("embed",))
+        yield outer_params(ckpt, mappings, ("embed",))
         for i in tqdm(range(config.num_layers), desc=f"writing {Path(dest).name}",
                       unit="block", disable=not progress):
             release_memory()
             yield cast_floats(orbax_format.load_checkpoint(_finished_block(work, i))[1], dtype)
         release_memory()
         if any(m.path[0] == "lm_head" for m in mappings):  # absent when tied to the embedding
-            yield _outer_params(ckpt, mappings, ("lm_head",))
+            yield outer_params(ckpt, mappings, ("lm_head",))
 
     orbax_format.save_checkpoint(dest, config, first, parts=rest(), extra_files=extra_files,
                                  overwrite=True, meta=meta)
