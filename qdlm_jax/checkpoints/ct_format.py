@@ -62,6 +62,7 @@ from qdlm_jax.models.gemma_config import DiffusionGemmaConfig
 from qdlm_jax.models.params import path_str
 from qdlm_jax.quant.act_kernel import ActKernel, inner_weight
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 
@@ -82,7 +83,7 @@ def check_representable(params: dict, *, dequantize_experts: bool = False) -> No
     features: dict[str, list[str]] = {}
     for path, v in params.items():
         w, where = inner_weight(v), path_str(path)
-        if isinstance(w, BinaryPlanesArray):
+        if isinstance(w, (BinaryPlanesArray, BinaryPlanesExperts)):
             features.setdefault("DAQ's binary planes", []).append(where)
         if isinstance(w, QuantizedExperts) and not dequantize_experts:
             features.setdefault(

@@ -55,6 +55,7 @@ from qdlm_jax.models.config import ModelConfig
 from qdlm_jax.models.params import ParamPath
 from qdlm_jax.quant.act_kernel import ActKernel, inner_weight
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 
@@ -75,7 +76,7 @@ def check_representable(params: dict) -> None:
     features: dict[str, list[str]] = {}
     for path, v in params.items():
         where = _name(path)
-        if isinstance(inner_weight(v), BinaryPlanesArray):
+        if isinstance(inner_weight(v), (BinaryPlanesArray, BinaryPlanesExperts)):
             features.setdefault("DAQ's binary planes (sums of sign matrices)", []).append(where)
         if isinstance(v, QuantizedExperts):
             features.setdefault("routed experts packed per expert (QuantizedExperts: one 3-D "

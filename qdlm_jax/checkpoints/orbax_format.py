@@ -14,7 +14,9 @@ Layout of a checkpoint directory:
                        "slot_block"} with static fields {"kind": "binary_planes", ...};
                        packed MoE experts (`QuantizedExperts`) a sub-tree {"packed", "scale"[,
                        "zero"]} with static fields {"kind": "experts", "bits", "group_size",
-                       "shape"};
+                       "shape"}; DAQ experts (`BinaryPlanesExperts`) a sub-tree {"signs",
+                       "row", "col", "slot_block"} with {"kind": "binary_planes_experts",
+                       "block", "shape"};
                        an `ActKernel` (weight-activation methods) is a sub-tree {"weight"
                        (array, packed or packed-experts sub-tree)[, "r1", "perm", "r2", "act_range",
                        "kv_clip"]} whose static fields ("kind": "act_kernel", transform kind,
@@ -43,6 +45,7 @@ from qdlm_jax.models.params import ParamPath, parse_path, path_str
 from qdlm_jax.quant.act_core import ActSpec
 from qdlm_jax.quant.act_kernel import ActKernel, OnlineTransform
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.kv_core import KVSpec
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
@@ -55,6 +58,7 @@ def is_qdlm_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+PACKED_TYPES = (QuantizedArray, BinaryPlanesArray, QuantizedExperts, BinaryPlanesExperts)
 _QLEAVES = ("packed", "scale", "zero", "g_idx")
 _QSTATIC = ("bits", "group_size", "shape", "orientation")
 _BLEAVES = ("signs", "row", "col", "slot_block")
@@ -67,6 +71,9 @@ def _split_qarray(v):
         return ({f: getattr(v, f) for f in _EXPERT_LEAVES if getattr(v, f) is not None},
                 {"kind": "experts", "bits": v.bits, "group_size": v.group_size,
                  "shape": list(v.shape)})
+    if isinstance(v, BinaryPlanesExperts):
+        return ({f: getattr(v, f) for f in _BLEAVES},
+                {"kind": "binary_planes_experts", "block": v.block, "shape": list(v.shape)})
     if isinstance(v, BinaryPlanesArray):
         return ({f: getattr(v, f) for f in _BLEAVES},
                 {"kind": "binary_planes", "block": v.block, "shape": list(v.shape),
@@ -80,12 +87,12 @@ def _split_quantized(params):
     tree, quantized = {}, {}
     for p, v in params.items():
         k = path_str(p)
-        if isinstance(v, (QuantizedArray, BinaryPlanesArray, QuantizedExperts)):
+        if isinstance(v, PACKED_TYPES):
             tree[k], quantized[k] = _split_qarray(v)
         elif isinstance(v, ActKernel):
             sub, static = {}, {"kind": "act_kernel", "weight": None, "transform": None,
                                "act": None}
-            if isinstance(v.weight, (QuantizedArray, BinaryPlanesArray, QuantizedExperts)):
+            if isinstance(v.weight, PACKED_TYPES):
                 sub["weight"], static["weight"] = _split_qarray(v.weight)
             else:
                 sub["weight"] = v.weight
@@ -120,6 +127,8 @@ def _join_quantized(v: dict, static: dict):
             return BinaryPlanesArray(**dict(leaves), **fields)
         if kind == "experts":
             return QuantizedExperts(**dict(leaves), **fields)
+        if kind == "binary_planes_experts":
+            return BinaryPlanesExperts(**dict(leaves), **fields)
         return QuantizedArray(**dict(leaves), **fields)
 
     if static.get("kind") != "act_kernel":

@@ -17,10 +17,11 @@ of K and V on masked calibration), into `runs/demo_wa/`.
 
 `python -m qdlm_jax.jobs.demo --moe` runs the study's MoE rows on the bundled tiny
 DiffusionGemma (`qdlm study --config configs/study_moe.py`: fp, RTN / GPTQ / AWQ at W4 / W3 /
-W2, the parts and router rows) into `runs/study_moe/` and prints `table_moe.md`: accuracy per
-task, the text score, KL to fp, the share of expert choices changed, and the entropy-bound
-sampler's tokens per forward pass and forward passes per item. Finished cells are kept, so
-a second run prints the table at once; `--config.*` flags are the study's.
+W2, DAQ at 2 planes, the parts and router rows) into `runs/study_moe/` and prints
+`table_moe.md`: accuracy per task, the text score, KL to fp, the share of expert choices
+changed, and the entropy-bound sampler's tokens per forward pass and forward passes per
+item. Finished cells are kept, so a second run prints the table at once; `--config.*`
+flags are the study's.
 
 `python -m qdlm_jax.jobs.demo --w2` runs the 2-bit table: RTN and GPTQ W2 g128 and
 Quant-dLLM's DAQ + ABMP (an average of 2.0 binary planes, masked calibration, ABMP ratio

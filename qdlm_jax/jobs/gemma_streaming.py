@@ -1,5 +1,5 @@
-"""GPTQ of a DiffusionGemma hub checkpoint layer by layer: memory bounded by one layer,
-resumable after a kill.
+"""GPTQ (or DAQ: `spec.method == "daq"`) of a DiffusionGemma hub checkpoint layer by layer:
+memory bounded by one layer, resumable after a kill.
 
     x_enc = E[prompts] sqrt(H); c_j = the canvases noised at level j (the draws of
         `gemma_calibration`); e_j = E[c_j] sqrt(H)        (only those rows of the
@@ -66,6 +66,7 @@ from qdlm_jax.quant.gemma_calibration import (
 )
 from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings, gptq_part
 from qdlm_jax.quant.gemma_plan import (
+    EXPERT_KINDS,
     GemmaPTQSpec,
     attach_act,
     forward_parts,
@@ -200,7 +201,7 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
     config = source.config
     prompts, canvases = np.asarray(prompts, np.int32), np.asarray(canvases, np.int32)
     plan = gemma_plan(param_shapes(config), spec)
-    experts = set(plan.paths("QuantizedExperts"))
+    experts = set(plan.paths(kinds=EXPERT_KINDS))
     claim_work_dir(work, _settings(src, prompts, canvases, spec, settings, mesh))
 
     t0 = time.time()
@@ -226,7 +227,8 @@ def gptq_streaming_gemma(src: str | Path, prompts, canvases, spec: GemmaPTQSpec,
     shapes = param_shapes(config)
     planned = {label: (paths, layer) for label, paths, layer
                in forward_parts(config.num_layers, plan)}
-    for key in tqdm([None, *range(config.num_layers)], desc="gptq (streaming)", unit="part",
+    for key in tqdm([None, *range(config.num_layers)], desc=f"{spec.method} (streaming)",
+                    unit="part",
                     disable=not progress):  # the SC part, then each layer
         is_sc = key is None
         label = "self-conditioning" if is_sc else f"layer {key}"

@@ -69,7 +69,7 @@ from qdlm_jax.quant.bit_alloc import BitPlan, BudgetSpec, make_plan, model_sensi
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.calibration import CalibSpec, build_calibration
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec
-from qdlm_jax.quant.gemma_gptq import GemmaGPTQSettings
+from qdlm_jax.quant.gemma_gptq import DAQOptions, GemmaGPTQSettings
 from qdlm_jax.quant.gemma_plan import PARTS
 from qdlm_jax.quant.gptq_experts_core import ThinExperts
 from qdlm_jax.quant.kv_core import KVSpec
@@ -268,7 +268,8 @@ def _moe_settings(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def _moe_gptq(cfg: ml_collections.ConfigDict) -> GemmaGPTQSettings:
-    """GPTQ's MoE settings (`--config.moe.*` with `--config.gptq.damp / block_size`)."""
+    """GPTQ's (and DAQ's) MoE settings (`--config.moe.*` with `--config.gptq.damp /
+    block_size` and `--config.daq.*`)."""
     moe = _moe_settings(cfg)
     try:
         thin = ThinExperts(min_rows=moe["thin_min_rows"], fallback=moe["thin_fallback"],
@@ -277,8 +278,12 @@ def _moe_gptq(cfg: ml_collections.ConfigDict) -> GemmaGPTQSettings:
                                self_condition=bool(moe["self_condition"]), seed=cfg.calib.seed)
     except ValueError as e:
         raise ConfigOverrideError(f"--config.moe: {e}") from None
+    d = cfg.daq
+    daq = DAQOptions(ratio=d.abmp_ratio, iters=d.iters, salient=d.salient,
+                     data_weight=d.data_weight, compensate=d.compensate, refit=d.refit,
+                     abmp_check=d.abmp_check)
     return GemmaGPTQSettings(damp=cfg.gptq.damp, block_size=cfg.gptq.block_size, thin=thin,
-                             calib=calib)
+                             calib=calib, daq=daq)
 
 
 def _moe_plan(cfg: ml_collections.ConfigDict) -> dict:

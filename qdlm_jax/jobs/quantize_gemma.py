@@ -1,5 +1,5 @@
-"""`qdlm quantize` on a DiffusionGemma checkpoint: RTN, GPTQ, AWQ, SmoothQuant or QuaRot,
-every tensor accounted for.
+"""`qdlm quantize` on a DiffusionGemma checkpoint: RTN, GPTQ, AWQ, DAQ, SmoothQuant or
+QuaRot, every tensor accounted for.
 
     plan  (quant/gemma_plan.py)  every param: kind, share, action; refused before any work when
                                  the group size does not divide a quantized tensor's width
@@ -17,6 +17,9 @@ every tensor accounted for.
                                  statistics (--config.moe.calib_modes / levels /
                                  self_condition), per-expert Hessians with the thin-expert
                                  rule (--config.moe.thin_*)
+    DAQ   (quant/gemma_gptq.py)  the same Hessians into Quant-dLLM's DAQ + ABMP binary planes
+                                 (--config.daq.*; bits = mean planes, 2-4; group = block):
+                                 BinaryPlanesArray, experts BinaryPlanesExperts
     AWQ   (quant/gemma_awq.py)   part by part on the same windows and two-mode calibration:
                                  scales folded where an exact fold exists (one scale shared by
                                  every expert's gate_up, one per expert for down), then clip
@@ -29,11 +32,11 @@ every tensor accounted for.
     save  run_dir/model (orbax, packed; unquantized tensors in the source dtype), results.json
           (with the per-tensor plan), report.md ending with the coverage table
 
-`rtn`, `gptq` and `awq` (clean calibration) run here, `rtn` and `gptq` also with
+`rtn`, `gptq`, `awq` and `daq` (clean calibration) run here, `rtn` and `gptq` also with
 --config.act_bits 8 or 4, `smoothquant` and `quarot` with it (every quantized tensor's
 inputs quantized per token or per group, `gemma_plan.attach_act`: W8A8, W4A8);
 `check_gemma` refuses the rest in one line before any work. The run is in memory (no mesh),
-except `gptq` with --config.stream=true (`run_gemma_streaming`: layer by layer from the hub
+except `gptq` or `daq` with --config.stream=true (`run_gemma_streaming`: layer by layer from the hub
 checkpoint's memory maps, `jobs/gemma_streaming.py`; nothing evaluated).
 """
 
@@ -76,13 +79,16 @@ from qdlm_jax.models.gemma_config import FAMILY
 from qdlm_jax.models.params import cast_floats, get_params
 from qdlm_jax.quant.gemma_awq import GemmaAWQSettings, awq_quantize_gemma
 from qdlm_jax.quant.gemma_gptq import gptq_quantize_gemma
-from qdlm_jax.quant.gemma_plan import EXPERT_DOWN, EXPERT_GATE_UP, GemmaPTQSpec, gemma_plan
+from qdlm_jax.quant.gemma_plan import EXPERT_KINDS, GemmaPTQSpec, gemma_plan
 from qdlm_jax.quant.gemma_rtn import rtn_quantize_gemma_model
 from qdlm_jax.quant.gemma_smoothquant import smoothquant_gemma
 
 # The methods this pass runs on the family: those without calibration data, and those that
 # rotate or smooth the linear inputs and so quantize them too (--config.act_bits).
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "quarot")
+METHODS = ("rtn", "gptq", "awq", "daq", "smoothquant", "quarot")
+# The methods that quantize from per-part Hessians (the layer-by-layer GPTQ driver, which also
+# streams).
+HESSIAN = ("gptq", "daq")
 UNCALIBRATED = ("rtn", "quarot")
 WEIGHT_ACTIVATION = ("smoothquant", "quarot")
 
@@ -127,12 +133,18 @@ def check_gemma(spec, config) -> None:
     if spec.budget is not None:
         raise ConfigOverrideError(f"--config.bits_budget={spec.budget.budget:g} {where} "
                                   "(uniform --config.bits)")
-    if spec.stream == "true" and (spec.method != "gptq" or spec.wa is not None
+    if spec.method == "daq":
+        widths = [spec.ptq.weight.bits] + ([spec.router_bits] if spec.router_bits else [])
+        if max(widths) > 4:
+            raise ConfigOverrideError(f"--config.bits / moe.router_bits {max(widths)} with "
+                                      "method=daq: its bits are a mean number of binary "
+                                      "planes (2, 3 or 4)")
+    if spec.stream == "true" and (spec.method not in HESSIAN or spec.wa is not None
                                   or not can_stream(spec.model)):
         raise ConfigOverrideError(f"--config.stream=true with method={spec.method} "
                                   f"act_bits={spec.act_bits} {where} (streaming runs "
-                                  "weight-only gptq on a hub checkpoint directory; drop "
-                                  "--config.stream for the in-memory pass)")
+                                  "weight-only gptq or daq on a hub checkpoint directory; "
+                                  "drop --config.stream for the in-memory pass)")
     try:
         gemma_plan(param_shapes(config), gemma_ptq_spec(spec))
     except ValueError as e:
@@ -207,7 +219,7 @@ def quantize_gemma(model, spec, tokenizer):
         empty = sum(len(v) for v in info["empty_experts"].values())
         return model_from_params(model.config, qparams), plan, {"empty_experts": empty}
     qparams, plan, how = gptq_quantize_gemma(model, windows[:, :seq], windows[:, seq:], gspec,
-                                             spec.moe_gptq, progress=True)
+                                             spec.moe_gptq, progress=True)  # gptq, daq
     counts = {}
     for kinds in how.values():
         for k in kinds:
@@ -274,7 +286,7 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
 
     stored = cast_floats(get_params(qmodel), source_dtype)
     packed = {p: stored[p] for p in plan.paths()}
-    experts = {p: stored[p] for p in plan.paths("QuantizedExperts")}
+    experts = {p: stored[p] for p in plan.paths(kinds=EXPERT_KINDS)}
     summary = param_summary(stored)
     w = spec.ptq.weight
     result = {
@@ -293,7 +305,7 @@ def run_gemma(spec, run_dir: Path, t0: float, *, tasks=()) -> dict:
         "expert_bytes_vs_bf16": _bytes_vs_bf16(experts),
         "coverage": plan.rows(), "coverage_tensors": plan.to_json(),
         "experts_quantized": all(t.quantized for t in plan.tensors
-                                 if t.kind in (EXPERT_GATE_UP, EXPERT_DOWN)),
+                                 if t.kind in EXPERT_KINDS),
         "notes": notes,
         "tokenizer": tokenizer.describe() if tokenizer is not None else None,
     }
@@ -333,14 +345,14 @@ def _stored_summary(params: dict, dtype: str, plan) -> dict:
     its packed experts."""
     stored = cast_floats(params, dtype)
     packed = set(plan.paths())
-    experts = set(plan.paths("QuantizedExperts"))
+    experts = set(plan.paths(kinds=EXPERT_KINDS))
     return {"all": param_summary(stored),
             "packed": param_summary({p: v for p, v in stored.items() if p in packed}),
             "experts": param_summary({p: v for p, v in stored.items() if p in experts})}
 
 
 def run_gemma_streaming(spec, run_dir: Path, t0: float) -> dict:
-    """`--config.stream=true`: GPTQ layer by layer from the hub checkpoint's memory maps
+    """`--config.stream=true`: GPTQ (or DAQ) layer by layer from the hub checkpoint's memory maps
     (`jobs.gemma_streaming`), the packed model written part by part; the model is never
     resident, so the run evaluates nothing (`qdlm eval` the saved model)."""
     config = read_model_config(spec.model)
@@ -351,7 +363,8 @@ def run_gemma_streaming(spec, run_dir: Path, t0: float) -> dict:
     gspec = gemma_ptq_spec(spec)
     plan = gemma_plan(param_shapes(config), gspec)
     work = run_dir / "parts"
-    _log(f"{spec.model}: {FAMILY}, gptq W{spec.ptq.weight.bits} g{spec.ptq.weight.group_size}"
+    _log(f"{spec.model}: {FAMILY}, {spec.method} W{spec.ptq.weight.bits} "
+         f"g{spec.ptq.weight.group_size}"
          f" streamed layer by layer -> {work}")
     t_q = time.time()
     stats = gptq_streaming_gemma(spec.model, windows[:, :seq], windows[:, seq:], gspec,
@@ -388,7 +401,7 @@ def run_gemma_streaming(spec, run_dir: Path, t0: float) -> dict:
                                  if total["experts"]["bf16_bytes"] else None),
         "coverage": plan.rows(), "coverage_tensors": plan.to_json(),
         "experts_quantized": all(t.quantized for t in plan.tensors
-                                 if t.kind in (EXPERT_GATE_UP, EXPERT_DOWN)),
+                                 if t.kind in EXPERT_KINDS),
         "notes": ["streamed layer by layer: nothing evaluated (the float model is never "
                   "resident); `qdlm eval` the saved model"],
         "tokenizer": tokenizer.describe() if tokenizer is not None else None,

@@ -6,7 +6,8 @@ a linear layer whose kernel is a `QuantizedArray` or `BinaryPlanesArray` runs `q
 kernel is an
 `ActKernel` runs its input stage and then projects with the inner weight (and, on k_proj /
 v_proj, its K/V quantization inside attention); routed experts held as `QuantizedExperts`
-run `expert_qmatmul` (the grouped kernels of `kernels.grouped`, or the XLA path), through
+run `expert_qmatmul` (the grouped kernels of `kernels.grouped`, or the XLA path), DAQ
+experts (`BinaryPlanesExperts`) their XLA grouped matmul, through
 `models.experts.expert_project`. The quantized
 types themselves are plain data (`qdlm_jax.quant.qarray`, `qdlm_jax.quant.act_kernel`);
 the root package `qdlm_jax` imports this package, so any quantized model finds its op however
@@ -38,14 +39,16 @@ from qdlm_jax.quant.act_kernel import (
     input_stage,
 )
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.qarray import QuantizedArray
-from qdlm_jax.quant.qexperts import QuantizedExperts
+from qdlm_jax.quant.qexperts import QuantizedExperts, experts_matmul
 
 register_kernel_type(QuantizedArray, qmatmul)
 register_kernel_type(BinaryPlanesArray, qmatmul)  # DAQ: served by the XLA path
 register_kernel_type(ActKernel, act_matmul, input_stage, attention_stage)
 register_expert_kernel_type(QuantizedExperts, expert_qmatmul)  # MoE experts: grouped kernels
 register_expert_kernel_type(ActKernel, act_expert_matmul)  # experts with quantized inputs
+register_expert_kernel_type(BinaryPlanesExperts, experts_matmul)  # DAQ experts: XLA path
 
 __all__ = ["IMPLEMENTATIONS", "Setting", "Support", "current_setting", "expert_qmatmul",
            "platform_default", "qmatmul", "quantize_activations", "select_expert_implementation",

@@ -1,5 +1,6 @@
 """`PackedMatrix`: the array-like surface every quantized 2-D weight type shares;
-`AffineCodes`: what the types on a scale / zero-point grid add to it.
+`AffineCodes`: what the types on a scale / zero-point grid add to it; `StackedExperts`: the
+surface of a MoE layer's experts packed as E stacked 2-D kernels.
 
 A quantized weight (`QuantizedArray`, `BinaryPlanesArray`, `ActKernel`) sits where a float
 kernel [in, out] would, inside an `nnx.Param`. Flax and the model read it only as a whole
@@ -53,3 +54,34 @@ class AffineCodes:
         import jax
 
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self)))
+
+
+class StackedExperts(PackedMatrix):
+    """Mixin for the experts of one MoE layer held as one pytree: E packed kernels [in, out]
+    stacked along a leading axis (`shape` (E, in, out)). Subclasses give `per_expert()`: the
+    2-D packed type whose leaves carry the expert axis."""
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def per_expert(self):
+        raise NotImplementedError
+
+    def expert(self, e: int):
+        """Expert `e` as its 2-D packed type, standing for its kernel [in, out]."""
+        import jax
+
+        return jax.tree.map(lambda a: a[e], self.per_expert())
+
+    def dequantize(self, dtype=None):
+        """w_hat [E, in, out] in `dtype` (default: the scale dtype)."""
+        import jax
+        import jax.numpy as jnp
+
+        dtype = jnp.dtype(dtype or self.dtype)
+        return jax.vmap(lambda q: q.dequantize(dtype))(self.per_expert())

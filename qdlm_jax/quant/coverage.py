@@ -41,7 +41,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     params: int  # elements
     share: float  # params / the model's params
-    packed_type: str | None  # "QuantizedArray" / "QuantizedExperts"; None: kept as is
+    packed_type: str | None  # e.g. "QuantizedArray", "QuantizedExperts"; None: kept as is
     method: str | None = None  # quantized: "rtn", ...
     bits: int | None = None
     group_size: int | None = None  # resolved (the input width when per channel)
@@ -87,10 +87,12 @@ class CoveragePlan:
     def quantized_share(self) -> float:
         return sum(t.share for t in self.tensors if t.quantized)
 
-    def paths(self, packed_type: str | None = None) -> list[ParamPath]:
-        """Paths the plan quantizes (into `packed_type` when given)."""
+    def paths(self, packed_type: str | None = None, *, kinds: tuple[str, ...] | None = None
+              ) -> list[ParamPath]:
+        """Paths the plan quantizes (into `packed_type`, of one of `kinds`, when given)."""
         return [t.path for t in self.tensors
-                if t.quantized and packed_type in (None, t.packed_type)]
+                if t.quantized and packed_type in (None, t.packed_type)
+                and (kinds is None or t.kind in kinds)]
 
     def by_path(self) -> dict[ParamPath, TensorPlan]:
         return {t.path: t for t in self.tensors}
@@ -164,9 +166,12 @@ def _departure(t: TensorPlan, before, v) -> str:
         if type(v).__name__ != t.packed_type:
             return (f"planned {t.action} as {t.packed_type}, but the result holds a "
                     f"{_describe(v)}; it was not quantized")
-        if (v.bits, v.group_size, tuple(v.shape)) != (t.bits, t.group_size, t.shape):
-            return (f"planned {t.action} of shape {t.shape}, got {v.bits} bits, group "
-                    f"{v.group_size}, shape {tuple(v.shape)}")
+        # binary planes (DAQ): bits = the mean planes per block, group = the block
+        bits, group = ((v.mean_planes, v.block) if hasattr(v, "mean_planes")
+                       else (v.bits, v.group_size))
+        if (bits, group, tuple(v.shape)) != (t.bits, t.group_size, t.shape):
+            return (f"planned {t.action} of shape {t.shape}, got {bits:g} bits, group "
+                    f"{group}, shape {tuple(v.shape)}")
         return ""
     if (not _is_plain_array(v) or tuple(v.shape) != tuple(before.shape)
             or np.dtype(v.dtype) != np.dtype(before.dtype)):

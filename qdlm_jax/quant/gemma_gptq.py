@@ -14,6 +14,11 @@
                       their gram_e, gptq_experts
     check_coverage(plan, params, result)            CoverageError naming any departure
 
+With `spec.method == "daq"` the same Hessians feed DAQ + ABMP instead of GPTQ
+(`daq_core.daq_quantize`, settings `DAQOptions`): dense kernels -> `BinaryPlanesArray`,
+experts -> `BinaryPlanesExperts` (each expert's planes from its own Hessian under the same
+thin-expert rule: `gptq_experts_core.expert_hessian` gives H_e and its dampening).
+
 Within a layer every dense linear sees the layer's input as the previous parts left it (the
 attention, dense MLP and router inputs are recorded in one set of passes); the experts' down
 projection sees the quantized gate_up's output, as GPTQ's sequential order within a block
@@ -32,9 +37,13 @@ from tqdm.auto import tqdm
 from qdlm_jax.models import diffusion_gemma
 from qdlm_jax.models.experts import gelu_tanh, grouped_matmul, sort_by_expert
 from qdlm_jax.models.params import ParamPath, get_params, path_str
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
+from qdlm_jax.quant.daq_core import COMPENSATE, daq_quantize
 from qdlm_jax.quant.gemma_calibration import GemmaCalibSpec, gemma_layer_stats
 from qdlm_jax.quant.gemma_plan import (
+    EXPERT_KINDS,
     GemmaPTQSpec,
     attach_act,
     forward_parts,
@@ -42,25 +51,60 @@ from qdlm_jax.quant.gemma_plan import (
     hook_name,
 )
 from qdlm_jax.quant.gptq_core import gptq, hessian
-from qdlm_jax.quant.gptq_experts_core import ThinExperts, expert_grams, gptq_experts
+from qdlm_jax.quant.gptq_experts_core import (
+    ThinExperts,
+    expert_grams,
+    expert_hessian,
+    gptq_experts,
+)
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DAQOptions:
+    """DAQ + ABMP's own settings (`daq_core.daq_planes`; bits and block come from the plan's
+    weight spec, the dampening from `GemmaGPTQSettings`)."""
+
+    ratio: float = 0.1  # ABMP: fraction of blocks moved up (and down) one plane
+    iters: int = 15  # RSR rounds
+    salient: float = 2.0  # DOR: weight of salient weights
+    data_weight: bool = True  # Omega includes diag(H)
+    compensate: str = "column"  # none | block | column
+    refit: int = 1  # column compensation: scale refits on the values the loop met
+    abmp_check: bool = True  # keep ABMP only where it lowers the layer's output error
+
+    def __post_init__(self):
+        if self.compensate not in COMPENSATE:
+            raise ValueError(f"DAQOptions.compensate={self.compensate!r}: expected one of "
+                             f"{COMPENSATE}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GemmaGPTQSettings:
-    """GPTQ's own settings beside the plan's `GemmaPTQSpec`."""
+    """GPTQ's own settings beside the plan's `GemmaPTQSpec` (and DAQ's, for method daq)."""
 
     damp: float = 0.01  # fraction of mean diag(H) added to the diagonal
     block_size: int = 128
     thin: ThinExperts = ThinExperts()  # experts with few routed rows
     calib: GemmaCalibSpec = GemmaCalibSpec()
+    daq: DAQOptions = DAQOptions()  # used when spec.method == "daq"
+
+
+def _daq_array(w_out_in, h, weight, damp: float, options: DAQOptions) -> BinaryPlanesArray:
+    """DAQ + ABMP of w [out, in] with Hessian h, packed as a kernel [in, out]."""
+    r = daq_quantize(w_out_in, h, bits=weight.bits, block=weight.group_size, damp=damp,
+                     **dataclasses.asdict(options))
+    return BinaryPlanesArray.from_planes(r.signs, r.row, r.col, r.slot_block)
 
 
 def _pack_dense(path, kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSettings):
     w = spec.weight_for(path)
-    r = gptq(jnp.asarray(kernel, jnp.float32).T, hessian(gram, tokens), bits=w.bits,
-             group_size=w.group_size, sym=w.sym, damp=s.damp, block_size=s.block_size)
+    w_out_in, h = jnp.asarray(kernel, jnp.float32).T, hessian(gram, tokens)
+    if spec.method == "daq":
+        return _daq_array(w_out_in, h, w, s.damp, s.daq)
+    r = gptq(w_out_in, h, bits=w.bits, group_size=w.group_size, sym=w.sym, damp=s.damp,
+             block_size=s.block_size)
     return QuantizedArray.from_codes(r.codes, r.scales, r.zeros, bits=w.bits,
                                      group_size=w.group_size, sym=w.sym,
                                      scale_dtype=spec.scale_dtype or kernel.dtype)
@@ -73,31 +117,44 @@ GRAM_BYTES = 2**29
 
 def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings,
                   all_rows=None):
-    """(QuantizedExperts, how each Hessian was formed) of kernels [E, in, out] given the
-    expert-sorted input rows [M, in] (and, for the all-token rule, every expert's all-token
-    (grams, counts)). Experts go a group at a time (`GRAM_BYTES`), each keeping only its
-    codes (uint8), scales and zeros."""
+    """(QuantizedExperts or, for daq, BinaryPlanesExperts; how each Hessian was formed) of
+    kernels [E, in, out] given the expert-sorted input rows [M, in] (and, for the all-token
+    rule, every expert's all-token (grams, counts)). Experts go a group at a time
+    (`GRAM_BYTES`), each keeping only its packed result (GPTQ: codes as uint8, scales and
+    zeros)."""
     w = spec.weight
     n_experts, n_in = kernels.shape[0], kernels.shape[1]
     group = max(1, GRAM_BYTES // (4 * n_in * n_in))
     offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes))])
-    codes, scales, zeros, how = [], [], [], []
+    codes, scales, zeros, planes, how = [], [], [], [], []
     for e0 in range(0, n_experts, group):
         e1 = min(e0 + group, n_experts)
         grams, counts = expert_grams(rows[offsets[e0]:offsets[e1]], sizes[e0:e1])
         all_grams = all_counts = None
         if s.thin.fallback == "all_tokens":
             all_grams, all_counts = (a[e0:e1] for a in all_rows)
+        w_out_in = jnp.swapaxes(jnp.asarray(kernels[e0:e1], jnp.float32), 1, 2)
+        if spec.method == "daq":
+            for i in range(e1 - e0):
+                h, damp, kind = expert_hessian(
+                    grams[i], np.asarray(counts)[i], s.thin, s.damp,
+                    all_gram=None if all_grams is None else all_grams[i],
+                    all_count=None if all_counts is None else all_counts[i])
+                planes.append(_daq_array(w_out_in[i], h, w, damp, s.daq))
+                how.append(kind)
+            continue
         results, part_how = gptq_experts(
-            jnp.swapaxes(jnp.asarray(kernels[e0:e1], jnp.float32), 1, 2), grams, counts,
-            bits=w.bits, group_size=w.group_size, sym=w.sym, damp=s.damp, rule=s.thin,
-            all_grams=all_grams, all_counts=all_counts, block_size=s.block_size)
+            w_out_in, grams, counts, bits=w.bits, group_size=w.group_size, sym=w.sym,
+            damp=s.damp, rule=s.thin, all_grams=all_grams, all_counts=all_counts,
+            block_size=s.block_size)
         del grams
         codes += [r.codes.astype(jnp.uint8) for r in results]
         scales += [r.scales for r in results]
         zeros += [r.zeros for r in results]
         how += part_how
         del results
+    if spec.method == "daq":
+        return BinaryPlanesExperts.from_experts(planes), how
     packed = QuantizedExperts.from_codes(
         jnp.stack(codes), jnp.stack(scales), jnp.stack(zeros), bits=w.bits,
         group_size=w.group_size, sym=w.sym, scale_dtype=spec.scale_dtype or kernels.dtype)
@@ -151,7 +208,8 @@ def gptq_part(params: dict[ParamPath, object], paths: list[ParamPath], layer: in
             gate_up, rows, sizes, spec, settings,
             _all_token_grams(x, None, config.num_experts) if all_tok else None)
     gu_hat = out.get(gu_path, gate_up)
-    gu_hat = gu_hat.dequantize(jnp.float32) if isinstance(gu_hat, QuantizedExperts) \
+    gu_hat = gu_hat.dequantize(jnp.float32) \
+        if isinstance(gu_hat, (QuantizedExperts, BinaryPlanesExperts)) \
         else jnp.asarray(gu_hat, jnp.float32)
     if down_path in expert_paths:
         h = grouped_matmul(rows, gu_hat, sizes)
@@ -174,10 +232,10 @@ def gptq_quantize_gemma(model: diffusion_gemma.DiffusionGemma, prompts, canvases
     config = model.config
     params = get_params(model)
     plan = gemma_plan({p: tuple(v.shape) for p, v in params.items()}, spec)
-    experts = set(plan.paths("QuantizedExperts"))
+    experts = set(plan.paths(kinds=EXPERT_KINDS))
     out = dict(params)
     how: dict[str, list[str]] = {}
-    for label, paths, layer in tqdm(forward_parts(config.num_layers, plan), desc="gptq",
+    for label, paths, layer in tqdm(forward_parts(config.num_layers, plan), desc=spec.method,
                                     disable=not progress, unit="part"):
         current = diffusion_gemma.model_from_params(config, out)
         stats = gemma_layer_stats(current, prompts, canvases, settings.calib,

@@ -25,7 +25,9 @@ self_conditioning; the others are kept, and the plan says why), so that one part
 can be measured alone. With `act` every quantized tensor's inputs are quantized too
 (`attach_act`: dynamic per-token or per-group scales; W8A8, W4A8). A path this table does
 not know is an error, so a new param cannot go unplanned. `GemmaPTQSpec(weight=None)` is the
-16-bit plan: every tensor kept.
+16-bit plan: every tensor kept. `daq` packs into DAQ's binary planes instead of codes on a
+grid (`BinaryPlanesArray`, experts `BinaryPlanesExperts`; `bits` the mean number of planes,
+the group size the block).
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ EMBEDDING = "embedding"
 KINDS = (EXPERT_GATE_UP, EXPERT_DOWN, ATTENTION, DENSE_MLP, SELF_CONDITIONING, ROUTER, NORM,
          LAYER_SCALAR, EMBEDDING)
 
-METHODS = ("rtn", "gptq", "awq", "quarot", "smoothquant")
+METHODS = ("rtn", "gptq", "awq", "quarot", "smoothquant", "daq")
+EXPERT_KINDS = (EXPERT_GATE_UP, EXPERT_DOWN)
+# The packed types of (dense kernels, experts) per method: DAQ's binary planes, else affine
+# codes.
+PACKED_TYPES = {"daq": ("BinaryPlanesArray", "BinaryPlanesExperts")}
+AFFINE_TYPES = ("QuantizedArray", "QuantizedExperts")
 # Methods whose quantized tensors read their inputs through an online transform.
 TRANSFORMS = {"quarot": "hadamard"}
 # The parts `GemmaPTQSpec.parts` may name, and the kinds each holds.
@@ -142,11 +149,12 @@ def _decide(path: ParamPath, shape: tuple[int, ...], spec: GemmaPTQSpec) -> dict
         return {"kind": kind, "packed_type": None,
                 "reason": f"{_PART_OF[kind]} not in parts "
                           f"({','.join(spec.parts) or 'none'})"}
-    if kind in (EXPERT_GATE_UP, EXPERT_DOWN):
-        packed = "QuantizedExperts"
+    dense_type, experts_type = PACKED_TYPES.get(spec.method, AFFINE_TYPES)
+    if kind in EXPERT_KINDS:
+        packed = experts_type
     elif kind in _LINEAR_KINDS or (kind == ROUTER and path[-2:] == ("proj", "kernel")
                                    and spec.quantize_router):
-        packed = "QuantizedArray"
+        packed = dense_type
     else:
         reason = _KEPT_REASON[kind]
         if kind == ROUTER and path[-1] != "kernel":
@@ -195,8 +203,8 @@ def forward_parts(num_layers: int, plan: CoveragePlan
     """[(label, the part's planned dense kernels, its MoE layer or None)] in forward order:
     the self-conditioning MLP, then each layer; parts with nothing planned are left out.
     Layer-by-layer passes (GPTQ, AWQ) quantize one part at a time in this order."""
-    dense = plan.paths("QuantizedArray")
-    experts = plan.paths("QuantizedExperts")
+    experts = plan.paths(kinds=EXPERT_KINDS)
+    dense = [p for p in plan.paths() if p not in experts]
     out = [("self-conditioning", [p for p in dense if p[0] == "self_conditioning"], None)]
     for i in range(num_layers):
         mine = [p for p in dense if p[0] == "layers" and p[1] == i]
@@ -212,7 +220,8 @@ def gemma_plan(shapes: dict[ParamPath, tuple[int, ...]], spec: GemmaPTQSpec) -> 
     return make_plan(shapes, lambda p, s: _decide(p, s, spec), KINDS)
 
 
-__all__ = ["ATTENTION", "DENSE_MLP", "EMBEDDING", "EXPERT_DOWN", "EXPERT_GATE_UP", "KINDS",
+__all__ = ["ATTENTION", "DENSE_MLP", "EMBEDDING", "EXPERT_DOWN", "EXPERT_GATE_UP",
+           "EXPERT_KINDS", "KINDS", "PACKED_TYPES",
            "attach_act",
            "LAYER_SCALAR", "METHODS", "NORM", "PARTS", "ROUTER", "SELF_CONDITIONING",
            "GemmaPTQSpec", "forward_parts", "gemma_plan", "hook_name", "tensor_kind"]

@@ -32,13 +32,13 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from qdlm_jax.models.experts import grouped_matmul
-from qdlm_jax.quant.array_like import AffineCodes, PackedMatrix
+from qdlm_jax.quant.array_like import AffineCodes, StackedExperts
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
 
 
 @flax.struct.dataclass
-class QuantizedExperts(PackedMatrix, AffineCodes):
+class QuantizedExperts(StackedExperts, AffineCodes):
     """The packed experts of one layer (layout in the module docstring)."""
 
     packed: jax.Array
@@ -97,15 +97,7 @@ class QuantizedExperts(PackedMatrix, AffineCodes):
         return cls(packed=split(q.packed), scale=split(q.scale), zero=split(q.zero),
                    bits=q.bits, group_size=q.group_size, shape=(num_experts, n_in, n_out))
 
-    # ----- array-like ---------------------------------------------------------------------
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    @property
-    def num_experts(self) -> int:
-        return self.shape[0]
+    # ----- array-like (`StackedExperts`: ndim, num_experts, expert(e), dequantize) ----------
 
     def per_expert(self) -> QuantizedArray:
         """The experts as one `QuantizedArray` whose leaves have a leading expert axis (for
@@ -113,10 +105,6 @@ class QuantizedExperts(PackedMatrix, AffineCodes):
         return QuantizedArray(packed=self.packed, scale=self.scale, zero=self.zero,
                               bits=self.bits, group_size=self.group_size,
                               shape=self.shape[1:], orientation="in_out")
-
-    def expert(self, e: int) -> QuantizedArray:
-        """Expert `e` as a 2-D `QuantizedArray` standing for its kernel [in, out]."""
-        return jax.tree.map(lambda a: a[e], self.per_expert())
 
     def codes(self) -> jax.Array:
         """Unpacked codes, uint8 [E, out, in]."""
@@ -126,15 +114,11 @@ class QuantizedExperts(PackedMatrix, AffineCodes):
         """Zero points as floats [E, out, groups]."""
         return jax.vmap(QuantizedArray.zeros)(self.per_expert())
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        """w_hat [E, in, out] in `dtype` (default: the scale dtype)."""
-        dtype = jnp.dtype(dtype or self.dtype)
-        return jax.vmap(lambda q: q.dequantize(dtype))(self.per_expert())
 
-
-def experts_matmul(x: Float[Array, "N In"], q: QuantizedExperts,
+def experts_matmul(x: Float[Array, "N In"], q: StackedExperts,
                    group_sizes: Int[Array, " E"]) -> Float[Array, "N Out"]:
-    """Row r of x (sorted by expert) times its expert's w_hat (module docstring)."""
+    """Row r of x (sorted by expert) times its expert's w_hat (module docstring): the XLA path
+    of every stacked-experts type (`QuantizedExperts`, DAQ's `BinaryPlanesExperts`)."""
     return grouped_matmul(x, q.dequantize(x.dtype), group_sizes).astype(x.dtype)
 
 

@@ -14,6 +14,8 @@ from qdlm_jax.checkpoints.load import load_params
 from qdlm_jax.checkpoints.orbax_format import read_meta
 from qdlm_jax.checkpoints.random_init import tiny_config, write_hf_checkpoint
 from qdlm_jax.cli import main
+from qdlm_jax.quant.bqarray import BinaryPlanesArray
+from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.qexperts import QuantizedExperts
 
@@ -110,8 +112,13 @@ def test_qdlm_generate_runs_on_the_packed_model(rtn_run, capsys):
 
 def test_what_the_pass_does_not_do_is_refused_in_one_line(gemma_dir, tmp_path, capsys):
     for flags, line in [
-            (("--config.method=daq", "--config.bits=2"), "--config.method=daq on "
-             "diffusion_gemma: not yet (rtn, gptq, awq, smoothquant or quarot)"),
+            (("--config.method=omniquant",), "--config.method='omniquant': expected one "
+             "of"),
+            (("--config.method=daq", "--config.bits=8"), "--config.bits / moe.router_bits 8 "
+             "with method=daq: its bits are a mean number of binary planes (2, 3 or 4)"),
+            (("--config.method=awq", "--config.stream=true"), "--config.stream=true with "
+             "method=awq act_bits=16 on diffusion_gemma: not yet (streaming runs weight-only "
+             "gptq or daq"),
             (("--config.method=gptq", "--config.calibration=masked"),
              "--config.calibration=masked on diffusion_gemma: not yet"),
             (("--config.method=gptq", "--config.moe.thin_fallback=shared"),
@@ -201,3 +208,36 @@ def test_w4a8_run_quantizes_every_input_and_its_model_loads(gemma_dir, tmp_path)
     _, params = load_params(run_dir / "model")
     gate_up = params[("layers", 0, "experts", "gate_up")]
     assert isinstance(gate_up.weight, QuantizedExperts) and gate_up.act.bits == 8
+
+
+# slow: DAQ compiles its block fits for every linear and expert shape (about a minute); the
+# per-expert planes are checked in `make test` (tests/quant/test_gemma_daq.py)
+@pytest.mark.slow
+def test_daq_packs_every_tensor_as_binary_planes_and_the_model_generates(gemma_dir, tmp_path,
+                                                                         capsys):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert quantize(gemma_dir, tmp_path / "runs", "--config.method=daq", "--config.bits=2",
+                        "--config.group_size=8", "--config.calib.n_samples=4",
+                        "--config.moe.thin_min_rows=4", "--config.daq.iters=4") == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["experts_quantized"] and result["method"] == "daq"
+    assert sum(result["expert_hessians"].values()) == 16
+    assert "| expert gate_up | 2 |" in (run_dir / "report.md").read_text()
+    assert all(r["action"] == "daq W2 g8" for r in result["coverage"]
+               if r["kind"] in ("expert gate_up", "expert down", "attention", "dense MLP"))
+    _, params = load_params(run_dir / "model")
+    experts = [v for p, v in params.items() if len(p) > 2 and p[-2] == "experts"]
+    assert len(experts) == 4 and all(isinstance(v, BinaryPlanesExperts) for v in experts)
+    assert isinstance(params[("layers", 0, "self_attn", "q_proj", "kernel")], BinaryPlanesArray)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run_dir / "model"), "--prompt", "17 33 5",
+                 "--config.gemma.max_new_tokens=8", "--config.gemma.steps=2"]) == 0
+    captured = capsys.readouterr()
+    assert "quantized: daq W2 g8" in captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("17 33 5 ")
+    assert main(["export", str(run_dir / "model"), str(tmp_path / "ct"),
+                 "--format", "compressed-tensors"]) == 2
+    assert "DAQ's binary planes" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "ct").exists()
