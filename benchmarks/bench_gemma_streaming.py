@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (a.samples, a.prompt))
     canvases = rng.integers(0, config.vocab_size, (a.samples, config.canvas_length))
-    spec = GemmaPTQSpec(weight=QuantSpec(bits=a.bits, group_size=a.group))
+    spec = GemmaPTQSpec(method="gptq", weight=QuantSpec(bits=a.bits, group_size=a.group))
     settings = GemmaGPTQSettings(calib=GemmaCalibSpec(levels=tuple(a.levels)))
     work = Path(a.work or f"{src}-work")
     timings: dict = {}

@@ -93,14 +93,17 @@ class _Source:
         self.sharding_fn = None if mesh is None else param_sharding(mesh)
 
     def read(self, keep) -> dict[ParamPath, jax.Array]:
-        """The tensors whose path `keep` accepts, in float32: read in the stored dtype and
-        cast on the device, one at a time (no float32 host copy beside the device's)."""
+        """The tensors whose path `keep` accepts, in float32 (the routed experts in the stored
+        dtype: every use casts them to float32 one expert at a time, so a bf16 layer's
+        experts never exist in float32 all at once): read in the stored dtype and cast on the
+        device, one at a time (no float32 host copy beside the device's)."""
         params = {}
         for m in self.mappings:
             if keep(m.path):
                 (v,) = read_tensors(self.ckpt, [m], sharding_fn=self.sharding_fn).values()
-                params[m.path] = v.astype(jnp.float32) if jnp.issubdtype(
-                    v.dtype, jnp.floating) else v
+                cast = jnp.issubdtype(v.dtype, jnp.floating) and m.path[-2:] not in (
+                    ("experts", "gate_up"), ("experts", "down"))
+                params[m.path] = v.astype(jnp.float32) if cast else v
                 del v
                 self.ckpt.drop_resident()
         return params

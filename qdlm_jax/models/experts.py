@@ -90,27 +90,44 @@ class ChunkPairs(NamedTuple):
         return g, row, keep
 
 
-def grouped_matmul_chunked(x: Float[Array, "M In"], w: Float[Array, "E In Out"],
+def grouped_matmul_chunked(x: Float[Array, "M In"],
+                           w: Float[Array, "E In Out"] | Callable[[jax.Array], jax.Array],
                            group_sizes: Int[Array, " E"],
                            chunk: int = CPU_CHUNK) -> Float[Array, "M Out"]:
     """Row r of x (rows sorted by group, group_sizes[e] rows for group e) times w[group(r)],
     one (group, chunk of `chunk` rows) pair per loop step (module docstring), accumulated in
-    fp32 and returned in fp32."""
+    fp32 and returned in fp32. `w` may also be a function of a traced group index g giving
+    that group's weight [in, out] (a cast slice, a dequantized packed expert): it is called
+    once per group, when the sorted rows reach it, and kept for the group's chunks, so no
+    array of every group's weights is formed."""
     m, d_in = x.shape
-    n_out = w.shape[-1]
     pairs = ChunkPairs.of(group_sizes, chunk)
     xp = jnp.pad(x, ((0, chunk), (0, 0)))
+    if callable(w):
+        fetch = w
+        first = jax.eval_shape(fetch, jnp.int32(0))
+    else:
+        def fetch(g):
+            return jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False)
+        first = None
+    n_out = w.shape[-1] if first is None else first.shape[-1]
 
-    def body(p, out):
+    def body(p, carry):
+        out, weight, last = carry
         g, row, keep = pairs.at(p)
+        if first is not None:  # a new group: its weight, formed once
+            weight = jax.lax.cond(g != last, fetch, lambda _: weight, g)
         rows = jax.lax.dynamic_slice(xp, (row, 0), (chunk, d_in))
-        y = jnp.dot(rows, jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False),
+        y = jnp.dot(rows, fetch(g) if first is None else weight,
                     preferred_element_type=jnp.float32)
         cur = jax.lax.dynamic_slice(out, (row, 0), (chunk, n_out))
-        return jax.lax.dynamic_update_slice(out, jnp.where(keep[:, None], y, cur), (row, 0))
+        out = jax.lax.dynamic_update_slice(out, jnp.where(keep[:, None], y, cur), (row, 0))
+        return out, weight, g
 
-    out = jax.lax.fori_loop(0, pairs.bound(m), body,
-                            jnp.zeros((m + chunk, n_out), jnp.float32))
+    weight0 = None if first is None else jnp.zeros(first.shape, first.dtype)
+    out, _, _ = jax.lax.fori_loop(
+        0, pairs.bound(m), body,
+        (jnp.zeros((m + chunk, n_out), jnp.float32), weight0, jnp.int32(-1)))
     return out[:m]
 
 
@@ -125,15 +142,37 @@ def grouped_matmul(x: Float[Array, "M In"], w: Float[Array, "E In Out"],
                                       default=ragged)
 
 
+def grouped_matmul_fetched(x: Float[Array, "M In"], fetch: Callable[[jax.Array], jax.Array],
+                           fetch_all: Callable[[], jax.Array],
+                           group_sizes: Int[Array, " E"]) -> Float[Array, "M Out"]:
+    """`grouped_matmul` where group g's weight [in, out] is `fetch(g)` (g traced) and all of
+    them [E, in, out] `fetch_all()`: on CPU each group's weight is formed once, when the
+    sorted rows reach it (never every group's at once: a packed layer's experts dequantized,
+    or a bf16 layer's experts cast, one expert at a time); on TPU / GPU ragged_dot over
+    `fetch_all()`. The same values as `grouped_matmul(x, fetch_all(), group_sizes)`."""
+    def chunked(x, group_sizes):
+        return grouped_matmul_chunked(x, fetch, group_sizes)
+
+    def ragged(x, group_sizes):
+        return jax.lax.ragged_dot(x, fetch_all(), group_sizes,
+                                  preferred_element_type=jnp.float32)
+
+    return jax.lax.platform_dependent(x, group_sizes, cpu=chunked, default=ragged)
+
+
 def expert_project(x: Float[Array, "N In"], kernel: Any,
                    group_sizes: Int[Array, " E"]) -> Float[Array, "N Out"]:
     """Row r of x (rows sorted by expert, group_sizes[e] rows for expert e) times its expert's
-    kernel[e] [in, out], in x's dtype; float kernels are cast to x's dtype and the dots
-    accumulate in fp32 (as `project`)."""
+    kernel[e] [in, out], in x's dtype; float kernels are cast to x's dtype (one expert at a
+    time on CPU) and the dots accumulate in fp32 (as `project`)."""
     matmul = _EXPERT_MATMULS.get(type(kernel))
     if matmul is not None:
         return matmul(x, kernel, group_sizes)
-    return grouped_matmul(x, kernel.astype(x.dtype), group_sizes).astype(x.dtype)
+    if kernel.dtype == x.dtype:
+        return grouped_matmul(x, kernel, group_sizes).astype(x.dtype)
+    return grouped_matmul_fetched(
+        x, lambda g: jax.lax.dynamic_index_in_dim(kernel, g, 0, keepdims=False).astype(x.dtype),
+        lambda: kernel.astype(x.dtype), group_sizes).astype(x.dtype)
 
 
 def sort_by_expert(top_ids: Int[Array, "N K"], num_experts: int

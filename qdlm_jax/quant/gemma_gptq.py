@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from qdlm_jax.models import diffusion_gemma
-from qdlm_jax.models.experts import gelu_tanh, grouped_matmul, sort_by_expert
+from qdlm_jax.models.experts import expert_project, gelu_tanh, sort_by_expert
 from qdlm_jax.models.params import ParamPath, get_params, path_str
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
@@ -161,16 +162,24 @@ def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings
     return packed, how
 
 
+def _expert_kernel(kernels, e: int) -> jax.Array:
+    """Expert e's kernel [in, out] in float32 (dequantized when packed)."""
+    if isinstance(kernels, (QuantizedExperts, BinaryPlanesExperts)):
+        return kernels.expert(e).dequantize(jnp.float32)
+    return jnp.asarray(kernels[e], jnp.float32)
+
+
 def _all_token_grams(x, kernels_or_none, num_experts, inter=None):
     """Every recorded row through every expert (the "all_tokens" rule's grams): the rows
-    themselves for gate_up, act(x G_e) * (x U_e) per expert for down."""
+    themselves for gate_up, act(x G_e) * (x U_e) per expert for down (`kernels_or_none` the
+    gate_up, float or packed)."""
     n = x.shape[0]
     if kernels_or_none is None:
         g = jnp.einsum("ti,tj->ij", x, x)
         return jnp.broadcast_to(g, (num_experts,) + g.shape), jnp.full((num_experts,), n)
     grams = []
     for e in range(num_experts):
-        h = x @ kernels_or_none[e]
+        h = x @ _expert_kernel(kernels_or_none, e)
         a = gelu_tanh(h[:, :inter]) * h[:, inter:]
         grams.append(a.T @ a)
     return jnp.stack(grams), jnp.full((num_experts,), n)
@@ -207,12 +216,9 @@ def gptq_part(params: dict[ParamPath, object], paths: list[ParamPath], layer: in
         out[gu_path], how[path_str(gu_path)] = _pack_experts(
             gate_up, rows, sizes, spec, settings,
             _all_token_grams(x, None, config.num_experts) if all_tok else None)
-    gu_hat = out.get(gu_path, gate_up)
-    gu_hat = gu_hat.dequantize(jnp.float32) \
-        if isinstance(gu_hat, (QuantizedExperts, BinaryPlanesExperts)) \
-        else jnp.asarray(gu_hat, jnp.float32)
-    if down_path in expert_paths:
-        h = grouped_matmul(rows, gu_hat, sizes)
+    gu_hat = out.get(gu_path, gate_up)  # packed, or float in the stored dtype
+    if down_path in expert_paths:  # its inputs through the quantized gate_up, in float32
+        h = expert_project(rows, gu_hat, sizes)  # one expert dequantized at a time (CPU)
         a = gelu_tanh(h[:, :inter]) * h[:, inter:]
         out[down_path], how[path_str(down_path)] = _pack_experts(
             params[down_path], a, sizes, spec, settings,

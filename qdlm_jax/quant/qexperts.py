@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from qdlm_jax.models.experts import grouped_matmul
+from qdlm_jax.models.experts import grouped_matmul_fetched
 from qdlm_jax.quant.array_like import AffineCodes, StackedExperts
 from qdlm_jax.quant.qarray import QuantizedArray
 from qdlm_jax.quant.quantizer_core import QuantSpec
@@ -118,8 +118,11 @@ class QuantizedExperts(StackedExperts, AffineCodes):
 def experts_matmul(x: Float[Array, "N In"], q: StackedExperts,
                    group_sizes: Int[Array, " E"]) -> Float[Array, "N Out"]:
     """Row r of x (sorted by expert) times its expert's w_hat (module docstring): the XLA path
-    of every stacked-experts type (`QuantizedExperts`, DAQ's `BinaryPlanesExperts`)."""
-    return grouped_matmul(x, q.dequantize(x.dtype), group_sizes).astype(x.dtype)
+    of every stacked-experts type (`QuantizedExperts`, DAQ's `BinaryPlanesExperts`). On CPU
+    each expert is dequantized once, when the sorted rows reach it
+    (`models.experts.grouped_matmul_fetched`), never the whole layer at once."""
+    return grouped_matmul_fetched(x, lambda g: q.expert(g).dequantize(x.dtype),
+                                  lambda: q.dequantize(x.dtype), group_sizes).astype(x.dtype)
 
 
 # Module attributes and nnx.Param may hold it (like QuantizedArray).
