@@ -15,13 +15,22 @@ with the Gram matrices and the experts' routed rows), the GPTQ calls (gptq_s: de
 and one per expert and tensor), the quantized part's forward (forward_s) and the commit
 (write_s), the ratio of the part's time to its GPTQ calls plus its forward passes (stats and
 forward), the peak resident memory after each part, and the checkpoint's size.
+
+Side by side with GPTQModel (`--peer-python`: the python of an environment with gptqmodel
+7.7.0, see benchmarks/gptqmodel_peer.py): after our run, the peer quantizes the same
+checkpoint with the same random prompt ids, bits and group size, and the report gives both
+times and peaks and their ratios. GPTQModel calibrates the encoder only, so compare at
+`--modes encoder` (ours then records no decoder pass and no self-conditioning).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--levels", type=float, nargs="+", default=[0.5])
+    p.add_argument("--modes", default="both", choices=("both", "encoder", "decoder"))
+    p.add_argument("--peer-python", default=None,
+                   help="python of a GPTQModel environment: run the peer after ours")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--work", default=None, help="default: DIR-work (resumed when present)")
@@ -53,7 +65,7 @@ def main(argv=None) -> int:
     prompts = rng.integers(0, config.vocab_size, (a.samples, a.prompt))
     canvases = rng.integers(0, config.vocab_size, (a.samples, config.canvas_length))
     spec = GemmaPTQSpec(method="gptq", weight=QuantSpec(bits=a.bits, group_size=a.group))
-    settings = GemmaGPTQSettings(calib=GemmaCalibSpec(levels=tuple(a.levels)))
+    settings = GemmaGPTQSettings(calib=GemmaCalibSpec(levels=tuple(a.levels), modes=a.modes))
     work = Path(a.work or f"{src}-work")
     timings: dict = {}
     t0 = time.time()
@@ -73,13 +85,17 @@ def main(argv=None) -> int:
         "checkpoint": str(src), "layers": config.num_layers, "experts": config.num_experts,
         "hidden": config.hidden_size, "calibration": {
             "windows": a.samples, "prompt_tokens": a.prompt, "canvas": config.canvas_length,
-            "levels": a.levels, "self_condition": True},
+            "levels": a.levels, "modes": a.modes, "self_condition": a.modes != "encoder"},
         "weight": f"W{a.bits} g{a.group}", "float_pass": timings.get("float_pass"),
         "parts": parts, "quantize_s": t_quant, "save_s": t_save, "packed_bytes": size,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "expert_hessians": {k: sum(v.count(k) for v in stats["how"].values())
                             for k in ("routed", "thin-damped", "thin-identity")},
     }
+    if a.peer_python:
+        report["peer"] = run_peer(a, src)
+        for k in ("quantize_s", "peak_rss_gib"):
+            report[f"peer_over_ours_{k}"] = report["peer"][k] / report[k]
     out = Path(a.out) / "report-dg-streaming.json"
     out.write_text(json.dumps(report, indent=2))
     for row in parts:
@@ -89,7 +105,35 @@ def main(argv=None) -> int:
               f"{row['peak_rss_gib']:.2f} GiB")
     print(f"float pass {report['float_pass']}; quantize {t_quant:.0f} s, save {t_save:.0f} s, "
           f"packed {size / 2**30:.2f} GiB, peak RSS {report['peak_rss_gib']:.2f} GiB -> {out}")
+    if a.peer_python:
+        peer = report["peer"]
+        print(f"GPTQModel: quantize {peer['quantize_s']:.0f} s "
+              f"({report['peer_over_ours_quantize_s']:.2f}x ours), peak RSS "
+              f"{peer['peak_rss_gib']:.2f} GiB ({report['peer_over_ours_peak_rss_gib']:.2f}x); "
+              f"{peer['expert_linears']} expert and "
+              f"{peer['quantized_linears'] - peer['expert_linears']} other linears quantized")
     return 0
+
+
+def run_peer(a, src: Path) -> dict:
+    """GPTQModel on the same checkpoint (benchmarks/gptqmodel_peer.py in its environment),
+    from a directory of links to the checkpoint's files plus a tokenizer.json."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        model.mkdir()
+        for f in src.iterdir():
+            (model / f.name).symlink_to(f.resolve())
+        if not (model / "tokenizer.json").exists():
+            (model / "tokenizer.json").symlink_to(
+                root / "assets" / "tiny-diffusiongemma" / "tokenizer.json")
+        out = Path(tmp) / "peer.json"
+        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count() or 1)}
+        subprocess.run([a.peer_python, str(root / "benchmarks" / "gptqmodel_peer.py"),
+                        str(model), "--samples", str(a.samples), "--prompt", str(a.prompt),
+                        "--bits", str(a.bits), "--group", str(a.group), "--out", str(out)],
+                       check=True, env=env)
+        return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ settings: a work dir made with others is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -143,20 +144,35 @@ def _float_soft(src: _Source, prompts, levels, spec: GemmaGPTQSettings, progress
         x_enc, x_dec = hidden_layer_forward(partial_model(config, src.layer(i)), i, x_enc,
                                             x_dec)
         release_memory()
-    head = partial_model(config, src.read(lambda p: p[0] in ("embed", "final_norm")))
+    graphdef, state = nnx.split(partial_model(
+        config, src.read(lambda p: p[0] in ("embed", "final_norm"))))
     soft = []
     for j, level in enumerate(c.levels):  # one row at a time: logits are [L, V]
         temperature = c.t_min + (c.t_max - c.t_min) * level
         soft.append(jnp.concatenate([
-            _soft_row(head, x_dec[j, b:b + 1], temperature) for b in range(x_dec.shape[1])]))
+            _soft_row(state, x_dec[j, b:b + 1], temperature, graphdef=graphdef)
+            for b in range(x_dec.shape[1])]))
     return np.asarray(jnp.stack(soft))
 
 
-@nnx.jit
-def _soft_row(head, x, temperature):
+def _soft_row(state, x, temperature, *, graphdef):
+    """soft_embedding(logits(x) / T) of one canvas row. Two plain jits of the split state:
+    `nnx.jit` also returns the module's state (a copy of the float32 embedding), and one
+    program using the embedding in both products held a transposed copy of it."""
+    sc = _row_logits(state, x, temperature, graphdef=graphdef)
+    return _row_soft(state, sc, graphdef=graphdef)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _row_logits(state, x, temperature, *, graphdef):
+    head = nnx.merge(graphdef, state)
     logits = head.logits(head.final_norm(x))
-    sc = (logits / temperature).astype(head.embed[...].dtype)
-    return head.soft_embedding(sc)
+    return (logits / temperature).astype(head.embed[...].dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _row_soft(state, sc, *, graphdef):
+    return nnx.merge(graphdef, state).soft_embedding(sc)
 
 
 def _settings(src: Path, prompts, canvases, spec: GemmaPTQSpec,

@@ -9,8 +9,8 @@ Bad config values are rejected before any work starts.
 One module past 500 lines: its three run paths (in memory, on a mesh across processes,
 streaming block by block) share the spec, the calibration, the tokenizer and the result
 record, and differ in a few lines each; the report is `quantize_report`. A DiffusionGemma
-checkpoint (RTN, GPTQ or AWQ) runs `quantize_gemma.run_gemma` after the same spec and run
-directory.
+checkpoint (`quantize_gemma.METHODS`) runs `quantize_gemma.run_gemma` after the same spec and
+run directory.
 """
 
 from __future__ import annotations
