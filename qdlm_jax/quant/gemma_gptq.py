@@ -121,13 +121,15 @@ def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings
     """(QuantizedExperts or, for daq, BinaryPlanesExperts; how each Hessian was formed) of
     kernels [E, in, out] given the expert-sorted input rows [M, in] (and, for the all-token
     rule, every expert's all-token (grams, counts)). Experts go a group at a time
-    (`GRAM_BYTES`), each keeping only its packed result (GPTQ: codes as uint8, scales and
-    zeros)."""
+    (`GRAM_BYTES`), each group packed before the next (no unpacked codes of the whole
+    layer). Scales are float32 unless the spec says otherwise (the kernels may come in the
+    checkpoint's bf16)."""
     w = spec.weight
     n_experts, n_in = kernels.shape[0], kernels.shape[1]
     group = max(1, GRAM_BYTES // (4 * n_in * n_in))
     offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes))])
-    codes, scales, zeros, planes, how = [], [], [], [], []
+    scale_dtype = spec.scale_dtype or jnp.promote_types(kernels.dtype, jnp.float32)
+    packed, planes, how = [], [], []
     for e0 in range(0, n_experts, group):
         e1 = min(e0 + group, n_experts)
         grams, counts = expert_grams(rows[offsets[e0]:offsets[e1]], sizes[e0:e1])
@@ -149,17 +151,15 @@ def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings
             damp=s.damp, rule=s.thin, all_grams=all_grams, all_counts=all_counts,
             block_size=s.block_size)
         del grams
-        codes += [r.codes.astype(jnp.uint8) for r in results]
-        scales += [r.scales for r in results]
-        zeros += [r.zeros for r in results]
+        packed.append(QuantizedExperts.from_codes(
+            jnp.stack([r.codes for r in results]), jnp.stack([r.scales for r in results]),
+            jnp.stack([r.zeros for r in results]), bits=w.bits, group_size=w.group_size,
+            sym=w.sym, scale_dtype=scale_dtype))
         how += part_how
         del results
     if spec.method == "daq":
         return BinaryPlanesExperts.from_experts(planes), how
-    packed = QuantizedExperts.from_codes(
-        jnp.stack(codes), jnp.stack(scales), jnp.stack(zeros), bits=w.bits,
-        group_size=w.group_size, sym=w.sym, scale_dtype=spec.scale_dtype or kernels.dtype)
-    return packed, how
+    return QuantizedExperts.concatenate(packed), how
 
 
 def _expert_kernel(kernels, e: int) -> jax.Array:

@@ -79,6 +79,23 @@ class QuantizedExperts(StackedExperts, AffineCodes):
             group_size=group_size, sym=sym, scale_dtype=scale_dtype), e)
 
     @classmethod
+    def concatenate(cls, parts: list["QuantizedExperts"]) -> "QuantizedExperts":
+        """The experts of `parts` (groups of consecutive experts, one grid) as one layer:
+        every leaf concatenated along the expert axis (experts are packed independently, so
+        this is the layer packed at once)."""
+        first = parts[0]
+        for q in parts:
+            if (q.bits, q.group_size, q.shape[1:], q.sym) != (first.bits, first.group_size,
+                                                               first.shape[1:], first.sym):
+                raise ValueError("QuantizedExperts.concatenate: parts with different bits, "
+                                 "group size, kernel shape or symmetry")
+        leaves = {f: None if getattr(first, f) is None else
+                  jnp.concatenate([getattr(q, f) for q in parts])
+                  for f in ("packed", "scale", "zero")}
+        return cls(**leaves, bits=first.bits, group_size=first.group_size,
+                   shape=(sum(q.num_experts for q in parts),) + tuple(first.shape[1:]))
+
+    @classmethod
     def from_rows(cls, q: QuantizedArray, num_experts: int) -> "QuantizedExperts":
         """From one `QuantizedArray` of the experts side by side (a kernel [in, E * out]):
         its storage rows are expert-major, so each leaf splits into [E, out, ...]. Every row

@@ -70,6 +70,34 @@ def test_each_expert_is_daq_of_its_routed_rows_with_the_thin_rule():
                                           np.asarray(getattr(want, f)), err_msg=f"{e} {f}")
 
 
+def test_gptq_experts_packed_a_group_at_a_time_equal_one_group(monkeypatch):
+    """The layer's experts GPTQ'd and packed one expert at a time (`GRAM_BYTES` below one
+    Gram matrix) hold the same packed leaves as all at once, with float32 scales for bf16
+    kernels."""
+    from qdlm_jax.quant import gemma_gptq
+
+    config = tiny_config("diffusion_gemma")
+    params = get_params(init_model(config, seed=5))
+    gu = ("layers", 0, "experts", "gate_up")
+    params[gu] = params[gu].astype(jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, config.hidden_size)).astype(np.float32)
+    top = rng.integers(0, config.num_experts, (12, 2)).astype(np.int32)
+    stats = LayerStats(grams={}, experts={0: (jnp.asarray(x), jnp.asarray(top),
+                                              jnp.ones((12, 2), jnp.float32))})
+    spec = dataclasses.replace(SPEC, method="gptq", weight=QuantSpec(bits=4, group_size=8))
+
+    def packed():
+        return gptq_part(params, [], 0, stats, config, spec, SETTINGS, {gu})[0][gu]
+
+    whole = packed()
+    monkeypatch.setattr(gemma_gptq, "GRAM_BYTES", 1)
+    one_by_one = packed()
+    assert whole.scale.dtype == jnp.float32
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(one_by_one)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 # slow: DAQ compiles its block fits for every linear and expert shape and plane count (about
 # a minute); its per-expert part runs in `make test` above
 @pytest.mark.slow

@@ -108,3 +108,14 @@ def test_moe_on_packed_experts_equals_moe_on_the_dequantized_experts(dtype):
         np.asarray(expert_project(rows, q_gate_up, sizes), np.float32),
         np.asarray(grouped_matmul(rows, q_gate_up.dequantize(dtype), sizes).astype(dtype),
                    np.float32))
+
+
+def test_groups_of_experts_concatenated_equal_the_layer_packed_at_once():
+    w = _experts(5)
+    spec = QuantSpec(bits=4, group_size=8, sym=False)
+    whole = QuantizedExperts.quantize(w, spec)
+    parts = QuantizedExperts.concatenate([QuantizedExperts.quantize(w[:1], spec),
+                                          QuantizedExperts.quantize(w[1:], spec)])
+    assert parts.shape == whole.shape and parts.bits == 4 and parts.group_size == 8
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
