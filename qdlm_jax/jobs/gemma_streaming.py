@@ -20,10 +20,11 @@ The statistics are the in-memory pass's (`gemma_gptq.gptq_quantize_gemma`) with 
 difference: the self-conditioning logits come from the float model, computed once before any
 part is quantized, where the in-memory pass recomputes them through the model quantized so
 far. Without self-conditioning (or for the SC part itself, quantized first) the two record
-the same statistics. Peak memory is one float32 layer, its routed rows and the Gram
-matrices of one group of experts (`gemma_gptq.GRAM_BYTES`), plus the activations
-[B, P + N L, H]; the float pre-pass also holds the float32 embedding for the logits
-(docs/scale.md has the figures at 26B-A4B's shapes). With a mesh, each layer is held on it.
+the same statistics. Peak memory is one layer (its routed experts in the stored dtype, cast
+or dequantized one expert at a time), its routed rows and the working set of one group of
+experts (`gemma_gptq.GROUP_BYTES`), plus the activations [B, P + N L, H]; the float
+pre-pass also holds the float32 embedding for the logits (docs/scale.md has the figures at
+26B-A4B's shapes). With a mesh, each layer is held on it.
 A killed run resumes at the first part without a committed directory; each committed part
 stores the exact float32 activations it produced, so the resumed run computes what an
 uninterrupted one does. `work_dir/state.json` records the

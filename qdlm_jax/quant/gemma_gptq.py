@@ -111,9 +111,16 @@ def _pack_dense(path, kernel, gram, tokens, spec: GemmaPTQSpec, s: GemmaGPTQSett
                                      scale_dtype=spec.scale_dtype or kernel.dtype)
 
 
-# Experts are quantized a group at a time, their Gram matrices [G, in, in] held for that
-# group only: at most this many bytes of them (16 experts at 26B-A4B's width 2816).
-GRAM_BYTES = 2**29
+# Experts are quantized a group at a time, with at most about this many bytes of working
+# set per group: per expert its float32 Gram matrix (4 in^2), its float32 weights (4 out in)
+# and GPTQ's result before packing (int32 codes and float32 dequantized weights, 8 out in).
+# At 26B-A4B's shapes: 6 experts a group for gate_up, 20 for down.
+GROUP_BYTES = 2**29
+
+
+def expert_group(n_in: int, n_out: int) -> int:
+    """How many experts of kernels [in, out] are quantized together (`GROUP_BYTES`)."""
+    return max(1, GROUP_BYTES // (4 * n_in * (n_in + 3 * n_out)))
 
 
 def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings,
@@ -121,12 +128,12 @@ def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings
     """(QuantizedExperts or, for daq, BinaryPlanesExperts; how each Hessian was formed) of
     kernels [E, in, out] given the expert-sorted input rows [M, in] (and, for the all-token
     rule, every expert's all-token (grams, counts)). Experts go a group at a time
-    (`GRAM_BYTES`), each group packed before the next (no unpacked codes of the whole
+    (`expert_group`), each group packed before the next (no unpacked codes of the whole
     layer). Scales are float32 unless the spec says otherwise (the kernels may come in the
     checkpoint's bf16)."""
     w = spec.weight
-    n_experts, n_in = kernels.shape[0], kernels.shape[1]
-    group = max(1, GRAM_BYTES // (4 * n_in * n_in))
+    n_experts, n_in, n_out = kernels.shape
+    group = expert_group(n_in, n_out)
     offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes))])
     scale_dtype = spec.scale_dtype or jnp.promote_types(kernels.dtype, jnp.float32)
     packed, planes, how = [], [], []

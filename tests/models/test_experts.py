@@ -1,13 +1,19 @@
 """The grouped matmul of the experts: the CPU chunked loop and ragged_dot against a plain NumPy
 statement (row r times the weight of its group), with empty groups, groups shorter and longer
-than a chunk, and every row in one group; both backends lower for TPU and GPU."""
+than a chunk, and every row in one group (also with each group's weight given by a
+function); both backends lower for TPU and GPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdlm_jax.models.experts import grouped_matmul, grouped_matmul_chunked, moe
+from qdlm_jax.models.experts import (
+    grouped_matmul,
+    grouped_matmul_chunked,
+    grouped_matmul_fetched,
+    moe,
+)
 
 
 def _numpy_grouped(x, w, sizes):
@@ -34,6 +40,20 @@ def test_chunked_loop_and_ragged_dot_equal_numpy(sizes, chunk):
                                rtol=1e-5, atol=1e-5)
     ragged = jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
     np.testing.assert_allclose(np.asarray(ragged), want, rtol=1e-5, atol=1e-5)
+    # the weight of each group given by a function (here a bf16 slice cast to float32),
+    # against the same loop over the cast array: the same dots, bit for bit
+    wb = jnp.asarray(w, jnp.bfloat16)
+
+    def fetch(g):
+        return jax.lax.dynamic_index_in_dim(wb, g, 0, keepdims=False).astype(jnp.float32)
+
+    fetched = jax.jit(lambda x, gs: grouped_matmul_chunked(x, fetch, gs, chunk=chunk))(x, gs)
+    np.testing.assert_array_equal(
+        np.asarray(fetched),
+        np.asarray(grouped_matmul_chunked(x, wb.astype(jnp.float32), gs, chunk=chunk)))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(grouped_matmul_fetched, static_argnums=(1, 2))(
+            x, fetch, lambda: wb.astype(jnp.float32), gs)), np.asarray(fetched))
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

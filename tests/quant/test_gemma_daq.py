@@ -71,9 +71,9 @@ def test_each_expert_is_daq_of_its_routed_rows_with_the_thin_rule():
 
 
 def test_gptq_experts_packed_a_group_at_a_time_equal_one_group(monkeypatch):
-    """The layer's experts GPTQ'd and packed one expert at a time (`GRAM_BYTES` below one
-    Gram matrix) hold the same packed leaves as all at once, with float32 scales for bf16
-    kernels."""
+    """The layer's experts GPTQ'd and packed one expert at a time (`GROUP_BYTES` below one
+    expert's working set) hold the same packed leaves as all at once, with float32 scales
+    for bf16 kernels."""
     from qdlm_jax.quant import gemma_gptq
 
     config = tiny_config("diffusion_gemma")
@@ -91,7 +91,7 @@ def test_gptq_experts_packed_a_group_at_a_time_equal_one_group(monkeypatch):
         return gptq_part(params, [], 0, stats, config, spec, SETTINGS, {gu})[0][gu]
 
     whole = packed()
-    monkeypatch.setattr(gemma_gptq, "GRAM_BYTES", 1)
+    monkeypatch.setattr(gemma_gptq, "GROUP_BYTES", 1)
     one_by_one = packed()
     assert whole.scale.dtype == jnp.float32
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(one_by_one)):
