@@ -64,7 +64,12 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (a.samples, a.prompt))
     canvases = rng.integers(0, config.vocab_size, (a.samples, config.canvas_length))
-    spec = GemmaPTQSpec(method="gptq", weight=QuantSpec(bits=a.bits, group_size=a.group))
+    # encoder-only calibration leaves the self-conditioning MLP (a decoder-only module,
+    # which GPTQModel does not quantize either) without inputs: it is kept
+    parts = ("experts", "attention", "dense_mlp") + (() if a.modes == "encoder" else
+                                                     ("self_conditioning",))
+    spec = GemmaPTQSpec(method="gptq", weight=QuantSpec(bits=a.bits, group_size=a.group),
+                        parts=parts)
     settings = GemmaGPTQSettings(calib=GemmaCalibSpec(levels=tuple(a.levels), modes=a.modes))
     work = Path(a.work or f"{src}-work")
     timings: dict = {}

@@ -240,7 +240,8 @@ def _sc_pass(state, embeds, soft, *, graphdef, names, record):
         outs.append(model.self_conditioning(embeds[j], soft[j].astype(embeds.dtype), cap))
         if cap is not None:
             passes.append((cap.values, {}))
-    return passes, jnp.stack(outs)
+    # no decoder level (encoder-only calibration): nothing recorded, no decoder input
+    return passes, jnp.stack(outs) if outs else jnp.zeros(embeds.shape, embeds.dtype)
 
 
 _sc_pass_jit = jax.jit(_sc_pass, static_argnames=("graphdef", "names", "record"))
