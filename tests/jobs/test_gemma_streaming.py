@@ -242,3 +242,17 @@ def test_on_an_expert_mesh_each_layer_is_sharded_and_the_result_is_the_in_memory
     with pytest.raises(CheckpointError, match="other settings"):
         gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, tmp_path / "work",
                              progress=False, mesh=make_mesh(model=8))
+
+
+def test_encoder_only_calibration_refuses_the_sc_mlp_as_the_in_memory_pass(setup, tmp_path):
+    """The self-conditioning MLP runs in the decoder only: with encoder-only calibration both
+    passes stop at it with the same one-line error."""
+    src, prompts, canvases = setup
+    settings = GemmaGPTQSettings(calib=GemmaCalibSpec(modes="encoder"))
+    want = "no calibration input was recorded for self_conditioning.down_proj"
+    with pytest.raises(ValueError, match=want):
+        gptq_streaming_gemma(src, prompts, canvases, SPEC, settings, tmp_path / "w",
+                             progress=False)
+    with pytest.raises(ValueError, match=want):
+        gptq_quantize_gemma(load_model(src, dtype="float32"), prompts, canvases, SPEC,
+                            settings)
