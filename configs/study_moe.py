@@ -3,16 +3,17 @@ ARGS=--moe`, which prints `table_moe.md`).
 
 On the bundled tiny DiffusionGemma (8 experts top-2, router kept in float unless a row says
 otherwise): fp; RTN, GPTQ and AWQ at W4 / W3 / W2 (group 32, two-mode calibration); DAQ at
-2 planes (block 32); RTN W8A8 and W4A8; and, at RTN W4, the parts one at a time: experts
-only, attention only, the routers at 8 and 4 bits beside everything else, and the routers at
+2 planes (block 32); RTN, SmoothQuant and QuaRot at W8A8 and W4A8; and, at RTN W4, the parts
+one at a time: experts only, attention only, the routers at 8 and 4 bits beside everything
+else, and the routers at
 4 bits alone (`rows`, qdlm_jax/jobs/study_rows.py WO_ROWS). Each row is scored on held-out
 2-digit addition and subtraction, synthetic code pass@1, 4-way comparisons, the
 left-to-right continuation NLL of held-out text, and KL to fp with the share of the fp
 model's expert choices that change; its generation tasks record the entropy-bound sampler's
 tokens per forward pass and forward passes per item
-(docs/results_tiny.md, "MoE rows"). W8A8 and W4A8 are RTN weights (per output channel)
-with 8-bit per-token inputs to every quantized tensor; SmoothQuant, QuaRot and DuQuant do not
-run on DiffusionGemma yet.
+(docs/results_tiny.md, "MoE rows"). W8A8 and W4A8 rows have weights per output channel
+and 8-bit per-token inputs to every quantized tensor (SmoothQuant's scales folded first,
+QuaRot's online Hadamard transforms); DuQuant does not run on DiffusionGemma.
 
 Settings are those of configs/study.py with the overrides below; any of them can be changed
 from the command line as there (e.g. `--config.rows=router4 --config.methods=rtn`).
@@ -37,9 +38,9 @@ def get_config():
     c.quantize.calib.source = TEXT
     c.rows = ["experts-only", "attention-only", "router8", "router4", "router4-only",
               {"name": "binary-planes", "method": "daq", "bits": 2}]
-    # W8A8 and W4A8: RTN weights per output channel (the study's wa_quantize), every
-    # quantized tensor's inputs per token (the experts' rows one by one)
-    c.wa_methods = ("rtn",)
+    # W8A8 and W4A8: weights per output channel (the study's wa_quantize), every quantized
+    # tensor's inputs per token (the experts' rows one by one)
+    c.wa_methods = ("rtn", "smoothquant", "quarot")
     c.wa_bits = (8, 4)
     c.wa_act_bits = (8,)
     c.wa_rows = []
