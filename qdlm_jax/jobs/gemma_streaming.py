@@ -74,6 +74,7 @@ from qdlm_jax.quant.gemma_plan import (
     forward_parts,
     gemma_plan,
     hook_name,
+    tensor_kind,
 )
 
 SC = "self_conditioning"
@@ -103,8 +104,8 @@ class _Source:
         for m in self.mappings:
             if keep(m.path):
                 (v,) = read_tensors(self.ckpt, [m], sharding_fn=self.sharding_fn).values()
-                cast = jnp.issubdtype(v.dtype, jnp.floating) and m.path[-2:] not in (
-                    ("experts", "gate_up"), ("experts", "down"))
+                cast = (jnp.issubdtype(v.dtype, jnp.floating)
+                        and tensor_kind(m.path) not in EXPERT_KINDS)
                 params[m.path] = v.astype(jnp.float32) if cast else v
                 del v
                 self.ckpt.drop_resident()

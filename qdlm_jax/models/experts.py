@@ -103,28 +103,26 @@ def grouped_matmul_chunked(x: Float[Array, "M In"],
     m, d_in = x.shape
     pairs = ChunkPairs.of(group_sizes, chunk)
     xp = jnp.pad(x, ((0, chunk), (0, 0)))
-    if callable(w):
-        fetch = w
-        first = jax.eval_shape(fetch, jnp.int32(0))
-    else:
-        def fetch(g):
-            return jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False)
-        first = None
-    n_out = w.shape[-1] if first is None else first.shape[-1]
+    cached = callable(w)  # a function's result is kept for the group's chunks; a slice not
+
+    def fetch(g):
+        return w(g) if cached else jax.lax.dynamic_index_in_dim(w, g, 0, keepdims=False)
+
+    first = jax.eval_shape(fetch, jnp.int32(0))
+    n_out = first.shape[-1]
 
     def body(p, carry):
         out, weight, last = carry
         g, row, keep = pairs.at(p)
-        if first is not None:  # a new group: its weight, formed once
+        if cached:  # a new group: its weight, formed once
             weight = jax.lax.cond(g != last, fetch, lambda _: weight, g)
         rows = jax.lax.dynamic_slice(xp, (row, 0), (chunk, d_in))
-        y = jnp.dot(rows, fetch(g) if first is None else weight,
-                    preferred_element_type=jnp.float32)
+        y = jnp.dot(rows, weight if cached else fetch(g), preferred_element_type=jnp.float32)
         cur = jax.lax.dynamic_slice(out, (row, 0), (chunk, n_out))
         out = jax.lax.dynamic_update_slice(out, jnp.where(keep[:, None], y, cur), (row, 0))
         return out, weight, g
 
-    weight0 = None if first is None else jnp.zeros(first.shape, first.dtype)
+    weight0 = jnp.zeros(first.shape, first.dtype) if cached else None
     out, _, _ = jax.lax.fori_loop(
         0, pairs.bound(m), body,
         (jnp.zeros((m + chunk, n_out), jnp.float32), weight0, jnp.int32(-1)))

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from qdlm_jax.models import diffusion_gemma
 from qdlm_jax.models.experts import expert_project, gelu_tanh, sort_by_expert
 from qdlm_jax.models.params import ParamPath, get_params, path_str
+from qdlm_jax.quant.array_like import StackedExperts
 from qdlm_jax.quant.bqarray import BinaryPlanesArray
 from qdlm_jax.quant.bqexperts import BinaryPlanesExperts
 from qdlm_jax.quant.coverage import CoveragePlan, check_coverage
@@ -171,7 +172,7 @@ def _pack_experts(kernels, rows, sizes, spec: GemmaPTQSpec, s: GemmaGPTQSettings
 
 def _expert_kernel(kernels, e: int) -> jax.Array:
     """Expert e's kernel [in, out] in float32 (dequantized when packed)."""
-    if isinstance(kernels, (QuantizedExperts, BinaryPlanesExperts)):
+    if isinstance(kernels, StackedExperts):
         return kernels.expert(e).dequantize(jnp.float32)
     return jnp.asarray(kernels[e], jnp.float32)
 
