@@ -94,7 +94,7 @@ WEIGHT_ACTIVATION = ("smoothquant", "quarot")
 
 
 def gemma_ptq_spec(spec) -> GemmaPTQSpec:
-    """The PTQ spec of a job spec (`jobs.quantize.JobSpec`)."""
+    """The PTQ spec of a job spec (`jobs.quantize_spec.JobSpec`)."""
     router = (dataclasses.replace(spec.ptq.weight, bits=spec.router_bits)
               if spec.router_bits else None)
     return GemmaPTQSpec(method=spec.method, weight=spec.ptq.weight,

@@ -183,7 +183,7 @@ def study_spec(cfg) -> StudySpec:
     rows.update({v: f"--config.rows[{i}] ({v.label})" for i, v in enumerate(spec.rows)})
     for v in spec.variants:  # the job validates method / bits / overrides up front
         if v.method != FP:
-            from qdlm_jax.jobs.quantize import job_spec
+            from qdlm_jax.jobs.quantize_spec import job_spec
             try:
                 job_spec(quantize_config(spec, models[0], v))
             except ValueError as e:

@@ -3,9 +3,9 @@
 import pytest
 
 from qdlm_jax.errors import ConfigOverrideError
-from qdlm_jax.jobs import demo, quantize
+from qdlm_jax.jobs import demo
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
-from qdlm_jax.jobs.quantize import job_spec
+from qdlm_jax.jobs.quantize_spec import eval_task_specs, job_spec
 
 
 def spec_of(cell):
@@ -21,7 +21,7 @@ def test_weight_only_table_has_w4_w3_and_w2_rows_and_scores_the_tasks():
         ("rtn", 2, 128, None), ("gptq", 2, 128, None)]
     spec = spec_of([demo.DEMO_TASKS])
     assert spec.eval_tasks == ("arithmetic_subtract", "synthetic_code", "synthetic_compare")
-    assert [t.limit for t in quantize.eval_task_specs(spec)] == [100, 100, 100]
+    assert [t.limit for t in eval_task_specs(spec)] == [100, 100, 100]
 
 
 def test_eval_tasks_must_be_builtin():

@@ -10,7 +10,8 @@ import pytest
 from qdlm_jax.errors import ConfigOverrideError
 from qdlm_jax.jobs import quantize_report
 from qdlm_jax.jobs.config_flags import apply_overrides, load_config_file
-from qdlm_jax.jobs.quantize import job_spec, run
+from qdlm_jax.jobs.quantize import run
+from qdlm_jax.jobs.quantize_spec import job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 W4A4 = ("--config.method=rtn", "--config.bits=4", "--config.act_bits=4")

@@ -210,7 +210,7 @@ def test_bad_config_is_rejected_up_front(kw, message):
 
 
 def _job(spec, v):
-    from qdlm_jax.jobs.quantize import job_spec
+    from qdlm_jax.jobs.quantize_spec import job_spec
     return job_spec(study.quantize_config(spec, spec.models[0], v))
 
 
