@@ -23,7 +23,7 @@ from qdlm_jax.errors import ConfigOverrideError, DataSourceError
 from qdlm_jax.evals.backends import load_text_model
 from qdlm_jax.evals.tasks import LMTask, load_task_file, resolve_task, run_task, spec_dict
 from qdlm_jax.fsutil import atomic_write_text, settings_digest
-from qdlm_jax.jobs.quantize import model_label
+from qdlm_jax.jobs.quantize_spec import model_label
 
 DECODING_KEYS = ("cache", "threshold", "factor", "chat_template")
 
