@@ -38,7 +38,23 @@ from qdlm_jax.models.distributed import prepare_cpu_runtime  # noqa: E402  (afte
 
 prepare_cpu_runtime()  # before JAX's first computation, which sizes the pool
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A worker's heap holds millions of objects by mid-run (JAX's caches of every program so
+    far), and each full garbage collection scans them all: a third of a second each, and the
+    streaming passes collect after every block. While a test runs (its fixtures included) the
+    older objects are frozen (`gc.freeze`), so its collections scan only what it made; after
+    it they are unfrozen and collectable as before."""
+    gc.freeze()
+    try:
+        return (yield)
+    finally:
+        gc.unfreeze()
 
 
 @pytest.fixture
