@@ -5,6 +5,10 @@
     python3 benchmarks/accelerator_check.py --cpu-smoke     # every section at tiny shapes
     python3 benchmarks/accelerator_check.py --section-budget kernels=200 --sections kernels
 
+One script of about 850 lines: its four sections share one time budget, context and report
+(a section that fails or runs out of time leaves the others' results), and each is a
+`run_<section>` function beside its plan dataclass.
+
 Sections, in order, each with its own time budget (docs/hardware.md):
 
 1. environment: device kind and count, memory, Python / JAX / jaxlib / PJRT plugin versions,
