@@ -15,8 +15,8 @@ if "xla_force_host_platform_device_count" not in flags:
 # and each reference it is compared with, is compiled the same way. The elemental emitters
 # let LLVM fuse a multiply and an add into one FMA where it sees them, which differs between
 # two programs that state the same sums; with code for AVX (no FMA instructions) every
-# product is rounded as written, as NumPy rounds it, so exact comparisons of such programs
-# (an interpreted kernel against the XLA path) still hold.
+# product is rounded as written, so exact comparisons of such programs (an interpreted
+# kernel against the XLA path) still hold.
 if "xla_backend_optimization_level" not in flags:
     flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_cpu_use_fusion_emitters" not in flags:
