@@ -122,7 +122,8 @@ def main(argv=None) -> int:
 
 def run_peer(a, src: Path) -> dict:
     """GPTQModel on the same checkpoint (benchmarks/gptqmodel_peer.py in its environment),
-    from a directory of links to the checkpoint's files plus a tokenizer.json."""
+    from a directory of links to the checkpoint's files plus a tokenizer.json; it runs in a
+    temporary directory (GPTQModel writes a `logs/` folder where it starts)."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
@@ -137,7 +138,7 @@ def run_peer(a, src: Path) -> dict:
         subprocess.run([a.peer_python, str(root / "benchmarks" / "gptqmodel_peer.py"),
                         str(model), "--samples", str(a.samples), "--prompt", str(a.prompt),
                         "--bits", str(a.bits), "--group", str(a.group), "--out", str(out)],
-                       check=True, env=env)
+                       check=True, env=env, cwd=tmp)
         return json.loads(out.read_text())
 
 
